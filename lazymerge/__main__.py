@@ -1,0 +1,3 @@
+from lazymerge.cli import main
+
+main()

@@ -1,0 +1,230 @@
+"""The Python API: `merge(inputs, output, weights=...)` returns a `MergeReport`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lazymerge.errors import LazyMergeError, OutputError
+from lazymerge.io.reader import Checkpoint
+from lazymerge.io.writer import OutputTransaction
+from lazymerge.memory import PeakRssSampler
+from lazymerge.plan import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, MergePlan, plan_merge
+from lazymerge.progress import ProgressBar, format_bytes
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge did: counts, bytes, time and peak resident memory (bytes)."""
+
+    output: str
+    files: list[str]
+    tensors: int
+    parameters: int
+    bytes_read: int
+    bytes_written: int
+    wall_s: float
+    peak_rss_total: int
+    peak_rss_anon: int | None
+    peak_rss_file: int | None
+
+    @property
+    def gb_per_s(self) -> float:
+        """Bytes read plus bytes written, in GB (10^9) per second of wall time."""
+        return (self.bytes_read + self.bytes_written) / 1e9 / max(self.wall_s, 1e-9)
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "gb_per_s": round(self.gb_per_s, 4)}
+
+    def format(self) -> str:
+        def mem(n: int | None) -> str:
+            return "n/a" if n is None else format_bytes(n)
+
+        return "\n".join(
+            [
+                f"merged {self.tensors} tensors ({self.parameters:,} parameters) into {self.output}",
+                f"  read {format_bytes(self.bytes_read)}, wrote {format_bytes(self.bytes_written)} "
+                f"in {len(self.files)} file(s)",
+                f"  wall time {self.wall_s:.2f} s, {self.gb_per_s:.2f} GB/s (read + write)",
+                f"  peak resident memory {mem(self.peak_rss_total)} total, {mem(self.peak_rss_anon)} "
+                f"anonymous, {mem(self.peak_rss_file)} file-backed",
+            ]
+        )
+
+
+def resolve_weights(
+    count: int, alpha: float | None = None, weights: Sequence[float] | None = None
+) -> list[float]:
+    """Per-input weights from `alpha` (weight of the second of two inputs) or an explicit list."""
+    if alpha is not None and weights is not None:
+        raise LazyMergeError("give --alpha or --weights, not both")
+    if weights is not None:
+        if len(weights) != count:
+            raise LazyMergeError(f"{len(weights)} weights given for {count} inputs; give one per input")
+        return [float(w) for w in weights]
+    if count != 2:
+        if alpha is not None:
+            raise LazyMergeError(f"--alpha needs exactly two inputs, got {count}; use --weights")
+        return [1.0 / count] * count
+    a = 0.5 if alpha is None else float(alpha)
+    return [1.0 - a, a]
+
+
+def default_output(inputs: Sequence[PathLike]) -> Path:
+    """`merged.safetensors` for file inputs, `merged` (a folder) when any input is a folder."""
+    if any(Path(p).is_dir() for p in inputs):
+        return Path("merged")
+    return Path("merged.safetensors")
+
+
+def open_inputs(inputs: Sequence[PathLike]) -> list[Checkpoint]:
+    return [Checkpoint.open(p) for p in inputs]
+
+
+def _input_paths(ckpt: Checkpoint) -> list[Path]:
+    paths = [ckpt.path, *ckpt.files]
+    return [p.resolve() for p in paths]
+
+
+def check_output(destination: Path, checkpoints: Sequence[Checkpoint]) -> None:
+    """Refuse a destination that is, or would contain or replace, any input file."""
+    dest = destination.resolve()
+    for ckpt in checkpoints:
+        for path in _input_paths(ckpt):
+            if path == dest or dest in path.parents:
+                raise OutputError(
+                    f"{destination}: is or holds input {path}; lazymerge never overwrites an input, "
+                    "choose another output path"
+                )
+
+
+def check_free_space(destination: Path, needed: int) -> None:
+    free = shutil.disk_usage(destination.parent).free
+    if free < needed:
+        raise OutputError(
+            f"{destination}: needs {format_bytes(needed)} of disk but {destination.parent} has "
+            f"{format_bytes(free)} free; free space or choose another output folder"
+        )
+
+
+def prepare(
+    inputs: Sequence[PathLike],
+    output: PathLike | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    alpha: float | None = None,
+    dtype: str = "auto",
+    method: str = "linear",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> tuple[list[Checkpoint], MergePlan, Path]:
+    """Open the inputs (headers only) and plan the merge; returns (checkpoints, plan, destination)."""
+    if len(inputs) < 2:
+        raise LazyMergeError("a merge needs at least two inputs")
+    destination = Path(output) if output is not None else default_output(inputs)
+    checkpoints = open_inputs(inputs)
+    single = destination.name if destination.name.endswith(".safetensors") else None
+    plan = plan_merge(
+        checkpoints,
+        resolve_weights(len(checkpoints), alpha, weights),
+        dtype=dtype,
+        method=method,
+        single_file=single,
+        shard_size=shard_size,
+        max_memory=max_memory,
+    )
+    return checkpoints, plan, destination
+
+
+def merge(
+    inputs: Sequence[PathLike],
+    output: PathLike | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    alpha: float | None = None,
+    dtype: str = "auto",
+    method: str = "linear",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    force: bool = False,
+    progress: bool | None = False,
+) -> MergeReport:
+    """Merge checkpoints tensor by tensor into `output`, streaming, in bounded memory.
+
+    Args:
+        inputs: .safetensors files, *.safetensors.index.json files or folders holding either.
+        output: a path ending in .safetensors for one file, else a folder of Hugging Face-style
+            shards. Default: merged.safetensors (file inputs) or merged/ (folder inputs).
+        weights: one weight per input; or
+        alpha: for two inputs, the weight L of the second: (1 - L) * A + L * B. Default 0.5.
+        dtype: "auto" (first input's dtype per tensor), "float32", "float16" or "bfloat16".
+        method: merge method name ("linear").
+        shard_size: largest data bytes per output shard (folder outputs).
+        max_memory: working-memory budget in bytes for tensor data in flight.
+        force: replace an existing output.
+        progress: show a progress bar on stderr (None: only on a terminal).
+
+    Returns:
+        A `MergeReport`.
+
+    Raises:
+        LazyMergeError (HeaderError, IncompatibleInputsError, OutputError, ...).
+
+    Example:
+        >>> merge(["rm.safetensors", "sft.safetensors"], "out.safetensors", alpha=0.3)  # doctest: +SKIP
+    """
+    from lazymerge.engine import execute_plan
+
+    start = time.perf_counter()
+    checkpoints, plan, destination = prepare(
+        inputs,
+        output,
+        weights=weights,
+        alpha=alpha,
+        dtype=dtype,
+        method=method,
+        shard_size=shard_size,
+        max_memory=max_memory,
+    )
+    try:
+        check_output(destination, checkpoints)
+        transaction = OutputTransaction(
+            destination, single_file=destination.name.endswith(".safetensors"), force=force
+        )
+        try:
+            check_free_space(destination, plan.layout.total_bytes)
+            bar = ProgressBar(plan.input_bytes, enabled=progress)
+            with PeakRssSampler() as sampler:
+                written = execute_plan(plan, checkpoints, transaction, on_progress=bar.update)
+                transaction.commit()
+            bar.close()
+        except BaseException:
+            transaction.abort()
+            raise
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
+    peak = sampler.peak
+    files = (
+        [str(destination)]
+        if destination.name.endswith(".safetensors")
+        else [str(destination / s.filename) for s in plan.layout.shards]
+    )
+    return MergeReport(
+        output=str(destination),
+        files=files,
+        tensors=len(plan.tensors),
+        parameters=plan.parameters,
+        bytes_read=sum(c.bytes_read for c in checkpoints),
+        bytes_written=written,
+        wall_s=time.perf_counter() - start,
+        peak_rss_total=peak.total,
+        peak_rss_anon=peak.anon,
+        peak_rss_file=peak.file,
+    )

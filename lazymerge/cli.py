@@ -1,0 +1,281 @@
+"""The `lazymerge` command line: a thin shell over the library.
+
+Library errors (`LazyMergeError`) become one line `Error: ...` and exit status 1; usage mistakes
+exit 2 (click's convention); `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from lazymerge import __version__
+from lazymerge.errors import LazyMergeError
+from lazymerge.plan import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '256MiB' -> 268_435_456, '1000' -> 1000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size such as 5GB, 500MB or 256MiB")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than 0 bytes")
+    return value
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of numbers", param_hint="--weights"
+        ) from None
+
+
+def reports_errors(fn: F) -> F:
+    """Add --debug; turn LazyMergeError into click's one-line error (exit 1)."""
+
+    @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, debug: bool, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LazyMergeError as exc:
+            if debug:
+                raise
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("Error: interrupted; nothing was written to the destination", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def merge_options(fn: F) -> F:
+    options = [
+        click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path)),
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(path_type=Path),
+            help="Output .safetensors file or folder. Default: merged.safetensors (file inputs) or merged/ (folders).",
+        ),
+        click.option(
+            "--alpha",
+            type=float,
+            help="Weight L of the second of two inputs: (1 - L) * A + L * B. Default 0.5.",
+        ),
+        click.option("--weights", help="Comma-separated weight per input, e.g. 0.5,0.3,0.2."),
+        click.option("--method", default="linear", show_default=True, help="Merge method."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+            default="auto",
+            show_default=True,
+            help="Output dtype of float tensors (auto: the first input's).",
+        ),
+        click.option(
+            "--shard-size",
+            type=SizeType(),
+            default=DEFAULT_SHARD_SIZE,
+            show_default="5GB",
+            help="Largest output shard (folder outputs).",
+        ),
+        click.option(
+            "--max-memory",
+            type=SizeType(),
+            default=DEFAULT_MAX_MEMORY,
+            show_default="256MiB",
+            help="Working-memory budget for tensor data in flight.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _check_weights(inputs: tuple[Path, ...], alpha: float | None, weights: list[float] | None) -> None:
+    if alpha is not None and weights is not None:
+        raise click.UsageError("give --alpha or --weights, not both")
+    if weights is not None and len(weights) != len(inputs):
+        raise click.UsageError(f"--weights has {len(weights)} values for {len(inputs)} inputs")
+    if alpha is not None and len(inputs) != 2:
+        raise click.UsageError(f"--alpha needs exactly two inputs, got {len(inputs)}; use --weights")
+    if len(inputs) < 2:
+        raise click.UsageError("a merge needs at least two inputs")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="lazymerge")
+def main() -> None:
+    """Merge model checkpoints tensor by tensor, streaming, in bounded memory."""
+
+
+@main.command()
+@merge_options
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@reports_errors
+def run(
+    inputs: tuple[Path, ...],
+    output: Path | None,
+    alpha: float | None,
+    weights: str | None,
+    method: str,
+    dtype: str,
+    shard_size: int,
+    max_memory: int,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Merge INPUTS (.safetensors files, index files or folders) into one checkpoint."""
+    from lazymerge.api import merge
+
+    weight_list = _parse_weights(weights)
+    _check_weights(inputs, alpha, weight_list)
+    report = merge(
+        inputs,
+        output,
+        weights=weight_list,
+        alpha=alpha,
+        dtype=dtype,
+        method=method,
+        shard_size=shard_size,
+        max_memory=max_memory,
+        force=force,
+        progress=None if not quiet else False,
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(report.format())
+
+
+@main.command()
+@merge_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@reports_errors
+def plan(
+    inputs: tuple[Path, ...],
+    output: Path | None,
+    alpha: float | None,
+    weights: str | None,
+    method: str,
+    dtype: str,
+    shard_size: int,
+    max_memory: int,
+    as_json: bool,
+) -> None:
+    """Show what a merge would do, from headers alone (no tensor data is read)."""
+    from lazymerge.api import prepare
+
+    weight_list = _parse_weights(weights)
+    _check_weights(inputs, alpha, weight_list)
+    checkpoints, merge_plan, destination = prepare(
+        inputs,
+        output,
+        weights=weight_list,
+        alpha=alpha,
+        dtype=dtype,
+        method=method,
+        shard_size=shard_size,
+        max_memory=max_memory,
+    )
+    if as_json:
+        doc = {
+            "output": str(destination),
+            "method": merge_plan.method,
+            "weights": list(merge_plan.weights),
+            "files": [s.filename for s in merge_plan.layout.shards],
+            "tensors": [
+                {
+                    "name": t.name,
+                    "action": t.action,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "chunks": t.chunks,
+                }
+                for s in merge_plan.layout.shards
+                for t in (merge_plan.tensors[x.name] for x in s.tensors)
+            ],
+            "input_bytes": merge_plan.input_bytes,
+            "output_bytes": merge_plan.layout.total_bytes,
+            "working_memory": merge_plan.working_memory,
+        }
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(f"output {destination}")
+        click.echo(merge_plan.describe())
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@reports_errors
+def inspect(path: Path, as_json: bool) -> None:
+    """List the tensors of a checkpoint, validating every header."""
+    from lazymerge.inspect import inspect_checkpoint
+
+    click.echo(inspect_checkpoint(path, as_json=as_json))
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "workdir",
+    type=click.Path(path_type=Path),
+    help="Keep the demo files here instead of a temporary folder.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@reports_errors
+def demo(workdir: Path | None, as_json: bool) -> None:
+    """Build two small Llama-shaped checkpoints, merge them streaming, verify and report."""
+    from lazymerge.demo import run_demo
+
+    run_demo(workdir, as_json=as_json, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Lazy, read-only access to safetensors checkpoints: one file, a sharded index, or a folder.
+
+Opening a checkpoint reads headers only. Tensor bytes are fetched on demand with positional reads
+(`os.preadv`) into caller-owned buffers: no file is memory-mapped, so resident memory never grows
+with the size of the inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazymerge.errors import HeaderJsonError, InputError, ShardIndexError
+from lazymerge.io.header import DTYPE_SIZES, Header, parse_header, read_header_length
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard file, dtype, shape and absolute byte offset."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // self.itemsize
+
+
+def read_header_file(path: Path) -> Header:
+    """Read and validate the header of one .safetensors file, touching no tensor data."""
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            prefix = fh.read(8)
+            length = read_header_length(prefix, size, source)
+            raw = prefix + fh.read(length)
+    except OSError as exc:
+        raise InputError(f"{source}: cannot read ({exc.strerror or exc})") from None
+    return parse_header(raw, size, source)
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    source = str(index_path)
+    try:
+        doc = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{source}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise HeaderJsonError(f"{source}: index is not valid JSON ({exc})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ShardIndexError(f"{source}: index must hold a weight_map of tensor name -> shard file")
+    for name, shard in weight_map.items():
+        if not shard or shard != Path(shard).name or shard in (".", ".."):
+            raise ShardIndexError(
+                f"{source}: tensor {name!r} points to shard {shard!r}; shards must be plain file "
+                "names inside the index's folder"
+            )
+    return weight_map
+
+
+def resolve_checkpoint_files(path: Path) -> tuple[list[Path], Path | None]:
+    """Return the shard files of a checkpoint path and its index file, if any.
+
+    Accepts a .safetensors file, a *.safetensors.index.json file, or a folder holding exactly one
+    of `model.safetensors.index.json`/`model.safetensors` (or any single index or single file).
+    """
+    if path.is_dir():
+        indexes = sorted(path.glob("*" + INDEX_SUFFIX))
+        files = sorted(path.glob("*.safetensors"))
+        if (path / ("model" + INDEX_SUFFIX)).is_file():
+            indexes = [path / ("model" + INDEX_SUFFIX)]
+        if len(indexes) == 1:
+            return _index_shards(indexes[0]), indexes[0]
+        if len(indexes) > 1:
+            raise InputError(
+                f"{path}: holds several index files ({', '.join(p.name for p in indexes)}); "
+                "pass the one to use"
+            )
+        if (path / "model.safetensors").is_file():
+            return [path / "model.safetensors"], None
+        if len(files) == 1:
+            return files, None
+        if not files:
+            raise InputError(f"{path}: folder holds no .safetensors file and no index")
+        raise InputError(f"{path}: folder holds {len(files)} .safetensors files but no index; pass one file")
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.name.endswith(INDEX_SUFFIX):
+        return _index_shards(path), path
+    return [path], None
+
+
+def _index_shards(index_path: Path) -> list[Path]:
+    weight_map = _read_index(index_path)
+    return [index_path.parent / name for name in sorted(set(weight_map.values()))]
+
+
+class Checkpoint(Mapping[str, TensorInfo]):
+    """A read-only mapping of tensor name to `TensorInfo` over one or more shard files.
+
+    Example:
+        >>> ckpt = Checkpoint.open("model.safetensors")      # doctest: +SKIP
+        >>> ckpt["model.norm.weight"].shape                   # doctest: +SKIP
+        (4096,)
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
+        self.path = path
+        self._tensors = tensors
+        self.metadata = metadata
+        self._fds: dict[Path, int] = {}
+        self.bytes_read = 0
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        """Read and validate every header of a checkpoint (no tensor data is read)."""
+        root = Path(path)
+        shards, index_path = resolve_checkpoint_files(root)
+        weight_map = _read_index(index_path) if index_path is not None else None
+        tensors: dict[str, TensorInfo] = {}
+        metadata: dict[str, str] = {}
+        for shard in shards:
+            if not shard.is_file():
+                raise ShardIndexError(f"{index_path}: names shard {shard.name}, which does not exist")
+            header = read_header_file(shard)
+            metadata = metadata or header.metadata
+            for entry in header.tensors:
+                if weight_map is not None and weight_map.get(entry.name) != shard.name:
+                    raise ShardIndexError(
+                        f"{index_path}: shard {shard.name} holds tensor {entry.name!r} but the "
+                        f"weight_map puts it in {weight_map.get(entry.name)!r}"
+                    )
+                if entry.name in tensors:
+                    raise ShardIndexError(
+                        f"{shard}: tensor {entry.name!r} also appears in {tensors[entry.name].path.name}"
+                    )
+                tensors[entry.name] = TensorInfo(
+                    name=entry.name,
+                    dtype=entry.dtype,
+                    shape=entry.shape,
+                    path=shard,
+                    offset=header.data_start + entry.begin,
+                    nbytes=entry.nbytes,
+                )
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(tensors))
+            if missing:
+                raise ShardIndexError(
+                    f"{index_path}: weight_map names tensor {missing[0]!r} in "
+                    f"{weight_map[missing[0]]}, which does not hold it"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
+        return cls(root, tensors, metadata)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({info.path for info in self._tensors.values()})
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def read_into(self, info: TensorInfo, byte_start: int, buffer: memoryview) -> None:
+        """Fill `buffer` with the tensor's bytes from `byte_start` on (relative to the tensor)."""
+        fd = self._fds.get(info.path)
+        if fd is None:
+            try:
+                fd = os.open(info.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise InputError(f"{info.path}: cannot open ({exc.strerror or exc})") from None
+            self._fds[info.path] = fd
+        position = info.offset + byte_start
+        view = buffer
+        while len(view):
+            try:
+                got = os.preadv(fd, [view], position)
+            except OSError as exc:
+                raise InputError(
+                    f"{info.path}: reading tensor {info.name!r} failed ({exc.strerror or exc})"
+                ) from None
+            if got == 0:
+                raise InputError(
+                    f"{info.path}: file ended while reading tensor {info.name!r}; it was "
+                    "truncated or changed after its header was read"
+                )
+            view = view[got:]
+            position += got
+            self.bytes_read += got
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,272 @@
+"""Streaming safetensors output: headers computed up front, data appended tensor by tensor.
+
+The whole output layout (shards, headers, offsets) follows from the names, dtypes and shapes of
+the output tensors, which are known before any data moves. Each shard is written under a
+temporary name in the destination folder, fsynced, and moved into place only when every shard is
+complete, so a crash never leaves a half-written model at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lazymerge.errors import OutputError
+from lazymerge.io.header import DTYPE_SIZES
+
+TEMP_MARK = ".lazymerge-tmp-"
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output file: its name, its tensors in file order and its encoded header."""
+
+    filename: str
+    tensors: tuple[OutputTensor, ...]
+    header: bytes
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.header) + self.data_bytes
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Every output file of a merge, plus the index JSON when the output is sharded."""
+
+    shards: tuple[ShardLayout, ...]
+    index: bytes | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.file_bytes for s in self.shards) + len(self.index or b"")
+
+
+def file_order(tensors: Sequence[OutputTensor]) -> list[OutputTensor]:
+    """Order tensors as safetensors does: larger dtype alignment first, then by name."""
+    return sorted(tensors, key=lambda t: (-DTYPE_SIZES[t.dtype], t.name))
+
+
+def encode_header(tensors: Sequence[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """Length prefix plus JSON header, padded with spaces to a multiple of 8 bytes."""
+    doc: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        doc[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    body = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
+
+
+def plan_layout(
+    tensors: Sequence[OutputTensor],
+    metadata: dict[str, str],
+    single_file: str | None,
+    shard_size: int,
+) -> OutputLayout:
+    """Split tensors into output shards named as Hugging Face names them.
+
+    Args:
+        tensors: the output tensors, any order.
+        metadata: string metadata stored in every shard header (and the index).
+        single_file: write everything into this one file name instead of sharding.
+        shard_size: largest data size of one shard in bytes; a bigger tensor gets a shard alone.
+    """
+    ordered = file_order(tensors)
+    if single_file is not None:
+        return OutputLayout(
+            (ShardLayout(single_file, tuple(ordered), encode_header(ordered, metadata)),), None, metadata
+        )
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in ordered:
+        if groups[-1] and size + t.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    if len(groups) == 1:
+        return OutputLayout(
+            (ShardLayout("model.safetensors", tuple(ordered), encode_header(ordered, metadata)),),
+            None,
+            metadata,
+        )
+    count = len(groups)
+    shards = tuple(
+        ShardLayout(f"model-{i:05d}-of-{count:05d}.safetensors", tuple(g), encode_header(g, metadata))
+        for i, g in enumerate(groups, start=1)
+    )
+    index_doc = {
+        "metadata": {"total_size": sum(s.data_bytes for s in shards), **metadata},
+        "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
+    }
+    index = (json.dumps(index_doc, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    return OutputLayout(shards, index, metadata)
+
+
+class StreamingShardWriter:
+    """Writes one shard: the header at once, then tensor bytes strictly in layout order."""
+
+    def __init__(self, path: Path, shard: ShardLayout):
+        self.path = path
+        self.shard = shard
+        self._expected = shard.data_bytes
+        self._written = 0
+        try:
+            self._fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
+            )
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot create ({exc.strerror or exc})") from None
+        self._write(shard.header)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            try:
+                done = os.write(self._fd, view)
+            except OSError as exc:
+                raise OutputError(f"{self.path}: write failed ({exc.strerror or exc})") from None
+            view = view[done:]
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append the next bytes of tensor data."""
+        n = memoryview(data).nbytes
+        if self._written + n > self._expected:
+            raise OutputError(f"{self.path}: more tensor data than the header announced")
+        self._write(data)
+        self._written += n
+
+    def finish(self) -> None:
+        """Check the data is complete, fsync and close."""
+        if self._written != self._expected:
+            raise OutputError(
+                f"{self.path}: {self._written} of {self._expected} data bytes written; incomplete shard"
+            )
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: fsync failed ({exc.strerror or exc})") from None
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class OutputTransaction:
+    """A destination that appears complete or not at all.
+
+    For a single-file destination, shards are written to a temporary file beside it and renamed
+    with `os.replace`. For a folder destination, everything is written into a temporary folder
+    beside it, which is renamed into place at `commit`. `abort` removes every temporary.
+    """
+
+    def __init__(self, destination: Path, single_file: bool, force: bool):
+        self.destination = destination
+        self.single_file = single_file
+        self.force = force
+        parent = destination.parent
+        if not parent.is_dir():
+            raise OutputError(f"{destination}: folder {parent} does not exist")
+        if destination.exists() or destination.is_symlink():
+            if not force:
+                raise OutputError(f"{destination}: already exists; pass --force to replace it")
+            if single_file and destination.is_dir():
+                raise OutputError(f"{destination}: is a folder; cannot replace it with a file")
+            if not single_file and not destination.is_dir():
+                raise OutputError(f"{destination}: is a file; cannot replace it with a folder")
+        tag = f"{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.temp = parent / f".{destination.name}{tag}"
+        if not single_file:
+            try:
+                self.temp.mkdir(mode=0o755)
+            except OSError as exc:
+                raise OutputError(f"{self.temp}: cannot create ({exc.strerror or exc})") from None
+        self._done = False
+
+    def shard_path(self, filename: str) -> Path:
+        return self.temp if self.single_file else self.temp / filename
+
+    def write_small(self, filename: str, data: bytes) -> None:
+        """Write a small file (the index) into the pending folder, fsynced."""
+        path = self.shard_path(filename)
+        try:
+            with open(path, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(path, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+    def commit(self) -> None:
+        parent = self.destination.parent
+        try:
+            if self.single_file:
+                os.chmod(self.temp, 0o644)
+                os.replace(self.temp, self.destination)
+            else:
+                _fsync_dir(self.temp)
+                if self.destination.exists():
+                    trash = parent / f".{self.destination.name}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
+                    os.rename(self.destination, trash)
+                    os.rename(self.temp, self.destination)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.rename(self.temp, self.destination)
+        except OSError as exc:
+            raise OutputError(
+                f"{self.destination}: cannot move output into place ({exc.strerror or exc})"
+            ) from None
+        _fsync_dir(parent)
+        self._done = True
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        if self.single_file:
+            try:
+                os.unlink(self.temp)
+            except FileNotFoundError:
+                pass
+        else:
+            shutil.rmtree(self.temp, ignore_errors=True)
+        self._done = True
