@@ -66,6 +66,8 @@ def _read_index(index_path: Path) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise ShardIndexError(f"{source}: index must hold a weight_map of tensor name -> shard file")
+    if not weight_map:
+        raise ShardIndexError(f"{source}: weight_map is empty; the index names no tensors")
     for name, shard in weight_map.items():
         if not shard or shard != Path(shard).name or shard in (".", ".."):
             raise ShardIndexError(
