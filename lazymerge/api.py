@@ -104,6 +104,30 @@ def check_output(destination: Path, checkpoints: Sequence[Checkpoint]) -> None:
                 )
 
 
+#: Non-weight files of a Hugging Face model folder, copied from the first input to a folder output.
+COMPANION_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def companion_files(first_input: Path) -> list[Path]:
+    """The config and tokenizer files beside the first input's weights."""
+    folder = first_input if first_input.is_dir() else first_input.parent
+    if not first_input.is_dir() and not first_input.name.endswith(".index.json"):
+        return []
+    return [folder / name for name in COMPANION_FILES if (folder / name).is_file()]
+
+
 def check_free_space(destination: Path, needed: int) -> None:
     free = shutil.disk_usage(destination.parent).free
     if free < needed:
@@ -202,6 +226,9 @@ def merge(
             bar = ProgressBar(plan.input_bytes, enabled=progress)
             with PeakRssSampler() as sampler:
                 written = execute_plan(plan, checkpoints, transaction, on_progress=bar.update)
+                if not transaction.single_file:
+                    for path in companion_files(Path(inputs[0])):
+                        transaction.write_small(path.name, path.read_bytes())
                 transaction.commit()
             bar.close()
         except BaseException:
