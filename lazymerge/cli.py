@@ -235,7 +235,7 @@ def plan(
                     "action": t.action,
                     "dtype": t.dtype,
                     "shape": list(t.shape),
-                    "chunks": t.chunks,
+                    "chunks": merge_plan.chunks(t),
                 }
                 for s in merge_plan.layout.shards
                 for t in (merge_plan.tensors[x.name] for x in s.tensors)

@@ -13,14 +13,16 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lazymerge.errors import IncompatibleInputsError
+from lazymerge.io.header import DTYPE_SIZES
 from lazymerge.io.reader import INDEX_SUFFIX, Checkpoint
 from lazymerge.io.writer import OutputTransaction, StreamingShardWriter
 from lazymerge.methods import METHODS
-from lazymerge.plan import MergePlan, TensorPlan
+from lazymerge.plan import SLOTS, MergePlan, TensorPlan
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -56,10 +58,10 @@ def _chunks(plan: MergePlan) -> Iterator[_Chunk]:
         jobs = [
             (tp, start)
             for tp in (plan.tensors[t.name] for t in shard.tensors)
-            for start in (range(0, tp.numel, tp.chunk_elems) if tp.numel else (0,))
+            for start in (range(0, tp.numel, plan.chunk_elems) if tp.numel else (0,))
         ]
         for i, (tp, start) in enumerate(jobs):
-            yield _Chunk(tp, start, min(tp.chunk_elems, tp.numel - start), shard_no, i == len(jobs) - 1)
+            yield _Chunk(tp, start, min(plan.chunk_elems, tp.numel - start), shard_no, i == len(jobs) - 1)
 
 
 class _Stage(threading.Thread):
@@ -97,30 +99,64 @@ def _get(q: queue.Queue[object], stop: threading.Event) -> object:
                 return _DONE
 
 
+class _Workspace:
+    """Buffers reused for every chunk, so steady-state merging allocates nothing.
+
+    Fresh multi-megabyte allocations are served by new zeroed pages from the kernel; reusing
+    buffers avoids those page faults, which otherwise cost more than the arithmetic.
+    Input sets and output buffers circulate through free lists: one being filled, one queued,
+    one being consumed, which is what `plan.SLOTS` budgets for.
+    """
+
+    def __init__(self, plan: MergePlan, stop: threading.Event):
+        elems = plan.chunk_elems
+        self.stop = stop
+        self.free_inputs: queue.Queue[list[bytearray]] = queue.Queue()
+        self.free_outputs: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(SLOTS):
+            self.free_inputs.put([bytearray(elems * size) for size in plan.input_itemsizes])
+            self.free_outputs.put(bytearray(elems * plan.output_itemsize))
+        self.fp32 = [torch.empty(elems, dtype=torch.float32) for _ in plan.input_itemsizes]
+
+    def take(self, free: queue.Queue[Any]) -> Any:
+        item = _get(free, self.stop)  # type: ignore[arg-type]
+        if item is _DONE:
+            raise _Stopped
+        return item
+
+
+class _Stopped(Exception):
+    """Another stage failed; this one gives up quietly and the caller reports that failure."""
+
+
 def merge_chunk(
-    chunk: _Chunk, buffers: Sequence[bytearray], method: str, weights: Sequence[float]
-) -> memoryview:
-    """Merge one chunk of raw input bytes into raw output bytes."""
+    chunk: _Chunk,
+    inputs: Sequence[memoryview],
+    out: memoryview,
+    fp32: Sequence[torch.Tensor],
+    method: str,
+    weights: Sequence[float],
+) -> None:
+    """Merge one chunk of raw input bytes into `out` (raw output bytes of the same chunk)."""
     tp = chunk.tensor
-    if chunk.count == 0:
-        return memoryview(b"")
     if tp.action == "copy":
-        first = buffers[0]
-        for src, buf in zip(tp.sources[1:], buffers[1:], strict=True):
-            if buf != first:
+        first = inputs[0]
+        for src, raw in zip(tp.sources[1:], inputs[1:], strict=True):
+            if raw != first:
                 raise IncompatibleInputsError(
                     f"{src.path}: non-float tensor {tp.name!r} ({tp.dtype}) differs from "
                     f"{tp.sources[0].path}; integer and bool tensors are copied, not merged, so "
                     "the inputs must agree"
                 )
-        return memoryview(first)
-    fp32 = [
-        torch.frombuffer(buf, dtype=TORCH_DTYPES[src.dtype]).to(torch.float32)
-        for src, buf in zip(tp.sources, buffers, strict=True)
-    ]
-    merged = METHODS[method].fn(fp32, weights)
-    out = merged.to(TORCH_DTYPES[tp.dtype])
-    return memoryview(out.view(torch.uint8).numpy())
+        out[:] = first
+        return
+    work = []
+    for src, raw, buf in zip(tp.sources, inputs, fp32, strict=True):
+        view = buf[: chunk.count]
+        view.copy_(torch.frombuffer(raw, dtype=TORCH_DTYPES[src.dtype]))  # (count,) fp32
+        work.append(view)
+    merged = METHODS[method].fn(work, weights)
+    torch.frombuffer(out, dtype=TORCH_DTYPES[tp.dtype]).copy_(merged)
 
 
 def execute_plan(
@@ -135,17 +171,20 @@ def execute_plan(
     write_q: queue.Queue[object] = queue.Queue(maxsize=1)
     shards = plan.layout.shards
     written = [0]
+    pool = _Workspace(plan, stop)
 
     def reader() -> None:
-        for chunk in _chunks(plan):
-            if stop.is_set():
-                return
-            buffers = []
-            for ckpt, src in zip(checkpoints, chunk.tensor.sources, strict=True):
-                buf = bytearray(chunk.count * src.itemsize)
-                ckpt.read_into(src, chunk.start * src.itemsize, memoryview(buf))
-                buffers.append(buf)
-            _put(read_q, (chunk, buffers), stop)
+        try:
+            for chunk in _chunks(plan):
+                buffers = pool.take(pool.free_inputs)
+                views = []
+                for ckpt, src, buf in zip(checkpoints, chunk.tensor.sources, buffers, strict=True):
+                    view = memoryview(buf)[: chunk.count * src.itemsize]
+                    ckpt.read_into(src, chunk.start * src.itemsize, view)
+                    views.append(view)
+                _put(read_q, (chunk, buffers, views), stop)
+        except _Stopped:
+            return
         _put(read_q, _DONE, stop)
 
     def writer() -> None:
@@ -156,7 +195,7 @@ def execute_plan(
                 item = _get(write_q, stop)
                 if item is _DONE:
                     break
-                shard_no, data, last = item  # type: ignore[misc]
+                shard_no, buffer, nbytes, last = item  # type: ignore[misc]
                 if shard_no != current_no:
                     current = StreamingShardWriter(
                         transaction.shard_path(shards[shard_no].filename), shards[shard_no]
@@ -164,8 +203,9 @@ def execute_plan(
                     current_no = shard_no
                     written[0] += len(shards[shard_no].header)
                 assert current is not None
-                current.write(data)
-                written[0] += len(data)
+                current.write(memoryview(buffer)[:nbytes])
+                pool.free_outputs.put(buffer)
+                written[0] += nbytes
                 if last:
                     current.finish()
             for shard in shards[current_no + 1 :] if not stop.is_set() else ():
@@ -184,11 +224,17 @@ def execute_plan(
             item = _get(read_q, stop)
             if item is _DONE:
                 break
-            chunk, buffers = item  # type: ignore[misc]
-            data = merge_chunk(chunk, buffers, plan.method, plan.weights)
-            _put(write_q, (chunk.shard, data, chunk.last_in_shard), stop)
-            on_progress(sum(len(b) for b in buffers))
+            chunk, buffers, views = item  # type: ignore[misc]
+            out = pool.take(pool.free_outputs)
+            nbytes = chunk.count * DTYPE_SIZES[chunk.tensor.dtype]
+            if nbytes:
+                merge_chunk(chunk, views, memoryview(out)[:nbytes], pool.fp32, plan.method, plan.weights)
+            pool.free_inputs.put(buffers)
+            _put(write_q, (chunk.shard, out, nbytes, chunk.last_in_shard), stop)
+            on_progress(sum(len(v) for v in views))
         _put(write_q, _DONE, stop)
+    except _Stopped:
+        pass
     except BaseException:
         stop.set()
         raise

@@ -21,9 +21,8 @@ DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 #: Default working-memory budget for tensor data in flight (see README, "Memory").
 DEFAULT_MAX_MEMORY = 256 * 2**20
 DEFAULT_SHARD_SIZE = 5 * 10**9
-#: Chunks alive at once: one being read, one queued, one being merged; output: merged, queued, written.
-_INPUT_SLOTS = 3
-_OUTPUT_SLOTS = 3
+#: Buffer sets alive at once per stage: one being filled, one queued, one being consumed.
+SLOTS = 3
 
 
 @dataclass(frozen=True)
@@ -35,15 +34,10 @@ class TensorPlan:
     shape: tuple[int, ...]
     action: str  # "merge" (float method) or "copy" (non-float, inputs must agree)
     sources: tuple[TensorInfo, ...]
-    chunk_elems: int
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-    @property
-    def chunks(self) -> int:
-        return math.ceil(self.numel / self.chunk_elems) if self.numel else 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +48,11 @@ class MergePlan:
     tensors: dict[str, TensorPlan]
     layout: OutputLayout
     max_memory: int
+    #: Elements per chunk, the same for every tensor; tensors up to this size go whole.
+    chunk_elems: int
+    #: Largest bytes per element of each input and of the output, over all tensors.
+    input_itemsizes: tuple[int, ...]
+    output_itemsize: int
 
     @property
     def input_bytes(self) -> int:
@@ -65,14 +64,11 @@ class MergePlan:
 
     @property
     def working_memory(self) -> int:
-        """Predicted peak bytes of tensor data in flight (the largest chunk's footprint)."""
-        return max(
-            (
-                chunk_cost(t.sources, t.dtype, self.method) * min(t.chunk_elems, t.numel)
-                for t in self.tensors.values()
-            ),
-            default=0,
-        )
+        """Bytes of the engine's reusable buffers for every chunk in flight (at most max_memory)."""
+        return self.chunk_elems * chunk_cost(self.input_itemsizes, self.output_itemsize)
+
+    def chunks(self, tensor: TensorPlan) -> int:
+        return math.ceil(tensor.numel / self.chunk_elems)
 
     def describe(self) -> str:
         lines = [
@@ -85,7 +81,7 @@ class MergePlan:
                 tp = self.tensors[t.name]
                 srcs = "/".join(s.dtype for s in tp.sources)
                 lines.append(
-                    f"  {tp.action:5s} {tp.name} {list(tp.shape)} {srcs} -> {tp.dtype}, {tp.chunks} chunk(s)"
+                    f"  {tp.action:5s} {tp.name} {list(tp.shape)} {srcs} -> {tp.dtype}, {self.chunks(tp)} chunk(s)"
                 )
         lines.append(
             f"{len(self.tensors)} tensors, {self.parameters} parameters; reads {self.input_bytes} bytes, "
@@ -94,11 +90,9 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def chunk_cost(sources: Sequence[TensorInfo], out_dtype: str, method: str) -> int:
-    """Bytes of working memory per element of a chunk: raw inputs, fp32 copies, scratch, output."""
-    raw = sum(s.itemsize for s in sources)
-    fp32 = 4 * (len(sources) + 1 + METHODS[method].scratch_fp32)
-    return _INPUT_SLOTS * raw + fp32 + _OUTPUT_SLOTS * DTYPE_SIZES[out_dtype]
+def chunk_cost(input_itemsizes: Sequence[int], output_itemsize: int) -> int:
+    """Bytes of working memory per chunk element: raw input sets, fp32 copies, output buffers."""
+    return SLOTS * sum(input_itemsizes) + 4 * len(input_itemsizes) + SLOTS * output_itemsize
 
 
 def _first_mismatches(names: Sequence[str], limit: int = 3) -> str:
@@ -186,10 +180,14 @@ def plan_merge(
             out_dtype = first.dtype if dtype == "auto" else DTYPE_NAMES[dtype]
         else:
             action, out_dtype = "copy", first.dtype
-        per_elem = chunk_cost(sources, out_dtype, method)
-        plans[name] = TensorPlan(
-            name, out_dtype, first.shape, action, sources, max(1, max_memory // per_elem)
-        )
+        plans[name] = TensorPlan(name, out_dtype, first.shape, action, sources)
+    # one chunk size for all tensors, so the reusable buffers fit the budget whatever the dtypes
+    input_itemsizes = tuple(
+        max((t.sources[i].itemsize for t in plans.values()), default=1) for i in range(len(checkpoints))
+    )
+    output_itemsize = max((DTYPE_SIZES[t.dtype] for t in plans.values()), default=1)
+    largest = max((t.numel for t in plans.values()), default=1)
+    chunk_elems = max(1, min(largest, max_memory // chunk_cost(input_itemsizes, output_itemsize)))
 
     metadata = {
         "format": "pt",
@@ -207,4 +205,7 @@ def plan_merge(
         tensors=plans,
         layout=layout,
         max_memory=max_memory,
+        chunk_elems=chunk_elems,
+        input_itemsizes=input_itemsizes,
+        output_itemsize=output_itemsize,
     )

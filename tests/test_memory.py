@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for RssAnon")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/status").exists(), reason="needs Linux /proc for RssAnon"
+)
 
 BUDGET = 8 * 2**20
 SLACK = 24 * 2**20  # allocator and interpreter noise, independent of the input size
@@ -56,15 +58,33 @@ def test_anonymous_rss_growth_bounded_by_budget(tmp_path: Path) -> None:
         save_file(tensors, str(paths[-1]))
         del tensors
     for i in range(2):
-        save_file({f"layer.{k}.weight": torch.randn(64, 64, generator=g) for k in range(4)}, str(tmp_path / f"small{i}.safetensors"))
+        save_file(
+            {f"layer.{k}.weight": torch.randn(64, 64, generator=g) for k in range(4)},
+            str(tmp_path / f"small{i}.safetensors"),
+        )
     input_bytes = sum(p.stat().st_size for p in paths)
     assert input_bytes > 8 * BUDGET
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, *map(str, paths), str(tmp_path / "small0.safetensors"), str(tmp_path / "small1.safetensors"), str(tmp_path / "out.safetensors"), str(BUDGET)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            *map(str, paths),
+            str(tmp_path / "small0.safetensors"),
+            str(tmp_path / "small1.safetensors"),
+            str(tmp_path / "out.safetensors"),
+            str(BUDGET),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     stats = json.loads(result.stdout)
     growth = stats["peak"] - stats["base"]
-    assert growth <= BUDGET + SLACK, f"anonymous RSS grew by {growth / 2**20:.1f} MiB for a {BUDGET / 2**20:.0f} MiB budget"
-    assert stats["bytes_read"] == sum(4 * 2048 * 2048 * 4 for _ in paths)  # every tensor byte read exactly once
+    assert growth <= BUDGET + SLACK, (
+        f"anonymous RSS grew by {growth / 2**20:.1f} MiB for a {BUDGET / 2**20:.0f} MiB budget"
+    )
+    assert stats["bytes_read"] == sum(
+        4 * 2048 * 2048 * 4 for _ in paths
+    )  # every tensor byte read exactly once
     assert stats["bytes_read"] <= input_bytes

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lazymerge import Checkpoint, merge
+from lazymerge import merge
 from lazymerge.plan import chunk_cost
 from tests.conftest import load_any, reference_merge, write_sharded
 
@@ -53,7 +53,7 @@ def test_chunk_boundaries_do_not_change_result(tmp_path: Path, save) -> None:
     a, b = random_tensors(3, torch.bfloat16), random_tensors(4, torch.bfloat16)
     pa, pb = save("a.safetensors", a), save("b.safetensors", b)
     outputs = []
-    cost = chunk_cost([Checkpoint.open(pa)["embed.weight"]] * 2, "BF16", "linear")
+    cost = chunk_cost([2, 2], 2)
     # chunks of 1, 7 and 25 elements, and whole tensors
     for i, budget in enumerate([cost, 7 * cost, 25 * cost + 3, 1 << 30]):
         out = tmp_path / f"out{i}.safetensors"
