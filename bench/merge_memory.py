@@ -161,20 +161,31 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--dir", type=Path, help="work folder (default: a temporary folder)")
     parser.add_argument("--max-memory", default="256MiB")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument("--reuse", type=Path, help="a folder kept by --keep: skip writing the inputs")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix=f"lazymerge-bench-{args.size}-", dir=args.dir))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix=f"lazymerge-bench-{args.size}-", dir=args.dir))
     try:
         a, b, out = work / "a", work / "b", work / "merged"
-        t0 = time.perf_counter()
-        nbytes = write_checkpoint(a, args.size, seed=1)
-        write_checkpoint(b, args.size, seed=2)
-        print(f"wrote two {args.size} inputs of {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        if args.reuse:
+            nbytes = sum(p.stat().st_size for p in a.glob("*.safetensors"))
+            nbytes -= sum(int.from_bytes(p.read_bytes()[:8], "little") + 8 for p in a.glob("*.safetensors"))
+        else:
+            t0 = time.perf_counter()
+            nbytes = write_checkpoint(a, args.size, seed=1)
+            write_checkpoint(b, args.size, seed=2)
+            print(
+                f"wrote two {args.size} inputs of {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
 
         lazymerge = [sys.executable, "-m", "lazymerge"]
         subprocess.run([*lazymerge, "demo"], check=True, capture_output=True)  # warm-up
@@ -182,7 +193,22 @@ def main() -> None:
         evict([a, b])
         floor = io_floor([a, b], work / "floor.bin", nbytes)
         evict([a, b])
-        wall, peaks, out_json = run_sampled([*lazymerge, "run", str(a), str(b), "-o", str(out), "--alpha", "0.3", "--json", "-q", "--max-memory", args.max_memory])
+        wall, peaks, out_json = run_sampled(
+            [
+                *lazymerge,
+                "run",
+                str(a),
+                str(b),
+                "-o",
+                str(out),
+                "--alpha",
+                "0.3",
+                "--json",
+                "-q",
+                "--max-memory",
+                args.max_memory,
+            ]
+        )
         report = json.loads(out_json)
         result = {
             "size": args.size,
@@ -201,14 +227,20 @@ def main() -> None:
             "max_memory": args.max_memory,
         }
     finally:
-        if not args.keep:
+        if args.keep or args.reuse:
+            shutil.rmtree(work / "merged", ignore_errors=True)
+            print(f"inputs kept in {work}")
+        else:
             shutil.rmtree(work, ignore_errors=True)
 
     gib = 2**30
     rows = [
         ("inputs", f"2 x {result['input_bytes_each'] / 1e9:.2f} GB bf16"),
         ("I/O floor (read both, write one, fsync)", f"{result['io_floor_s']:.1f} s"),
-        ("lazymerge merge wall time", f"{result['merge_wall_s']:.1f} s ({result['ratio_to_floor']:.2f}x floor)"),
+        (
+            "lazymerge merge wall time",
+            f"{result['merge_wall_s']:.1f} s ({result['ratio_to_floor']:.2f}x floor)",
+        ),
         ("lazymerge process wall time (with start-up)", f"{result['process_wall_s']:.1f} s"),
         ("throughput (read + write)", f"{result['gb_per_s']:.2f} GB/s"),
         ("peak RSS total", f"{result['peak_rss_total'] / gib:.3f} GiB"),

@@ -17,6 +17,7 @@ from lazymerge.errors import HeaderJsonError, InputError, ShardIndexError
 from lazymerge.io.header import DTYPE_SIZES, Header, parse_header, read_header_length
 
 INDEX_SUFFIX = ".safetensors.index.json"
+BIN_INDEX_SUFFIX = ".bin.index.json"
 
 
 @dataclass(frozen=True)
@@ -77,34 +78,48 @@ def _read_index(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
+def _index_suffix(path: Path) -> str | None:
+    for suffix in (INDEX_SUFFIX, BIN_INDEX_SUFFIX):
+        if path.name.endswith(suffix):
+            return suffix
+    return None
+
+
 def resolve_checkpoint_files(path: Path) -> tuple[list[Path], Path | None]:
     """Return the shard files of a checkpoint path and its index file, if any.
 
-    Accepts a .safetensors file, a *.safetensors.index.json file, or a folder holding exactly one
-    of `model.safetensors.index.json`/`model.safetensors` (or any single index or single file).
+    Accepts a .safetensors or PyTorch .bin file, a *.safetensors.index.json or
+    *.bin.index.json file, or a model folder holding one of these; a folder's safetensors weights
+    are preferred over its .bin weights, `model.*`/`pytorch_model.*` names over others.
     """
     if path.is_dir():
-        indexes = sorted(path.glob("*" + INDEX_SUFFIX))
-        files = sorted(path.glob("*.safetensors"))
-        if (path / ("model" + INDEX_SUFFIX)).is_file():
-            indexes = [path / ("model" + INDEX_SUFFIX)]
-        if len(indexes) == 1:
-            return _index_shards(indexes[0]), indexes[0]
-        if len(indexes) > 1:
-            raise InputError(
-                f"{path}: holds several index files ({', '.join(p.name for p in indexes)}); "
-                "pass the one to use"
+        for suffix, default in (
+            (INDEX_SUFFIX, "model"),
+            (".safetensors", "model"),
+            (BIN_INDEX_SUFFIX, "pytorch_model"),
+            (".bin", "pytorch_model"),
+        ):
+            found = sorted(
+                p
+                for p in path.glob("*" + suffix)
+                if p.is_file() and (suffix != ".bin" or not p.name.startswith("training_args"))
             )
-        if (path / "model.safetensors").is_file():
-            return [path / "model.safetensors"], None
-        if len(files) == 1:
-            return files, None
-        if not files:
-            raise InputError(f"{path}: folder holds no .safetensors file and no index")
-        raise InputError(f"{path}: folder holds {len(files)} .safetensors files but no index; pass one file")
+            if (path / (default + suffix)).is_file():
+                found = [path / (default + suffix)]
+            if len(found) > 1:
+                if suffix in (".safetensors", ".bin"):
+                    raise InputError(
+                        f"{path}: folder holds {len(found)} {suffix} files but no index; pass one file"
+                    )
+                raise InputError(
+                    f"{path}: holds several index files ({', '.join(p.name for p in found)}); pass the one to use"
+                )
+            if found:
+                return resolve_checkpoint_files(found[0])
+        raise InputError(f"{path}: folder holds no .safetensors or .bin weights and no index")
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
-    if path.name.endswith(INDEX_SUFFIX):
+    if _index_suffix(path):
         return _index_shards(path), path
     return [path], None
 
@@ -112,6 +127,17 @@ def resolve_checkpoint_files(path: Path) -> tuple[list[Path], Path | None]:
 def _index_shards(index_path: Path) -> list[Path]:
     weight_map = _read_index(index_path)
     return [index_path.parent / name for name in sorted(set(weight_map.values()))]
+
+
+def _shard_entries(shard: Path) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], dict[str, str]]:
+    """(name, dtype, shape, absolute offset, nbytes) of every tensor in a shard, and its metadata."""
+    if shard.name.endswith(".bin"):
+        from lazymerge.io.torch_bin import read_bin_tensors
+
+        return [(t.name, t.dtype, t.shape, t.offset, t.nbytes) for t in read_bin_tensors(shard)], {}
+    header = read_header_file(shard)
+    entries = [(e.name, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
+    return entries, header.metadata
 
 
 class Checkpoint(Mapping[str, TensorInfo]):
@@ -193,6 +219,9 @@ class Checkpoint(Mapping[str, TensorInfo]):
             except OSError as exc:
                 raise InputError(f"{info.path}: cannot open ({exc.strerror or exc})") from None
             self._fds[info.path] = fd
+            if hasattr(os, "posix_fadvise"):
+                # tensors are mostly read in file order: ask for a larger read-ahead window
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         position = info.offset + byte_start
         view = buffer
         while len(view):

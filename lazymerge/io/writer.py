@@ -21,6 +21,8 @@ from lazymerge.errors import OutputError
 from lazymerge.io.header import DTYPE_SIZES
 
 TEMP_MARK = ".lazymerge-tmp-"
+#: Bytes written between requests to start write-back of the data written so far.
+WRITEBACK_STEP = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ class StreamingShardWriter:
         self.shard = shard
         self._expected = shard.data_bytes
         self._written = 0
+        self._flushed = 0
+        self._flushed_pos = 0
         try:
             self._fd = os.open(
                 path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
@@ -159,6 +163,14 @@ class StreamingShardWriter:
             raise OutputError(f"{self.path}: more tensor data than the header announced")
         self._write(data)
         self._written += n
+        if self._written - self._flushed >= WRITEBACK_STEP and hasattr(os, "posix_fadvise"):
+            # Linux starts write-back of dirty pages in the range (without waiting for it) and
+            # drops the clean ones: the disk writes while we merge, instead of all at the final
+            # fsync, and the page cache keeps room for the inputs' read-ahead.
+            end = len(self.shard.header) + self._written
+            os.posix_fadvise(self._fd, self._flushed_pos, end - self._flushed_pos, os.POSIX_FADV_DONTNEED)
+            self._flushed_pos = end
+            self._flushed = self._written
 
     def finish(self) -> None:
         """Check the data is complete, fsync and close."""
