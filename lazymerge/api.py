@@ -10,11 +10,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lazymerge.errors import LazyMergeError, OutputError
+from lazymerge.io.hf_folder import output_companion_files
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputTransaction
 from lazymerge.memory import PeakRssSampler
-from lazymerge.plan import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, MergePlan, plan_merge
+from lazymerge.plan import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_SHARD_SIZE,
+    MergePlan,
+    assemble_plan,
+    plain_tensor_plans,
+    validate_options,
+)
 from lazymerge.progress import ProgressBar, format_bytes
+from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
 
 PathLike = str | os.PathLike[str]
 
@@ -104,30 +113,6 @@ def check_output(destination: Path, checkpoints: Sequence[Checkpoint]) -> None:
                 )
 
 
-#: Non-weight files of a Hugging Face model folder, copied from the first input to a folder output.
-COMPANION_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
-
-def companion_files(first_input: Path) -> list[Path]:
-    """The config and tokenizer files beside the first input's weights."""
-    folder = first_input if first_input.is_dir() else first_input.parent
-    if not first_input.is_dir() and not first_input.name.endswith(".index.json"):
-        return []
-    return [folder / name for name in COMPANION_FILES if (folder / name).is_file()]
-
-
 def check_free_space(destination: Path, needed: int) -> None:
     free = shutil.disk_usage(destination.parent).free
     if free < needed:
@@ -147,22 +132,55 @@ def prepare(
     method: str = "linear",
     shard_size: int = DEFAULT_SHARD_SIZE,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    rm: int | None = None,
+    strict: bool = False,
 ) -> tuple[list[Checkpoint], MergePlan, Path]:
-    """Open the inputs (headers only) and plan the merge; returns (checkpoints, plan, destination)."""
+    """Open the inputs (headers, configs, tokenizers) and plan the merge.
+
+    With a reward model among the inputs (see `lazymerge.recipe`), `alpha` is the weight of the
+    domain model whatever the input order; `weights` always follow the input order.
+
+    Returns:
+        (checkpoints, plan, destination)
+    """
     if len(inputs) < 2:
         raise LazyMergeError("a merge needs at least two inputs")
     destination = Path(output) if output is not None else default_output(inputs)
     checkpoints = open_inputs(inputs)
-    single = destination.name if destination.name.endswith(".safetensors") else None
-    plan = plan_merge(
-        checkpoints,
-        resolve_weights(len(checkpoints), alpha, weights),
-        dtype=dtype,
-        method=method,
-        single_file=single,
-        shard_size=shard_size,
-        max_memory=max_memory,
-    )
+    try:
+        models = [ModelInput.open(c) for c in checkpoints]
+        rm_index = find_reward_model(models, rm)
+        resolved = resolve_weights(len(checkpoints), alpha, weights)
+        if rm_index is not None and alpha is not None and len(checkpoints) == 2:
+            resolved = [1.0 - alpha if i == rm_index else alpha for i in range(2)]
+        validate_options(len(checkpoints), resolved, method, dtype, max_memory, shard_size)
+        single = destination.name if destination.name.endswith(".safetensors") else None
+        if rm_index is None:
+            tensors = plain_tensor_plans(checkpoints, resolved, dtype)
+            extra: dict[str, object] = {"extra_files": output_companion_files(models[0].folder, [], None)}
+        else:
+            recipe = plan_reward_merge(models, resolved, rm_index, dtype=dtype, strict=strict)
+            tensors = recipe.tensors
+            extra = {
+                "extra_files": recipe.extra_files,
+                "dropped": recipe.dropped,
+                "notes": recipe.notes,
+                "roles": recipe.roles,
+            }
+        plan = assemble_plan(
+            checkpoints,
+            resolved,
+            tensors,
+            method=method,
+            single_file=single,
+            shard_size=shard_size,
+            max_memory=max_memory,
+            **extra,
+        )
+    except BaseException:
+        for ckpt in checkpoints:
+            ckpt.close()
+        raise
     return checkpoints, plan, destination
 
 
@@ -178,6 +196,8 @@ def merge(
     max_memory: int = DEFAULT_MAX_MEMORY,
     force: bool = False,
     progress: bool | None = False,
+    rm: int | None = None,
+    strict: bool = False,
 ) -> MergeReport:
     """Merge checkpoints tensor by tensor into `output`, streaming, in bounded memory.
 
@@ -192,6 +212,8 @@ def merge(
         shard_size: largest data bytes per output shard (folder outputs).
         max_memory: working-memory budget in bytes for tensor data in flight.
         force: replace an existing output.
+        rm: index of the reward model among the inputs (default: found from config.json).
+        strict: refuse to match embedding rows by position when tokenizer files are missing.
         progress: show a progress bar on stderr (None: only on a terminal).
 
     Returns:
@@ -215,6 +237,8 @@ def merge(
         method=method,
         shard_size=shard_size,
         max_memory=max_memory,
+        rm=rm,
+        strict=strict,
     )
     try:
         check_output(destination, checkpoints)
@@ -222,13 +246,14 @@ def merge(
             destination, single_file=destination.name.endswith(".safetensors"), force=force
         )
         try:
-            check_free_space(destination, plan.layout.total_bytes)
+            check_free_space(destination, plan.output_bytes)
             bar = ProgressBar(plan.input_bytes, enabled=progress)
             with PeakRssSampler() as sampler:
                 written = execute_plan(plan, checkpoints, transaction, on_progress=bar.update)
                 if not transaction.single_file:
-                    for path in companion_files(Path(inputs[0])):
-                        transaction.write_small(path.name, path.read_bytes())
+                    for name, data in plan.extra_files.items():
+                        transaction.write_small(name, data)
+                        written += len(data)
                 transaction.commit()
             bar.close()
         except BaseException:

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from lazymerge.errors import IncompatibleInputsError
 from lazymerge.io.header import DTYPE_SIZES
-from lazymerge.io.reader import INDEX_SUFFIX, Checkpoint
+from lazymerge.io.reader import INDEX_SUFFIX, Checkpoint, TensorInfo
 from lazymerge.io.writer import OutputTransaction, StreamingShardWriter
 from lazymerge.methods import METHODS
 from lazymerge.plan import SLOTS, MergePlan, TensorPlan
@@ -56,12 +57,14 @@ def _chunks(plan: MergePlan) -> Iterator[_Chunk]:
     """Every chunk in output file order; an empty tensor is one chunk of 0 elements."""
     for shard_no, shard in enumerate(plan.layout.shards):
         jobs = [
-            (tp, start)
-            for tp in (plan.tensors[t.name] for t in shard.tensors)
-            for start in (range(0, tp.numel, plan.chunk_elems) if tp.numel else (0,))
+            (tp, start, min(step, tp.numel - start))
+            for tp, step in (
+                (plan.tensors[t.name], plan.chunk_len(plan.tensors[t.name])) for t in shard.tensors
+            )
+            for start in (range(0, tp.numel, step) if tp.numel else (0,))
         ]
-        for i, (tp, start) in enumerate(jobs):
-            yield _Chunk(tp, start, min(plan.chunk_elems, tp.numel - start), shard_no, i == len(jobs) - 1)
+        for i, (tp, start, count) in enumerate(jobs):
+            yield _Chunk(tp, start, count, shard_no, i == len(jobs) - 1)
 
 
 class _Stage(threading.Thread):
@@ -109,7 +112,7 @@ class _Workspace:
     """
 
     def __init__(self, plan: MergePlan, stop: threading.Event):
-        elems = plan.chunk_elems
+        elems = plan.buffer_elems
         self.stop = stop
         self.free_inputs: queue.Queue[list[bytearray]] = queue.Queue()
         self.free_outputs: queue.Queue[bytearray] = queue.Queue()
@@ -129,34 +132,100 @@ class _Stopped(Exception):
     """Another stage failed; this one gives up quietly and the caller reports that failure."""
 
 
+def read_chunk(
+    checkpoints: Sequence[Checkpoint], chunk: _Chunk, buffers: Sequence[bytearray]
+) -> list[memoryview | None]:
+    """Read each contributing input's bytes of `chunk` into its buffer; None for the others."""
+    tp = chunk.tensor
+    views: list[memoryview | None] = [None] * len(tp.sources)
+    for i, src in tp.present():
+        view = memoryview(buffers[i])[: chunk.count * src.itemsize]
+        if tp.row_maps is None:
+            checkpoints[i].read_into(src, chunk.start * src.itemsize, view)
+        else:
+            row_map = tp.row_maps[i]
+            assert row_map is not None
+            row_bytes = tp.row_elems * src.itemsize
+            first_row = chunk.start // tp.row_elems
+            _read_rows(
+                checkpoints[i],
+                src,
+                row_map[first_row : first_row + chunk.count // tp.row_elems],
+                row_bytes,
+                view,
+            )
+        views[i] = view
+    return views
+
+
+def _read_rows(ckpt: Checkpoint, src: TensorInfo, rows: np.ndarray, row_bytes: int, view: memoryview) -> None:
+    """Gather source rows into consecutive rows of `view`, one read per run of adjacent rows;
+    rows marked -1 are zero-filled."""
+    i, n = 0, len(rows)
+    while i < n:
+        if rows[i] < 0:
+            view[i * row_bytes : (i + 1) * row_bytes] = bytes(row_bytes)
+            i += 1
+            continue
+        j = i + 1
+        while j < n and rows[j] == rows[j - 1] + 1:
+            j += 1
+        ckpt.read_into(src, int(rows[i]) * row_bytes, view[i * row_bytes : j * row_bytes])
+        i = j
+
+
+def _row_weights(tp: TensorPlan, chunk: _Chunk) -> list[torch.Tensor]:
+    """Per-row weights of each contributing input, shape (rows, 1) fp32.
+
+    A row present in every contributing input gets the plan's weights unchanged; a row present in
+    only some is their weighted average with the weights renormalised over those present (a row
+    present in one input is copied from it).
+    """
+    assert tp.row_maps is not None
+    first_row = chunk.start // tp.row_elems
+    rows = chunk.count // tp.row_elems
+    present = tp.present()
+    mask = np.stack([tp.row_maps[i][first_row : first_row + rows] >= 0 for i, _ in present])  # (inputs, rows)
+    w = np.array([tp.weights[i] for i, _ in present], dtype=np.float64)[:, None] * mask
+    partial = ~mask.all(axis=0)
+    w[:, partial] /= w[:, partial].sum(axis=0, keepdims=True)
+    return [torch.from_numpy(w[k].astype(np.float32)).reshape(rows, 1) for k in range(len(present))]
+
+
 def merge_chunk(
     chunk: _Chunk,
-    inputs: Sequence[memoryview],
+    inputs: Sequence[memoryview | None],
     out: memoryview,
     fp32: Sequence[torch.Tensor],
     method: str,
-    weights: Sequence[float],
 ) -> None:
     """Merge one chunk of raw input bytes into `out` (raw output bytes of the same chunk)."""
     tp = chunk.tensor
+    present = tp.present()
     if tp.action == "copy":
-        first = inputs[0]
-        for src, raw in zip(tp.sources[1:], inputs[1:], strict=True):
-            if raw != first:
+        i0, src0 = present[0]
+        first = inputs[i0]
+        assert first is not None
+        for i, src in present[1:]:
+            if inputs[i] != first:
                 raise IncompatibleInputsError(
                     f"{src.path}: non-float tensor {tp.name!r} ({tp.dtype}) differs from "
-                    f"{tp.sources[0].path}; integer and bool tensors are copied, not merged, so "
+                    f"{src0.path}; integer and bool tensors are copied, not merged, so "
                     "the inputs must agree"
                 )
         out[:] = first
         return
     work = []
-    for src, raw, buf in zip(tp.sources, inputs, fp32, strict=True):
-        view = buf[: chunk.count]
-        view.copy_(torch.frombuffer(raw, dtype=TORCH_DTYPES[src.dtype]))  # (count,) fp32
+    for i, src in present:
+        view = fp32[i][: chunk.count]
+        view.copy_(torch.frombuffer(inputs[i], dtype=TORCH_DTYPES[src.dtype]))  # type: ignore[arg-type]  # (count,) fp32
         work.append(view)
-    merged = METHODS[method].fn(work, weights)
-    torch.frombuffer(out, dtype=TORCH_DTYPES[tp.dtype]).copy_(merged)
+    if tp.action == "rows":
+        rows = chunk.count // tp.row_elems
+        merged = METHODS["linear"].fn([w.view(rows, tp.row_elems) for w in work], _row_weights(tp, chunk))
+    else:
+        merged = METHODS[method].fn(work, [tp.weights[i] for i, _ in present])
+    torch.frombuffer(out, dtype=TORCH_DTYPES[tp.dtype]).copy_(merged.reshape(-1))
 
 
 def execute_plan(
@@ -177,11 +246,7 @@ def execute_plan(
         try:
             for chunk in _chunks(plan):
                 buffers = pool.take(pool.free_inputs)
-                views = []
-                for ckpt, src, buf in zip(checkpoints, chunk.tensor.sources, buffers, strict=True):
-                    view = memoryview(buf)[: chunk.count * src.itemsize]
-                    ckpt.read_into(src, chunk.start * src.itemsize, view)
-                    views.append(view)
+                views = read_chunk(checkpoints, chunk, buffers)
                 _put(read_q, (chunk, buffers, views), stop)
         except _Stopped:
             return
@@ -228,10 +293,10 @@ def execute_plan(
             out = pool.take(pool.free_outputs)
             nbytes = chunk.count * DTYPE_SIZES[chunk.tensor.dtype]
             if nbytes:
-                merge_chunk(chunk, views, memoryview(out)[:nbytes], pool.fp32, plan.method, plan.weights)
+                merge_chunk(chunk, views, memoryview(out)[:nbytes], pool.fp32, plan.method)
             pool.free_inputs.put(buffers)
             _put(write_q, (chunk.shard, out, nbytes, chunk.last_in_shard), stop)
-            on_progress(sum(len(v) for v in views))
+            on_progress(sum(len(v) for v in views if v is not None))
         _put(write_q, _DONE, stop)
     except _Stopped:
         pass

@@ -1,14 +1,20 @@
 """Plan a merge from headers alone: what happens to each tensor and where its bytes go.
 
 The plan is a plain value: it can be printed (`lazymerge plan`), tested without tensor data, and
-handed to the engine, which only follows it.
+handed to the engine, which only follows it. Two kinds of merge are planned here:
+
+- plain: every input holds the same tensors; each is merged across all inputs;
+- reward model + domain models (DogeRM): decided in `lazymerge.recipe`, which says per tensor
+  which inputs contribute (heads kept or dropped) and how embedding rows line up by token.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from lazymerge import __version__
 from lazymerge.errors import IncompatibleInputsError, LazyMergeError
@@ -25,22 +31,44 @@ DEFAULT_SHARD_SIZE = 5 * 10**9
 SLOTS = 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TensorPlan:
-    """One output tensor: its sources (one per input), what is done, and its chunk size."""
+    """One output tensor and how it is made.
+
+    Attributes:
+        sources: one entry per input, None where that input does not contribute.
+        weights: one weight per input (0 where it does not contribute).
+        action: "merge" (float method over the sources), "copy" (one source, or non-float
+            tensors that all sources must hold identically) or "rows" (an embedding whose output
+            rows are gathered by token from each source, see `row_maps`).
+        row_maps: for "rows": per input, the source row of each output row, -1 where absent
+            (None for an input that does not contribute).
+        note: why, for `lazymerge plan`.
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    action: str  # "merge" (float method) or "copy" (non-float, inputs must agree)
-    sources: tuple[TensorInfo, ...]
+    action: str
+    sources: tuple[TensorInfo | None, ...]
+    weights: tuple[float, ...]
+    row_maps: tuple[np.ndarray | None, ...] | None = None
+    note: str = ""
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def row_elems(self) -> int:
+        """Elements per chunking unit: a whole row for "rows" tensors, else one element."""
+        return math.prod(self.shape[1:]) if self.action == "rows" else 1
 
-@dataclass(frozen=True)
+    def present(self) -> list[tuple[int, TensorInfo]]:
+        return [(i, s) for i, s in enumerate(self.sources) if s is not None]
+
+
+@dataclass(frozen=True, eq=False)
 class MergePlan:
     inputs: tuple[str, ...]
     weights: tuple[float, ...]
@@ -53,10 +81,21 @@ class MergePlan:
     #: Largest bytes per element of each input and of the output, over all tensors.
     input_itemsizes: tuple[int, ...]
     output_itemsize: int
+    #: Role of each input ("reward model", "domain model", or "input").
+    roles: tuple[str, ...] = ()
+    #: Input tensors left out of the output, with the reason.
+    dropped: tuple[str, ...] = ()
+    #: Small files written beside the weights (config, tokenizer), name -> bytes.
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     @property
     def input_bytes(self) -> int:
-        return sum(src.nbytes for t in self.tensors.values() for src in t.sources)
+        return sum(s.nbytes for t in self.tensors.values() for _, s in t.present())
+
+    @property
+    def output_bytes(self) -> int:
+        return self.layout.total_bytes + sum(len(b) for b in self.extra_files.values())
 
     @property
     def parameters(self) -> int:
@@ -67,25 +106,41 @@ class MergePlan:
         """Bytes of the engine's reusable buffers for every chunk in flight (at most max_memory)."""
         return self.chunk_elems * chunk_cost(self.input_itemsizes, self.output_itemsize)
 
+    @property
+    def buffer_elems(self) -> int:
+        """Elements per reusable buffer: a chunk, or one row where a row is larger."""
+        return max([self.chunk_elems, *(t.row_elems for t in self.tensors.values())])
+
+    def chunk_len(self, tensor: TensorPlan) -> int:
+        """Elements per chunk of this tensor: whole rows for "rows" tensors."""
+        unit = tensor.row_elems
+        return max(unit, self.chunk_elems // unit * unit)
+
     def chunks(self, tensor: TensorPlan) -> int:
-        return math.ceil(tensor.numel / self.chunk_elems)
+        return math.ceil(tensor.numel / self.chunk_len(tensor))
 
     def describe(self) -> str:
-        lines = [
-            f"method {self.method}, weights {', '.join(f'{w:g}' for w in self.weights)}",
-            *(f"  input {i}: {name}" for i, name in enumerate(self.inputs)),
-        ]
+        lines = [f"method {self.method}"]
+        for i, name in enumerate(self.inputs):
+            role = f" ({self.roles[i]})" if self.roles else ""
+            lines.append(f"  input {i}: {name}{role}, weight {self.weights[i]:g}")
         for shard in self.layout.shards:
             lines.append(f"{shard.filename}: {len(shard.tensors)} tensors, {shard.file_bytes} bytes")
             for t in shard.tensors:
                 tp = self.tensors[t.name]
-                srcs = "/".join(s.dtype for s in tp.sources)
+                srcs = "/".join(s.dtype if s is not None else "-" for s in tp.sources)
+                what = {"merge": "average", "copy": "copy", "rows": "rows"}[tp.action]
+                note = f"  [{tp.note}]" if tp.note else ""
                 lines.append(
-                    f"  {tp.action:5s} {tp.name} {list(tp.shape)} {srcs} -> {tp.dtype}, {self.chunks(tp)} chunk(s)"
+                    f"  {what:7s} {tp.name} {list(tp.shape)} {srcs} -> {tp.dtype}, "
+                    f"{self.chunks(tp)} chunk(s){note}"
                 )
+        lines.extend(f"  dropped {d}" for d in self.dropped)
+        lines.extend(f"  wrote file {name}" for name in self.extra_files)
+        lines.extend(f"note: {n}" for n in self.notes)
         lines.append(
             f"{len(self.tensors)} tensors, {self.parameters} parameters; reads {self.input_bytes} bytes, "
-            f"writes {self.layout.total_bytes} bytes; working memory about {self.working_memory} bytes"
+            f"writes {self.output_bytes} bytes; working memory about {self.working_memory} bytes"
         )
         return "\n".join(lines)
 
@@ -95,9 +150,27 @@ def chunk_cost(input_itemsizes: Sequence[int], output_itemsize: int) -> int:
     return SLOTS * sum(input_itemsizes) + 4 * len(input_itemsizes) + SLOTS * output_itemsize
 
 
-def _first_mismatches(names: Sequence[str], limit: int = 3) -> str:
+def first_mismatches(names: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_same_tensor(
+    name: str, first: TensorInfo, first_path: object, other: TensorInfo, other_path: object
+) -> None:
+    """Raise IncompatibleInputsError when two inputs' copies of a tensor cannot be merged."""
+    if first.shape != other.shape:
+        raise IncompatibleInputsError(
+            f"{other_path}: tensor {name!r} has shape {list(other.shape)}, expected "
+            f"{list(first.shape)} as in {first_path}"
+        )
+    if (first.dtype in FLOAT_DTYPES) != (other.dtype in FLOAT_DTYPES) or (
+        first.dtype not in FLOAT_DTYPES and first.dtype != other.dtype
+    ):
+        raise IncompatibleInputsError(
+            f"{other_path}: tensor {name!r} is {other.dtype} but {first_path} has {first.dtype}; "
+            "only floating-point tensors can be merged across dtypes"
+        )
 
 
 def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
@@ -111,27 +184,95 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
         missing = sorted(set(first) - set(other))
         if missing:
             raise IncompatibleInputsError(
-                f"{other.path}: lacks tensor {_first_mismatches(missing)} that {first.path} has"
+                f"{other.path}: lacks tensor {first_mismatches(missing)} that {first.path} has"
             )
         extra = sorted(set(other) - set(first))
         if extra:
             raise IncompatibleInputsError(
-                f"{other.path}: has tensor {_first_mismatches(extra)} that {first.path} lacks"
+                f"{other.path}: has tensor {first_mismatches(extra)} that {first.path} lacks"
             )
         for name in first:
-            a, b = first[name], other[name]
-            if a.shape != b.shape:
-                raise IncompatibleInputsError(
-                    f"{other.path}: tensor {name!r} has shape {list(b.shape)}, expected "
-                    f"{list(a.shape)} as in {first.path}"
-                )
-            if (a.dtype in FLOAT_DTYPES) != (b.dtype in FLOAT_DTYPES) or (
-                a.dtype not in FLOAT_DTYPES and a.dtype != b.dtype
-            ):
-                raise IncompatibleInputsError(
-                    f"{other.path}: tensor {name!r} is {b.dtype} but {first.path} has {a.dtype}; "
-                    "only floating-point tensors can be merged across dtypes"
-                )
+            check_same_tensor(name, first[name], first.path, other[name], other.path)
+
+
+def output_dtype(sources: Sequence[TensorInfo | None], dtype: str) -> tuple[str, str]:
+    """(action, output dtype) for a tensor: float tensors merge, others are copied."""
+    first = next(s for s in sources if s is not None)
+    if first.dtype in FLOAT_DTYPES:
+        return "merge", first.dtype if dtype == "auto" else DTYPE_NAMES[dtype]
+    return "copy", first.dtype
+
+
+def plain_tensor_plans(
+    checkpoints: Sequence[Checkpoint], weights: Sequence[float], dtype: str
+) -> dict[str, TensorPlan]:
+    """Every tensor merged across every input (the inputs must hold the same tensors)."""
+    check_compatible(checkpoints)
+    plans = {}
+    for name, first in checkpoints[0].items():
+        sources = tuple(c[name] for c in checkpoints)
+        action, out_dtype = output_dtype(sources, dtype)
+        plans[name] = TensorPlan(name, out_dtype, first.shape, action, sources, tuple(weights))
+    return plans
+
+
+def validate_options(
+    n_inputs: int, weights: Sequence[float], method: str, dtype: str, max_memory: int, shard_size: int
+) -> None:
+    if n_inputs < 2:
+        raise LazyMergeError("a merge needs at least two inputs")
+    if len(weights) != n_inputs:
+        raise LazyMergeError(f"{len(weights)} weights given for {n_inputs} inputs; give one per input")
+    if method not in METHODS:
+        raise LazyMergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise LazyMergeError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
+    if max_memory <= 0 or shard_size <= 0:
+        raise LazyMergeError("--max-memory and --shard-size must be positive")
+
+
+def assemble_plan(
+    checkpoints: Sequence[Checkpoint],
+    weights: Sequence[float],
+    tensors: dict[str, TensorPlan],
+    *,
+    method: str,
+    single_file: str | None,
+    shard_size: int,
+    max_memory: int,
+    **extra: object,
+) -> MergePlan:
+    """Size the chunks and lay out the output files for a set of tensor plans."""
+    n = len(checkpoints)
+    # one chunk size for all tensors, so the reusable buffers fit the budget whatever the dtypes
+    input_itemsizes = tuple(
+        max((s.itemsize for t in tensors.values() if (s := t.sources[i]) is not None), default=1)
+        for i in range(n)
+    )
+    output_itemsize = max((DTYPE_SIZES[t.dtype] for t in tensors.values()), default=1)
+    largest = max((t.numel for t in tensors.values()), default=1)
+    chunk_elems = max(1, min(largest, max_memory // chunk_cost(input_itemsizes, output_itemsize)))
+    metadata = {
+        "format": "pt",
+        "lazymerge_version": __version__,
+        "lazymerge_method": method,
+        "lazymerge_weights": ",".join(repr(float(w)) for w in weights),
+        "lazymerge_inputs": ",".join(str(c.path.name) for c in checkpoints),
+    }
+    outputs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors.values()]
+    layout = plan_layout(outputs, metadata, single_file, shard_size)
+    return MergePlan(
+        inputs=tuple(str(c.path) for c in checkpoints),
+        weights=tuple(float(w) for w in weights),
+        method=method,
+        tensors=tensors,
+        layout=layout,
+        max_memory=max_memory,
+        chunk_elems=chunk_elems,
+        input_itemsizes=input_itemsizes,
+        output_itemsize=output_itemsize,
+        **extra,  # type: ignore[arg-type]
+    )
 
 
 def plan_merge(
@@ -144,7 +285,7 @@ def plan_merge(
     shard_size: int = DEFAULT_SHARD_SIZE,
     max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> MergePlan:
-    """Plan a merge of same-architecture checkpoints from their headers.
+    """Plan a plain merge of same-architecture checkpoints from their headers.
 
     Args:
         checkpoints: the opened inputs, in weight order.
@@ -158,54 +299,14 @@ def plan_merge(
     Raises:
         IncompatibleInputsError, LazyMergeError for bad arguments.
     """
-    if len(checkpoints) < 2:
-        raise LazyMergeError("a merge needs at least two inputs")
-    if len(weights) != len(checkpoints):
-        raise LazyMergeError(
-            f"{len(weights)} weights given for {len(checkpoints)} inputs; give one per input"
-        )
-    if method not in METHODS:
-        raise LazyMergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
-    if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise LazyMergeError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
-    if max_memory <= 0 or shard_size <= 0:
-        raise LazyMergeError("--max-memory and --shard-size must be positive")
-    check_compatible(checkpoints)
-
-    plans: dict[str, TensorPlan] = {}
-    for name, first in checkpoints[0].items():
-        sources = tuple(c[name] for c in checkpoints)
-        if first.dtype in FLOAT_DTYPES:
-            action = "merge"
-            out_dtype = first.dtype if dtype == "auto" else DTYPE_NAMES[dtype]
-        else:
-            action, out_dtype = "copy", first.dtype
-        plans[name] = TensorPlan(name, out_dtype, first.shape, action, sources)
-    # one chunk size for all tensors, so the reusable buffers fit the budget whatever the dtypes
-    input_itemsizes = tuple(
-        max((t.sources[i].itemsize for t in plans.values()), default=1) for i in range(len(checkpoints))
-    )
-    output_itemsize = max((DTYPE_SIZES[t.dtype] for t in plans.values()), default=1)
-    largest = max((t.numel for t in plans.values()), default=1)
-    chunk_elems = max(1, min(largest, max_memory // chunk_cost(input_itemsizes, output_itemsize)))
-
-    metadata = {
-        "format": "pt",
-        "lazymerge_version": __version__,
-        "lazymerge_method": method,
-        "lazymerge_weights": ",".join(repr(float(w)) for w in weights),
-        "lazymerge_inputs": ",".join(str(c.path.name) for c in checkpoints),
-    }
-    outputs = [OutputTensor(t.name, t.dtype, t.shape) for t in plans.values()]
-    layout = plan_layout(outputs, metadata, single_file, shard_size)
-    return MergePlan(
-        inputs=tuple(str(c.path) for c in checkpoints),
-        weights=tuple(float(w) for w in weights),
+    validate_options(len(checkpoints), weights, method, dtype, max_memory, shard_size)
+    tensors = plain_tensor_plans(checkpoints, weights, dtype)
+    return assemble_plan(
+        checkpoints,
+        weights,
+        tensors,
         method=method,
-        tensors=plans,
-        layout=layout,
+        single_file=single_file,
+        shard_size=shard_size,
         max_memory=max_memory,
-        chunk_elems=chunk_elems,
-        input_itemsizes=input_itemsizes,
-        output_itemsize=output_itemsize,
     )

@@ -167,25 +167,20 @@ class Checkpoint(Mapping[str, TensorInfo]):
         for shard in shards:
             if not shard.is_file():
                 raise ShardIndexError(f"{index_path}: names shard {shard.name}, which does not exist")
-            header = read_header_file(shard)
-            metadata = metadata or header.metadata
-            for entry in header.tensors:
-                if weight_map is not None and weight_map.get(entry.name) != shard.name:
+            entries, shard_metadata = _shard_entries(shard)
+            metadata = metadata or shard_metadata
+            for name, dtype, shape, offset, nbytes in entries:
+                if weight_map is not None and weight_map.get(name) != shard.name:
                     raise ShardIndexError(
-                        f"{index_path}: shard {shard.name} holds tensor {entry.name!r} but the "
-                        f"weight_map puts it in {weight_map.get(entry.name)!r}"
+                        f"{index_path}: shard {shard.name} holds tensor {name!r} but the "
+                        f"weight_map puts it in {weight_map.get(name)!r}"
                     )
-                if entry.name in tensors:
+                if name in tensors:
                     raise ShardIndexError(
-                        f"{shard}: tensor {entry.name!r} also appears in {tensors[entry.name].path.name}"
+                        f"{shard}: tensor {name!r} also appears in {tensors[name].path.name}"
                     )
-                tensors[entry.name] = TensorInfo(
-                    name=entry.name,
-                    dtype=entry.dtype,
-                    shape=entry.shape,
-                    path=shard,
-                    offset=header.data_start + entry.begin,
-                    nbytes=entry.nbytes,
+                tensors[name] = TensorInfo(
+                    name=name, dtype=dtype, shape=shape, path=shard, offset=offset, nbytes=nbytes
                 )
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(tensors))
