@@ -8,17 +8,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from lazymerge.errors import LazyMergeError, OutputError
 from lazymerge.io.hf_folder import output_companion_files
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputTransaction
 from lazymerge.memory import PeakRssSampler
+from lazymerge.methods import METHODS
 from lazymerge.plan import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_SHARD_SIZE,
     MergePlan,
     assemble_plan,
+    attach_base,
     plain_tensor_plans,
     validate_options,
 )
@@ -127,39 +130,69 @@ def prepare(
     output: PathLike | None = None,
     *,
     weights: Sequence[float] | None = None,
-    alpha: float | None = None,
+    alpha: float | Sequence[float] | None = None,
     dtype: str = "auto",
     method: str = "linear",
     shard_size: int = DEFAULT_SHARD_SIZE,
     max_memory: int = DEFAULT_MAX_MEMORY,
     rm: int | None = None,
     strict: bool = False,
+    base: PathLike | None = None,
+    density: float = 0.5,
+    seed: int = 0,
 ) -> tuple[list[Checkpoint], MergePlan, Path]:
     """Open the inputs (headers, configs, tokenizers) and plan the merge.
 
     With a reward model among the inputs (see `lazymerge.recipe`), `alpha` is the weight of the
-    domain model whatever the input order; `weights` always follow the input order.
+    domain model whatever the input order; `weights` always follow the input order. A sequence of
+    alphas plans a sweep: one output folder per value, every input read once.
 
     Returns:
-        (checkpoints, plan, destination)
+        (checkpoints, plan, destination); the base model, if any, is the last checkpoint.
     """
     if len(inputs) < 2:
         raise LazyMergeError("a merge needs at least two inputs")
+    spec = METHODS.get(method)
+    if spec is None:
+        raise LazyMergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
+    if spec.needs_base and base is None:
+        raise LazyMergeError(
+            f"--method {method} merges task vectors (input - base): give the base model with --base"
+        )
+    if base is not None and not spec.needs_base:
+        raise LazyMergeError(
+            f"--base is used by task-vector methods ({', '.join(m for m, s in METHODS.items() if s.needs_base)}), not by {method}"
+        )
+    if spec.arity is not None and len(inputs) != spec.arity:
+        raise LazyMergeError(f"--method {method} takes exactly {spec.arity} inputs, got {len(inputs)}")
+    if spec.uses_density and not 0 < density <= 1:
+        raise LazyMergeError(f"--density {density}: must be in (0, 1]")
+    alphas: list[float | None] = list(alpha) if isinstance(alpha, Sequence) else [alpha]
+    if not alphas:
+        raise LazyMergeError("the alpha sweep is empty")
     destination = Path(output) if output is not None else default_output(inputs)
-    checkpoints = open_inputs(inputs)
+    sweep = len(alphas) > 1
+    if sweep and destination.name.endswith(".safetensors"):
+        raise LazyMergeError(f"{destination}: a sweep writes one folder per alpha; give a folder as output")
+    n = len(inputs)
+    checkpoints = open_inputs([*inputs, *([base] if base is not None else [])])
     try:
-        models = [ModelInput.open(c) for c in checkpoints]
+        models = [ModelInput.open(c) for c in checkpoints[:n]]
         rm_index = find_reward_model(models, rm)
-        resolved = resolve_weights(len(checkpoints), alpha, weights)
-        if rm_index is not None and alpha is not None and len(checkpoints) == 2:
-            resolved = [1.0 - alpha if i == rm_index else alpha for i in range(2)]
-        validate_options(len(checkpoints), resolved, method, dtype, max_memory, shard_size)
+        variants = []
+        for a in alphas:
+            resolved = resolve_weights(n, a, weights)
+            if rm_index is not None and a is not None and n == 2:
+                resolved = [1.0 - a if i == rm_index else a for i in range(2)]
+            validate_options(n, resolved, method, dtype, max_memory, shard_size)
+            variants.append(resolved + ([0.0] if base is not None else []))
         single = destination.name if destination.name.endswith(".safetensors") else None
+        extra: dict[str, Any]
         if rm_index is None:
-            tensors = plain_tensor_plans(checkpoints, resolved, dtype)
-            extra: dict[str, object] = {"extra_files": output_companion_files(models[0].folder, [], None)}
+            tensors = plain_tensor_plans(checkpoints[:n], variants[0][:n], dtype)
+            extra = {"extra_files": output_companion_files(models[0].folder, [], None)}
         else:
-            recipe = plan_reward_merge(models, resolved, rm_index, dtype=dtype, strict=strict)
+            recipe = plan_reward_merge(models, variants[0][:n], rm_index, dtype=dtype, strict=strict)
             tensors = recipe.tensors
             extra = {
                 "extra_files": recipe.extra_files,
@@ -167,14 +200,23 @@ def prepare(
                 "notes": recipe.notes,
                 "roles": recipe.roles,
             }
+        if base is not None:
+            tensors, unused = attach_base(tensors, checkpoints[n])
+            extra["dropped"] = (*extra.get("dropped", ()), *unused)
+            roles = extra.get("roles") or ("input",) * n
+            extra["roles"] = (*roles, "base model")
+            extra["base_index"] = n
         plan = assemble_plan(
             checkpoints,
-            resolved,
+            variants,
             tensors,
             method=method,
             single_file=single,
             shard_size=shard_size,
             max_memory=max_memory,
+            variant_names=[f"alpha-{a:g}" for a in alphas] if sweep else [""],  # type: ignore[str-format]
+            density=density,
+            seed=seed,
             **extra,
         )
     except BaseException:
@@ -189,7 +231,7 @@ def merge(
     output: PathLike | None = None,
     *,
     weights: Sequence[float] | None = None,
-    alpha: float | None = None,
+    alpha: float | Sequence[float] | None = None,
     dtype: str = "auto",
     method: str = "linear",
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -198,6 +240,9 @@ def merge(
     progress: bool | None = False,
     rm: int | None = None,
     strict: bool = False,
+    base: PathLike | None = None,
+    density: float = 0.5,
+    seed: int = 0,
 ) -> MergeReport:
     """Merge checkpoints tensor by tensor into `output`, streaming, in bounded memory.
 
@@ -206,7 +251,9 @@ def merge(
         output: a path ending in .safetensors for one file, else a folder of Hugging Face-style
             shards. Default: merged.safetensors (file inputs) or merged/ (folder inputs).
         weights: one weight per input; or
-        alpha: for two inputs, the weight L of the second: (1 - L) * A + L * B. Default 0.5.
+        alpha: for two inputs, the weight L of the second: (1 - L) * A + L * B (with a reward
+            model: the domain model's weight). Default 0.5. A sequence of values is a sweep:
+            one output folder `alpha-<L>` per value, every input read once.
         dtype: "auto" (first input's dtype per tensor), "float32", "float16" or "bfloat16".
         method: merge method name ("linear").
         shard_size: largest data bytes per output shard (folder outputs).
@@ -214,6 +261,9 @@ def merge(
         force: replace an existing output.
         rm: index of the reward model among the inputs (default: found from config.json).
         strict: refuse to match embedding rows by position when tokenizer files are missing.
+        base: base model for task-vector methods (task_arithmetic, ties, dare_linear, dare_ties).
+        density: fraction of each task vector kept by ties and dare_* methods.
+        seed: seed of the dare_* drop masks (the same result whatever the chunking).
         progress: show a progress bar on stderr (None: only on a terminal).
 
     Returns:
@@ -239,6 +289,9 @@ def merge(
         max_memory=max_memory,
         rm=rm,
         strict=strict,
+        base=base,
+        density=density,
+        seed=seed,
     )
     try:
         check_output(destination, checkpoints)
@@ -251,9 +304,10 @@ def merge(
             with PeakRssSampler() as sampler:
                 written = execute_plan(plan, checkpoints, transaction, on_progress=bar.update)
                 if not transaction.single_file:
-                    for name, data in plan.extra_files.items():
-                        transaction.write_small(name, data)
-                        written += len(data)
+                    for folder in plan.variant_names:
+                        for name, data in plan.extra_files.items():
+                            transaction.write_small(f"{folder}/{name}" if folder else name, data)
+                            written += len(data)
                 transaction.commit()
             bar.close()
         except BaseException:
@@ -266,7 +320,7 @@ def merge(
     files = (
         [str(destination)]
         if destination.name.endswith(".safetensors")
-        else [str(destination / s.filename) for s in plan.layout.shards]
+        else [str(destination / v / s.filename) for v in plan.variant_names for s in plan.layout.shards]
     )
     return MergeReport(
         output=str(destination),

@@ -59,6 +59,37 @@ class SizeType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+def parse_alpha(text: str) -> float | list[float]:
+    """'0.3' -> 0.3; '0:1:0.25' -> [0.0, 0.25, 0.5, 0.75, 1.0] (STOP included)."""
+    parts = text.split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number or START:STOP:STEP") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) != 3 or values[2] <= 0 or values[1] < values[0]:
+        raise ValueError(f"{text!r}: a sweep is START:STOP:STEP with STEP > 0 and STOP >= START")
+    start, stop, step = values
+    count = int(round((stop - start) / step)) + 1
+    sweep = [round(start + k * step, 10) for k in range(count)]
+    return [a for a in sweep if a <= stop + 1e-9]
+
+
+class AlphaType(click.ParamType):
+    name = "alpha"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float | list[float]:
+        if isinstance(value, (float, list)):
+            return value
+        try:
+            return parse_alpha(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -102,9 +133,23 @@ def merge_options(fn: F) -> F:
         ),
         click.option(
             "--alpha",
-            type=float,
-            help="Weight L of the second of two inputs: (1 - L) * A + L * B. Default 0.5.",
+            type=AlphaType(),
+            help="Weight L of the second of two inputs: (1 - L) * A + L * B (with a reward model: the "
+            "domain model's weight). Default 0.5. START:STOP:STEP sweeps, one output folder per value.",
         ),
+        click.option(
+            "--base",
+            type=click.Path(path_type=Path),
+            help="Base model for task_arithmetic, ties, dare_linear, dare_ties.",
+        ),
+        click.option(
+            "--density",
+            type=float,
+            default=0.5,
+            show_default=True,
+            help="Fraction of each task vector kept (ties, dare_*).",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE drop masks."),
         click.option("--weights", help="Comma-separated weight per input, e.g. 0.5,0.3,0.2."),
         click.option("--method", default="linear", show_default=True, help="Merge method."),
         click.option(
@@ -145,7 +190,9 @@ def merge_options(fn: F) -> F:
     return fn
 
 
-def _check_weights(inputs: tuple[Path, ...], alpha: float | None, weights: list[float] | None) -> None:
+def _check_weights(
+    inputs: tuple[Path, ...], alpha: float | list[float] | None, weights: list[float] | None
+) -> None:
     if alpha is not None and weights is not None:
         raise click.UsageError("give --alpha or --weights, not both")
     if weights is not None and len(weights) != len(inputs):
@@ -163,7 +210,7 @@ def main() -> None:
 
 
 def _merge_kwargs(
-    inputs: tuple[Path, ...], alpha: float | None, weights: str | None, **options: Any
+    inputs: tuple[Path, ...], alpha: float | list[float] | None, weights: str | None, **options: Any
 ) -> dict[str, Any]:
     weight_list = _parse_weights(weights)
     _check_weights(inputs, alpha, weight_list)

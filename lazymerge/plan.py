@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +89,16 @@ class MergePlan:
     #: Small files written beside the weights (config, tokenizer), name -> bytes.
     extra_files: dict[str, bytes] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: Index of the base model among the inputs (task-vector methods), weight 0.
+    base_index: int | None = None
+    density: float = 1.0
+    seed: int = 0
+    #: One weight vector per output; several for a sweep (one read, many outputs).
+    variants: tuple[tuple[float, ...], ...] = ()
+    #: Sub-folder of each variant's output ("" for a single output).
+    variant_names: tuple[str, ...] = ("",)
+    #: The file layout of each variant (they differ only in header metadata).
+    layouts: tuple[OutputLayout, ...] = ()
 
     @property
     def input_bytes(self) -> int:
@@ -95,7 +106,8 @@ class MergePlan:
 
     @property
     def output_bytes(self) -> int:
-        return self.layout.total_bytes + sum(len(b) for b in self.extra_files.values())
+        extra = sum(len(b) for b in self.extra_files.values())
+        return sum(layout.total_bytes + extra for layout in self.layouts)
 
     @property
     def parameters(self) -> int:
@@ -103,16 +115,26 @@ class MergePlan:
 
     @property
     def working_memory(self) -> int:
-        """Bytes of the engine's reusable buffers for every chunk in flight (at most max_memory)."""
-        return self.chunk_elems * chunk_cost(self.input_itemsizes, self.output_itemsize)
+        """Bytes of the engine's buffers for every chunk in flight: at most max_memory, unless a
+        method needs whole tensors larger than the budget allows."""
+        return self.buffer_elems * self.elem_cost
+
+    @property
+    def elem_cost(self) -> int:
+        return chunk_cost(
+            self.input_itemsizes, self.output_itemsize, len(self.variants), METHODS[self.method].scratch_bytes
+        )
 
     @property
     def buffer_elems(self) -> int:
-        """Elements per reusable buffer: a chunk, or one row where a row is larger."""
-        return max([self.chunk_elems, *(t.row_elems for t in self.tensors.values())])
+        """Elements per reusable buffer: the longest chunk of any tensor."""
+        return max([1, *(min(self.chunk_len(t), max(t.numel, 1)) for t in self.tensors.values())])
 
     def chunk_len(self, tensor: TensorPlan) -> int:
-        """Elements per chunk of this tensor: whole rows for "rows" tensors."""
+        """Elements per chunk of this tensor: whole rows for "rows" tensors, the whole tensor
+        for methods that are not elementwise."""
+        if tensor.action == "merge" and not METHODS[self.method].elementwise:
+            return max(1, tensor.numel)
         unit = tensor.row_elems
         return max(unit, self.chunk_elems // unit * unit)
 
@@ -145,9 +167,14 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def chunk_cost(input_itemsizes: Sequence[int], output_itemsize: int) -> int:
-    """Bytes of working memory per chunk element: raw input sets, fp32 copies, output buffers."""
-    return SLOTS * sum(input_itemsizes) + 4 * len(input_itemsizes) + SLOTS * output_itemsize
+def chunk_cost(
+    input_itemsizes: Sequence[int], output_itemsize: int, outputs: int = 1, scratch: int = 0
+) -> int:
+    """Bytes of working memory per chunk element: raw input sets, fp32 copies, method scratch and
+    output buffers (one per output of a sweep)."""
+    return (
+        SLOTS * sum(input_itemsizes) + 4 * len(input_itemsizes) + scratch + SLOTS * output_itemsize * outputs
+    )
 
 
 def first_mismatches(names: Sequence[str], limit: int = 3) -> str:
@@ -233,16 +260,22 @@ def validate_options(
 
 def assemble_plan(
     checkpoints: Sequence[Checkpoint],
-    weights: Sequence[float],
+    variants: Sequence[Sequence[float]],
     tensors: dict[str, TensorPlan],
     *,
     method: str,
     single_file: str | None,
     shard_size: int,
     max_memory: int,
-    **extra: object,
+    variant_names: Sequence[str] = ("",),
+    **extra: Any,
 ) -> MergePlan:
-    """Size the chunks and lay out the output files for a set of tensor plans."""
+    """Size the chunks and lay out the output files for a set of tensor plans.
+
+    Args:
+        variants: one weight vector per output (one per input, 0 for a base model).
+        variant_names: the sub-folder of each output, "" for a single output.
+    """
     n = len(checkpoints)
     # one chunk size for all tensors, so the reusable buffers fit the budget whatever the dtypes
     input_itemsizes = tuple(
@@ -251,27 +284,33 @@ def assemble_plan(
     )
     output_itemsize = max((DTYPE_SIZES[t.dtype] for t in tensors.values()), default=1)
     largest = max((t.numel for t in tensors.values()), default=1)
-    chunk_elems = max(1, min(largest, max_memory // chunk_cost(input_itemsizes, output_itemsize)))
-    metadata = {
-        "format": "pt",
-        "lazymerge_version": __version__,
-        "lazymerge_method": method,
-        "lazymerge_weights": ",".join(repr(float(w)) for w in weights),
-        "lazymerge_inputs": ",".join(str(c.path.name) for c in checkpoints),
-    }
+    cost = chunk_cost(input_itemsizes, output_itemsize, len(variants), METHODS[method].scratch_bytes)
+    chunk_elems = max(1, min(largest, max_memory // cost))
     outputs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors.values()]
-    layout = plan_layout(outputs, metadata, single_file, shard_size)
+    layouts = []
+    for weights in variants:
+        metadata = {
+            "format": "pt",
+            "lazymerge_version": __version__,
+            "lazymerge_method": method,
+            "lazymerge_weights": ",".join(repr(float(w)) for w in weights),
+            "lazymerge_inputs": ",".join(str(c.path.name) for c in checkpoints),
+        }
+        layouts.append(plan_layout(outputs, metadata, single_file, shard_size))
     return MergePlan(
         inputs=tuple(str(c.path) for c in checkpoints),
-        weights=tuple(float(w) for w in weights),
+        weights=tuple(float(w) for w in variants[0]),
         method=method,
         tensors=tensors,
-        layout=layout,
+        layout=layouts[0],
         max_memory=max_memory,
         chunk_elems=chunk_elems,
         input_itemsizes=input_itemsizes,
         output_itemsize=output_itemsize,
-        **extra,  # type: ignore[arg-type]
+        variants=tuple(tuple(float(w) for w in v) for v in variants),
+        variant_names=tuple(variant_names),
+        layouts=tuple(layouts),
+        **extra,
     )
 
 
@@ -303,10 +342,40 @@ def plan_merge(
     tensors = plain_tensor_plans(checkpoints, weights, dtype)
     return assemble_plan(
         checkpoints,
-        weights,
+        [weights],
         tensors,
         method=method,
         single_file=single_file,
         shard_size=shard_size,
         max_memory=max_memory,
     )
+
+
+def attach_base(tensors: dict[str, TensorPlan], base: Checkpoint) -> tuple[dict[str, TensorPlan], list[str]]:
+    """Add a base model (weight 0) as the last source of every averaged tensor.
+
+    Task-vector methods merge x_i - base; tensors that are copied or matched by rows do not use it.
+
+    Returns:
+        (tensor plans with one more source each, base tensors left unused)
+
+    Raises:
+        IncompatibleInputsError when the base lacks an averaged tensor or its shape differs.
+    """
+    out = {}
+    for name, tp in tensors.items():
+        src: TensorInfo | None = None
+        if tp.action == "merge":
+            if name not in base:
+                raise IncompatibleInputsError(
+                    f"{base.path}: base model lacks tensor {name!r} that the inputs average"
+                )
+            first = next(s for s in tp.sources if s is not None)
+            check_same_tensor(name, first, first.path, base[name], base.path)
+            src = base[name]
+        row_maps = None if tp.row_maps is None else (*tp.row_maps, None)
+        out[name] = TensorPlan(
+            tp.name, tp.dtype, tp.shape, tp.action, (*tp.sources, src), (*tp.weights, 0.0), row_maps, tp.note
+        )
+    unused = sorted(n for n in base if n not in out or out[n].action != "merge")
+    return out, [f"{n} of {base.path} (base model, not averaged)" for n in unused]

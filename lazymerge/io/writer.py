@@ -235,7 +235,13 @@ class OutputTransaction:
         self._done = False
 
     def shard_path(self, filename: str) -> Path:
-        return self.temp if self.single_file else self.temp / filename
+        """Where a file of the output goes while pending; "sub/name" creates the sub-folder."""
+        if self.single_file:
+            return self.temp
+        path = self.temp / filename
+        if path.parent != self.temp:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        return path
 
     def write_small(self, filename: str, data: bytes) -> None:
         """Write a small file (the index) into the pending folder, fsynced."""
