@@ -201,6 +201,10 @@ def _row_weights(tp: TensorPlan, chunk: _Chunk, weights: Sequence[float]) -> lis
     mask = np.stack([tp.row_maps[i][first_row : first_row + rows] >= 0 for i, _ in present])  # (inputs, rows)
     w = np.array([weights[i] for i, _ in present], dtype=np.float64)[:, None] * mask
     partial = ~mask.all(axis=0)
+    # rows whose present inputs all have weight 0 (an appended token at alpha 0) take their
+    # inputs' plain average: such a token still needs a row, and only those inputs have one
+    unweighted = partial & (w.sum(axis=0) == 0)
+    w[:, unweighted] = mask[:, unweighted]
     w[:, partial] /= w[:, partial].sum(axis=0, keepdims=True)
     return [torch.from_numpy(w[k].astype(np.float32)).reshape(rows, 1) for k in range(len(present))]
 

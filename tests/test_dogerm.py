@@ -233,3 +233,40 @@ def test_plan_describes_recipe(tmp_path: Path) -> None:
     assert any("40 rows in every model" in n and "1 appended" in n for n in doc["notes"])
     text = CliRunner().invoke(main, ["plan", str(rm), str(sft), "--alpha", "0.3"]).output
     assert "reward head, kept from the reward model" in text and "predicted peak resident memory" in text
+
+
+def test_sweep_outputs_equal_separate_runs_from_one_read(tmp_path: Path) -> None:
+    from lazymerge.cli import parse_alpha
+
+    assert parse_alpha("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert len(parse_alpha("0:1:0.05")) == 21
+    rm = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    sft = save_model(tmp_path / "sft", "llama", False, 2, make_tokenizer(BASE_WORDS, added=["[PAD]"]))
+    alphas = [0.0, 0.25, 1.0]
+    sweep = merge([rm, sft], tmp_path / "sweep", alpha=alphas, max_memory=8192, shard_size=30_000)
+    single = merge([rm, sft], tmp_path / "one", alpha=0.25)
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["alpha-0", "alpha-0.25", "alpha-1"]
+    assert sweep.bytes_read == single.bytes_read  # every input tensor read once for all outputs
+    for alpha in alphas:
+        separate = tmp_path / f"separate-{alpha}"
+        merge([rm, sft], separate, alpha=alpha, shard_size=30_000)
+        swept = tmp_path / "sweep" / f"alpha-{alpha:g}"
+        assert sorted(p.name for p in swept.iterdir()) == sorted(p.name for p in separate.iterdir())
+        for f in separate.iterdir():
+            assert (swept / f.name).read_bytes() == f.read_bytes(), (alpha, f.name)
+    check_against_reference(tmp_path / "sweep" / "alpha-0.25", rm, [sft], [0.75, 0.25], "llama")
+    # at alpha 0 the output is the reward model, plus the domain model's row for the appended token
+    got, rm_sd, sft_sd = load_any(tmp_path / "sweep" / "alpha-0"), folder_state(rm), folder_state(sft)
+    assert all(torch.equal(got[k], rm_sd[k]) for k in rm_sd if k != EMBED)
+    assert torch.equal(got[EMBED][:-1], rm_sd[EMBED]) and torch.equal(got[EMBED][-1], sft_sd[EMBED][-1])
+
+
+def test_tied_embedding_sft(tmp_path: Path) -> None:
+    rm = save_model(tmp_path / "rm", "qwen2", True, 1, make_tokenizer(BASE_WORDS))
+    sft = save_model(
+        tmp_path / "sft", "qwen2", False, 2, make_tokenizer(BASE_WORDS), tie_word_embeddings=True
+    )
+    assert "lm_head.weight" not in load_any(sft)  # a tied model stores the embedding once
+    out = tmp_path / "out"
+    merge([rm, sft], out, alpha=0.3)
+    check_against_reference(out, rm, [sft], [0.7, 0.3], "qwen2")
