@@ -44,9 +44,57 @@ SIZES = {
 BLOCK = 64 * 2**20
 
 
-def write_checkpoint(folder: Path, size: str, seed: int) -> int:
-    """Stream a random bf16 checkpoint to `folder`; return its tensor bytes."""
-    shapes = llama_shapes(**SIZES[size])
+def write_model_files(folder: Path, size: str, role: str) -> None:
+    """config.json and a word-level tokenizer.json for a DogeRM reward model or SFT model.
+
+    Both tokenizers hold the same 32000 tokens; the SFT model adds `[PAD]` as id 32000, as
+    MetaMath-7B and MAmmoTH-7B do.
+    """
+    dims = SIZES[size]
+    vocab = {f"t{i}": i for i in range(dims["vocab"])}
+    added = [
+        {
+            "id": dims["vocab"],
+            "content": "[PAD]",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    ]
+    config = {
+        "architectures": ["LlamaForSequenceClassification" if role == "rm" else "LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dims["hidden"],
+        "intermediate_size": dims["intermediate"],
+        "num_hidden_layers": dims["layers"],
+        "vocab_size": dims["vocab"] + (role == "sft"),
+        "num_labels": 1,
+        "pad_token_id": 2,
+    }
+    tokenizer = {
+        "version": "1.0",
+        "added_tokens": added if role == "sft" else [],
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+def write_checkpoint(folder: Path, size: str, seed: int, role: str = "plain") -> int:
+    """Stream a random bf16 checkpoint to `folder`; return its tensor bytes.
+
+    role "rm" swaps the lm_head for a reward head (score.weight); "sft" grows the vocabulary by one
+    token; both also get config.json and tokenizer.json.
+    """
+    dims = dict(SIZES[size])
+    if role == "sft":
+        dims["vocab"] += 1
+    shapes = llama_shapes(**dims)
+    if role == "rm":
+        del shapes["lm_head.weight"]
+        shapes["score.weight"] = (1, dims["hidden"])
     tensors = [OutputTensor(name, "BF16", shape) for name, shape in shapes.items()]
     layout = plan_layout(tensors, {"format": "pt"}, None, 5 * 10**9)
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,6 +114,8 @@ def write_checkpoint(folder: Path, size: str, seed: int) -> int:
         writer.finish()
     if layout.index is not None:
         (folder / "model.safetensors.index.json").write_bytes(layout.index)
+    if role != "plain":
+        write_model_files(folder, size, role)
     return sum(s.data_bytes for s in layout.shards)
 
 
@@ -168,6 +218,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="work folder (default: a temporary folder)")
     parser.add_argument("--max-memory", default="256MiB")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument(
+        "--dogerm", action="store_true", help="inputs are a reward model and an SFT model with one more token"
+    )
     parser.add_argument("--reuse", type=Path, help="a folder kept by --keep: skip writing the inputs")
     args = parser.parse_args()
 
@@ -180,8 +233,8 @@ def main() -> None:
             nbytes -= sum(int.from_bytes(p.read_bytes()[:8], "little") + 8 for p in a.glob("*.safetensors"))
         else:
             t0 = time.perf_counter()
-            nbytes = write_checkpoint(a, args.size, seed=1)
-            write_checkpoint(b, args.size, seed=2)
+            nbytes = write_checkpoint(a, args.size, seed=1, role="rm" if args.dogerm else "plain")
+            write_checkpoint(b, args.size, seed=2, role="sft" if args.dogerm else "plain")
             print(
                 f"wrote two {args.size} inputs of {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s",
                 flush=True,
@@ -212,6 +265,7 @@ def main() -> None:
         report = json.loads(out_json)
         result = {
             "size": args.size,
+            "kind": "dogerm (reward model + SFT, embeddings by token)" if args.dogerm else "plain",
             "machine": machine(),
             "date": time.strftime("%Y-%m-%d"),
             "input_bytes_each": nbytes,
@@ -253,7 +307,9 @@ def main() -> None:
         print(f"{name:<{width}}  {value}")
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(exist_ok=True)
-    (results_dir / f"merge-{args.size}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results_dir / f"merge-{args.size}{'-dogerm' if args.dogerm else ''}.json").write_text(
+        json.dumps(result, indent=2) + "\n"
+    )
     print(json.dumps(result))
 
 

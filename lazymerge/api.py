@@ -6,7 +6,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class MergeReport:
     peak_rss_total: int
     peak_rss_anon: int | None
     peak_rss_file: int | None
+    #: One line per tensor whose merge met NaN or Inf.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def gb_per_s(self) -> float:
@@ -140,6 +142,7 @@ def prepare(
     base: PathLike | None = None,
     density: float = 0.5,
     seed: int = 0,
+    check_finite: bool = False,
 ) -> tuple[list[Checkpoint], MergePlan, Path]:
     """Open the inputs (headers, configs, tokenizers) and plan the merge.
 
@@ -217,6 +220,7 @@ def prepare(
             variant_names=[f"alpha-{a:g}" for a in alphas] if sweep else [""],  # type: ignore[str-format]
             density=density,
             seed=seed,
+            check_finite=check_finite,
             **extra,
         )
     except BaseException:
@@ -243,6 +247,7 @@ def merge(
     base: PathLike | None = None,
     density: float = 0.5,
     seed: int = 0,
+    check_finite: bool = False,
 ) -> MergeReport:
     """Merge checkpoints tensor by tensor into `output`, streaming, in bounded memory.
 
@@ -264,6 +269,8 @@ def merge(
         base: base model for task-vector methods (task_arithmetic, ties, dare_linear, dare_ties).
         density: fraction of each task vector kept by ties and dare_* methods.
         seed: seed of the dare_* drop masks (the same result whatever the chunking).
+        check_finite: stop with NonFiniteError when an input's NaN or Inf reaches the output;
+            by default the merge goes on and the report lists a warning per tensor.
         progress: show a progress bar on stderr (None: only on a terminal).
 
     Returns:
@@ -292,7 +299,9 @@ def merge(
         base=base,
         density=density,
         seed=seed,
+        check_finite=check_finite,
     )
+    warnings: list[str] = []
     try:
         check_output(destination, checkpoints)
         transaction = OutputTransaction(
@@ -302,7 +311,9 @@ def merge(
             check_free_space(destination, plan.output_bytes)
             bar = ProgressBar(plan.input_bytes, enabled=progress)
             with PeakRssSampler() as sampler:
-                written = execute_plan(plan, checkpoints, transaction, on_progress=bar.update)
+                written = execute_plan(
+                    plan, checkpoints, transaction, on_progress=bar.update, warnings=warnings
+                )
                 if not transaction.single_file:
                     for folder in plan.variant_names:
                         for name, data in plan.extra_files.items():
@@ -333,4 +344,5 @@ def merge(
         peak_rss_total=peak.total,
         peak_rss_anon=peak.anon,
         peak_rss_file=peak.file,
+        warnings=warnings,
     )

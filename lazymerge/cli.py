@@ -150,6 +150,11 @@ def merge_options(fn: F) -> F:
             help="Fraction of each task vector kept (ties, dare_*).",
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE drop masks."),
+        click.option(
+            "--check-finite",
+            is_flag=True,
+            help="Stop when an input's NaN or Inf reaches the output (default: warn).",
+        ),
         click.option("--weights", help="Comma-separated weight per input, e.g. 0.5,0.3,0.2."),
         click.option("--method", default="linear", show_default=True, help="Merge method."),
         click.option(
@@ -236,6 +241,8 @@ def run(
 
     kwargs = _merge_kwargs(inputs, **options)
     report = merge(inputs, output, force=force, progress=None if not quiet else False, **kwargs)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
@@ -306,6 +313,17 @@ def inspect(path: Path, as_json: bool) -> None:
     from lazymerge.inspect import inspect_checkpoint
 
     click.echo(inspect_checkpoint(path, as_json=as_json))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--finite", is_flag=True, help="Also check every floating-point tensor for NaN and Inf.")
+@reports_errors
+def verify(path: Path, finite: bool) -> None:
+    """Validate headers, index and sizes, and recompute the data hashes lazymerge recorded."""
+    from lazymerge.verify import verify_checkpoint
+
+    click.echo(verify_checkpoint(path, finite=finite).format())
 
 
 @main.command()

@@ -10,6 +10,7 @@ overlap with the arithmetic.
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lazymerge.errors import IncompatibleInputsError
+from lazymerge.errors import IncompatibleInputsError, NonFiniteError
 from lazymerge.io.header import DTYPE_SIZES
 from lazymerge.io.reader import INDEX_SUFFIX, Checkpoint, TensorInfo
 from lazymerge.io.writer import OutputTransaction, StreamingShardWriter
@@ -214,12 +215,32 @@ def _random_key(seed: int, name: str, input_index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def _report_nonfinite(
+    plan: MergePlan, chunk: _Chunk, inputs: Sequence[memoryview | None], warn: Callable[[str], None]
+) -> None:
+    """Name the input whose NaN or Inf reached the merged chunk; raise under check_finite."""
+    tp = chunk.tensor
+    for i, src in tp.present():
+        values = torch.frombuffer(inputs[i], dtype=TORCH_DTYPES[src.dtype]).float()  # type: ignore[arg-type]
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            at = f" (element {chunk.start + int(bad[0])})" if tp.row_maps is None else ""
+            message = f"{src.path}: tensor {tp.name!r} holds NaN or Inf{at}; the merged tensor is not finite"
+            break
+    else:
+        message = f"tensor {tp.name!r}: the merge produced NaN or Inf from finite inputs (weights too large?)"
+    if plan.check_finite:
+        raise NonFiniteError(message + "; stopped because of --check-finite")
+    warn(message)
+
+
 def merge_chunk(
     plan: MergePlan,
     chunk: _Chunk,
     inputs: Sequence[memoryview | None],
     outs: Sequence[memoryview],
     fp32: Sequence[torch.Tensor],
+    warn: Callable[[str], None] = lambda message: None,
 ) -> None:
     """Merge one chunk of raw input bytes into `outs`, one raw output chunk per weight variant."""
     tp = chunk.tensor
@@ -259,6 +280,10 @@ def merge_chunk(
                 _random_key(plan.seed, tp.name, w[k]), chunk.start, chunk.count
             )
             merged = method.fn([work[i] for i in weighted], [weights[i] for i in weighted], **kwargs)
+        # a sum is NaN or Inf when any element is (or, rarely, when finite values overflow it):
+        # one allocation-free pass; the exact elementwise check runs only then
+        if not math.isfinite(float(merged.sum())) and not bool(torch.isfinite(merged).all()):
+            _report_nonfinite(plan, chunk, inputs, warn)
         torch.frombuffer(out, dtype=TORCH_DTYPES[tp.dtype]).copy_(merged.reshape(-1))
 
 
@@ -267,8 +292,20 @@ def execute_plan(
     checkpoints: Sequence[Checkpoint],
     transaction: OutputTransaction,
     on_progress: Callable[[int], None] = lambda n: None,
+    warnings: list[str] | None = None,
 ) -> int:
-    """Write every output shard of `plan` into `transaction`; return the bytes written."""
+    """Write every output shard of `plan` into `transaction`; return the bytes written.
+
+    Messages about non-finite values (one per tensor) are appended to `warnings`.
+    """
+    warned: set[str] = set()
+
+    def warn(message: str) -> None:
+        name = message.split("tensor ", 1)[-1].split(" ", 1)[0]
+        if warnings is not None and name not in warned:
+            warned.add(name)
+            warnings.append(message)
+
     stop = threading.Event()
     read_q: queue.Queue[object] = queue.Queue(maxsize=1)
     write_q: queue.Queue[object] = queue.Queue(maxsize=1)
@@ -339,7 +376,7 @@ def execute_plan(
             outs = pool.take(pool.free_outputs)
             nbytes = chunk.count * DTYPE_SIZES[chunk.tensor.dtype]
             if nbytes:
-                merge_chunk(plan, chunk, views, [memoryview(o)[:nbytes] for o in outs], pool.fp32)
+                merge_chunk(plan, chunk, views, [memoryview(o)[:nbytes] for o in outs], pool.fp32, warn)
             pool.free_inputs.put(buffers)
             _put(write_q, (chunk.shard, outs, nbytes, chunk.last_in_shard), stop)
             on_progress(sum(len(v) for v in views if v is not None))

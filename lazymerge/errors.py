@@ -56,6 +56,14 @@ class ShardIndexError(HeaderError):
     """A `*.safetensors.index.json` file is malformed or disagrees with its shards."""
 
 
+class IntegrityError(LazyMergeError):
+    """A file's data does not match the hash recorded when it was written."""
+
+
+class NonFiniteError(LazyMergeError):
+    """An input tensor holds NaN or Inf and --check-finite was given."""
+
+
 class InputError(LazyMergeError):
     """An input path cannot be read or is not a checkpoint."""
 

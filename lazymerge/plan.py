@@ -93,6 +93,8 @@ class MergePlan:
     base_index: int | None = None
     density: float = 1.0
     seed: int = 0
+    #: Stop on NaN or Inf in a merged tensor instead of warning.
+    check_finite: bool = False
     #: One weight vector per output; several for a sweep (one read, many outputs).
     variants: tuple[tuple[float, ...], ...] = ()
     #: Sub-folder of each variant's output ("" for a single output).

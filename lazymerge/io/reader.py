@@ -54,10 +54,21 @@ def read_header_file(path: Path) -> Header:
     return parse_header(raw, size, source)
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ShardIndexError(f"tensor or key {key!r} appears twice; the index is ambiguous")
+        out[key] = value
+    return out
+
+
 def _read_index(index_path: Path) -> dict[str, str]:
     source = str(index_path)
     try:
-        doc = json.loads(index_path.read_text(encoding="utf-8"))
+        doc = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except ShardIndexError as exc:
+        raise ShardIndexError(f"{source}: {exc}") from None
     except OSError as exc:
         raise InputError(f"{source}: cannot read ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -8,6 +8,8 @@ complete, so a crash never leaves a half-written model at the destination.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
@@ -21,6 +23,10 @@ from lazymerge.errors import OutputError
 from lazymerge.io.header import DTYPE_SIZES
 
 TEMP_MARK = ".lazymerge-tmp-"
+#: Shard metadata key holding the SHA-256 of the shard's tensor data (checked by `lazymerge verify`).
+DATA_HASH_KEY = "lazymerge_data_sha256"
+#: Written in the header first and overwritten in place once the data is written and hashed.
+_HASH_PLACEHOLDER = "0" * 64
 #: Bytes written between requests to start write-back of the data written so far.
 WRITEBACK_STEP = 64 * 2**20
 
@@ -98,6 +104,8 @@ def plan_layout(
         shard_size: largest data size of one shard in bytes; a bigger tensor gets a shard alone.
     """
     ordered = file_order(tensors)
+    index_metadata = metadata
+    metadata = {**metadata, DATA_HASH_KEY: _HASH_PLACEHOLDER}
     if single_file is not None:
         return OutputLayout(
             (ShardLayout(single_file, tuple(ordered), encode_header(ordered, metadata)),), None, metadata
@@ -122,11 +130,20 @@ def plan_layout(
         for i, g in enumerate(groups, start=1)
     )
     index_doc = {
-        "metadata": {"total_size": sum(s.data_bytes for s in shards), **metadata},
+        "metadata": {"total_size": sum(s.data_bytes for s in shards), **index_metadata},
         "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
     }
     index = (json.dumps(index_doc, indent=2, sort_keys=False) + "\n").encode("utf-8")
     return OutputLayout(shards, index, metadata)
+
+
+def _os_error_message(path: Path, doing: str, exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return (
+            f"{path}: disk full while {doing}; nothing was left at the destination. Free space on "
+            f"{path.parent} or choose another output folder (`lazymerge plan` shows the bytes needed)"
+        )
+    return f"{path}: {doing} failed ({exc.strerror or exc})"
 
 
 class StreamingShardWriter:
@@ -139,6 +156,10 @@ class StreamingShardWriter:
         self._written = 0
         self._flushed = 0
         self._flushed_pos = 0
+        self._hash = hashlib.sha256()
+        marker = f'"{DATA_HASH_KEY}":"{_HASH_PLACEHOLDER}'.encode()
+        found = shard.header.find(marker)
+        self._hash_offset = found + len(marker) - len(_HASH_PLACEHOLDER) if found >= 0 else -1
         try:
             self._fd = os.open(
                 path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
@@ -153,7 +174,7 @@ class StreamingShardWriter:
             try:
                 done = os.write(self._fd, view)
             except OSError as exc:
-                raise OutputError(f"{self.path}: write failed ({exc.strerror or exc})") from None
+                raise OutputError(_os_error_message(self.path, "writing", exc)) from None
             view = view[done:]
 
     def write(self, data: bytes | memoryview) -> None:
@@ -162,6 +183,7 @@ class StreamingShardWriter:
         if self._written + n > self._expected:
             raise OutputError(f"{self.path}: more tensor data than the header announced")
         self._write(data)
+        self._hash.update(data)
         self._written += n
         if self._written - self._flushed >= WRITEBACK_STEP and hasattr(os, "posix_fadvise"):
             # Linux starts write-back of dirty pages in the range (without waiting for it) and
@@ -179,9 +201,11 @@ class StreamingShardWriter:
                 f"{self.path}: {self._written} of {self._expected} data bytes written; incomplete shard"
             )
         try:
+            if self._hash_offset >= 0:
+                os.pwrite(self._fd, self._hash.hexdigest().encode(), self._hash_offset)
             os.fsync(self._fd)
         except OSError as exc:
-            raise OutputError(f"{self.path}: fsync failed ({exc.strerror or exc})") from None
+            raise OutputError(_os_error_message(self.path, "finishing", exc)) from None
         self.close()
 
     def close(self) -> None:
@@ -201,6 +225,35 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(destination: Path) -> list[Path]:
+    """Remove temporaries that an interrupted merge into `destination` left beside it.
+
+    A temporary is stale when the process that made it no longer runs (its pid is in the name);
+    those of a merge still running are left alone.
+    """
+    removed = []
+    for path in destination.parent.glob(f".{destination.name}{TEMP_MARK}*"):
+        owner = path.name[len(f".{destination.name}{TEMP_MARK}") :].split("-", 1)[0]
+        if owner.isdigit() and (int(owner) == os.getpid() or _pid_alive(int(owner))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 class OutputTransaction:
@@ -225,6 +278,7 @@ class OutputTransaction:
                 raise OutputError(f"{destination}: is a folder; cannot replace it with a file")
             if not single_file and not destination.is_dir():
                 raise OutputError(f"{destination}: is a file; cannot replace it with a folder")
+        self.removed_stale = remove_stale_temporaries(destination)
         tag = f"{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.temp = parent / f".{destination.name}{tag}"
         if not single_file:
@@ -253,7 +307,7 @@ class OutputTransaction:
                 os.fsync(fh.fileno())
             os.chmod(path, 0o644)
         except OSError as exc:
-            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+            raise OutputError(_os_error_message(path, "writing", exc)) from None
 
     def commit(self) -> None:
         parent = self.destination.parent

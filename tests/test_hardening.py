@@ -1,0 +1,223 @@
+"""Hostile and broken inputs, interrupted runs and full disks: nothing lost, nothing half-written."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lazymerge import Checkpoint, merge
+from lazymerge.errors import IntegrityError, NonFiniteError, OutputError, ShardIndexError
+from lazymerge.verify import verify_checkpoint
+from tests.conftest import load_any, reference_merge
+
+
+def digest_tree(*paths: Path) -> dict[str, str]:
+    out = {}
+    for root in paths:
+        for path in sorted([root] if root.is_file() else root.rglob("*")):
+            if path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if "lazymerge-tmp" in p.name)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lazymerge", *args], capture_output=True, text=True)
+
+
+@pytest.fixture
+def pair(tmp_path: Path):
+    g = torch.Generator().manual_seed(0)
+    a = {f"t{i}": torch.randn(256, 64, generator=g) for i in range(4)}
+    b = {f"t{i}": torch.randn(256, 64, generator=g) for i in range(4)}
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(a, str(pa))
+    save_file(b, str(pb))
+    return pa, pb, a, b
+
+
+def test_verify_sound_and_corrupt_outputs(tmp_path: Path, pair) -> None:
+    pa, pb, a, b = pair
+    out = tmp_path / "out"
+    merge([pa, pb], out, shard_size=100_000)
+    report = verify_checkpoint(out)
+    assert report.shards >= 2 and report.hashes_checked == report.shards and not report.unhashed
+    result = run_cli("verify", str(out), "--finite")
+    assert (
+        result.returncode == 0 and "data hash(es) match" in result.stdout and "hold no NaN" in result.stdout
+    )
+    assert verify_checkpoint(pa).unhashed == ["a.safetensors"]  # written by safetensors, no hash recorded
+    shard = sorted(out.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="differs from"):
+        verify_checkpoint(out)
+    result = run_cli("verify", str(out))
+    assert result.returncode == 1 and str(shard) in result.stderr
+    shard.write_bytes(bytes(data[:-5]))
+    assert run_cli("verify", str(out)).returncode == 1
+
+
+def test_nan_inputs_warn_or_stop(tmp_path: Path, pair) -> None:
+    pa, pb, a, b = pair
+    a["t2"][3, 7] = float("nan")
+    save_file(a, str(pa))
+    before = digest_tree(pa, pb)
+    report = merge([pa, pb], tmp_path / "o.safetensors")
+    assert (
+        len(report.warnings) == 1
+        and "'t2' holds NaN or Inf" in report.warnings[0]
+        and str(pa) in report.warnings[0]
+    )
+    result = run_cli("run", str(pa), str(pb), "-o", str(tmp_path / "o2.safetensors"), "-q")
+    assert result.returncode == 0 and "warning:" in result.stderr and "'t2'" in result.stderr
+    with pytest.raises(NonFiniteError, match="'t2' holds NaN"):
+        merge([pa, pb], tmp_path / "o3.safetensors", check_finite=True)
+    assert not (tmp_path / "o3.safetensors").exists() and not leftovers(tmp_path)
+    with pytest.raises(NonFiniteError):
+        verify_checkpoint(tmp_path / "o.safetensors", finite=True)
+    assert digest_tree(pa, pb) == before
+
+
+def test_index_with_duplicate_or_doubled_tensor(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(2)}, str(tmp_path / "s1.safetensors"))
+    save_file({"a": torch.ones(2)}, str(tmp_path / "s2.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "s1.safetensors", "a": "s2.safetensors"}}')
+    with pytest.raises(ShardIndexError, match="appears twice"):
+        Checkpoint.open(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    with pytest.raises(ShardIndexError):
+        Checkpoint.open(tmp_path)
+
+
+def test_disk_full_by_injection(tmp_path: Path, pair, monkeypatch) -> None:
+    pa, pb, *_ = pair
+    before = digest_tree(pa, pb)
+    import lazymerge.io.writer as writer
+
+    real_write = os.write
+    budget = [150_000]
+
+    def full_disk(fd: int, data) -> int:
+        if budget[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        budget[0] -= len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer.os, "write", full_disk)
+    for out in (tmp_path / "o.safetensors", tmp_path / "outdir"):
+        budget[0] = 150_000
+        with pytest.raises(OutputError, match="disk full while writing"):
+            merge([pa, pb], out, shard_size=100_000)
+        assert not out.exists() and not leftovers(tmp_path)
+    assert digest_tree(pa, pb) == before
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    if os.geteuid() != 0:
+        return False
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+def test_disk_full_on_a_small_filesystem(tmp_path: Path, pair, monkeypatch) -> None:
+    pa, pb, *_ = pair
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "160k"):
+        pytest.skip("needs root and tmpfs to mount a size-limited filesystem")
+    try:
+        before = digest_tree(pa, pb)
+        with pytest.raises(OutputError, match="needs .* free"):  # the free-space check, before any write
+            merge([pa, pb], small / "o.safetensors")
+        import lazymerge.api as api
+
+        monkeypatch.setattr(api, "check_free_space", lambda *a: None)
+        with pytest.raises(OutputError, match="disk full"):  # the kernel's own ENOSPC
+            merge([pa, pb], small / "o.safetensors")
+        assert list(small.iterdir()) == []
+        assert digest_tree(pa, pb) == before
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
+SLOW_MERGE = "--max-memory", "2KiB"  # thousands of chunks: slow enough to interrupt mid-way
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_merge_leaves_nothing_partial(tmp_path: Path, sig: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a = {f"t{i}": torch.randn(512, 512, generator=g) for i in range(6)}
+    b = {f"t{i}": torch.randn(512, 512, generator=g) for i in range(6)}
+    save_file(a, str(pa))
+    save_file(b, str(pb))
+    before = digest_tree(pa, pb)
+    out = tmp_path / "merged"
+    outcomes = set()
+    for delay in (0.0, 0.3, 1.0):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lazymerge",
+                "run",
+                str(pa),
+                str(pb),
+                "-o",
+                str(out),
+                "-q",
+                "--shard-size",
+                "2MB",
+                *SLOW_MERGE,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # wait until the merge is writing its temporaries
+        time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        if out.exists():  # it finished before the signal: then it is complete
+            verify_checkpoint(out)
+            outcomes.add("complete")
+            shutil.rmtree(out)
+        else:
+            outcomes.add("absent")
+            if sig == signal.SIGINT:
+                assert proc.returncode == 130 and "interrupted" in err, err
+                assert not leftovers(tmp_path)  # Ctrl-C cleans up at once
+            else:
+                assert leftovers(tmp_path)  # SIGKILL leaves temporaries, never a destination
+    assert "absent" in outcomes
+    # a rerun removes the temporaries a killed run left behind, and succeeds
+    result = run_cli("run", str(pa), str(pb), "-o", str(out), "-q", "--shard-size", "2MB")
+    assert result.returncode == 0, result.stderr
+    assert not leftovers(tmp_path)
+    got, want = load_any(out), reference_merge([a, b], [0.5, 0.5])
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert digest_tree(pa, pb) == before
