@@ -315,6 +315,196 @@ def inspect(path: Path, as_json: bool) -> None:
     click.echo(inspect_checkpoint(path, as_json=as_json))
 
 
+def eval_options(fn: F) -> F:
+    options = [
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "bfloat16", "float16"]),
+            default="float32",
+            show_default=True,
+            help="Compute dtype without --quant.",
+        ),
+        click.option(
+            "--quant",
+            type=click.Choice(["4bit", "8bit"]),
+            help="Load with bitsandbytes: 4bit = NF4 with bf16 compute (also on CPU); the reward head stays full precision.",
+        ),
+        click.option(
+            "--double-quant",
+            is_flag=True,
+            help="4-bit double quantization (saves about 0.4 bits per parameter).",
+        ),
+        click.option(
+            "--max-length",
+            type=int,
+            default=2048,
+            show_default=True,
+            help="Longest input in tokens; longer inputs lose tokens from the left.",
+        ),
+        click.option(
+            "--system-prompt",
+            default="none",
+            show_default=True,
+            help="none, llama2 (Meta's default LLaMA-2 system prompt, as DogeRM used) or the text itself.",
+        ),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("-q", "--quiet", is_flag=True, help="No progress and no table."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _load_kwargs(
+    device: str,
+    dtype: str,
+    quant: str | None,
+    double_quant: bool,
+    max_length: int,
+    system_prompt: str,
+    batch_size: int,
+) -> dict[str, Any]:
+    from lazymerge.evaluation.rewards import system_prompt_text
+
+    return {
+        "device": device,
+        "dtype": dtype,
+        "quant": quant,
+        "double_quant": double_quant,
+        "max_length": max_length,
+        "system_prompt": system_prompt_text(system_prompt),
+        "batch_size": batch_size,
+    }
+
+
+def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+@main.command(name="eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--pairs",
+    "pairs_file",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="JSON Lines pairs (RewardBench or Auto-J format).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Write the results (accuracy, subsets, sections, per-pair rewards) as JSON.",
+)
+@eval_options
+@reports_errors
+def evaluate(model: Path, pairs_file: Path, out: Path | None, quiet: bool, **load: Any) -> None:
+    """Pairwise preference accuracy of the reward model MODEL (a model folder)."""
+    from lazymerge.evaluation.run import evaluate_pairs, format_pair_table
+
+    result = evaluate_pairs(model, pairs_file, progress=None if not quiet else False, **_load_kwargs(**load))
+    _write_json(out, result)
+    if not quiet:
+        click.echo(format_pair_table(result))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--candidates",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="JSON Lines: prompt, candidates, and correct or answer.",
+)
+@click.option("--n", "ns", default="2,4,8,16", show_default=True, help="Comma-separated N values.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@eval_options
+@reports_errors
+def bon(model: Path, candidates: Path, ns: str, out: Path | None, quiet: bool, **load: Any) -> None:
+    """Best-of-N: pick the highest-reward candidate (ties to the earliest) for each N."""
+    from lazymerge.evaluation.run import evaluate_bon, format_bon_table
+
+    try:
+        n_values = [int(n) for n in ns.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{ns!r} is not a comma-separated list of integers", param_hint="--n"
+        ) from None
+    result = evaluate_bon(
+        model, candidates, n_values, progress=None if not quiet else False, **_load_kwargs(**load)
+    )
+    _write_json(out, result)
+    if not quiet:
+        click.echo(format_bon_table(result))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--alpha",
+    "alphas",
+    type=AlphaType(),
+    default="0:1:0.1",
+    show_default=True,
+    help="START:STOP:STEP or one value.",
+)
+@click.option("--pairs", "pairs_file", type=click.Path(path_type=Path), required=True, help="Test pairs.")
+@click.option(
+    "--val-pairs",
+    type=click.Path(path_type=Path),
+    help="Validation pairs: choose lambda on them, report test accuracy there.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("sweep"),
+    show_default=True,
+    help="Folder for results.json, accuracy.png and kept models.",
+)
+@click.option("--keep", is_flag=True, help="Keep each merged model (a 7B model is 13.5 GB per value).")
+@click.option(
+    "--max-memory",
+    type=SizeType(),
+    default=DEFAULT_MAX_MEMORY,
+    show_default="256MiB",
+    help="Working-memory budget of each merge.",
+)
+@eval_options
+@reports_errors
+def sweep(
+    inputs: tuple[Path, ...],
+    alphas: float | list[float],
+    pairs_file: Path,
+    val_pairs: Path | None,
+    output: Path,
+    keep: bool,
+    max_memory: int,
+    quiet: bool,
+    **load: Any,
+) -> None:
+    """Merge RM and SFT for each lambda, evaluate, plot accuracy against lambda."""
+    from lazymerge.evaluation.run import format_sweep_table, run_sweep
+
+    if len(inputs) != 2:
+        raise click.UsageError(f"sweep takes a reward model and one domain model, got {len(inputs)} inputs")
+    values = alphas if isinstance(alphas, list) else [alphas]
+    result = run_sweep(
+        inputs,
+        values,
+        pairs_file,
+        output,
+        val_pairs=val_pairs,
+        keep=keep,
+        merge_options={"max_memory": max_memory},
+        progress=None if not quiet else False,
+        **_load_kwargs(**load),
+    )
+    if not quiet:
+        click.echo(format_sweep_table(result))
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--finite", is_flag=True, help="Also check every floating-point tensor for NaN and Inf.")

@@ -1,0 +1,186 @@
+"""Load a reward model with transformers and score texts, one reward per text.
+
+Input formatting (`format_text`):
+- with a chat template in the tokenizer: messages [system (optional), user = prompt,
+  assistant = response] rendered by the template, no generation prompt;
+- without one, a documented plain format: "{system}\\n\\n" (when given), then
+  "User: {prompt}\\n\\nAssistant: {response}", then the tokenizer's EOS token.
+The text is tokenized with the tokenizer's own special tokens (`add_special_tokens=True`, as a
+transformers pipeline does), so a template that writes its own BOS gets a second one, which is
+what DogeRM's LLaMA-2 reward model saw in training. Sequences longer than `max_length` lose
+tokens from the left, so the response and its end are kept.
+
+Rewards: each distinct text is scored once, in batches sorted by length and padded on the right
+with the model's pad token, so real tokens keep positions 0..n-1 and the classification head reads
+the same last non-padding token as an unpadded forward pass. The reward is the model's own
+sequence-classification logit.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lazymerge.errors import InputError, MissingDependencyError
+
+LLAMA2_SYSTEM_PROMPT = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
+    "safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal "
+    "content. Please ensure that your responses are socially unbiased and positive in nature.\n\nIf a question "
+    "does not make any sense, or is not factually coherent, explain why instead of answering something not "
+    "correct. If you don't know the answer to a question, please don't share false information."
+)
+
+
+def require(module: str, extra: str = "eval") -> Any:
+    """Import an optional dependency or fail with the pip command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(
+            f"{module} is not installed; run: pip install 'lazymerge[{extra}]'"
+        ) from None
+
+
+def system_prompt_text(choice: str | None) -> str | None:
+    """`none` -> no system prompt, `llama2` -> Meta's default LLaMA-2 prompt, else the text itself."""
+    if choice is None or choice == "none":
+        return None
+    return LLAMA2_SYSTEM_PROMPT if choice == "llama2" else choice
+
+
+@dataclass
+class RewardModel:
+    model: Any
+    tokenizer: Any
+    device: str
+    max_length: int = 2048
+    system_prompt: str | None = None
+    batch_size: int = 8
+
+    def format_text(self, prompt: str, response: str) -> str:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            if self.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            return tok.apply_chat_template(messages, tokenize=False)
+        head = f"{self.system_prompt}\n\n" if self.system_prompt is not None else ""
+        return f"{head}User: {prompt}\n\nAssistant: {response}{tok.eos_token or ''}"
+
+    def encode(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return ids[-self.max_length :]
+
+    def score_texts(
+        self, texts: Sequence[str], progress: Callable[[int], None] = lambda n: None
+    ) -> list[float]:
+        """One reward per text; equal texts always get equal rewards."""
+        import torch
+
+        unique = sorted(set(texts))
+        encoded = {t: self.encode(t) for t in unique}
+        order = sorted(unique, key=lambda t: (-len(encoded[t]), t))
+        pad = self.model.config.pad_token_id
+        batch = self.batch_size if pad is not None else 1  # without a pad id only unpadded passes are exact
+        rewards: dict[str, float] = {}
+        for start in range(0, len(order), batch):
+            group = order[start : start + batch]
+            width = max(len(encoded[t]) for t in group)
+            ids = torch.full((len(group), width), pad if pad is not None else 0, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, text in enumerate(group):
+                seq = encoded[text]
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            for text, value in zip(group, logits[:, 0].float().cpu().tolist(), strict=True):
+                rewards[text] = value
+            progress(len(group))
+        return [rewards[t] for t in texts]
+
+
+def load_reward_model(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    quant: str | None = None,
+    double_quant: bool = False,
+    max_length: int = 2048,
+    system_prompt: str | None = None,
+    batch_size: int = 8,
+) -> RewardModel:
+    """Load a sequence-classification reward model from a local folder.
+
+    Args:
+        device: "cpu" or "cuda" (or "cuda:N").
+        dtype: "float32", "bfloat16" or "float16" (compute dtype without quantization).
+        quant: None, "4bit" (bitsandbytes NF4, bf16 compute, optional double quantization) or "8bit".
+            The reward head (`score`) is kept in full precision.
+
+    Raises:
+        MissingDependencyError when transformers, accelerate or bitsandbytes are missing.
+    """
+    transformers = require("transformers")
+    import torch
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a model folder (no config.json)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is visible to torch (torch {torch.__version__})")
+    kwargs: dict[str, Any] = {}
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if quant is not None:
+        require("bitsandbytes")
+        require("accelerate")
+        if quant == "4bit":
+            config = transformers.BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=double_quant,
+                llm_int8_skip_modules=["score"],
+            )
+        elif quant == "8bit":
+            config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["score"])
+        else:
+            raise InputError(f"--quant {quant!r}: choose 4bit or 8bit")
+        kwargs.update(quantization_config=config, device_map={"": device})
+        torch_dtype = torch.bfloat16
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        folder, dtype=torch_dtype, **kwargs
+    )
+    if quant is None:
+        model = model.to(device)
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return RewardModel(model, tokenizer, device, max_length, system_prompt, batch_size)
+
+
+class RateBar:
+    """pairs/s progress on stderr, on a terminal only."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None):
+        self.total, self.label, self.done = total, label, 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.enabled:
+            rate = self.done / max(time.monotonic() - self.start, 1e-9)
+            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total} texts, {rate:.1f}/s ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
