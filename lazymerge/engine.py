@@ -27,7 +27,7 @@ from lazymerge.io.header import DTYPE_SIZES
 from lazymerge.io.reader import INDEX_SUFFIX, Checkpoint, TensorInfo
 from lazymerge.io.writer import OutputTransaction, StreamingShardWriter
 from lazymerge.methods import METHODS, position_uniform
-from lazymerge.plan import SLOTS, MergePlan, TensorPlan
+from lazymerge.plan import OUTPUT_SLOTS, SLOTS, MergePlan, TensorPlan
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -122,6 +122,7 @@ class _Workspace:
         self.free_outputs: queue.Queue[list[bytearray]] = queue.Queue()
         for _ in range(SLOTS):
             self.free_inputs.put([bytearray(elems * size) for size in plan.input_itemsizes])
+        for _ in range(OUTPUT_SLOTS):
             self.free_outputs.put([bytearray(elems * plan.output_itemsize) for _ in plan.variants])
         self.fp32 = [torch.empty(elems, dtype=torch.float32) for _ in plan.input_itemsizes]
 
@@ -309,6 +310,7 @@ def execute_plan(
     stop = threading.Event()
     read_q: queue.Queue[object] = queue.Queue(maxsize=1)
     write_q: queue.Queue[object] = queue.Queue(maxsize=1)
+    hash_q: queue.Queue[object] = queue.Queue(maxsize=1)
     written = [0]
     pool = _Workspace(plan, stop)
 
@@ -340,7 +342,9 @@ def execute_plan(
                 if shard_no != current_no:
                     current = [
                         StreamingShardWriter(
-                            shard_path(v, layout.shards[shard_no].filename), layout.shards[shard_no]
+                            shard_path(v, layout.shards[shard_no].filename),
+                            layout.shards[shard_no],
+                            hash_on_write=False,
                         )
                         for v, layout in enumerate(plan.layouts)
                     ]
@@ -349,10 +353,7 @@ def execute_plan(
                 for shard_writer, buffer in zip(current, buffers, strict=True):
                     shard_writer.write(memoryview(buffer)[:nbytes])
                     written[0] += nbytes
-                pool.free_outputs.put(buffers)
-                if last:
-                    for shard_writer in current:
-                        shard_writer.finish()
+                _put(hash_q, (current, buffers, nbytes, last), stop)
             for shard_no in range(current_no + 1, len(plan.layout.shards)) if not stop.is_set() else ():
                 # only a merge of zero tensors leaves a shard with no chunk: header only
                 for v, layout in enumerate(plan.layouts):
@@ -360,11 +361,37 @@ def execute_plan(
                         shard_path(v, layout.shards[shard_no].filename), layout.shards[shard_no]
                     ).finish()
                     written[0] += len(layout.shards[shard_no].header)
+            _put(hash_q, _DONE, stop)
+        except BaseException:
+            for shard_writer in current:
+                shard_writer.close()
+            raise
+
+    def hasher() -> None:
+        # hashing runs beside writing (hashlib releases the GIL), then finishes each shard:
+        # the hash goes into its header, then fsync
+        current: list[StreamingShardWriter] = []
+        try:
+            while True:
+                item = _get(hash_q, stop)
+                if item is _DONE:
+                    return
+                current, buffers, nbytes, last = item  # type: ignore[misc]
+                for shard_writer, buffer in zip(current, buffers, strict=True):
+                    shard_writer.hash_update(memoryview(buffer)[:nbytes])
+                pool.free_outputs.put(buffers)
+                if last:
+                    for shard_writer in current:
+                        shard_writer.finish()
         finally:
             for shard_writer in current:
                 shard_writer.close()
 
-    stages = [_Stage("lazymerge-read", reader, stop), _Stage("lazymerge-write", writer, stop)]
+    stages = [
+        _Stage("lazymerge-read", reader, stop),
+        _Stage("lazymerge-write", writer, stop),
+        _Stage("lazymerge-hash", hasher, stop),
+    ]
     for stage in stages:
         stage.start()
     try:

@@ -28,8 +28,10 @@ DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 #: Default working-memory budget for tensor data in flight (see README, "Memory").
 DEFAULT_MAX_MEMORY = 256 * 2**20
 DEFAULT_SHARD_SIZE = 5 * 10**9
-#: Buffer sets alive at once per stage: one being filled, one queued, one being consumed.
+#: Input buffer sets alive at once: one being read, one queued, one being merged.
 SLOTS = 3
+#: Output buffer sets alive at once: being merged, queued, being written, queued, being hashed.
+OUTPUT_SLOTS = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,7 +177,10 @@ def chunk_cost(
     """Bytes of working memory per chunk element: raw input sets, fp32 copies, method scratch and
     output buffers (one per output of a sweep)."""
     return (
-        SLOTS * sum(input_itemsizes) + 4 * len(input_itemsizes) + scratch + SLOTS * output_itemsize * outputs
+        SLOTS * sum(input_itemsizes)
+        + 4 * len(input_itemsizes)
+        + scratch
+        + OUTPUT_SLOTS * output_itemsize * outputs
     )
 
 

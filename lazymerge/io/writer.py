@@ -149,7 +149,14 @@ def _os_error_message(path: Path, doing: str, exc: OSError) -> str:
 class StreamingShardWriter:
     """Writes one shard: the header at once, then tensor bytes strictly in layout order."""
 
-    def __init__(self, path: Path, shard: ShardLayout):
+    def __init__(self, path: Path, shard: ShardLayout, hash_on_write: bool = True):
+        """Create `path` and write the shard's header.
+
+        Args:
+            hash_on_write: feed written data to the SHA-256 here; False when the caller feeds
+                `hash_update` itself (the engine hashes in a thread of its own).
+        """
+        self._hash_on_write = hash_on_write
         self.path = path
         self.shard = shard
         self._expected = shard.data_bytes
@@ -183,7 +190,8 @@ class StreamingShardWriter:
         if self._written + n > self._expected:
             raise OutputError(f"{self.path}: more tensor data than the header announced")
         self._write(data)
-        self._hash.update(data)
+        if self._hash_on_write:
+            self._hash.update(data)
         self._written += n
         if self._written - self._flushed >= WRITEBACK_STEP and hasattr(os, "posix_fadvise"):
             # Linux starts write-back of dirty pages in the range (without waiting for it) and
@@ -193,6 +201,10 @@ class StreamingShardWriter:
             os.posix_fadvise(self._fd, self._flushed_pos, end - self._flushed_pos, os.POSIX_FADV_DONTNEED)
             self._flushed_pos = end
             self._flushed = self._written
+
+    def hash_update(self, data: bytes | memoryview) -> None:
+        """Feed the next data bytes to the shard's SHA-256, in write order (any thread)."""
+        self._hash.update(data)
 
     def finish(self) -> None:
         """Check the data is complete, fsync and close."""
