@@ -45,6 +45,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 _DONE = object()
+#: Elements per block of elementwise arithmetic (4 MB of fp32 per input: cache-sized).
+COMPUTE_BLOCK = 1 << 20
 INDEX_NAME = "model" + INDEX_SUFFIX
 
 
@@ -124,7 +126,12 @@ class _Workspace:
             self.free_inputs.put([bytearray(elems * size) for size in plan.input_itemsizes])
         for _ in range(OUTPUT_SLOTS):
             self.free_outputs.put([bytearray(elems * plan.output_itemsize) for _ in plan.variants])
-        self.fp32 = [torch.empty(elems, dtype=torch.float32) for _ in plan.input_itemsizes]
+        whole = any(
+            t.action == "rows" or (t.action == "merge" and not METHODS[plan.method].elementwise)
+            for t in plan.tensors.values()
+        )
+        fp32_elems = elems if whole else min(elems, COMPUTE_BLOCK)
+        self.fp32 = [torch.empty(fp32_elems, dtype=torch.float32) for _ in plan.input_itemsizes]
 
     def take(self, free: queue.Queue[Any]) -> Any:
         item = _get(free, self.stop)  # type: ignore[arg-type]
@@ -261,31 +268,34 @@ def merge_chunk(
             out[:] = first
         return
     method = METHODS[plan.method]
+    raw = {i: torch.frombuffer(inputs[i], dtype=TORCH_DTYPES[src.dtype]) for i, src in present}  # type: ignore[arg-type]
+    # elementwise work goes in cache-sized blocks: the several passes of the arithmetic then
+    # stay in cache instead of streaming the whole chunk through memory for each pass
+    step = COMPUTE_BLOCK if tp.action == "merge" and method.elementwise else chunk.count
     for weights, out in zip(plan.variants, outs, strict=True):
-        work = {}
-        for i, src in present:
-            view = fp32[i][: chunk.count]
-            view.copy_(torch.frombuffer(inputs[i], dtype=TORCH_DTYPES[src.dtype]))  # type: ignore[arg-type]  # (count,) fp32
-            work[i] = view
-        if tp.action == "rows":
-            rows = chunk.count // tp.row_elems
-            merged = METHODS["linear"].fn(
-                [w.view(rows, tp.row_elems) for w in work.values()], _row_weights(tp, chunk, weights)
-            )
-        else:
-            weighted = [i for i, _ in present if i != plan.base_index]
-            kwargs: dict[str, Any] = {"density": plan.density}
-            if plan.base_index is not None:
-                kwargs["base"] = work[plan.base_index]
-            kwargs["rand"] = lambda k, w=weighted: position_uniform(
-                _random_key(plan.seed, tp.name, w[k]), chunk.start, chunk.count
-            )
-            merged = method.fn([work[i] for i in weighted], [weights[i] for i in weighted], **kwargs)
-        # a sum is NaN or Inf when any element is (or, rarely, when finite values overflow it):
-        # one allocation-free pass; the exact elementwise check runs only then
-        if not math.isfinite(float(merged.sum())) and not bool(torch.isfinite(merged).all()):
-            _report_nonfinite(plan, chunk, inputs, warn)
-        torch.frombuffer(out, dtype=TORCH_DTYPES[tp.dtype]).copy_(merged.reshape(-1))
+        out_values = torch.frombuffer(out, dtype=TORCH_DTYPES[tp.dtype])
+        for begin in range(0, chunk.count, step):
+            end = min(chunk.count, begin + step)
+            work = {i: fp32[i][: end - begin].copy_(raw[i][begin:end]) for i, _ in present}  # (n,) fp32
+            if tp.action == "rows":
+                rows = chunk.count // tp.row_elems
+                merged = METHODS["linear"].fn(
+                    [w.view(rows, tp.row_elems) for w in work.values()], _row_weights(tp, chunk, weights)
+                )
+            else:
+                weighted = [i for i, _ in present if i != plan.base_index]
+                kwargs: dict[str, Any] = {"density": plan.density}
+                if plan.base_index is not None:
+                    kwargs["base"] = work[plan.base_index]
+                kwargs["rand"] = lambda k, w=weighted, b=begin, e=end: position_uniform(
+                    _random_key(plan.seed, tp.name, w[k]), chunk.start + b, e - b
+                )
+                merged = method.fn([work[i] for i in weighted], [weights[i] for i in weighted], **kwargs)
+            # a sum is NaN or Inf when any element is (or, rarely, when finite values overflow
+            # it): one cheap pass; the exact elementwise check runs only then
+            if not math.isfinite(float(merged.sum())) and not bool(torch.isfinite(merged).all()):
+                _report_nonfinite(plan, chunk, inputs, warn)
+            out_values[begin:end].copy_(merged.reshape(-1))
 
 
 def execute_plan(

@@ -144,3 +144,17 @@ def test_method_argument_errors(tmp_path: Path, trio) -> None:
     with pytest.raises(LazyMergeError, match="unknown merge method"):
         merge([pa, pb], tmp_path / "o.safetensors", method="average")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "dare_ties"])
+def test_compute_blocks_match_reference(tmp_path: Path, trio, monkeypatch, method: str) -> None:
+    import lazymerge.engine as engine
+
+    monkeypatch.setattr(engine, "COMPUTE_BLOCK", 13)
+    pbase, pa, pb, base, a, b = trio
+    out = tmp_path / "out.safetensors"
+    merge([pa, pb], out, weights=[0.6, 0.4], method=method, base=pbase, density=0.7, seed=3)
+    want = reference(method, base, [a, b], [0.6, 0.4], density=0.7, seed=3)
+    got = load_any(out)
+    for name, value in want.items():
+        np.testing.assert_allclose(np64(got[name]), value, rtol=1e-5, atol=1e-6, err_msg=f"{method} {name}")

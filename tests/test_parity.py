@@ -161,3 +161,23 @@ def test_layout_orders_by_dtype_size_then_name(tmp_path: Path, save) -> None:
     header = json.loads(out.read_bytes()[8 : 8 + int.from_bytes(out.read_bytes()[:8], "little")])
     names = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
     assert [n for _, n in names] == ["d64", "m32", "a16", "z16", "b8"]
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_compute_blocks_do_not_change_result(tmp_path: Path, save, monkeypatch, block: int) -> None:
+    import lazymerge.engine as engine
+
+    monkeypatch.setattr(engine, "COMPUTE_BLOCK", block)
+    a, b, c = (
+        random_tensors(21, torch.bfloat16),
+        random_tensors(22, torch.float16),
+        random_tensors(23, torch.float32),
+    )
+    out = tmp_path / "out.safetensors"
+    merge(
+        [save("a.safetensors", a), save("b.safetensors", b), save("c.safetensors", c)],
+        out,
+        weights=[0.2, 0.5, 0.3],
+        max_memory=3000,
+    )
+    assert_same(load_any(out), reference_merge([a, b, c], [0.2, 0.5, 0.3]))
