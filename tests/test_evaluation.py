@@ -177,19 +177,19 @@ def test_eval_end_to_end_and_cli(tmp_path: Path) -> None:
     assert set(bon["best_of_n"]) == {"2", "4"} and bon["best_of_n"]["4"]["oracle"] == 1.0
 
 
-def test_four_bit_on_cpu_close_to_bf16(tmp_path: Path) -> None:
-    pytest.importorskip("bitsandbytes")
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_quantized_on_cpu_close_to_bf16(tmp_path: Path, quant: str) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
     folder = save_model(
         tmp_path / "rm", "llama", True, 3, make_tokenizer(BASE_WORDS), hidden_size=64, intermediate_size=128
     )
     texts = [words(3, 4, 5), words(6, 7, 8, 9, 10, 11), words(12)]
     bf16 = load_reward_model(folder, dtype="bfloat16").score_texts(texts)
-    q4 = load_reward_model(folder, quant="4bit", double_quant=True)
-    from bitsandbytes.nn import Linear4bit
-
-    assert any(isinstance(m, Linear4bit) for m in q4.model.modules())
-    assert q4.model.score.weight.dtype != torch.uint8  # the reward head is not quantized
-    rewards = q4.score_texts(texts)
+    quantized = load_reward_model(folder, quant=quant, double_quant=True)
+    layer = bnb.nn.Linear4bit if quant == "4bit" else bnb.nn.Linear8bitLt
+    assert any(isinstance(m, layer) for m in quantized.model.modules())
+    assert not isinstance(quantized.model.score, layer)  # the reward head is not quantized
+    rewards = quantized.score_texts(texts)
     scale = max(abs(r) for r in bf16) + 1e-3
     assert all(abs(a - b) <= 0.25 * scale for a, b in zip(rewards, bf16, strict=True)), (rewards, bf16)
 

@@ -167,18 +167,30 @@ def load_reward_model(
 
 
 class RateBar:
-    """pairs/s progress on stderr, on a terminal only."""
+    """Progress in items per second on stderr, on a terminal only.
 
-    def __init__(self, total: int, label: str, enabled: bool | None = None):
+    Rewards are counted per text; `texts_per_item` turns that into pairs (2) or prompts.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        enabled: bool | None = None,
+        unit: str = "texts",
+        texts_per_item: float = 1.0,
+    ):
         self.total, self.label, self.done = total, label, 0
+        self.unit, self.per = unit, texts_per_item
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.start = time.monotonic()
 
     def update(self, n: int) -> None:
         self.done += n
         if self.enabled:
-            rate = self.done / max(time.monotonic() - self.start, 1e-9)
-            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total} texts, {rate:.1f}/s ")
+            rate = self.done / self.per / max(time.monotonic() - self.start, 1e-9)
+            done, total = self.done / self.per, self.total / self.per
+            sys.stderr.write(f"\r{self.label}: {done:.0f}/{total:.0f} {self.unit}, {rate:.1f} {self.unit}/s ")
             sys.stderr.flush()
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ def evaluate_pairs(
         texts = [rm.format_text(p.prompt, p.chosen) for p in pairs] + [
             rm.format_text(p.prompt, p.rejected) for p in pairs
         ]
-        bar = RateBar(len(set(texts)), "scoring", enabled=progress)
+        bar = RateBar(len(set(texts)), "scoring", enabled=progress, unit="pairs", texts_per_item=2)
         rewards = rm.score_texts(texts, bar.update)
         bar.close()
     result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], autoj_ties)
