@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import HeaderError, InputError
+from lazymerge.io.header import DTYPE_SIZES
 
 #: torch's legacy storage class names and the safetensors dtype of their elements.
 STORAGE_DTYPES = {
@@ -34,18 +35,6 @@ STORAGE_DTYPES = {
     "CharStorage": "I8",
     "ByteStorage": "U8",
     "BoolStorage": "BOOL",
-}
-_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
 }
 
 
@@ -186,7 +175,7 @@ def read_bin_tensors(path: Path) -> list[BinTensor]:
                     raise HeaderError(
                         f"{source}: storage of tensor {name!r} is compressed; re-save it with torch.save"
                     )
-                itemsize = _ITEMSIZE[t.storage.dtype]
+                itemsize = DTYPE_SIZES[t.storage.dtype]
                 numel = math.prod(t.shape)
                 if (
                     numel > 1
