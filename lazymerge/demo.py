@@ -100,8 +100,8 @@ def run_demo(workdir: Path | None = None, as_json: bool = False, echo: Callable[
         for shard in Checkpoint.open(domain).files:
             b.update(load_file(str(shard)))
         merged: dict[str, torch.Tensor] = {}
-        for shard in report.files:
-            merged.update(load_file(shard))
+        for name in report.files:
+            merged.update(load_file(name))
         mismatched = [
             n
             for n in a

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -207,7 +207,10 @@ def _row_weights(tp: TensorPlan, chunk: _Chunk, weights: Sequence[float]) -> lis
     first_row = chunk.start // tp.row_elems
     rows = chunk.count // tp.row_elems
     present = tp.present()
-    mask = np.stack([tp.row_maps[i][first_row : first_row + rows] >= 0 for i, _ in present])  # (inputs, rows)
+    maps = tp.row_maps
+    mask = np.stack(
+        [cast(np.ndarray, maps[i])[first_row : first_row + rows] >= 0 for i, _ in present]
+    )  # (inputs, rows)
     w = np.array([weights[i] for i, _ in present], dtype=np.float64)[:, None] * mask
     partial = ~mask.all(axis=0)
     # rows whose present inputs all have weight 0 (an appended token at alpha 0) take their
@@ -348,7 +351,7 @@ def execute_plan(
                 item = _get(write_q, stop)
                 if item is _DONE:
                     break
-                shard_no, buffers, nbytes, last = item  # type: ignore[misc]
+                shard_no, buffers, nbytes, last = cast(tuple[int, list[bytearray], int, bool], item)
                 if shard_no != current_no:
                     current = [
                         StreamingShardWriter(
@@ -386,7 +389,9 @@ def execute_plan(
                 item = _get(hash_q, stop)
                 if item is _DONE:
                     return
-                current, buffers, nbytes, last = item  # type: ignore[misc]
+                current, buffers, nbytes, last = cast(
+                    tuple[list[StreamingShardWriter], list[bytearray], int, bool], item
+                )
                 for shard_writer, buffer in zip(current, buffers, strict=True):
                     shard_writer.hash_update(memoryview(buffer)[:nbytes])
                 pool.free_outputs.put(buffers)
@@ -409,7 +414,7 @@ def execute_plan(
             item = _get(read_q, stop)
             if item is _DONE:
                 break
-            chunk, buffers, views = item  # type: ignore[misc]
+            chunk, buffers, views = cast(tuple[_Chunk, list[bytearray], list[memoryview | None]], item)
             outs = pool.take(pool.free_outputs)
             nbytes = chunk.count * DTYPE_SIZES[chunk.tensor.dtype]
             if nbytes:

@@ -160,13 +160,13 @@ def plan_reward_merge(
                 )
         elif holders == [rm] and name.startswith(REWARD_HEADS):
             src = rm_ckpt[name]
-            sources = tuple(src if i == rm else None for i in range(len(models)))
+            head_sources = tuple(src if i == rm else None for i in range(len(models)))
             tensors[name] = TensorPlan(
                 name,
                 src.dtype,
                 src.shape,
                 "copy",
-                sources,
+                head_sources,
                 tuple(1.0 if i == rm else 0.0 for i in range(len(models))),
                 note="reward head, kept from the reward model",
             )
@@ -238,7 +238,8 @@ def _embedding_plan(
                     seen.add(token)
                     new_tokens.append(token)
         rows = rm_rows + len(new_tokens)
-        row_tokens: list[str | None] = [rm_tokens.get(r) for r in range(rm_rows)] + new_tokens
+        row_tokens: list[str | None] = [rm_tokens.get(r) for r in range(rm_rows)]
+        row_tokens.extend(new_tokens)
         maps = []
         for i, vocab in enumerate(vocabs):
             if i == rm:
