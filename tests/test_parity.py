@@ -181,3 +181,19 @@ def test_compute_blocks_do_not_change_result(tmp_path: Path, save, monkeypatch, 
         max_memory=3000,
     )
     assert_same(load_any(out), reference_merge([a, b, c], [0.2, 0.5, 0.3]))
+
+
+def test_output_modes_ignore_umask(tmp_path: Path, save) -> None:
+    import os
+
+    a, b = random_tensors(30, torch.float32), random_tensors(31, torch.float32)
+    pa, pb = save("a.safetensors", a), save("b.safetensors", b)
+    old = os.umask(0o077)
+    try:
+        merge([pa, pb], tmp_path / "one.safetensors")
+        merge([pa, pb], tmp_path / "folder", shard_size=2000)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "one.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "folder").iterdir())

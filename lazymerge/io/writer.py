@@ -215,6 +215,7 @@ class StreamingShardWriter:
         try:
             if self._hash_offset >= 0:
                 os.pwrite(self._fd, self._hash.hexdigest().encode(), self._hash_offset)
+            os.fchmod(self._fd, 0o644)  # whatever the umask: a model is meant to be shared
             os.fsync(self._fd)
         except OSError as exc:
             raise OutputError(_os_error_message(self.path, "finishing", exc)) from None
@@ -296,6 +297,7 @@ class OutputTransaction:
         if not single_file:
             try:
                 self.temp.mkdir(mode=0o755)
+                os.chmod(self.temp, 0o755)
             except OSError as exc:
                 raise OutputError(f"{self.temp}: cannot create ({exc.strerror or exc})") from None
         self._done = False
