@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -217,3 +218,31 @@ def test_console_script_installed() -> None:
     assert exe is not None, "pip install . should put a lazymerge command on PATH"
     result = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path, pair) -> None:
+    import pty
+
+    pa, pb, *_ = pair
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lazymerge", "run", str(pa), str(pb), "-o", str(tmp_path / "m.safetensors")],
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        text=True,
+    )
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(primary)
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0
+    assert "merging" in shown and "100%" in shown and "ETA" in shown and "/s" in shown
