@@ -126,11 +126,9 @@ class _Workspace:
             self.free_inputs.put([bytearray(elems * size) for size in plan.input_itemsizes])
         for _ in range(OUTPUT_SLOTS):
             self.free_outputs.put([bytearray(elems * plan.output_itemsize) for _ in plan.variants])
-        whole = any(
-            t.action == "rows" or (t.action == "merge" and not METHODS[plan.method].elementwise)
-            for t in plan.tensors.values()
+        fp32_elems = min(
+            elems, max([1, *(block_len(t, plan.method, plan.chunk_len(t)) for t in plan.tensors.values())])
         )
-        fp32_elems = elems if whole else min(elems, COMPUTE_BLOCK)
         self.fp32 = [torch.empty(fp32_elems, dtype=torch.float32) for _ in plan.input_itemsizes]
 
     def take(self, free: queue.Queue[Any]) -> Any:
@@ -245,6 +243,16 @@ def _report_nonfinite(
     warn(message)
 
 
+def block_len(tp: TensorPlan, method: str, count: int) -> int:
+    """Elements per arithmetic block of a chunk: cache-sized for elementwise work (whole rows
+    for row-matched tensors), the whole chunk for methods that need whole tensors."""
+    if tp.action == "rows":
+        return max(tp.row_elems, COMPUTE_BLOCK // tp.row_elems * tp.row_elems)
+    if tp.action == "merge" and METHODS[method].elementwise:
+        return COMPUTE_BLOCK
+    return max(count, 1)
+
+
 def merge_chunk(
     plan: MergePlan,
     chunk: _Chunk,
@@ -274,16 +282,19 @@ def merge_chunk(
     raw = {i: torch.frombuffer(inputs[i], dtype=TORCH_DTYPES[src.dtype]) for i, src in present}  # type: ignore[arg-type]
     # elementwise work goes in cache-sized blocks: the several passes of the arithmetic then
     # stay in cache instead of streaming the whole chunk through memory for each pass
-    step = COMPUTE_BLOCK if tp.action == "merge" and method.elementwise else chunk.count
+    # (rows: blocks of whole rows)
+    step = block_len(tp, plan.method, chunk.count)
     for weights, out in zip(plan.variants, outs, strict=True):
         out_values = torch.frombuffer(out, dtype=TORCH_DTYPES[tp.dtype])
+        row_weights = _row_weights(tp, chunk, weights) if tp.action == "rows" else []
         for begin in range(0, chunk.count, step):
             end = min(chunk.count, begin + step)
             work = {i: fp32[i][: end - begin].copy_(raw[i][begin:end]) for i, _ in present}  # (n,) fp32
             if tp.action == "rows":
-                rows = chunk.count // tp.row_elems
+                row0, row1 = begin // tp.row_elems, end // tp.row_elems
                 merged = METHODS["linear"].fn(
-                    [w.view(rows, tp.row_elems) for w in work.values()], _row_weights(tp, chunk, weights)
+                    [w.view(row1 - row0, tp.row_elems) for w in work.values()],
+                    [w[row0:row1] for w in row_weights],
                 )
             else:
                 weighted = [i for i, _ in present if i != plan.base_index]

@@ -270,3 +270,21 @@ def test_tied_embedding_sft(tmp_path: Path) -> None:
     out = tmp_path / "out"
     merge([rm, sft], out, alpha=0.3)
     check_against_reference(out, rm, [sft], [0.7, 0.3], "qwen2")
+
+
+def test_embedding_rows_in_small_compute_blocks(tmp_path: Path, monkeypatch) -> None:
+    import lazymerge.engine as engine
+
+    monkeypatch.setattr(engine, "COMPUTE_BLOCK", 100)  # 3 rows of 32 per block
+    rm_tok = make_tokenizer(BASE_WORDS, added=["<rm_only>"])
+    rm = save_model(tmp_path / "rm", "llama", True, 1, rm_tok)
+    sft = save_model(
+        tmp_path / "sft",
+        "llama",
+        False,
+        2,
+        make_tokenizer(BASE_WORDS[:3] + list(reversed(BASE_WORDS[3:])), added=["[PAD]"]),
+    )
+    out = tmp_path / "out"
+    merge([rm, sft], out, alpha=0.35, max_memory=20_000)
+    check_against_reference(out, rm, [sft], [0.65, 0.35], "llama")
