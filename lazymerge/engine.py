@@ -1,10 +1,11 @@
-"""Execute a merge plan: read, merge and write chunk by chunk, in three overlapping stages.
+"""Execute a merge plan: read, merge, write and hash chunk by chunk, in overlapping stages.
 
-A reader thread fills chunk buffers with positional reads, the calling thread upcasts to fp32,
-applies the method and casts to the output dtype, and a writer thread appends the bytes to the
-current output shard. Bounded queues between the stages keep at most a few chunks alive, so memory
-stays within the plan's budget whatever the model size; file reads and writes release the GIL and
-overlap with the arithmetic.
+A reader thread fills chunk buffers with positional reads (one read per input, side by side),
+the calling thread upcasts to fp32 in cache-sized blocks, applies the method and casts to the
+output dtype, a writer thread appends the bytes to the current output shard, and a hash thread
+feeds them to the shard's SHA-256 and finishes the shard. Bounded queues and fixed pools of
+reused buffers keep at most a few chunks alive, so memory stays within the plan's budget whatever
+the model size; file I/O, hashing and torch's kernels release the GIL and overlap.
 """
 
 from __future__ import annotations
