@@ -128,7 +128,15 @@ class _Workspace:
         for _ in range(OUTPUT_SLOTS):
             self.free_outputs.put([bytearray(elems * plan.output_itemsize) for _ in plan.variants])
         fp32_elems = min(
-            elems, max([1, *(block_len(t, plan.method, plan.chunk_len(t)) for t in plan.tensors.values())])
+            elems,
+            max(
+                [1]
+                + [
+                    block_len(t, plan.method, plan.chunk_len(t))
+                    for t in plan.tensors.values()
+                    if t.action != "copy"
+                ]
+            ),
         )
         self.fp32 = [torch.empty(fp32_elems, dtype=torch.float32) for _ in plan.input_itemsizes]
 
