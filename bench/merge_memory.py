@@ -42,6 +42,11 @@ SIZES = {
     "7b": {"hidden": 4096, "intermediate": 11008, "layers": 32, "vocab": 32000, "kv_hidden": 4096},
 }
 BLOCK = 64 * 2**20
+#: Run the lazymerge of this checkout, whatever copy pip installed.
+CHECKOUT_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 
 
 def write_model_files(folder: Path, size: str, role: str) -> None:
@@ -172,7 +177,7 @@ def status(pid: int) -> dict[str, int]:
 def run_sampled(cmd: list[str]) -> tuple[float, dict[str, int], str]:
     """Run `cmd`, sampling its RSS every 5 ms; return wall time, peaks and stdout."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=CHECKOUT_ENV)
     peaks = {"total": 0, "anon": 0, "file": 0, "hwm": 0}
     done = threading.Event()
 
@@ -241,7 +246,7 @@ def main() -> None:
             )
 
         lazymerge = [sys.executable, "-m", "lazymerge"]
-        subprocess.run([*lazymerge, "demo"], check=True, capture_output=True)  # warm-up
+        subprocess.run([*lazymerge, "demo"], check=True, capture_output=True, env=CHECKOUT_ENV)  # warm-up
 
         evict([a, b])
         floor = io_floor([a, b], work / "floor.bin", nbytes)
