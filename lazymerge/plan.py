@@ -321,43 +321,6 @@ def assemble_plan(
     )
 
 
-def plan_merge(
-    checkpoints: Sequence[Checkpoint],
-    weights: Sequence[float],
-    *,
-    dtype: str = "auto",
-    method: str = "linear",
-    single_file: str | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    max_memory: int = DEFAULT_MAX_MEMORY,
-) -> MergePlan:
-    """Plan a plain merge of same-architecture checkpoints from their headers.
-
-    Args:
-        checkpoints: the opened inputs, in weight order.
-        weights: one weight per input.
-        dtype: "auto" (each tensor keeps the first input's dtype) or float32/float16/bfloat16.
-        method: a registered merge method name.
-        single_file: write one file of this name; otherwise Hugging Face-style shards.
-        shard_size: largest data bytes per output shard.
-        max_memory: working-memory budget in bytes; larger tensors are merged in chunks.
-
-    Raises:
-        IncompatibleInputsError, LazyMergeError for bad arguments.
-    """
-    validate_options(len(checkpoints), weights, method, dtype, max_memory, shard_size)
-    tensors = plain_tensor_plans(checkpoints, weights, dtype)
-    return assemble_plan(
-        checkpoints,
-        [weights],
-        tensors,
-        method=method,
-        single_file=single_file,
-        shard_size=shard_size,
-        max_memory=max_memory,
-    )
-
-
 def attach_base(tensors: dict[str, TensorPlan], base: Checkpoint) -> tuple[dict[str, TensorPlan], list[str]]:
     """Add a base model (weight 0) as the last source of every averaged tensor.
 

@@ -291,7 +291,7 @@ class OutputTransaction:
                 raise OutputError(f"{destination}: is a folder; cannot replace it with a file")
             if not single_file and not destination.is_dir():
                 raise OutputError(f"{destination}: is a file; cannot replace it with a folder")
-        self.removed_stale = remove_stale_temporaries(destination)
+        remove_stale_temporaries(destination)
         tag = f"{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.temp = parent / f".{destination.name}{tag}"
         if not single_file:
