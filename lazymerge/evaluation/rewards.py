@@ -18,6 +18,7 @@ sequence-classification logit.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,38 @@ def require(module: str, extra: str = "eval") -> Any:
         raise MissingDependencyError(
             f"{module} is not installed; run: pip install 'lazymerge[{extra}]'"
         ) from None
+
+
+REMOTE_CODE_FILES = (
+    "config.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """Refuse a folder whose configs ask transformers to import code shipped with the model.
+
+    `auto_map` in any of these files names classes in the folder's own `.py` files; lazymerge never
+    runs them, so such a model is refused before transformers sees it.
+
+    Raises:
+        InputError naming the file.
+    """
+    for name in REMOTE_CODE_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise InputError(f"{path}: cannot read as JSON ({type(exc).__name__}: {exc})") from None
+        if isinstance(data, dict) and "auto_map" in data:
+            raise InputError(
+                f"{path}: the model asks to run Python code shipped in its folder (auto_map); "
+                "lazymerge never runs code from a model folder: use a model transformers supports natively"
+            )
 
 
 def system_prompt_text(choice: str | None) -> str | None:
@@ -135,6 +168,7 @@ def load_reward_model(
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: not a model folder (no config.json)")
+    refuse_remote_code(folder)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA GPU is visible to torch (torch {torch.__version__})")
     kwargs: dict[str, Any] = {}
@@ -156,13 +190,18 @@ def load_reward_model(
             raise InputError(f"--quant {quant!r}: choose 4bit or 8bit")
         kwargs.update(quantization_config=config, device_map={"": device})
         torch_dtype = torch.bfloat16
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        folder, dtype=torch_dtype, **kwargs
-    )
+    # trust_remote_code=False: transformers never imports a folder's .py files nor asks on stdin
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=torch_dtype, trust_remote_code=False, **kwargs
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{folder}: transformers cannot load this model: {first}") from None
     if quant is None:
         model = model.to(device)
     model.eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     return RewardModel(model, tokenizer, device, max_length, system_prompt, batch_size)
 
 
