@@ -24,26 +24,11 @@ import numpy as np
 import torch
 
 from lazymerge.errors import IncompatibleInputsError, NonFiniteError
-from lazymerge.io.header import DTYPE_SIZES
-from lazymerge.io.reader import INDEX_SUFFIX, Checkpoint, TensorInfo
+from lazymerge.io.dtypes import TensorInfo, itemsize, torch_dtype
+from lazymerge.io.reader import INDEX_SUFFIX, Checkpoint
 from lazymerge.io.writer import OutputTransaction, StreamingShardWriter
 from lazymerge.methods import METHODS, position_uniform
 from lazymerge.plan import OUTPUT_SLOTS, SLOTS, MergePlan, TensorPlan
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 _DONE = object()
 #: Elements per block of elementwise arithmetic (4 MB of fp32 per input: cache-sized).
@@ -239,7 +224,7 @@ def _report_nonfinite(
     """Name the input whose NaN or Inf reached the merged chunk; raise under check_finite."""
     tp = chunk.tensor
     for i, src in tp.present():
-        values = torch.frombuffer(inputs[i], dtype=TORCH_DTYPES[src.dtype]).float()  # type: ignore[arg-type]
+        values = torch.frombuffer(inputs[i], dtype=torch_dtype(src.dtype)).float()  # type: ignore[arg-type]
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             at = f" (element {chunk.start + int(bad[0])})" if tp.row_maps is None else ""
@@ -288,13 +273,13 @@ def merge_chunk(
             out[:] = first
         return
     method = METHODS[plan.method]
-    raw = {i: torch.frombuffer(inputs[i], dtype=TORCH_DTYPES[src.dtype]) for i, src in present}  # type: ignore[arg-type]
+    raw = {i: torch.frombuffer(inputs[i], dtype=torch_dtype(src.dtype)) for i, src in present}  # type: ignore[arg-type]
     # elementwise work goes in cache-sized blocks: the several passes of the arithmetic then
     # stay in cache instead of streaming the whole chunk through memory for each pass
     # (rows: blocks of whole rows)
     step = block_len(tp, plan.method, chunk.count)
     for weights, out in zip(plan.variants, outs, strict=True):
-        out_values = torch.frombuffer(out, dtype=TORCH_DTYPES[tp.dtype])
+        out_values = torch.frombuffer(out, dtype=torch_dtype(tp.dtype))
         row_weights = _row_weights(tp, chunk, weights) if tp.action == "rows" else []
         for begin in range(0, chunk.count, step):
             end = min(chunk.count, begin + step)
@@ -440,7 +425,7 @@ def execute_plan(
                 break
             chunk, buffers, views = cast(tuple[_Chunk, list[bytearray], list[memoryview | None]], item)
             outs = pool.take(pool.free_outputs)
-            nbytes = chunk.count * DTYPE_SIZES[chunk.tensor.dtype]
+            nbytes = chunk.count * itemsize(chunk.tensor.dtype)
             if nbytes:
                 merge_chunk(plan, chunk, views, [memoryview(o)[:nbytes] for o in outs], pool.fp32, warn)
             pool.free_inputs.put(buffers)

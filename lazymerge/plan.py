@@ -19,12 +19,11 @@ import numpy as np
 
 from lazymerge import __version__
 from lazymerge.errors import IncompatibleInputsError, LazyMergeError
-from lazymerge.io.header import DTYPE_SIZES, FLOAT_DTYPES
-from lazymerge.io.reader import Checkpoint, TensorInfo
+from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES, TensorInfo, is_float, itemsize
+from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
 from lazymerge.methods import METHODS
 
-DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 #: Default working-memory budget for tensor data in flight (see README, "Memory").
 DEFAULT_MAX_MEMORY = 256 * 2**20
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -198,8 +197,8 @@ def check_same_tensor(
             f"{other_path}: tensor {name!r} has shape {list(other.shape)}, expected "
             f"{list(first.shape)} as in {first_path}"
         )
-    if (first.dtype in FLOAT_DTYPES) != (other.dtype in FLOAT_DTYPES) or (
-        first.dtype not in FLOAT_DTYPES and first.dtype != other.dtype
+    if is_float(first.dtype) != is_float(other.dtype) or (
+        not is_float(first.dtype) and first.dtype != other.dtype
     ):
         raise IncompatibleInputsError(
             f"{other_path}: tensor {name!r} is {other.dtype} but {first_path} has {first.dtype}; "
@@ -232,8 +231,8 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
 def output_dtype(sources: Sequence[TensorInfo | None], dtype: str) -> tuple[str, str]:
     """(action, output dtype) for a tensor: float tensors merge, others are copied."""
     first = next(s for s in sources if s is not None)
-    if first.dtype in FLOAT_DTYPES:
-        return "merge", first.dtype if dtype == "auto" else DTYPE_NAMES[dtype]
+    if is_float(first.dtype):
+        return "merge", first.dtype if dtype == "auto" else OUTPUT_DTYPE_CHOICES[dtype]
     return "copy", first.dtype
 
 
@@ -259,8 +258,8 @@ def validate_options(
         raise LazyMergeError(f"{len(weights)} weights given for {n_inputs} inputs; give one per input")
     if method not in METHODS:
         raise LazyMergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
-    if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise LazyMergeError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
+    if dtype != "auto" and dtype not in OUTPUT_DTYPE_CHOICES:
+        raise LazyMergeError(f"unknown dtype {dtype!r}; choose auto, {', '.join(OUTPUT_DTYPE_CHOICES)}")
     if max_memory <= 0 or shard_size <= 0:
         raise LazyMergeError("--max-memory and --shard-size must be positive")
 
@@ -289,7 +288,7 @@ def assemble_plan(
         max((s.itemsize for t in tensors.values() if (s := t.sources[i]) is not None), default=1)
         for i in range(n)
     )
-    output_itemsize = max((DTYPE_SIZES[t.dtype] for t in tensors.values()), default=1)
+    output_itemsize = max((itemsize(t.dtype) for t in tensors.values()), default=1)
     largest = max((t.numel for t in tensors.values()), default=1)
     cost = chunk_cost(input_itemsizes, output_itemsize, len(variants), METHODS[method].scratch_bytes)
     chunk_elems = max(1, min(largest, max_memory // cost))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymerge.errors import IntegrityError, NonFiniteError
-from lazymerge.io.header import FLOAT_DTYPES
+from lazymerge.io.dtypes import is_float, torch_dtype
 from lazymerge.io.reader import Checkpoint, read_header_file
 from lazymerge.io.writer import DATA_HASH_KEY
 
@@ -57,8 +57,6 @@ def verify_checkpoint(path: str | os.PathLike[str], finite: bool = False) -> Ver
     """
     import torch
 
-    from lazymerge.engine import TORCH_DTYPES
-
     report = VerifyReport(str(path))
     with Checkpoint.open(path) as ckpt:  # headers, index and file sizes are validated here
         report.tensors = len(ckpt)
@@ -81,14 +79,14 @@ def verify_checkpoint(path: str | os.PathLike[str], finite: bool = False) -> Ver
             report.hashes_checked += 1
         if finite:
             for info in ckpt.values():
-                if info.dtype not in FLOAT_DTYPES or not info.nbytes:
+                if not is_float(info.dtype) or not info.nbytes:
                     continue
                 step = max(info.itemsize, _BLOCK // info.itemsize * info.itemsize)
                 buf = bytearray(min(step, info.nbytes))
                 for begin in range(0, info.nbytes, step):
                     view = memoryview(buf)[: min(step, info.nbytes - begin)]
                     ckpt.read_into(info, begin, view)
-                    values = torch.frombuffer(view, dtype=TORCH_DTYPES[info.dtype]).float()
+                    values = torch.frombuffer(view, dtype=torch_dtype(info.dtype)).float()
                     if not bool(torch.isfinite(values).all()):
                         raise NonFiniteError(f"{info.path}: tensor {info.name!r} holds NaN or Inf")
                 report.finite_checked += 1

@@ -172,7 +172,10 @@ def load_reward_model(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA GPU is visible to torch (torch {torch.__version__})")
     kwargs: dict[str, Any] = {}
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
+    from lazymerge.io.dtypes import torch_dtype as to_torch
+
+    torch_dtype = to_torch(OUTPUT_DTYPE_CHOICES[dtype])
     if quant is not None:
         require("bitsandbytes")
         require("accelerate")

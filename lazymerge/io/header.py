@@ -9,9 +9,9 @@ and never causes a large allocation.
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import (
@@ -25,54 +25,20 @@ from lazymerge.errors import (
     TensorSizeError,
     UnknownDtypeError,
 )
+from lazymerge.io.dtypes import DTYPES, TensorInfo
 
 #: Largest header accepted, in bytes (the limit safetensors itself applies).
 MAX_HEADER_SIZE = 100_000_000
 #: Byte offsets and sizes must fit an unsigned 64-bit integer, as in the format's reference reader.
 _U64_MAX = 2**64 - 1
 
-#: Bytes per element of every dtype the format defines.
-DTYPE_SIZES: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-
-
-@dataclass(frozen=True)
-class HeaderEntry:
-    """One tensor as its header describes it; offsets are relative to the start of the data."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
 
 @dataclass(frozen=True)
 class Header:
-    """A validated header: tensors in file order, string metadata, where the data starts."""
+    """A validated header: tensors in file order (absolute offsets), string metadata, where the
+    data starts."""
 
-    tensors: tuple[HeaderEntry, ...]
+    tensors: tuple[TensorInfo, ...]
     metadata: dict[str, str]
     data_start: int
 
@@ -159,33 +125,35 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
         raise HeaderEntryError(f"{source}: __metadata__ must map strings to strings")
 
     data_size = file_size - 8 - length
-    entries = [_parse_entry(name, info, source) for name, info in doc.items()]
-    entries.sort(key=lambda e: (e.begin, e.end))
+    data_start = 8 + length
+    entries = [_parse_entry(name, info, source, data_start) for name, info in doc.items()]
+    entries.sort(key=lambda e: (e.offset, e.end))
     position = 0
     for entry in entries:
-        if entry.begin != position:
-            what = "overlaps the previous tensor" if entry.begin < position else "leaves a gap"
+        begin = entry.offset - data_start
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else "leaves a gap"
             raise OffsetError(
-                f"{source}: tensor {entry.name!r} starts at data offset {entry.begin}, expected "
+                f"{source}: tensor {entry.name!r} starts at data offset {begin}, expected "
                 f"{position} ({what}); offsets must be contiguous from 0"
             )
-        position = entry.end
+        position = entry.end - data_start
     if position != data_size:
         raise DataLengthError(
             f"{source}: tensor data ends at offset {position} but the file holds {data_size} data "
             f"bytes after the header; the file is "
             f"{'truncated' if position > data_size else 'padded with unexpected bytes'}"
         )
-    return Header(tensors=tuple(entries), metadata=dict(metadata), data_start=8 + length)
+    return Header(tensors=tuple(entries), metadata=dict(metadata), data_start=data_start)
 
 
-def _parse_entry(name: str, info: Any, source: str) -> HeaderEntry:
+def _parse_entry(name: str, info: Any, source: str, data_start: int) -> TensorInfo:
     where = f"{source}: tensor {name!r}"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise HeaderEntryError(f"{where}: entry must be an object with exactly dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise UnknownDtypeError(f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_SIZES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise UnknownDtypeError(f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise HeaderEntryError(f"{where}: shape {shape!r} is not a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
@@ -193,7 +161,7 @@ def _parse_entry(name: str, info: Any, source: str) -> HeaderEntry:
     begin, end = offsets
     if end < begin:
         raise OffsetError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
-    nbytes = DTYPE_SIZES[dtype]
+    nbytes = DTYPES[dtype].itemsize
     for dim in shape:
         nbytes *= dim
         if nbytes > _U64_MAX:
@@ -203,4 +171,4 @@ def _parse_entry(name: str, info: Any, source: str) -> HeaderEntry:
             f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets "
             f"[{begin}, {end}] hold {end - begin}"
         )
-    return HeaderEntry(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+    return TensorInfo(name, dtype, tuple(shape), Path(source), data_start + begin, end - begin)

@@ -10,34 +10,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from lazymerge.errors import HeaderJsonError, InputError, ShardIndexError
-from lazymerge.io.header import DTYPE_SIZES, Header, parse_header, read_header_length
+from lazymerge.io.dtypes import TensorInfo
+from lazymerge.io.header import Header, parse_header, read_header_length
 
 INDEX_SUFFIX = ".safetensors.index.json"
 BIN_INDEX_SUFFIX = ".bin.index.json"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its shard file, dtype, shape and absolute byte offset."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    path: Path
-    offset: int
-    nbytes: int
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPE_SIZES[self.dtype]
-
-    @property
-    def numel(self) -> int:
-        return self.nbytes // self.itemsize
 
 
 def read_header_file(path: Path) -> Header:
@@ -140,15 +121,14 @@ def _index_shards(index_path: Path) -> list[Path]:
     return [index_path.parent / name for name in sorted(set(weight_map.values()))]
 
 
-def _shard_entries(shard: Path) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], dict[str, str]]:
-    """(name, dtype, shape, absolute offset, nbytes) of every tensor in a shard, and its metadata."""
+def _shard_entries(shard: Path) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Every tensor of a shard (absolute offsets) and its metadata."""
     if shard.name.endswith(".bin"):
         from lazymerge.io.torch_bin import read_bin_tensors
 
-        return [(t.name, t.dtype, t.shape, t.offset, t.nbytes) for t in read_bin_tensors(shard)], {}
+        return read_bin_tensors(shard), {}
     header = read_header_file(shard)
-    entries = [(e.name, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
-    return entries, header.metadata
+    return list(header.tensors), header.metadata
 
 
 class Checkpoint(Mapping[str, TensorInfo]):
@@ -180,7 +160,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
                 raise ShardIndexError(f"{index_path}: names shard {shard.name}, which does not exist")
             entries, shard_metadata = _shard_entries(shard)
             metadata = metadata or shard_metadata
-            for name, dtype, shape, offset, nbytes in entries:
+            for info in entries:
+                name = info.name
                 if weight_map is not None and weight_map.get(name) != shard.name:
                     raise ShardIndexError(
                         f"{index_path}: shard {shard.name} holds tensor {name!r} but the "
@@ -190,9 +171,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
                     raise ShardIndexError(
                         f"{shard}: tensor {name!r} also appears in {tensors[name].path.name}"
                     )
-                tensors[name] = TensorInfo(
-                    name=name, dtype=dtype, shape=shape, path=shard, offset=offset, nbytes=nbytes
-                )
+                tensors[name] = info if info.path == shard else replace(info, path=shard)
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(tensors))
             if missing:

@@ -21,21 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import HeaderError, InputError
-from lazymerge.io.header import DTYPE_SIZES
-
-#: torch's legacy storage class names and the safetensors dtype of their elements.
-STORAGE_DTYPES = {
-    "DoubleStorage": "F64",
-    "FloatStorage": "F32",
-    "HalfStorage": "F16",
-    "BFloat16Storage": "BF16",
-    "LongStorage": "I64",
-    "IntStorage": "I32",
-    "ShortStorage": "I16",
-    "CharStorage": "I8",
-    "ByteStorage": "U8",
-    "BoolStorage": "BOOL",
-}
+from lazymerge.io.dtypes import DTYPES, STORAGE_DTYPES, TensorInfo
 
 
 class UnsafePickleError(HeaderError):
@@ -52,17 +38,6 @@ class _StorageRef:
     key: str
     dtype: str
     numel: int
-
-
-@dataclass(frozen=True)
-class BinTensor:
-    """A tensor in a `.bin` archive: dtype, shape and absolute byte offset of its data."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -136,7 +111,7 @@ def _record_data_offset(fh: Any, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def read_bin_tensors(path: Path) -> list[BinTensor]:
+def read_bin_tensors(path: Path) -> list[TensorInfo]:
     """List the tensors of a `.bin` checkpoint with their byte locations, running no pickled code.
 
     Raises:
@@ -175,7 +150,7 @@ def read_bin_tensors(path: Path) -> list[BinTensor]:
                     raise HeaderError(
                         f"{source}: storage of tensor {name!r} is compressed; re-save it with torch.save"
                     )
-                itemsize = DTYPE_SIZES[t.storage.dtype]
+                itemsize = DTYPES[t.storage.dtype].itemsize
                 numel = math.prod(t.shape)
                 if (
                     numel > 1
@@ -195,7 +170,9 @@ def read_bin_tensors(path: Path) -> list[BinTensor]:
                         f"{info.file_size}-byte storage record"
                     )
                 out.append(
-                    BinTensor(name, t.storage.dtype, t.shape, _record_data_offset(fh, info) + begin, nbytes)
+                    TensorInfo(
+                        name, t.storage.dtype, t.shape, path, _record_data_offset(fh, info) + begin, nbytes
+                    )
                 )
             if out and max(t.offset + t.nbytes for t in out) > os.fstat(fh.fileno()).st_size:
                 raise HeaderError(f"{source}: storage records run past the end of the file")

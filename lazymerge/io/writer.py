@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymerge.errors import OutputError
-from lazymerge.io.header import DTYPE_SIZES
+from lazymerge.io.dtypes import itemsize
 
 TEMP_MARK = ".lazymerge-tmp-"
 #: Shard metadata key holding the SHA-256 of the shard's tensor data (checked by `lazymerge verify`).
@@ -39,7 +39,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class OutputLayout:
 
 def file_order(tensors: Sequence[OutputTensor]) -> list[OutputTensor]:
     """Order tensors as safetensors does: larger dtype alignment first, then by name."""
-    return sorted(tensors, key=lambda t: (-DTYPE_SIZES[t.dtype], t.name))
+    return sorted(tensors, key=lambda t: (-itemsize(t.dtype), t.name))
 
 
 def encode_header(tensors: Sequence[OutputTensor], metadata: dict[str, str]) -> bytes:
