@@ -10,23 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lazymerge.errors import LazyMergeError, OutputError
-from lazymerge.io.hf_folder import output_companion_files
+from lazymerge.errors import OutputError
 from lazymerge.io.reader import Checkpoint
-from lazymerge.io.writer import OutputTransaction
+from lazymerge.io.writer import OutputTransaction, check_destination
 from lazymerge.memory import PeakRssSampler
-from lazymerge.methods import METHODS
-from lazymerge.plan import (
-    DEFAULT_MAX_MEMORY,
-    DEFAULT_SHARD_SIZE,
-    MergePlan,
-    assemble_plan,
-    attach_base,
-    plain_tensor_plans,
-    validate_options,
-)
+from lazymerge.options import MergeOptions
+from lazymerge.plan import MergePlan, default_output, plan_merge
 from lazymerge.progress import ProgressBar, format_bytes
-from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
 
 PathLike = str | os.PathLike[str]
 
@@ -72,50 +62,56 @@ class MergeReport:
         )
 
 
-def resolve_weights(
-    count: int, alpha: float | None = None, weights: Sequence[float] | None = None
-) -> list[float]:
-    """Per-input weights from `alpha` (weight of the second of two inputs) or an explicit list."""
-    if alpha is not None and weights is not None:
-        raise LazyMergeError("give --alpha or --weights, not both")
-    if weights is not None:
-        if len(weights) != count:
-            raise LazyMergeError(f"{len(weights)} weights given for {count} inputs; give one per input")
-        return [float(w) for w in weights]
-    if count != 2:
-        if alpha is not None:
-            raise LazyMergeError(f"--alpha needs exactly two inputs, got {count}; use --weights")
-        return [1.0 / count] * count
-    a = 0.5 if alpha is None else float(alpha)
-    return [1.0 - a, a]
-
-
-def default_output(inputs: Sequence[PathLike]) -> Path:
-    """`merged.safetensors` for file inputs, `merged` (a folder) when any input is a folder."""
-    if any(Path(p).is_dir() for p in inputs):
-        return Path("merged")
-    return Path("merged.safetensors")
-
-
 def open_inputs(inputs: Sequence[PathLike]) -> list[Checkpoint]:
-    return [Checkpoint.open(p) for p in inputs]
+    """Open every input (headers only); on failure the ones already opened are closed."""
+    opened: list[Checkpoint] = []
+    try:
+        for path in inputs:
+            opened.append(Checkpoint.open(path))
+    except BaseException:
+        for ckpt in opened:
+            ckpt.close()
+        raise
+    return opened
 
 
-def _input_paths(ckpt: Checkpoint) -> list[Path]:
-    paths = [ckpt.path, *ckpt.files]
-    return [p.resolve() for p in paths]
+def _model_folder_of(ckpt: Checkpoint) -> Path | None:
+    """The folder a checkpoint was found in when it was given as a folder or an index file."""
+    if ckpt.path.is_dir():
+        return ckpt.path
+    if ckpt.path.name.endswith(".index.json"):
+        return ckpt.path.parent
+    return None
 
 
 def check_output(destination: Path, checkpoints: Sequence[Checkpoint]) -> None:
-    """Refuse a destination that is, or would contain or replace, any input file."""
+    """The output rule for inputs: never an input, nor anything an input resolves to (through
+    symlinks and hard links), nor a folder holding an input, nor a path inside an input's
+    model folder (a new weights file there would shadow the input's own weights).
+
+    Raises:
+        OutputError
+    """
     dest = destination.resolve()
+    try:
+        dest_stat: os.stat_result | None = dest.stat()
+    except OSError:
+        dest_stat = None
     for ckpt in checkpoints:
-        for path in _input_paths(ckpt):
-            if path == dest or dest in path.parents:
+        paths = [ckpt.path, *ckpt.files]
+        folder = _model_folder_of(ckpt)
+        for path in (p.resolve() for p in paths):
+            same_file = dest_stat is not None and path.exists() and os.path.samestat(path.stat(), dest_stat)
+            if path == dest or dest in path.parents or same_file:
                 raise OutputError(
                     f"{destination}: is or holds input {path}; lazymerge never overwrites an input, "
                     "choose another output path"
                 )
+        if folder is not None and folder.resolve() in dest.parents:
+            raise OutputError(
+                f"{destination}: lies inside the model folder of input {ckpt.path}; it would change "
+                "what that folder loads as. Choose an output outside it"
+            )
 
 
 def check_free_space(destination: Path, needed: int) -> None:
@@ -130,195 +126,83 @@ def check_free_space(destination: Path, needed: int) -> None:
 def prepare(
     inputs: Sequence[PathLike],
     output: PathLike | None = None,
+    options: MergeOptions | None = None,
     *,
-    weights: Sequence[float] | None = None,
-    alpha: float | Sequence[float] | None = None,
-    dtype: str = "auto",
-    method: str = "linear",
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    max_memory: int = DEFAULT_MAX_MEMORY,
-    rm: int | None = None,
-    strict: bool = False,
-    base: PathLike | None = None,
-    density: float = 0.5,
-    seed: int = 0,
-    check_finite: bool = False,
-) -> tuple[list[Checkpoint], MergePlan, Path]:
-    """Open the inputs (headers, configs, tokenizers) and plan the merge.
+    force: bool = False,
+    **kwargs: Any,
+) -> tuple[list[Checkpoint], MergePlan]:
+    """Open the inputs (headers, configs, tokenizers), plan the merge and check its output.
 
-    With a reward model among the inputs (see `lazymerge.recipe`), `alpha` is the weight of the
-    domain model whatever the input order; `weights` always follow the input order. A sequence of
-    alphas plans a sweep: one output folder per value, every input read once.
+    `plan` and `run` share this, so a plan is refused exactly when the run would be.
+
+    Args:
+        options: the merge options; or keyword arguments that build them (see `MergeOptions`;
+            `alpha` may be one value or a sequence).
 
     Returns:
-        (checkpoints, plan, destination); the base model, if any, is the last checkpoint.
+        (checkpoints, plan); the base model, if any, is the last checkpoint.
     """
-    if len(inputs) < 2:
-        raise LazyMergeError("a merge needs at least two inputs")
-    spec = METHODS.get(method)
-    if spec is None:
-        raise LazyMergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
-    if spec.needs_base and base is None:
-        raise LazyMergeError(
-            f"--method {method} merges task vectors (input - base): give the base model with --base"
-        )
-    if base is not None and not spec.needs_base:
-        raise LazyMergeError(
-            f"--base is used by task-vector methods ({', '.join(m for m, s in METHODS.items() if s.needs_base)}), not by {method}"
-        )
-    if spec.arity is not None and len(inputs) != spec.arity:
-        raise LazyMergeError(f"--method {method} takes exactly {spec.arity} inputs, got {len(inputs)}")
-    if spec.uses_density and not 0 < density <= 1:
-        raise LazyMergeError(f"--density {density}: must be in (0, 1]")
-    alphas: list[float | None] = list(alpha) if isinstance(alpha, Sequence) else [alpha]
-    if not alphas:
-        raise LazyMergeError("the alpha sweep is empty")
+    options = options if options is not None else MergeOptions.build(**kwargs)
+    options.check_inputs(len(inputs))
     destination = Path(output) if output is not None else default_output(inputs)
-    sweep = len(alphas) > 1
-    if sweep and destination.name.endswith(".safetensors"):
-        raise LazyMergeError(f"{destination}: a sweep writes one folder per alpha; give a folder as output")
-    n = len(inputs)
-    checkpoints = open_inputs([*inputs, *([base] if base is not None else [])])
+    checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
     try:
-        models = [ModelInput.open(c) for c in checkpoints[:n]]
-        rm_index = find_reward_model(models, rm)
-        variants = []
-        for a in alphas:
-            resolved = resolve_weights(n, a, weights)
-            if rm_index is not None and a is not None and n == 2:
-                resolved = [1.0 - a if i == rm_index else a for i in range(2)]
-            validate_options(n, resolved, method, dtype, max_memory, shard_size)
-            variants.append(resolved + ([0.0] if base is not None else []))
-        single = destination.name if destination.name.endswith(".safetensors") else None
-        extra: dict[str, Any]
-        if rm_index is None:
-            tensors = plain_tensor_plans(checkpoints[:n], variants[0][:n], dtype)
-            extra = {"extra_files": output_companion_files(models[0].folder, [], None)}
-        else:
-            recipe = plan_reward_merge(models, variants[0][:n], rm_index, dtype=dtype, strict=strict)
-            tensors = recipe.tensors
-            extra = {
-                "extra_files": recipe.extra_files,
-                "dropped": recipe.dropped,
-                "notes": recipe.notes,
-                "roles": recipe.roles,
-            }
-        if base is not None:
-            tensors, unused = attach_base(tensors, checkpoints[n])
-            extra["dropped"] = (*extra.get("dropped", ()), *unused)
-            roles = extra.get("roles") or ("input",) * n
-            extra["roles"] = (*roles, "base model")
-            extra["base_index"] = n
-        plan = assemble_plan(
-            checkpoints,
-            variants,
-            tensors,
-            method=method,
-            single_file=single,
-            shard_size=shard_size,
-            max_memory=max_memory,
-            variant_names=[f"alpha-{a:g}" for a in alphas] if sweep else [""],  # type: ignore[str-format]
-            density=density,
-            seed=seed,
-            check_finite=check_finite,
-            **extra,
-        )
+        plan = plan_merge(checkpoints, options, destination)
+        check_output(destination, checkpoints)
+        if not destination.parent.is_dir():
+            raise OutputError(f"{destination}: folder {destination.parent} does not exist")
+        check_destination(destination, plan.single_file, force)
     except BaseException:
         for ckpt in checkpoints:
             ckpt.close()
         raise
-    return checkpoints, plan, destination
+    return checkpoints, plan
 
 
 def merge(
     inputs: Sequence[PathLike],
     output: PathLike | None = None,
+    options: MergeOptions | None = None,
     *,
-    weights: Sequence[float] | None = None,
-    alpha: float | Sequence[float] | None = None,
-    dtype: str = "auto",
-    method: str = "linear",
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    max_memory: int = DEFAULT_MAX_MEMORY,
     force: bool = False,
     progress: bool | None = False,
-    rm: int | None = None,
-    strict: bool = False,
-    base: PathLike | None = None,
-    density: float = 0.5,
-    seed: int = 0,
-    check_finite: bool = False,
+    **kwargs: Any,
 ) -> MergeReport:
     """Merge checkpoints tensor by tensor into `output`, streaming, in bounded memory.
 
     Args:
-        inputs: .safetensors files, *.safetensors.index.json files or folders holding either.
+        inputs: .safetensors or .bin files, index files or folders holding either.
         output: a path ending in .safetensors for one file, else a folder of Hugging Face-style
             shards. Default: merged.safetensors (file inputs) or merged/ (folder inputs).
-        weights: one weight per input; or
-        alpha: for two inputs, the weight L of the second: (1 - L) * A + L * B (with a reward
-            model: the domain model's weight). Default 0.5. A sequence of values is a sweep:
-            one output folder `alpha-<L>` per value, every input read once.
-        dtype: "auto" (first input's dtype per tensor), "float32", "float16" or "bfloat16".
-        method: merge method name ("linear").
-        shard_size: largest data bytes per output shard (folder outputs).
-        max_memory: working-memory budget in bytes for tensor data in flight.
-        force: replace an existing output.
-        rm: index of the reward model among the inputs (default: found from config.json).
-        strict: refuse to match embedding rows by position when tokenizer files are missing.
-        base: base model for task-vector methods (task_arithmetic, ties, dare_linear, dare_ties).
-        density: fraction of each task vector kept by ties and dare_* methods.
-        seed: seed of the dare_* drop masks (the same result whatever the chunking).
-        check_finite: stop with NonFiniteError when an input's NaN or Inf reaches the output;
-            by default the merge goes on and the report lists a warning per tensor.
+        options: a `MergeOptions`; or keyword arguments that build one (`weights`, `alpha` (one
+            value or a sequence for a sweep: one output folder `alpha-<L>` per value, every
+            input read once), `method`, `dtype`, `shard_size`, `max_memory`, `rm`, `strict`,
+            `base`, `density`, `seed`, `check_finite`, ...).
+        force: replace an existing output that lazymerge wrote.
         progress: show a progress bar on stderr (None: only on a terminal).
 
     Returns:
         A `MergeReport`.
 
     Raises:
-        LazyMergeError (HeaderError, IncompatibleInputsError, OutputError, ...).
+        OptionError for wrong options; other LazyMergeError kinds (HeaderError,
+        IncompatibleInputsError, OutputError, ...) for inputs and outputs.
 
     Example:
         >>> merge(["rm.safetensors", "sft.safetensors"], "out.safetensors", alpha=0.3)  # doctest: +SKIP
     """
-    from lazymerge.engine import execute_plan
+    from lazymerge.engine import MergePipeline
 
     start = time.perf_counter()
-    checkpoints, plan, destination = prepare(
-        inputs,
-        output,
-        weights=weights,
-        alpha=alpha,
-        dtype=dtype,
-        method=method,
-        shard_size=shard_size,
-        max_memory=max_memory,
-        rm=rm,
-        strict=strict,
-        base=base,
-        density=density,
-        seed=seed,
-        check_finite=check_finite,
-    )
-    warnings: list[str] = []
+    checkpoints, plan = prepare(inputs, output, options, force=force, **kwargs)
     try:
-        check_output(destination, checkpoints)
-        transaction = OutputTransaction(
-            destination, single_file=destination.name.endswith(".safetensors"), force=force
-        )
+        transaction = OutputTransaction(plan.destination, single_file=plan.single_file, force=force)
         try:
-            check_free_space(destination, plan.output_bytes)
+            check_free_space(plan.destination, plan.output_bytes)
             bar = ProgressBar(plan.input_bytes, enabled=progress)
             with PeakRssSampler() as sampler:
-                written = execute_plan(
-                    plan, checkpoints, transaction, on_progress=bar.update, warnings=warnings
-                )
-                if not transaction.single_file:
-                    for folder in plan.variant_names:
-                        for name, data in plan.extra_files.items():
-                            transaction.write_small(f"{folder}/{name}" if folder else name, data)
-                            written += len(data)
+                pipeline = MergePipeline(plan, checkpoints, transaction, on_progress=bar.update)
+                written = pipeline.run()
                 transaction.commit()
             bar.close()
         except BaseException:
@@ -328,14 +212,9 @@ def merge(
         for ckpt in checkpoints:
             ckpt.close()
     peak = sampler.peak
-    files = (
-        [str(destination)]
-        if destination.name.endswith(".safetensors")
-        else [str(destination / v / s.filename) for v in plan.variant_names for s in plan.layout.shards]
-    )
     return MergeReport(
-        output=str(destination),
-        files=files,
+        output=str(plan.destination),
+        files=[str(p) for p in plan.output_paths()],
         tensors=len(plan.tensors),
         parameters=plan.parameters,
         bytes_read=sum(c.bytes_read for c in checkpoints),
@@ -344,5 +223,5 @@ def merge(
         peak_rss_total=peak.total,
         peak_rss_anon=peak.anon,
         peak_rss_file=peak.file,
-        warnings=warnings,
+        warnings=pipeline.warnings,
     )

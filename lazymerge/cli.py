@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-import re
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,34 +17,24 @@ from typing import Any, TypeVar
 import click
 
 from lazymerge import __version__
-from lazymerge.errors import LazyMergeError
-from lazymerge.plan import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE
+from lazymerge.errors import LazyMergeError, OptionError
+from lazymerge.options import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_POINTS,
+    DEFAULT_SHARD_SIZE,
+    MergeOptions,
+    parse_alpha,
+    parse_size,
+    parse_weights,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 
+class OptionUsageError(click.ClickException):
+    """A wrong option value: one line `Error: ...`, exit status 2 (a usage mistake)."""
 
-def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000, '256MiB' -> 268_435_456, '1000' -> 1000."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"{text!r} is not a size such as 5GB, 500MB or 256MiB")
-    value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if value <= 0:
-        raise ValueError(f"{text!r} must be more than 0 bytes")
-    return value
+    exit_code = 2
 
 
 class SizeType(click.ParamType):
@@ -55,69 +45,44 @@ class SizeType(click.ParamType):
             return value
         try:
             return parse_size(str(value))
-        except ValueError as exc:
+        except OptionError as exc:
             self.fail(str(exc), param, ctx)
 
 
-def parse_alpha(text: str) -> float | list[float]:
-    """'0.3' -> 0.3; '0:1:0.25' -> [0.0, 0.25, 0.5, 0.75, 1.0] (STOP included)."""
-    parts = text.split(":")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number or START:STOP:STEP") from None
-    if len(values) == 1:
-        return values[0]
-    if len(values) != 3 or values[2] <= 0 or values[1] < values[0]:
-        raise ValueError(f"{text!r}: a sweep is START:STOP:STEP with STEP > 0 and STOP >= START")
-    start, stop, step = values
-    count = int(round((stop - start) / step)) + 1
-    sweep = [round(start + k * step, 10) for k in range(count)]
-    return [a for a in sweep if a <= stop + 1e-9]
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: temporaries removed, finished work kept."""
 
 
-class AlphaType(click.ParamType):
-    name = "alpha"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float | list[float]:
-        if isinstance(value, (float, list)):
-            return value
-        try:
-            return parse_alpha(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-def _parse_weights(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r} is not a comma-separated list of numbers", param_hint="--weights"
-        ) from None
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 def reports_errors(fn: F) -> F:
-    """Add --debug; turn LazyMergeError into click's one-line error (exit 1)."""
+    """Add --debug; turn OptionError into a one-line usage error (exit 2) and any other
+    LazyMergeError into one line (exit 1); Ctrl-C exits 130, SIGTERM 143."""
 
     @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
     @functools.wraps(fn)
     def wrapper(*args: Any, debug: bool, **kwargs: Any) -> Any:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
+        except OptionError as exc:
+            if debug:
+                raise
+            raise OptionUsageError(str(exc)) from None
         except LazyMergeError as exc:
             if debug:
                 raise
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if debug:
                 raise
-            click.echo("Error: interrupted; nothing was written to the destination", err=True)
-            sys.exit(130)
+            what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+            click.echo(f"Error: {what}; nothing was written to the destination", err=True)
+            sys.exit(143 if isinstance(exc, _Terminated) else 130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
 
@@ -133,9 +98,15 @@ def merge_options(fn: F) -> F:
         ),
         click.option(
             "--alpha",
-            type=AlphaType(),
             help="Weight L of the second of two inputs: (1 - L) * A + L * B (with a reward model: the "
-            "domain model's weight). Default 0.5. START:STOP:STEP sweeps, one output folder per value.",
+            "domain model's weight). Default 0.5. START:STOP:STEP or A,B,C sweeps, one output folder per value.",
+        ),
+        click.option(
+            "--max-points",
+            type=click.IntRange(min=1),
+            default=DEFAULT_MAX_POINTS,
+            show_default=True,
+            help="Most values one --alpha sweep may have.",
         ),
         click.option(
             "--base",
@@ -195,31 +166,23 @@ def merge_options(fn: F) -> F:
     return fn
 
 
-def _check_weights(
-    inputs: tuple[Path, ...], alpha: float | list[float] | None, weights: list[float] | None
-) -> None:
-    if alpha is not None and weights is not None:
-        raise click.UsageError("give --alpha or --weights, not both")
-    if weights is not None and len(weights) != len(inputs):
-        raise click.UsageError(f"--weights has {len(weights)} values for {len(inputs)} inputs")
-    if alpha is not None and len(inputs) != 2:
-        raise click.UsageError(f"--alpha needs exactly two inputs, got {len(inputs)}; use --weights")
-    if len(inputs) < 2:
-        raise click.UsageError("a merge needs at least two inputs")
+def merge_options_value(
+    alpha: str | None, weights: str | None, base: Path | None, **options: Any
+) -> MergeOptions:
+    """The frozen options value from `merge_options`' flags (OptionError on a wrong value)."""
+    max_points = options["max_points"]
+    return MergeOptions(
+        alphas=parse_alpha(alpha, max_points) if alpha is not None else None,
+        weights=parse_weights(weights) if weights is not None else None,
+        base=base,
+        **options,
+    )
 
 
 @click.group()
 @click.version_option(__version__, prog_name="lazymerge")
 def main() -> None:
     """Merge model checkpoints tensor by tensor, streaming, in bounded memory."""
-
-
-def _merge_kwargs(
-    inputs: tuple[Path, ...], alpha: float | list[float] | None, weights: str | None, **options: Any
-) -> dict[str, Any]:
-    weight_list = _parse_weights(weights)
-    _check_weights(inputs, alpha, weight_list)
-    return {"weights": weight_list, "alpha": alpha, **options}
 
 
 @main.command()
@@ -239,8 +202,8 @@ def run(
     """
     from lazymerge.api import merge
 
-    kwargs = _merge_kwargs(inputs, **options)
-    report = merge(inputs, output, force=force, progress=None if not quiet else False, **kwargs)
+    value = merge_options_value(**options)
+    report = merge(inputs, output, value, force=force, progress=None if not quiet else False)
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
@@ -249,59 +212,26 @@ def run(
         click.echo(report.format())
 
 
-#: Resident memory of the interpreter with torch imported, added to plan's memory prediction
-#: (about 230 MB measured on the reference machine; rounded up).
-BASELINE_RSS = 300 * 10**6
-
-
 @main.command()
 @merge_options
+@click.option("--force", is_flag=True, help="Plan as if replacing an existing output (as run --force).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @reports_errors
-def plan(inputs: tuple[Path, ...], output: Path | None, as_json: bool, **options: Any) -> None:
-    """Show what a merge would do, from headers alone (no tensor data is read)."""
+def plan(inputs: tuple[Path, ...], output: Path | None, force: bool, as_json: bool, **options: Any) -> None:
+    """Show what a merge would do, from headers alone (no tensor data is read).
+
+    It applies every check `run` applies, so a plan is refused exactly when the run would be.
+    """
     from lazymerge.api import prepare
 
-    checkpoints, merge_plan, destination = prepare(inputs, output, **_merge_kwargs(inputs, **options))
+    checkpoints, merge_plan = prepare(inputs, output, merge_options_value(**options), force=force)
     for ckpt in checkpoints:
         ckpt.close()
-    rows = {n: t.shape[0] for n, t in merge_plan.tensors.items() if t.action == "rows"}
     if as_json:
-        doc = {
-            "output": str(destination),
-            "method": merge_plan.method,
-            "inputs": list(merge_plan.inputs),
-            "roles": list(merge_plan.roles),
-            "weights": list(merge_plan.weights),
-            "files": [s.filename for s in merge_plan.layout.shards]
-            + list(merge_plan.extra_files if destination.suffix != ".safetensors" else []),
-            "tensors": [
-                {
-                    "name": t.name,
-                    "action": t.action,
-                    "dtype": t.dtype,
-                    "shape": list(t.shape),
-                    "chunks": merge_plan.chunks(t),
-                    "note": t.note,
-                }
-                for s in merge_plan.layout.shards
-                for t in (merge_plan.tensors[x.name] for x in s.tensors)
-            ],
-            "dropped": list(merge_plan.dropped),
-            "notes": list(merge_plan.notes),
-            "vocab_size": next(iter(rows.values()), None),
-            "input_bytes": merge_plan.input_bytes,
-            "output_bytes": merge_plan.output_bytes,
-            "working_memory": merge_plan.working_memory,
-            "predicted_peak_rss": merge_plan.working_memory + BASELINE_RSS,
-        }
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(merge_plan.to_dict(), indent=2))
     else:
-        click.echo(f"output {destination}")
         click.echo(merge_plan.describe())
-        click.echo(
-            f"predicted peak resident memory about {(merge_plan.working_memory + BASELINE_RSS) / 1e9:.2f} GB"
-        )
+        click.echo(f"predicted peak resident memory about {merge_plan.predicted_peak_rss / 1e9:.2f} GB")
 
 
 @main.command()
@@ -444,10 +374,9 @@ def bon(model: Path, candidates: Path, ns: str, out: Path | None, quiet: bool, *
 @click.option(
     "--alpha",
     "alphas",
-    type=AlphaType(),
     default="0:1:0.1",
     show_default=True,
-    help="START:STOP:STEP or one value.",
+    help="START:STOP:STEP, A,B,C or one value.",
 )
 @click.option("--pairs", "pairs_file", type=click.Path(path_type=Path), required=True, help="Test pairs.")
 @click.option(
@@ -475,7 +404,7 @@ def bon(model: Path, candidates: Path, ns: str, out: Path | None, quiet: bool, *
 @reports_errors
 def sweep(
     inputs: tuple[Path, ...],
-    alphas: float | list[float],
+    alphas: str,
     pairs_file: Path,
     val_pairs: Path | None,
     output: Path,
@@ -489,10 +418,9 @@ def sweep(
 
     if len(inputs) != 2:
         raise click.UsageError(f"sweep takes a reward model and one domain model, got {len(inputs)} inputs")
-    values = alphas if isinstance(alphas, list) else [alphas]
     result = run_sweep(
         inputs,
-        values,
+        parse_alpha(alphas),
         pairs_file,
         output,
         val_pairs=val_pairs,

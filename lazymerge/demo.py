@@ -101,7 +101,8 @@ def run_demo(workdir: Path | None = None, as_json: bool = False, echo: Callable[
             b.update(load_file(str(shard)))
         merged: dict[str, torch.Tensor] = {}
         for name in report.files:
-            merged.update(load_file(name))
+            if name.endswith(".safetensors"):
+                merged.update(load_file(name))
         mismatched = [
             n
             for n in a

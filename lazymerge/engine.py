@@ -25,15 +25,13 @@ import torch
 
 from lazymerge.errors import IncompatibleInputsError, NonFiniteError
 from lazymerge.io.dtypes import TensorInfo, itemsize, torch_dtype
-from lazymerge.io.reader import INDEX_SUFFIX, Checkpoint
+from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputTransaction, StreamingShardWriter
 from lazymerge.methods import METHODS, position_uniform
-from lazymerge.plan import OUTPUT_SLOTS, SLOTS, MergePlan, TensorPlan
+from lazymerge.plan import MergePlan, TensorPlan
+from lazymerge.workspace import Stopped, Workspace, block_len, buffer_sizes
 
 _DONE = object()
-#: Elements per block of elementwise arithmetic (4 MB of fp32 per input: cache-sized).
-COMPUTE_BLOCK = 1 << 20
-INDEX_NAME = "model" + INDEX_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class _Chunk:
 
 def _chunks(plan: MergePlan) -> Iterator[_Chunk]:
     """Every chunk in output file order; an empty tensor is one chunk of 0 elements."""
-    for shard_no, shard in enumerate(plan.layout.shards):
+    for shard_no, shard in enumerate(plan.layouts[0].shards):
         jobs = [
             (tp, start, min(step, tp.numel - start))
             for tp, step in (
@@ -92,48 +90,6 @@ def _get(q: queue.Queue[object], stop: threading.Event) -> object:
         except queue.Empty:
             if stop.is_set():
                 return _DONE
-
-
-class _Workspace:
-    """Buffers reused for every chunk, so steady-state merging allocates nothing.
-
-    Fresh multi-megabyte allocations are served by new zeroed pages from the kernel; reusing
-    buffers avoids those page faults, which otherwise cost more than the arithmetic.
-    Input sets and output buffers circulate through free lists: one being filled, one queued,
-    one being consumed, which is what `plan.SLOTS` budgets for.
-    """
-
-    def __init__(self, plan: MergePlan, stop: threading.Event):
-        elems = plan.buffer_elems
-        self.stop = stop
-        self.free_inputs: queue.Queue[list[bytearray]] = queue.Queue()
-        self.free_outputs: queue.Queue[list[bytearray]] = queue.Queue()
-        for _ in range(SLOTS):
-            self.free_inputs.put([bytearray(elems * size) for size in plan.input_itemsizes])
-        for _ in range(OUTPUT_SLOTS):
-            self.free_outputs.put([bytearray(elems * plan.output_itemsize) for _ in plan.variants])
-        fp32_elems = min(
-            elems,
-            max(
-                [1]
-                + [
-                    block_len(t, plan.method, plan.chunk_len(t))
-                    for t in plan.tensors.values()
-                    if t.action != "copy"
-                ]
-            ),
-        )
-        self.fp32 = [torch.empty(fp32_elems, dtype=torch.float32) for _ in plan.input_itemsizes]
-
-    def take(self, free: queue.Queue[Any]) -> Any:
-        item = _get(free, self.stop)  # type: ignore[arg-type]
-        if item is _DONE:
-            raise _Stopped
-        return item
-
-
-class _Stopped(Exception):
-    """Another stage failed; this one gives up quietly and the caller reports that failure."""
 
 
 def read_chunk(
@@ -218,33 +174,31 @@ def _random_key(seed: int, name: str, input_index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _report_nonfinite(
-    plan: MergePlan, chunk: _Chunk, inputs: Sequence[memoryview | None], warn: Callable[[str], None]
-) -> None:
-    """Name the input whose NaN or Inf reached the merged chunk; raise under check_finite."""
+def _nonfinite_message(
+    plan: MergePlan, chunk: _Chunk, inputs: Sequence[memoryview | None], merged_finite: bool
+) -> str:
+    """Name the input whose NaN or Inf reached the output, else say how finite inputs did."""
     tp = chunk.tensor
     for i, src in tp.present():
         values = torch.frombuffer(inputs[i], dtype=torch_dtype(src.dtype)).float()  # type: ignore[arg-type]
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             at = f" (element {chunk.start + int(bad[0])})" if tp.row_maps is None else ""
-            message = f"{src.path}: tensor {tp.name!r} holds NaN or Inf{at}; the merged tensor is not finite"
-            break
-    else:
-        message = f"tensor {tp.name!r}: the merge produced NaN or Inf from finite inputs (weights too large?)"
-    if plan.check_finite:
-        raise NonFiniteError(message + "; stopped because of --check-finite")
-    warn(message)
+            return f"{src.path}: tensor {tp.name!r} holds NaN or Inf{at}; the merged tensor is not finite"
+    if merged_finite:
+        return (
+            f"tensor {tp.name!r}: merged values overflow the output dtype {tp.dtype} (cast to Inf); "
+            "choose a wider --dtype"
+        )
+    return f"tensor {tp.name!r}: the merge produced NaN or Inf from finite inputs (weights too large?)"
 
 
-def block_len(tp: TensorPlan, method: str, count: int) -> int:
-    """Elements per arithmetic block of a chunk: cache-sized for elementwise work (whole rows
-    for row-matched tensors), the whole chunk for methods that need whole tensors."""
-    if tp.action == "rows":
-        return max(tp.row_elems, COMPUTE_BLOCK // tp.row_elems * tp.row_elems)
-    if tp.action == "merge" and METHODS[method].elementwise:
-        return COMPUTE_BLOCK
-    return max(count, 1)
+def _all_finite(values: torch.Tensor) -> bool:
+    # a sum is NaN or Inf when any element is (or, rarely, when finite values overflow it): one
+    # cheap pass over the output; the exact elementwise check runs only then
+    if math.isfinite(float(values.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(values).all())
 
 
 def merge_chunk(
@@ -253,9 +207,13 @@ def merge_chunk(
     inputs: Sequence[memoryview | None],
     outs: Sequence[memoryview],
     fp32: Sequence[torch.Tensor],
-    warn: Callable[[str], None] = lambda message: None,
+    warn: Callable[[str, str], None] = lambda tensor, message: None,
 ) -> None:
-    """Merge one chunk of raw input bytes into `outs`, one raw output chunk per weight variant."""
+    """Merge one chunk of raw input bytes into `outs`, one raw output chunk per weight variant.
+
+    Non-finite output values (checked after the cast to the output dtype) raise NonFiniteError
+    under `plan.check_finite`, else go to `warn(tensor name, message)`.
+    """
     tp = chunk.tensor
     present = tp.present()
     if tp.action == "copy":
@@ -272,12 +230,12 @@ def merge_chunk(
         for out in outs:
             out[:] = first
         return
-    method = METHODS[plan.method]
+    method = plan.method_spec
     raw = {i: torch.frombuffer(inputs[i], dtype=torch_dtype(src.dtype)) for i, src in present}  # type: ignore[arg-type]
     # elementwise work goes in cache-sized blocks: the several passes of the arithmetic then
     # stay in cache instead of streaming the whole chunk through memory for each pass
     # (rows: blocks of whole rows)
-    step = block_len(tp, plan.method, chunk.count)
+    step = block_len(tp, method.elementwise, chunk.count, plan.block_elems)
     for weights, out in zip(plan.variants, outs, strict=True):
         out_values = torch.frombuffer(out, dtype=torch_dtype(tp.dtype))
         row_weights = _row_weights(tp, chunk, weights) if tp.action == "rows" else []
@@ -299,99 +257,136 @@ def merge_chunk(
                     _random_key(plan.seed, tp.name, w[k]), chunk.start + b, e - b
                 )
                 merged = method.fn([work[i] for i in weighted], [weights[i] for i in weighted], **kwargs)
-            # a sum is NaN or Inf when any element is (or, rarely, when finite values overflow
-            # it): one cheap pass; the exact elementwise check runs only then
-            if not math.isfinite(float(merged.sum())) and not bool(torch.isfinite(merged).all()):
-                _report_nonfinite(plan, chunk, inputs, warn)
-            out_values[begin:end].copy_(merged.reshape(-1))
+            target = out_values[begin:end]
+            target.copy_(merged.reshape(-1))
+            if not _all_finite(target):
+                message = _nonfinite_message(plan, chunk, inputs, _all_finite(merged))
+                if plan.check_finite:
+                    raise NonFiniteError(message + "; stopped because of --check-finite")
+                warn(tp.name, message)
 
 
-def execute_plan(
-    plan: MergePlan,
-    checkpoints: Sequence[Checkpoint],
-    transaction: OutputTransaction,
-    on_progress: Callable[[int], None] = lambda n: None,
-    warnings: list[str] | None = None,
-) -> int:
-    """Write every output shard of `plan` into `transaction`; return the bytes written.
+class MergePipeline:
+    """Writes every output shard of a plan into a transaction, in four overlapping stages.
 
-    Messages about non-finite values (one per tensor) are appended to `warnings`.
+    `read` (a thread) fills input buffer sets; `merge` (the calling thread) turns them into
+    output buffers; `write` (a thread) appends those to the current shard of every output;
+    `hash` (a thread) feeds the same bytes to each shard's SHA-256 and finishes the shard. The
+    stages hand buffers on through queues of one item; the buffers come from a `Workspace`
+    sized by `lazymerge.workspace.buffer_sizes(plan)`.
     """
-    warned: set[str] = set()
 
-    def warn(message: str) -> None:
-        name = message.split("tensor ", 1)[-1].split(" ", 1)[0]
-        if warnings is not None and name not in warned:
-            warned.add(name)
-            warnings.append(message)
+    def __init__(
+        self,
+        plan: MergePlan,
+        checkpoints: Sequence[Checkpoint],
+        transaction: OutputTransaction,
+        on_progress: Callable[[int], None] = lambda n: None,
+    ):
+        self.plan = plan
+        self.checkpoints = checkpoints
+        self.transaction = transaction
+        self.on_progress = on_progress
+        self.stop = threading.Event()
+        self.read_q: queue.Queue[object] = queue.Queue(maxsize=1)
+        self.write_q: queue.Queue[object] = queue.Queue(maxsize=1)
+        self.hash_q: queue.Queue[object] = queue.Queue(maxsize=1)
+        self.workspace = Workspace(buffer_sizes(plan), self.stop)
+        #: One message per tensor whose output met NaN or Inf.
+        self.warnings: list[str] = []
+        self._warned: set[str] = set()
+        self.written = 0
 
-    stop = threading.Event()
-    read_q: queue.Queue[object] = queue.Queue(maxsize=1)
-    write_q: queue.Queue[object] = queue.Queue(maxsize=1)
-    hash_q: queue.Queue[object] = queue.Queue(maxsize=1)
-    written = [0]
-    pool = _Workspace(plan, stop)
+    def warn(self, tensor: str, message: str) -> None:
+        if tensor not in self._warned:
+            self._warned.add(tensor)
+            self.warnings.append(message)
 
-    readers = ThreadPoolExecutor(max_workers=len(checkpoints), thread_name_prefix="lazymerge-read")
+    def shard_path(self, variant: int, filename: str) -> Path:
+        folder = self.plan.variant_names[variant]
+        return self.transaction.shard_path(f"{folder}/{filename}" if folder else filename)
 
-    def reader() -> None:
-        try:
-            for chunk in _chunks(plan):
-                buffers = pool.take(pool.free_inputs)
-                views = read_chunk(checkpoints, chunk, buffers, readers)
-                _put(read_q, (chunk, buffers, views), stop)
-        except _Stopped:
-            return
-        _put(read_q, _DONE, stop)
+    def read(self) -> None:
+        """Stage 1 (thread): read each chunk's input bytes, the inputs side by side."""
+        with ThreadPoolExecutor(len(self.checkpoints), thread_name_prefix="lazymerge-read") as pool:
+            try:
+                for chunk in _chunks(self.plan):
+                    buffers = self.workspace.take(self.workspace.free_inputs)
+                    views = read_chunk(self.checkpoints, chunk, buffers, pool)
+                    _put(self.read_q, (chunk, buffers, views), self.stop)
+            except Stopped:
+                return
+        _put(self.read_q, _DONE, self.stop)
 
-    def shard_path(variant: int, filename: str) -> Path:
-        folder = plan.variant_names[variant]
-        return transaction.shard_path(f"{folder}/{filename}" if folder else filename)
+    def merge(self) -> None:
+        """Stage 2 (calling thread): merge each chunk into one output buffer per output."""
+        while True:
+            item = _get(self.read_q, self.stop)
+            if item is _DONE:
+                break
+            chunk, buffers, views = cast(tuple[_Chunk, list[bytearray], list[memoryview | None]], item)
+            outs = self.workspace.take(self.workspace.free_outputs)
+            nbytes = chunk.count * itemsize(chunk.tensor.dtype)
+            if nbytes:
+                merge_chunk(
+                    self.plan,
+                    chunk,
+                    views,
+                    [memoryview(o)[:nbytes] for o in outs],
+                    self.workspace.fp32,
+                    self.warn,
+                )
+            self.workspace.free_inputs.put(buffers)
+            _put(self.write_q, (chunk.shard, outs, nbytes, chunk.last_in_shard), self.stop)
+            self.on_progress(sum(len(v) for v in views if v is not None))
+        _put(self.write_q, _DONE, self.stop)
 
-    def writer() -> None:
+    def write(self) -> None:
+        """Stage 3 (thread): append output bytes to the current shard of every output."""
+        layouts = self.plan.layouts
         current: list[StreamingShardWriter] = []
         current_no = -1
         try:
             while True:
-                item = _get(write_q, stop)
+                item = _get(self.write_q, self.stop)
                 if item is _DONE:
                     break
                 shard_no, buffers, nbytes, last = cast(tuple[int, list[bytearray], int, bool], item)
                 if shard_no != current_no:
                     current = [
                         StreamingShardWriter(
-                            shard_path(v, layout.shards[shard_no].filename),
+                            self.shard_path(v, layout.shards[shard_no].filename),
                             layout.shards[shard_no],
                             hash_on_write=False,
                         )
-                        for v, layout in enumerate(plan.layouts)
+                        for v, layout in enumerate(layouts)
                     ]
                     current_no = shard_no
-                    written[0] += sum(len(layout.shards[shard_no].header) for layout in plan.layouts)
+                    self.written += sum(len(layout.shards[shard_no].header) for layout in layouts)
                 for shard_writer, buffer in zip(current, buffers, strict=True):
                     shard_writer.write(memoryview(buffer)[:nbytes])
-                    written[0] += nbytes
-                _put(hash_q, (current, buffers, nbytes, last), stop)
-            for shard_no in range(current_no + 1, len(plan.layout.shards)) if not stop.is_set() else ():
+                    self.written += nbytes
+                _put(self.hash_q, (current, buffers, nbytes, last), self.stop)
+            for shard_no in range(current_no + 1, len(layouts[0].shards)) if not self.stop.is_set() else ():
                 # only a merge of zero tensors leaves a shard with no chunk: header only
-                for v, layout in enumerate(plan.layouts):
+                for v, layout in enumerate(layouts):
                     StreamingShardWriter(
-                        shard_path(v, layout.shards[shard_no].filename), layout.shards[shard_no]
+                        self.shard_path(v, layout.shards[shard_no].filename), layout.shards[shard_no]
                     ).finish()
-                    written[0] += len(layout.shards[shard_no].header)
-            _put(hash_q, _DONE, stop)
+                    self.written += len(layout.shards[shard_no].header)
+            _put(self.hash_q, _DONE, self.stop)
         except BaseException:
             for shard_writer in current:
                 shard_writer.close()
             raise
 
-    def hasher() -> None:
-        # hashing runs beside writing (hashlib releases the GIL), then finishes each shard:
-        # the hash goes into its header, then fsync
+    def hash(self) -> None:
+        """Stage 4 (thread): hash what was written (hashlib releases the GIL), then finish each
+        shard: the hash goes into its header, then fsync."""
         current: list[StreamingShardWriter] = []
         try:
             while True:
-                item = _get(hash_q, stop)
+                item = _get(self.hash_q, self.stop)
                 if item is _DONE:
                     return
                 current, buffers, nbytes, last = cast(
@@ -399,7 +394,7 @@ def execute_plan(
                 )
                 for shard_writer, buffer in zip(current, buffers, strict=True):
                     shard_writer.hash_update(memoryview(buffer)[:nbytes])
-                pool.free_outputs.put(buffers)
+                self.workspace.free_outputs.put(buffers)
                 if last:
                     for shard_writer in current:
                         shard_writer.finish()
@@ -407,48 +402,40 @@ def execute_plan(
             for shard_writer in current:
                 shard_writer.close()
 
-    # one arithmetic thread: the reader, writer and hash threads need the other core, and torch's
-    # own second thread only contends with them (measured: about 25% slower with two)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    stages = [
-        _Stage("lazymerge-read", reader, stop),
-        _Stage("lazymerge-write", writer, stop),
-        _Stage("lazymerge-hash", hasher, stop),
-    ]
-    for stage in stages:
-        stage.start()
-    try:
-        while True:
-            item = _get(read_q, stop)
-            if item is _DONE:
-                break
-            chunk, buffers, views = cast(tuple[_Chunk, list[bytearray], list[memoryview | None]], item)
-            outs = pool.take(pool.free_outputs)
-            nbytes = chunk.count * itemsize(chunk.tensor.dtype)
-            if nbytes:
-                merge_chunk(plan, chunk, views, [memoryview(o)[:nbytes] for o in outs], pool.fp32, warn)
-            pool.free_inputs.put(buffers)
-            _put(write_q, (chunk.shard, outs, nbytes, chunk.last_in_shard), stop)
-            on_progress(sum(len(v) for v in views if v is not None))
-        _put(write_q, _DONE, stop)
-    except _Stopped:
-        pass
-    except BaseException:
-        stop.set()
-        raise
-    finally:
+    def run(self) -> int:
+        """Write every shard, then each output's index and companion files; return bytes written."""
+        # one arithmetic thread: the reader, writer and hash threads need the other core, and
+        # torch's own second thread only contends with them (measured: about 25% slower with two)
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        stages = [
+            _Stage("lazymerge-read", self.read, self.stop),
+            _Stage("lazymerge-write", self.write, self.stop),
+            _Stage("lazymerge-hash", self.hash, self.stop),
+        ]
         for stage in stages:
-            stage.join()
-        readers.shutdown()
-        torch.set_num_threads(torch_threads)
-    for stage in stages:
-        if stage.error is not None:
-            raise stage.error
-    for v, layout in enumerate(plan.layouts):
-        if layout.index is not None:
-            transaction.write_small(
-                str(shard_path(v, INDEX_NAME).relative_to(transaction.shard_path(""))), layout.index
-            )
-            written[0] += len(layout.index)
-    return written[0]
+            stage.start()
+        try:
+            self.merge()
+        except Stopped:
+            pass
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            for stage in stages:
+                stage.join()
+            torch.set_num_threads(torch_threads)
+        for stage in stages:
+            if stage.error is not None:
+                raise stage.error
+        if not self.plan.single_file:
+            for v, layout in enumerate(self.plan.layouts):
+                small = dict(self.plan.companion_files)
+                if layout.index is not None:
+                    small = {layout.index_name: layout.index, **small}
+                folder = self.plan.variant_names[v]
+                for name, data in small.items():
+                    self.transaction.write_small(f"{folder}/{name}" if folder else name, data)
+                    self.written += len(data)
+        return self.written

@@ -78,3 +78,72 @@ class OutputError(LazyMergeError):
 
 class MissingDependencyError(LazyMergeError):
     """An optional dependency is not installed."""
+
+
+class OptionError(LazyMergeError):
+    """An option value is wrong whatever the inputs (the command line exits 2)."""
+
+
+class BinArchiveError(HeaderError):
+    """A PyTorch `.bin` archive (the zip format of `torch.save`) is malformed."""
+
+
+class BinNotZipError(BinArchiveError, InputError):
+    """A `.bin` file is not a zip archive: a legacy (pre-zip) `torch.save` file, or no checkpoint."""
+
+
+class BinZipError(BinArchiveError):
+    """The zip structure of a `.bin` archive is damaged: truncated, a bad central directory or
+    local header, a CRC mismatch, duplicate or stray records."""
+
+
+class BinLimitError(BinArchiveError):
+    """A `.bin` archive exceeds a limit that bounds memory (central directory size, data.pkl size,
+    pickle opcodes, tensors); refused before the limit is reached."""
+
+
+class BinFormatError(BinArchiveError):
+    """A `.bin` archive's `version` or `byteorder` record is missing or not one lazymerge reads."""
+
+
+class UnsafePickleError(BinArchiveError):
+    """A `.bin` pickle references something other than tensors and their storages."""
+
+
+class BinPickleError(BinArchiveError):
+    """A `.bin` archive's data.pkl is not a valid pickle, or not a flat state dict of named tensors."""
+
+
+class BinTensorError(BinArchiveError):
+    """A `.bin` tensor's shape, strides or storage offset are not non-negative integers, overflow
+    64 bits, or are not contiguous."""
+
+
+class BinStorageError(BinArchiveError):
+    """A `.bin` tensor's storage record is missing, compressed, of the wrong size, used with two
+    dtypes, or does not hold the tensor's bytes."""
+
+
+class TokenizerFileError(InputError):
+    """A tokenizer file (tokenizer.json, tokenizer_config.json, added_tokens.json, tokenizer.model)
+    is malformed: wrong types, negative or duplicate ids, not UTF-8 JSON."""
+
+
+class ConfigFileError(InputError):
+    """A model folder's config.json is malformed or a field lazymerge uses has the wrong type."""
+
+
+class VocabularyMismatchError(IncompatibleInputsError):
+    """A model folder's tokenizer ids or config vocab_size disagree with its embedding's rows."""
+
+
+class EvalDataError(InputError):
+    """An evaluation data file (JSON Lines) is malformed."""
+
+
+class PairFileError(EvalDataError):
+    """A pair file (RewardBench or Auto-J rows) is malformed or holds no pair to score."""
+
+
+class CandidateFileError(EvalDataError):
+    """A best-of-N candidate file is malformed or holds no prompt."""

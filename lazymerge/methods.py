@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where the arithmetic runs: the CLI's option checks stay light
+    import torch
 
-MethodFn = Callable[..., torch.Tensor]
+MethodFn = Callable[..., "torch.Tensor"]
 #: Gives the uniform [0, 1) draws of one input for the current chunk, keyed by element position.
-RandomFn = Callable[[int], torch.Tensor]
+RandomFn = Callable[[int], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ def _dare(deltas: Sequence[torch.Tensor], density: float, rand: RandomFn) -> Non
 def _sign_consensus_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """TIES' elect-and-merge: keep, per element, the deltas agreeing with the sign of their
     weighted sum, and average those with their weights."""
+    import torch
+
     weighted = [d * w for d, w in zip(deltas, weights, strict=True)]
     sign = torch.sign(torch.stack(weighted).sum(0))
     total = torch.zeros_like(deltas[0])
@@ -151,6 +155,8 @@ def ties(
     **_: object,
 ) -> torch.Tensor:
     """base + TIES: keep each delta's top `density` fraction by magnitude, then sign-consensus merge."""
+    import torch
+
     deltas = _deltas(tensors, base)
     for delta in deltas:
         k = int(round(density * delta.numel()))
@@ -170,6 +176,8 @@ def slerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object
     The angle comes from the normalised tensors; nearly parallel tensors (|cos| > 0.9995) and
     zero tensors fall back to linear interpolation.
     """
+    import torch
+
     v0, v1 = tensors
     t = float(weights[1])
     a, b = v0.reshape(-1).double(), v1.reshape(-1).double()
@@ -192,6 +200,7 @@ def position_uniform(key: int, start: int, count: int) -> torch.Tensor:
     A counter-based generator (SplitMix64 of key + position): the draw of an element depends only
     on the key and its position, so any chunking of a tensor gives the same draws.
     """
+    import torch
 
     def lsr(x: torch.Tensor, k: int) -> torch.Tensor:  # logical shift right of int64 bit patterns
         return (x >> k) & ((1 << (64 - k)) - 1)

@@ -11,26 +11,23 @@ handed to the engine, which only follows it. Two kinds of merge are planned here
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lazymerge import __version__
-from lazymerge.errors import IncompatibleInputsError, LazyMergeError
+from lazymerge.errors import IncompatibleInputsError, OptionError
 from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES, TensorInfo, is_float, itemsize
+from lazymerge.io.hf_folder import output_companion_files
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
-from lazymerge.methods import METHODS
-
-#: Default working-memory budget for tensor data in flight (see README, "Memory").
-DEFAULT_MAX_MEMORY = 256 * 2**20
-DEFAULT_SHARD_SIZE = 5 * 10**9
-#: Input buffer sets alive at once: one being read, one queued, one being merged.
-SLOTS = 3
-#: Output buffer sets alive at once: being merged, queued, being written, queued, being hashed.
-OUTPUT_SLOTS = 4
+from lazymerge.methods import METHODS, MergeMethod
+from lazymerge.options import MergeOptions
+from lazymerge.workspace import BASELINE_RSS, buffer_sizes, size_chunks
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,7 +36,6 @@ class TensorPlan:
 
     Attributes:
         sources: one entry per input, None where that input does not contribute.
-        weights: one weight per input (0 where it does not contribute).
         action: "merge" (float method over the sources), "copy" (one source, or non-float
             tensors that all sources must hold identically) or "rows" (an embedding whose output
             rows are gathered by token from each source, see `row_maps`).
@@ -53,7 +49,6 @@ class TensorPlan:
     shape: tuple[int, ...]
     action: str
     sources: tuple[TensorInfo | None, ...]
-    weights: tuple[float, ...]
     row_maps: tuple[np.ndarray | None, ...] | None = None
     note: str = ""
 
@@ -72,23 +67,38 @@ class TensorPlan:
 
 @dataclass(frozen=True, eq=False)
 class MergePlan:
+    """Everything a merge will do, decided from headers, configs and tokenizers alone.
+
+    The single source of truth for what a run produces: which files (per output of a sweep:
+    shards, index, companion files), which tensors in each, how many bytes, how much working
+    memory. The engine executes it; the report reads from it.
+    """
+
     inputs: tuple[str, ...]
-    weights: tuple[float, ...]
+    #: Role of each input ("reward model", "domain model", "base model" or "input").
+    roles: tuple[str, ...]
     method: str
     tensors: dict[str, TensorPlan]
-    layout: OutputLayout
-    max_memory: int
+    #: One weight vector per output (input order, 0 for a base model); several for a sweep.
+    variants: tuple[tuple[float, ...], ...]
+    #: Sub-folder of each output ("" for a single output).
+    variant_names: tuple[str, ...]
+    #: The file layout of each output (they differ only in header metadata).
+    layouts: tuple[OutputLayout, ...]
+    destination: Path
+    #: True when the output is one .safetensors file (no index, no companion files).
+    single_file: bool
     #: Elements per chunk, the same for every tensor; tensors up to this size go whole.
     chunk_elems: int
+    #: Elements per block of elementwise arithmetic.
+    block_elems: int
     #: Largest bytes per element of each input and of the output, over all tensors.
     input_itemsizes: tuple[int, ...]
     output_itemsize: int
-    #: Role of each input ("reward model", "domain model", or "input").
-    roles: tuple[str, ...] = ()
     #: Input tensors left out of the output, with the reason.
     dropped: tuple[str, ...] = ()
-    #: Small files written beside the weights (config, tokenizer), name -> bytes.
-    extra_files: dict[str, bytes] = field(default_factory=dict)
+    #: Small files written beside the weights of each output (config, tokenizer), name -> bytes.
+    companion_files: dict[str, bytes] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     #: Index of the base model among the inputs (task-vector methods), weight 0.
     base_index: int | None = None
@@ -96,21 +106,37 @@ class MergePlan:
     seed: int = 0
     #: Stop on NaN or Inf in a merged tensor instead of warning.
     check_finite: bool = False
-    #: One weight vector per output; several for a sweep (one read, many outputs).
-    variants: tuple[tuple[float, ...], ...] = ()
-    #: Sub-folder of each variant's output ("" for a single output).
-    variant_names: tuple[str, ...] = ("",)
-    #: The file layout of each variant (they differ only in header metadata).
-    layouts: tuple[OutputLayout, ...] = ()
+
+    @property
+    def method_spec(self) -> MergeMethod:
+        return METHODS[self.method]
 
     @property
     def input_bytes(self) -> int:
         return sum(s.nbytes for t in self.tensors.values() for _, s in t.present())
 
+    def output_files(self) -> list[tuple[str, int]]:
+        """(path relative to the destination, bytes) of every file the merge writes, in order;
+        a single-file output is one entry: its own name."""
+        if self.single_file:
+            return [(self.destination.name, self.layouts[0].total_bytes)]
+        files: list[tuple[str, int]] = []
+        for folder, layout in zip(self.variant_names, self.layouts, strict=True):
+            prefix = f"{folder}/" if folder else ""
+            files.extend((prefix + s.filename, s.file_bytes) for s in layout.shards)
+            if layout.index is not None:
+                files.append((prefix + layout.index_name, len(layout.index)))
+            files.extend((prefix + name, len(data)) for name, data in self.companion_files.items())
+        return files
+
+    def output_paths(self) -> list[Path]:
+        if self.single_file:
+            return [self.destination]
+        return [self.destination / name for name, _ in self.output_files()]
+
     @property
     def output_bytes(self) -> int:
-        extra = sum(len(b) for b in self.extra_files.values())
-        return sum(layout.total_bytes + extra for layout in self.layouts)
+        return sum(size for _, size in self.output_files())
 
     @property
     def parameters(self) -> int:
@@ -118,15 +144,9 @@ class MergePlan:
 
     @property
     def working_memory(self) -> int:
-        """Bytes of the engine's buffers for every chunk in flight: at most max_memory, unless a
-        method needs whole tensors larger than the budget allows."""
-        return self.buffer_elems * self.elem_cost
-
-    @property
-    def elem_cost(self) -> int:
-        return chunk_cost(
-            self.input_itemsizes, self.output_itemsize, len(self.variants), METHODS[self.method].scratch_bytes
-        )
+        """Bytes of the engine's buffers (see `lazymerge.workspace`): at most the budget, unless
+        a method needs whole tensors larger than the budget allows."""
+        return buffer_sizes(self).total
 
     @property
     def buffer_elems(self) -> int:
@@ -136,7 +156,7 @@ class MergePlan:
     def chunk_len(self, tensor: TensorPlan) -> int:
         """Elements per chunk of this tensor: whole rows for "rows" tensors, the whole tensor
         for methods that are not elementwise."""
-        if tensor.action == "merge" and not METHODS[self.method].elementwise:
+        if tensor.action == "merge" and not self.method_spec.elementwise:
             return max(1, tensor.numel)
         unit = tensor.row_elems
         return max(unit, self.chunk_elems // unit * unit)
@@ -144,12 +164,48 @@ class MergePlan:
     def chunks(self, tensor: TensorPlan) -> int:
         return math.ceil(tensor.numel / self.chunk_len(tensor))
 
+    @property
+    def predicted_peak_rss(self) -> int:
+        return self.working_memory + BASELINE_RSS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as `lazymerge plan --json` prints it."""
+        rows = [t.shape[0] for t in self.tensors.values() if t.action == "rows"]
+        return {
+            "output": str(self.destination),
+            "method": self.method,
+            "inputs": list(self.inputs),
+            "roles": list(self.roles),
+            "weights": [list(v) for v in self.variants] if len(self.variants) > 1 else list(self.variants[0]),
+            "files": [name for name, _ in self.output_files()],
+            "tensors": [
+                {
+                    "name": t.name,
+                    "action": t.action,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "chunks": self.chunks(t),
+                    "note": t.note,
+                }
+                for s in self.layouts[0].shards
+                for t in (self.tensors[x.name] for x in s.tensors)
+            ],
+            "dropped": list(self.dropped),
+            "notes": list(self.notes),
+            "vocab_size": rows[0] if rows else None,
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "working_memory": self.working_memory,
+            "predicted_peak_rss": self.predicted_peak_rss,
+        }
+
     def describe(self) -> str:
-        lines = [f"method {self.method}"]
+        lines = [f"output {self.destination}", f"method {self.method}"]
         for i, name in enumerate(self.inputs):
-            role = f" ({self.roles[i]})" if self.roles else ""
-            lines.append(f"  input {i}: {name}{role}, weight {self.weights[i]:g}")
-        for shard in self.layout.shards:
+            weights = "/".join(f"{v[i]:g}" for v in self.variants)
+            lines.append(f"  input {i}: {name} ({self.roles[i]}), weight {weights}")
+        layout = self.layouts[0]
+        for shard in layout.shards:
             lines.append(f"{shard.filename}: {len(shard.tensors)} tensors, {shard.file_bytes} bytes")
             for t in shard.tensors:
                 tp = self.tensors[t.name]
@@ -161,26 +217,20 @@ class MergePlan:
                     f"{self.chunks(tp)} chunk(s){note}"
                 )
         lines.extend(f"  dropped {d}" for d in self.dropped)
-        lines.extend(f"  wrote file {name}" for name in self.extra_files)
+        if layout.index is not None:
+            lines.append(f"  will write index {layout.index_name}")
+        lines.extend(f"  will write file {name}" for name in self.companion_files)
+        if len(self.variant_names) > 1:
+            lines.append(
+                f"  the same files in each of {len(self.variant_names)} folders: {', '.join(self.variant_names)}"
+            )
         lines.extend(f"note: {n}" for n in self.notes)
         lines.append(
             f"{len(self.tensors)} tensors, {self.parameters} parameters; reads {self.input_bytes} bytes, "
-            f"writes {self.output_bytes} bytes; working memory about {self.working_memory} bytes"
+            f"writes {self.output_bytes} bytes in {len(self.output_files())} file(s); "
+            f"working memory about {self.working_memory} bytes"
         )
         return "\n".join(lines)
-
-
-def chunk_cost(
-    input_itemsizes: Sequence[int], output_itemsize: int, outputs: int = 1, scratch: int = 0
-) -> int:
-    """Bytes of working memory per chunk element: raw input sets, fp32 copies, method scratch and
-    output buffers (one per output of a sweep)."""
-    return (
-        SLOTS * sum(input_itemsizes)
-        + 4 * len(input_itemsizes)
-        + scratch
-        + OUTPUT_SLOTS * output_itemsize * outputs
-    )
 
 
 def first_mismatches(names: Sequence[str], limit: int = 3) -> str:
@@ -236,88 +286,15 @@ def output_dtype(sources: Sequence[TensorInfo | None], dtype: str) -> tuple[str,
     return "copy", first.dtype
 
 
-def plain_tensor_plans(
-    checkpoints: Sequence[Checkpoint], weights: Sequence[float], dtype: str
-) -> dict[str, TensorPlan]:
+def plain_tensor_plans(checkpoints: Sequence[Checkpoint], dtype: str) -> dict[str, TensorPlan]:
     """Every tensor merged across every input (the inputs must hold the same tensors)."""
     check_compatible(checkpoints)
     plans = {}
     for name, first in checkpoints[0].items():
         sources = tuple(c[name] for c in checkpoints)
         action, out_dtype = output_dtype(sources, dtype)
-        plans[name] = TensorPlan(name, out_dtype, first.shape, action, sources, tuple(weights))
+        plans[name] = TensorPlan(name, out_dtype, first.shape, action, sources)
     return plans
-
-
-def validate_options(
-    n_inputs: int, weights: Sequence[float], method: str, dtype: str, max_memory: int, shard_size: int
-) -> None:
-    if n_inputs < 2:
-        raise LazyMergeError("a merge needs at least two inputs")
-    if len(weights) != n_inputs:
-        raise LazyMergeError(f"{len(weights)} weights given for {n_inputs} inputs; give one per input")
-    if method not in METHODS:
-        raise LazyMergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
-    if dtype != "auto" and dtype not in OUTPUT_DTYPE_CHOICES:
-        raise LazyMergeError(f"unknown dtype {dtype!r}; choose auto, {', '.join(OUTPUT_DTYPE_CHOICES)}")
-    if max_memory <= 0 or shard_size <= 0:
-        raise LazyMergeError("--max-memory and --shard-size must be positive")
-
-
-def assemble_plan(
-    checkpoints: Sequence[Checkpoint],
-    variants: Sequence[Sequence[float]],
-    tensors: dict[str, TensorPlan],
-    *,
-    method: str,
-    single_file: str | None,
-    shard_size: int,
-    max_memory: int,
-    variant_names: Sequence[str] = ("",),
-    **extra: Any,
-) -> MergePlan:
-    """Size the chunks and lay out the output files for a set of tensor plans.
-
-    Args:
-        variants: one weight vector per output (one per input, 0 for a base model).
-        variant_names: the sub-folder of each output, "" for a single output.
-    """
-    n = len(checkpoints)
-    # one chunk size for all tensors, so the reusable buffers fit the budget whatever the dtypes
-    input_itemsizes = tuple(
-        max((s.itemsize for t in tensors.values() if (s := t.sources[i]) is not None), default=1)
-        for i in range(n)
-    )
-    output_itemsize = max((itemsize(t.dtype) for t in tensors.values()), default=1)
-    largest = max((t.numel for t in tensors.values()), default=1)
-    cost = chunk_cost(input_itemsizes, output_itemsize, len(variants), METHODS[method].scratch_bytes)
-    chunk_elems = max(1, min(largest, max_memory // cost))
-    outputs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors.values()]
-    layouts = []
-    for weights in variants:
-        metadata = {
-            "format": "pt",
-            "lazymerge_version": __version__,
-            "lazymerge_method": method,
-            "lazymerge_weights": ",".join(repr(float(w)) for w in weights),
-            "lazymerge_inputs": ",".join(str(c.path.name) for c in checkpoints),
-        }
-        layouts.append(plan_layout(outputs, metadata, single_file, shard_size))
-    return MergePlan(
-        inputs=tuple(str(c.path) for c in checkpoints),
-        weights=tuple(float(w) for w in variants[0]),
-        method=method,
-        tensors=tensors,
-        layout=layouts[0],
-        max_memory=max_memory,
-        chunk_elems=chunk_elems,
-        input_itemsizes=input_itemsizes,
-        output_itemsize=output_itemsize,
-        variants=tuple(tuple(float(w) for w in v) for v in variants),
-        variant_names=tuple(variant_names),
-        layouts=tuple(layouts),
-        **extra,
-    )
 
 
 def attach_base(tensors: dict[str, TensorPlan], base: Checkpoint) -> tuple[dict[str, TensorPlan], list[str]]:
@@ -343,8 +320,108 @@ def attach_base(tensors: dict[str, TensorPlan], base: Checkpoint) -> tuple[dict[
             check_same_tensor(name, first, first.path, base[name], base.path)
             src = base[name]
         row_maps = None if tp.row_maps is None else (*tp.row_maps, None)
-        out[name] = TensorPlan(
-            tp.name, tp.dtype, tp.shape, tp.action, (*tp.sources, src), (*tp.weights, 0.0), row_maps, tp.note
-        )
+        out[name] = TensorPlan(tp.name, tp.dtype, tp.shape, tp.action, (*tp.sources, src), row_maps, tp.note)
     unused = sorted(n for n in base if n not in out or out[n].action != "merge")
     return out, [f"{n} of {base.path} (base model, not averaged)" for n in unused]
+
+
+def default_output(inputs: Sequence[str | os.PathLike[str]]) -> Path:
+    """`merged.safetensors` for file inputs, `merged` (a folder) when any input is a folder."""
+    if any(Path(p).is_dir() for p in inputs):
+        return Path("merged")
+    return Path("merged.safetensors")
+
+
+def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destination: Path) -> MergePlan:
+    """Plan a merge of opened inputs: the recipe, the weights of every output, the files and
+    the memory. The base model, when `options.base` is set, is the last checkpoint.
+
+    Raises:
+        OptionError for options that do not fit these inputs; IncompatibleInputsError when the
+        inputs do not line up; HeaderError and its kin from configs and tokenizers.
+    """
+    # the DogeRM recipe builds on this module's tensor plans, hence the import here
+    from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
+
+    n = len(checkpoints) - (options.base is not None)
+    options.check_inputs(n)
+    single_file = destination.name.endswith(".safetensors")
+    if options.is_sweep and single_file:
+        raise OptionError(f"{destination}: a sweep writes one folder per alpha; give a folder as output")
+    models = [ModelInput.open(c) for c in checkpoints[:n]]
+    rm_index = find_reward_model(models, options.rm)
+    if rm_index is None:
+        tensors = plain_tensor_plans(checkpoints[:n], options.dtype)
+        companions = output_companion_files(models[0].folder, [], None)
+        dropped: tuple[str, ...] = ()
+        notes: tuple[str, ...] = ()
+        roles: tuple[str, ...] = ("input",) * n
+    else:
+        recipe = plan_reward_merge(models, rm_index, dtype=options.dtype, strict=options.strict)
+        tensors, companions = recipe.tensors, recipe.extra_files
+        dropped, notes, roles = recipe.dropped, recipe.notes, recipe.roles
+    variants = options.weight_vectors(n, rm_index)
+    base_index = None
+    if options.base is not None:
+        tensors, unused = attach_base(tensors, checkpoints[n])
+        dropped = (*dropped, *unused)
+        roles = (*roles, "base model")
+        variants = [(*v, 0.0) for v in variants]
+        base_index = n
+    input_itemsizes = tuple(
+        max((s.itemsize for t in tensors.values() if (s := t.sources[i]) is not None), default=1)
+        for i in range(len(checkpoints))
+    )
+    output_itemsize = max((itemsize(t.dtype) for t in tensors.values()), default=1)
+    method = METHODS[options.method]
+    chunk_elems, block_elems = size_chunks(
+        options.max_memory,
+        max((t.numel for t in tensors.values()), default=1),
+        input_itemsizes,
+        output_itemsize,
+        len(variants),
+        method.scratch_bytes,
+        options.block_elems,
+    )
+    if options.chunk_elems is not None:
+        chunk_elems = options.chunk_elems
+    outputs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors.values()]
+    layouts = []
+    for weights in variants:
+        metadata = {
+            "format": "pt",
+            "lazymerge_version": __version__,
+            "lazymerge_method": options.method,
+            "lazymerge_weights": ",".join(repr(float(w)) for w in weights),
+            "lazymerge_inputs": ",".join(metadata_name(c.path) for c in checkpoints),
+        }
+        layouts.append(
+            plan_layout(outputs, metadata, destination.name if single_file else None, options.shard_size)
+        )
+    return MergePlan(
+        inputs=tuple(str(c.path) for c in checkpoints),
+        roles=roles,
+        method=options.method,
+        tensors=tensors,
+        variants=tuple(tuple(float(w) for w in v) for v in variants),
+        variant_names=options.variant_names(),
+        layouts=tuple(layouts),
+        destination=destination,
+        single_file=single_file,
+        chunk_elems=chunk_elems,
+        block_elems=block_elems,
+        input_itemsizes=input_itemsizes,
+        output_itemsize=output_itemsize,
+        dropped=dropped,
+        companion_files={} if single_file else dict(companions),
+        notes=notes,
+        base_index=base_index,
+        density=options.density,
+        seed=options.seed,
+        check_finite=options.check_finite,
+    )
+
+
+def metadata_name(path: Path) -> str:
+    """A file name as valid UTF-8 for header metadata: undecodable bytes become `\\xNN` escapes."""
+    return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -124,7 +124,7 @@ class RewardMergePlan:
 
 
 def plan_reward_merge(
-    models: Sequence[ModelInput], weights: Sequence[float], rm: int, dtype: str = "auto", strict: bool = False
+    models: Sequence[ModelInput], rm: int, dtype: str = "auto", strict: bool = False
 ) -> RewardMergePlan:
     """Decide every output tensor of a reward-model merge from headers, configs and tokenizers.
 
@@ -150,14 +150,12 @@ def plan_reward_merge(
                     )
             sources = tuple(m.checkpoint[name] for m in models)
             if name.endswith(EMBEDDINGS):
-                tensors[name], rows_appended, note = _embedding_plan(name, models, weights, rm, dtype, strict)
+                tensors[name], rows_appended, note = _embedding_plan(name, models, rm, dtype, strict)
                 appended = appended or rows_appended
                 notes.append(note)
             else:
                 action, out_dtype = output_dtype(sources, dtype)
-                tensors[name] = TensorPlan(
-                    name, out_dtype, rm_ckpt[name].shape, action, sources, tuple(weights)
-                )
+                tensors[name] = TensorPlan(name, out_dtype, rm_ckpt[name].shape, action, sources)
         elif holders == [rm] and name.startswith(REWARD_HEADS):
             src = rm_ckpt[name]
             head_sources = tuple(src if i == rm else None for i in range(len(models)))
@@ -167,7 +165,6 @@ def plan_reward_merge(
                 src.shape,
                 "copy",
                 head_sources,
-                tuple(1.0 if i == rm else 0.0 for i in range(len(models))),
                 note="reward head, kept from the reward model",
             )
         elif rm not in holders and name.startswith(LM_HEADS):
@@ -187,7 +184,7 @@ def plan_reward_merge(
 
 
 def _embedding_plan(
-    name: str, models: Sequence[ModelInput], weights: Sequence[float], rm: int, dtype: str, strict: bool
+    name: str, models: Sequence[ModelInput], rm: int, dtype: str, strict: bool
 ) -> tuple[TensorPlan, list[tuple[str, int, dict[str, Any] | None]], str]:
     infos = [m.checkpoint[name] for m in models]
     rm_info = infos[rm]
@@ -269,7 +266,6 @@ def _embedding_plan(
         (len(maps[0]), *hidden),
         "rows",
         tuple(infos),
-        tuple(weights),
         row_maps=tuple(maps),
         note=note,
     )

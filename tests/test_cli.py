@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from lazymerge.cli import main, parse_size
+from lazymerge.errors import OptionError
 from tests.conftest import load_any, reference_merge
 
 
@@ -146,7 +147,13 @@ def test_existing_output_needs_force(tmp_path: Path, pair) -> None:
     out.write_bytes(b"old")
     result = run_cli("run", str(pa), str(pb), "-o", str(out))
     assert result.returncode == 1 and "already exists; pass --force" in result.stderr
+    # --force replaces only what lazymerge wrote: a user's file is never clobbered
+    result = run_cli("run", str(pa), str(pb), "-o", str(out), "--force")
+    assert result.returncode == 1 and "only outputs lazymerge wrote" in result.stderr
     assert out.read_bytes() == b"old"
+    out.unlink()
+    assert run_cli("run", str(pa), str(pb), "-o", str(out), "--alpha", "0.1", "-q").returncode == 0
+    assert run_cli("run", str(pa), str(pb), "-o", str(out), "-q").returncode == 1
     result = run_cli("run", str(pa), str(pb), "-o", str(out), "--force", "-q")
     assert result.returncode == 0
     assert torch.equal(load_any(out)["w"], reference_merge([a, b], [0.5, 0.5])["w"])
@@ -154,9 +161,15 @@ def test_existing_output_needs_force(tmp_path: Path, pair) -> None:
     outdir.mkdir()
     (outdir / "stale.txt").write_text("x")
     assert run_cli("run", str(pa), str(pb), "-o", str(outdir)).returncode == 1
+    assert run_cli("run", str(pa), str(pb), "-o", str(outdir), "--force", "-q").returncode == 1
+    assert listing(outdir) == ["stale.txt"]
+    (outdir / "stale.txt").unlink()
+    outdir.rmdir()
+    assert run_cli("run", str(pa), str(pb), "-o", str(outdir), "--alpha", "0.2", "-q").returncode == 0
     assert run_cli("run", str(pa), str(pb), "-o", str(outdir), "--force", "-q").returncode == 0
     assert listing(outdir) == ["model.safetensors"]
-    assert not [p for p in listing(tmp_path) if "lazymerge-tmp" in p]
+    assert torch.equal(load_any(outdir)["w"], reference_merge([a, b], [0.5, 0.5])["w"])
+    assert not [p for p in listing(tmp_path) if "lazymerge-tmp" in p or "lazymerge-lock" in p]
 
 
 def test_bad_header_error_names_file(tmp_path: Path, pair) -> None:
@@ -200,8 +213,9 @@ def test_parse_size() -> None:
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("256MiB") == 256 * 2**20
     assert parse_size("1000") == 1000
-    with pytest.raises(ValueError):
-        parse_size("0")
+    for bad in ("0", "lots", "5XB", "1e3", "2PB"):
+        with pytest.raises(OptionError):
+            parse_size(bad)
 
 
 def test_demo_runs_and_verifies(tmp_path: Path) -> None:

@@ -39,6 +39,20 @@ def key(seed: int, name: str, index: int) -> int:
     )
 
 
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def splitmix_uniform(key: int, count: int) -> np.ndarray:
+    """The documented DARE draws, written independently of lazymerge: element p draws the top 24
+    bits of SplitMix64's output function applied to key + p * golden ratio (mod 2^64), / 2^24."""
+    with np.errstate(over="ignore"):
+        z = np.arange(count, dtype=np.uint64) * np.uint64(GOLDEN) + np.uint64(key)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(40)).astype(np.float64) / float(1 << 24)
+
+
 def np64(t: torch.Tensor) -> np.ndarray:
     return t.double().numpy()
 
@@ -65,7 +79,7 @@ def reference(method: str, base, inputs, weights, density=0.5, seed=0) -> dict[s
         elif method in ("dare_linear", "dare_ties"):
             dropped = []
             for i, d in enumerate(deltas):
-                u = position_uniform(key(seed, name, i), 0, d.size).double().numpy().reshape(d.shape)
+                u = splitmix_uniform(key(seed, name, i), d.size).reshape(d.shape)
                 dropped.append(np.where(u < density, d / density, 0.0))
             if method == "dare_linear":
                 out[name] = b + sum(w * d for w, d in zip(weights, dropped, strict=True))
@@ -107,6 +121,10 @@ def test_dare_depends_on_seed_not_chunking(tmp_path: Path, trio) -> None:
     assert all(torch.equal(runs[1, 1 << 30][k], runs[1, 500][k]) for k in runs[1, 500])
     assert not torch.equal(runs[1, 1 << 30]["w"], runs[2, 1 << 30]["w"])
     u = position_uniform(12345, 0, 200_000)
+    np.testing.assert_array_equal(u.double().numpy(), splitmix_uniform(12345, 200_000))
+    np.testing.assert_array_equal(
+        position_uniform(7, 1000, 50).double().numpy(), splitmix_uniform(7, 1050)[1000:]
+    )
     assert (
         0.0 <= float(u.min()) and float(u.max()) < 1.0 and abs(float((u < 0.3).float().mean()) - 0.3) < 0.01
     )
@@ -147,13 +165,10 @@ def test_method_argument_errors(tmp_path: Path, trio) -> None:
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "dare_ties"])
-def test_compute_blocks_match_reference(tmp_path: Path, trio, monkeypatch, method: str) -> None:
-    import lazymerge.engine as engine
-
-    monkeypatch.setattr(engine, "COMPUTE_BLOCK", 13)
+def test_compute_blocks_match_reference(tmp_path: Path, trio, method: str) -> None:
     pbase, pa, pb, base, a, b = trio
     out = tmp_path / "out.safetensors"
-    merge([pa, pb], out, weights=[0.6, 0.4], method=method, base=pbase, density=0.7, seed=3)
+    merge([pa, pb], out, weights=[0.6, 0.4], method=method, base=pbase, density=0.7, seed=3, block_elems=13)
     want = reference(method, base, [a, b], [0.6, 0.4], density=0.7, seed=3)
     got = load_any(out)
     for name, value in want.items():

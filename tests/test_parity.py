@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 
 from lazymerge import merge
-from lazymerge.plan import chunk_cost
 from tests.conftest import load_any, reference_merge, write_sharded
 
 
@@ -53,11 +52,10 @@ def test_chunk_boundaries_do_not_change_result(tmp_path: Path, save) -> None:
     a, b = random_tensors(3, torch.bfloat16), random_tensors(4, torch.bfloat16)
     pa, pb = save("a.safetensors", a), save("b.safetensors", b)
     outputs = []
-    cost = chunk_cost([2, 2], 2)
     # chunks of 1, 7 and 25 elements, and whole tensors
-    for i, budget in enumerate([cost, 7 * cost, 25 * cost + 3, 1 << 30]):
+    for i, chunk in enumerate([1, 7, 25, None]):
         out = tmp_path / f"out{i}.safetensors"
-        merge([pa, pb], out, alpha=0.6, max_memory=budget)
+        merge([pa, pb], out, alpha=0.6, chunk_elems=chunk)
         outputs.append(out.read_bytes())
     assert all(o == outputs[0] for o in outputs[1:])
     assert_same(load_any(tmp_path / "out0.safetensors"), reference_merge([a, b], [0.4, 0.6]))
@@ -98,7 +96,9 @@ def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
     assert shards == sorted(p.name for p in out.glob("*.safetensors"))
     assert all(s.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in a.values())
-    assert len(report.files) == len(shards)
+    # the report lists every file the plan wrote (shards, then the index) and their bytes
+    assert [Path(f).name for f in report.files] == [*shards, "model.safetensors.index.json"]
+    assert report.bytes_written == sum(Path(f).stat().st_size for f in report.files)
     assert_same(load_any(out), reference_merge([a, b], [0.75, 0.25]))
 
 
@@ -164,10 +164,7 @@ def test_layout_orders_by_dtype_size_then_name(tmp_path: Path, save) -> None:
 
 
 @pytest.mark.parametrize("block", [1, 5, 64])
-def test_compute_blocks_do_not_change_result(tmp_path: Path, save, monkeypatch, block: int) -> None:
-    import lazymerge.engine as engine
-
-    monkeypatch.setattr(engine, "COMPUTE_BLOCK", block)
+def test_compute_blocks_do_not_change_result(tmp_path: Path, save, block: int) -> None:
     a, b, c = (
         random_tensors(21, torch.bfloat16),
         random_tensors(22, torch.float16),
@@ -179,6 +176,7 @@ def test_compute_blocks_do_not_change_result(tmp_path: Path, save, monkeypatch, 
         out,
         weights=[0.2, 0.5, 0.3],
         max_memory=3000,
+        block_elems=block,
     )
     assert_same(load_any(out), reference_merge([a, b, c], [0.2, 0.5, 0.3]))
 

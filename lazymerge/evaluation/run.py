@@ -120,7 +120,7 @@ def run_sweep(
     rows = []
     for alpha in alphas:
         merged = out / f"alpha-{alpha:g}"
-        report = merge(list(inputs), merged, alpha=alpha, force=True, **(merge_options or {}))
+        report = merge(list(inputs), merged, alpha=alpha, **(merge_options or {}))
         try:
             test = evaluate_pairs(merged, pairs_file, progress=progress, **load)
             val = evaluate_pairs(merged, val_pairs, progress=progress, **load) if val_pairs else None

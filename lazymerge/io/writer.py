@@ -16,13 +16,15 @@ import os
 import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lazymerge.errors import OutputError
 from lazymerge.io.dtypes import itemsize
 
 TEMP_MARK = ".lazymerge-tmp-"
+#: The index of a sharded output, as Hugging Face names it.
+INDEX_NAME = "model.safetensors.index.json"
 #: Shard metadata key holding the SHA-256 of the shard's tensor data (checked by `lazymerge verify`).
 DATA_HASH_KEY = "lazymerge_data_sha256"
 #: Written in the header first and overwritten in place once the data is written and hashed.
@@ -65,7 +67,7 @@ class OutputLayout:
 
     shards: tuple[ShardLayout, ...]
     index: bytes | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
+    index_name: str = INDEX_NAME
 
     @property
     def total_bytes(self) -> int:
@@ -108,7 +110,7 @@ def plan_layout(
     metadata = {**metadata, DATA_HASH_KEY: _HASH_PLACEHOLDER}
     if single_file is not None:
         return OutputLayout(
-            (ShardLayout(single_file, tuple(ordered), encode_header(ordered, metadata)),), None, metadata
+            (ShardLayout(single_file, tuple(ordered), encode_header(ordered, metadata)),), None
         )
     groups: list[list[OutputTensor]] = [[]]
     size = 0
@@ -120,9 +122,7 @@ def plan_layout(
         size += t.nbytes
     if len(groups) == 1:
         return OutputLayout(
-            (ShardLayout("model.safetensors", tuple(ordered), encode_header(ordered, metadata)),),
-            None,
-            metadata,
+            (ShardLayout("model.safetensors", tuple(ordered), encode_header(ordered, metadata)),), None
         )
     count = len(groups)
     shards = tuple(
@@ -134,7 +134,7 @@ def plan_layout(
         "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
     }
     index = (json.dumps(index_doc, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    return OutputLayout(shards, index, metadata)
+    return OutputLayout(shards, index)
 
 
 def _os_error_message(path: Path, doing: str, exc: OSError) -> str:
@@ -269,6 +269,89 @@ def remove_stale_temporaries(destination: Path) -> list[Path]:
     return removed
 
 
+LOCK_MARK = ".lazymerge-lock"
+
+
+class DestinationLock:
+    """An exclusive lock on one destination, held while a merge writes it.
+
+    A lock file beside the destination, locked with `flock`: the kernel drops the lock when
+    the process dies, so a killed run never blocks the next one.
+    """
+
+    def __init__(self, destination: Path):
+        import fcntl
+
+        self.path = destination.parent / f".{destination.name}{LOCK_MARK}"
+        try:
+            self.fd: int | None = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
+            )
+        except OSError as exc:
+            raise OutputError(_os_error_message(self.path, "creating the lock file", exc)) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise OutputError(
+                f"{destination}: another lazymerge run is writing this destination; wait for it or "
+                "choose another output"
+            ) from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _written_by_lazymerge(path: Path) -> bool:
+    """True when `path` is a safetensors file whose header lazymerge wrote."""
+    from lazymerge.errors import LazyMergeError
+    from lazymerge.io.reader import read_header_file
+
+    try:
+        return "lazymerge_version" in read_header_file(path).metadata
+    except LazyMergeError:
+        return False
+
+
+def is_lazymerge_output(path: Path) -> bool:
+    """True for a file or folder lazymerge wrote: a .safetensors file with lazymerge's header
+    metadata, or a folder whose weights (directly or one folder down, for sweeps) all are."""
+    if path.is_symlink():
+        return False
+    if path.is_file():
+        return path.name.endswith(".safetensors") and _written_by_lazymerge(path)
+    if not path.is_dir():
+        return False
+    shards = [*path.glob("*.safetensors"), *path.glob("*/*.safetensors")]
+    return bool(shards) and all(_written_by_lazymerge(p) for p in shards)
+
+
+def check_destination(destination: Path, single_file: bool, force: bool) -> None:
+    """The output rule for existing paths: never replaced without `force`, and `force` replaces
+    only what lazymerge itself wrote, of the same kind (file or folder).
+
+    Raises:
+        OutputError
+    """
+    if not (destination.exists() or destination.is_symlink()):
+        return
+    if not force:
+        raise OutputError(f"{destination}: already exists; pass --force to replace it")
+    if single_file and destination.is_dir():
+        raise OutputError(f"{destination}: is a folder; cannot replace it with a file")
+    if not single_file and not destination.is_dir():
+        raise OutputError(f"{destination}: is a file; cannot replace it with a folder")
+    if not is_lazymerge_output(destination):
+        raise OutputError(
+            f"{destination}: --force replaces only outputs lazymerge wrote, and this is not one; "
+            "remove it yourself or choose another output"
+        )
+
+
 class OutputTransaction:
     """A destination that appears complete or not at all.
 
@@ -280,26 +363,24 @@ class OutputTransaction:
     def __init__(self, destination: Path, single_file: bool, force: bool):
         self.destination = destination
         self.single_file = single_file
-        self.force = force
         parent = destination.parent
         if not parent.is_dir():
             raise OutputError(f"{destination}: folder {parent} does not exist")
-        if destination.exists() or destination.is_symlink():
-            if not force:
-                raise OutputError(f"{destination}: already exists; pass --force to replace it")
-            if single_file and destination.is_dir():
-                raise OutputError(f"{destination}: is a folder; cannot replace it with a file")
-            if not single_file and not destination.is_dir():
-                raise OutputError(f"{destination}: is a file; cannot replace it with a folder")
-        remove_stale_temporaries(destination)
-        tag = f"{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.temp = parent / f".{destination.name}{tag}"
-        if not single_file:
-            try:
-                self.temp.mkdir(mode=0o755)
-                os.chmod(self.temp, 0o755)
-            except OSError as exc:
-                raise OutputError(f"{self.temp}: cannot create ({exc.strerror or exc})") from None
+        self._lock = DestinationLock(destination)
+        try:
+            check_destination(destination, single_file, force)
+            remove_stale_temporaries(destination)
+            tag = f"{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.temp = parent / f".{destination.name}{tag}"
+            if not single_file:
+                try:
+                    self.temp.mkdir(mode=0o755)
+                    os.chmod(self.temp, 0o755)
+                except OSError as exc:
+                    raise OutputError(_os_error_message(self.temp, "creating", exc)) from None
+        except BaseException:
+            self._lock.release()
+            raise
         self._done = False
 
     def shard_path(self, filename: str) -> Path:
@@ -344,6 +425,7 @@ class OutputTransaction:
             ) from None
         _fsync_dir(parent)
         self._done = True
+        self._lock.release()
 
     def abort(self) -> None:
         if self._done:
@@ -356,3 +438,4 @@ class OutputTransaction:
         else:
             shutil.rmtree(self.temp, ignore_errors=True)
         self._done = True
+        self._lock.release()

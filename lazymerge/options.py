@@ -1,0 +1,269 @@
+"""Merge options: one frozen value, parsed and checked once, where options enter.
+
+The command line builds a `MergeOptions` from its flags and turns `OptionError` into a usage
+error (exit 2); the Python API accepts one (or keyword arguments that build one). Layers below
+receive the value and never re-check it. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lazymerge.errors import OptionError
+from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
+
+#: Default working-memory budget for tensor data in flight (see README, "Memory").
+DEFAULT_MAX_MEMORY = 256 * 2**20
+DEFAULT_SHARD_SIZE = 5 * 10**9
+#: Elements per block of elementwise arithmetic (4 MB of fp32 per input: cache-sized).
+DEFAULT_BLOCK_ELEMS = 1 << 20
+#: Most outputs one sweep may write (each keeps an open file and a buffer); `max_points` raises it.
+DEFAULT_MAX_POINTS = 101
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+#: Largest size accepted anywhere (1 PB): larger values are typing mistakes, and bigger numbers
+#: would overflow the 64-bit arithmetic below.
+_MAX_SIZE = 10**15
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '256MiB' -> 268_435_456, '1000' -> 1000.
+
+    Raises:
+        OptionError for anything else, zero, or more than 1 PB.
+    """
+    match = re.fullmatch(r"\s*(\d{1,16}(?:\.\d{1,16})?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise OptionError(f"{text!r} is not a size such as 5GB, 500MB or 256MiB")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise OptionError(f"{text!r} must be more than 0 bytes")
+    if value > _MAX_SIZE:
+        raise OptionError(f"{text!r} is more than 1 PB")
+    return value
+
+
+def _finite(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise OptionError(f"{what} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise OptionError(f"{what} {text!r} is not a finite number")
+    return value
+
+
+def sweep_length(start: float, stop: float, step: float) -> int:
+    """Number of values START, START+STEP, ... up to STOP included, without building them."""
+    return int(math.floor((stop - start) / step + 1e-9)) + 1
+
+
+def parse_alpha(text: str, max_points: int = DEFAULT_MAX_POINTS) -> tuple[float, ...]:
+    """'0.3' -> (0.3,); '0:1:0.25' -> (0.0, 0.25, 0.5, 0.75, 1.0) (STOP included); '0.1,0.3' -> a list.
+
+    Raises:
+        OptionError for a non-number, a non-finite value, an empty or backwards range, or more
+        than `max_points` values (checked before any list is built).
+    """
+    if "," in text:
+        values = tuple(_finite(p.strip(), "alpha") for p in text.split(","))
+        if len(values) > max_points:
+            raise OptionError(
+                f"{len(values)} alpha values; at most {max_points} (raise it with --max-points)"
+            )
+        return values
+    parts = text.split(":")
+    if len(parts) == 1:
+        return (_finite(parts[0], "alpha"),)
+    if len(parts) != 3:
+        raise OptionError(f"{text!r} is not a number, a list A,B,C or START:STOP:STEP")
+    start, stop, step = (_finite(p, "alpha") for p in parts)
+    if step <= 0 or stop < start:
+        raise OptionError(f"{text!r}: a sweep is START:STOP:STEP with STEP > 0 and STOP >= START")
+    count = sweep_length(start, stop, step)
+    if count > max_points:
+        raise OptionError(f"{text!r} gives {count} values; at most {max_points} (raise it with --max-points)")
+    values = tuple(round(start + k * step, 10) for k in range(count))
+    if len({f"{v:g}" for v in values}) != len(values):
+        raise OptionError(f"{text!r}: values closer than 6 significant digits would share an output folder")
+    return values
+
+
+def parse_weights(text: str) -> tuple[float, ...]:
+    """'0.5,0.3,0.2' -> (0.5, 0.3, 0.2); every weight a finite number."""
+    return tuple(_finite(part.strip(), "weight") for part in text.split(","))
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Everything a merge can be asked to do besides its inputs and output.
+
+    Attributes:
+        weights: one weight per input (input order); or
+        alphas: for two inputs, the weight L of the second (with a reward model: the domain
+            model's weight); one value merges once, several values sweep (one folder each).
+            Neither: 0.5 for two inputs, equal weights otherwise.
+        method: merge method name (see `lazymerge.methods`).
+        dtype: "auto" (the first input's dtype per tensor), "float32", "float16" or "bfloat16".
+        shard_size: largest data bytes per output shard (folder outputs).
+        max_memory: working-memory budget in bytes for tensor data in flight.
+        rm: index of the reward model among the inputs (default: found from config.json).
+        strict: refuse to match embedding rows by position when tokenizer files are missing.
+        base: base model for task-vector methods.
+        density: fraction of each task vector kept (ties, dare_*).
+        seed: seed of the DARE drop masks.
+        check_finite: stop on NaN or Inf in a merged tensor instead of warning.
+        chunk_elems: elements per chunk (default: the most `max_memory` allows).
+        block_elems: elements per block of elementwise arithmetic.
+        max_points: most outputs one sweep may write.
+
+    Raises:
+        OptionError (on construction) for any value that is wrong whatever the inputs.
+    """
+
+    weights: tuple[float, ...] | None = None
+    alphas: tuple[float, ...] | None = None
+    method: str = "linear"
+    dtype: str = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    max_memory: int = DEFAULT_MAX_MEMORY
+    rm: int | None = None
+    strict: bool = False
+    base: Path | None = None
+    density: float = 0.5
+    seed: int = 0
+    check_finite: bool = False
+    chunk_elems: int | None = None
+    block_elems: int = DEFAULT_BLOCK_ELEMS
+    max_points: int = field(default=DEFAULT_MAX_POINTS)
+
+    def __post_init__(self) -> None:
+        from lazymerge.methods import METHODS as METHOD_SPECS
+
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if self.alphas is not None:
+            object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        if self.base is not None:
+            object.__setattr__(self, "base", Path(self.base))
+        if self.weights is not None and self.alphas is not None:
+            raise OptionError("give --alpha or --weights, not both")
+        for name, values in (("--weights", self.weights), ("--alpha", self.alphas)):
+            if values is not None:
+                bad = [v for v in values if not math.isfinite(v)]
+                if bad:
+                    raise OptionError(f"{name}: {bad[0]} is not a finite number")
+                if sum(abs(v) for v in values) > 1e6:
+                    raise OptionError(f"{name}: weights as large as {max(values, key=abs):g} are not a merge")
+        if self.alphas is not None:
+            if not self.alphas:
+                raise OptionError("--alpha: the sweep is empty")
+            if len(self.alphas) > self.max_points:
+                raise OptionError(
+                    f"--alpha: {len(self.alphas)} values; at most {self.max_points} (raise it with --max-points)"
+                )
+            if len({f"{a:g}" for a in self.alphas}) != len(self.alphas):
+                raise OptionError("--alpha: two values print alike and would share an output folder")
+        spec = METHOD_SPECS.get(self.method)
+        if spec is None:
+            raise OptionError(
+                f"--method {self.method!r}: unknown merge method; choose from {', '.join(METHOD_SPECS)}"
+            )
+        if spec.needs_base and self.base is None:
+            raise OptionError(
+                f"--method {self.method} merges task vectors (input - base): give the base model with --base"
+            )
+        if self.base is not None and not spec.needs_base:
+            users = ", ".join(m for m, s in METHOD_SPECS.items() if s.needs_base)
+            raise OptionError(f"--base is used by task-vector methods ({users}), not by {self.method}")
+        if not (math.isfinite(self.density) and 0 < self.density <= 1):
+            raise OptionError(f"--density {self.density}: must be in (0, 1]")
+        if self.dtype != "auto" and self.dtype not in OUTPUT_DTYPE_CHOICES:
+            raise OptionError(f"--dtype {self.dtype!r}: choose auto, {', '.join(OUTPUT_DTYPE_CHOICES)}")
+        for name in ("shard_size", "max_memory", "block_elems", "max_points"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise OptionError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer")
+        if self.chunk_elems is not None and self.chunk_elems <= 0:
+            raise OptionError(f"chunk_elems {self.chunk_elems}: must be positive")
+        if self.rm is not None and self.rm < 0:
+            raise OptionError(f"--rm {self.rm}: an input index counts from 0")
+        if not 0 <= self.seed < 2**63:
+            raise OptionError(f"--seed {self.seed}: must be in [0, 2^63)")
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> MergeOptions:
+        """Options from keyword arguments; `alpha` (one value or a sequence) means `alphas`."""
+        alpha = kwargs.pop("alpha", None)
+        if alpha is not None:
+            kwargs["alphas"] = tuple(alpha) if isinstance(alpha, Sequence) else (alpha,)
+        unknown = set(kwargs) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown merge option(s): {', '.join(sorted(unknown))}")
+        return cls(**kwargs)
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.alphas is not None and len(self.alphas) > 1
+
+    def check_inputs(self, count: int) -> None:
+        """The checks that need the number of inputs (base excluded).
+
+        Raises:
+            OptionError
+        """
+        from lazymerge.methods import METHODS as METHOD_SPECS
+
+        if count < 2:
+            raise OptionError("a merge needs at least two inputs")
+        if self.weights is not None and len(self.weights) != count:
+            raise OptionError(
+                f"--weights has {len(self.weights)} values for {count} inputs; give one per input"
+            )
+        if self.alphas is not None and count != 2:
+            raise OptionError(f"--alpha needs exactly two inputs, got {count}; use --weights")
+        arity = METHOD_SPECS[self.method].arity
+        if arity is not None and count != arity:
+            raise OptionError(f"--method {self.method} takes exactly {arity} inputs, got {count}")
+        if self.rm is not None and self.rm >= count:
+            raise OptionError(f"--rm {self.rm}: there are only {count} inputs (counted from 0)")
+
+    def weight_vectors(self, count: int, rm_index: int | None) -> list[tuple[float, ...]]:
+        """One weight vector per output, in input order.
+
+        With a reward model among two inputs, alpha is the domain model's weight whatever the
+        input order; otherwise it is the weight of the second input.
+        """
+        if self.weights is not None:
+            return [self.weights]
+        if self.alphas is None:
+            if count != 2:
+                return [tuple([1.0 / count] * count)]
+            alphas: tuple[float, ...] = (0.5,)
+        else:
+            alphas = self.alphas
+        domain = 1 - rm_index if rm_index is not None else 1
+        return [tuple(a if i == domain else 1.0 - a for i in range(2)) for a in alphas]
+
+    def variant_names(self) -> tuple[str, ...]:
+        """The sub-folder of each output: `alpha-<L>` for a sweep, "" for one output."""
+        if not self.is_sweep:
+            return ("",)
+        assert self.alphas is not None
+        return tuple(f"alpha-{a:g}" for a in self.alphas)

@@ -1,0 +1,188 @@
+"""The engine's memory model and the buffers it describes, in one place.
+
+A merge keeps a fixed set of reusable buffers alive, sized once from the plan:
+
+- `INPUT_SLOTS` input sets (one being read, one queued, one being merged), each one raw buffer
+  per input of `buffer_elems` elements in that input's widest dtype;
+- `OUTPUT_SLOTS` output sets (being merged, queued, being written, being hashed), each one raw
+  buffer per output of a sweep, in the widest output dtype;
+- one fp32 block per input for the arithmetic (cache-sized for elementwise work, a whole tensor
+  for methods that need one), plus the method's own temporaries per block element.
+
+`plan.MergePlan.working_memory` is `BufferSizes.total` of the same plan, and `Workspace`
+allocates exactly those buffers, so the prediction and the allocation cannot drift (a test holds
+them together). torch is imported only when the buffers are allocated.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lazymerge.plan import MergePlan, TensorPlan
+
+#: Input buffer sets alive at once: one being read, one queued, one being merged.
+INPUT_SLOTS = 3
+#: Output buffer sets alive at once: being merged, queued, being written, being hashed.
+OUTPUT_SLOTS = 4
+FP32 = 4
+#: Resident memory of the interpreter with torch imported, added to the predicted peak
+#: (about 230 MB measured on the reference machine; rounded up).
+BASELINE_RSS = 300 * 10**6
+
+
+@dataclass(frozen=True)
+class BufferSizes:
+    """Every buffer a merge allocates, in elements and bytes."""
+
+    #: Elements per raw buffer (the longest chunk of any tensor).
+    buffer_elems: int
+    #: Bytes per element of each input's raw buffer.
+    input_itemsizes: tuple[int, ...]
+    #: Bytes per element of each output buffer, and buffers per output set (outputs of a sweep).
+    output_itemsize: int
+    outputs: int
+    #: fp32 elements per input for the arithmetic, and the method's bytes per such element.
+    fp32_elems: int
+    scratch_per_elem: int
+
+    @property
+    def input_set_bytes(self) -> int:
+        return sum(self.buffer_elems * size for size in self.input_itemsizes)
+
+    @property
+    def output_set_bytes(self) -> int:
+        return self.buffer_elems * self.output_itemsize * self.outputs
+
+    @property
+    def fp32_bytes(self) -> int:
+        return self.fp32_elems * FP32 * len(self.input_itemsizes)
+
+    @property
+    def scratch_bytes(self) -> int:
+        return self.fp32_elems * self.scratch_per_elem
+
+    @property
+    def total(self) -> int:
+        return (
+            INPUT_SLOTS * self.input_set_bytes
+            + OUTPUT_SLOTS * self.output_set_bytes
+            + self.fp32_bytes
+            + self.scratch_bytes
+        )
+
+
+def chunk_buffer_cost(input_itemsizes: Sequence[int], output_itemsize: int, outputs: int) -> int:
+    """Bytes of raw buffers per chunk element: every input set and every output set."""
+    return INPUT_SLOTS * sum(input_itemsizes) + OUTPUT_SLOTS * output_itemsize * outputs
+
+
+def block_cost(inputs: int, scratch_per_elem: int) -> int:
+    """Bytes per element of an arithmetic block: one fp32 copy per input plus method scratch."""
+    return FP32 * inputs + scratch_per_elem
+
+
+def size_chunks(
+    max_memory: int,
+    largest: int,
+    input_itemsizes: Sequence[int],
+    output_itemsize: int,
+    outputs: int,
+    scratch_per_elem: int,
+    block_elems: int,
+) -> tuple[int, int]:
+    """(chunk elements, block elements) that fit `max_memory`.
+
+    The fp32 blocks are sized first (up to `block_elems`), then chunks take the rest; a budget
+    too small for a full block shrinks the block to the chunk.
+    """
+    per_chunk = chunk_buffer_cost(input_itemsizes, output_itemsize, outputs)
+    per_block = block_cost(len(input_itemsizes), scratch_per_elem)
+    block = min(block_elems, max(1, largest))
+    if max_memory >= block * (per_chunk + per_block):
+        chunk = (max_memory - block * per_block) // per_chunk
+    else:
+        chunk = max(1, max_memory // (per_chunk + per_block))
+        block = min(block, chunk)
+    return max(1, min(largest, chunk)), max(1, block)
+
+
+def block_len(tp: TensorPlan, elementwise: bool, count: int, block_elems: int) -> int:
+    """Elements per arithmetic block of a chunk of `count` elements: `block_elems` for
+    elementwise work (whole rows for row-matched tensors), the whole chunk otherwise."""
+    if tp.action == "rows":
+        return max(tp.row_elems, block_elems // tp.row_elems * tp.row_elems)
+    if tp.action == "merge" and elementwise:
+        return block_elems
+    return max(count, 1)
+
+
+def buffer_sizes(plan: MergePlan) -> BufferSizes:
+    """The buffers `plan` needs: what `Workspace` allocates and `working_memory` predicts."""
+    elems = plan.buffer_elems
+    method = plan.method_spec
+    fp32 = min(
+        elems,
+        max(
+            [1]
+            + [
+                block_len(t, method.elementwise, plan.chunk_len(t), plan.block_elems)
+                for t in plan.tensors.values()
+                if t.action != "copy"
+            ]
+        ),
+    )
+    return BufferSizes(
+        buffer_elems=elems,
+        input_itemsizes=plan.input_itemsizes,
+        output_itemsize=plan.output_itemsize,
+        outputs=len(plan.variants),
+        fp32_elems=fp32,
+        scratch_per_elem=method.scratch_bytes,
+    )
+
+
+class Stopped(Exception):
+    """Another pipeline stage failed; this one gives up quietly and the caller reports that failure."""
+
+
+class Workspace:
+    """The buffers of `buffer_sizes(plan)`, reused for every chunk.
+
+    Fresh multi-megabyte allocations are served by new zeroed pages from the kernel; reusing
+    buffers avoids those page faults, which otherwise cost more than the arithmetic. Input and
+    output sets circulate through free lists.
+    """
+
+    def __init__(self, sizes: BufferSizes, stop: threading.Event):
+        import torch
+
+        self.sizes = sizes
+        self.stop = stop
+        self.free_inputs: queue.Queue[list[bytearray]] = queue.Queue()
+        self.free_outputs: queue.Queue[list[bytearray]] = queue.Queue()
+        for _ in range(INPUT_SLOTS):
+            self.free_inputs.put([bytearray(sizes.buffer_elems * size) for size in sizes.input_itemsizes])
+        for _ in range(OUTPUT_SLOTS):
+            self.free_outputs.put(
+                [bytearray(sizes.buffer_elems * sizes.output_itemsize) for _ in range(sizes.outputs)]
+            )
+        self.fp32 = [torch.empty(sizes.fp32_elems, dtype=torch.float32) for _ in sizes.input_itemsizes]
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every buffer this workspace holds (the method's scratch is allocated by the
+        method itself, per block, and counted in `BufferSizes.scratch_bytes`)."""
+        sets = [*self.free_inputs.queue, *self.free_outputs.queue]
+        return sum(len(b) for s in sets for b in s) + sum(t.numel() * FP32 for t in self.fp32)
+
+    def take(self, free: queue.Queue[Any]) -> Any:
+        while True:
+            try:
+                return free.get(timeout=0.05)
+            except queue.Empty:
+                if self.stop.is_set():
+                    raise Stopped from None
