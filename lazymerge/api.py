@@ -145,6 +145,7 @@ def prepare(
     options = options if options is not None else MergeOptions.build(**kwargs)
     options.check_inputs(len(inputs))
     destination = Path(output) if output is not None else default_output(inputs)
+    options.check_destination_kind(destination)
     checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
     try:
         plan = plan_merge(checkpoints, options, destination)

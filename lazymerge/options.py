@@ -71,7 +71,10 @@ def _finite(text: str, what: str) -> float:
 
 def sweep_length(start: float, stop: float, step: float) -> int:
     """Number of values START, START+STEP, ... up to STOP included, without building them."""
-    return int(math.floor((stop - start) / step + 1e-9)) + 1
+    steps = (stop - start) / step
+    nearest = round(steps)
+    # 1 / 0.1 is 9.999999999999998 in floats: a STOP within rounding of a step is included
+    return int(nearest if abs(steps - nearest) <= 1e-9 * max(1.0, steps) else math.floor(steps)) + 1
 
 
 def parse_alpha(text: str, max_points: int = DEFAULT_MAX_POINTS) -> tuple[float, ...]:
@@ -243,6 +246,11 @@ class MergeOptions:
             raise OptionError(f"--method {self.method} takes exactly {arity} inputs, got {count}")
         if self.rm is not None and self.rm >= count:
             raise OptionError(f"--rm {self.rm}: there are only {count} inputs (counted from 0)")
+
+    def check_destination_kind(self, destination: Path) -> None:
+        """A sweep writes one folder per value, so its output cannot be a .safetensors file."""
+        if self.is_sweep and destination.name.endswith(".safetensors"):
+            raise OptionError(f"{destination}: a sweep writes one folder per alpha; give a folder as output")
 
     def weight_vectors(self, count: int, rm_index: int | None) -> list[tuple[float, ...]]:
         """One weight vector per output, in input order.

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lazymerge import __version__
-from lazymerge.errors import IncompatibleInputsError, OptionError
+from lazymerge.errors import IncompatibleInputsError
 from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES, TensorInfo, is_float, itemsize
 from lazymerge.io.hf_folder import output_companion_files
 from lazymerge.io.reader import Checkpoint
@@ -345,9 +345,8 @@ def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destina
 
     n = len(checkpoints) - (options.base is not None)
     options.check_inputs(n)
+    options.check_destination_kind(destination)
     single_file = destination.name.endswith(".safetensors")
-    if options.is_sweep and single_file:
-        raise OptionError(f"{destination}: a sweep writes one folder per alpha; give a folder as output")
     models = [ModelInput.open(c) for c in checkpoints[:n]]
     rm_index = find_reward_model(models, options.rm)
     if rm_index is None:

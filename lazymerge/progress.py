@@ -1,4 +1,4 @@
-"""A byte-based progress bar on stderr, shown only on a terminal."""
+"""The one progress bar, for merges (bytes) and scoring (pairs, texts): stderr, terminal only."""
 
 from __future__ import annotations
 
@@ -21,11 +21,22 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """`merging ████░░░░  45% 1.20/2.70 GB 0.91 GB/s ETA 0:00:12`, redrawn at most 10 times a second."""
+    """`merging ████░░░░  45% 1.20/2.70 GB 0.91 GB/s ETA 0:00:12`, redrawn at most 10 times a second.
+
+    `unit` "bytes" shows sizes; any other unit shows counts (`scoring ... 120/400 pairs 3.1 pairs/s`),
+    with `per` counted items making one shown unit (2 texts per pair).
+    """
 
     def __init__(
-        self, total: int, label: str = "merging", enabled: bool | None = None, stream: TextIO | None = None
+        self,
+        total: int,
+        label: str = "merging",
+        enabled: bool | None = None,
+        stream: TextIO | None = None,
+        unit: str = "bytes",
+        per: float = 1.0,
     ):
+        self.unit, self.per = unit, per
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total = max(total, 1)
@@ -49,10 +60,12 @@ class ProgressBar:
         width = 24
         filled = int(frac * width)
         bar = "█" * filled + "░" * (width - filled)
-        self.stream.write(
-            f"\r{self.label} {bar} {frac * 100:3.0f}% {format_bytes(self.done)}/{format_bytes(self.total)} "
-            f"{format_bytes(rate)}/s ETA {format_duration(eta)} "
-        )
+        if self.unit == "bytes":
+            amount = f"{format_bytes(self.done)}/{format_bytes(self.total)} {format_bytes(rate)}/s"
+        else:
+            done, total, shown_rate = self.done / self.per, self.total / self.per, rate / self.per
+            amount = f"{done:.0f}/{total:.0f} {self.unit} {shown_rate:.1f} {self.unit}/s"
+        self.stream.write(f"\r{self.label} {bar} {frac * 100:3.0f}% {amount} ETA {format_duration(eta)} ")
         self.stream.flush()
 
     def close(self) -> None:

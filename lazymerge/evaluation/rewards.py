@@ -19,8 +19,6 @@ sequence-classification logit.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,35 +204,3 @@ def load_reward_model(
         model = model.to(device)
     model.eval()
     return RewardModel(model, tokenizer, device, max_length, system_prompt, batch_size)
-
-
-class RateBar:
-    """Progress in items per second on stderr, on a terminal only.
-
-    Rewards are counted per text; `texts_per_item` turns that into pairs (2) or prompts.
-    """
-
-    def __init__(
-        self,
-        total: int,
-        label: str,
-        enabled: bool | None = None,
-        unit: str = "texts",
-        texts_per_item: float = 1.0,
-    ):
-        self.total, self.label, self.done = total, label, 0
-        self.unit, self.per = unit, texts_per_item
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = time.monotonic()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.enabled:
-            rate = self.done / self.per / max(time.monotonic() - self.start, 1e-9)
-            done, total = self.done / self.per, self.total / self.per
-            sys.stderr.write(f"\r{self.label}: {done:.0f}/{total:.0f} {self.unit}, {rate:.1f} {self.unit}/s ")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lazymerge.evaluation.rewards import RateBar, load_reward_model, require
+from lazymerge.evaluation.rewards import load_reward_model, require
 from lazymerge.evaluation.scoring import best_of_n, load_candidates, load_pairs, pair_results
 from lazymerge.memory import PeakRssSampler
+from lazymerge.progress import ProgressBar
 
 
 def _gpu_peak(device: str) -> int | None:
@@ -35,7 +36,7 @@ def evaluate_pairs(
         texts = [rm.format_text(p.prompt, p.chosen) for p in pairs] + [
             rm.format_text(p.prompt, p.rejected) for p in pairs
         ]
-        bar = RateBar(len(set(texts)), "scoring", enabled=progress, unit="pairs", texts_per_item=2)
+        bar = ProgressBar(len(set(texts)), "scoring", enabled=progress, unit="pairs", per=2)
         rewards = rm.score_texts(texts, bar.update)
         bar.close()
     result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], autoj_ties)
@@ -69,7 +70,7 @@ def evaluate_bon(
     with PeakRssSampler() as sampler:
         rm = load_reward_model(model, **load)
         texts = [rm.format_text(s.prompt, c) for s in sets for c in s.candidates]
-        bar = RateBar(len(set(texts)), "scoring", enabled=progress)
+        bar = ProgressBar(len(set(texts)), "scoring", enabled=progress, unit="texts")
         flat = rm.score_texts(texts, bar.update)
         bar.close()
     rewards, pos = [], 0
