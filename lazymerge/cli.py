@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -245,9 +246,17 @@ def inspect(path: Path, as_json: bool) -> None:
     click.echo(inspect_checkpoint(path, as_json=as_json))
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", value):
+        raise click.BadParameter(f"{value!r}: choose cpu, cuda or cuda:N")
+    return value
+
+
 def eval_options(fn: F) -> F:
     options = [
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option(
+            "--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda or cuda:N."
+        ),
         click.option(
             "--dtype",
             type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -267,7 +276,7 @@ def eval_options(fn: F) -> F:
         ),
         click.option(
             "--max-length",
-            type=int,
+            type=click.IntRange(min=1),
             default=2048,
             show_default=True,
             help="Longest input in tokens; longer inputs lose tokens from the left.",
@@ -278,7 +287,7 @@ def eval_options(fn: F) -> F:
             show_default=True,
             help="none, llama2 (Meta's default LLaMA-2 system prompt, as DogeRM used) or the text itself.",
         ),
-        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("-q", "--quiet", is_flag=True, help="No progress and no table."),
     ]
     for option in reversed(options):
@@ -308,9 +317,19 @@ def _load_kwargs(
     }
 
 
+def _check_report(path: Path | None, inputs: Sequence[Path], force: bool) -> None:
+    """Check a report destination before any scoring (see `writer.check_report_destination`)."""
+    if path is not None:
+        from lazymerge.io.writer import check_report_destination
+
+        check_report_destination(path, inputs, force)
+
+
 def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
     if path is not None:
-        path.write_text(json.dumps(doc, indent=2) + "\n")
+        from lazymerge.io.writer import write_report
+
+        write_report(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
 
 @main.command(name="eval")
@@ -327,12 +346,14 @@ def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
     type=click.Path(path_type=Path),
     help="Write the results (accuracy, subsets, sections, per-pair rewards) as JSON.",
 )
+@click.option("--force", is_flag=True, help="Replace an existing --out report that lazymerge wrote.")
 @eval_options
 @reports_errors
-def evaluate(model: Path, pairs_file: Path, out: Path | None, quiet: bool, **load: Any) -> None:
+def evaluate(model: Path, pairs_file: Path, out: Path | None, force: bool, quiet: bool, **load: Any) -> None:
     """Pairwise preference accuracy of the reward model MODEL (a model folder)."""
     from lazymerge.evaluation.run import evaluate_pairs, format_pair_table
 
+    _check_report(out, [model, pairs_file], force)
     result = evaluate_pairs(model, pairs_file, progress=None if not quiet else False, **_load_kwargs(**load))
     _write_json(out, result)
     if not quiet:
@@ -349,9 +370,12 @@ def evaluate(model: Path, pairs_file: Path, out: Path | None, quiet: bool, **loa
 )
 @click.option("--n", "ns", default="2,4,8,16", show_default=True, help="Comma-separated N values.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("--force", is_flag=True, help="Replace an existing --out report that lazymerge wrote.")
 @eval_options
 @reports_errors
-def bon(model: Path, candidates: Path, ns: str, out: Path | None, quiet: bool, **load: Any) -> None:
+def bon(
+    model: Path, candidates: Path, ns: str, out: Path | None, force: bool, quiet: bool, **load: Any
+) -> None:
     """Best-of-N: pick the highest-reward candidate (ties to the earliest) for each N."""
     from lazymerge.evaluation.run import evaluate_bon, format_bon_table
 
@@ -361,6 +385,9 @@ def bon(model: Path, candidates: Path, ns: str, out: Path | None, quiet: bool, *
         raise click.BadParameter(
             f"{ns!r} is not a comma-separated list of integers", param_hint="--n"
         ) from None
+    if any(n < 1 or n > 100_000 for n in n_values):
+        raise click.BadParameter(f"{ns!r}: every N must be from 1 to 100000", param_hint="--n")
+    _check_report(out, [model, candidates], force)
     result = evaluate_bon(
         model, candidates, n_values, progress=None if not quiet else False, **_load_kwargs(**load)
     )

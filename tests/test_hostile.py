@@ -51,3 +51,196 @@ def test_eval_never_runs_code_from_the_model_folder(tmp_path: Path, where: str) 
     assert where in line and "auto_map" in line
     assert not marker.exists()
     assert "[y/N]" not in proc.stdout
+
+
+def test_eval_out_never_clobbers_inputs_or_user_files(tmp_path: Path) -> None:
+    folder = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    pairs = pairs_file(tmp_path)
+    before = pairs.read_bytes()
+    proc = cli("eval", str(folder), "--pairs", str(pairs), "--out", str(pairs), "--force")
+    assert proc.returncode == 1 and "input" in one_line_error(proc)
+    assert pairs.read_bytes() == before
+    proc = cli("eval", str(folder), "--pairs", str(pairs), "--out", str(folder / "config.json"))
+    assert proc.returncode == 1 and pairs.read_bytes() == before
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": 1}')
+    for extra in ([], ["--force"]):
+        proc = cli("eval", str(folder), "--pairs", str(pairs), "--out", str(mine), *extra)
+        assert proc.returncode == 1, proc.stderr
+        one_line_error(proc)
+    assert mine.read_text() == '{"mine": 1}'
+    # a missing folder is found before any scoring
+    proc = cli("eval", str(folder), "--pairs", str(pairs), "--out", str(tmp_path / "no" / "r.json"))
+    assert proc.returncode == 1 and "does not exist" in one_line_error(proc)
+    report = tmp_path / "r.json"
+    assert cli("eval", str(folder), "--pairs", str(pairs), "--out", str(report), "-q").returncode == 0
+    assert cli("eval", str(folder), "--pairs", str(pairs), "--out", str(report), "-q").returncode == 1
+    assert (
+        cli("eval", str(folder), "--pairs", str(pairs), "--out", str(report), "-q", "--force").returncode == 0
+    )
+    assert json.loads(report.read_text())["n_pairs"] == 1
+    assert not [p for p in tmp_path.iterdir() if "lazymerge-tmp" in p.name]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--batch-size", "0"],
+        ["--max-length", "-5"],
+        ["--device", "foo"],
+        ["--device", "cuda:x"],
+        ["--dtype", "int4"],
+    ],
+)
+def test_eval_option_mistakes_exit_2_before_loading(tmp_path: Path, extra: list[str]) -> None:
+    proc = cli("eval", str(tmp_path / "no-model"), "--pairs", str(tmp_path / "no-pairs"), *extra)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("ns", ["0", "2,-1", "x"])
+def test_bon_n_mistakes_exit_2(tmp_path: Path, ns: str) -> None:
+    proc = cli("bon", str(tmp_path / "m"), "--candidates", str(tmp_path / "c"), "--n", ns)
+    assert proc.returncode == 2 and "--n" in proc.stderr
+
+
+def _bin_folder(tmp_path: Path) -> tuple[Path, Path]:
+    rm = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    sft = save_model(tmp_path / "sft_bin", "llama", False, 2, make_tokenizer(BASE_WORDS), safe=False)
+    return rm, sft
+
+
+def test_output_may_not_shadow_an_input_in_its_folder(tmp_path: Path) -> None:
+    rm, sft = _bin_folder(tmp_path)
+    for out in (sft / "model.safetensors", sft / "sub" / "x.safetensors", rm / "merged"):
+        for command in ("run", "plan"):
+            proc = cli(command, str(rm), str(sft), "-o", str(out))
+            assert proc.returncode == 1, (command, out, proc.stderr)
+            assert "model folder of input" in one_line_error(proc) or "holds input" in proc.stderr
+    assert (
+        sorted(p.name for p in sft.iterdir())
+        == sorted(["config.json", "pytorch_model.bin", "tokenizer.json", "tokenizer_config.json"])
+        or not (sft / "model.safetensors").exists()
+    )
+
+
+def test_plan_refuses_what_run_refuses(tmp_path: Path) -> None:
+    rm, sft = _bin_folder(tmp_path)
+    out = tmp_path / "user.safetensors"
+    out.write_bytes(b"precious")
+    assert cli("plan", str(rm), str(sft), "-o", str(out)).returncode == 1
+    assert cli("plan", str(rm), str(sft), "-o", str(out), "--force").returncode == 1
+    assert cli("plan", str(rm), str(sft), "-o", str(tmp_path / "missing" / "x")).returncode == 1
+    assert out.read_bytes() == b"precious"
+
+
+def test_second_run_into_a_locked_destination_fails_cleanly(tmp_path: Path) -> None:
+    from lazymerge.io.writer import DestinationLock
+
+    rm, sft = _bin_folder(tmp_path)
+    out = tmp_path / "merged"
+    lock = DestinationLock(out)  # another run holds the destination
+    try:
+        proc = cli("run", str(rm), str(sft), "-o", str(out))
+        assert proc.returncode == 1 and "another lazymerge run" in one_line_error(proc)
+        assert not out.exists()
+    finally:
+        lock.release()
+    assert cli("run", str(rm), str(sft), "-o", str(out), "-q").returncode == 0
+    assert not [p for p in tmp_path.iterdir() if "lazymerge-" in p.name]
+
+
+def test_non_utf8_file_names_are_escaped_in_metadata(tmp_path: Path) -> None:
+    import os
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    a = os.fsencode(str(tmp_path)) + b"/caf\xe9.safetensors"
+    b = tmp_path / "b.safetensors"
+    save_file({"w": torch.ones(4)}, a.decode("utf-8", "surrogateescape"))
+    save_file({"w": torch.zeros(4)}, str(b))
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lazymerge", "run", a, os.fsencode(str(b)), "-o", os.fsencode(str(out)), "-q"],
+        capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with safe_open(str(out), "pt") as fh:  # safetensors' own reader accepts the header
+        assert fh.metadata()["lazymerge_inputs"] == "caf\\xe9.safetensors,b.safetensors"
+        assert torch.equal(fh.get_tensor("w"), torch.full((4,), 0.5))
+
+
+def test_float16_overflow_is_caught_after_the_cast(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from lazymerge import merge
+    from lazymerge.errors import NonFiniteError
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.full((8,), 60000.0)}, str(a))
+    save_file({"w": torch.full((8,), 60000.0)}, str(b))
+    # 0.9 * 60000 + 0.9 * 60000 = 108000 is finite in fp32 and Inf in float16
+    with pytest.raises(NonFiniteError, match="overflow the output dtype F16"):
+        merge([a, b], tmp_path / "o.safetensors", weights=[0.9, 0.9], dtype="float16", check_finite=True)
+    assert not (tmp_path / "o.safetensors").exists()
+    report = merge([a, b], tmp_path / "o.safetensors", weights=[0.9, 0.9], dtype="float16")
+    assert len(report.warnings) == 1 and "overflow" in report.warnings[0]
+
+
+def test_warnings_name_tensors_whatever_the_path(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from lazymerge import merge
+
+    folder = tmp_path / "my tensor dir"
+    folder.mkdir()
+    a, b = folder / "a.safetensors", folder / "b.safetensors"
+    save_file({"x": torch.tensor([float("nan"), 1.0]), "y": torch.tensor([float("inf"), 1.0])}, str(a))
+    save_file({"x": torch.ones(2), "y": torch.ones(2)}, str(b))
+    report = merge([a, b], tmp_path / "o.safetensors")
+    assert len(report.warnings) == 2  # one per tensor, not swallowed by a path holding "tensor "
+
+
+def test_sigterm_leaves_no_temporaries(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    big = {f"t{i}": torch.randn(1 << 20) for i in range(24)}
+    save_file(big, str(a))
+    save_file(big, str(b))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lazymerge",
+            "run",
+            str(a),
+            str(b),
+            "-o",
+            str(out),
+            "--max-memory",
+            "1MiB",
+            "-q",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not [p for p in tmp_path.iterdir() if "lazymerge-tmp" in p.name] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the merge finished before SIGTERM arrived")
+    assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err
+    assert not out.exists()
+    assert not [p.name for p in tmp_path.iterdir() if "lazymerge-" in p.name]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lazymerge import __version__
 from lazymerge.evaluation.rewards import load_reward_model, require
 from lazymerge.evaluation.scoring import best_of_n, load_candidates, load_pairs, pair_results
 from lazymerge.memory import PeakRssSampler
@@ -40,6 +41,7 @@ def evaluate_pairs(
         rewards = rm.score_texts(texts, bar.update)
         bar.close()
     result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], autoj_ties)
+    result["written_by"] = f"lazymerge {__version__}"
     result["model"] = str(model)
     result["settings"] = {k: v for k, v in load.items() if k != "batch_size"}
     result["peak_rss"] = sampler.peak.total
@@ -78,6 +80,7 @@ def evaluate_bon(
         rewards.append(flat[pos : pos + len(s.candidates)])
         pos += len(s.candidates)
     return {
+        "written_by": f"lazymerge {__version__}",
         "model": str(model),
         "n_prompts": len(sets),
         "best_of_n": best_of_n(sets, rewards, ns),

@@ -439,3 +439,55 @@ class OutputTransaction:
             shutil.rmtree(self.temp, ignore_errors=True)
         self._done = True
         self._lock.release()
+
+
+#: The key lazymerge puts in every JSON report it writes, so `--force` can recognise them.
+REPORT_MARK = "written_by"
+
+
+def check_report_destination(path: Path, inputs: Sequence[Path], force: bool) -> None:
+    """The output rule for reports: never an input (or a file an input resolves to), the folder
+    must exist, an existing file is replaced only with `force` and only when lazymerge wrote it.
+
+    Raises:
+        OutputError
+    """
+    target = path.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if (
+            target == source
+            or source in target.parents
+            or (path.exists() and source.exists() and os.path.samefile(path, source))
+        ):
+            raise OutputError(f"{path}: is or lies inside input {given}; choose another output path")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: folder {path.parent} does not exist")
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise OutputError(f"{path}: already exists; pass --force to replace it")
+        try:
+            ours = path.is_file() and not path.is_symlink() and REPORT_MARK in json.loads(path.read_bytes())
+        except (OSError, ValueError, TypeError, RecursionError):
+            ours = False
+        if not ours:
+            raise OutputError(
+                f"{path}: --force replaces only reports lazymerge wrote, and this is not one; "
+                "remove it yourself or choose another output"
+            )
+
+
+def write_report(path: Path, data: bytes) -> None:
+    """Write a small file atomically: a temporary beside it, fsync, rename."""
+    temp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(temp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise OutputError(_os_error_message(path, "writing", exc)) from None
+    _fsync_dir(path.parent)
