@@ -244,3 +244,52 @@ def test_sigterm_leaves_no_temporaries(tmp_path: Path) -> None:
     assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err
     assert not out.exists()
     assert not [p.name for p in tmp_path.iterdir() if "lazymerge-" in p.name]
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten", "removed"])
+def test_input_changed_after_planning_stops_the_read(tmp_path: Path, how: str) -> None:
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lazymerge.errors import InputError
+    from lazymerge.io.reader import Checkpoint
+
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(16)}, str(path))
+    ckpt = Checkpoint.open(path)
+    info = ckpt["w"]
+    buffer = memoryview(bytearray(info.nbytes))
+    ckpt.read_into(info, 0, buffer)  # unchanged: reads
+    if how == "replaced":
+        other = tmp_path / "b.safetensors"
+        save_file({"x": torch.zeros(1), "w": torch.full((16,), 4e17)}, str(other))
+        os.replace(other, path)
+    elif how == "rewritten":
+        with open(path, "r+b") as fh:
+            fh.seek(-4, os.SEEK_END)
+            fh.write(b"\x00\x00\x80\x7f")
+            fh.flush()
+            os.utime(path, ns=(1, 1))
+    else:
+        path.unlink()
+    with pytest.raises(InputError, match="changed after its header was read"):
+        ckpt.read_into(info, 0, buffer)
+    ckpt.close()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder-as-shard"])
+def test_special_files_as_inputs_do_not_hang(tmp_path: Path, kind: str) -> None:
+    import os
+
+    target = tmp_path / "x.safetensors"
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.mkdir()
+    other = tmp_path / "b.safetensors"
+    other.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    proc = cli("run", str(target), str(other), "-o", str(tmp_path / "o.safetensors"))
+    assert proc.returncode == 1
+    one_line_error(proc)

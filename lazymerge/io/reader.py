@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -131,6 +132,63 @@ def _shard_entries(shard: Path) -> tuple[list[TensorInfo], dict[str, str]]:
     return list(header.tensors), header.metadata
 
 
+def _add_entries(
+    tensors: dict[str, TensorInfo],
+    entries: list[TensorInfo],
+    shard: Path,
+    weight_map: dict[str, str] | None,
+    index_path: Path | None,
+) -> None:
+    for info in entries:
+        name = info.name
+        if weight_map is not None and weight_map.get(name) != shard.name:
+            raise ShardIndexError(
+                f"{index_path}: shard {shard.name} holds tensor {name!r} but the "
+                f"weight_map puts it in {weight_map.get(name)!r}"
+            )
+        if name in tensors:
+            raise ShardIndexError(f"{shard}: tensor {name!r} also appears in {tensors[name].path.name}")
+        tensors[name] = info if info.path == shard else replace(info, path=shard)
+
+
+def pin_file(path: Path) -> tuple[int, os.stat_result]:
+    """Open a data file before its header is read and record its identity.
+
+    Reads then go through this descriptor, and `check_unchanged` compares the file with this
+    identity, so a file replaced or rewritten while a merge runs stops it instead of being read
+    at the old header's offsets. FIFOs, devices and folders are refused (opened non-blocking, so
+    a FIFO cannot hang the run).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputError(f"{path}: not a regular file; give a .safetensors or .bin file")
+    os.set_blocking(fd, True)
+    if hasattr(os, "posix_fadvise"):
+        # tensors are mostly read in file order: ask for a larger read-ahead window
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return fd, st
+
+
+def check_unchanged(path: Path, fd: int, pinned: os.stat_result) -> None:
+    """Raise InputError when `path` no longer is the file pinned as `fd`, or it changed."""
+    now = os.fstat(fd)
+    try:
+        named = os.stat(path)
+    except OSError:
+        named = None
+    same_name = named is not None and (named.st_dev, named.st_ino) == (pinned.st_dev, pinned.st_ino)
+    if not same_name or (now.st_size, now.st_mtime_ns) != (pinned.st_size, pinned.st_mtime_ns):
+        raise InputError(
+            f"{path}: the file changed after its header was read (replaced, rewritten or removed); "
+            "stopped. Inputs must not change while lazymerge reads them"
+        )
+
+
 class Checkpoint(Mapping[str, TensorInfo]):
     """A read-only mapping of tensor name to `TensorInfo` over one or more shard files.
 
@@ -140,11 +198,18 @@ class Checkpoint(Mapping[str, TensorInfo]):
         (4096,)
     """
 
-    def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
+    def __init__(
+        self,
+        path: Path,
+        tensors: dict[str, TensorInfo],
+        metadata: dict[str, str],
+        pinned: dict[Path, tuple[int, os.stat_result]] | None = None,
+    ):
         self.path = path
         self._tensors = tensors
         self.metadata = metadata
-        self._fds: dict[Path, int] = {}
+        #: shard -> (descriptor opened before its header was read, identity at that moment)
+        self._pinned = dict(pinned or {})
         self.bytes_read = 0
 
     @classmethod
@@ -155,32 +220,31 @@ class Checkpoint(Mapping[str, TensorInfo]):
         weight_map = _read_index(index_path) if index_path is not None else None
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
-        for shard in shards:
-            if not shard.is_file():
-                raise ShardIndexError(f"{index_path}: names shard {shard.name}, which does not exist")
-            entries, shard_metadata = _shard_entries(shard)
-            metadata = metadata or shard_metadata
-            for info in entries:
-                name = info.name
-                if weight_map is not None and weight_map.get(name) != shard.name:
-                    raise ShardIndexError(
-                        f"{index_path}: shard {shard.name} holds tensor {name!r} but the "
-                        f"weight_map puts it in {weight_map.get(name)!r}"
-                    )
-                if name in tensors:
-                    raise ShardIndexError(
-                        f"{shard}: tensor {name!r} also appears in {tensors[name].path.name}"
-                    )
-                tensors[name] = info if info.path == shard else replace(info, path=shard)
+        pinned: dict[Path, tuple[int, os.stat_result]] = {}
+        try:
+            for shard in shards:
+                if index_path is not None and not shard.exists():
+                    raise ShardIndexError(f"{index_path}: names shard {shard.name}, which does not exist")
+                pinned[shard] = pin_file(shard)
+                entries, shard_metadata = _shard_entries(shard)
+                check_unchanged(shard, *pinned[shard])
+                metadata = metadata or shard_metadata
+                _add_entries(tensors, entries, shard, weight_map, index_path)
+        except BaseException:
+            for fd, _ in pinned.values():
+                os.close(fd)
+            raise
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(tensors))
             if missing:
+                for fd, _ in pinned.values():
+                    os.close(fd)
                 raise ShardIndexError(
                     f"{index_path}: weight_map names tensor {missing[0]!r} in "
                     f"{weight_map[missing[0]]}, which does not hold it"
                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 )
-        return cls(root, tensors, metadata)
+        return cls(root, tensors, metadata, pinned)
 
     @property
     def files(self) -> list[Path]:
@@ -197,16 +261,10 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     def read_into(self, info: TensorInfo, byte_start: int, buffer: memoryview) -> None:
         """Fill `buffer` with the tensor's bytes from `byte_start` on (relative to the tensor)."""
-        fd = self._fds.get(info.path)
-        if fd is None:
-            try:
-                fd = os.open(info.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                raise InputError(f"{info.path}: cannot open ({exc.strerror or exc})") from None
-            self._fds[info.path] = fd
-            if hasattr(os, "posix_fadvise"):
-                # tensors are mostly read in file order: ask for a larger read-ahead window
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        if info.path not in self._pinned:
+            raise InputError(f"{info.path}: is closed; open the checkpoint again to read it")
+        fd, pinned = self._pinned[info.path]
+        check_unchanged(info.path, fd, pinned)
         position = info.offset + byte_start
         view = buffer
         while len(view):
@@ -226,9 +284,9 @@ class Checkpoint(Mapping[str, TensorInfo]):
             self.bytes_read += got
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd, _ in self._pinned.values():
             os.close(fd)
-        self._fds.clear()
+        self._pinned.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
