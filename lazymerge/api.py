@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lazymerge.errors import OutputError
+from lazymerge.errors import OptionError, OutputError
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputTransaction, check_destination
 from lazymerge.memory import PeakRssSampler
@@ -114,6 +114,27 @@ def check_output(destination: Path, checkpoints: Sequence[Checkpoint]) -> None:
             )
 
 
+def ensure_open_files(needed: int) -> None:
+    """Raise the soft open-file limit when a merge needs more descriptors than it allows.
+
+    Raises:
+        OptionError when even the hard limit is too low (a sweep of too many values).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 64  # the interpreter, torch and the progress bar hold some
+    if soft == resource.RLIM_INFINITY or want <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or want <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return
+    raise OptionError(
+        f"this merge keeps {needed} files open (inputs plus one shard per output of the sweep) but the "
+        f"open-file limit is {hard}; sweep fewer values or raise the limit (ulimit -n)"
+    )
+
+
 def check_free_space(destination: Path, needed: int) -> None:
     free = shutil.disk_usage(destination.parent).free
     if free < needed:
@@ -149,6 +170,7 @@ def prepare(
     checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
     try:
         plan = plan_merge(checkpoints, options, destination)
+        ensure_open_files(sum(len(c.files) for c in checkpoints) + 2 * len(plan.variants))
         check_output(destination, checkpoints)
         if not destination.parent.is_dir():
             raise OutputError(f"{destination}: folder {destination.parent} does not exist")

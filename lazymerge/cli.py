@@ -76,6 +76,20 @@ def reports_errors(fn: F) -> F:
             if debug:
                 raise
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # the environment: permissions, full disks, vanished files
+            if debug:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # a defect: still one line, the traceback behind --debug
+            if debug:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: {first} (a lazymerge defect; rerun with --debug and report it)"
+            ) from None
         except KeyboardInterrupt as exc:
             if debug:
                 raise
@@ -180,7 +194,23 @@ def merge_options_value(
     )
 
 
-@click.group()
+class _OneLineUsageGroup(click.Group):
+    """click's own usage errors (a missing argument, a bad choice) as one line `Error: ...`,
+    exit 2, like every other option mistake; `--help` is where the usage text lives."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            if isinstance(exc, OptionUsageError):
+                raise
+            command = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+            raise OptionUsageError(f"{command}{exc.format_message()} (see --help)") from None
+
+
+@click.group(cls=_OneLineUsageGroup)
 @click.version_option(__version__, prog_name="lazymerge")
 def main() -> None:
     """Merge model checkpoints tensor by tensor, streaming, in bounded memory."""

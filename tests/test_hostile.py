@@ -293,3 +293,88 @@ def test_special_files_as_inputs_do_not_hang(tmp_path: Path, kind: str) -> None:
     proc = cli("run", str(target), str(other), "-o", str(tmp_path / "o.safetensors"))
     assert proc.returncode == 1
     one_line_error(proc)
+
+
+def test_eval_refuses_a_model_without_a_reward_head(tmp_path: Path) -> None:
+    causal = save_model(tmp_path / "lm", "llama", False, 1, make_tokenizer(BASE_WORDS))
+    proc = cli("eval", str(causal), "--pairs", str(pairs_file(tmp_path)))
+    assert proc.returncode == 1
+    assert "not a reward model" in one_line_error(proc) and "score" in proc.stderr
+
+
+def test_eval_broken_chat_template_is_one_line(tmp_path: Path) -> None:
+    tok = make_tokenizer(BASE_WORDS)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | nosuchfilter }}{% endfor %}"
+    folder = save_model(tmp_path / "rm", "llama", True, 1, tok)
+    proc = cli("eval", str(folder), "--pairs", str(pairs_file(tmp_path)))
+    assert proc.returncode == 1 and "chat template failed" in one_line_error(proc)
+    tok.chat_template = "{{ raise_exception('no assistant turns') }}"
+    tok.save_pretrained(folder)
+    proc = cli("eval", str(folder), "--pairs", str(pairs_file(tmp_path)))
+    assert proc.returncode == 1 and "chat template failed" in one_line_error(proc)
+
+
+def test_a_legal_255_byte_output_name_works(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.ones(3)}, str(a))
+    save_file({"w": torch.zeros(3)}, str(b))
+    out = tmp_path / ("x" * 243 + ".safetensors")
+    assert len(out.name.encode()) == 255
+    for extra in ([], ["--force"]):
+        proc = cli("run", str(a), str(b), "-o", str(out), "-q", *extra)
+        assert proc.returncode == 0, proc.stderr
+    assert torch.equal(load_file(str(out))["w"], torch.full((3,), 0.5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.name, b.name, out.name])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run"],
+        ["run", "a", "b", "--dtype", "int8"],
+        ["frobnicate"],
+        ["eval", "m"],
+        ["run", "a", "b", "--nope"],
+    ],
+)
+def test_click_usage_errors_are_one_line_exit_2(args: list[str]) -> None:
+    proc = cli(*args)
+    assert proc.returncode == 2
+    one_line_error(proc)
+
+
+def test_sweep_longer_than_the_open_file_limit_is_refused(tmp_path: Path) -> None:
+    import resource
+
+    import torch
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.ones(3)}, str(a))
+    save_file({"w": torch.zeros(3)}, str(b))
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lazymerge",
+            "run",
+            str(a),
+            str(b),
+            "-o",
+            str(tmp_path / "sw"),
+            "--alpha",
+            "0:1:0.01",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=low_limit,
+    )
+    assert proc.returncode == 2 and "open-file limit" in one_line_error(proc)
+    assert not (tmp_path / "sw").exists() and not [p for p in tmp_path.iterdir() if "lazymerge-" in p.name]

@@ -94,6 +94,8 @@ class RewardModel:
     max_length: int = 2048
     system_prompt: str | None = None
     batch_size: int = 8
+    #: The model folder, named in error messages.
+    source: str = ""
 
     def format_text(self, prompt: str, response: str) -> str:
         tok = self.tokenizer
@@ -101,7 +103,17 @@ class RewardModel:
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             if self.system_prompt is not None:
                 messages.insert(0, {"role": "system", "content": self.system_prompt})
-            return tok.apply_chat_template(messages, tokenize=False)
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False)
+            except Exception as exc:  # jinja2's TemplateError and whatever the template raises
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise InputError(
+                    f"{self.source}: the tokenizer's chat template failed ({type(exc).__name__}: {first}); "
+                    "fix chat_template in tokenizer_config.json"
+                ) from None
+            if not isinstance(text, str):
+                raise InputError(f"{self.source}: the tokenizer's chat template did not render a string")
+            return text
         head = f"{self.system_prompt}\n\n" if self.system_prompt is not None else ""
         return f"{head}User: {prompt}\n\nAssistant: {response}{tok.eos_token or ''}"
 
@@ -191,16 +203,31 @@ def load_reward_model(
             raise InputError(f"--quant {quant!r}: choose 4bit or 8bit")
         kwargs.update(quantization_config=config, device_map={"": device})
         torch_dtype = torch.bfloat16
+    # transformers' own progress bars and load reports would mix with lazymerge's output
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     # trust_remote_code=False: transformers never imports a folder's .py files nor asks on stdin
     try:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            folder, dtype=torch_dtype, trust_remote_code=False, **kwargs
+        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=torch_dtype, trust_remote_code=False, output_loading_info=True, **kwargs
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{folder}: transformers cannot load this model: {first}") from None
+    missing = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
+    if missing or getattr(model.config, "num_labels", 1) != 1:
+        raise InputError(
+            f"{folder}: not a reward model: "
+            + (
+                f"its weights have no reward head ({missing[0]})"
+                if missing
+                else f"num_labels is {model.config.num_labels}, not 1"
+            )
+            + "; scoring it would use a randomly initialised head. Give a ...ForSequenceClassification "
+            "reward model, or merge one in with lazymerge run"
+        )
     if quant is None:
         model = model.to(device)
     model.eval()
-    return RewardModel(model, tokenizer, device, max_length, system_prompt, batch_size)
+    return RewardModel(model, tokenizer, device, max_length, system_prompt, batch_size, str(folder))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from lazymerge.errors import HeaderJsonError, InputError, ShardIndexError
 from lazymerge.io.dtypes import TensorInfo
 from lazymerge.io.header import Header, parse_header, read_header_length
+from lazymerge.io.small_files import open_regular, read_small_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
 BIN_INDEX_SUFFIX = ".bin.index.json"
@@ -26,7 +26,7 @@ def read_header_file(path: Path) -> Header:
     """Read and validate the header of one .safetensors file, touching no tensor data."""
     source = str(path)
     try:
-        with open(path, "rb") as fh:
+        with os.fdopen(open_regular(path), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             prefix = fh.read(8)
             length = read_header_length(prefix, size, source)
@@ -48,7 +48,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 def _read_index(index_path: Path) -> dict[str, str]:
     source = str(index_path)
     try:
-        doc = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        doc = json.loads(read_small_file(index_path).decode("utf-8"), object_pairs_hook=_unique_keys)
     except ShardIndexError as exc:
         raise ShardIndexError(f"{source}: {exc}") from None
     except OSError as exc:
@@ -159,15 +159,8 @@ def pin_file(path: Path) -> tuple[int, os.stat_result]:
     at the old header's offsets. FIFOs, devices and folders are refused (opened non-blocking, so
     a FIFO cannot hang the run).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    fd = open_regular(path)
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise InputError(f"{path}: not a regular file; give a .safetensors or .bin file")
-    os.set_blocking(fd, True)
     if hasattr(os, "posix_fadvise"):
         # tensors are mostly read in file order: ask for a larger read-ahead window
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)

@@ -240,6 +240,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Longest destination name used as is in the names of its temporaries and lock (file names
+#: are limited to 255 bytes, and those names add up to about 40).
+_SIDE_NAME_BYTES = 180
+
+
+def side_name(destination: Path) -> str:
+    """The destination's name as used in its temporaries' and lock's names: itself, or for a
+    long name a prefix plus a hash of the whole, so a legal 255-byte output name still works."""
+    raw = os.fsencode(destination.name)
+    if len(raw) <= _SIDE_NAME_BYTES:
+        return destination.name
+    return os.fsdecode(raw[:120]) + "~" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -257,8 +275,9 @@ def remove_stale_temporaries(destination: Path) -> list[Path]:
     those of a merge still running are left alone.
     """
     removed = []
-    for path in destination.parent.glob(f".{destination.name}{TEMP_MARK}*"):
-        owner = path.name[len(f".{destination.name}{TEMP_MARK}") :].split("-", 1)[0]
+    prefix = f".{side_name(destination)}{TEMP_MARK}"
+    for path in destination.parent.glob(glob_escape(prefix) + "*"):
+        owner = path.name[len(prefix) :].split("-", 1)[0]
         if owner.isdigit() and (int(owner) == os.getpid() or _pid_alive(int(owner))):
             continue
         if path.is_dir() and not path.is_symlink():
@@ -282,7 +301,7 @@ class DestinationLock:
     def __init__(self, destination: Path):
         import fcntl
 
-        self.path = destination.parent / f".{destination.name}{LOCK_MARK}"
+        self.path = destination.parent / f".{side_name(destination)}{LOCK_MARK}"
         try:
             self.fd: int | None = os.open(
                 self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
@@ -371,7 +390,7 @@ class OutputTransaction:
             check_destination(destination, single_file, force)
             remove_stale_temporaries(destination)
             tag = f"{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self.temp = parent / f".{destination.name}{tag}"
+            self.temp = parent / f".{side_name(destination)}{tag}"
             if not single_file:
                 try:
                     self.temp.mkdir(mode=0o755)
@@ -413,7 +432,7 @@ class OutputTransaction:
             else:
                 _fsync_dir(self.temp)
                 if self.destination.exists():
-                    trash = parent / f".{self.destination.name}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
+                    trash = parent / f".{side_name(self.destination)}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
                     os.rename(self.destination, trash)
                     os.rename(self.temp, self.destination)
                     shutil.rmtree(trash, ignore_errors=True)
@@ -479,7 +498,7 @@ def check_report_destination(path: Path, inputs: Sequence[Path], force: bool) ->
 
 def write_report(path: Path, data: bytes) -> None:
     """Write a small file atomically: a temporary beside it, fsync, rename."""
-    temp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temp = path.parent / f".{side_name(path)}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(temp, "xb") as fh:
             fh.write(data)

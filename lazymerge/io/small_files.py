@@ -1,0 +1,63 @@
+"""Reading the small untrusted files beside the weights (index, config, tokenizer, data files).
+
+Each is opened without blocking (a FIFO named as a config must not hang the run), must be a
+regular file, and is refused above a size limit before it is read, so a hostile file cannot
+make lazymerge hang or allocate without bound.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from lazymerge.errors import InputError
+
+#: Largest index, config or tokenizer file read (real tokenizer.json files are a few MB).
+SMALL_FILE_LIMIT = 256 * 2**20
+
+
+def open_regular(path: Path) -> int:
+    """A descriptor for reading `path`, which must be a regular file.
+
+    Raises:
+        InputError naming the file (missing, unreadable, a FIFO, a device or a folder).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{path}: not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_small_file(path: Path, limit: int = SMALL_FILE_LIMIT) -> bytes:
+    """The bytes of a small regular file, refused above `limit` bytes.
+
+    Raises:
+        InputError naming the file.
+    """
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise InputError(f"{path}: {size} bytes, more than the {limit}-byte limit for this kind of file")
+        chunks = []
+        remaining = limit + 1
+        while remaining > 0:
+            data = os.read(fd, min(remaining, 1 << 20))
+            if not data:
+                break
+            chunks.append(data)
+            remaining -= len(data)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    if len(raw) > limit:
+        raise InputError(f"{path}: more than the {limit}-byte limit for this kind of file")
+    return raw
