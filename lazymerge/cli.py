@@ -450,6 +450,7 @@ def bon(
     help="Folder for results.json, accuracy.png and kept models.",
 )
 @click.option("--keep", is_flag=True, help="Keep each merged model (a 7B model is 13.5 GB per value).")
+@click.option("--force", is_flag=True, help="Reuse a sweep folder whose results lazymerge wrote.")
 @click.option(
     "--max-memory",
     type=SizeType(),
@@ -466,6 +467,7 @@ def sweep(
     val_pairs: Path | None,
     output: Path,
     keep: bool,
+    force: bool,
     max_memory: int,
     quiet: bool,
     **load: Any,
@@ -482,6 +484,7 @@ def sweep(
         output,
         val_pairs=val_pairs,
         keep=keep,
+        force=force,
         merge_options={"max_memory": max_memory},
         progress=None if not quiet else False,
         **_load_kwargs(**load),

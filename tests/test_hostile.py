@@ -378,3 +378,27 @@ def test_sweep_longer_than_the_open_file_limit_is_refused(tmp_path: Path) -> Non
     )
     assert proc.returncode == 2 and "open-file limit" in one_line_error(proc)
     assert not (tmp_path / "sw").exists() and not [p for p in tmp_path.iterdir() if "lazymerge-" in p.name]
+
+
+def test_sweep_folder_follows_the_output_rule(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rm = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    sft = save_model(tmp_path / "sft", "llama", False, 2, make_tokenizer(BASE_WORDS))
+    pairs = pairs_file(tmp_path)
+    base = ["sweep", str(rm), str(sft), "--pairs", str(pairs), "--alpha", "0,1", "-q"]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("precious")
+    for extra in ([], ["--force"]):
+        proc = cli(*base, "-o", str(user), *extra)
+        assert proc.returncode == 1 and "did not write" in one_line_error(proc)
+    assert [p.name for p in user.iterdir()] == ["thesis.tex"]
+    proc = cli(*base, "-o", str(rm))
+    assert proc.returncode == 1
+    out = tmp_path / "sweep"
+    assert cli(*base, "-o", str(out)).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.json"]
+    proc = cli(*base, "-o", str(out))
+    assert proc.returncode == 1 and "--force" in one_line_error(proc)
+    assert cli(*base, "-o", str(out), "--force").returncode == 0
+    assert json.loads((out / "results.json").read_text())["written_by"].startswith("lazymerge")

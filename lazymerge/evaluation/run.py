@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from collections.abc import Sequence
@@ -9,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge import __version__
+from lazymerge.errors import OutputError
 from lazymerge.evaluation.rewards import load_reward_model, require
 from lazymerge.evaluation.scoring import best_of_n, load_candidates, load_pairs, pair_results
+from lazymerge.io.writer import write_report
 from lazymerge.memory import PeakRssSampler
 from lazymerge.progress import ProgressBar
 
@@ -107,6 +110,7 @@ def run_sweep(
     *,
     val_pairs: str | Path | None = None,
     keep: bool = False,
+    force: bool = False,
     merge_options: dict[str, Any] | None = None,
     progress: bool | None = False,
     **load: Any,
@@ -118,9 +122,27 @@ def run_sweep(
     Writes results.json and accuracy.png (accuracy against lambda per subset) into `out_dir`.
     """
     from lazymerge.api import merge
+    from lazymerge.io.writer import check_report_destination
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    sources = [Path(p) for p in (*inputs, pairs_file, *([val_pairs] if val_pairs else []))]
+    # the sweep folder holds reports lazymerge writes: an input is never one of them, and an
+    # existing folder is reused only with force, and only when lazymerge wrote its results
+    if out.is_dir():
+        check_report_destination(out / "results.json", sources, force)
+    for given in sources:
+        if Path(given).resolve() == out.resolve() or out.resolve() in Path(given).resolve().parents:
+            raise OutputError(f"{out}: holds input {given}; choose another sweep folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file; a sweep writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").exists():
+        raise OutputError(
+            f"{out}: exists and holds files lazymerge did not write; choose another sweep folder"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create ({exc.strerror or exc})") from None
     rows = []
     for alpha in alphas:
         merged = out / f"alpha-{alpha:g}"
@@ -152,8 +174,9 @@ def run_sweep(
             "val_accuracy": chosen["val_accuracy"],
             "test_accuracy": chosen["accuracy"],
         }
+    result["written_by"] = f"lazymerge {__version__}"
     result["plot"] = str(plot_sweep(rows, out / "accuracy.png"))
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_report(out / "results.json", (json.dumps(result, indent=2) + "\n").encode("utf-8"))
     return result
 
 
@@ -186,8 +209,10 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    write_report(path, buffer.getvalue())
     return path
 
 
