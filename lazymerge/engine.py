@@ -10,6 +10,7 @@ the model size; file I/O, hashing and torch's kernels release the GIL and overla
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import queue
@@ -439,3 +440,46 @@ class MergePipeline:
                     self.transaction.write_small(f"{folder}/{name}" if folder else name, data)
                     self.written += len(data)
         return self.written
+
+
+def iter_merged_tensors(
+    plan: MergePlan, checkpoints: Sequence[Checkpoint], variant: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every output tensor of one output of `plan`, merged in memory, in file order.
+
+    The same reads and arithmetic as `MergePipeline` (so the same bytes as a written output),
+    with no file written: each tensor is made whole in its output dtype and handed over, and
+    nothing else of the model is held here. Chunks go through one `Workspace`.
+    """
+    if not 0 <= variant < len(plan.variants):
+        raise IndexError(f"plan has {len(plan.variants)} outputs, not {variant + 1}")
+    one = dataclasses.replace(plan, variants=(plan.variants[variant],), variant_names=("",))
+    workspace = Workspace(buffer_sizes(one), threading.Event())
+    buffers = workspace.take(workspace.free_inputs)
+    warned: set[str] = set()
+
+    def warn(tensor: str, message: str) -> None:
+        if tensor not in warned:
+            warned.add(tensor)
+            import warnings
+
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    for shard in one.layouts[0].shards:
+        for entry in shard.tensors:
+            tp = one.tensors[entry.name]
+            size = itemsize(tp.dtype)
+            data = bytearray(tp.numel * size)  # (numel,) in the output dtype
+            raw = memoryview(data)
+            step = one.chunk_len(tp)
+            for start in range(0, tp.numel, step):
+                count = min(step, tp.numel - start)
+                chunk = _Chunk(tp, start, count, 0, False)
+                views = read_chunk(checkpoints, chunk, buffers)
+                merge_chunk(
+                    one, chunk, views, [raw[start * size : (start + count) * size]], workspace.fp32, warn
+                )
+            if tp.numel:
+                yield tp.name, torch.frombuffer(data, dtype=torch_dtype(tp.dtype)).view(tp.shape)
+            else:
+                yield tp.name, torch.empty(tp.shape, dtype=torch_dtype(tp.dtype))

@@ -79,6 +79,14 @@ def refuse_remote_code(folder: Path) -> None:
             )
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and load reports: they would mix with lazymerge's
+    output (its tables, `--json`, one-line errors)."""
+    transformers = require("transformers")
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def system_prompt_text(choice: str | None) -> str | None:
     """`none` -> no system prompt, `llama2` -> Meta's default LLaMA-2 prompt, else the text itself."""
     if choice is None or choice == "none":
@@ -203,9 +211,7 @@ def load_reward_model(
             raise InputError(f"--quant {quant!r}: choose 4bit or 8bit")
         kwargs.update(quantization_config=config, device_map={"": device})
         torch_dtype = torch.bfloat16
-    # transformers' own progress bars and load reports would mix with lazymerge's output
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    quiet_transformers()
     # trust_remote_code=False: transformers never imports a folder's .py files nor asks on stdin
     try:
         model, info = transformers.AutoModelForSequenceClassification.from_pretrained(

@@ -1,0 +1,174 @@
+"""A merged reward model built in memory, straight from the inputs, with no checkpoint written.
+
+`load_merged_reward_model(inputs, options)` plans the merge exactly as `lazymerge run` does (the
+same plan, the same fp32 arithmetic, the same DogeRM recipe: reward head kept, `lm_head`
+dropped, embeddings matched by token, appended tokens), then streams each merged tensor into an
+empty transformers `*ForSequenceClassification` model: cast to the compute dtype and moved to
+the device as it arrives, or quantized as it arrives with `quant`, so host memory holds the
+finished model plus about one tensor, never a second copy. Its rewards equal those of
+`lazymerge run` followed by `lazymerge eval` of the written folder (bit-identical in the same
+dtype without quantization; the tests hold this).
+
+The config and tokenizer files the plan would write beside the weights (a few MB) go to a
+temporary folder for transformers to read, and are removed when the model is built.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lazymerge.errors import IncompatibleInputsError, InputError, OptionError
+from lazymerge.evaluation.rewards import RewardModel, quiet_transformers, refuse_remote_code, require
+from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
+from lazymerge.io.dtypes import torch_dtype as to_torch_dtype
+from lazymerge.options import MergeOptions
+
+
+def load_merged_reward_model(
+    inputs: Sequence[str | Path],
+    options: MergeOptions,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    quant: str | None = None,
+    double_quant: bool = False,
+    max_length: int = 2048,
+    system_prompt: str | None = None,
+    batch_size: int = 8,
+) -> RewardModel:
+    """Merge `inputs` (a reward model and domain models) in memory and load the result.
+
+    Args:
+        options: merge options describing exactly one output (one alpha or weight vector).
+        device, dtype, quant, double_quant, max_length, system_prompt, batch_size: as in
+            `rewards.load_reward_model`.
+
+    Raises:
+        OptionError for a sweep of several points; InputError when no input is a reward model;
+        the merge's own errors (HeaderError, IncompatibleInputsError, ...).
+    """
+    from lazymerge.api import open_inputs
+    from lazymerge.engine import iter_merged_tensors
+    from lazymerge.plan import plan_merge
+
+    transformers = require("transformers")
+    accelerate = require("accelerate")
+    import torch
+
+    if options.alphas is not None and len(options.alphas) != 1:
+        raise OptionError("an in-memory merge builds one model: give one --alpha or one --weights vector")
+    options.check_inputs(len(inputs))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is visible to torch (torch {torch.__version__})")
+    checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
+    try:
+        plan = plan_merge(checkpoints, options, Path("in-memory"))
+        if "reward model" not in plan.roles:
+            raise InputError(
+                f"{inputs[0]}: no input is a reward model (config.json architectures ending in "
+                "ForSequenceClassification); an in-memory merge scores a merged reward model"
+            )
+        rm_input = Path(inputs[plan.roles.index("reward model")])
+        rm_folder = rm_input if rm_input.is_dir() else rm_input.parent
+        refuse_remote_code(rm_folder)
+        quiet_transformers()
+        config, tokenizer = _config_and_tokenizer(transformers, plan.companion_files, rm_folder)
+        compute = torch.bfloat16 if quant is not None else to_torch_dtype(OUTPUT_DTYPE_CHOICES[dtype])
+        with accelerate.init_empty_weights(include_buffers=False):
+            model = transformers.AutoModelForSequenceClassification.from_config(
+                config, dtype=compute, trust_remote_code=False
+            )
+        if quant is not None:
+            model = _quantizable(transformers, model, quant, double_quant)
+        expected = dict(model.named_parameters())
+        for name, tensor in iter_merged_tensors(plan, checkpoints):
+            if name not in expected:
+                raise IncompatibleInputsError(
+                    f"{rm_folder}: merged tensor {name!r} has no place in {type(model).__name__}; "
+                    "the reward model's config does not describe its weights"
+                )
+            _place(model, name, tensor.to(compute), device, quant)
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise IncompatibleInputsError(
+                f"{rm_folder}: the merge gives no tensor for {missing[0]!r}"
+                + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            )
+        for buffer_name, buffer in model.named_buffers():
+            if buffer.device.type != torch.device(device).type:
+                module_name, _, leaf = buffer_name.rpartition(".")
+                model.get_submodule(module_name).register_buffer(leaf, buffer.to(device), persistent=False)
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
+    model.eval()
+    return RewardModel(
+        model, tokenizer, device, max_length, system_prompt, batch_size, f"{rm_folder} (merged in memory)"
+    )
+
+
+def _config_and_tokenizer(transformers: Any, files: dict[str, bytes], rm_folder: Path) -> tuple[Any, Any]:
+    """Load config and tokenizer from the files the plan would write beside the weights."""
+    with tempfile.TemporaryDirectory(prefix="lazymerge-in-memory-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        if "config.json" not in files:
+            raise InputError(
+                f"{rm_folder}: no config.json; an in-memory merge needs the reward model's config"
+            )
+        try:
+            config = transformers.AutoConfig.from_pretrained(tmp, trust_remote_code=False)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(
+                f"{rm_folder}: transformers cannot load its config or tokenizer: {first}"
+            ) from None
+    return config, tokenizer
+
+
+def _quantizable(transformers: Any, model: Any, quant: str, double_quant: bool) -> Any:
+    """Swap the linear layers of an empty model for bitsandbytes ones (the reward head excepted)."""
+    import torch
+
+    require("bitsandbytes")
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    if quant == "4bit":
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=double_quant,
+            llm_int8_skip_modules=["score"],
+        )
+    elif quant == "8bit":
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["score"])
+    else:
+        raise OptionError(f"--quant {quant!r}: choose 4bit or 8bit")
+    return replace_with_bnb_linear(model, modules_to_not_convert=["score"], quantization_config=config)
+
+
+def _place(model: Any, name: str, tensor: Any, device: str, quant: str | None) -> None:
+    """Put one merged tensor into the empty model: moved to the device, or quantized there."""
+    import torch
+
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    param: torch.nn.Parameter
+    if quant is not None and leaf == "weight" and type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        import bitsandbytes as bnb
+
+        # the empty layer's parameter carries its quantization settings (block size, NF4, double
+        # quantization, storage), as transformers' own loader reuses them; .to() quantizes
+        settings = {k: v for k, v in module.weight.__dict__.items() if k != "SCB"}
+        if quant == "4bit":
+            param = bnb.nn.Params4bit(tensor, requires_grad=False, **settings).to(device)  # type: ignore[misc]
+        else:
+            param = bnb.nn.Int8Params(tensor, requires_grad=False, **settings).to(device)  # type: ignore[misc]
+    else:
+        param = torch.nn.Parameter(tensor.to(device), requires_grad=False)
+    module._parameters[leaf] = param

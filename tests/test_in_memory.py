@@ -1,0 +1,82 @@
+"""A merged reward model built in memory scores exactly like `lazymerge run` + `lazymerge eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lazymerge import merge
+from lazymerge.errors import InputError, OptionError
+from lazymerge.evaluation.in_memory import load_merged_reward_model
+from lazymerge.evaluation.rewards import load_reward_model
+from lazymerge.options import MergeOptions
+from tests.models import BASE_WORDS, make_tokenizer, save_model
+
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}w1 {{ m['content'] }} w2 "
+    "{% else %}{{ m['content'] }} </s>{% endif %}{% endfor %}"
+)
+TEXTS = [("w3 w4", "w5 w6 w7"), ("w8", "w9 [PAD] w10"), ("w11 w12 w13", "w14")]
+
+
+def pair_of_models(
+    tmp_path: Path, family: str, dtype: torch.dtype = torch.float32, **sizes
+) -> tuple[Path, Path]:
+    rm_tok = make_tokenizer(BASE_WORDS, added=["<rm_only>"])
+    rm_tok.chat_template = TEMPLATE
+    rm = save_model(tmp_path / "rm", family, True, 1, rm_tok, dtype=dtype, **sizes)
+    # the domain model's vocabulary is reordered and grows a [PAD] token, as MetaMath-7B's does
+    sft_tok = make_tokenizer(BASE_WORDS[:3] + list(reversed(BASE_WORDS[3:])), added=["[PAD]"])
+    sft = save_model(tmp_path / "sft", family, False, 2, sft_tok, dtype=dtype, **sizes)
+    return rm, sft
+
+
+def rewards(rm) -> list[float]:
+    return rm.score_texts([rm.format_text(p, r) for p, r in TEXTS])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_in_memory_rewards_equal_run_then_eval(tmp_path: Path, family: str, dtype: str) -> None:
+    rm, sft = pair_of_models(tmp_path, family)
+    out = tmp_path / "merged"
+    merge([rm, sft], out, alpha=0.35, max_memory=8192)
+    written = load_reward_model(out, dtype=dtype)
+    in_memory = load_merged_reward_model(
+        [rm, sft], MergeOptions(alphas=(0.35,), max_memory=8192), dtype=dtype
+    )
+    assert in_memory.tokenizer.convert_tokens_to_ids("[PAD]") == written.tokenizer.convert_tokens_to_ids(
+        "[PAD]"
+    )
+    assert written.model.config.vocab_size == in_memory.model.config.vocab_size == len(BASE_WORDS) + 2
+    for name, value in written.model.state_dict().items():
+        assert torch.equal(in_memory.model.state_dict()[name], value), name
+    assert rewards(in_memory) == rewards(written)  # bit-identical
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_in_memory_quantized_close_to_bf16(tmp_path: Path, quant: str) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    # bitsandbytes' CPU kernels need rows of at least one 64-element block
+    rm, sft = pair_of_models(tmp_path, "llama", hidden_size=64, intermediate_size=128)
+    options = MergeOptions(alphas=(0.3,))
+    bf16 = rewards(load_merged_reward_model([rm, sft], options, dtype="bfloat16"))
+    quantized = load_merged_reward_model([rm, sft], options, quant=quant, double_quant=True)
+    layer = bnb.nn.Linear4bit if quant == "4bit" else bnb.nn.Linear8bitLt
+    assert any(isinstance(m, layer) for m in quantized.model.modules())
+    assert not isinstance(quantized.model.score, layer)  # the reward head is not quantized
+    got = rewards(quantized)
+    scale = max(abs(r) for r in bf16) + 1e-3
+    assert all(abs(a - b) <= 0.25 * scale for a, b in zip(got, bf16, strict=True)), (got, bf16)
+
+
+def test_in_memory_refusals(tmp_path: Path) -> None:
+    rm, sft = pair_of_models(tmp_path, "llama")
+    with pytest.raises(OptionError, match="one --alpha"):
+        load_merged_reward_model([rm, sft], MergeOptions(alphas=(0.1, 0.2)))
+    plain = save_model(tmp_path / "lm", "llama", False, 3, make_tokenizer(BASE_WORDS))
+    other = save_model(tmp_path / "lm2", "llama", False, 4, make_tokenizer(BASE_WORDS))
+    with pytest.raises(InputError, match="no input is a reward model"):
+        load_merged_reward_model([plain, other], MergeOptions(alphas=(0.5,)))
