@@ -94,7 +94,10 @@ def reports_errors(fn: F) -> F:
             if debug:
                 raise
             what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
-            click.echo(f"Error: {what}; nothing was written to the destination", err=True)
+            click.echo(
+                f"Error: {what}; temporaries removed, nothing half-written (finished sweep points are kept)",
+                err=True,
+            )
             sys.exit(143 if isinstance(exc, _Terminated) else 130)
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -347,6 +350,18 @@ def _load_kwargs(
     }
 
 
+def _parse_ns(ns: str) -> list[int]:
+    try:
+        n_values = [int(n) for n in ns.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{ns!r} is not a comma-separated list of integers", param_hint="--n"
+        ) from None
+    if any(n < 1 or n > 100_000 for n in n_values):
+        raise click.BadParameter(f"{ns!r}: every N must be from 1 to 100000", param_hint="--n")
+    return sorted(set(n_values))
+
+
 def _check_report(path: Path | None, inputs: Sequence[Path], force: bool) -> None:
     """Check a report destination before any scoring (see `writer.check_report_destination`)."""
     if path is not None:
@@ -409,14 +424,7 @@ def bon(
     """Best-of-N: pick the highest-reward candidate (ties to the earliest) for each N."""
     from lazymerge.evaluation.run import evaluate_bon, format_bon_table
 
-    try:
-        n_values = [int(n) for n in ns.split(",")]
-    except ValueError:
-        raise click.BadParameter(
-            f"{ns!r} is not a comma-separated list of integers", param_hint="--n"
-        ) from None
-    if any(n < 1 or n > 100_000 for n in n_values):
-        raise click.BadParameter(f"{ns!r}: every N must be from 1 to 100000", param_hint="--n")
+    n_values = _parse_ns(ns)
     _check_report(out, [model, candidates], force)
     result = evaluate_bon(
         model, candidates, n_values, progress=None if not quiet else False, **_load_kwargs(**load)
@@ -429,28 +437,50 @@ def bon(
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
-    "--alpha",
-    "alphas",
-    default="0:1:0.1",
-    show_default=True,
-    help="START:STOP:STEP, A,B,C or one value.",
-)
-@click.option("--pairs", "pairs_file", type=click.Path(path_type=Path), required=True, help="Test pairs.")
-@click.option(
-    "--val-pairs",
-    type=click.Path(path_type=Path),
-    help="Validation pairs: choose lambda on them, report test accuracy there.",
-)
-@click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
     default=Path("sweep"),
     show_default=True,
-    help="Folder for results.json, accuracy.png and kept models.",
+    help="Folder for results.jsonl, report.md, results.json and the plots.",
 )
-@click.option("--keep", is_flag=True, help="Keep each merged model (a 7B model is 13.5 GB per value).")
-@click.option("--force", is_flag=True, help="Reuse a sweep folder whose results lazymerge wrote.")
+@click.option("--alpha", help="One domain model: its weights, START:STOP:STEP or A,B,C (default 0:1:0.1).")
+@click.option(
+    "--grid",
+    "grid_step",
+    type=float,
+    help="Several domain models: every weight vector on the simplex with this step.",
+)
+@click.option(
+    "--weights",
+    "weight_vectors",
+    multiple=True,
+    help="An explicit weight vector, one weight per input (repeatable).",
+)
+@click.option(
+    "--pairs",
+    "pair_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Test pairs (RewardBench or Auto-J JSONL; repeatable).",
+)
+@click.option(
+    "--val-pairs", type=click.Path(path_type=Path), help="Validation pairs: the point is chosen on them."
+)
+@click.option(
+    "--candidates",
+    "candidate_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Best-of-N candidates (JSONL; repeatable).",
+)
+@click.option("--n", "ns", default="2,4,8,16", show_default=True, help="Best-of-N sizes.")
+@click.option("--rm", "rm", type=int, help="Index (from 0) of the reward model among INPUTS.")
+@click.option("--strict", is_flag=True, help="Refuse to match embedding rows by position.")
+@click.option("--method", default="linear", show_default=True, help="Merge method.")
+@click.option("--base", type=click.Path(path_type=Path), help="Base model for task-vector methods.")
+@click.option("--density", type=float, default=0.5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--max-memory",
     type=SizeType(),
@@ -458,39 +488,71 @@ def bon(
     show_default="256MiB",
     help="Working-memory budget of each merge.",
 )
+@click.option("--max-points", type=click.IntRange(min=1), default=DEFAULT_MAX_POINTS, show_default=True)
+@click.option(
+    "--write",
+    is_flag=True,
+    help="Also write each merged checkpoint under OUT/models/ and score it from disk.",
+)
+@click.option(
+    "--restart", is_flag=True, help="Discard the results in OUT made with other inputs or settings."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout at the end.")
 @eval_options
 @reports_errors
 def sweep(
     inputs: tuple[Path, ...],
-    alphas: str,
-    pairs_file: Path,
-    val_pairs: Path | None,
     output: Path,
-    keep: bool,
-    force: bool,
-    max_memory: int,
+    alpha: str | None,
+    grid_step: float | None,
+    weight_vectors: tuple[str, ...],
+    pair_files: tuple[Path, ...],
+    val_pairs: Path | None,
+    candidate_files: tuple[Path, ...],
+    ns: str,
+    write: bool,
+    restart: bool,
+    as_json: bool,
     quiet: bool,
-    **load: Any,
+    **options: Any,
 ) -> None:
-    """Merge RM and SFT for each lambda, evaluate, plot accuracy against lambda."""
-    from lazymerge.evaluation.run import format_sweep_table, run_sweep
+    """Score merged reward models of RM and DOMAIN models over a grid, in memory, resumably.
 
-    if len(inputs) != 2:
-        raise click.UsageError(f"sweep takes a reward model and one domain model, got {len(inputs)} inputs")
-    result = run_sweep(
+    Each point is merged in memory (no checkpoint written unless --write), scored on every
+    evaluation, and appended to OUT/results.jsonl; rerunning continues where a crash stopped.
+    Writes report.md, results.json and plots into OUT.
+    """
+    from lazymerge.evaluation.sweep import build_spec, run_sweep
+
+    n_values = _parse_ns(ns)
+    load_keys = ("device", "dtype", "quant", "double_quant", "max_length", "system_prompt", "batch_size")
+    load = _load_kwargs(**{k: options.pop(k) for k in load_keys})
+    spec = build_spec(
         inputs,
-        parse_alpha(alphas),
-        pairs_file,
         output,
+        alpha=alpha,
+        grid_step=grid_step,
+        weight_vectors=weight_vectors,
+        pair_files=pair_files,
         val_pairs=val_pairs,
-        keep=keep,
-        force=force,
-        merge_options={"max_memory": max_memory},
-        progress=None if not quiet else False,
-        **_load_kwargs(**load),
+        candidate_files=candidate_files,
+        ns=n_values,
+        load=load,
+        write=write,
+        restart=restart,
+        **options,
     )
-    if not quiet:
-        click.echo(format_sweep_table(result))
+    run = run_sweep(
+        spec, echo=(lambda line: None) if quiet or as_json else functools.partial(click.echo, err=True)
+    )
+    if as_json:
+        click.echo(json.dumps(run.report, indent=2))
+    elif not quiet:
+        chosen = run.report["chosen"]
+        click.echo(
+            f"{len(run.scored)} point(s) scored, {len(run.skipped)} already done; report in {output / 'report.md'}"
+        )
+        click.echo(f"chosen point: {chosen['label']} (on {chosen['chosen_on']})")
 
 
 @main.command()

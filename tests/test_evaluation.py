@@ -10,7 +10,7 @@ import torch
 
 from lazymerge.errors import InputError, MissingDependencyError
 from lazymerge.evaluation.rewards import LLAMA2_SYSTEM_PROMPT, load_reward_model
-from lazymerge.evaluation.run import evaluate_bon, evaluate_pairs, run_sweep
+from lazymerge.evaluation.run import evaluate_bon, evaluate_pairs
 from lazymerge.evaluation.scoring import (
     Pair,
     best_of_n,
@@ -219,30 +219,6 @@ def test_missing_extra_names_pip_command(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(importlib, "import_module", no_bnb)
     with pytest.raises(MissingDependencyError, match=r"pip install 'lazymerge\[eval\]'"):
         load_reward_model(reward_model(tmp_path), quant="4bit")
-
-
-def test_sweep_end_to_end_with_plot(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    rm = reward_model(tmp_path)
-    sft_tok = make_tokenizer(BASE_WORDS, added=["[PAD]"])
-    sft = save_model(tmp_path / "sft", "llama", False, 2, sft_tok)
-    rows = [
-        {"prompt": words(3), "chosen": words(4 + i), "rejected": words(20 + i), "subset": s}
-        for i, s in enumerate(["math-prm", "hep-go", "math-prm"])
-    ]
-    test = write_jsonl(tmp_path / "test.jsonl", rows)
-    val = write_jsonl(tmp_path / "val.jsonl", rows[:2])
-    result = run_sweep([rm, sft], [0.0, 0.5, 1.0], test, tmp_path / "sweep", val_pairs=val)
-    assert [r["alpha"] for r in result["rows"]] == [0.0, 0.5, 1.0]
-    png = tmp_path / "sweep" / "accuracy.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (
-        "chosen_on_validation" in result
-        and json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
-    )
-    assert not (tmp_path / "sweep" / "alpha-0.5").exists()  # merged models deleted without --keep
-    at_zero = evaluate_pairs(rm, test)  # lambda 0 is the reward model itself
-    assert result["rows"][0]["accuracy"] == at_zero["accuracy"]
 
 
 def test_converters(tmp_path: Path) -> None:

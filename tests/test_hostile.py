@@ -389,16 +389,20 @@ def test_sweep_folder_follows_the_output_rule(tmp_path: Path) -> None:
     user = tmp_path / "user"
     user.mkdir()
     (user / "thesis.tex").write_text("precious")
-    for extra in ([], ["--force"]):
-        proc = cli(*base, "-o", str(user), *extra)
-        assert proc.returncode == 1 and "did not write" in one_line_error(proc)
+    proc = cli(*base, "-o", str(user))
+    assert proc.returncode == 1 and "did not write" in one_line_error(proc)
     assert [p.name for p in user.iterdir()] == ["thesis.tex"]
-    proc = cli(*base, "-o", str(rm))
-    assert proc.returncode == 1
+    for inside in (rm, tmp_path):  # a sweep folder that is or holds an input
+        proc = cli(*base, "-o", str(inside))
+        assert proc.returncode == 1, proc.stderr
+        one_line_error(proc)
     out = tmp_path / "sweep"
     assert cli(*base, "-o", str(out)).returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.json"]
-    proc = cli(*base, "-o", str(out))
-    assert proc.returncode == 1 and "--force" in one_line_error(proc)
-    assert cli(*base, "-o", str(out), "--force").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy.png",
+        "report.md",
+        "results.json",
+        "results.jsonl",
+    ]
     assert json.loads((out / "results.json").read_text())["written_by"].startswith("lazymerge")
+    assert not [p for p in tmp_path.iterdir() if "lazymerge-" in p.name]

@@ -129,15 +129,17 @@ class RewardModel:
         ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         return ids[-self.max_length :]
 
-    def score_texts(
-        self, texts: Sequence[str], progress: Callable[[int], None] = lambda n: None
-    ) -> list[float]:
-        """One reward per text; equal texts always get equal rewards."""
+    def encode_all(self, texts: Sequence[str]) -> dict[str, list[int]]:
+        """Token ids of each distinct text (a sweep encodes once and scores many models)."""
+        return {t: self.encode(t) for t in sorted(set(texts))}
+
+    def score_encoded(
+        self, encoded: dict[str, list[int]], progress: Callable[[int], None] = lambda n: None
+    ) -> dict[str, float]:
+        """One reward per distinct text from its token ids."""
         import torch
 
-        unique = sorted(set(texts))
-        encoded = {t: self.encode(t) for t in unique}
-        order = sorted(unique, key=lambda t: (-len(encoded[t]), t))
+        order = sorted(encoded, key=lambda t: (-len(encoded[t]), t))
         pad = self.model.config.pad_token_id
         batch = self.batch_size if pad is not None else 1  # without a pad id only unpadded passes are exact
         rewards: dict[str, float] = {}
@@ -155,6 +157,13 @@ class RewardModel:
             for text, value in zip(group, logits[:, 0].float().cpu().tolist(), strict=True):
                 rewards[text] = value
             progress(len(group))
+        return rewards
+
+    def score_texts(
+        self, texts: Sequence[str], progress: Callable[[int], None] = lambda n: None
+    ) -> list[float]:
+        """One reward per text; equal texts always get equal rewards."""
+        rewards = self.score_encoded(self.encode_all(texts), progress)
         return [rewards[t] for t in texts]
 
 

@@ -1,0 +1,428 @@
+"""The report of a sweep: statistics from the point records, `report.md`, `results.json`, plots.
+
+Everything is recomputed from `results.jsonl` (rewards per pair and per candidate), so a resumed
+sweep reports exactly like an uninterrupted one.
+
+Statistics (see `stats`): accuracies with 95% Wilson intervals (pooled counts for Chat, Chat
+Hard and Safety; for Reasoning = 0.5 x math-prm + 0.5 x mean of hep-*, a normal approximation
+combining the subsets' binomial variances); for every point, the paired difference against the
+reward model alone (a 95% paired bootstrap over pairs, 2000 resamples, seed 0) and the exact
+McNemar p-value; best-of-N accuracy with Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lazymerge import __version__
+from lazymerge.evaluation.scoring import CODE_SUBSETS, SECTIONS, best_of_n
+from lazymerge.evaluation.stats import Z95, paired_bootstrap, wilson_interval
+from lazymerge.io.writer import write_report
+
+#: What DogeRM reports for context (third-party summaries of the paper; not plain accuracies on
+#: these subsets, see the project's DogeRM brief): subset -> (base RM, DogeRM, merged with).
+DOGERM_REFERENCE = {
+    "math-prm": [(58.5, 69.9, "MetaMath-7B"), (58.5, 75.5, "MAmmoTH-7B")],
+    "hep-*": [(72.6, 78.0, "code SFT model")],
+}
+
+
+def _interval(k: int, n: int) -> dict[str, float]:
+    low, high = wilson_interval(k, n)
+    return {"accuracy": k / n if n else 0.0, "ci_low": low, "ci_high": high, "n": n}
+
+
+def pair_statistics(
+    pairs: Sequence[Any], chosen: Sequence[float], rejected: Sequence[float]
+) -> dict[str, Any]:
+    """Overall, per-subset and per-section accuracy with 95% intervals; `correct` per pair."""
+    correct = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    subsets: dict[str, list[bool]] = {}
+    for pair, right in zip(pairs, correct, strict=True):
+        subsets.setdefault(pair.subset, []).append(right)
+    out: dict[str, Any] = {
+        "overall": _interval(sum(correct), len(correct)),
+        "subsets": {name: _interval(sum(v), len(v)) for name, v in sorted(subsets.items())},
+        "ties": sum(c == r for c, r in zip(chosen, rejected, strict=True)),
+    }
+    sections = {}
+    for section, names in SECTIONS.items():
+        present = [subsets[n] for n in names if n in subsets]
+        if present:
+            sections[section] = _interval(sum(sum(v) for v in present), sum(len(v) for v in present))
+    code = [subsets[n] for n in CODE_SUBSETS if n in subsets]
+    if "math-prm" in subsets and code:
+        math_acc = sum(subsets["math-prm"]) / len(subsets["math-prm"])
+        code_accs = [sum(v) / len(v) for v in code]
+        value = 0.5 * math_acc + 0.5 * sum(code_accs) / len(code_accs)
+        var = (
+            0.25 * math_acc * (1 - math_acc) / len(subsets["math-prm"])
+            + 0.25 * sum(a * (1 - a) / len(v) for a, v in zip(code_accs, code, strict=True)) / len(code) ** 2
+        )
+        half = Z95 * math.sqrt(var)
+        sections["Reasoning"] = {
+            "accuracy": value,
+            "ci_low": max(0.0, value - half),
+            "ci_high": min(1.0, value + half),
+            "n": len(subsets["math-prm"]) + sum(len(v) for v in code),
+        }
+    if sections:
+        out["sections"] = sections
+    out["correct"] = correct
+    return out
+
+
+def _versus(baseline: list[bool], point: list[bool]) -> dict[str, Any]:
+    comparison = paired_bootstrap(baseline, point, resamples=2000, seed=0)
+    return {
+        "difference": comparison.difference,
+        "ci_low": comparison.ci_low,
+        "ci_high": comparison.ci_high,
+        "only_baseline": comparison.only_first,
+        "only_point": comparison.only_second,
+        "mcnemar_p": comparison.p_value,
+    }
+
+
+def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Statistics of every point, the chosen point, and the report files in `spec.out`."""
+    baseline = next(r for r in records if r["baseline"])
+    points = []
+    for record in records:
+        entry: dict[str, Any] = {
+            "label": record["label"],
+            "weights": record["weights"],
+            "baseline": record["baseline"],
+        }
+        entry["pairs"] = {}
+        for e in spec.pair_evals:
+            scores = record["pairs"][e.name]
+            stats = pair_statistics(e.pairs, scores["chosen"], scores["rejected"])
+            base = pair_statistics(
+                e.pairs, baseline["pairs"][e.name]["chosen"], baseline["pairs"][e.name]["rejected"]
+            )
+            stats["versus_baseline"] = _versus(base["correct"], stats["correct"])
+            by_subset = {}
+            for subset in stats["subsets"]:
+                idx = [i for i, p in enumerate(e.pairs) if p.subset == subset]
+                by_subset[subset] = _versus(
+                    [base["correct"][i] for i in idx], [stats["correct"][i] for i in idx]
+                )
+            stats["subsets_versus_baseline"] = by_subset
+            del stats["correct"]
+            entry["pairs"][e.name] = stats
+        entry["best_of_n"] = {}
+        for b in spec.bon_evals:
+            result = best_of_n(b.sets, record["best_of_n"][b.name]["rewards"], b.ns)
+            for r in result.values():
+                k = round(r["accuracy"] * r["n_prompts"])
+                r["ci_low"], r["ci_high"] = wilson_interval(k, r["n_prompts"])
+            entry["best_of_n"][b.name] = result
+        entry["timing"] = {
+            k: record.get(k) for k in ("build_s", "score_s", "bytes_written", "peak_rss", "peak_gpu_memory")
+        }
+        points.append(entry)
+    chosen, how = choose_point(spec, points)
+    doc = {
+        "written_by": f"lazymerge {__version__}",
+        "inputs": [str(p) for p in spec.inputs],
+        "domain_models": list(spec.domain_names),
+        "merge": {"method": spec.merge.method, "density": spec.merge.density, "seed": spec.merge.seed},
+        "scoring": dict(vars(spec.load)),
+        "evaluations": {
+            "pairs": [
+                {
+                    "name": e.name,
+                    "path": str(e.path),
+                    "pairs": len(e.pairs),
+                    "validation": e.validation,
+                    "autoj_ties_dropped": e.autoj_ties,
+                }
+                for e in spec.pair_evals
+            ],
+            "best_of_n": [
+                {"name": b.name, "path": str(b.path), "prompts": len(b.sets), "n": list(b.ns)}
+                for b in spec.bon_evals
+            ],
+        },
+        "statistics": "95% Wilson intervals; paired bootstrap (2000 resamples, seed 0) and exact McNemar against the reward model alone",
+        "points": points,
+        "chosen": {"label": chosen["label"] if chosen else None, "chosen_on": how},
+        "dogerm_reference": DOGERM_REFERENCE,
+    }
+    write_report(spec.out / "results.json", (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+    write_report(spec.out / "report.md", markdown(doc).encode("utf-8"))
+    plot_accuracy(spec, points, spec.out / "accuracy.png")
+    if spec.bon_evals and chosen is not None:
+        plot_best_of_n(spec, points, chosen, spec.out / "best_of_n.png")
+    if len(spec.inputs) == 3 and spec.pair_evals:
+        plot_grid(spec, points, spec.out / "grid.png")
+    return doc
+
+
+def choose_point(spec: Any, points: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    """The point with the best accuracy on validation pairs (else on the first test pairs,
+    marked optimistic, as DogeRM chose); ties go to the smaller total domain weight."""
+    val = [e for e in spec.pair_evals if e.validation]
+    test = [e for e in spec.pair_evals if not e.validation]
+    source, how = (
+        (val[0], "validation pairs")
+        if val
+        else (
+            (test[0], "test pairs (optimistic: chosen on the data it is reported on, as DogeRM did)")
+            if test
+            else (None, "")
+        )
+    )
+    if source is None:
+        return None, "no pair evaluation"
+
+    def domain_weight(p: dict[str, Any]) -> float:
+        return sum(w for i, w in enumerate(p["weights"]) if i != spec.rm_index)
+
+    best = max(points, key=lambda p: (p["pairs"][source.name]["overall"]["accuracy"], -domain_weight(p)))
+    return best, how
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        "# lazymerge sweep report",
+        "",
+        f"Written by {doc['written_by']}. Inputs: {', '.join(doc['inputs'])}.",
+        f"Merge: {doc['merge']}. Scoring: {doc['scoring']}.",
+        f"Statistics: {doc['statistics']}.",
+        "",
+        f"**Chosen point: {doc['chosen']['label']}**, chosen on {doc['chosen']['chosen_on']}.",
+        "",
+    ]
+    for e in doc["evaluations"]["pairs"]:
+        name = e["name"]
+        lines += [
+            f"## {name} ({e['pairs']} pairs{', validation' if e['validation'] else ''})",
+            "",
+            "| point | accuracy % [95% CI] | vs reward model alone, points [95% CI] | McNemar p |",
+            "| --- | --- | --- | --- |",
+        ]
+        for p in doc["points"]:
+            s = p["pairs"][name]
+            o, v = s["overall"], s["versus_baseline"]
+            lines.append(
+                f"| {p['label']}{' (reward model alone)' if p['baseline'] else ''} | {_pct(o['accuracy'])} "
+                f"[{_pct(o['ci_low'])}, {_pct(o['ci_high'])}] | {100 * v['difference']:+.1f} "
+                f"[{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}] | {v['mcnemar_p']:.3g} |"
+            )
+        subsets = sorted(doc["points"][0]["pairs"][name]["subsets"])
+        if len(subsets) > 1 or "sections" in doc["points"][0]["pairs"][name]:
+            lines += ["", "| point | " + " | ".join(subsets) + " |", "| --- |" + " --- |" * len(subsets)]
+            for p in doc["points"]:
+                cells = []
+                for sub in subsets:
+                    a = p["pairs"][name]["subsets"][sub]
+                    cells.append(f"{_pct(a['accuracy'])} [{_pct(a['ci_low'])}, {_pct(a['ci_high'])}]")
+                lines.append(f"| {p['label']} | " + " | ".join(cells) + " |")
+            sections = doc["points"][0]["pairs"][name].get("sections")
+            if sections:
+                lines += [
+                    "",
+                    "| point | " + " | ".join(sections) + " |",
+                    "| --- |" + " --- |" * len(sections),
+                ]
+                for p in doc["points"]:
+                    secs = p["pairs"][name]["sections"]
+                    lines.append(
+                        f"| {p['label']} | "
+                        + " | ".join(
+                            f"{_pct(secs[k]['accuracy'])} [{_pct(secs[k]['ci_low'])}, {_pct(secs[k]['ci_high'])}]"
+                            for k in sections
+                        )
+                        + " |"
+                    )
+        reference = []
+        if "math-prm" in subsets:
+            reference += [
+                f"math-prm {b} -> {d} merged with {w}" for b, d, w in doc["dogerm_reference"]["math-prm"]
+            ]
+        if any(s.startswith("hep-") for s in subsets):
+            reference += [f"hep-* {b} -> {d} merged with {w}" for b, d, w in doc["dogerm_reference"]["hep-*"]]
+        if reference:
+            lines += [
+                "",
+                "For context, DogeRM reports (7B models; rounded differently, not plain accuracies): "
+                + "; ".join(reference)
+                + ".",
+            ]
+        lines.append("")
+    for b in doc["evaluations"]["best_of_n"]:
+        name = b["name"]
+        lines += [
+            f"## best-of-N: {name} ({b['prompts']} prompts)",
+            "",
+            "| point | " + " | ".join(f"N={n}" for n in b["n"]) + " |",
+            "| --- |" + " --- |" * len(b["n"]),
+        ]
+        for p in doc["points"]:
+            r = p["best_of_n"][name]
+            lines.append(
+                f"| {p['label']} | "
+                + " | ".join(
+                    f"{_pct(r[str(n)]['accuracy'])} [{_pct(r[str(n)]['ci_low'])}, {_pct(r[str(n)]['ci_high'])}]"
+                    if str(n) in r
+                    else "-"
+                    for n in b["n"]
+                )
+                + " |"
+            )
+        first = doc["points"][0]["best_of_n"][name]
+        lines.append(
+            "| oracle | "
+            + " | ".join(_pct(first[str(n)]["oracle"]) if str(n) in first else "-" for n in b["n"])
+            + " |"
+        )
+        lines.append(
+            "| majority vote | "
+            + " | ".join(_pct(first[str(n)]["majority"]) if str(n) in first else "-" for n in b["n"])
+            + " |"
+        )
+        lines.append("")
+    lines += [
+        "## Time per point",
+        "",
+        "| point | build s | score s | model bytes written | peak RSS |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in doc["points"]:
+        t = p["timing"]
+        lines.append(
+            f"| {p['label']} | {t['build_s']} | {t['score_s']} | {t['bytes_written']} | {t['peak_rss']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot() -> Any:
+    from lazymerge.evaluation.rewards import require
+
+    matplotlib = require("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Any) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_report(path, buffer.getvalue())
+
+
+def _x(spec: Any, points: Sequence[dict[str, Any]]) -> tuple[list[float], str]:
+    if len(spec.inputs) == 2:
+        return [p["weights"][1 - spec.rm_index] for p in points], "lambda (weight of the domain model)"
+    return list(range(len(points))), "grid point"
+
+
+def plot_accuracy(spec: Any, points: Sequence[dict[str, Any]], path: Any) -> None:
+    """Accuracy against lambda per subset with 95% CI bands and the reward model's baseline."""
+    plt = _pyplot()
+    order = sorted(range(len(points)), key=lambda i: _x(spec, points)[0][i])
+    pts = [points[i] for i in order]
+    xs, xlabel = _x(spec, pts)
+    tests = [e for e in spec.pair_evals] or []
+    fig, axes = plt.subplots(
+        1, max(1, len(tests)), figsize=(7 * max(1, len(tests)), 4.5), dpi=110, squeeze=False
+    )
+    for ax, e in zip(axes[0], tests, strict=False):
+        baseline = next(p for p in pts if p["baseline"])["pairs"][e.name]["overall"]["accuracy"]
+        subsets = sorted(pts[0]["pairs"][e.name]["subsets"])
+        for sub in subsets if len(subsets) > 1 else []:
+            acc = [100 * p["pairs"][e.name]["subsets"][sub]["accuracy"] for p in pts]
+            lo = [100 * p["pairs"][e.name]["subsets"][sub]["ci_low"] for p in pts]
+            hi = [100 * p["pairs"][e.name]["subsets"][sub]["ci_high"] for p in pts]
+            line = ax.plot(xs, acc, marker="o", label=sub)[0]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
+        acc = [100 * p["pairs"][e.name]["overall"]["accuracy"] for p in pts]
+        lo = [100 * p["pairs"][e.name]["overall"]["ci_low"] for p in pts]
+        hi = [100 * p["pairs"][e.name]["overall"]["ci_high"] for p in pts]
+        ax.plot(xs, acc, color="black", linewidth=2.2, marker="s", label="all pairs")
+        ax.fill_between(xs, lo, hi, color="black", alpha=0.1)
+        ax.axhline(100 * baseline, color="gray", linestyle="--", label="reward model alone")
+        ax.set_title(f"{e.name}{' (validation)' if e.validation else ''}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("pairwise accuracy (%), 95% CI")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_best_of_n(spec: Any, points: Sequence[dict[str, Any]], chosen: dict[str, Any], path: Any) -> None:
+    """Best-of-N accuracy against N for the reward model alone and the chosen point."""
+    plt = _pyplot()
+    b = spec.bon_evals[0]
+    baseline = next(p for p in points if p["baseline"])
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for p, name in ((baseline, "reward model alone"), (chosen, f"chosen ({chosen['label']})")):
+        r = p["best_of_n"][b.name]
+        ns = [int(n) for n in r]
+        ax.errorbar(
+            ns,
+            [100 * r[str(n)]["accuracy"] for n in ns],
+            yerr=[
+                [100 * (r[str(n)]["accuracy"] - r[str(n)]["ci_low"]) for n in ns],
+                [100 * (r[str(n)]["ci_high"] - r[str(n)]["accuracy"]) for n in ns],
+            ],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+    r = baseline["best_of_n"][b.name]
+    ns = [int(n) for n in r]
+    ax.plot(ns, [100 * r[str(n)]["oracle"] for n in ns], linestyle=":", color="green", label="oracle pass@N")
+    ax.plot(
+        ns, [100 * r[str(n)]["majority"] for n in ns], linestyle="--", color="gray", label="majority vote"
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N (candidates)")
+    ax.set_ylabel("best-of-N accuracy (%), 95% CI")
+    ax.set_title(b.name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_grid(spec: Any, points: Sequence[dict[str, Any]], path: Any) -> None:
+    """Heatmap of the first test evaluation's accuracy over the two domain models' weights."""
+    plt = _pyplot()
+    e = next((x for x in spec.pair_evals if not x.validation), spec.pair_evals[0])
+    domains = [i for i in range(3) if i != spec.rm_index]
+    w1 = sorted({p["weights"][domains[0]] for p in points})
+    w2 = sorted({p["weights"][domains[1]] for p in points})
+    grid = np.full((len(w2), len(w1)), np.nan)
+    for p in points:
+        grid[w2.index(p["weights"][domains[1]]), w1.index(p["weights"][domains[0]])] = (
+            100 * p["pairs"][e.name]["overall"]["accuracy"]
+        )
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
+    image = ax.imshow(grid, origin="lower", cmap="viridis")
+    ax.set_xticks(range(len(w1)), [f"{w:g}" for w in w1])
+    ax.set_yticks(range(len(w2)), [f"{w:g}" for w in w2])
+    names = list(spec.domain_names) or ["domain 1", "domain 2"]
+    ax.set_xlabel(f"weight of {names[0]}")
+    ax.set_ylabel(f"weight of {names[1] if len(names) > 1 else 'domain 2'}")
+    ax.set_title(f"{e.name}: accuracy (%)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)

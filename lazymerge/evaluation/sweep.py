@@ -1,0 +1,600 @@
+"""Lazy sweeps: score merged reward models that exist only in memory, resumably.
+
+`run_sweep(spec)` takes a reward model, domain models, a grid of weight vectors and evaluations
+(pair files, candidate files for best-of-N, validation pairs). For each point it builds the
+merged reward model in memory (`in_memory.load_merged_reward_model`), scores every text of
+every evaluation in one pass, and appends the point to `OUT/results.jsonl`, fsynced before the
+next point starts. The reward model alone (every domain weight 0) is scored once as the
+baseline. Running the same sweep again skips finished points; a sweep whose inputs, data or
+settings differ from the file's refuses to mix (`restart` starts over). At the end the report
+(`report.md`, `results.json`, plots) is made from the records (`sweep_report`).
+
+Texts are formatted and tokenized once for the whole sweep: every point shares the output
+tokenizer, which the plan fixes whatever the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lazymerge import __version__
+from lazymerge.errors import InputError, OptionError, OutputError
+from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_pairs
+from lazymerge.io.writer import DestinationLock
+from lazymerge.options import MergeOptions
+from lazymerge.progress import format_bytes, format_duration
+
+RESULTS = "results.jsonl"
+#: Files a sweep writes into its folder (besides kept models under models/).
+SWEEP_FILES = (RESULTS, "results.json", "report.md", "accuracy.png", "best_of_n.png", "grid.png")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One weight vector over the inputs (input order), and its name in reports."""
+
+    label: str
+    weights: tuple[float, ...]
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
+class PairEvaluation:
+    name: str
+    path: Path
+    pairs: tuple[Pair, ...]
+    autoj_ties: int
+    validation: bool = False
+
+
+@dataclass(frozen=True)
+class BestOfNEvaluation:
+    name: str
+    path: Path
+    sets: tuple[CandidateSet, ...]
+    ns: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How each merged model is loaded and scored (as `lazymerge eval`)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    quant: str | None = None
+    double_quant: bool = False
+    max_length: int = 2048
+    system_prompt: str | None = None
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything a sweep is asked to do."""
+
+    inputs: tuple[Path, ...]
+    out: Path
+    points: tuple[SweepPoint, ...]
+    merge: MergeOptions
+    load: LoadSettings
+    pair_evals: tuple[PairEvaluation, ...] = ()
+    bon_evals: tuple[BestOfNEvaluation, ...] = ()
+    write: bool = False
+    restart: bool = False
+    domain_names: tuple[str, ...] = ()
+    rm_index: int = 0
+
+
+@dataclass
+class SweepRun:
+    """What a sweep did this time, for the command line."""
+
+    scored: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the grid -----------------------------------------------------------------------------
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def alpha_points(alphas: Sequence[float], rm_index: int) -> list[SweepPoint]:
+    """One domain model: weight `alpha` for it, 1 - alpha for the reward model."""
+    domain = 1 - rm_index
+    return [
+        SweepPoint(f"alpha={_fmt(a)}", tuple(a if i == domain else 1.0 - a for i in range(2)), a == 0)
+        for a in alphas
+    ]
+
+
+def simplex_points(step: float, n_inputs: int, rm_index: int, max_points: int) -> list[SweepPoint]:
+    """Every vector of domain-model weights in multiples of `step` summing to at most 1 (the
+    reward model takes the rest)."""
+    if not (math.isfinite(step) and 0 < step <= 1):
+        raise OptionError(f"--grid {step}: a step in (0, 1]")
+    k = round(1 / step)
+    if abs(k * step - 1) > 1e-9:
+        raise OptionError(f"--grid {step}: 1 must be a whole number of steps (0.1, 0.05, 0.25, ...)")
+    domains = n_inputs - 1
+    count = math.comb(k + domains, domains)
+    if count > max_points:
+        raise OptionError(
+            f"--grid {step} gives {count} points; at most {max_points} (raise it with --max-points)"
+        )
+    points = []
+    for combo in itertools.product(range(k + 1), repeat=domains):
+        if sum(combo) > k:
+            continue
+        domain_weights = [c / k for c in combo]
+        weights = []
+        it = iter(domain_weights)
+        for i in range(n_inputs):
+            weights.append(round(1 - sum(domain_weights), 12) if i == rm_index else next(it))
+        label = "w=" + ",".join(_fmt(w) for w in domain_weights)
+        points.append(SweepPoint(label, tuple(weights), sum(combo) == 0))
+    return points
+
+
+def weight_points(vectors: Sequence[Sequence[float]], rm_index: int) -> list[SweepPoint]:
+    """Explicit weight vectors (one weight per input, input order)."""
+    points = []
+    for v in vectors:
+        domain = [w for i, w in enumerate(v) if i != rm_index]
+        points.append(
+            SweepPoint("w=" + ",".join(_fmt(w) for w in domain), tuple(v), all(w == 0 for w in domain))
+        )
+    labels = [p.label for p in points]
+    if len(set(labels)) != len(labels):
+        raise OptionError("--weights: two vectors give the same domain weights")
+    return points
+
+
+def baseline_point(n_inputs: int, rm_index: int, single_domain: bool) -> SweepPoint:
+    weights = tuple(1.0 if i == rm_index else 0.0 for i in range(n_inputs))
+    label = "alpha=0" if single_domain else "w=" + ",".join("0" for _ in range(n_inputs - 1))
+    return SweepPoint(label, weights, True)
+
+
+# --- evaluations --------------------------------------------------------------------------
+
+
+def load_evaluations(
+    pairs: Sequence[Path], val_pairs: Path | None, candidates: Sequence[Path], ns: Sequence[int]
+) -> tuple[tuple[PairEvaluation, ...], tuple[BestOfNEvaluation, ...]]:
+    """Read every data file once (strictly typed: see `scoring`), names unique by file stem."""
+    names: set[str] = set()
+
+    def name_of(path: Path) -> str:
+        base = path.name.removesuffix(".jsonl").removesuffix(".json")
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.add(name)
+        return name
+
+    pair_evals = []
+    for path, validation in [*((p, False) for p in pairs), *([(val_pairs, True)] if val_pairs else [])]:
+        loaded, ties = load_pairs(path)
+        pair_evals.append(PairEvaluation(name_of(path), Path(path), tuple(loaded), ties, validation))
+    bon_evals = []
+    for path in candidates:
+        sets = tuple(load_candidates(path))
+        usable = [n for n in ns if any(len(s.candidates) >= n for s in sets)]
+        if not usable:
+            raise InputError(
+                f"{path}: no prompt has {min(ns)} or more candidates for --n {','.join(map(str, ns))}"
+            )
+        bon_evals.append(BestOfNEvaluation(name_of(path), Path(path), sets, tuple(ns)))
+    return tuple(pair_evals), tuple(bon_evals)
+
+
+# --- the results file ---------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _input_fingerprint(path: Path) -> str:
+    """Headers and configs, not whole weights: names, dtypes, shapes and sizes of every tensor,
+    plus the bytes of config and tokenizer files."""
+    from lazymerge.io.reader import Checkpoint
+
+    digest = hashlib.sha256()
+    with Checkpoint.open(path) as ckpt:
+        for name in sorted(ckpt):
+            info = ckpt[name]
+            digest.update(f"{name}\0{info.dtype}\0{info.shape}\0{info.nbytes}\n".encode())
+    folder = path if path.is_dir() else path.parent
+    for extra in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "added_tokens.json",
+        "tokenizer.model",
+    ):
+        if (folder / extra).is_file():
+            digest.update(extra.encode() + b"\0" + _sha256_file(folder / extra).encode())
+    return digest.hexdigest()[:32]
+
+
+def fingerprint(spec: SweepSpec) -> dict[str, Any]:
+    """What results depend on: a results file made under another fingerprint is not mixed in."""
+    m = spec.merge
+    return {
+        "inputs": [f"{p}#{_input_fingerprint(p)}" for p in spec.inputs],
+        "base": f"{m.base}#{_input_fingerprint(m.base)}" if m.base is not None else None,
+        "pairs": [
+            f"{e.name}:{'val' if e.validation else 'test'}#{_sha256_file(e.path)[:32]}"
+            for e in spec.pair_evals
+        ],
+        "candidates": [
+            f"{e.name}:{','.join(map(str, e.ns))}#{_sha256_file(e.path)[:32]}" for e in spec.bon_evals
+        ],
+        "merge": {"method": m.method, "density": m.density, "seed": m.seed, "strict": m.strict, "rm": m.rm},
+        "scoring": {
+            "device": spec.load.device.split(":")[0],
+            "dtype": spec.load.dtype,
+            "quant": spec.load.quant,
+            "double_quant": spec.load.double_quant,
+            "max_length": spec.load.max_length,
+            "system_prompt": spec.load.system_prompt,
+            "batch_size": spec.load.batch_size,
+        },
+    }
+
+
+def read_results(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]], int]:
+    """(header, finished points by label, byte length of the complete lines).
+
+    A last line without its newline (a run killed while appending) is not a finished point.
+    """
+    if not path.exists():
+        return None, {}, 0
+    raw = path.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]
+    header: dict[str, Any] | None = None
+    points: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(complete.splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise InputError(
+                f"{path}: line {number} is not JSON; this is not a lazymerge sweep file"
+            ) from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}: line {number} is not a JSON object")
+        if number == 1:
+            if record.get("record") != "sweep":
+                raise InputError(f"{path}: not a lazymerge sweep results file (no header line)")
+            header = record
+        elif record.get("record") == "point":
+            points[str(record["label"])] = record
+    return header, points, len(complete)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} then, {b!r} now)")
+    return out
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+    with open(path, "ab") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _prepare_folder(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Create or reuse the sweep folder; return the points already finished."""
+    out = spec.out
+    for given in (*spec.inputs, *(e.path for e in spec.pair_evals), *(e.path for e in spec.bon_evals)):
+        source = Path(given).resolve()
+        if source == out.resolve() or out.resolve() in source.parents:
+            raise OutputError(f"{out}: is or holds input {given}; choose another sweep folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file; a sweep writes a folder")
+    results = out / RESULTS
+    if out.is_dir():
+        foreign = [p.name for p in out.iterdir() if p.name not in (*SWEEP_FILES, "models")]
+        if foreign or (any(out.iterdir()) and not results.exists()):
+            raise OutputError(
+                f"{out}: holds files a lazymerge sweep did not write ({', '.join(foreign[:3]) or 'no ' + RESULTS}); "
+                "choose another sweep folder"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create ({exc.strerror or exc})") from None
+    header, done, complete = read_results(results)
+    if header is not None and header.get("fingerprint") != fp:
+        if not spec.restart:
+            diffs = _differences(header.get("fingerprint", {}), fp)
+            raise OptionError(
+                f"{results}: made with other inputs, data or settings: {'; '.join(diffs[:3])}"
+                + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+                + "; use another folder, or --restart to discard those results"
+            )
+    if header is None or spec.restart:
+        for name in SWEEP_FILES:
+            (out / name).unlink(missing_ok=True)
+        _append(results, {"record": "sweep", "written_by": f"lazymerge {__version__}", "fingerprint": fp})
+        return {}
+    if results.stat().st_size != complete:  # a point cut off by a kill: drop its partial line
+        with open(results, "r+b") as fh:
+            fh.truncate(complete)
+            os.fsync(fh.fileno())
+    return done
+
+
+# --- scoring ------------------------------------------------------------------------------
+
+
+def _texts(rm: Any, spec: SweepSpec) -> list[str]:
+    texts: list[str] = []
+    for e in spec.pair_evals:
+        texts.extend(rm.format_text(p.prompt, p.chosen) for p in e.pairs)
+        texts.extend(rm.format_text(p.prompt, p.rejected) for p in e.pairs)
+    for b in spec.bon_evals:
+        texts.extend(rm.format_text(s.prompt, c) for s in b.sets for c in s.candidates)
+    return texts
+
+
+def _score_point(rm: Any, spec: SweepSpec, encoded: dict[str, list[int]]) -> dict[str, Any]:
+    rewards = rm.score_encoded(encoded)
+    pairs_out = {}
+    for e in spec.pair_evals:
+        chosen = [rewards[rm.format_text(p.prompt, p.chosen)] for p in e.pairs]
+        rejected = [rewards[rm.format_text(p.prompt, p.rejected)] for p in e.pairs]
+        pairs_out[e.name] = {"chosen": chosen, "rejected": rejected}
+    bon_out = {}
+    for b in spec.bon_evals:
+        bon_out[b.name] = {
+            "rewards": [[rewards[rm.format_text(s.prompt, c)] for c in s.candidates] for s in b.sets]
+        }
+    return {"pairs": pairs_out, "best_of_n": bon_out}
+
+
+def _model_bytes(parameters: int, load: LoadSettings) -> int:
+    if load.quant == "4bit":
+        return parameters // 2 + parameters // 16  # NF4 plus block scales and unquantized layers, roughly
+    if load.quant == "8bit":
+        return parameters + parameters // 16
+    return parameters * {"float32": 4, "bfloat16": 2, "float16": 2}[load.dtype]
+
+
+def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = lambda line: None) -> SweepRun:
+    """Score every point of `spec` not already in its results file, then write the report.
+
+    Raises:
+        OptionError when the results file belongs to another sweep; the merge's and the
+        evaluation's own errors.
+    """
+    from lazymerge.api import open_inputs
+    from lazymerge.evaluation.in_memory import load_merged_reward_model
+    from lazymerge.evaluation.report import sweep_report
+    from lazymerge.evaluation.rewards import load_reward_model
+    from lazymerge.memory import PeakRssSampler
+    from lazymerge.plan import plan_merge
+
+    if not spec.pair_evals and not spec.bon_evals:
+        raise OptionError("a sweep needs something to score: --pairs, --val-pairs or --candidates")
+    lock = DestinationLock(spec.out)
+    try:
+        fp = fingerprint(spec)
+        done = _prepare_folder(spec, fp)
+        points = list(spec.points)
+        if not any(p.baseline for p in points):
+            points.insert(0, baseline_point(len(spec.inputs), spec.rm_index, len(spec.inputs) == 2))
+        todo = [p for p in points if p.label not in done]
+        run = SweepRun(skipped=[p.label for p in points if p.label in done])
+        first = MergeOptions.build(**_point_options(spec.merge, points[0]))
+        checkpoints = open_inputs([*spec.inputs, *([first.base] if first.base is not None else [])])
+        try:
+            plan = plan_merge(checkpoints, first, Path("in-memory"))
+        finally:
+            for ckpt in checkpoints:
+                ckpt.close()
+        if "reward model" not in plan.roles:
+            raise InputError(
+                f"{spec.inputs[0]}: no input is a reward model; a sweep scores merged reward models"
+            )
+        if spec.write:
+            (spec.out / "models").mkdir(exist_ok=True)
+        n_pairs = sum(len(e.pairs) for e in spec.pair_evals)
+        n_sets = sum(len(b.sets) for b in spec.bon_evals)
+        model_bytes = _model_bytes(plan.parameters, spec.load)
+        on_gpu = spec.load.device.startswith("cuda")
+        host = (0 if on_gpu else model_bytes) + plan.working_memory + 500 * 10**6
+        echo(
+            f"sweep: {len(points)} points ({len(run.skipped)} already done), {n_pairs} pairs in "
+            f"{len(spec.pair_evals)} file(s), {n_sets} candidate sets in {len(spec.bon_evals)} file(s)"
+        )
+        echo(
+            f"  per point: about {format_bytes(host)} host RAM"
+            + (f", {format_bytes(model_bytes)} GPU memory" if on_gpu else "")
+            + f"; model files written: {format_bytes(plan.output_bytes * len(todo)) if spec.write else '0 B (in memory)'}"
+        )
+        encoded: dict[str, list[int]] | None = None
+        started = time.monotonic()
+        for number, point in enumerate(todo, start=1):
+            t0 = time.monotonic()
+            options = MergeOptions.build(**_point_options(spec.merge, point))
+            load = vars(spec.load)
+            with PeakRssSampler() as sampler:
+                written = 0
+                if spec.write:
+                    from lazymerge.api import merge
+
+                    folder = spec.out / "models" / _slug(point.label)
+                    report = merge(spec.inputs, folder, options, force=folder.exists())
+                    written = report.bytes_written
+                    rm = load_reward_model(folder, **load)
+                else:
+                    rm = load_merged_reward_model(spec.inputs, options, **load)
+                t1 = time.monotonic()
+                if encoded is None:
+                    texts = _texts(rm, spec)
+                    encoded = rm.encode_all(texts)
+                    tokens = sum(len(v) for v in encoded.values())
+                    echo(f"  {len(texts)} texts, {len(encoded)} distinct, {tokens} tokens (tokenized once)")
+                scores = _score_point(rm, spec, encoded)
+                t2 = time.monotonic()
+                del rm
+            record = {
+                "record": "point",
+                "label": point.label,
+                "weights": list(point.weights),
+                "baseline": point.baseline,
+                **scores,
+                "build_s": round(t1 - t0, 3),
+                "score_s": round(t2 - t1, 3),
+                "bytes_written": written,
+                "peak_rss": sampler.peak.total,
+                "peak_gpu_memory": _gpu_peak(spec.load.device),
+            }
+            _append(spec.out / RESULTS, record)
+            run.scored.append(point.label)
+            elapsed = time.monotonic() - started
+            eta = elapsed / number * (len(todo) - number)
+            echo(
+                f"[{number}/{len(todo)}] {point.label}: build {t1 - t0:.1f} s, score {t2 - t1:.1f} s; "
+                f"ETA {format_duration(eta)}"
+            )
+        _, finished, _ = read_results(spec.out / RESULTS)
+        run.report = sweep_report(spec, [finished[p.label] for p in points if p.label in finished])
+        return run
+    finally:
+        lock.release()
+
+
+def _point_options(base: MergeOptions, point: SweepPoint) -> dict[str, Any]:
+    fields = {k: getattr(base, k) for k in base.__dataclass_fields__}
+    fields.update(weights=point.weights, alphas=None)
+    return fields
+
+
+def _slug(label: str) -> str:
+    return label.replace("=", "-").replace(",", "_")
+
+
+def _gpu_peak(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
+def build_spec(
+    inputs: Sequence[Path],
+    out: Path,
+    *,
+    alpha: str | None = None,
+    grid_step: float | None = None,
+    weight_vectors: Sequence[str] = (),
+    pair_files: Sequence[Path] = (),
+    val_pairs: Path | None = None,
+    candidate_files: Sequence[Path] = (),
+    ns: Sequence[int] = (2, 4, 8, 16),
+    load: dict[str, Any] | None = None,
+    write: bool = False,
+    restart: bool = False,
+    **merge: Any,
+) -> SweepSpec:
+    """Check the sweep's options, find the reward model, build the grid and read the data.
+
+    Raises:
+        OptionError for option mistakes (found before any model is loaded).
+    """
+    from lazymerge.api import open_inputs
+    from lazymerge.options import parse_alpha, parse_weights
+    from lazymerge.recipe import ModelInput, find_reward_model
+
+    max_points = merge.get("max_points", 101)
+    chosen = [
+        name
+        for name, given in (("--alpha", alpha), ("--grid", grid_step), ("--weights", weight_vectors))
+        if given
+    ]
+    if len(chosen) > 1:
+        raise OptionError(f"give one of --alpha, --grid and --weights, not {' and '.join(chosen)}")
+    if len(inputs) < 2:
+        raise OptionError("a sweep needs a reward model and at least one domain model")
+    if alpha is not None and len(inputs) != 2:
+        raise OptionError(f"--alpha is for one domain model; with {len(inputs) - 1} use --grid or --weights")
+    if not chosen and len(inputs) != 2:
+        raise OptionError(f"{len(inputs) - 1} domain models: give --grid STEP or --weights")
+    if not pair_files and not candidate_files and val_pairs is None:
+        raise OptionError("a sweep needs something to score: --pairs, --val-pairs or --candidates")
+    alphas = (
+        parse_alpha(alpha or "0:1:0.1", max_points)
+        if len(inputs) == 2 and not (grid_step or weight_vectors)
+        else None
+    )
+    vectors = [parse_weights(v) for v in weight_vectors]
+    for v in vectors:
+        if len(v) != len(inputs):
+            raise OptionError(
+                f"--weights {','.join(map(_fmt, v))}: {len(v)} weights for {len(inputs)} inputs"
+            )
+    if len(vectors) > max_points:
+        raise OptionError(
+            f"{len(vectors)} --weights vectors; at most {max_points} (raise it with --max-points)"
+        )
+    options = MergeOptions(**merge)  # checks method, density, memory, ...
+    options.check_inputs(len(inputs))
+    checkpoints = open_inputs(list(inputs))
+    try:
+        rm_index = find_reward_model([ModelInput.open(c) for c in checkpoints], options.rm)
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
+    if rm_index is None:
+        raise InputError(
+            f"{inputs[0]}: no input is a reward model (config.json architectures ending in "
+            "ForSequenceClassification; or give --rm N)"
+        )
+    if alphas is not None:
+        points = alpha_points(alphas, rm_index)
+    elif grid_step is not None:
+        points = simplex_points(grid_step, len(inputs), rm_index, max_points)
+    else:
+        points = weight_points(vectors, rm_index)
+    pair_evals, bon_evals = load_evaluations(pair_files, val_pairs, candidate_files, ns)
+    return SweepSpec(
+        inputs=tuple(Path(p) for p in inputs),
+        out=Path(out),
+        points=tuple(points),
+        merge=options,
+        load=LoadSettings(**(load or {})),
+        pair_evals=pair_evals,
+        bon_evals=bon_evals,
+        write=write,
+        restart=restart,
+        domain_names=tuple(Path(p).name for i, p in enumerate(inputs) if i != rm_index),
+        rm_index=rm_index,
+    )

@@ -1,0 +1,208 @@
+"""Lazy sweeps: points scored in memory equal written checkpoints; resumable after SIGKILL;
+changed settings refused; report, plots and JSON agree."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lazymerge import merge
+from lazymerge.evaluation.run import evaluate_bon, evaluate_pairs
+from lazymerge.evaluation.sweep import build_spec, read_results, run_sweep
+from tests.models import BASE_WORDS, make_tokenizer, save_model
+
+pytest.importorskip("matplotlib")
+
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}w1 {{ m['content'] }} w2 "
+    "{% else %}{{ m['content'] }} </s>{% endif %}{% endfor %}"
+)
+
+
+def words(*ids: int) -> str:
+    return " ".join(f"w{i}" for i in ids)
+
+
+def models(tmp_path: Path, domains: int = 1) -> list[Path]:
+    tok = make_tokenizer(BASE_WORDS, added=["<rm_only>"])
+    tok.chat_template = TEMPLATE
+    out = [save_model(tmp_path / "rm", "llama", True, 1, tok)]
+    for d in range(domains):
+        sft_tok = make_tokenizer(BASE_WORDS[:3] + list(reversed(BASE_WORDS[3:])), added=["[PAD]"])
+        out.append(save_model(tmp_path / f"sft{d}", "llama", False, 2 + d, sft_tok))
+    return out
+
+
+def data(tmp_path: Path) -> dict[str, Path]:
+    rows = [
+        {
+            "prompt": words(3, i % 5 + 4),
+            "chosen": words(10 + i % 7, 20),
+            "rejected": words(30 - i % 9),
+            "subset": s,
+            "id": f"p{i}",
+        }
+        for i, s in enumerate(["math-prm", "hep-go", "hep-python"] * 4)
+    ]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({**r, "id": f"v{r['id']}"}) + "\n" for r in rows[:6]))
+    cands = tmp_path / "cands.jsonl"
+    cands.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"q{i}",
+                    "prompt": words(3 + i),
+                    "candidates": [words(5 + (i + k) % 20) for k in range(4)],
+                    "correct": [k % 2 == i % 2 for k in range(4)],
+                }
+            )
+            + "\n"
+            for i in range(5)
+        )
+    )
+    return {"test": test, "val": val, "cands": cands}
+
+
+def test_sweep_points_equal_written_checkpoints_and_report_agrees(tmp_path: Path) -> None:
+    rm, sft = models(tmp_path)
+    files = data(tmp_path)
+    out = tmp_path / "sweep"
+    spec = build_spec(
+        [rm, sft],
+        out,
+        alpha="0.5,1",
+        pair_files=[files["test"]],
+        val_pairs=files["val"],
+        candidate_files=[files["cands"]],
+        ns=[2, 4],
+    )
+    run = run_sweep(spec)
+    # the baseline (alpha 0) is scored once although not in the grid
+    assert run.scored == ["alpha=0", "alpha=0.5", "alpha=1"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy.png",
+        "best_of_n.png",
+        "report.md",
+        "results.json",
+        "results.jsonl",
+    ]
+    _, records, _ = read_results(out / "results.jsonl")
+    for alpha in (0.5, 1.0):
+        folder = tmp_path / f"merged-{alpha}"
+        merge([rm, sft], folder, alpha=alpha)
+        written = evaluate_pairs(folder, files["test"])
+        record = records[f"alpha={alpha:g}"]
+        # bit-identical to lazymerge run + lazymerge eval
+        assert record["pairs"]["test"]["chosen"] == [p["chosen_reward"] for p in written["pairs"]]
+        assert record["pairs"]["test"]["rejected"] == [p["rejected_reward"] for p in written["pairs"]]
+        bon = evaluate_bon(folder, files["cands"], [2, 4])
+        assert record["best_of_n"]["cands"]["rewards"] == [r["rewards"] for r in bon["rewards"]]
+        point = next(p for p in run.report["points"] if p["label"] == f"alpha={alpha:g}")
+        assert point["pairs"]["test"]["overall"]["accuracy"] == written["accuracy"]
+        for n in ("2", "4"):
+            assert point["best_of_n"]["cands"][n]["accuracy"] == bon["best_of_n"][n]["accuracy"]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["chosen"]["chosen_on"] == "validation pairs"
+    report = (out / "report.md").read_text()
+    for p in doc["points"]:
+        acc = 100 * p["pairs"]["test"]["overall"]["accuracy"]
+        assert f"| {p['label']}" in report and f"{acc:.1f} [" in report
+    assert "DogeRM reports" in report and "McNemar" in report
+    for png in ("accuracy.png", "best_of_n.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_domain_grid_equals_separate_merges(tmp_path: Path) -> None:
+    rm, a, b = models(tmp_path, domains=2)
+    files = data(tmp_path)
+    out = tmp_path / "grid"
+    spec = build_spec([rm, a, b], out, grid_step=0.5, pair_files=[files["test"]])
+    run = run_sweep(spec)
+    assert len(run.scored) == 6  # (0,0) (0,.5) (0,1) (.5,0) (.5,.5) (1,0)
+    assert (out / "grid.png").exists()
+    _, records, _ = read_results(out / "results.jsonl")
+    folder = tmp_path / "merged"
+    merge([rm, a, b], folder, weights=[0.0, 0.5, 0.5])
+    written = evaluate_pairs(folder, files["test"])
+    assert records["w=0.5,0.5"]["pairs"]["test"]["chosen"] == [p["chosen_reward"] for p in written["pairs"]]
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lazymerge", *args], capture_output=True, text=True, **kw)
+
+
+def test_sweep_killed_then_rerun_scores_only_unfinished_points(tmp_path: Path) -> None:
+    rm, sft = models(tmp_path)
+    files = data(tmp_path)
+    args = ["sweep", str(rm), str(sft), "--pairs", str(files["test"]), "--alpha", "0:1:0.1"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lazymerge", *args, "-o", str(killed)], stderr=subprocess.PIPE, text=True
+    )
+    results = killed / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if results.exists() and results.read_text().count("\n") >= 4:  # header + 3 points
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    _, before, _ = read_results(results)
+    assert 3 <= len(before) < 11, "the sweep ended before it could be killed"
+    rerun = cli(*args, "-o", str(killed))
+    assert rerun.returncode == 0, rerun.stderr
+    scored = re.findall(r"\] (alpha=[0-9.]+):", rerun.stderr)
+    assert set(scored).isdisjoint(before) and len(scored) + len(before) == 11
+    fresh = tmp_path / "fresh"
+    assert cli(*args, "-o", str(fresh), "-q").returncode == 0
+    a = json.loads((killed / "results.json").read_text())["points"]
+    b = json.loads((fresh / "results.json").read_text())["points"]
+    strip = lambda points: [{k: v for k, v in p.items() if k != "timing"} for p in points]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_changed_settings_are_refused_and_restart_starts_over(tmp_path: Path) -> None:
+    rm, sft = models(tmp_path)
+    files = data(tmp_path)
+    out = tmp_path / "s"
+    args = ["sweep", str(rm), str(sft), "--pairs", str(files["test"]), "--alpha", "0,1", "-o", str(out), "-q"]
+    assert cli(*args).returncode == 0
+    again = cli(*args)
+    assert again.returncode == 0  # same sweep: nothing to do
+    proc = cli(*args, "--max-length", "7")
+    assert proc.returncode == 2 and "scoring.max_length (2048 then, 7 now)" in proc.stderr
+    with open(files["test"], "a") as fh:
+        fh.write(
+            json.dumps({"prompt": "w3", "chosen": "w4", "rejected": "w5", "subset": "x", "id": "new"}) + "\n"
+        )
+    proc = cli(*args)
+    assert proc.returncode == 2 and "pairs" in proc.stderr
+    assert cli(*args, "--restart").returncode == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["evaluations"]["pairs"][0]["pairs"] == 13
+
+
+def test_sweep_option_mistakes_exit_2(tmp_path: Path) -> None:
+    rm, sft = models(tmp_path)
+    files = data(tmp_path)
+    base = ["sweep", str(rm), str(sft), "-o", str(tmp_path / "x")]
+    for extra, fragment in [
+        ([], "something to score"),
+        (["--pairs", str(files["test"]), "--alpha", "0.5", "--grid", "0.5"], "not --alpha and --grid"),
+        (["--pairs", str(files["test"]), "--weights", "0.5"], "1 weights for 2 inputs"),
+        (["--pairs", str(files["test"]), "--grid", "0.3"], "whole number of steps"),
+        (["--pairs", str(files["test"]), "--alpha", "nan"], "finite"),
+    ]:
+        proc = cli(*base, *extra)
+        assert proc.returncode == 2 and fragment in proc.stderr, (extra, proc.stderr)
+    assert not (tmp_path / "x").exists()
