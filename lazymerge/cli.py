@@ -350,6 +350,17 @@ def _load_kwargs(
     }
 
 
+LOAD_KEYS = ("device", "dtype", "quant", "double_quant", "max_length", "system_prompt", "batch_size")
+
+
+def _split_eval_options(
+    models: tuple[Path, ...], options: dict[str, Any]
+) -> tuple[dict[str, Any], MergeOptions | None]:
+    """(load settings, in-memory merge options or None) from eval's and bon's flags."""
+    load = _load_kwargs(**{k: options.pop(k) for k in LOAD_KEYS})
+    return load, _in_memory_merge(models, **options)
+
+
 def _parse_ns(ns: str) -> list[int]:
     try:
         n_values = [int(n) for n in ns.split(",")]
@@ -377,8 +388,45 @@ def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
         write_report(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
 
+def in_memory_merge_options(fn: F) -> F:
+    """Options of a merge built in memory when several MODEL folders are given."""
+    options = [
+        click.option("--alpha", help="With a reward model and one domain model: the domain model's weight."),
+        click.option("--weights", help="One weight per MODEL, e.g. 0.6,0.3,0.1."),
+        click.option("--rm", "rm", type=int, help="Index (from 0) of the reward model among MODEL."),
+        click.option("--strict", is_flag=True, help="Refuse to match embedding rows by position."),
+        click.option("--method", default="linear", show_default=True, help="Merge method."),
+        click.option("--base", type=click.Path(path_type=Path), help="Base model for task-vector methods."),
+        click.option("--density", type=float, default=0.5, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--max-memory", type=SizeType(), default=DEFAULT_MAX_MEMORY, show_default="256MiB"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _in_memory_merge(
+    models: tuple[Path, ...], alpha: str | None, weights: str | None, **options: Any
+) -> MergeOptions | None:
+    """None for one MODEL (scored as it is); the merge's options for several (merged in memory)."""
+    if len(models) == 1:
+        if alpha is not None or weights is not None:
+            raise OptionError(
+                "--alpha and --weights merge several MODEL folders in memory; give the reward model and domain models"
+            )
+        return None
+    value = MergeOptions(
+        alphas=parse_alpha(alpha, 1) if alpha is not None else None,
+        weights=parse_weights(weights) if weights is not None else None,
+        **options,
+    )
+    value.check_inputs(len(models))
+    return value
+
+
 @main.command(name="eval")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--pairs",
     "pairs_file",
@@ -392,21 +440,35 @@ def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
     help="Write the results (accuracy, subsets, sections, per-pair rewards) as JSON.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing --out report that lazymerge wrote.")
+@in_memory_merge_options
 @eval_options
 @reports_errors
-def evaluate(model: Path, pairs_file: Path, out: Path | None, force: bool, quiet: bool, **load: Any) -> None:
-    """Pairwise preference accuracy of the reward model MODEL (a model folder)."""
+def evaluate(
+    model: tuple[Path, ...], pairs_file: Path, out: Path | None, force: bool, quiet: bool, **options: Any
+) -> None:
+    """Pairwise preference accuracy of the reward model MODEL (a model folder).
+
+    With several MODEL folders (a reward model and domain models) and --alpha or --weights, the
+    merged reward model is built in memory and scored; no checkpoint is written.
+    """
     from lazymerge.evaluation.run import evaluate_pairs, format_pair_table
 
-    _check_report(out, [model, pairs_file], force)
-    result = evaluate_pairs(model, pairs_file, progress=None if not quiet else False, **_load_kwargs(**load))
+    load, merge_value = _split_eval_options(model, options)
+    _check_report(out, [*model, pairs_file], force)
+    result = evaluate_pairs(
+        model if merge_value is not None else model[0],
+        pairs_file,
+        merge=merge_value,
+        progress=None if not quiet else False,
+        **load,
+    )
     _write_json(out, result)
     if not quiet:
         click.echo(format_pair_table(result))
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--candidates",
     type=click.Path(path_type=Path),
@@ -416,18 +478,34 @@ def evaluate(model: Path, pairs_file: Path, out: Path | None, force: bool, quiet
 @click.option("--n", "ns", default="2,4,8,16", show_default=True, help="Comma-separated N values.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the results as JSON.")
 @click.option("--force", is_flag=True, help="Replace an existing --out report that lazymerge wrote.")
+@in_memory_merge_options
 @eval_options
 @reports_errors
 def bon(
-    model: Path, candidates: Path, ns: str, out: Path | None, force: bool, quiet: bool, **load: Any
+    model: tuple[Path, ...],
+    candidates: Path,
+    ns: str,
+    out: Path | None,
+    force: bool,
+    quiet: bool,
+    **options: Any,
 ) -> None:
-    """Best-of-N: pick the highest-reward candidate (ties to the earliest) for each N."""
+    """Best-of-N: pick the highest-reward candidate (ties to the earliest) for each N.
+
+    Several MODEL folders with --alpha or --weights: the merged reward model, built in memory.
+    """
     from lazymerge.evaluation.run import evaluate_bon, format_bon_table
 
     n_values = _parse_ns(ns)
-    _check_report(out, [model, candidates], force)
+    load, merge_value = _split_eval_options(model, options)
+    _check_report(out, [*model, candidates], force)
     result = evaluate_bon(
-        model, candidates, n_values, progress=None if not quiet else False, **_load_kwargs(**load)
+        model if merge_value is not None else model[0],
+        candidates,
+        n_values,
+        merge=merge_value,
+        progress=None if not quiet else False,
+        **load,
     )
     _write_json(out, result)
     if not quiet:
@@ -525,8 +603,7 @@ def sweep(
     from lazymerge.evaluation.sweep import build_spec, run_sweep
 
     n_values = _parse_ns(ns)
-    load_keys = ("device", "dtype", "quant", "double_quant", "max_length", "system_prompt", "batch_size")
-    load = _load_kwargs(**{k: options.pop(k) for k in load_keys})
+    load = _load_kwargs(**{k: options.pop(k) for k in LOAD_KEYS})
     spec = build_spec(
         inputs,
         output,

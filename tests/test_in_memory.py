@@ -80,3 +80,67 @@ def test_in_memory_refusals(tmp_path: Path) -> None:
     other = save_model(tmp_path / "lm2", "llama", False, 4, make_tokenizer(BASE_WORDS))
     with pytest.raises(InputError, match="no input is a reward model"):
         load_merged_reward_model([plain, other], MergeOptions(alphas=(0.5,)))
+
+
+def test_eval_of_several_folders_scores_the_merge_without_writing(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    rm, sft = pair_of_models(tmp_path, "llama")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": p, "chosen": r, "rejected": "w20 w21", "subset": "s"}) + "\n"
+            for p, r in TEXTS
+        )
+    )
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lazymerge",
+            "eval",
+            str(rm),
+            str(sft),
+            "--alpha",
+            "0.3",
+            "--pairs",
+            str(pairs),
+            "--out",
+            str(out),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted([*before, "r.json"])  # no checkpoint written
+    merge([rm, sft], tmp_path / "m", alpha=0.3)
+    written = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lazymerge",
+            "eval",
+            str(tmp_path / "m"),
+            "--pairs",
+            str(pairs),
+            "--out",
+            str(tmp_path / "w.json"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert written.returncode == 0, written.stderr
+    got, want = json.loads(out.read_text()), json.loads((tmp_path / "w.json").read_text())
+    assert got["pairs"] == want["pairs"] and got["merged_in_memory"]["alpha"] == 0.3
+    proc = subprocess.run(
+        [sys.executable, "-m", "lazymerge", "eval", str(rm), "--alpha", "0.3", "--pairs", str(pairs)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "several MODEL folders" in proc.stderr

@@ -10,6 +10,7 @@ from lazymerge import __version__
 from lazymerge.evaluation.rewards import load_reward_model
 from lazymerge.evaluation.scoring import best_of_n, load_candidates, load_pairs, pair_results
 from lazymerge.memory import PeakRssSampler
+from lazymerge.options import MergeOptions
 from lazymerge.progress import ProgressBar
 
 
@@ -21,17 +22,38 @@ def _gpu_peak(device: str) -> int | None:
     return None
 
 
+def _load(model: str | Path | Sequence[str | Path], merge: MergeOptions | None, load: dict[str, Any]) -> Any:
+    """A reward model folder, or (with `merge`) the inputs of a merge built in memory."""
+    if merge is None:
+        return load_reward_model(model if isinstance(model, (str, Path)) else model[0], **load)
+    from lazymerge.evaluation.in_memory import load_merged_reward_model
+
+    inputs = [model] if isinstance(model, (str, Path)) else list(model)
+    return load_merged_reward_model(inputs, merge, **load)
+
+
+def _name(model: str | Path | Sequence[str | Path]) -> str | list[str]:
+    return str(model) if isinstance(model, (str, Path)) else [str(m) for m in model]
+
+
 def evaluate_pairs(
-    model: str | Path, pairs_file: str | Path, *, progress: bool | None = False, **load: Any
+    model: str | Path | Sequence[str | Path],
+    pairs_file: str | Path,
+    *,
+    merge: MergeOptions | None = None,
+    progress: bool | None = False,
+    **load: Any,
 ) -> dict[str, Any]:
     """Pairwise accuracy of a reward model on a pair file (see `scoring.load_pairs`).
 
     Args:
+        model: a reward model folder; or, with `merge`, the merge's inputs (reward model and
+            domain models), merged in memory with no checkpoint written.
         load: keyword arguments of `rewards.load_reward_model` (device, dtype, quant, ...).
     """
     pairs, autoj_ties = load_pairs(pairs_file)
     with PeakRssSampler() as sampler:
-        rm = load_reward_model(model, **load)
+        rm = _load(model, merge, load)
         texts = [rm.format_text(p.prompt, p.chosen) for p in pairs] + [
             rm.format_text(p.prompt, p.rejected) for p in pairs
         ]
@@ -40,7 +62,13 @@ def evaluate_pairs(
         bar.close()
     result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], autoj_ties)
     result["written_by"] = f"lazymerge {__version__}"
-    result["model"] = str(model)
+    result["model"] = _name(model)
+    if merge is not None:
+        result["merged_in_memory"] = {
+            "alpha": merge.alphas[0] if merge.alphas else None,
+            "weights": list(merge.weights) if merge.weights else None,
+            "method": merge.method,
+        }
     result["settings"] = {k: v for k, v in load.items() if k != "batch_size"}
     result["peak_rss"] = sampler.peak.total
     result["peak_gpu_memory"] = _gpu_peak(load.get("device", "cpu"))
@@ -58,17 +86,19 @@ def format_pair_table(result: dict[str, Any]) -> str:
 
 
 def evaluate_bon(
-    model: str | Path,
+    model: str | Path | Sequence[str | Path],
     candidates_file: str | Path,
     ns: Sequence[int],
     *,
+    merge: MergeOptions | None = None,
     progress: bool | None = False,
     **load: Any,
 ) -> dict[str, Any]:
-    """Best-of-N reranking accuracy with oracle pass@n and majority vote beside it."""
+    """Best-of-N reranking accuracy with oracle pass@n and majority vote beside it (`model` and
+    `merge` as in `evaluate_pairs`)."""
     sets = load_candidates(candidates_file)
     with PeakRssSampler() as sampler:
-        rm = load_reward_model(model, **load)
+        rm = _load(model, merge, load)
         texts = [rm.format_text(s.prompt, c) for s in sets for c in s.candidates]
         bar = ProgressBar(len(set(texts)), "scoring", enabled=progress, unit="texts")
         flat = rm.score_texts(texts, bar.update)
@@ -79,7 +109,7 @@ def evaluate_bon(
         pos += len(s.candidates)
     return {
         "written_by": f"lazymerge {__version__}",
-        "model": str(model),
+        "model": _name(model),
         "n_prompts": len(sets),
         "best_of_n": best_of_n(sets, rewards, ns),
         "rewards": [{"id": s.id, "rewards": r} for s, r in zip(sets, rewards, strict=True)],
