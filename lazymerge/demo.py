@@ -1,8 +1,14 @@
-"""`lazymerge demo`: the whole streaming merge on small generated checkpoints, no downloads.
+"""`lazymerge demo`: the main job on small generated models, no downloads.
 
-Builds two Llama-shaped bf16 checkpoints (the second sharded with an index), merges them with
-alpha 0.3 under a small memory budget so large tensors go through in chunks, checks every output
-tensor against an in-memory merge done with safetensors' own reader, and prints the report.
+1. Streaming merge: builds two Llama-shaped bf16 checkpoints (the second sharded with an index),
+   merges them with alpha 0.3 under a small memory budget so large tensors go through in chunks,
+   checks every output tensor against an in-memory merge done with safetensors' own reader, and
+   prints the report.
+2. DogeRM lazy sweep: builds a tiny Llama reward model and a domain SFT model (random weights,
+   a word-level tokenizer with a chat template; the SFT vocabulary grows a `[PAD]` token as
+   MetaMath-7B's does), maths-style preference pairs and best-of-N candidates, then sweeps lambda
+   over 0, 0.25, ..., 1 with every merged model built in memory, and writes the report. The
+   weights are random: the curve shows the machinery, not DogeRM's effect.
 """
 
 from __future__ import annotations
@@ -97,7 +103,9 @@ def run_demo(workdir: Path | None = None, as_json: bool = False, echo: Callable[
 
         a = load_file(str(reward))
         b: dict[str, torch.Tensor] = {}
-        for shard in Checkpoint.open(domain).files:
+        with Checkpoint.open(domain) as ckpt:
+            shards = ckpt.files
+        for shard in shards:
             b.update(load_file(str(shard)))
         merged: dict[str, torch.Tensor] = {}
         for name in report.files:
@@ -108,24 +116,157 @@ def run_demo(workdir: Path | None = None, as_json: bool = False, echo: Callable[
             for n in a
             if not torch.equal(merged[n], ((1 - alpha) * a[n].float() + alpha * b[n].float()).to(a[n].dtype))
         ]
-        if as_json:
-            echo(
-                json.dumps(
-                    {
-                        **report.to_dict(),
-                        "verified_tensors": len(a) - len(mismatched),
-                        "mismatched": mismatched,
-                    },
-                    indent=2,
-                )
-            )
-        else:
+        if mismatched:
+            from lazymerge.errors import LazyMergeError
+
+            raise LazyMergeError(f"{out}: tensor {mismatched[0]!r} differs from the in-memory merge")
+        if not as_json:
             echo(report.format())
             echo(
                 f"verified: {len(a) - len(mismatched)} of {len(a)} tensors equal an in-memory merge "
                 "read with safetensors' own loader"
             )
-        if mismatched:
-            from lazymerge.errors import LazyMergeError
+            echo("")
+            echo(
+                "DogeRM lazy sweep on a tiny reward model and domain model (RANDOM weights: the numbers show"
+            )
+            echo("the machinery, not DogeRM's effect; see the README for a run on real pretrained weights)")
+        sweep = run_dogerm_sweep(root / "dogerm", echo=(lambda line: None) if as_json else echo)
+        if as_json:
+            doc = {
+                **report.to_dict(),
+                "verified_tensors": len(a) - len(mismatched),
+                "mismatched": mismatched,
+                "sweep": {
+                    "report": str(root / "dogerm" / "sweep" / "report.md"),
+                    "points": [p["label"] for p in sweep["points"]],
+                    "chosen": sweep["chosen"],
+                },
+            }
+            echo(json.dumps(doc, indent=2))
+        else:
+            for point in sweep["points"]:
+                o = point["pairs"]["maths"]["overall"]
+                echo(
+                    f"  {point['label']:10s} maths pairs {100 * o['accuracy']:5.1f}% "
+                    f"[{100 * o['ci_low']:.1f}, {100 * o['ci_high']:.1f}]"
+                )
+            echo(f"chosen: {sweep['chosen']['label']} (on {sweep['chosen']['chosen_on']})")
+            echo(f"report: {root / 'dogerm' / 'sweep' / 'report.md'} (kept only with --dir)")
 
-            raise LazyMergeError(f"{out}: tensor {mismatched[0]!r} differs from the in-memory merge")
+
+#: The demo's vocabulary: numbers 0..199 and a few words, plus the tokenizer's special tokens.
+DEMO_WORDS = ["<unk>", "<s>", "</s>", "What", "is", "+", "*", "?", "The", "answer", "User:", "Assistant:"] + [
+    str(i) for i in range(200)
+]
+DEMO_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }} "
+    "{% else %}Assistant: {{ m['content'] }} </s>{% endif %}{% endfor %}"
+)
+
+
+def _demo_tokenizer(words: list[str], added: list[str]) -> object:
+    import tokenizers
+    import transformers
+
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    if added:
+        fast.add_special_tokens({"additional_special_tokens": added})
+    fast.chat_template = DEMO_TEMPLATE
+    return fast
+
+
+def build_dogerm_models(root: Path) -> tuple[Path, Path]:
+    """A tiny Llama reward model and a domain SFT model with one more token, random weights."""
+    from lazymerge.evaluation.rewards import quiet_transformers, require
+
+    transformers = require("transformers")
+    quiet_transformers()
+    folders = []
+    for name, reward, seed, added in (("reward-model", True, 11, []), ("maths-sft", False, 12, ["[PAD]"])):
+        tok = _demo_tokenizer(DEMO_WORDS, added)
+        config = transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),  # type: ignore[arg-type]
+            max_position_embeddings=128,
+            pad_token_id=2,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(seed)
+        if reward:
+            config.num_labels = 1
+            model = transformers.LlamaForSequenceClassification(config)
+        else:
+            model = transformers.LlamaForCausalLM(config)
+        folder = root / name
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)  # type: ignore[attr-defined]
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def write_demo_data(root: Path) -> tuple[Path, Path]:
+    """Maths-style preference pairs (correct vs off-by-some answer) and best-of-4 candidates."""
+    import random
+
+    rng = random.Random(0)
+    pairs, candidates = [], []
+    for i in range(48):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        right = a + b
+        wrong = right + rng.choice([-10, -2, -1, 1, 2, 10])
+        subset = "math-prm" if i % 2 == 0 else "hep-python"
+        pairs.append(
+            {
+                "prompt": f"What is {a} + {b} ?",
+                "chosen": f"The answer is {right}",
+                "rejected": f"The answer is {wrong}",
+                "subset": subset,
+                "id": f"p{i}",
+            }
+        )
+    for i in range(12):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        answers = [a + b + d for d in rng.sample([0, 1, -1, 2, 10], 4)]
+        candidates.append(
+            {
+                "prompt": f"What is {a} + {b} ?",
+                "candidates": [f"The answer is {x}" for x in answers],
+                "answer": a + b,
+                "id": f"q{i}",
+            }
+        )
+    pair_file, cand_file = root / "maths.jsonl", root / "candidates.jsonl"
+    pair_file.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    cand_file.write_text("".join(json.dumps(r) + "\n" for r in candidates))
+    return pair_file, cand_file
+
+
+def run_dogerm_sweep(root: Path, echo: Callable[[str], None] = print) -> dict:
+    """Build the tiny DogeRM pair and its data under `root`, sweep lambda in memory, report."""
+    from lazymerge.evaluation.sweep import build_spec, run_sweep
+
+    root.mkdir(parents=True, exist_ok=True)
+    rm, sft = build_dogerm_models(root)
+    pairs, candidates = write_demo_data(root)
+    spec = build_spec(
+        [rm, sft],
+        root / "sweep",
+        alpha="0:1:0.25",
+        pair_files=[pairs],
+        candidate_files=[candidates],
+        ns=[2, 4],
+        load={"dtype": "float32", "batch_size": 16},
+        restart=True,
+        max_memory=4 * 2**20,
+    )
+    return run_sweep(spec, echo=echo).report

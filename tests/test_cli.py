@@ -223,6 +223,9 @@ def test_demo_runs_and_verifies(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["mismatched"] == [] and doc["verified_tensors"] == doc["tensors"] == 39
+    assert doc["sweep"]["points"] == ["alpha=0", "alpha=0.25", "alpha=0.5", "alpha=0.75", "alpha=1"]
+    assert (tmp_path / "dogerm" / "sweep" / "report.md").exists()
+    assert "Writing model shards" not in result.stderr
 
 
 def test_console_script_installed() -> None:
