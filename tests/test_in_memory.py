@@ -144,3 +144,17 @@ def test_eval_of_several_folders_scores_the_merge_without_writing(tmp_path: Path
         text=True,
     )
     assert proc.returncode == 2 and "several MODEL folders" in proc.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant", [None, "4bit"])
+def test_in_memory_on_cuda_close_to_cpu(tmp_path: Path, quant: str | None) -> None:
+    rm, sft = pair_of_models(tmp_path, "llama", hidden_size=64, intermediate_size=128)
+    options = MergeOptions(alphas=(0.3,))
+    cpu = rewards(load_merged_reward_model([rm, sft], options, dtype="bfloat16"))
+    gpu_model = load_merged_reward_model([rm, sft], options, device="cuda", dtype="bfloat16", quant=quant)
+    assert next(gpu_model.model.parameters()).device.type == "cuda"
+    got = rewards(gpu_model)
+    scale = max(abs(r) for r in cpu) + 1e-3
+    assert all(abs(a - b) <= 0.25 * scale for a, b in zip(got, cpu, strict=True)), (got, cpu)

@@ -1,0 +1,231 @@
+"""A lazy sweep against the write-and-load sweep, on a 1.1B-shaped reward model and SFT model.
+
+    python bench/sweep.py                      # 5 points, 1.1B-shaped bf16 models, CPU
+    python bench/sweep.py --pairs 24 --tokens 256 --device cuda
+
+Steps, in one run on one machine:
+1. Write a TinyLlama-1.1B-shaped reward model (score head) and SFT model (lm_head, one more
+   token, `[PAD]`) with random bf16 weights, tensor by tensor (never whole in RAM), plus configs
+   and a word-level tokenizer; and `--pairs` preference pairs of about `--tokens` tokens each.
+2. `lazymerge sweep RM SFT --alpha 0:1:0.25` twice in subprocesses, RSS sampled from outside
+   every 5 ms: in memory (the default) and with `--write` (each merged checkpoint written, then
+   loaded by transformers, as a write-and-load sweep does).
+3. Per point, from the sweep's own results.jsonl: build time (merge + load, everything outside
+   scoring), scoring time, model bytes written, the process's peak RSS.
+Results print as a table and are saved as JSON in bench/results/sweep-<size>.json. Targets (from
+the project's issue): build time per point at most half of the write-and-load path's, 0 bytes of
+model written, peak RSS at most the model in the compute dtype + --max-memory + 0.5 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from merge_memory import CHECKOUT_ENV, SIZES, run_sampled, write_checkpoint  # noqa: E402
+
+HEADS = {"1b": (32, 4), "7b": (32, 32)}
+
+
+def model_files(folder: Path, size: str, role: str) -> None:
+    """A config transformers builds from, and a whitespace word-level tokenizer (t0..t31999)."""
+    dims = SIZES[size]
+    heads, kv_heads = HEADS[size]
+    vocab = dims["vocab"] + (role == "sft")
+    config = {
+        "architectures": ["LlamaForSequenceClassification" if role == "rm" else "LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dims["hidden"],
+        "intermediate_size": dims["intermediate"],
+        "num_hidden_layers": dims["layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 2048,
+        "vocab_size": vocab,
+        "pad_token_id": 2,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+        "torch_dtype": "bfloat16",
+    }
+    added = [
+        {"id": 0, "content": "<unk>", "special": True},
+        {"id": 1, "content": "<s>", "special": True},
+        {"id": 2, "content": "</s>", "special": True},
+    ]
+    if role == "sft":
+        added.append({"id": dims["vocab"], "content": "[PAD]", "special": True})
+    for a in added:
+        a.update(single_word=False, lstrip=False, rstrip=False, normalized=False)
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, dims["vocab"])}}
+    tokenizer = {
+        "version": "1.0",
+        "added_tokens": added,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "<unk>"},
+    }
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "</s>",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+
+
+def write_pairs(path: Path, count: int, tokens: int, vocab: int) -> None:
+    rng = random.Random(0)
+
+    def text(n: int) -> str:
+        return " ".join(f"t{rng.randint(3, vocab - 1)}" for _ in range(n))
+
+    with open(path, "w") as fh:
+        for i in range(count):
+            row = {
+                "prompt": text(tokens // 2),
+                "chosen": text(tokens // 2),
+                "rejected": text(tokens // 2),
+                "subset": "math-prm" if i % 2 else "hep-python",
+                "id": f"p{i}",
+            }
+            fh.write(json.dumps(row) + "\n")
+
+
+def sweep(rm: Path, sft: Path, pairs: Path, out: Path, args: argparse.Namespace, write: bool) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "lazymerge",
+        "sweep",
+        str(rm),
+        str(sft),
+        "--pairs",
+        str(pairs),
+        "--alpha",
+        args.alpha,
+        "-o",
+        str(out),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--batch-size",
+        "8",
+        "-q",
+        "--max-memory",
+        args.max_memory,
+    ]
+    if write:
+        cmd.append("--write")
+    wall, peaks, _ = run_sampled(cmd)
+    points = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[1:]]
+    return {
+        "mode": "write+load" if write else "in-memory",
+        "wall_s": round(wall, 2),
+        "peak_rss_total": peaks["total"],
+        "peak_rss_anon": peaks["anon"],
+        "peak_rss_file": peaks["file"],
+        "points": [
+            {k: p[k] for k in ("label", "build_s", "score_s", "bytes_written", "peak_rss")} for p in points
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=sorted(HEADS), default="1b")
+    parser.add_argument("--alpha", default="0:1:0.25")
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-memory", default="256MiB")
+    parser.add_argument("--dir", type=Path)
+    parser.add_argument("--reuse", type=Path, help="a folder kept by a previous run: skip writing the models")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    work = args.reuse or Path(tempfile.mkdtemp(prefix=f"lazymerge-sweep-bench-{args.size}-", dir=args.dir))
+    rm, sft = work / "rm", work / "sft"
+    try:
+        if args.reuse is None:
+            t0 = time.perf_counter()
+            write_checkpoint(rm, args.size, seed=1, role="rm")
+            write_checkpoint(sft, args.size, seed=2, role="sft")
+            print(f"wrote the models in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        model_files(rm, args.size, "rm")
+        model_files(sft, args.size, "sft")
+        pairs = work / "pairs.jsonl"
+        write_pairs(pairs, args.pairs, args.tokens, SIZES[args.size]["vocab"])
+        subprocess_env_warmup(rm, sft, pairs, work)
+        rows = []
+        for write in (False, True):
+            out = work / ("sweep-write" if write else "sweep-memory")
+            shutil.rmtree(out, ignore_errors=True)
+            rows.append(sweep(rm, sft, pairs, out, args, write))
+            shutil.rmtree(out / "models", ignore_errors=True)
+        model_bytes = sum(p.stat().st_size for p in rm.glob("*.safetensors"))
+        result = {
+            "size": args.size,
+            "machine": f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}",
+            "date": time.strftime("%Y-%m-%d"),
+            "settings": vars(args) | {"dir": None, "reuse": None},
+            "model_bytes_bf16": model_bytes,
+            "runs": rows,
+        }
+        for row in rows:
+            builds = [p["build_s"] for p in row["points"]]
+            row["mean_build_s"] = round(sum(builds) / len(builds), 2)
+            row["mean_score_s"] = round(sum(p["score_s"] for p in row["points"]) / len(builds), 2)
+            row["bytes_written"] = sum(p["bytes_written"] for p in row["points"])
+            # whitespace tokens per pair text, both texts of each pair, plus the chat format's few
+            row["score_tokens_per_s"] = round(
+                2 * args.pairs * args.tokens / max(row["mean_score_s"], 1e-9), 1
+            )
+        mem, wr = rows
+        result["build_ratio"] = round(mem["mean_build_s"] / wr["mean_build_s"], 3)
+        print(
+            f"{'mode':12s} {'build s/pt':>10s} {'score s/pt':>10s} {'model bytes written':>20s} {'peak RSS total/anon/file GiB':>30s}"
+        )
+        for row in rows:
+            print(
+                f"{row['mode']:12s} {row['mean_build_s']:10.2f} {row['mean_score_s']:10.2f} {row['bytes_written']:20d} "
+                f"{row['peak_rss_total'] / 2**30:10.2f} / {row['peak_rss_anon'] / 2**30:.2f} / {row['peak_rss_file'] / 2**30:.2f}"
+            )
+        print(f"in-memory build time is {result['build_ratio']:.2f}x the write-and-load path's")
+        target = ROOT / "bench" / "results" / f"sweep-{args.size}.json"
+        target.parent.mkdir(exist_ok=True)
+        target.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+    finally:
+        if not args.keep and args.reuse is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def subprocess_env_warmup(rm: Path, sft: Path, pairs: Path, work: Path) -> None:
+    """Import torch and transformers once so the first measured run does not pay for the cold cache."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", "import torch, transformers"], check=True, env=CHECKOUT_ENV)
+
+
+if __name__ == "__main__":
+    main()
