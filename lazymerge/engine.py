@@ -449,12 +449,14 @@ def iter_merged_tensors(
 
     The same reads and arithmetic as `MergePipeline` (so the same bytes as a written output),
     with no file written: each tensor is made whole in its output dtype and handed over, and
-    nothing else of the model is held here. Chunks go through one `Workspace`.
+    nothing else of the model is held here. Working memory: one input set of chunk buffers and
+    the fp32 blocks (see `lazymerge.workspace`), a third of a pipeline's or less.
     """
     if not 0 <= variant < len(plan.variants):
         raise IndexError(f"plan has {len(plan.variants)} outputs, not {variant + 1}")
     one = dataclasses.replace(plan, variants=(plan.variants[variant],), variant_names=("",))
-    workspace = Workspace(buffer_sizes(one), threading.Event())
+    # one input set and no output buffers: chunks are merged straight into the tensor's memory
+    workspace = Workspace(buffer_sizes(one), threading.Event(), input_sets=1, output_sets=0)
     buffers = workspace.take(workspace.free_inputs)
     warned: set[str] = set()
 

@@ -158,16 +158,24 @@ class Workspace:
     output sets circulate through free lists.
     """
 
-    def __init__(self, sizes: BufferSizes, stop: threading.Event):
+    def __init__(
+        self,
+        sizes: BufferSizes,
+        stop: threading.Event,
+        input_sets: int = INPUT_SLOTS,
+        output_sets: int = OUTPUT_SLOTS,
+    ):
+        """`input_sets` / `output_sets`: fewer than the pipeline's for a caller that merges
+        straight into its own memory, one chunk at a time (the in-memory model build)."""
         import torch
 
         self.sizes = sizes
         self.stop = stop
         self.free_inputs: queue.Queue[list[bytearray]] = queue.Queue()
         self.free_outputs: queue.Queue[list[bytearray]] = queue.Queue()
-        for _ in range(INPUT_SLOTS):
+        for _ in range(input_sets):
             self.free_inputs.put([bytearray(sizes.buffer_elems * size) for size in sizes.input_itemsizes])
-        for _ in range(OUTPUT_SLOTS):
+        for _ in range(output_sets):
             self.free_outputs.put(
                 [bytearray(sizes.buffer_elems * sizes.output_itemsize) for _ in range(sizes.outputs)]
             )

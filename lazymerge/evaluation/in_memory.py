@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import IncompatibleInputsError, InputError, OptionError
-from lazymerge.evaluation.rewards import RewardModel, quiet_transformers, refuse_remote_code, require
+from lazymerge.evaluation.rewards import (
+    RewardModel,
+    bnb_config,
+    quiet_transformers,
+    refuse_remote_code,
+    require,
+)
 from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
 from lazymerge.io.dtypes import torch_dtype as to_torch_dtype
 from lazymerge.options import MergeOptions
@@ -82,7 +88,7 @@ def load_merged_reward_model(
                 config, dtype=compute, trust_remote_code=False
             )
         if quant is not None:
-            model = _quantizable(transformers, model, quant, double_quant)
+            model = _quantizable(model, quant, double_quant)
         expected = dict(model.named_parameters())
         for name, tensor in iter_merged_tensors(plan, checkpoints):
             if name not in expected:
@@ -130,26 +136,13 @@ def _config_and_tokenizer(transformers: Any, files: dict[str, bytes], rm_folder:
     return config, tokenizer
 
 
-def _quantizable(transformers: Any, model: Any, quant: str, double_quant: bool) -> Any:
+def _quantizable(model: Any, quant: str, double_quant: bool) -> Any:
     """Swap the linear layers of an empty model for bitsandbytes ones (the reward head excepted)."""
-    import torch
-
-    require("bitsandbytes")
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    if quant == "4bit":
-        config = transformers.BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=double_quant,
-            llm_int8_skip_modules=["score"],
-        )
-    elif quant == "8bit":
-        config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["score"])
-    else:
-        raise OptionError(f"--quant {quant!r}: choose 4bit or 8bit")
-    return replace_with_bnb_linear(model, modules_to_not_convert=["score"], quantization_config=config)
+    return replace_with_bnb_linear(
+        model, modules_to_not_convert=["score"], quantization_config=bnb_config(quant, double_quant)
+    )
 
 
 def _place(model: Any, name: str, tensor: Any, device: str, quant: str | None) -> None:

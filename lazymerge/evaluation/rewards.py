@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lazymerge.errors import InputError, MissingDependencyError
+from lazymerge.errors import InputError, MissingDependencyError, OptionError
 
 LLAMA2_SYSTEM_PROMPT = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
@@ -77,6 +77,26 @@ def refuse_remote_code(folder: Path) -> None:
                 f"{path}: the model asks to run Python code shipped in its folder (auto_map); "
                 "lazymerge never runs code from a model folder: use a model transformers supports natively"
             )
+
+
+def bnb_config(quant: str, double_quant: bool) -> Any:
+    """transformers' BitsAndBytesConfig for `--quant`: 4bit is NF4 with bf16 compute; the reward
+    head (`score`) stays in full precision either way."""
+    transformers = require("transformers")
+    require("bitsandbytes")
+    import torch
+
+    if quant == "4bit":
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=double_quant,
+            llm_int8_skip_modules=["score"],
+        )
+    if quant == "8bit":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["score"])
+    raise OptionError(f"--quant {quant!r}: choose 4bit or 8bit")
 
 
 def quiet_transformers() -> None:
@@ -204,21 +224,8 @@ def load_reward_model(
 
     torch_dtype = to_torch(OUTPUT_DTYPE_CHOICES[dtype])
     if quant is not None:
-        require("bitsandbytes")
         require("accelerate")
-        if quant == "4bit":
-            config = transformers.BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=torch.bfloat16,
-                bnb_4bit_use_double_quant=double_quant,
-                llm_int8_skip_modules=["score"],
-            )
-        elif quant == "8bit":
-            config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["score"])
-        else:
-            raise InputError(f"--quant {quant!r}: choose 4bit or 8bit")
-        kwargs.update(quantization_config=config, device_map={"": device})
+        kwargs.update(quantization_config=bnb_config(quant, double_quant), device_map={"": device})
         torch_dtype = torch.bfloat16
     quiet_transformers()
     # trust_remote_code=False: transformers never imports a folder's .py files nor asks on stdin
