@@ -25,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from lazymerge.errors import IncompatibleInputsError, LazyMergeError
+from lazymerge.errors import IncompatibleInputsError, LazyMergeError, VocabularyMismatchError
 from lazymerge.io.hf_folder import (
     added_token_entries,
     model_folder,
     output_companion_files,
     read_config,
     read_vocab,
+    tokenizer_files,
 )
 from lazymerge.io.reader import Checkpoint
 from lazymerge.plan import TensorPlan, check_same_tensor, first_mismatches, output_dtype
@@ -196,6 +197,13 @@ def _embedding_plan(
                 f"as in the reward model {rm_info.path}"
             )
     rm_rows = rm_info.shape[0]
+    for model, info in zip(models, infos, strict=True):
+        vocab_size = (model.config or {}).get("vocab_size")
+        if model.folder is not None and isinstance(vocab_size, int) and vocab_size != info.shape[0]:
+            raise VocabularyMismatchError(
+                f"{model.folder / 'config.json'}: vocab_size is {vocab_size} but embedding {name!r} in "
+                f"{info.path} has {info.shape[0]} rows; the config does not belong to these weights"
+            )
     appended: list[tuple[str, int, dict[str, Any] | None]] = []
     missing_vocab = [str(m.folder or m.path) for m in models if m.vocab is None]
     if missing_vocab:
@@ -219,9 +227,10 @@ def _embedding_plan(
         for model, vocab, info in zip(models, vocabs, infos, strict=True):
             too_big = [t for t, i in vocab.items() if i >= info.shape[0]]
             if too_big:
-                raise IncompatibleInputsError(
-                    f"{model.folder}: tokenizer has token {too_big[0]!r} at id {vocab[too_big[0]]} but embedding "
-                    f"{name!r} has only {info.shape[0]} rows; the tokenizer does not belong to these weights"
+                raise VocabularyMismatchError(
+                    f"{tokenizer_files(model.folder)}: tokenizer has token {too_big[0]!r} at id "
+                    f"{vocab[too_big[0]]} but embedding {name!r} in {info.path} has only {info.shape[0]} rows; "
+                    "the tokenizer does not belong to these weights"
                 )
         rm_vocab = vocabs[rm]
         rm_tokens = {i: t for t, i in rm_vocab.items()}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from lazymerge.errors import InputError
+from lazymerge.errors import InputError, TokenizerFileError
 from lazymerge.io.hf_folder import output_companion_files, read_vocab
 
 
@@ -60,3 +61,22 @@ def test_appended_tokens_written_to_every_tokenizer_file(tmp_path: Path) -> None
     assert json.loads(files["tokenizer.json"])["added_tokens"][0]["content"] == "[PAD]"
     assert json.loads(files["tokenizer_config.json"])["added_tokens_decoder"]["4"]["content"] == "[PAD]"
     assert "added_tokens.json" not in files  # only written where the model had one, or no tokenizer.json
+
+
+def test_sentencepiece_and_added_tokens_json_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.model").write_bytes(sentencepiece_model(["<unk>", "a", "a"]))
+    with pytest.raises(TokenizerFileError, match='piece "a" appears at ids 1 and 2'):
+        read_vocab(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(sentencepiece_model(["<unk>", "a"]))
+    for doc, fragment in (
+        (["[PAD]"], "is a JSON array, expected an object of token -> id"),  # was silently ignored
+        ({"[PAD]": -1}, 'gives token "[PAD]" the id -1'),  # was a NaN embedding row
+        ({"[PAD]": 2.0}, "the id 2.0"),
+        ({"[PAD]": 1}, 'gives id 1 to both "a" (tokenizer.model) and "[PAD]" (added_tokens.json)'),
+    ):
+        (tmp_path / "added_tokens.json").write_text(json.dumps(doc))
+        with pytest.raises(TokenizerFileError, match=re.escape(fragment)) as info:
+            read_vocab(tmp_path)
+        assert str(tmp_path / "added_tokens.json") in str(info.value)
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[PAD]": 2}))
+    assert read_vocab(tmp_path) == {"<unk>": 0, "a": 1, "[PAD]": 2}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lazymerge import Checkpoint, merge
-from lazymerge.errors import InputError
+from lazymerge.errors import BinTensorError, InputError
 from lazymerge.io.torch_bin import UnsafePickleError
 from tests.conftest import load_any, reference_merge
 
@@ -90,4 +90,38 @@ def test_legacy_bin_gets_conversion_hint(tmp_path: Path) -> None:
     path = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
     with pytest.raises(InputError, match="legacy .*Convert it"):
+        Checkpoint.open(path)
+
+
+def test_tied_weights_and_views_read_and_merge_exactly(tmp_path: Path) -> None:
+    """Tensors sharing one storage (tied embeddings as torch.save stores them, views into it) are
+    each read from their own byte range, overlapping or not, as torch.load gives them."""
+    states = []
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        embed = torch.nn.Embedding(10, 4)
+        head = torch.nn.Linear(4, 10, bias=False)
+        head.weight = embed.weight  # tied, as tie_word_embeddings does
+        state = torch.nn.ModuleDict({"embed": embed, "head": head}).state_dict()
+        state["row"] = state["embed.weight"][3]  # a view at a storage offset
+        state["rows"] = state["embed.weight"][2:6]  # overlaps "row"
+        torch.save(state, tmp_path / f"{name}.bin")
+        states.append({k: v.clone() for k, v in state.items()})
+    path = tmp_path / "a.bin"
+    ref = torch.load(path, weights_only=True)
+    with Checkpoint.open(path) as ckpt:
+        assert ckpt["embed.weight"].offset == ckpt["head.weight"].offset  # one storage, read twice
+        assert ckpt["row"].offset == ckpt["embed.weight"].offset + 3 * 4 * 4
+        raw = read_all(ckpt)
+    for name, tensor in ref.items():
+        assert raw[name] == tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), name
+    merge([tmp_path / "a.bin", tmp_path / "b.bin"], tmp_path / "out.safetensors", alpha=0.3)
+    got, want = load_any(tmp_path / "out.safetensors"), reference_merge(states, [0.7, 0.3])
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_non_contiguous_tensor_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.randn(3, 5).t()}, path)
+    with pytest.raises(BinTensorError, match=r"'w': strides \[1, 5\] for shape \[5, 3\] are not contiguous"):
         Checkpoint.open(path)

@@ -1,8 +1,15 @@
-"""Pair and candidate files, accuracy, RewardBench sections and GSM8K grading (no models here)."""
+"""Pair and candidate files, accuracy, RewardBench sections and GSM8K grading (no models here).
+
+Pair and candidate files are untrusted JSON Lines: read a line at a time (at most
+`MAX_LINE_BYTES` each), every row a JSON object whose fields have the documented types, checked
+one by one; a malformed row or a file with nothing to score raises `PairFileError` or
+`CandidateFileError` naming the file and line.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -10,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lazymerge.errors import InputError
+from lazymerge.errors import CandidateFileError, EvalDataError, InputError, PairFileError
+from lazymerge.io.small_files import open_regular
 
 #: RewardBench subsets of each section (DogeRM reports Reasoning from math-prm and hep-*).
 SECTIONS = {
@@ -52,66 +60,150 @@ class Pair:
     rejected: str
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+#: Longest line read from a JSON Lines file, in bytes (one RewardBench row is a few KB).
+MAX_LINE_BYTES = 16 << 20
+
+
+def _describe(value: Any) -> str:
+    """A short description of an untrusted JSON value for a message."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:60] + "..."
+    return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of every non-blank line, each a JSON object.
+
+    Lines are read one at a time and at most `MAX_LINE_BYTES` long, so a hostile file costs
+    memory for its rows, never for one giant line.
+
+    Raises:
+        `error` (naming the file and line) for a line that is too long, not UTF-8, not JSON, nests
+        too deeply, repeats a key or is not an object; InputError when the file cannot be read.
+    """
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with os.fdopen(open_regular(Path(path)), "rb") as fh:  # a FIFO must not hang the run
+            number = 0
+            while True:
+                raw = fh.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    break
+                number += 1
+                where = f"{path}:{number}"
+                if len(raw) > MAX_LINE_BYTES:
+                    raise error(
+                        f"{where}: line is longer than the {MAX_LINE_BYTES // (1 << 20)} MiB limit per line; "
+                        "JSON Lines rows are one object per line"
+                    )
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise error(f"{where}: not valid UTF-8 (byte {exc.start} of the line)") from None
+                if number == 1:
+                    line = line.removeprefix("\ufeff")
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line, object_pairs_hook=_unique_keys)
+                except _DuplicateKey as exc:
+                    raise error(
+                        f"{where}: key {_describe(exc.args[0])} appears twice; the row is ambiguous"
+                    ) from None
+                except RecursionError:
+                    raise error(f"{where}: JSON nests too deeply") from None
+                except ValueError as exc:
+                    raise error(f"{where}: not a JSON object ({exc})") from None
+                if not isinstance(row, dict):
+                    raise error(f"{where}: is {_describe(row)}, not a JSON object")
+                rows.append((number, row))
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise InputError(f"{path}:{number}: not a JSON object ({exc})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{number}: not a JSON object")
-        rows.append(row)
     return rows
+
+
+def _string(row: dict[str, Any], field: str, where: str, error: type[EvalDataError]) -> str:
+    value = row[field]
+    if not isinstance(value, str):
+        raise error(f"{where}: field {field!r} must be a string, found {_describe(value)}")
+    return value
+
+
+def _row_id(row: dict[str, Any], default: int, where: str, error: type[EvalDataError]) -> str:
+    value = row.get("id", default)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise error(f"{where}: field 'id' must be a string or an integer, found {_describe(value)}")
+    return str(value)
 
 
 def load_pairs(path: str | Path) -> tuple[list[Pair], int]:
     """Read a pair file; returns (pairs, Auto-J ties dropped).
 
     Formats (JSON Lines, detected per line):
-    - RewardBench: prompt, chosen, rejected, optional subset and id;
-    - Auto-J pairwise: scenario, label (0: response 1 better, 1: response 2 better, 2: tie),
-      prompt, "response 1", "response 2"; ties are dropped and scenarios grouped into
-      Math / Code / Other as DogeRM does.
+    - RewardBench: prompt, chosen, rejected (strings), optional subset (string) and id (string or
+      integer);
+    - Auto-J pairwise: scenario, label (the integer 0: response 1 better, 1: response 2 better,
+      2: tie), prompt, "response 1", "response 2" (strings); ties are dropped and scenarios grouped
+      into Math / Code / Other as DogeRM does.
+
+    Raises:
+        PairFileError naming the file and line for a malformed row, and for a file with no pair
+        to score.
     """
     path = Path(path)
     pairs, ties = [], 0
-    for number, row in enumerate(_read_jsonl(path), start=1):
+    rows = _read_jsonl(path, PairFileError)
+    for ordinal, (number, row) in enumerate(rows, start=1):
+        where = f"{path}:{number}"
         if {"prompt", "chosen", "rejected"} <= row.keys():
             pairs.append(
                 Pair(
-                    str(row.get("id", number)),
-                    str(row.get("subset", "all")),
-                    str(row["prompt"]),
-                    str(row["chosen"]),
-                    str(row["rejected"]),
+                    _row_id(row, ordinal, where, PairFileError),
+                    _string(row, "subset", where, PairFileError) if "subset" in row else "all",
+                    _string(row, "prompt", where, PairFileError),
+                    _string(row, "chosen", where, PairFileError),
+                    _string(row, "rejected", where, PairFileError),
                 )
             )
         elif {"scenario", "label", "prompt", "response 1", "response 2"} <= row.keys():
-            label = int(row["label"])
+            label = row["label"]
+            if isinstance(label, bool) or not isinstance(label, int) or label not in (0, 1, 2):
+                raise PairFileError(
+                    f"{where}: Auto-J label must be the integer 0, 1 or 2, found {_describe(label)}"
+                )
+            texts = [
+                _string(row, f, where, PairFileError)
+                for f in ("scenario", "prompt", "response 1", "response 2")
+            ]
+            row_id = _row_id(row, ordinal, where, PairFileError)
             if label == 2:
                 ties += 1
                 continue
-            if label not in (0, 1):
-                raise InputError(f"{path}:{number}: Auto-J label {label!r} is not 0, 1 or 2")
-            better, worse = (
-                (row["response 1"], row["response 2"])
-                if label == 0
-                else (row["response 2"], row["response 1"])
-            )
-            group = AUTOJ_GROUPS.get(str(row["scenario"]), "Other")
-            pairs.append(Pair(str(row.get("id", number)), group, str(row["prompt"]), str(better), str(worse)))
+            scenario, prompt, first, second = texts
+            better, worse = (first, second) if label == 0 else (second, first)
+            pairs.append(Pair(row_id, AUTOJ_GROUPS.get(scenario, "Other"), prompt, better, worse))
         else:
-            raise InputError(
-                f"{path}:{number}: expected prompt/chosen/rejected (RewardBench) or scenario/label/prompt/"
+            raise PairFileError(
+                f"{where}: expected prompt/chosen/rejected (RewardBench) or scenario/label/prompt/"
                 "response 1/response 2 (Auto-J) fields"
             )
+    if not pairs:
+        found = f"only {ties} Auto-J ties (label 2), which are dropped" if ties else "no rows"
+        raise PairFileError(f"{path}: holds {found}; there is no pair to score")
     return pairs, ties
 
 
@@ -196,29 +288,61 @@ class CandidateSet:
 
 
 def load_candidates(path: str | Path) -> list[CandidateSet]:
-    """Read a best-of-N file: prompt, candidates, and either `correct` (list of bools) or a gold
-    `answer` graded the GSM8K way."""
+    """Read a best-of-N file: prompt (string), candidates (a non-empty list of strings), and either
+    `correct` (a list of true/false, one per candidate) or a gold `answer` (string or number)
+    graded the GSM8K way; optional id (string or integer).
+
+    Raises:
+        CandidateFileError naming the file and line for a malformed row, and for a file with no row.
+    """
     path = Path(path)
     out = []
-    for number, row in enumerate(_read_jsonl(path), start=1):
+    for ordinal, (number, row) in enumerate(_read_jsonl(path, CandidateFileError), start=1):
+        where = f"{path}:{number}"
         if "prompt" not in row or not isinstance(row.get("candidates"), list) or not row["candidates"]:
-            raise InputError(f"{path}:{number}: needs prompt and a non-empty candidates list")
-        candidates = [str(c) for c in row["candidates"]]
+            raise CandidateFileError(f"{where}: needs prompt and a non-empty candidates list")
+        prompt = _string(row, "prompt", where, CandidateFileError)
+        candidates = row["candidates"]
+        bad = next((i for i, c in enumerate(candidates) if not isinstance(c, str)), None)
+        if bad is not None:
+            raise CandidateFileError(
+                f"{where}: candidates[{bad}] must be a string, found {_describe(candidates[bad])}"
+            )
         answers = [extract_answer(c) for c in candidates]
         if "correct" in row:
-            correct = [bool(x) for x in row["correct"]]
+            correct = row["correct"]
+            if not isinstance(correct, list) or not all(isinstance(x, bool) for x in correct):
+                raise CandidateFileError(
+                    f"{where}: correct must be a list of true/false (JSON booleans), found "
+                    + (
+                        f"{_describe(next(x for x in correct if not isinstance(x, bool)))} in the list"
+                        if isinstance(correct, list)
+                        else _describe(correct)
+                    )
+                )
             if len(correct) != len(candidates):
-                raise InputError(
-                    f"{path}:{number}: correct has {len(correct)} entries for {len(candidates)} candidates"
+                raise CandidateFileError(
+                    f"{where}: correct has {len(correct)} entries for {len(candidates)} candidates"
                 )
         elif "answer" in row:
-            gold = extract_answer(str(row["answer"]))
+            answer = row["answer"]
+            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+                raise CandidateFileError(
+                    f"{where}: answer must be a string or a number, found {_describe(answer)}"
+                )
+            gold = extract_answer(str(answer))
             if gold is None:
-                raise InputError(f"{path}:{number}: gold answer {row['answer']!r} holds no number")
+                raise CandidateFileError(f"{where}: gold answer {_describe(answer)} holds no number")
             correct = [a is not None and abs(a - gold) < 1e-6 for a in answers]
         else:
-            raise InputError(f"{path}:{number}: needs a correct list or a gold answer")
-        out.append(CandidateSet(str(row.get("id", number)), str(row["prompt"]), candidates, correct, answers))
+            raise CandidateFileError(f"{where}: needs a correct list or a gold answer")
+        out.append(
+            CandidateSet(
+                _row_id(row, ordinal, where, CandidateFileError), prompt, list(candidates), correct, answers
+            )
+        )
+    if not out:
+        raise CandidateFileError(f"{path}: holds no rows; there is no prompt to score")
     return out
 
 
