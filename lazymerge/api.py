@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lazymerge.errors import OptionError, OutputError
+from lazymerge.errors import LazyMergeError, OutputError
 from lazymerge.io.reader import Checkpoint
-from lazymerge.io.writer import OutputTransaction, check_destination
+from lazymerge.io.writer import OutputTransaction, check_against_inputs, check_destination
 from lazymerge.memory import PeakRssSampler
 from lazymerge.options import MergeOptions
 from lazymerge.plan import MergePlan, default_output, plan_merge
@@ -75,43 +75,15 @@ def open_inputs(inputs: Sequence[PathLike]) -> list[Checkpoint]:
     return opened
 
 
-def _model_folder_of(ckpt: Checkpoint) -> Path | None:
-    """The folder a checkpoint was found in when it was given as a folder or an index file."""
-    if ckpt.path.is_dir():
-        return ckpt.path
-    if ckpt.path.name.endswith(".index.json"):
-        return ckpt.path.parent
-    return None
-
-
 def check_output(destination: Path, checkpoints: Sequence[Checkpoint]) -> None:
-    """The output rule for inputs: never an input, nor anything an input resolves to (through
-    symlinks and hard links), nor a folder holding an input, nor a path inside an input's
-    model folder (a new weights file there would shadow the input's own weights).
+    """The output rule for inputs (see `writer.check_against_inputs`).
 
     Raises:
         OutputError
     """
-    dest = destination.resolve()
-    try:
-        dest_stat: os.stat_result | None = dest.stat()
-    except OSError:
-        dest_stat = None
-    for ckpt in checkpoints:
-        paths = [ckpt.path, *ckpt.files]
-        folder = _model_folder_of(ckpt)
-        for path in (p.resolve() for p in paths):
-            same_file = dest_stat is not None and path.exists() and os.path.samestat(path.stat(), dest_stat)
-            if path == dest or dest in path.parents or same_file:
-                raise OutputError(
-                    f"{destination}: is or holds input {path}; lazymerge never overwrites an input, "
-                    "choose another output path"
-                )
-        if folder is not None and folder.resolve() in dest.parents:
-            raise OutputError(
-                f"{destination}: lies inside the model folder of input {ckpt.path}; it would change "
-                "what that folder loads as. Choose an output outside it"
-            )
+    check_against_inputs(
+        destination, [c.path for c in checkpoints], [f for c in checkpoints for f in c.files]
+    )
 
 
 def ensure_open_files(needed: int) -> None:
@@ -129,9 +101,9 @@ def ensure_open_files(needed: int) -> None:
     if hard == resource.RLIM_INFINITY or want <= hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         return
-    raise OptionError(
-        f"this merge keeps {needed} files open (inputs plus one shard per output of the sweep) but the "
-        f"open-file limit is {hard}; sweep fewer values or raise the limit (ulimit -n)"
+    raise LazyMergeError(
+        f"this run keeps about {needed} files open (input shards, plus one output shard per value of a "
+        f"sweep) but the open-file limit is {hard}; raise it (ulimit -n) or sweep fewer values"
     )
 
 

@@ -23,6 +23,7 @@ from lazymerge.options import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_POINTS,
     DEFAULT_SHARD_SIZE,
+    MAX_POINTS,
     MergeOptions,
     parse_alpha,
     parse_size,
@@ -58,6 +59,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated
 
 
+def _one_line(message: object) -> str:
+    """A message as one line: newlines (say, in a file name) shown as \\n."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def reports_errors(fn: F) -> F:
     """Add --debug; turn OptionError into a one-line usage error (exit 2) and any other
     LazyMergeError into one line (exit 1); Ctrl-C exits 130, SIGTERM 143."""
@@ -71,16 +77,22 @@ def reports_errors(fn: F) -> F:
         except OptionError as exc:
             if debug:
                 raise
-            raise OptionUsageError(str(exc)) from None
+            raise OptionUsageError(_one_line(exc)) from None
         except LazyMergeError as exc:
             if debug:
                 raise
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_one_line(exc)) from None
+        except MemoryError:
+            if debug:
+                raise
+            raise click.ClickException(
+                "out of memory; lower --max-memory or --batch-size, or free memory (see lazymerge plan)"
+            ) from None
         except OSError as exc:  # the environment: permissions, full disks, vanished files
             if debug:
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+            raise click.ClickException(_one_line(f"{where}{exc.strerror or exc}")) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:  # a defect: still one line, the traceback behind --debug
@@ -121,7 +133,7 @@ def merge_options(fn: F) -> F:
         ),
         click.option(
             "--max-points",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=1, max=MAX_POINTS),
             default=DEFAULT_MAX_POINTS,
             show_default=True,
             help="Most values one --alpha sweep may have.",
@@ -373,19 +385,27 @@ def _parse_ns(ns: str) -> list[int]:
     return sorted(set(n_values))
 
 
-def _check_report(path: Path | None, inputs: Sequence[Path], force: bool) -> None:
-    """Check a report destination before any scoring (see `writer.check_report_destination`)."""
-    if path is not None:
-        from lazymerge.io.writer import check_report_destination
+def _reserve_report(path: Path | None, inputs: Sequence[Path], force: bool) -> Any:
+    """Lock a report destination and check it before any scoring (see
+    `writer.check_report_destination`); the lock is held until the report is written."""
+    if path is None:
+        return None
+    from lazymerge.io.writer import DestinationLock, check_report_destination
 
+    lock = DestinationLock(path)
+    try:
         check_report_destination(path, inputs, force)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
-def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
+def _write_json(path: Path | None, doc: dict[str, Any], force: bool) -> None:
     if path is not None:
         from lazymerge.io.writer import write_report
 
-        write_report(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+        write_report(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"), replace=force)
 
 
 def in_memory_merge_options(fn: F) -> F:
@@ -454,15 +474,19 @@ def evaluate(
     from lazymerge.evaluation.run import evaluate_pairs, format_pair_table
 
     load, merge_value = _split_eval_options(model, options)
-    _check_report(out, [*model, pairs_file], force)
-    result = evaluate_pairs(
-        model if merge_value is not None else model[0],
-        pairs_file,
-        merge=merge_value,
-        progress=None if not quiet else False,
-        **load,
-    )
-    _write_json(out, result)
+    lock = _reserve_report(out, [*model, pairs_file], force)
+    try:
+        result = evaluate_pairs(
+            model if merge_value is not None else model[0],
+            pairs_file,
+            merge=merge_value,
+            progress=None if not quiet else False,
+            **load,
+        )
+        _write_json(out, result, force)
+    finally:
+        if lock is not None:
+            lock.release()
     if not quiet:
         click.echo(format_pair_table(result))
 
@@ -498,16 +522,20 @@ def bon(
 
     n_values = _parse_ns(ns)
     load, merge_value = _split_eval_options(model, options)
-    _check_report(out, [*model, candidates], force)
-    result = evaluate_bon(
-        model if merge_value is not None else model[0],
-        candidates,
-        n_values,
-        merge=merge_value,
-        progress=None if not quiet else False,
-        **load,
-    )
-    _write_json(out, result)
+    lock = _reserve_report(out, [*model, candidates], force)
+    try:
+        result = evaluate_bon(
+            model if merge_value is not None else model[0],
+            candidates,
+            n_values,
+            merge=merge_value,
+            progress=None if not quiet else False,
+            **load,
+        )
+        _write_json(out, result, force)
+    finally:
+        if lock is not None:
+            lock.release()
     if not quiet:
         click.echo(format_bon_table(result))
 
@@ -566,7 +594,9 @@ def bon(
     show_default="256MiB",
     help="Working-memory budget of each merge.",
 )
-@click.option("--max-points", type=click.IntRange(min=1), default=DEFAULT_MAX_POINTS, show_default=True)
+@click.option(
+    "--max-points", type=click.IntRange(min=1, max=MAX_POINTS), default=DEFAULT_MAX_POINTS, show_default=True
+)
 @click.option(
     "--write",
     is_flag=True,

@@ -22,8 +22,12 @@ DEFAULT_MAX_MEMORY = 256 * 2**20
 DEFAULT_SHARD_SIZE = 5 * 10**9
 #: Elements per block of elementwise arithmetic (4 MB of fp32 per input: cache-sized).
 DEFAULT_BLOCK_ELEMS = 1 << 20
-#: Most outputs one sweep may write (each keeps an open file and a buffer); `max_points` raises it.
+#: Most outputs one sweep may write (each keeps an open file and a buffer); `max_points` raises it
+#: up to `MAX_POINTS`.
 DEFAULT_MAX_POINTS = 101
+MAX_POINTS = 100_000
+#: Smallest DARE/TIES density: 1 / density rescales the kept deltas, and below this it overflows.
+MIN_DENSITY = 1e-6
 
 _UNITS = {
     "": 1,
@@ -72,12 +76,19 @@ def _finite(text: str, what: str) -> float:
 def sweep_length(start: float, stop: float, step: float) -> int:
     """Number of values START, START+STEP, ... up to STOP included, without building them."""
     steps = (stop - start) / step
+    if not math.isfinite(steps) or steps > 1e12:
+        return 10**12  # more than any sweep may have: refused by the caller's cap
     nearest = round(steps)
     # 1 / 0.1 is 9.999999999999998 in floats: a STOP within rounding of a step is included
     return int(nearest if abs(steps - nearest) <= 1e-9 * max(1.0, steps) else math.floor(steps)) + 1
 
 
 def parse_alpha(text: str, max_points: int = DEFAULT_MAX_POINTS) -> tuple[float, ...]:
+    max_points = min(max_points, MAX_POINTS)
+    return _parse_alpha(text, max_points)
+
+
+def _parse_alpha(text: str, max_points: int) -> tuple[float, ...]:
     """'0.3' -> (0.3,); '0:1:0.25' -> (0.0, 0.25, 0.5, 0.75, 1.0) (STOP included); '0.1,0.3' -> a list.
 
     Raises:
@@ -195,8 +206,10 @@ class MergeOptions:
         if self.base is not None and not spec.needs_base:
             users = ", ".join(m for m, s in METHOD_SPECS.items() if s.needs_base)
             raise OptionError(f"--base is used by task-vector methods ({users}), not by {self.method}")
-        if not (math.isfinite(self.density) and 0 < self.density <= 1):
-            raise OptionError(f"--density {self.density}: must be in (0, 1]")
+        if not (math.isfinite(self.density) and MIN_DENSITY <= self.density <= 1):
+            raise OptionError(f"--density {self.density}: must be in [{MIN_DENSITY:g}, 1]")
+        if isinstance(self.max_points, int) and self.max_points > MAX_POINTS:
+            raise OptionError(f"--max-points {self.max_points}: at most {MAX_POINTS}")
         if self.dtype != "auto" and self.dtype not in OUTPUT_DTYPE_CHOICES:
             raise OptionError(f"--dtype {self.dtype!r}: choose auto, {', '.join(OUTPUT_DTYPE_CHOICES)}")
         for name in ("shard_size", "max_memory", "block_elems", "max_points"):

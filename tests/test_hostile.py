@@ -376,7 +376,7 @@ def test_sweep_longer_than_the_open_file_limit_is_refused(tmp_path: Path) -> Non
         text=True,
         preexec_fn=low_limit,
     )
-    assert proc.returncode == 2 and "open-file limit" in one_line_error(proc)
+    assert proc.returncode == 1 and "open-file limit" in one_line_error(proc)
     assert not (tmp_path / "sw").exists() and not [p for p in tmp_path.iterdir() if "lazymerge-" in p.name]
 
 

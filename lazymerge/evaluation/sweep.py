@@ -29,7 +29,7 @@ from typing import Any
 from lazymerge import __version__
 from lazymerge.errors import InputError, OptionError, OutputError
 from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_pairs
-from lazymerge.io.writer import DestinationLock
+from lazymerge.io.writer import DestinationLock, check_against_inputs
 from lazymerge.options import MergeOptions
 from lazymerge.progress import format_bytes, format_duration
 
@@ -204,8 +204,10 @@ def load_evaluations(
 
 
 def _sha256_file(path: Path) -> str:
+    from lazymerge.io.small_files import open_regular
+
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -302,19 +304,29 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
     line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
-    with open(path, "ab") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "ab") as fh:
+            start = fh.tell()
+            try:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError:
+                fh.truncate(start)  # no partial line, and no empty results file, is left behind
+                raise
+    except OSError as exc:
+        if path.exists() and path.stat().st_size == 0:
+            path.unlink()
+        raise OutputError(f"{path}: cannot append a finished point ({exc.strerror or exc})") from None
 
 
 def _prepare_folder(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Create or reuse the sweep folder; return the points already finished."""
     out = spec.out
-    for given in (*spec.inputs, *(e.path for e in spec.pair_evals), *(e.path for e in spec.bon_evals)):
-        source = Path(given).resolve()
-        if source == out.resolve() or out.resolve() in source.parents:
-            raise OutputError(f"{out}: is or holds input {given}; choose another sweep folder")
+    sources = [*spec.inputs, *(e.path for e in spec.pair_evals), *(e.path for e in spec.bon_evals)]
+    if spec.merge.base is not None:
+        sources.append(spec.merge.base)
+    check_against_inputs(out, sources)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: is a file; a sweep writes a folder")
     results = out / RESULTS

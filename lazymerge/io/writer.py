@@ -227,6 +227,32 @@ class StreamingShardWriter:
             self._fd = -1
 
 
+def _rename_noreplace(source: Path, target: Path) -> None:
+    """Rename `source` to `target`, failing with FileExistsError when `target` exists (Linux's
+    renameat2 RENAME_NOREPLACE, so no check-then-rename race; a hard link elsewhere for files)."""
+    import ctypes
+    import errno as errno_mod
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno_mod.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(target))
+        if err not in (errno_mod.ENOSYS, errno_mod.EINVAL):
+            raise OSError(err, os.strerror(err), str(target))
+    if source.is_dir():
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno_mod.EEXIST, "File exists", str(target))
+        os.rename(source, target)
+    else:
+        os.link(source, target)  # fails if target exists
+        os.unlink(source)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -295,28 +321,43 @@ class DestinationLock:
     """An exclusive lock on one destination, held while a merge writes it.
 
     A lock file beside the destination, locked with `flock`: the kernel drops the lock when
-    the process dies, so a killed run never blocks the next one.
+    the process dies, so a killed run never blocks the next one. The holder removes the file
+    when it is done; a run that locked a file removed meanwhile sees that the path no longer
+    names its file and tries again, so two runs never both hold the lock. The file is opened
+    without following symlinks.
     """
 
     def __init__(self, destination: Path):
         import fcntl
 
+        if not destination.parent.is_dir():
+            raise OutputError(f"{destination}: folder {destination.parent} does not exist")
         self.path = destination.parent / f".{side_name(destination)}{LOCK_MARK}"
-        try:
-            self.fd: int | None = os.open(
-                self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
-            )
-        except OSError as exc:
-            raise OutputError(_os_error_message(self.path, "creating the lock file", exc)) from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise OutputError(
-                f"{destination}: another lazymerge run is writing this destination; wait for it or "
-                "choose another output"
-            ) from None
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        self.fd: int | None = None
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except OSError as exc:
+                raise OutputError(_os_error_message(self.path, "creating the lock file", exc)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise OutputError(
+                    f"{destination}: another lazymerge run is writing this destination; wait for it or "
+                    "choose another output"
+                ) from None
+            try:
+                named = os.stat(self.path, follow_symlinks=False)
+            except OSError:
+                named = None
+            held = os.fstat(fd)
+            if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                self.fd = fd
+                return
+            os.close(fd)  # the previous holder removed this file after we opened it: again
+        raise OutputError(f"{self.path}: cannot take the destination lock (it keeps changing)")
 
     def release(self) -> None:
         if self.fd is not None:
@@ -326,27 +367,134 @@ class DestinationLock:
 
 
 def _written_by_lazymerge(path: Path) -> bool:
-    """True when `path` is a safetensors file whose header lazymerge wrote."""
+    """True when `path` is a regular safetensors file whose header lazymerge wrote."""
     from lazymerge.errors import LazyMergeError
     from lazymerge.io.reader import read_header_file
 
+    if path.is_symlink() or not path.is_file():
+        return False
     try:
         return "lazymerge_version" in read_header_file(path).metadata
     except LazyMergeError:
         return False
 
 
+#: Files lazymerge writes beside the weights of a folder output (see `hf_folder.COMPANION_FILES`).
+_FOLDER_FILES = frozenset(
+    {
+        INDEX_NAME,
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+
+
+def _lazymerge_folder(folder: Path, depth: int) -> bool:
+    """Every entry is what lazymerge writes: its shards, the index and companion files, and
+    (for a sweep, one level down) folders of the same."""
+    shards = 0
+    for entry in folder.iterdir():
+        if entry.is_symlink():
+            return False
+        if entry.is_dir():
+            if depth == 0 or not _lazymerge_folder(entry, depth - 1):
+                return False
+            shards += 1
+        elif entry.name.endswith(".safetensors"):
+            if not _written_by_lazymerge(entry):
+                return False
+            shards += 1
+        elif entry.name not in _FOLDER_FILES or not entry.is_file():
+            return False
+    return shards > 0
+
+
 def is_lazymerge_output(path: Path) -> bool:
     """True for a file or folder lazymerge wrote: a .safetensors file with lazymerge's header
-    metadata, or a folder whose weights (directly or one folder down, for sweeps) all are."""
+    metadata, or a folder holding nothing but lazymerge's shards, index and companion files
+    (one folder down for sweeps). Symlinks and anything else make it not one."""
     if path.is_symlink():
         return False
     if path.is_file():
         return path.name.endswith(".safetensors") and _written_by_lazymerge(path)
     if not path.is_dir():
         return False
-    shards = [*path.glob("*.safetensors"), *path.glob("*/*.safetensors")]
-    return bool(shards) and all(_written_by_lazymerge(p) for p in shards)
+    try:
+        return _lazymerge_folder(path, depth=1)
+    except OSError:
+        return False
+
+
+def real(path: Path) -> Path:
+    """The path with symlinks resolved as far as they go (a symlink loop is not an error here)."""
+    return Path(os.path.realpath(path))
+
+
+def check_against_inputs(destination: Path, inputs: Sequence[Path], files: Sequence[Path] = ()) -> None:
+    """The output rule for inputs: a destination is never an input nor a file an input resolves
+    to (symlinks, hard links), never holds one, and never lies inside an input's model folder
+    (a folder given as input or holding an index, or the folder of an input file beside a
+    config.json), where a new file would change what that folder loads as.
+
+    Raises:
+        OutputError
+    """
+    dest = real(destination)
+    try:
+        dest_stat: os.stat_result | None = os.stat(dest)
+    except OSError:
+        dest_stat = None
+    given = [Path(p) for p in inputs]
+    for path in (real(p) for p in [*given, *files]):
+        same = False
+        if dest_stat is not None:
+            try:
+                same = os.path.samestat(os.stat(path), dest_stat)
+            except OSError:
+                same = False
+        if path == dest or dest in path.parents or same:
+            raise OutputError(
+                f"{destination}: is or holds input {path}; lazymerge never overwrites an input, "
+                "choose another output path"
+            )
+    for source in given:
+        folder = source if source.is_dir() else source.parent
+        model_folder = (
+            source.is_dir() or source.name.endswith(".index.json") or (folder / "config.json").is_file()
+        )
+        if model_folder and real(folder) in dest.parents:
+            raise OutputError(
+                f"{destination}: lies inside the model folder of input {source}; it would change "
+                "what that folder loads as. Choose an output outside it"
+            )
+    if dest_stat is not None and os.path.isdir(dest):
+        inodes = set()
+        for path in [*given, *files]:
+            try:
+                st = os.stat(path)
+                inodes.add((st.st_dev, st.st_ino))
+            except OSError:
+                continue
+        for root, dirs, names in os.walk(dest):
+            for name in names + dirs:
+                try:
+                    st = os.stat(os.path.join(root, name))
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) in inodes:
+                    raise OutputError(
+                        f"{destination}: holds {os.path.join(root, name)}, which is an input; "
+                        "choose another output path"
+                    )
 
 
 def check_destination(destination: Path, single_file: bool, force: bool) -> None:
@@ -382,6 +530,8 @@ class OutputTransaction:
     def __init__(self, destination: Path, single_file: bool, force: bool):
         self.destination = destination
         self.single_file = single_file
+        #: needed again at commit, when the destination is checked a second time
+        self.force = force
         parent = destination.parent
         if not parent.is_dir():
             raise OutputError(f"{destination}: folder {parent} does not exist")
@@ -424,11 +574,28 @@ class OutputTransaction:
             raise OutputError(_os_error_message(path, "writing", exc)) from None
 
     def commit(self) -> None:
+        """Move the finished output into place, checking the destination again first (someone
+        may have created it while the merge ran). SIGINT and SIGTERM wait until the move is
+        done, so an interrupted commit never leaves the old output half-removed."""
+        import signal
+
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            self._commit()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def _commit(self) -> None:
         parent = self.destination.parent
+        check_destination(self.destination, self.single_file, self.force)
         try:
             if self.single_file:
                 os.chmod(self.temp, 0o644)
-                os.replace(self.temp, self.destination)
+                if self.force:
+                    os.replace(self.temp, self.destination)
+                else:
+                    _rename_noreplace(self.temp, self.destination)
             else:
                 _fsync_dir(self.temp)
                 if self.destination.exists():
@@ -437,7 +604,11 @@ class OutputTransaction:
                     os.rename(self.temp, self.destination)
                     shutil.rmtree(trash, ignore_errors=True)
                 else:
-                    os.rename(self.temp, self.destination)
+                    _rename_noreplace(self.temp, self.destination)
+        except FileExistsError:
+            raise OutputError(
+                f"{self.destination}: was created while the merge ran; pass --force to replace it"
+            ) from None
         except OSError as exc:
             raise OutputError(
                 f"{self.destination}: cannot move output into place ({exc.strerror or exc})"
@@ -464,40 +635,45 @@ class OutputTransaction:
 REPORT_MARK = "written_by"
 
 
+def _is_lazymerge_report(path: Path) -> bool:
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, TypeError, RecursionError):
+        return False
+    mark = doc.get(REPORT_MARK) if isinstance(doc, dict) else None
+    return isinstance(mark, str) and mark.startswith("lazymerge ")
+
+
 def check_report_destination(path: Path, inputs: Sequence[Path], force: bool) -> None:
-    """The output rule for reports: never an input (or a file an input resolves to), the folder
-    must exist, an existing file is replaced only with `force` and only when lazymerge wrote it.
+    """The output rule for reports: never an input (or a file an input resolves to, or inside an
+    input's model folder), the folder must exist, an existing file is replaced only with
+    `force` and only when lazymerge wrote it (a JSON object whose `written_by` names lazymerge).
 
     Raises:
         OutputError
     """
-    target = path.resolve()
-    for given in inputs:
-        source = Path(given).resolve()
-        if (
-            target == source
-            or source in target.parents
-            or (path.exists() and source.exists() and os.path.samefile(path, source))
-        ):
-            raise OutputError(f"{path}: is or lies inside input {given}; choose another output path")
+    check_against_inputs(path, inputs)
     if not path.parent.is_dir():
         raise OutputError(f"{path}: folder {path.parent} does not exist")
     if path.exists() or path.is_symlink():
         if not force:
             raise OutputError(f"{path}: already exists; pass --force to replace it")
-        try:
-            ours = path.is_file() and not path.is_symlink() and REPORT_MARK in json.loads(path.read_bytes())
-        except (OSError, ValueError, TypeError, RecursionError):
-            ours = False
-        if not ours:
+        if not _is_lazymerge_report(path):
             raise OutputError(
                 f"{path}: --force replaces only reports lazymerge wrote, and this is not one; "
                 "remove it yourself or choose another output"
             )
 
 
-def write_report(path: Path, data: bytes) -> None:
-    """Write a small file atomically: a temporary beside it, fsync, rename."""
+def write_report(path: Path, data: bytes, replace: bool = True) -> None:
+    """Write a small file atomically: a temporary beside it, fsync, rename. With `replace`
+    False an existing file (say, one a user created meanwhile) is never replaced.
+
+    Raises:
+        OutputError
+    """
     temp = path.parent / f".{side_name(path)}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(temp, "xb") as fh:
@@ -505,7 +681,13 @@ def write_report(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(temp, 0o644)
-        os.replace(temp, path)
+        if replace:
+            os.replace(temp, path)
+        else:
+            _rename_noreplace(temp, path)
+    except FileExistsError:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: was created while lazymerge worked; pass --force to replace it") from None
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise OutputError(_os_error_message(path, "writing", exc)) from None
