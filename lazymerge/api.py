@@ -141,9 +141,9 @@ def prepare(
     options.check_destination_kind(destination)
     checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
     try:
+        check_output(destination, checkpoints)
         plan = plan_merge(checkpoints, options, destination)
         ensure_open_files(sum(len(c.files) for c in checkpoints) + 2 * len(plan.variants))
-        check_output(destination, checkpoints)
         if not destination.parent.is_dir():
             raise OutputError(f"{destination}: folder {destination.parent} does not exist")
         check_destination(destination, plan.single_file, force)

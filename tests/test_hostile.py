@@ -406,3 +406,187 @@ def test_sweep_folder_follows_the_output_rule(tmp_path: Path) -> None:
     ]
     assert json.loads((out / "results.json").read_text())["written_by"].startswith("lazymerge")
     assert not [p for p in tmp_path.iterdir() if "lazymerge-" in p.name]
+
+
+# --- found by a hostile review of the first fixes -------------------------------------------
+
+
+def _two_files(tmp_path: Path) -> tuple[Path, Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.ones(3)}, str(a))
+    save_file({"w": torch.zeros(3)}, str(b))
+    return a, b
+
+
+def test_force_never_replaces_a_folder_holding_user_files(tmp_path: Path) -> None:
+    a, b = _two_files(tmp_path)
+    out = tmp_path / "out"
+    assert cli("run", str(a), str(b), "-o", str(out), "-q").returncode == 0
+    (out / "NOTES.txt").write_text("mine")
+    (out / "data").mkdir()
+    (out / "data" / "keep.csv").write_text("1,2")
+    proc = cli("run", str(a), str(b), "-o", str(out), "--force", "-q")
+    assert proc.returncode == 1 and "only outputs lazymerge wrote" in one_line_error(proc)
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / "data" / "keep.csv").exists()
+
+
+def test_output_beside_an_input_file_in_its_model_folder_is_refused(tmp_path: Path) -> None:
+    rm, sft = _bin_folder(tmp_path)
+    proc = cli(
+        "run",
+        str(rm / "model.safetensors"),
+        str(sft / "pytorch_model.bin"),
+        "-o",
+        str(sft / "model.safetensors"),
+    )
+    assert proc.returncode == 1 and "model folder of input" in one_line_error(proc)
+    assert not (sft / "model.safetensors").exists()
+
+
+def test_force_never_replaces_a_folder_holding_links_to_inputs(tmp_path: Path) -> None:
+    import os
+
+    a, b = _two_files(tmp_path)
+    out = tmp_path / "out"
+    assert cli("run", str(a), str(b), "-o", str(out), "-q").returncode == 0
+    os.link(a, out / "hard.safetensors")
+    proc = cli("run", str(a), str(b), "-o", str(out), "--force", "-q")
+    assert proc.returncode == 1
+    one_line_error(proc)
+    assert (out / "hard.safetensors").exists() and a.exists()
+
+
+def test_destination_created_during_the_merge_is_not_clobbered(tmp_path: Path) -> None:
+    from lazymerge.errors import OutputError
+    from lazymerge.io.writer import OutputTransaction
+
+    for single in (True, False):
+        dest = tmp_path / ("late.safetensors" if single else "late")
+        transaction = OutputTransaction(dest, single_file=single, force=False)
+        if single:
+            transaction.shard_path("late.safetensors").write_bytes(b"merged")
+            dest.write_bytes(b"user")
+        else:
+            transaction.shard_path("model.safetensors").write_bytes(b"merged")
+            dest.mkdir()
+            (dest / "important.txt").write_text("user")
+        with pytest.raises(OutputError, match="already exists|created while the merge ran"):
+            transaction.commit()
+        transaction.abort()
+        assert (dest.read_bytes() == b"user") if single else (dest / "important.txt").read_text() == "user"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late", "late.safetensors"]
+
+
+def test_lock_file_planted_as_a_symlink_is_refused(tmp_path: Path) -> None:
+    a, b = _two_files(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / ".o.safetensors.lazymerge-lock").symlink_to(elsewhere / "created_by_lazymerge")
+    proc = cli("run", str(a), str(b), "-o", str(tmp_path / "o.safetensors"))
+    assert proc.returncode == 1
+    one_line_error(proc)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_lock_taken_on_a_removed_file_is_retried(tmp_path: Path, monkeypatch) -> None:
+    import fcntl
+
+    from lazymerge.errors import OutputError
+    from lazymerge.io.writer import DestinationLock
+
+    dest = tmp_path / "out"
+    real_flock = fcntl.flock
+    state = {"first": True}
+
+    def flock_after_the_holder_left(fd: int, op: int) -> None:
+        if state["first"]:  # the previous holder releases (removes the file) just before we lock
+            state["first"] = False
+            (tmp_path / ".out.lazymerge-lock").unlink()
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_holder_left)
+    first = DestinationLock(dest)  # locked a removed file, saw it, retried on the new one
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    with pytest.raises(OutputError, match="another lazymerge run"):
+        DestinationLock(dest)
+    first.release()
+    DestinationLock(dest).release()
+
+
+@pytest.mark.parametrize("alpha", ["0:1:1e-320", "0:1e308:1e-308"])
+def test_overflowing_alpha_ranges_exit_2(tmp_path: Path, alpha: str) -> None:
+    for command in ("run", "plan"):
+        proc = cli(command, "a", "b", "--alpha", alpha, "-o", str(tmp_path / "x"))
+        assert proc.returncode == 2 and "at most" in one_line_error(proc)
+
+
+def test_huge_max_points_is_refused_at_once(tmp_path: Path) -> None:
+    proc = cli("plan", "a", "b", "--alpha", "0:1:1e-9", "--max-points", "99999999999999999999")
+    assert proc.returncode == 2
+    one_line_error(proc)
+
+
+def test_fifo_data_files_do_not_hang(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "pairs.jsonl"
+    os.mkfifo(fifo)
+    folder = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    for args in (
+        ["eval", str(folder), "--pairs", str(fifo)],
+        ["bon", str(folder), "--candidates", str(fifo)],
+    ):
+        proc = cli(*args)
+        assert proc.returncode == 1 and "not a regular file" in one_line_error(proc)
+
+
+def test_force_never_replaces_json_that_merely_mentions_lazymerge(tmp_path: Path) -> None:
+    folder = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    pairs = pairs_file(tmp_path)
+    for content in ('["written_by", "lazymerge 0.1.0"]', '"notes about written_by"', '{"written_by": "me"}'):
+        mine = tmp_path / "mine.json"
+        mine.write_text(content)
+        proc = cli("eval", str(folder), "--pairs", str(pairs), "--out", str(mine), "--force")
+        assert proc.returncode == 1 and mine.read_text() == content
+
+
+def test_report_created_while_scoring_is_not_replaced(tmp_path: Path) -> None:
+    from lazymerge.errors import OutputError
+    from lazymerge.io.writer import write_report
+
+    path = tmp_path / "r.json"
+    path.write_text("user")
+    with pytest.raises(OutputError, match="created while"):
+        write_report(path, b"{}", replace=False)
+    assert path.read_text() == "user" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_sweep_folder_inside_an_input_model_folder_is_refused_before_writing(tmp_path: Path) -> None:
+    rm = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    sft = save_model(tmp_path / "sft", "llama", False, 2, make_tokenizer(BASE_WORDS))
+    before = sorted(p.name for p in rm.iterdir())
+    proc = cli(
+        "sweep",
+        str(rm),
+        str(sft),
+        "--pairs",
+        str(pairs_file(tmp_path)),
+        "--alpha",
+        "0,1",
+        "--write",
+        "-o",
+        str(rm / "sw"),
+    )
+    assert proc.returncode == 1 and "model folder of input" in one_line_error(proc)
+    assert sorted(p.name for p in rm.iterdir()) == before
+
+
+def test_error_messages_stay_on_one_line_with_newlines_in_names(tmp_path: Path) -> None:
+    odd = tmp_path / "a\nb.safetensors"
+    odd.write_bytes(b"\x00")
+    proc = cli("inspect", str(odd))
+    assert proc.returncode == 1
+    assert "\\n" in one_line_error(proc)
