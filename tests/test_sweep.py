@@ -206,3 +206,39 @@ def test_sweep_option_mistakes_exit_2(tmp_path: Path) -> None:
         proc = cli(*base, *extra)
         assert proc.returncode == 2 and fragment in proc.stderr, (extra, proc.stderr)
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_exits_130_and_keeps_finished_points(tmp_path: Path) -> None:
+    rm, sft = models(tmp_path)
+    files = data(tmp_path)
+    out = tmp_path / "s"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lazymerge",
+            "sweep",
+            str(rm),
+            str(sft),
+            "--pairs",
+            str(files["test"]),
+            "--alpha",
+            "0:1:0.1",
+            "-o",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the sweep finished before Ctrl-C arrived")
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    _, done, _ = read_results(results)
+    assert len(done) >= 2
+    assert not [p.name for p in tmp_path.iterdir() if "lazymerge-" in p.name]
