@@ -401,6 +401,20 @@ def _reserve_report(path: Path | None, inputs: Sequence[Path], force: bool) -> A
     return lock
 
 
+def _scored_report(
+    out: Path | None, inputs: Sequence[Path], force: bool, score: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Reserve the report destination, score, write the report; the lock is held throughout."""
+    lock = _reserve_report(out, inputs, force)
+    try:
+        result = score()
+        _write_json(out, result, force)
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _write_json(path: Path | None, doc: dict[str, Any], force: bool) -> None:
     if path is not None:
         from lazymerge.io.writer import write_report
@@ -474,19 +488,18 @@ def evaluate(
     from lazymerge.evaluation.run import evaluate_pairs, format_pair_table
 
     load, merge_value = _split_eval_options(model, options)
-    lock = _reserve_report(out, [*model, pairs_file], force)
-    try:
-        result = evaluate_pairs(
+    result = _scored_report(
+        out,
+        [*model, pairs_file],
+        force,
+        lambda: evaluate_pairs(
             model if merge_value is not None else model[0],
             pairs_file,
             merge=merge_value,
             progress=None if not quiet else False,
             **load,
-        )
-        _write_json(out, result, force)
-    finally:
-        if lock is not None:
-            lock.release()
+        ),
+    )
     if not quiet:
         click.echo(format_pair_table(result))
 
@@ -522,20 +535,19 @@ def bon(
 
     n_values = _parse_ns(ns)
     load, merge_value = _split_eval_options(model, options)
-    lock = _reserve_report(out, [*model, candidates], force)
-    try:
-        result = evaluate_bon(
+    result = _scored_report(
+        out,
+        [*model, candidates],
+        force,
+        lambda: evaluate_bon(
             model if merge_value is not None else model[0],
             candidates,
             n_values,
             merge=merge_value,
             progress=None if not quiet else False,
             **load,
-        )
-        _write_json(out, result, force)
-    finally:
-        if lock is not None:
-            lock.release()
+        ),
+    )
     if not quiet:
         click.echo(format_bon_table(result))
 

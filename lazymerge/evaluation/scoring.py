@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import CandidateFileError, EvalDataError, InputError, PairFileError
-from lazymerge.io.small_files import open_regular
+from lazymerge.io.small_files import DuplicateKeyError, describe_json, open_regular, unique_keys
 
 #: RewardBench subsets of each section (DogeRM reports Reasoning from math-prm and hep-*).
 SECTIONS = {
@@ -64,27 +64,6 @@ class Pair:
 MAX_LINE_BYTES = 16 << 20
 
 
-def _describe(value: Any) -> str:
-    """A short description of an untrusted JSON value for a message."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        text = json.dumps(value, ensure_ascii=False)
-        return text if len(text) <= 60 else text[:60] + "..."
-    return f"a JSON {'array' if isinstance(value, list) else 'object'}"
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
 def _read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) of every non-blank line, each a JSON object.
 
@@ -119,17 +98,17 @@ def _read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line, object_pairs_hook=_unique_keys)
-                except _DuplicateKey as exc:
+                    row = json.loads(line, object_pairs_hook=unique_keys)
+                except DuplicateKeyError as exc:
                     raise error(
-                        f"{where}: key {_describe(exc.args[0])} appears twice; the row is ambiguous"
+                        f"{where}: key {describe_json(exc.args[0])} appears twice; the row is ambiguous"
                     ) from None
                 except RecursionError:
                     raise error(f"{where}: JSON nests too deeply") from None
                 except ValueError as exc:
                     raise error(f"{where}: not a JSON object ({exc})") from None
                 if not isinstance(row, dict):
-                    raise error(f"{where}: is {_describe(row)}, not a JSON object")
+                    raise error(f"{where}: is {describe_json(row)}, not a JSON object")
                 rows.append((number, row))
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -139,14 +118,14 @@ def _read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[
 def _string(row: dict[str, Any], field: str, where: str, error: type[EvalDataError]) -> str:
     value = row[field]
     if not isinstance(value, str):
-        raise error(f"{where}: field {field!r} must be a string, found {_describe(value)}")
+        raise error(f"{where}: field {field!r} must be a string, found {describe_json(value)}")
     return value
 
 
 def _row_id(row: dict[str, Any], default: int, where: str, error: type[EvalDataError]) -> str:
     value = row.get("id", default)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise error(f"{where}: field 'id' must be a string or an integer, found {_describe(value)}")
+        raise error(f"{where}: field 'id' must be a string or an integer, found {describe_json(value)}")
     return str(value)
 
 
@@ -183,7 +162,7 @@ def load_pairs(path: str | Path) -> tuple[list[Pair], int]:
             label = row["label"]
             if isinstance(label, bool) or not isinstance(label, int) or label not in (0, 1, 2):
                 raise PairFileError(
-                    f"{where}: Auto-J label must be the integer 0, 1 or 2, found {_describe(label)}"
+                    f"{where}: Auto-J label must be the integer 0, 1 or 2, found {describe_json(label)}"
                 )
             texts = [
                 _string(row, f, where, PairFileError)
@@ -306,7 +285,7 @@ def load_candidates(path: str | Path) -> list[CandidateSet]:
         bad = next((i for i, c in enumerate(candidates) if not isinstance(c, str)), None)
         if bad is not None:
             raise CandidateFileError(
-                f"{where}: candidates[{bad}] must be a string, found {_describe(candidates[bad])}"
+                f"{where}: candidates[{bad}] must be a string, found {describe_json(candidates[bad])}"
             )
         answers = [extract_answer(c) for c in candidates]
         if "correct" in row:
@@ -315,9 +294,9 @@ def load_candidates(path: str | Path) -> list[CandidateSet]:
                 raise CandidateFileError(
                     f"{where}: correct must be a list of true/false (JSON booleans), found "
                     + (
-                        f"{_describe(next(x for x in correct if not isinstance(x, bool)))} in the list"
+                        f"{describe_json(next(x for x in correct if not isinstance(x, bool)))} in the list"
                         if isinstance(correct, list)
-                        else _describe(correct)
+                        else describe_json(correct)
                     )
                 )
             if len(correct) != len(candidates):
@@ -328,11 +307,11 @@ def load_candidates(path: str | Path) -> list[CandidateSet]:
             answer = row["answer"]
             if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
                 raise CandidateFileError(
-                    f"{where}: answer must be a string or a number, found {_describe(answer)}"
+                    f"{where}: answer must be a string or a number, found {describe_json(answer)}"
                 )
             gold = extract_answer(str(answer))
             if gold is None:
-                raise CandidateFileError(f"{where}: gold answer {_describe(answer)} holds no number")
+                raise CandidateFileError(f"{where}: gold answer {describe_json(answer)} holds no number")
             correct = [a is not None and abs(a - gold) < 1e-6 for a in answers]
         else:
             raise CandidateFileError(f"{where}: needs a correct list or a gold answer")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import ConfigFileError, InputError, TokenizerFileError
-from lazymerge.io.small_files import read_small_file
+from lazymerge.io.small_files import DuplicateKeyError, describe_json, read_small_file, unique_keys
 
 #: Non-weight files of a model folder copied from the reward model (or first input) to the output.
 COMPANION_FILES = (
@@ -86,27 +86,6 @@ def _config_value_ok(field: str, value: Any) -> bool:
     return value is None or (_is_int(value) and value > 0)
 
 
-def _describe(value: Any) -> str:
-    """A short description of an untrusted JSON value for a message."""
-    text = json.dumps(value, ensure_ascii=False) if isinstance(value, (str, int, float, bool)) else None
-    if text is None:
-        text = "null" if value is None else f"a JSON {'array' if isinstance(value, list) else 'object'}"
-    return text if len(text) <= 60 else text[:60] + "..."
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
 def _parse_json(raw: bytes, path: Path, error: type[InputError]) -> Any:
     """Parse untrusted JSON bytes: UTF-8, valid, bounded nesting, no repeated key."""
     try:
@@ -114,10 +93,10 @@ def _parse_json(raw: bytes, path: Path, error: type[InputError]) -> Any:
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not valid UTF-8 (byte {exc.start}); the file is corrupt") from None
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKeyError as exc:
         raise error(
-            f"{path}: key {_describe(exc.args[0])} appears twice in one object; the file is ambiguous"
+            f"{path}: key {describe_json(exc.args[0])} appears twice in one object; the file is ambiguous"
         ) from None
     except RecursionError:
         raise error(f"{path}: JSON nests too deeply") from None
@@ -143,11 +122,11 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
         ConfigFileError
     """
     if not isinstance(config, dict):
-        raise ConfigFileError(f"{path}: is {_describe(config)}, not a JSON object")
+        raise ConfigFileError(f"{path}: is {describe_json(config)}, not a JSON object")
     for field, expected in CONFIG_FIELDS.items():
         if field in config and not _config_value_ok(field, config[field]):
             raise ConfigFileError(
-                f"{path}: field {field!r} must be {expected}, found {_describe(config[field])}"
+                f"{path}: field {field!r} must be {expected}, found {describe_json(config[field])}"
             )
     return config
 
@@ -221,7 +200,7 @@ def sentencepiece_pieces(path: Path) -> list[str]:
     for i, piece in enumerate(pieces):
         if piece in seen:
             raise TokenizerFileError(
-                f"{path}: piece {_describe(piece)} appears at ids {seen[piece]} and {i}; the model is ambiguous"
+                f"{path}: piece {describe_json(piece)} appears at ids {seen[piece]} and {i}; the model is ambiguous"
             )
         seen[piece] = i
     return pieces
@@ -229,14 +208,18 @@ def sentencepiece_pieces(path: Path) -> list[str]:
 
 def _check_added_token(entry: Any, where: str) -> None:
     if not isinstance(entry, dict):
-        raise TokenizerFileError(f"{where}: must be an object with content and id, found {_describe(entry)}")
+        raise TokenizerFileError(
+            f"{where}: must be an object with content and id, found {describe_json(entry)}"
+        )
     if not isinstance(entry.get("content"), str):
         raise TokenizerFileError(
-            f"{where}: content must be a string, found {_describe(entry.get('content'))}"
+            f"{where}: content must be a string, found {describe_json(entry.get('content'))}"
         )
     for flag in ADDED_TOKEN_FLAGS:
         if flag in entry and not isinstance(entry[flag], bool):
-            raise TokenizerFileError(f"{where}: {flag} must be true or false, found {_describe(entry[flag])}")
+            raise TokenizerFileError(
+                f"{where}: {flag} must be true or false, found {describe_json(entry[flag])}"
+            )
 
 
 def _tokenizer_json(path: Path) -> tuple[dict[str, Any], list[tuple[str, int]]]:
@@ -252,17 +235,19 @@ def _check_tokenizer_json(doc: Any, path: Path) -> tuple[dict[str, Any], list[tu
         TokenizerFileError
     """
     if not isinstance(doc, dict):
-        raise TokenizerFileError(f"{path}: is {_describe(doc)}, not a JSON object")
+        raise TokenizerFileError(f"{path}: is {describe_json(doc)}, not a JSON object")
     model = doc.get("model")
     if not isinstance(model, dict):
-        raise TokenizerFileError(f"{path}: model must be an object holding vocab, found {_describe(model)}")
+        raise TokenizerFileError(
+            f"{path}: model must be an object holding vocab, found {describe_json(model)}"
+        )
     model_vocab = model.get("vocab")
     pairs: list[tuple[str, int]] = []
     if isinstance(model_vocab, dict):
         for token, token_id in model_vocab.items():
             if not _is_token_id(token_id):
                 raise TokenizerFileError(
-                    f"{path}: model.vocab gives token {_describe(token)} the id {_describe(token_id)}; "
+                    f"{path}: model.vocab gives token {describe_json(token)} the id {describe_json(token_id)}; "
                     f"expected an integer in [0, {MAX_TOKEN_ID}]"
                 )
             pairs.append((token, token_id))
@@ -276,24 +261,24 @@ def _check_tokenizer_json(doc: Any, path: Path) -> tuple[dict[str, Any], list[tu
                 and not isinstance(item[1], bool)
             ):
                 raise TokenizerFileError(
-                    f"{path}: model.vocab entry {i} must be [piece string, score number], found {_describe(item)}"
+                    f"{path}: model.vocab entry {i} must be [piece string, score number], found {describe_json(item)}"
                 )
             pairs.append((item[0], i))
     else:
         raise TokenizerFileError(
             f"{path}: model.vocab must be an object (token -> id) or a list ([piece, score]), found "
-            f"{_describe(model_vocab)}; cannot tell which token each row is"
+            f"{describe_json(model_vocab)}; cannot tell which token each row is"
         )
     seen: dict[str, int] = {}
     for token, token_id in pairs:  # a Unigram piece given twice
         if token in seen:
             raise TokenizerFileError(
-                f"{path}: model.vocab gives token {_describe(token)} ids {seen[token]} and {token_id}"
+                f"{path}: model.vocab gives token {describe_json(token)} ids {seen[token]} and {token_id}"
             )
         seen[token] = token_id
     added = doc.get("added_tokens", [])
     if not isinstance(added, list):
-        raise TokenizerFileError(f"{path}: added_tokens must be a list, found {_describe(added)}")
+        raise TokenizerFileError(f"{path}: added_tokens must be a list, found {describe_json(added)}")
     added_ids: dict[str, int] = {}
     for i, entry in enumerate(added):
         where = f"{path}: added_tokens[{i}]"
@@ -302,12 +287,12 @@ def _check_tokenizer_json(doc: Any, path: Path) -> tuple[dict[str, Any], list[tu
         if not _is_token_id(token_id):
             raise TokenizerFileError(
                 f"{where}: id must be an integer in [0, {MAX_TOKEN_ID}], found "
-                f"{'no id' if 'id' not in entry else _describe(token_id)}"
+                f"{'no id' if 'id' not in entry else describe_json(token_id)}"
             )
         content = entry["content"]
         if added_ids.get(content, token_id) != token_id:
             raise TokenizerFileError(
-                f"{where}: token {_describe(content)} is added twice, with ids {added_ids[content]} and {token_id}"
+                f"{where}: token {describe_json(content)} is added twice, with ids {added_ids[content]} and {token_id}"
             )
         added_ids[content] = token_id
         pairs.append((content, token_id))
@@ -317,11 +302,11 @@ def _check_tokenizer_json(doc: Any, path: Path) -> tuple[dict[str, Any], list[tu
 def _added_tokens_json(path: Path) -> dict[str, int]:
     doc = _load_json(path, TokenizerFileError)
     if not isinstance(doc, dict):
-        raise TokenizerFileError(f"{path}: is {_describe(doc)}, expected an object of token -> id")
+        raise TokenizerFileError(f"{path}: is {describe_json(doc)}, expected an object of token -> id")
     for token, token_id in doc.items():
         if not _is_token_id(token_id):
             raise TokenizerFileError(
-                f"{path}: gives token {_describe(token)} the id {_describe(token_id)}; expected an integer "
+                f"{path}: gives token {describe_json(token)} the id {describe_json(token_id)}; expected an integer "
                 f"in [0, {MAX_TOKEN_ID}]"
             )
     return doc
@@ -329,16 +314,16 @@ def _added_tokens_json(path: Path) -> dict[str, int]:
 
 def _check_tokenizer_config(doc: Any, path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
-        raise TokenizerFileError(f"{path}: is {_describe(doc)}, not a JSON object")
+        raise TokenizerFileError(f"{path}: is {describe_json(doc)}, not a JSON object")
     decoder = doc.get("added_tokens_decoder", {})
     if not isinstance(decoder, dict):
         raise TokenizerFileError(
-            f"{path}: added_tokens_decoder must be an object of id -> token, found {_describe(decoder)}"
+            f"{path}: added_tokens_decoder must be an object of id -> token, found {describe_json(decoder)}"
         )
     for key, entry in decoder.items():
         if not (key.isascii() and key.isdigit() and int(key) <= MAX_TOKEN_ID):
             raise TokenizerFileError(
-                f"{path}: added_tokens_decoder key {_describe(key)} is not a token id (a decimal integer "
+                f"{path}: added_tokens_decoder key {describe_json(key)} is not a token id (a decimal integer "
                 f"in [0, {MAX_TOKEN_ID}])"
             )
         _check_added_token(entry, f"{path}: added_tokens_decoder[{key}]")
@@ -382,8 +367,8 @@ def read_vocab(folder: Path | None) -> dict[str, int] | None:
         if token_id in seen:
             first = seen[token_id]
             raise TokenizerFileError(
-                f"{origin[token]}: tokenizer gives id {token_id} to both {_describe(first)} "
-                f"({origin[first].name}) and {_describe(token)} ({origin[token].name}); its files disagree"
+                f"{origin[token]}: tokenizer gives id {token_id} to both {describe_json(first)} "
+                f"({origin[first].name}) and {describe_json(token)} ({origin[token].name}); its files disagree"
             )
         seen[token_id] = token
     return vocab

@@ -7,9 +7,11 @@ make lazymerge hang or allocate without bound.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from lazymerge.errors import InputError
 
@@ -61,3 +63,25 @@ def read_small_file(path: Path, limit: int = SMALL_FILE_LIMIT) -> bytes:
     if len(raw) > limit:
         raise InputError(f"{path}: more than the {limit}-byte limit for this kind of file")
     return raw
+
+
+def describe_json(value: Any) -> str:
+    """A short description of an untrusted JSON value for a message."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:60] + "..."
+    return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object repeats a key (`json.loads` would silently keep the last)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` for `json.loads` that refuses repeated keys."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out

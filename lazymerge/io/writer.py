@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lazymerge.errors import OutputError
 from lazymerge.io.dtypes import itemsize
+from lazymerge.io.hf_folder import COMPANION_FILES
 
 TEMP_MARK = ".lazymerge-tmp-"
 #: The index of a sharded output, as Hugging Face names it.
@@ -379,23 +380,8 @@ def _written_by_lazymerge(path: Path) -> bool:
         return False
 
 
-#: Files lazymerge writes beside the weights of a folder output (see `hf_folder.COMPANION_FILES`).
-_FOLDER_FILES = frozenset(
-    {
-        INDEX_NAME,
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "tokenizer.model",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "merges.txt",
-        "chat_template.jinja",
-        "chat_template.json",
-    }
-)
+#: Files lazymerge writes beside the weights of a folder output.
+_FOLDER_FILES = frozenset({INDEX_NAME, *COMPANION_FILES})
 
 
 def _lazymerge_folder(folder: Path, depth: int) -> bool:
