@@ -165,3 +165,34 @@ def _place(model: Any, name: str, tensor: Any, device: str, quant: str | None) -
     else:
         param = torch.nn.Parameter(tensor.to(device), requires_grad=False)
     module._parameters[leaf] = param
+
+
+def load_merged_tokenizer(
+    inputs: Sequence[str | Path],
+    options: MergeOptions,
+    *,
+    max_length: int = 2048,
+    system_prompt: str | None = None,
+    batch_size: int = 8,
+    **_load: Any,
+) -> RewardModel:
+    """The merged reward model's tokenizer and text format, without its weights (`model` is
+    None): what a sweep needs to format and tokenize every text once, before any point."""
+    from lazymerge.api import open_inputs
+    from lazymerge.plan import plan_merge
+
+    transformers = require("transformers")
+    checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
+    try:
+        plan = plan_merge(checkpoints, options, Path("in-memory"))
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
+    rm_input = (
+        Path(inputs[plan.roles.index("reward model")]) if "reward model" in plan.roles else Path(inputs[0])
+    )
+    rm_folder = rm_input if rm_input.is_dir() else rm_input.parent
+    refuse_remote_code(rm_folder)
+    quiet_transformers()
+    _, tokenizer = _config_and_tokenizer(transformers, plan.companion_files, rm_folder)
+    return RewardModel(None, tokenizer, "cpu", max_length, system_prompt, batch_size, str(rm_folder))

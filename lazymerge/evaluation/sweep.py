@@ -365,29 +365,79 @@ def _prepare_folder(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, dict[str, 
 # --- scoring ------------------------------------------------------------------------------
 
 
-def _texts(rm: Any, spec: SweepSpec) -> list[str]:
-    texts: list[str] = []
-    for e in spec.pair_evals:
-        texts.extend(rm.format_text(p.prompt, p.chosen) for p in e.pairs)
-        texts.extend(rm.format_text(p.prompt, p.rejected) for p in e.pairs)
-    for b in spec.bon_evals:
-        texts.extend(rm.format_text(s.prompt, c) for s in b.sets for c in s.candidates)
-    return texts
+@dataclass(frozen=True)
+class PreparedTexts:
+    """Every text of every evaluation, formatted and tokenized once for the whole sweep."""
+
+    encoded: dict[str, list[int]]
+    #: per pair evaluation: (chosen texts, rejected texts), pair order
+    pair_texts: dict[str, tuple[list[str], list[str]]]
+    #: per best-of-N evaluation: the candidates' texts, prompt by prompt
+    bon_texts: dict[str, list[list[str]]]
 
 
-def _score_point(rm: Any, spec: SweepSpec, encoded: dict[str, list[int]]) -> dict[str, Any]:
-    rewards = rm.score_encoded(encoded)
-    pairs_out = {}
-    for e in spec.pair_evals:
-        chosen = [rewards[rm.format_text(p.prompt, p.chosen)] for p in e.pairs]
-        rejected = [rewards[rm.format_text(p.prompt, p.rejected)] for p in e.pairs]
-        pairs_out[e.name] = {"chosen": chosen, "rejected": rejected}
-    bon_out = {}
-    for b in spec.bon_evals:
-        bon_out[b.name] = {
-            "rewards": [[rewards[rm.format_text(s.prompt, c)] for c in s.candidates] for s in b.sets]
-        }
-    return {"pairs": pairs_out, "best_of_n": bon_out}
+def prepare_texts(spec: SweepSpec, formatter: Any) -> PreparedTexts:
+    """Format with the output tokenizer's chat template and tokenize, once."""
+    pair_texts = {
+        e.name: (
+            [formatter.format_text(p.prompt, p.chosen) for p in e.pairs],
+            [formatter.format_text(p.prompt, p.rejected) for p in e.pairs],
+        )
+        for e in spec.pair_evals
+    }
+    bon_texts = {
+        b.name: [[formatter.format_text(s.prompt, c) for c in s.candidates] for s in b.sets]
+        for b in spec.bon_evals
+    }
+    every = [t for chosen, rejected in pair_texts.values() for t in (*chosen, *rejected)]
+    every += [t for sets in bon_texts.values() for texts in sets for t in texts]
+    return PreparedTexts(formatter.encode_all(every), pair_texts, bon_texts)
+
+
+def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dict[str, Any]:
+    """Build one point's merged reward model (in memory, or written and loaded with `--write`),
+    score every prepared text, and return the point's record for results.jsonl. Runs in the
+    sweep's own process, or in a Ray worker (`ray_sweep`)."""
+    from lazymerge.evaluation.in_memory import load_merged_reward_model
+    from lazymerge.evaluation.rewards import load_reward_model
+    from lazymerge.memory import PeakRssSampler
+
+    t0 = time.monotonic()
+    options = MergeOptions.build(**_point_options(spec.merge, point))
+    load = vars(spec.load)
+    with PeakRssSampler() as sampler:
+        written = 0
+        if spec.write:
+            from lazymerge.api import merge
+
+            folder = spec.out / "models" / _slug(point.label)
+            written = merge(spec.inputs, folder, options, force=folder.exists()).bytes_written
+            rm = load_reward_model(folder, **load)
+        else:
+            rm = load_merged_reward_model(spec.inputs, options, **load)
+        t1 = time.monotonic()
+        rewards = rm.score_encoded(texts.encoded)
+        t2 = time.monotonic()
+        del rm
+    return {
+        "record": "point",
+        "label": point.label,
+        "weights": list(point.weights),
+        "baseline": point.baseline,
+        "pairs": {
+            name: {"chosen": [rewards[t] for t in chosen], "rejected": [rewards[t] for t in rejected]}
+            for name, (chosen, rejected) in texts.pair_texts.items()
+        },
+        "best_of_n": {
+            name: {"rewards": [[rewards[t] for t in candidates] for candidates in sets]}
+            for name, sets in texts.bon_texts.items()
+        },
+        "build_s": round(t1 - t0, 3),
+        "score_s": round(t2 - t1, 3),
+        "bytes_written": written,
+        "peak_rss": sampler.peak.total,
+        "peak_gpu_memory": _gpu_peak(spec.load.device),
+    }
 
 
 def _model_bytes(parameters: int, load: LoadSettings) -> int:
@@ -398,18 +448,49 @@ def _model_bytes(parameters: int, load: LoadSettings) -> int:
     return parameters * {"float32": 4, "bfloat16": 2, "float16": 2}[load.dtype]
 
 
-def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = lambda line: None) -> SweepRun:
+#: Runs the points still to do: (spec, prepared texts, points, append a finished record, echo).
+Executor = Callable[
+    [SweepSpec, PreparedTexts, list[SweepPoint], Callable[[dict[str, Any]], None], Callable[[str], None]],
+    None,
+]
+
+
+def local_executor(
+    spec: SweepSpec,
+    texts: PreparedTexts,
+    todo: list[SweepPoint],
+    finished: Callable[[dict[str, Any]], None],
+    echo: Callable[[str], None],
+) -> None:
+    """One point after another in this process."""
+    started = time.monotonic()
+    for number, point in enumerate(todo, start=1):
+        record = score_point(spec, texts, point)
+        finished(record)
+        eta = (time.monotonic() - started) / number * (len(todo) - number)
+        echo(
+            f"[{number}/{len(todo)}] {point.label}: build {record['build_s']:.1f} s, "
+            f"score {record['score_s']:.1f} s; ETA {format_duration(eta)}"
+        )
+
+
+def run_sweep(
+    spec: SweepSpec, echo: Callable[[str], None] = lambda line: None, executor: Executor | None = None
+) -> SweepRun:
     """Score every point of `spec` not already in its results file, then write the report.
+
+    Args:
+        executor: how the points still to do are run (default: here, one after another; see
+            `ray_sweep` for a Ray cluster). Each finished record is appended and fsynced
+            before the next one.
 
     Raises:
         OptionError when the results file belongs to another sweep; the merge's and the
         evaluation's own errors.
     """
     from lazymerge.api import open_inputs
-    from lazymerge.evaluation.in_memory import load_merged_reward_model
+    from lazymerge.evaluation.in_memory import load_merged_tokenizer
     from lazymerge.evaluation.report import sweep_report
-    from lazymerge.evaluation.rewards import load_reward_model
-    from lazymerge.memory import PeakRssSampler
     from lazymerge.plan import plan_merge
 
     if not spec.pair_evals and not spec.bon_evals:
@@ -450,54 +531,17 @@ def run_sweep(spec: SweepSpec, echo: Callable[[str], None] = lambda line: None) 
             + (f", {format_bytes(model_bytes)} GPU memory" if on_gpu else "")
             + f"; model files written: {format_bytes(plan.output_bytes * len(todo)) if spec.write else '0 B (in memory)'}"
         )
-        encoded: dict[str, list[int]] | None = None
-        started = time.monotonic()
-        for number, point in enumerate(todo, start=1):
-            t0 = time.monotonic()
-            options = MergeOptions.build(**_point_options(spec.merge, point))
-            load = vars(spec.load)
-            with PeakRssSampler() as sampler:
-                written = 0
-                if spec.write:
-                    from lazymerge.api import merge
+        texts = prepare_texts(spec, load_merged_tokenizer(spec.inputs, first, **vars(spec.load)))
+        tokens = sum(len(v) for v in texts.encoded.values())
+        echo(f"  {len(texts.encoded)} distinct texts, {tokens} tokens (tokenized once)")
 
-                    folder = spec.out / "models" / _slug(point.label)
-                    report = merge(spec.inputs, folder, options, force=folder.exists())
-                    written = report.bytes_written
-                    rm = load_reward_model(folder, **load)
-                else:
-                    rm = load_merged_reward_model(spec.inputs, options, **load)
-                t1 = time.monotonic()
-                if encoded is None:
-                    texts = _texts(rm, spec)
-                    encoded = rm.encode_all(texts)
-                    tokens = sum(len(v) for v in encoded.values())
-                    echo(f"  {len(texts)} texts, {len(encoded)} distinct, {tokens} tokens (tokenized once)")
-                scores = _score_point(rm, spec, encoded)
-                t2 = time.monotonic()
-                del rm
-            record = {
-                "record": "point",
-                "label": point.label,
-                "weights": list(point.weights),
-                "baseline": point.baseline,
-                **scores,
-                "build_s": round(t1 - t0, 3),
-                "score_s": round(t2 - t1, 3),
-                "bytes_written": written,
-                "peak_rss": sampler.peak.total,
-                "peak_gpu_memory": _gpu_peak(spec.load.device),
-            }
+        def finished(record: dict[str, Any]) -> None:
             _append(spec.out / RESULTS, record)
-            run.scored.append(point.label)
-            elapsed = time.monotonic() - started
-            eta = elapsed / number * (len(todo) - number)
-            echo(
-                f"[{number}/{len(todo)}] {point.label}: build {t1 - t0:.1f} s, score {t2 - t1:.1f} s; "
-                f"ETA {format_duration(eta)}"
-            )
-        _, finished, _ = read_results(spec.out / RESULTS)
-        run.report = sweep_report(spec, [finished[p.label] for p in points if p.label in finished])
+            run.scored.append(record["label"])
+
+        (executor or local_executor)(spec, texts, todo, finished, echo)
+        _, records, _ = read_results(spec.out / RESULTS)
+        run.report = sweep_report(spec, [records[p.label] for p in points if p.label in records])
         return run
     finally:
         lock.release()
