@@ -618,6 +618,21 @@ def bon(
     "--restart", is_flag=True, help="Discard the results in OUT made with other inputs or settings."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout at the end.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="auto",
+    help="Run each point as a task on a Ray cluster: auto (this machine's cluster) or ADDRESS (host:port).",
+)
+@click.option(
+    "--ray-gpus",
+    type=click.FloatRange(min=0),
+    help="GPUs per point on Ray (default: 1 with --device cuda, else 0).",
+)
+@click.option(
+    "--ray-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True, help="CPUs per point on Ray."
+)
 @eval_options
 @reports_errors
 def sweep(
@@ -633,6 +648,9 @@ def sweep(
     write: bool,
     restart: bool,
     as_json: bool,
+    ray_address: str | None,
+    ray_gpus: float | None,
+    ray_cpus: float,
     quiet: bool,
     **options: Any,
 ) -> None:
@@ -661,8 +679,17 @@ def sweep(
         restart=restart,
         **options,
     )
+    executor = None
+    if ray_address is not None:
+        from lazymerge.evaluation.ray_sweep import ray_executor
+
+        executor = ray_executor(ray_address, ray_gpus, ray_cpus)
+    elif ray_gpus is not None:
+        raise OptionError("--ray-gpus needs --ray")
     run = run_sweep(
-        spec, echo=(lambda line: None) if quiet or as_json else functools.partial(click.echo, err=True)
+        spec,
+        echo=(lambda line: None) if quiet or as_json else functools.partial(click.echo, err=True),
+        executor=executor,
     )
     if as_json:
         click.echo(json.dumps(run.report, indent=2))

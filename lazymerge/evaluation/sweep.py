@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge import __version__
-from lazymerge.errors import InputError, OptionError, OutputError
+from lazymerge.errors import InputError, LazyMergeError, OptionError, OutputError
 from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_pairs
 from lazymerge.io.writer import DestinationLock, check_against_inputs
 from lazymerge.options import MergeOptions
@@ -539,9 +539,16 @@ def run_sweep(
             _append(spec.out / RESULTS, record)
             run.scored.append(record["label"])
 
-        (executor or local_executor)(spec, texts, todo, finished, echo)
+        failure: LazyMergeError | None = None
+        try:
+            (executor or local_executor)(spec, texts, todo, finished, echo)
+        except LazyMergeError as exc:  # some points failed: report the finished ones, then fail
+            failure = exc
         _, records, _ = read_results(spec.out / RESULTS)
-        run.report = sweep_report(spec, [records[p.label] for p in points if p.label in records])
+        if any(r["baseline"] for r in records.values()):
+            run.report = sweep_report(spec, [records[p.label] for p in points if p.label in records])
+        if failure is not None:
+            raise failure
         return run
     finally:
         lock.release()

@@ -1,0 +1,184 @@
+"""Sweeps spread over a Ray cluster: one Ray task per point.
+
+`ray_executor(address, gpus, cpus)` is an executor for `sweep.run_sweep`: the driver does
+everything a local sweep does (plan, fingerprint, results file, texts formatted and tokenized
+once, report), ships the prepared texts to the cluster once through Ray's object store, and
+runs `sweep.score_point` for each point as a task asking for `gpus` GPUs and `cpus` CPUs. Each
+finished point is appended to `OUT/results.jsonl` as it arrives, so a sweep can be resumed
+locally or on Ray. A task whose worker dies is retried by Ray (at most twice); a point that
+still fails is reported and makes the run fail, never silently missing. Ctrl-C cancels the
+running tasks and keeps the finished points.
+
+Before any scoring, every node checks that it sees the inputs and data files with the
+fingerprints the driver sees (headers and configs hashed, not whole weights); a node that does
+not stops the sweep before it starts.
+
+Nothing of Ray is imported unless this module's executor runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lazymerge.errors import InputError, LazyMergeError
+from lazymerge.evaluation.sweep import (
+    PreparedTexts,
+    SweepPoint,
+    SweepSpec,
+    _input_fingerprint,
+    _sha256_file,
+    score_point,
+)
+from lazymerge.progress import format_duration
+
+#: Test-only hooks, read in the workers: crash once while scoring a point ("LABEL:MARKER": the
+#: worker exits unless MARKER exists, creating it first), or pretend a path is invisible.
+CRASH_HOOK = "LAZYMERGE_TEST_CRASH_ONCE"
+HIDE_HOOK = "LAZYMERGE_TEST_HIDE_ON_WORKERS"
+MAX_RETRIES = 2
+
+
+def file_fingerprints(spec: SweepSpec, on_worker: bool = False) -> dict[str, str | None]:
+    """Each input's header fingerprint and each data file's SHA-256, as this machine sees them
+    (None for a file it cannot read)."""
+    hidden = os.environ.get(HIDE_HOOK) if on_worker else None
+    out: dict[str, str | None] = {}
+    inputs = [*spec.inputs, *([spec.merge.base] if spec.merge.base is not None else [])]
+    data = [*(e.path for e in spec.pair_evals), *(b.path for b in spec.bon_evals)]
+    for path in inputs:
+        try:
+            out[str(path)] = None if hidden == str(path) else _input_fingerprint(Path(path))
+        except (OSError, LazyMergeError):
+            out[str(path)] = None
+    for path in data:
+        try:
+            out[str(path)] = None if hidden == str(path) else _sha256_file(Path(path))
+        except (OSError, LazyMergeError):
+            out[str(path)] = None
+    return out
+
+
+def _score_task(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> tuple[dict[str, Any], str]:
+    import ray
+
+    hook = os.environ.get(CRASH_HOOK)
+    if hook:
+        label, _, marker = hook.partition(":")
+        if label == point.label and not Path(marker).exists():
+            Path(marker).write_text("crashed once")
+            os._exit(1)  # the worker dies mid-point: Ray retries the task
+    node = ray.util.get_node_ip_address()
+    return score_point(spec, texts, point), node
+
+
+def ray_executor(address: str = "auto", gpus: float | None = None, cpus: float = 1.0) -> Callable[..., None]:
+    """An executor for `sweep.run_sweep` running each point as a task on the Ray cluster at
+    `address` ("auto": the cluster this machine belongs to)."""
+
+    def execute(
+        spec: SweepSpec,
+        texts: PreparedTexts,
+        todo: list[SweepPoint],
+        finished: Callable[[dict[str, Any]], None],
+        echo: Callable[[str], None],
+    ) -> None:
+        from lazymerge.evaluation.rewards import require
+
+        ray = require("ray", extra="cluster")
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        want_gpus = gpus if gpus is not None else (1.0 if spec.load.device.startswith("cuda") else 0.0)
+        env = {k: os.environ[k] for k in (CRASH_HOOK, HIDE_HOOK) if k in os.environ}
+        try:
+            ray.init(
+                address=address,
+                log_to_driver=False,
+                runtime_env={"env_vars": env} if env else None,
+                logging_level="ERROR",
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(
+                f"--ray {address}: cannot connect to a Ray cluster ({first}); start one with "
+                "`ray start --head` (see the README)"
+            ) from None
+        try:
+            _check_nodes(ray, NodeAffinitySchedulingStrategy, spec)
+            _run_points(ray, spec, texts, todo, finished, echo, want_gpus, cpus)
+        finally:
+            ray.shutdown()
+
+    return execute
+
+
+def _check_nodes(ray: Any, affinity: Any, spec: SweepSpec) -> None:
+    """Every alive node must see every input and data file as the driver does."""
+    here = file_fingerprints(spec)
+    probe = ray.remote(num_cpus=0)(file_fingerprints)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = {
+        n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": probe.options(
+            scheduling_strategy=affinity(node_id=n["NodeID"], soft=False)
+        ).remote(spec, True)
+        for n in nodes
+    }
+    for node, ref in refs.items():
+        seen = ray.get(ref)
+        for path, digest in here.items():
+            if seen.get(path) != digest:
+                what = "cannot read" if seen.get(path) is None else "sees a different"
+                raise InputError(
+                    f"node {node} {what} {path}; every worker must see the inputs and data at the same "
+                    "path (shared filesystem or identical copies)"
+                )
+
+
+def _run_points(
+    ray: Any,
+    spec: SweepSpec,
+    texts: PreparedTexts,
+    todo: list[SweepPoint],
+    finished: Callable[[dict[str, Any]], None],
+    echo: Callable[[str], None],
+    gpus: float,
+    cpus: float,
+) -> None:
+    task = ray.remote(_score_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=MAX_RETRIES)
+    spec_ref, texts_ref = ray.put(spec), ray.put(texts)  # shipped once, shared by every task
+    pending = {task.remote(spec_ref, texts_ref, p): p for p in todo}
+    echo(
+        f"  on Ray: {len(todo)} points as tasks ({gpus:g} GPU, {cpus:g} CPU each), retried up to {MAX_RETRIES} times"
+    )
+    failed: list[str] = []
+    started, done = time.monotonic(), 0
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            point = pending.pop(ready[0])
+            try:
+                record, node = ray.get(ready[0])
+            except Exception as exc:  # the task failed after its retries: reported, not lost
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+                failed.append(f"{point.label} ({type(exc).__name__}: {first})")
+                echo(f"  {point.label}: FAILED after {MAX_RETRIES} retries: {first}")
+                continue
+            finished(record)
+            done += 1
+            eta = (time.monotonic() - started) / done * len(pending)  # at the throughput so far
+            echo(
+                f"[done {done}, running or pending {len(pending)}, failed {len(failed)}] {point.label} on {node}: "
+                f"build {record['build_s']:.1f} s, score {record['score_s']:.1f} s; ETA {format_duration(eta)}"
+            )
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    if failed:
+        raise LazyMergeError(
+            f"{len(failed)} point(s) failed on Ray: {'; '.join(failed[:3])}; the finished points are in "
+            f"{spec.out / 'results.jsonl'}: rerun to retry the others"
+        )

@@ -1,0 +1,196 @@
+"""Sweeps on a real local Ray instance: the same results as a local sweep, retries, resumes both
+ways, and inputs a worker cannot see refused before scoring."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from lazymerge.evaluation.sweep import read_results
+from tests.test_sweep import data, models
+
+pytest.importorskip("ray")
+pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.ray
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray head with 2 CPUs on the loopback address, in its own process group and its
+    own temp folder; the fixture stops exactly those processes."""
+    temp = tempfile.mkdtemp(prefix="lmray", dir="/tmp")
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        probe = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, env=env)
+        if probe.returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(head.pid, signal.SIGKILL)
+        pytest.fail("the local Ray instance did not start")
+    yield {"address": address, "env": env}
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    # workers run in sessions of their own: stop those of this instance (named by its temp folder)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if temp.encode() in cmdline:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    time.sleep(1)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def sweep(args: list[str], env: dict[str, str], **extra_env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lazymerge", "sweep", *args],
+        capture_output=True,
+        text=True,
+        env={**env, **extra_env},
+        timeout=600,
+    )
+
+
+def points(out: Path) -> list[dict]:
+    return [
+        {k: v for k, v in p.items() if k != "timing"}
+        for p in json.loads((out / "results.json").read_text())["points"]
+    ]
+
+
+def test_ray_sweep_equals_local_and_retries_a_crashed_worker(tmp_path: Path, ray_cluster) -> None:
+    rm, sft = models(tmp_path)
+    files = data(tmp_path)
+    base = [
+        str(rm),
+        str(sft),
+        "--pairs",
+        str(files["test"]),
+        "--candidates",
+        str(files["cands"]),
+        "--n",
+        "2,4",
+        "--alpha",
+        "0,0.25,0.5,1",
+    ]
+    local = tmp_path / "local"
+    assert sweep([*base, "-o", str(local), "-q"], ray_cluster["env"]).returncode == 0
+    on_ray = tmp_path / "ray"
+    marker = tmp_path / "crashed"
+    proc = sweep(
+        [*base, "-o", str(on_ray), "--ray", ray_cluster["address"]],
+        ray_cluster["env"],
+        LAZYMERGE_TEST_CRASH_ONCE=f"alpha=0.5:{marker}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert marker.exists(), proc.stderr  # a worker died in the middle of alpha=0.5, and Ray ran it again
+    assert re.search(r"alpha=0\.5 on \d+\.\d+\.\d+\.\d+", proc.stderr)  # the node that ran it
+    labels = [json.loads(line)["label"] for line in (on_ray / "results.jsonl").read_text().splitlines()[1:]]
+    assert sorted(labels) == sorted(["alpha=0", "alpha=0.25", "alpha=0.5", "alpha=1"])  # each exactly once
+    assert points(on_ray) == points(local)
+
+
+def test_interrupted_on_ray_resumes_locally_and_back(tmp_path: Path, ray_cluster) -> None:
+    rm, sft = models(tmp_path)
+    files = data(tmp_path)
+    base = [str(rm), str(sft), "--pairs", str(files["test"]), "-o", str(tmp_path / "s")]
+    ray = ["--ray", ray_cluster["address"]]
+    env = ray_cluster["env"]
+    assert sweep([*base, "--alpha", "0,0.5", *ray, "-q"], env).returncode == 0
+    proc = sweep([*base, "--alpha", "0,0.5,1"], env)  # locally: only the new point
+    assert proc.returncode == 0 and "1 point(s) scored, 2 already done" in proc.stdout
+    proc = sweep([*base, "--alpha", "0,0.5,1,0.75", *ray], env)  # on Ray again: only the new point
+    assert proc.returncode == 0 and "1 point(s) scored, 3 already done" in proc.stdout, proc.stderr
+    assert re.search(r"alpha=0\.75 on \d+\.\d+\.\d+\.\d+", proc.stderr)
+    _, done, _ = read_results(tmp_path / "s" / "results.jsonl")
+    assert sorted(done) == ["alpha=0", "alpha=0.5", "alpha=0.75", "alpha=1"]
+
+
+def test_inputs_a_worker_cannot_see_are_refused_before_scoring(tmp_path: Path, ray_cluster) -> None:
+    rm, sft = models(tmp_path)
+    files = data(tmp_path)
+    out = tmp_path / "s"
+    proc = sweep(
+        [
+            str(rm),
+            str(sft),
+            "--pairs",
+            str(files["test"]),
+            "--alpha",
+            "0,1",
+            "-o",
+            str(out),
+            "--ray",
+            ray_cluster["address"],
+        ],
+        ray_cluster["env"],
+        LAZYMERGE_TEST_HIDE_ON_WORKERS=str(files["test"]),
+    )
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("Error: node ")
+        and "cannot read" in lines[0]
+        and str(files["test"]) in lines[0]
+    )
+    _, done, _ = read_results(out / "results.jsonl")
+    assert done == {}
+
+
+def test_without_ray_nothing_of_ray_is_imported() -> None:
+    code = "import sys, lazymerge.cli, lazymerge.evaluation.sweep; print('ray' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
