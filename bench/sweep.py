@@ -20,6 +20,7 @@ model written, peak RSS at most the model in the compute dtype + --max-memory + 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -108,7 +109,15 @@ def write_pairs(path: Path, count: int, tokens: int, vocab: int) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
-def sweep(rm: Path, sft: Path, pairs: Path, out: Path, args: argparse.Namespace, write: bool) -> dict:
+def sweep(
+    rm: Path,
+    sft: Path,
+    pairs: Path,
+    out: Path,
+    args: argparse.Namespace,
+    write: bool,
+    ray_address: str | None = None,
+) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -134,10 +143,12 @@ def sweep(rm: Path, sft: Path, pairs: Path, out: Path, args: argparse.Namespace,
     ]
     if write:
         cmd.append("--write")
+    if ray_address is not None:
+        cmd += ["--ray", ray_address, "--ray-cpus", "1"]
     wall, peaks, _ = run_sampled(cmd)
     points = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[1:]]
     return {
-        "mode": "write+load" if write else "in-memory",
+        "mode": "ray" if ray_address else ("write+load" if write else "in-memory"),
         "wall_s": round(wall, 2),
         "peak_rss_total": peaks["total"],
         "peak_rss_anon": peaks["anon"],
@@ -162,6 +173,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--reuse", type=Path, help="a folder kept by a previous run: skip writing the models")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="also run the sweep on a local Ray instance with 2 workers (1 CPU each)",
+    )
     args = parser.parse_args()
     work = args.reuse or Path(tempfile.mkdtemp(prefix=f"lazymerge-sweep-bench-{args.size}-", dir=args.dir))
     rm, sft = work / "rm", work / "sft"
@@ -182,6 +198,13 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             rows.append(sweep(rm, sft, pairs, out, args, write))
             shutil.rmtree(out / "models", ignore_errors=True)
+        if args.ray:
+            out = work / "sweep-ray"
+            shutil.rmtree(out, ignore_errors=True)
+            with local_ray(workers=2) as address:
+                rows.append(sweep(rm, sft, pairs, out, args, False, address))
+            same = points_without_timing(work / "sweep-memory") == points_without_timing(out)
+            rows[-1]["same_results_as_local"] = same
         model_bytes = sum(p.stat().st_size for p in rm.glob("*.safetensors"))
         result = {
             "size": args.size,
@@ -200,8 +223,16 @@ def main() -> None:
             row["score_tokens_per_s"] = round(
                 2 * args.pairs * args.tokens / max(row["mean_score_s"], 1e-9), 1
             )
-        mem, wr = rows
+        mem, wr = rows[0], rows[1]
         result["build_ratio"] = round(mem["mean_build_s"] / wr["mean_build_s"], 3)
+        if args.ray:
+            ray_row = rows[2]
+            busy = sum(p["build_s"] + p["score_s"] for p in ray_row["points"])
+            # worker time not spent merging or scoring: task start, imports in fresh workers,
+            # shipping texts and results
+            ray_row["overhead_per_point_s"] = round(
+                (ray_row["wall_s"] * 2 - busy) / len(ray_row["points"]), 2
+            )
         print(
             f"{'mode':12s} {'build s/pt':>10s} {'score s/pt':>10s} {'model bytes written':>20s} {'peak RSS total/anon/file GiB':>30s}"
         )
@@ -218,6 +249,74 @@ def main() -> None:
     finally:
         if not args.keep and args.reuse is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def points_without_timing(out: Path) -> list[dict]:
+    points = json.loads((out / "results.json").read_text())["points"]
+    return [{k: v for k, v in p.items() if k != "timing"} for p in points]
+
+
+@contextlib.contextmanager
+def local_ray(workers: int):
+    """A Ray head on this machine (its own process group and temp folder), stopped afterwards."""
+    import signal
+    import socket
+    import subprocess
+
+    temp = tempfile.mkdtemp(prefix="lmray", dir="/tmp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--num-cpus={workers}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    CHECKOUT_ENV["RAY_AUTH_MODE"] = "disabled"  # the sweeps run with this environment
+    try:
+        for _ in range(120):
+            if (
+                subprocess.run(
+                    ["ray", "status", f"--address={address}"], capture_output=True, env=env
+                ).returncode
+                == 0
+            ):
+                break
+            time.sleep(0.5)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if temp.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(1)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def subprocess_env_warmup(rm: Path, sft: Path, pairs: Path, work: Path) -> None:

@@ -137,6 +137,16 @@ def _check_nodes(ray: Any, affinity: Any, spec: SweepSpec) -> None:
                 )
 
 
+def _slots(resources: dict[str, float], gpus: float, cpus: float) -> int:
+    """How many points the cluster runs at once with these requests (at least 1)."""
+    limits = []
+    if gpus > 0:
+        limits.append(resources.get("GPU", 0.0) / gpus)
+    if cpus > 0:
+        limits.append(resources.get("CPU", 0.0) / cpus)
+    return max(1, int(min(limits))) if limits else 1
+
+
 def _run_points(
     ray: Any,
     spec: SweepSpec,
@@ -150,8 +160,11 @@ def _run_points(
     task = ray.remote(_score_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=MAX_RETRIES)
     spec_ref, texts_ref = ray.put(spec), ray.put(texts)  # shipped once, shared by every task
     pending = {task.remote(spec_ref, texts_ref, p): p for p in todo}
+    slots = _slots(ray.cluster_resources(), gpus, cpus)
+    nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
     echo(
-        f"  on Ray: {len(todo)} points as tasks ({gpus:g} GPU, {cpus:g} CPU each), retried up to {MAX_RETRIES} times"
+        f"  on Ray: {len(todo)} points as tasks ({gpus:g} GPU, {cpus:g} CPU each) on {len(nodes)} node(s) "
+        f"({', '.join(nodes)}), {slots} at a time, each retried up to {MAX_RETRIES} times"
     )
     failed: list[str] = []
     started, done = time.monotonic(), 0
@@ -169,9 +182,11 @@ def _run_points(
             finished(record)
             done += 1
             eta = (time.monotonic() - started) / done * len(pending)  # at the throughput so far
+            running = min(len(pending), slots)
             echo(
-                f"[done {done}, running or pending {len(pending)}, failed {len(failed)}] {point.label} on {node}: "
-                f"build {record['build_s']:.1f} s, score {record['score_s']:.1f} s; ETA {format_duration(eta)}"
+                f"[done {done}, running {running}, pending {len(pending) - running}, failed {len(failed)}] "
+                f"{point.label} on {node}: build {record['build_s']:.1f} s, score {record['score_s']:.1f} s; "
+                f"ETA {format_duration(eta)}"
             )
     except KeyboardInterrupt:
         for ref in pending:
