@@ -479,9 +479,10 @@ def iter_merged_tensors(
         for entry in shard.tensors:
             tp = one.tensors[entry.name]
             size = itemsize(tp.dtype)
-            # (numel * size,) bytes, uninitialised: every byte is written by the merge below
-            storage = torch.empty(tp.numel * size, dtype=torch.uint8)
-            raw = memoryview(cast(Any, storage.numpy())).cast("B")
+            # (numel,) in the output dtype. A bytearray, not torch.empty: measured, torch's
+            # allocations here left the process 0.45 GB larger across sweep points
+            data = bytearray(tp.numel * size)
+            raw = memoryview(data)
             step = one.chunk_len(tp)
             for start in range(0, tp.numel, step):
                 count = min(step, tp.numel - start)
@@ -490,4 +491,7 @@ def iter_merged_tensors(
                 merge_chunk(
                     one, chunk, views, [raw[start * size : (start + count) * size]], workspace.fp32, warn
                 )
-            yield tp.name, storage.view(torch_dtype(tp.dtype)).view(tp.shape)
+            if tp.numel:
+                yield tp.name, torch.frombuffer(data, dtype=torch_dtype(tp.dtype)).view(tp.shape)
+            else:
+                yield tp.name, torch.empty(tp.shape, dtype=torch_dtype(tp.dtype))
