@@ -194,3 +194,13 @@ def test_without_ray_nothing_of_ray_is_imported() -> None:
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     )
+
+
+def test_no_cluster_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    from lazymerge.errors import InputError
+    from lazymerge.evaluation.ray_sweep import probe_address
+
+    with pytest.raises(InputError, match="no Ray cluster answers at 127.0.0.1"):
+        probe_address(f"127.0.0.1:{free_port()}", timeout=2)
+    with pytest.raises(InputError, match="HOST:PORT"):
+        probe_address("not-an-address")

@@ -93,6 +93,7 @@ def ray_executor(address: str = "auto", gpus: float | None = None, cpus: float =
 
         want_gpus = gpus if gpus is not None else (1.0 if spec.load.device.startswith("cuda") else 0.0)
         env = {k: os.environ[k] for k in (CRASH_HOOK, HIDE_HOOK) if k in os.environ}
+        probe_address(address)
         try:
             ray.init(
                 address=address,
@@ -113,6 +114,39 @@ def ray_executor(address: str = "auto", gpus: float | None = None, cpus: float =
             ray.shutdown()
 
     return execute
+
+
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when no Ray cluster answers at `address` (Ray itself keeps trying
+    to connect for minutes). "auto" means RAY_ADDRESS, else the cluster `ray start` recorded on
+    this machine."""
+    import socket
+    import tempfile
+
+    target = address
+    if address == "auto":
+        target = os.environ.get("RAY_ADDRESS", "")
+        recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if not target and recorded.is_file():
+            target = recorded.read_text().strip()
+        if not target:
+            raise InputError(
+                "--ray auto: no Ray cluster is running on this machine; start one with `ray start --head` "
+                "or give --ray HOST:PORT"
+            )
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(
+            f"--ray {address}: give HOST:PORT of the cluster's head (as `ray start --head` prints)"
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"--ray {address}: no Ray cluster answers at {host}:{port} ({exc.strerror or exc}); start one with "
+            "`ray start --head` (see the README)"
+        ) from None
 
 
 def _check_nodes(ray: Any, affinity: Any, spec: SweepSpec) -> None:
