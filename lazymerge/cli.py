@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import signal
 import sys
@@ -627,12 +628,10 @@ def bon(
 )
 @click.option(
     "--ray-gpus",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(min=0, max=1024),
     help="GPUs per point on Ray (default: 1 with --device cuda, else 0).",
 )
-@click.option(
-    "--ray-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True, help="CPUs per point on Ray."
-)
+@click.option("--ray-cpus", type=click.FloatRange(min=0, max=1024), help="CPUs per point on Ray (default 1).")
 @eval_options
 @reports_errors
 def sweep(
@@ -650,7 +649,7 @@ def sweep(
     as_json: bool,
     ray_address: str | None,
     ray_gpus: float | None,
-    ray_cpus: float,
+    ray_cpus: float | None,
     quiet: bool,
     **options: Any,
 ) -> None:
@@ -679,13 +678,16 @@ def sweep(
         restart=restart,
         **options,
     )
+    for name, value in (("--ray-gpus", ray_gpus), ("--ray-cpus", ray_cpus)):
+        if value is not None and not math.isfinite(value):
+            raise OptionError(f"{name} {value}: not a finite number")
     executor = None
     if ray_address is not None:
         from lazymerge.evaluation.ray_sweep import ray_executor
 
-        executor = ray_executor(ray_address, ray_gpus, ray_cpus)
-    elif ray_gpus is not None:
-        raise OptionError("--ray-gpus needs --ray")
+        executor = ray_executor(ray_address, ray_gpus, 1.0 if ray_cpus is None else ray_cpus)
+    elif ray_gpus is not None or ray_cpus is not None:
+        raise OptionError("--ray-gpus and --ray-cpus need --ray")
     run = run_sweep(
         spec,
         echo=(lambda line: None) if quiet or as_json else functools.partial(click.echo, err=True),

@@ -202,6 +202,9 @@ def test_sweep_option_mistakes_exit_2(tmp_path: Path) -> None:
         (["--pairs", str(files["test"]), "--weights", "0.5"], "1 weights for 2 inputs"),
         (["--pairs", str(files["test"]), "--grid", "0.3"], "whole number of steps"),
         (["--pairs", str(files["test"]), "--alpha", "nan"], "finite"),
+        (["--pairs", str(files["test"]), "--ray-cpus", "2"], "need --ray"),
+        (["--pairs", str(files["test"]), "--ray", "--ray-gpus", "nan"], "not a finite number"),
+        (["--pairs", str(files["test"]), "--ray-cpus", "1e999"], "--ray-cpus"),
     ]:
         proc = cli(*base, *extra)
         assert proc.returncode == 2 and fragment in proc.stderr, (extra, proc.stderr)
