@@ -26,6 +26,7 @@ from typing import Any
 
 from lazymerge.errors import InputError, LazyMergeError
 from lazymerge.evaluation.sweep import (
+    Executor,
     PreparedTexts,
     SweepPoint,
     SweepSpec,
@@ -75,7 +76,7 @@ def _score_task(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> tup
     return score_point(spec, texts, point), node
 
 
-def ray_executor(address: str = "auto", gpus: float | None = None, cpus: float = 1.0) -> Callable[..., None]:
+def ray_executor(address: str = "auto", gpus: float | None = None, cpus: float = 1.0) -> Executor:
     """An executor for `sweep.run_sweep` running each point as a task on the Ray cluster at
     `address` ("auto": the cluster this machine belongs to)."""
 

@@ -15,6 +15,7 @@ tokenizer, which the plan fixes whatever the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -403,7 +404,7 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
     from lazymerge.memory import PeakRssSampler
 
     t0 = time.monotonic()
-    options = MergeOptions.build(**_point_options(spec.merge, point))
+    options = point_options(spec.merge, point)
     load = vars(spec.load)
     with PeakRssSampler() as sampler:
         written = 0
@@ -504,7 +505,7 @@ def run_sweep(
             points.insert(0, baseline_point(len(spec.inputs), spec.rm_index, len(spec.inputs) == 2))
         todo = [p for p in points if p.label not in done]
         run = SweepRun(skipped=[p.label for p in points if p.label in done])
-        first = MergeOptions.build(**_point_options(spec.merge, points[0]))
+        first = point_options(spec.merge, points[0])
         checkpoints = open_inputs([*spec.inputs, *([first.base] if first.base is not None else [])])
         try:
             plan = plan_merge(checkpoints, first, Path("in-memory"))
@@ -554,10 +555,9 @@ def run_sweep(
         lock.release()
 
 
-def _point_options(base: MergeOptions, point: SweepPoint) -> dict[str, Any]:
-    fields = {k: getattr(base, k) for k in base.__dataclass_fields__}
-    fields.update(weights=point.weights, alphas=None)
-    return fields
+def point_options(base: MergeOptions, point: SweepPoint) -> MergeOptions:
+    """The sweep's merge options with this point's weight vector."""
+    return dataclasses.replace(base, weights=point.weights, alphas=None)
 
 
 def _slug(label: str) -> str:
