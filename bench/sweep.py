@@ -154,7 +154,8 @@ def sweep(
         "peak_rss_anon": peaks["anon"],
         "peak_rss_file": peaks["file"],
         "points": [
-            {k: p[k] for k in ("label", "build_s", "score_s", "bytes_written", "peak_rss")} for p in points
+            {k: p[k] for k in ("label", "build_s", "score_s", "bytes_written", "peak_rss", "peak_gpu_memory")}
+            for p in points
         ],
     }
 
@@ -173,6 +174,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--reuse", type=Path, help="a folder kept by a previous run: skip writing the models")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--save", type=Path, help="where the JSON goes (default: bench/results/sweep-SIZE.json)"
+    )
     parser.add_argument(
         "--ray",
         action="store_true",
@@ -210,7 +214,7 @@ def main() -> None:
             "size": args.size,
             "machine": f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}",
             "date": time.strftime("%Y-%m-%d"),
-            "settings": vars(args) | {"dir": None, "reuse": None},
+            "settings": vars(args) | {"dir": None, "reuse": None, "save": None},
             "model_bytes_bf16": model_bytes,
             "runs": rows,
         }
@@ -242,8 +246,8 @@ def main() -> None:
                 f"{row['peak_rss_total'] / 2**30:10.2f} / {row['peak_rss_anon'] / 2**30:.2f} / {row['peak_rss_file'] / 2**30:.2f}"
             )
         print(f"in-memory build time is {result['build_ratio']:.2f}x the write-and-load path's")
-        target = ROOT / "bench" / "results" / f"sweep-{args.size}.json"
-        target.parent.mkdir(exist_ok=True)
+        target = args.save or ROOT / "bench" / "results" / f"sweep-{args.size}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
     finally:

@@ -245,3 +245,28 @@ def test_ctrl_c_exits_130_and_keeps_finished_points(tmp_path: Path) -> None:
     _, done, _ = read_results(results)
     assert len(done) >= 2
     assert not [p.name for p in tmp_path.iterdir() if "lazymerge-" in p.name]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant", [None, "4bit"])
+def test_sweep_on_cuda_close_to_cpu_with_per_point_gpu_peaks(tmp_path: Path, quant: str | None) -> None:
+    rm, sft = models(tmp_path)
+    files = data(tmp_path)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        load = {"device": device, "dtype": "bfloat16", "quant": quant if device == "cuda" else None}
+        spec = build_spec([rm, sft], tmp_path / device, alpha="0.5,1", pair_files=[files["test"]], load=load)
+        run_sweep(spec)
+        runs[device] = read_results(tmp_path / device / "results.jsonl")[1]
+    peaks = [r["peak_gpu_memory"] for r in runs["cuda"].values()]
+    assert all(r["peak_gpu_memory"] is None for r in runs["cpu"].values())
+    # each point's own peak: a model left over from the last point would double the next one's
+    assert all(p > 0 for p in peaks) and max(peaks) <= 1.5 * min(peaks), peaks
+    for label, cpu in runs["cpu"].items():
+        want = cpu["pairs"]["test"]["chosen"] + cpu["pairs"]["test"]["rejected"]
+        got = (
+            runs["cuda"][label]["pairs"]["test"]["chosen"] + runs["cuda"][label]["pairs"]["test"]["rejected"]
+        )
+        scale = max(abs(r) for r in want) + 1e-3
+        assert all(abs(a - b) <= 0.25 * scale for a, b in zip(got, want, strict=True)), (label, got, want)

@@ -403,6 +403,7 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
     from lazymerge.evaluation.rewards import load_reward_model
     from lazymerge.memory import PeakRssSampler
 
+    _gpu_reset(spec.load.device)
     t0 = time.monotonic()
     options = point_options(spec.merge, point)
     load = vars(spec.load)
@@ -420,6 +421,8 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
         rewards = rm.score_encoded(texts.encoded)
         t2 = time.monotonic()
         del rm
+    peak_gpu = _gpu_peak(spec.load.device)
+    _gpu_reset(spec.load.device)
     return {
         "record": "point",
         "label": point.label,
@@ -437,7 +440,7 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
         "score_s": round(t2 - t1, 3),
         "bytes_written": written,
         "peak_rss": sampler.peak.total,
-        "peak_gpu_memory": _gpu_peak(spec.load.device),
+        "peak_gpu_memory": peak_gpu,
     }
 
 
@@ -562,6 +565,21 @@ def point_options(base: MergeOptions, point: SweepPoint) -> MergeOptions:
 
 def _slug(label: str) -> str:
     return label.replace("=", "-").replace(",", "_")
+
+
+def _gpu_reset(device: str) -> None:
+    """Free the last point's model on the GPU and start this point's peak from zero, so that each
+    point's `peak_gpu_memory` is its own."""
+    if not device.startswith("cuda"):
+        return
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _gpu_peak(device: str) -> int | None:
