@@ -191,6 +191,14 @@ def merge_options(fn: F) -> F:
             show_default="256MiB",
             help="Working-memory budget for tensor data in flight.",
         ),
+        click.option(
+            "--direct-io/--buffered-io",
+            default=True,
+            show_default=True,
+            help="Read inputs not already in the page cache and write the output with direct "
+            "I/O (O_DIRECT), which spares the CPU the page-cache copies; --buffered-io goes "
+            "through the page cache. Filesystems without O_DIRECT are always buffered.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import mmap
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -96,10 +97,11 @@ def _get(q: queue.Queue[object], stop: threading.Event) -> object:
 def read_chunk(
     checkpoints: Sequence[Checkpoint],
     chunk: _Chunk,
-    buffers: Sequence[bytearray],
+    buffers: Sequence[mmap.mmap],
     pool: ThreadPoolExecutor | None = None,
 ) -> list[memoryview | None]:
-    """Read each contributing input's bytes of `chunk` into its buffer; None for the others.
+    """Read each contributing input's bytes of `chunk` into its buffer (`Workspace` input
+    buffers: page-aligned, with room for a direct read's span); None for the others.
 
     With `pool`, the inputs are read concurrently: separate files stream faster side by side
     than taken in turns.
@@ -108,15 +110,18 @@ def read_chunk(
     views: list[memoryview | None] = [None] * len(tp.sources)
 
     def read_one(i: int, src: TensorInfo) -> None:
-        view = memoryview(buffers[i])[: chunk.count * src.itemsize]
+        nbytes = chunk.count * src.itemsize
         if tp.row_maps is None:
-            checkpoints[i].read_into(src, chunk.start * src.itemsize, view)
-        else:
-            row_map = tp.row_maps[i]
-            assert row_map is not None
-            first_row = chunk.start // tp.row_elems
-            rows = row_map[first_row : first_row + chunk.count // tp.row_elems]
-            _read_rows(checkpoints[i], src, rows, tp.row_elems * src.itemsize, view)
+            views[i] = checkpoints[i].read_span(
+                src, chunk.start * src.itemsize, nbytes, memoryview(buffers[i])
+            )
+            return
+        view = memoryview(buffers[i])[:nbytes]
+        row_map = tp.row_maps[i]
+        assert row_map is not None
+        first_row = chunk.start // tp.row_elems
+        rows = row_map[first_row : first_row + chunk.count // tp.row_elems]
+        _read_rows(checkpoints[i], src, rows, tp.row_elems * src.itemsize, view)
         views[i] = view
 
     present = tp.present()
@@ -301,6 +306,9 @@ class MergePipeline:
         self.write_q: queue.Queue[object] = queue.Queue(maxsize=1)
         self.hash_q: queue.Queue[object] = queue.Queue(maxsize=1)
         self.workspace = Workspace(buffer_sizes(plan), self.stop)
+        if plan.direct_io:
+            for checkpoint in checkpoints:
+                checkpoint.enable_direct_io()
         #: One message per tensor whose output met NaN or Inf.
         self.warnings: list[str] = []
         self._warned: set[str] = set()
@@ -333,7 +341,7 @@ class MergePipeline:
             item = _get(self.read_q, self.stop)
             if item is _DONE:
                 break
-            chunk, buffers, views = cast(tuple[_Chunk, list[bytearray], list[memoryview | None]], item)
+            chunk, buffers, views = cast(tuple[_Chunk, list[mmap.mmap], list[memoryview | None]], item)
             outs = self.workspace.take(self.workspace.free_outputs)
             nbytes = chunk.count * itemsize(chunk.tensor.dtype)
             if nbytes:
@@ -360,13 +368,14 @@ class MergePipeline:
                 item = _get(self.write_q, self.stop)
                 if item is _DONE:
                     break
-                shard_no, buffers, nbytes, last = cast(tuple[int, list[bytearray], int, bool], item)
+                shard_no, buffers, nbytes, last = cast(tuple[int, list[mmap.mmap], int, bool], item)
                 if shard_no != current_no:
                     current = [
                         StreamingShardWriter(
                             self.shard_path(v, layout.shards[shard_no].filename),
                             layout.shards[shard_no],
                             hash_on_write=False,
+                            staging=self.workspace.staging[v] if self.workspace.staging else None,
                         )
                         for v, layout in enumerate(layouts)
                     ]
@@ -375,6 +384,8 @@ class MergePipeline:
                 for shard_writer, buffer in zip(current, buffers, strict=True):
                     shard_writer.write(memoryview(buffer)[:nbytes])
                     self.written += nbytes
+                    if last:
+                        shard_writer.release_staging()  # the next shard's writer takes the buffer
                 _put(self.hash_q, (current, buffers, nbytes, last), self.stop)
             for shard_no in range(current_no + 1, len(layouts[0].shards)) if not self.stop.is_set() else ():
                 # only a merge of zero tensors leaves a shard with no chunk: header only
@@ -399,7 +410,7 @@ class MergePipeline:
                 if item is _DONE:
                     return
                 current, buffers, nbytes, last = cast(
-                    tuple[list[StreamingShardWriter], list[bytearray], int, bool], item
+                    tuple[list[StreamingShardWriter], list[mmap.mmap], int, bool], item
                 )
                 for shard_writer, buffer in zip(current, buffers, strict=True):
                     shard_writer.hash_update(memoryview(buffer)[:nbytes])
@@ -462,7 +473,10 @@ def iter_merged_tensors(
     """
     if not 0 <= variant < len(plan.variants):
         raise IndexError(f"plan has {len(plan.variants)} outputs, not {variant + 1}")
-    one = dataclasses.replace(plan, variants=(plan.variants[variant],), variant_names=("",))
+    # read through the page cache: a sweep reads the same inputs for every point
+    one = dataclasses.replace(
+        plan, variants=(plan.variants[variant],), variant_names=("",), direct_io=False, staging_bytes=0
+    )
     # one input set and no output buffers: chunks are merged straight into the tensor's memory
     workspace = Workspace(buffer_sizes(one), threading.Event(), input_sets=1, output_sets=0)
     buffers = workspace.take(workspace.free_inputs)

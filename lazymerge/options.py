@@ -146,6 +146,8 @@ class MergeOptions:
         chunk_elems: elements per chunk (default: the most `max_memory` allows).
         block_elems: elements per block of elementwise arithmetic.
         max_points: most outputs one sweep may write.
+        direct_io: read inputs and write outputs with direct I/O (O_DIRECT) where the filesystem
+            allows it, bypassing the page cache (inputs already cached are read from the cache).
 
     Raises:
         OptionError (on construction) for any value that is wrong whatever the inputs.
@@ -166,6 +168,7 @@ class MergeOptions:
     chunk_elems: int | None = None
     block_elems: int = DEFAULT_BLOCK_ELEMS
     max_points: int = field(default=DEFAULT_MAX_POINTS)
+    direct_io: bool = True
 
     def __post_init__(self) -> None:
         from lazymerge.methods import METHODS as METHOD_SPECS

@@ -27,7 +27,7 @@ from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
 from lazymerge.methods import METHODS, MergeMethod
 from lazymerge.options import MergeOptions
-from lazymerge.workspace import BASELINE_RSS, buffer_sizes, size_chunks
+from lazymerge.workspace import BASELINE_RSS, buffer_sizes, fixed_bytes, size_chunks, staging_bytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,6 +106,10 @@ class MergePlan:
     seed: int = 0
     #: Stop on NaN or Inf in a merged tensor instead of warning.
     check_finite: bool = False
+    #: Read and write with direct I/O where the filesystem allows it (see `lazymerge.workspace`),
+    #: through a staging buffer of this many bytes per output.
+    direct_io: bool = False
+    staging_bytes: int = 0
 
     @property
     def method_spec(self) -> MergeMethod:
@@ -373,6 +377,7 @@ def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destina
     )
     output_itemsize = max((itemsize(t.dtype) for t in tensors.values()), default=1)
     method = METHODS[options.method]
+    staging = staging_bytes(options.max_memory, len(variants), options.direct_io)
     chunk_elems, block_elems = size_chunks(
         options.max_memory,
         max((t.numel for t in tensors.values()), default=1),
@@ -381,6 +386,7 @@ def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destina
         len(variants),
         method.scratch_bytes,
         options.block_elems,
+        fixed_bytes(len(checkpoints), len(variants), staging),
     )
     if options.chunk_elems is not None:
         chunk_elems = options.chunk_elems
@@ -418,6 +424,8 @@ def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destina
         density=options.density,
         seed=options.seed,
         check_finite=options.check_finite,
+        direct_io=options.direct_io,
+        staging_bytes=staging,
     )
 
 

@@ -3,11 +3,16 @@
 A merge keeps a fixed set of reusable buffers alive, sized once from the plan:
 
 - `INPUT_SLOTS` input sets (one being read, one queued, one being merged), each one raw buffer
-  per input of `buffer_elems` elements in that input's widest dtype;
+  per input of `buffer_elems` elements in that input's widest dtype, plus the slack a direct
+  read's aligned span needs;
 - `OUTPUT_SLOTS` output sets (being merged, queued, being written, being hashed), each one raw
   buffer per output of a sweep, in the widest output dtype;
 - one fp32 block per input for the arithmetic (cache-sized for elementwise work, a whole tensor
-  for methods that need one), plus the method's own temporaries per block element.
+  for methods that need one), plus the method's own temporaries per block element;
+- with direct I/O, one staging buffer per output, where the writer gathers bytes into the
+  aligned blocks that O_DIRECT writes.
+
+Raw buffers are anonymous mmaps: page-aligned, as direct I/O needs.
 
 `plan.MergePlan.working_memory` is `BufferSizes.total` of the same plan, and `Workspace`
 allocates exactly those buffers, so the prediction and the allocation cannot drift (a test holds
@@ -16,6 +21,7 @@ them together). torch is imported only when the buffers are allocated.
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from collections.abc import Sequence
@@ -30,6 +36,27 @@ INPUT_SLOTS = 3
 #: Output buffer sets alive at once: being merged, queued, being written, being hashed.
 OUTPUT_SLOTS = 4
 FP32 = 4
+#: Bytes a direct read's aligned span may add around a buffer's bytes (`reader.SPAN_SLACK`).
+SPAN_SLACK = 2 * 4096
+#: Staging buffer per output for direct writes (the size of each O_DIRECT write): an eighth
+#: of the memory budget per output, between these bounds, a multiple of 4096.
+STAGING_MIN, STAGING_MAX = 64 * 2**10, 16 * 2**20
+
+
+def staging_bytes(max_memory: int, outputs: int, direct_io: bool) -> int:
+    """Bytes of each output's staging buffer for direct writes; 0 when writing buffered."""
+    if not direct_io:
+        return 0
+    share = max_memory // (8 * max(1, outputs)) // 4096 * 4096
+    return min(STAGING_MAX, max(STAGING_MIN, share))
+
+
+def fixed_bytes(inputs: int, outputs: int, staging: int) -> int:
+    """Working memory that does not grow with the chunk: the direct reads' slack in every input
+    set and the outputs' staging buffers."""
+    return INPUT_SLOTS * inputs * SPAN_SLACK + outputs * staging
+
+
 #: Resident memory of the interpreter with torch imported, added to the predicted peak
 #: (about 230 MB measured on the reference machine; rounded up).
 BASELINE_RSS = 300 * 10**6
@@ -49,14 +76,28 @@ class BufferSizes:
     #: fp32 elements per input for the arithmetic, and the method's bytes per such element.
     fp32_elems: int
     scratch_per_elem: int
+    #: Bytes of each output's staging buffer for direct writes (0: written buffered).
+    staging_per_output: int = 0
+
+    @property
+    def input_buffer_bytes(self) -> tuple[int, ...]:
+        return tuple(self.buffer_elems * size + SPAN_SLACK for size in self.input_itemsizes)
 
     @property
     def input_set_bytes(self) -> int:
-        return sum(self.buffer_elems * size for size in self.input_itemsizes)
+        return sum(self.input_buffer_bytes)
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_per_output * self.outputs
+
+    @property
+    def output_buffer_bytes(self) -> int:
+        return max(1, self.buffer_elems * self.output_itemsize)  # an mmap has at least one byte
 
     @property
     def output_set_bytes(self) -> int:
-        return self.buffer_elems * self.output_itemsize * self.outputs
+        return self.output_buffer_bytes * self.outputs
 
     @property
     def fp32_bytes(self) -> int:
@@ -73,6 +114,7 @@ class BufferSizes:
             + OUTPUT_SLOTS * self.output_set_bytes
             + self.fp32_bytes
             + self.scratch_bytes
+            + self.staging_bytes
         )
 
 
@@ -94,12 +136,15 @@ def size_chunks(
     outputs: int,
     scratch_per_elem: int,
     block_elems: int,
+    fixed: int = 0,
 ) -> tuple[int, int]:
-    """(chunk elements, block elements) that fit `max_memory`.
+    """(chunk elements, block elements) that fit `max_memory` beside `fixed` bytes of other
+    buffers (`fixed_bytes`).
 
     The fp32 blocks are sized first (up to `block_elems`), then chunks take the rest; a budget
     too small for a full block shrinks the block to the chunk.
     """
+    max_memory = max(1, max_memory - fixed)
     per_chunk = chunk_buffer_cost(input_itemsizes, output_itemsize, outputs)
     per_block = block_cost(len(input_itemsizes), scratch_per_elem)
     block = min(block_elems, max(1, largest))
@@ -143,6 +188,7 @@ def buffer_sizes(plan: MergePlan) -> BufferSizes:
         outputs=len(plan.variants),
         fp32_elems=fp32,
         scratch_per_elem=method.scratch_bytes,
+        staging_per_output=plan.staging_bytes,
     )
 
 
@@ -171,21 +217,28 @@ class Workspace:
 
         self.sizes = sizes
         self.stop = stop
-        self.free_inputs: queue.Queue[list[bytearray]] = queue.Queue()
-        self.free_outputs: queue.Queue[list[bytearray]] = queue.Queue()
+        self.free_inputs: queue.Queue[list[mmap.mmap]] = queue.Queue()
+        self.free_outputs: queue.Queue[list[mmap.mmap]] = queue.Queue()
         for _ in range(input_sets):
-            self.free_inputs.put([bytearray(sizes.buffer_elems * size) for size in sizes.input_itemsizes])
+            self.free_inputs.put([mmap.mmap(-1, n) for n in sizes.input_buffer_bytes])
         for _ in range(output_sets):
-            self.free_outputs.put(
-                [bytearray(sizes.buffer_elems * sizes.output_itemsize) for _ in range(sizes.outputs)]
-            )
+            self.free_outputs.put([mmap.mmap(-1, sizes.output_buffer_bytes) for _ in range(sizes.outputs)])
         self.fp32 = [torch.empty(sizes.fp32_elems, dtype=torch.float32) for _ in sizes.input_itemsizes]
+        #: One staging buffer per output for direct writes (`StreamingShardWriter`); none without.
+        self.staging = [
+            mmap.mmap(-1, sizes.staging_per_output)
+            for _ in range(sizes.outputs if sizes.staging_per_output else 0)
+        ]
 
     def allocated_bytes(self) -> int:
         """Bytes of every buffer this workspace holds (the method's scratch is allocated by the
         method itself, per block, and counted in `BufferSizes.scratch_bytes`)."""
         sets = [*self.free_inputs.queue, *self.free_outputs.queue]
-        return sum(len(b) for s in sets for b in s) + sum(t.numel() * FP32 for t in self.fp32)
+        return (
+            sum(len(b) for s in sets for b in s)
+            + sum(t.numel() * FP32 for t in self.fp32)
+            + sum(len(b) for b in self.staging)
+        )
 
     def take(self, free: queue.Queue[Any]) -> Any:
         while True:

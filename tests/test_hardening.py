@@ -112,21 +112,31 @@ def test_disk_full_by_injection(tmp_path: Path, pair, monkeypatch) -> None:
     before = digest_tree(pa, pb)
     import lazymerge.io.writer as writer
 
-    real_write = os.write
+    real_write, real_pwrite = os.write, os.pwrite
     budget = [150_000]
 
-    def full_disk(fd: int, data) -> int:
+    def spend(data) -> None:
         if budget[0] <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        budget[0] -= len(data)
+        budget[0] -= memoryview(data).nbytes
+
+    def full_disk(fd: int, data) -> int:
+        spend(data)
         return real_write(fd, data)
 
+    def full_disk_at(fd: int, data, position: int) -> int:
+        spend(data)
+        return real_pwrite(fd, data, position)
+
+    # buffered writes go through os.write, direct ones (and the tail) through os.pwrite
     monkeypatch.setattr(writer.os, "write", full_disk)
-    for out in (tmp_path / "o.safetensors", tmp_path / "outdir"):
-        budget[0] = 150_000
-        with pytest.raises(OutputError, match="disk full while writing"):
-            merge([pa, pb], out, shard_size=100_000)
-        assert not out.exists() and not leftovers(tmp_path)
+    monkeypatch.setattr(writer.os, "pwrite", full_disk_at)
+    for direct_io in (True, False):
+        for out in (tmp_path / "o.safetensors", tmp_path / "outdir"):
+            budget[0] = 150_000
+            with pytest.raises(OutputError, match="disk full while writing"):
+                merge([pa, pb], out, shard_size=100_000, direct_io=direct_io, max_memory=2**20)
+            assert not out.exists() and not leftovers(tmp_path)
     assert digest_tree(pa, pb) == before
 
 

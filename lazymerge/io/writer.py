@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import uuid
@@ -32,6 +33,8 @@ DATA_HASH_KEY = "lazymerge_data_sha256"
 _HASH_PLACEHOLDER = "0" * 64
 #: Bytes written between requests to start write-back of the data written so far.
 WRITEBACK_STEP = 64 * 2**20
+#: Alignment of direct writes: file offsets, lengths and buffer addresses.
+DIRECT_ALIGN = 4096
 
 
 @dataclass(frozen=True)
@@ -148,14 +151,29 @@ def _os_error_message(path: Path, doing: str, exc: OSError) -> str:
 
 
 class StreamingShardWriter:
-    """Writes one shard: the header at once, then tensor bytes strictly in layout order."""
+    """Writes one shard: the header at once, then tensor bytes strictly in layout order.
 
-    def __init__(self, path: Path, shard: ShardLayout, hash_on_write: bool = True):
+    With a `staging` buffer the shard is written with direct I/O (O_DIRECT) where the filesystem
+    allows it: bytes are gathered into the staging buffer and leave it in aligned blocks straight
+    to the disk, with no page-cache copy and no dirty pages to write back (on the reference
+    machine a buffered write cost 1.2 to 2.3 s of kernel CPU per GB, a direct one 0.04 s). The
+    last partial block goes through the page cache, then the whole file is fsynced.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        shard: ShardLayout,
+        hash_on_write: bool = True,
+        staging: mmap.mmap | None = None,
+    ):
         """Create `path` and write the shard's header.
 
         Args:
             hash_on_write: feed written data to the SHA-256 here; False when the caller feeds
                 `hash_update` itself (the engine hashes in a thread of its own).
+            staging: a page-aligned buffer, a multiple of DIRECT_ALIGN bytes long, to write
+                through with direct I/O; None writes through the page cache.
         """
         self._hash_on_write = hash_on_write
         self.path = path
@@ -174,16 +192,58 @@ class StreamingShardWriter:
             )
         except OSError as exc:
             raise OutputError(f"{path}: cannot create ({exc.strerror or exc})") from None
+        self._direct_fd = -1
+        self._staging: memoryview | None = None
+        self._fill = 0  # bytes waiting in the staging buffer
+        self._file_pos = 0  # where the staging buffer's first byte goes in the file
+        if staging is not None and len(staging) % DIRECT_ALIGN == 0 and hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open(
+                    f"/proc/self/fd/{self._fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC
+                )
+                self._staging = memoryview(staging)
+            except OSError:
+                pass  # tmpfs and some FUSE filesystems refuse O_DIRECT: write buffered
         self._write(shard.header)
 
     def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
+        if self._staging is not None:
+            self._stage(view)
+            return
         while len(view):
             try:
                 done = os.write(self._fd, view)
             except OSError as exc:
                 raise OutputError(_os_error_message(self.path, "writing", exc)) from None
             view = view[done:]
+
+    def _stage(self, view: memoryview) -> None:
+        """Copy bytes into the staging buffer; each time it fills, write it out with direct I/O."""
+        assert self._staging is not None
+        while len(view):
+            n = min(len(view), len(self._staging) - self._fill)
+            self._staging[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == len(self._staging):
+                self._write_staged(self._fill)
+
+    def _write_staged(self, nbytes: int) -> None:
+        """Write the first `nbytes` (a multiple of DIRECT_ALIGN) of the staging buffer at its
+        place in the file, and move what is left to the buffer's start."""
+        assert self._staging is not None
+        done = 0
+        while done < nbytes:
+            try:
+                done += os.pwrite(self._direct_fd, self._staging[done:nbytes], self._file_pos + done)
+            except OSError as exc:
+                raise OutputError(_os_error_message(self.path, "writing", exc)) from None
+        rest = self._fill - nbytes
+        if rest:
+            self._staging[:rest] = self._staging[nbytes : self._fill]
+        self._fill = rest
+        self._file_pos += nbytes
 
     def write(self, data: bytes | memoryview) -> None:
         """Append the next bytes of tensor data."""
@@ -194,7 +254,11 @@ class StreamingShardWriter:
         if self._hash_on_write:
             self._hash.update(data)
         self._written += n
-        if self._written - self._flushed >= WRITEBACK_STEP and hasattr(os, "posix_fadvise"):
+        if (
+            self._staging is None
+            and self._written - self._flushed >= WRITEBACK_STEP
+            and hasattr(os, "posix_fadvise")
+        ):
             # Linux starts write-back of dirty pages in the range (without waiting for it) and
             # drops the clean ones: the disk writes while we merge, instead of all at the final
             # fsync, and the page cache keeps room for the inputs' read-ahead.
@@ -207,12 +271,31 @@ class StreamingShardWriter:
         """Feed the next data bytes to the shard's SHA-256, in write order (any thread)."""
         self._hash.update(data)
 
+    def release_staging(self) -> None:
+        """Write out whatever waits in the staging buffer and stop using it, so that the next
+        shard's writer may take the buffer while this one is still being hashed and finished."""
+        if self._staging is None:
+            return
+        self._write_staged(self._fill // DIRECT_ALIGN * DIRECT_ALIGN)
+        # the last partial block through the page cache, at its exact length
+        tail = self._staging[: self._fill]
+        position = self._file_pos
+        while len(tail):
+            try:
+                done = os.pwrite(self._fd, tail, position)
+            except OSError as exc:
+                raise OutputError(_os_error_message(self.path, "writing", exc)) from None
+            tail, position = tail[done:], position + done
+        self._fill = 0
+        self._staging = None
+
     def finish(self) -> None:
         """Check the data is complete, fsync and close."""
         if self._written != self._expected:
             raise OutputError(
                 f"{self.path}: {self._written} of {self._expected} data bytes written; incomplete shard"
             )
+        self.release_staging()
         try:
             if self._hash_offset >= 0:
                 os.pwrite(self._fd, self._hash.hexdigest().encode(), self._hash_offset)
@@ -223,6 +306,10 @@ class StreamingShardWriter:
         self.close()
 
     def close(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        self._staging = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
