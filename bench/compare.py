@@ -41,8 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-
-from merge_memory import CHECKOUT_ENV, SIZES, evict, machine, write_checkpoint  # noqa: E402
+# merge_memory (torch, lazymerge) is imported where needed: a disk-limit probe is a bare process
 
 GIB = 2**30
 MIB = 2**20
@@ -163,6 +162,8 @@ def _status(pid: int) -> dict[str, int]:
 def measure(tool: str, cmd: list[str], cap: int | None = None, env: dict | None = None) -> dict:
     """Run `cmd`, sampling its memory every SAMPLE_S; its CPU time and block I/O from wait4."""
     start = time.perf_counter()
+    from merge_memory import CHECKOUT_ENV
+
     proc = subprocess.Popen(cmd, env=env or CHECKOUT_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     series: list[tuple[float, int, int, int]] = []
     peaks = {"total": 0, "anon": 0, "file": 0, "hwm": 0}
@@ -231,6 +232,8 @@ def _ram() -> int:
 
 def causal_lm_files(folder: Path, size: str) -> None:
     """config.json and tokenizer.json of a Llama causal LM (what transformers and mergekit load)."""
+    from merge_memory import SIZES
+
     dims = SIZES[size]
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -256,6 +259,8 @@ def causal_lm_files(folder: Path, size: str) -> None:
 
 def settle(paths: list[Path]) -> None:
     """Sync everything, then drop these files from the page cache: each step starts cold."""
+    from merge_memory import evict
+
     os.sync()
     evict([p for p in paths if p.exists()])
 
@@ -304,7 +309,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=sorted(SIZES), default="1b")
+    parser.add_argument("--size", choices=["1b", "7b"], default="1b")
     parser.add_argument("--mergekit", help="path of mergekit-yaml (default: on PATH, else skipped)")
     parser.add_argument("--dir", type=Path, help="work folder (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="results file (default: bench/results/compare-SIZE.json)")
@@ -322,6 +327,7 @@ def main() -> None:
         return probe(args.probe, args.inputs, args.out, args.bytes)
     if args.naive:
         return naive(args.inputs, args.out)
+    from merge_memory import CHECKOUT_ENV, machine, write_checkpoint
 
     mergekit = args.mergekit or shutil.which("mergekit-yaml")
     skip = set(filter(None, args.skip.split(",")))

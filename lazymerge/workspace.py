@@ -12,7 +12,8 @@ A merge keeps a fixed set of reusable buffers alive, sized once from the plan:
 - with direct I/O, one staging buffer per output, where the writer gathers bytes into the
   aligned blocks that O_DIRECT writes.
 
-Raw buffers are anonymous mmaps: page-aligned, as direct I/O needs.
+Raw buffers are private anonymous mmaps: page-aligned, as direct I/O needs, and counted as
+anonymous memory (a shared anonymous map would count as shared memory).
 
 `plan.MergePlan.working_memory` is `BufferSizes.total` of the same plan, and `Workspace`
 allocates exactly those buffers, so the prediction and the allocation cannot drift (a test holds
@@ -49,6 +50,11 @@ def staging_bytes(max_memory: int, outputs: int, direct_io: bool) -> int:
         return 0
     share = max_memory // (8 * max(1, outputs)) // 4096 * 4096
     return min(STAGING_MAX, max(STAGING_MIN, share))
+
+
+def anonymous_buffer(nbytes: int) -> mmap.mmap:
+    """`nbytes` of private anonymous memory, page-aligned."""
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def fixed_bytes(inputs: int, outputs: int, staging: int) -> int:
@@ -220,13 +226,13 @@ class Workspace:
         self.free_inputs: queue.Queue[list[mmap.mmap]] = queue.Queue()
         self.free_outputs: queue.Queue[list[mmap.mmap]] = queue.Queue()
         for _ in range(input_sets):
-            self.free_inputs.put([mmap.mmap(-1, n) for n in sizes.input_buffer_bytes])
+            self.free_inputs.put([anonymous_buffer(n) for n in sizes.input_buffer_bytes])
         for _ in range(output_sets):
-            self.free_outputs.put([mmap.mmap(-1, sizes.output_buffer_bytes) for _ in range(sizes.outputs)])
+            self.free_outputs.put([anonymous_buffer(sizes.output_buffer_bytes) for _ in range(sizes.outputs)])
         self.fp32 = [torch.empty(sizes.fp32_elems, dtype=torch.float32) for _ in sizes.input_itemsizes]
         #: One staging buffer per output for direct writes (`StreamingShardWriter`); none without.
         self.staging = [
-            mmap.mmap(-1, sizes.staging_per_output)
+            anonymous_buffer(sizes.staging_per_output)
             for _ in range(sizes.outputs if sizes.staging_per_output else 0)
         ]
 
