@@ -306,6 +306,14 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
     return value
 
 
+def _check_chat_template(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from lazymerge.evaluation.chat_templates import valid_choice
+
+    if value is not None and not valid_choice(value):
+        raise click.BadParameter(f"{value!r}: choose llama2, chatml or a FILE.jinja")
+    return value
+
+
 def eval_options(fn: F) -> F:
     options = [
         click.option(
@@ -341,6 +349,12 @@ def eval_options(fn: F) -> F:
             show_default=True,
             help="none, llama2 (Meta's default LLaMA-2 system prompt, as DogeRM used) or the text itself.",
         ),
+        click.option(
+            "--chat-template",
+            callback=_check_chat_template,
+            help="llama2, chatml or FILE.jinja: format with this chat template instead of (or, without one, "
+            "as) the tokenizer's; rendered only in transformers' sandbox.",
+        ),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("-q", "--quiet", is_flag=True, help="No progress and no table."),
     ]
@@ -357,21 +371,35 @@ def _load_kwargs(
     max_length: int,
     system_prompt: str,
     batch_size: int,
+    chat_template: str | None,
 ) -> dict[str, Any]:
+    from lazymerge.evaluation.chat_templates import load_chat_template
     from lazymerge.evaluation.rewards import system_prompt_text
 
+    system = system_prompt_text(system_prompt)
     return {
         "device": device,
         "dtype": dtype,
         "quant": quant,
         "double_quant": double_quant,
         "max_length": max_length,
-        "system_prompt": system_prompt_text(system_prompt),
+        "system_prompt": system,
         "batch_size": batch_size,
+        # read and checked here, before any model or data is opened
+        "chat_template": load_chat_template(chat_template, system is not None) if chat_template else None,
     }
 
 
-LOAD_KEYS = ("device", "dtype", "quant", "double_quant", "max_length", "system_prompt", "batch_size")
+LOAD_KEYS = (
+    "device",
+    "dtype",
+    "quant",
+    "double_quant",
+    "max_length",
+    "system_prompt",
+    "batch_size",
+    "chat_template",
+)
 
 
 def _split_eval_options(
@@ -475,7 +503,7 @@ def _in_memory_merge(
     "pairs_file",
     type=click.Path(path_type=Path),
     required=True,
-    help="JSON Lines pairs (RewardBench or Auto-J format).",
+    help="JSON Lines pairs (RewardBench or Auto-J format), or RewardBench 2 rows (chosen/rejected lists).",
 )
 @click.option(
     "--out",
@@ -489,7 +517,8 @@ def _in_memory_merge(
 def evaluate(
     model: tuple[Path, ...], pairs_file: Path, out: Path | None, force: bool, quiet: bool, **options: Any
 ) -> None:
-    """Pairwise preference accuracy of the reward model MODEL (a model folder).
+    """Pairwise preference accuracy of the reward model MODEL (a model folder), or its
+    RewardBench 2 scores on a RewardBench 2 file.
 
     With several MODEL folders (a reward model and domain models) and --alpha or --weights, the
     merged reward model is built in memory and scored; no checkpoint is written.
@@ -589,7 +618,7 @@ def bon(
     "pair_files",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Test pairs (RewardBench or Auto-J JSONL; repeatable).",
+    help="Test pairs (RewardBench, Auto-J or RewardBench 2 JSONL; repeatable).",
 )
 @click.option(
     "--val-pairs", type=click.Path(path_type=Path), help="Validation pairs: the point is chosen on them."

@@ -66,3 +66,14 @@ def test_paired_bootstrap_identical_scorings() -> None:
     same = [True, False, True]
     result = paired_bootstrap(same, same)
     assert result.difference == 0 and result.ci_low == result.ci_high == 0 and result.p_value == 1.0
+
+
+def test_bootstrap_counts_and_percentile_interval() -> None:
+    from lazymerge.evaluation.stats import bootstrap_counts, percentile_interval
+
+    counts = bootstrap_counts(7, 500, np.random.default_rng(0))
+    assert counts.shape == (500, 7) and (counts.sum(axis=1) == 7).all() and (counts >= 0).all()
+    # the mean of a constant is the constant in every resample
+    assert percentile_interval(counts @ np.full(7, 0.25) / 7) == pytest.approx((0.25, 0.25))
+    samples = np.arange(1001, dtype=float)
+    assert percentile_interval(samples) == pytest.approx((25.0, 975.0))

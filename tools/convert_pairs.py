@@ -3,12 +3,16 @@
     python tools/convert_pairs.py rewardbench filtered.parquet -o rewardbench.jsonl
     python tools/convert_pairs.py rewardbench filtered.json -o rewardbench.jsonl
     python tools/convert_pairs.py autoj testdata_pairwise.jsonl -o autoj.jsonl
+    python tools/convert_pairs.py rewardbench2 test-00000-of-00001.parquet -o rewardbench2.jsonl
 
 RewardBench (the 2,985 filtered pairs; columns prompt, chosen, rejected, subset, id) may be a
 parquet file (needs pyarrow), a JSON list or JSON Lines. Auto-J's pairwise test set (scenario,
 label 0/1/2, prompt, "response 1", "response 2") becomes chosen/rejected pairs with the 373 ties
 dropped and scenarios grouped into Math / Code / Other as DogeRM does; `lazymerge eval` also
-reads Auto-J files directly. Nothing is downloaded.
+reads Auto-J files directly. RewardBench 2 (allenai/reward-bench-2, split test: id, prompt,
+chosen and rejected lists, num_correct, total_completions, subset) may be parquet, a JSON list or
+JSON Lines; every row is checked as `lazymerge eval` checks it, and only those seven fields are
+kept. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lazymerge.errors import LazyMergeError  # noqa: E402
+from lazymerge.evaluation import rewardbench2  # noqa: E402
 from lazymerge.evaluation.scoring import load_pairs  # noqa: E402
 
 REWARDBENCH_COLUMNS = ("prompt", "chosen", "rejected", "subset", "id")
@@ -30,8 +36,11 @@ def read_rows(path: Path) -> list[dict]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise SystemExit("reading parquet needs pyarrow: pip install pyarrow") from None
-        return pq.read_table(path).to_pylist()
+            raise SystemExit(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{path}: not a readable parquet file ({exc})") from None
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         return json.loads(text)
@@ -49,6 +58,21 @@ def convert_rewardbench(source: Path) -> list[dict]:
     return out
 
 
+def convert_rewardbench2(source: Path) -> list[dict]:
+    rows = read_rows(source)
+    out = []
+    for number, row in enumerate(rows, start=1):
+        where = f"{source}: row {number}"
+        if not isinstance(row, dict):
+            raise SystemExit(f"{where} is not an object")
+        try:
+            rewardbench2.parse_row(row, where)
+        except LazyMergeError as exc:
+            raise SystemExit(str(exc)) from None
+        out.append({c: row[c] for c in rewardbench2.FIELDS})
+    return out
+
+
 def convert_autoj(source: Path) -> list[dict]:
     pairs, ties = load_pairs(source)
     print(f"{source}: {len(pairs)} pairs, {ties} ties dropped", file=sys.stderr)
@@ -62,11 +86,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("format", choices=["rewardbench", "autoj"])
+    parser.add_argument("format", choices=["rewardbench", "rewardbench2", "autoj"])
     parser.add_argument("source", type=Path)
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
-    rows = convert_rewardbench(args.source) if args.format == "rewardbench" else convert_autoj(args.source)
+    convert = {
+        "rewardbench": convert_rewardbench,
+        "rewardbench2": convert_rewardbench2,
+        "autoj": convert_autoj,
+    }
+    rows = convert[args.format](args.source)
     args.output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     print(f"wrote {len(rows)} pairs to {args.output}", file=sys.stderr)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import IncompatibleInputsError, InputError, OptionError
+from lazymerge.evaluation.chat_templates import ChatTemplate
 from lazymerge.evaluation.rewards import (
     RewardModel,
     bnb_config,
@@ -44,13 +45,14 @@ def load_merged_reward_model(
     max_length: int = 2048,
     system_prompt: str | None = None,
     batch_size: int = 8,
+    chat_template: ChatTemplate | None = None,
 ) -> RewardModel:
     """Merge `inputs` (a reward model and domain models) in memory and load the result.
 
     Args:
         options: merge options describing exactly one output (one alpha or weight vector).
-        device, dtype, quant, double_quant, max_length, system_prompt, batch_size: as in
-            `rewards.load_reward_model`.
+        device, dtype, quant, double_quant, max_length, system_prompt, batch_size, chat_template:
+            as in `rewards.load_reward_model`.
 
     Raises:
         OptionError for a sweep of several points; InputError when no input is a reward model;
@@ -112,7 +114,14 @@ def load_merged_reward_model(
             ckpt.close()
     model.eval()
     return RewardModel(
-        model, tokenizer, device, max_length, system_prompt, batch_size, f"{rm_folder} (merged in memory)"
+        model,
+        tokenizer,
+        device,
+        max_length,
+        system_prompt,
+        batch_size,
+        f"{rm_folder} (merged in memory)",
+        chat_template,
     )
 
 
@@ -174,6 +183,7 @@ def load_merged_tokenizer(
     max_length: int = 2048,
     system_prompt: str | None = None,
     batch_size: int = 8,
+    chat_template: ChatTemplate | None = None,
     **_load: Any,
 ) -> RewardModel:
     """The merged reward model's tokenizer and text format, without its weights (`model` is
@@ -195,4 +205,6 @@ def load_merged_tokenizer(
     refuse_remote_code(rm_folder)
     quiet_transformers()
     _, tokenizer = _config_and_tokenizer(transformers, plan.companion_files, rm_folder)
-    return RewardModel(None, tokenizer, "cpu", max_length, system_prompt, batch_size, str(rm_folder))
+    return RewardModel(
+        None, tokenizer, "cpu", max_length, system_prompt, batch_size, str(rm_folder), chat_template
+    )

@@ -7,7 +7,9 @@ Statistics (see `stats`): accuracies with 95% Wilson intervals (pooled counts fo
 Hard and Safety; for Reasoning = 0.5 x math-prm + 0.5 x mean of hep-*, a normal approximation
 combining the subsets' binomial variances); for every point, the paired difference against the
 reward model alone (a 95% paired bootstrap over pairs, 2000 resamples, seed 0) and the exact
-McNemar p-value; best-of-N accuracy with Wilson intervals.
+McNemar p-value; best-of-N accuracy with Wilson intervals. RewardBench 2 files get their subset
+scores and RewardBench 2 score with the intervals `rewardbench2` describes, and the paired
+bootstrap difference of those scores against the reward model alone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lazymerge import __version__
+from lazymerge.evaluation import rewardbench2
 from lazymerge.evaluation.scoring import CODE_SUBSETS, SECTIONS, best_of_n
 from lazymerge.evaluation.stats import Z95, paired_bootstrap, wilson_interval
 from lazymerge.io.writer import write_report
@@ -102,6 +105,15 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
         }
         entry["pairs"] = {}
         for e in spec.pair_evals:
+            if e.rewardbench2:
+                rewards = record["rewardbench2"][e.name]["rewards"]
+                rb2 = rewardbench2.score_rows(e.rewardbench2, rewards)
+                del rb2["rows"]
+                rb2["versus_baseline"] = rewardbench2.paired_difference(
+                    e.rewardbench2, baseline["rewardbench2"][e.name]["rewards"], rewards
+                )
+                entry.setdefault("rewardbench2", {})[e.name] = rb2
+                continue
             scores = record["pairs"][e.name]
             stats = pair_statistics(e.pairs, scores["chosen"], scores["rejected"])
             base = pair_statistics(
@@ -134,7 +146,10 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
         "inputs": [str(p) for p in spec.inputs],
         "domain_models": list(spec.domain_names),
         "merge": {"method": spec.merge.method, "density": spec.merge.density, "seed": spec.merge.seed},
-        "scoring": dict(vars(spec.load)),
+        "scoring": {
+            **vars(spec.load),
+            "chat_template": spec.load.chat_template.record() if spec.load.chat_template else None,
+        },
         "evaluations": {
             "pairs": [
                 {
@@ -143,6 +158,7 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
                     "pairs": len(e.pairs),
                     "validation": e.validation,
                     "autoj_ties_dropped": e.autoj_ties,
+                    **({"format": "rewardbench2", "prompts": len(e.rewardbench2)} if e.rewardbench2 else {}),
                 }
                 for e in spec.pair_evals
             ],
@@ -168,7 +184,8 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
 
 def choose_point(spec: Any, points: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
     """The point with the best accuracy on validation pairs (else on the first test pairs,
-    marked optimistic, as DogeRM chose); ties go to the smaller total domain weight."""
+    marked optimistic, as DogeRM chose); ties go to the smaller total domain weight. A
+    RewardBench 2 file counts by its RewardBench 2 score."""
     val = [e for e in spec.pair_evals if e.validation]
     test = [e for e in spec.pair_evals if not e.validation]
     source, how = (
@@ -186,7 +203,12 @@ def choose_point(spec: Any, points: Sequence[dict[str, Any]]) -> tuple[dict[str,
     def domain_weight(p: dict[str, Any]) -> float:
         return sum(w for i, w in enumerate(p["weights"]) if i != spec.rm_index)
 
-    best = max(points, key=lambda p: (p["pairs"][source.name]["overall"]["accuracy"], -domain_weight(p)))
+    def metric(p: dict[str, Any]) -> float:
+        if source.rewardbench2:
+            return float(p["rewardbench2"][source.name]["score"])
+        return float(p["pairs"][source.name]["overall"]["accuracy"])
+
+    best = max(points, key=lambda p: (metric(p), -domain_weight(p)))
     return best, how
 
 
@@ -207,6 +229,9 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for e in doc["evaluations"]["pairs"]:
         name = e["name"]
+        if e.get("format") == "rewardbench2":
+            lines += _rewardbench2_markdown(doc, e)
+            continue
         lines += [
             f"## {name} ({e['pairs']} pairs{', validation' if e['validation'] else ''})",
             "",
@@ -308,6 +333,51 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rewardbench2_markdown(doc: dict[str, Any], e: dict[str, Any]) -> list[str]:
+    name = e["name"]
+    lines = [
+        f"## {name} (RewardBench 2, {e['prompts']} prompts{', validation' if e['validation'] else ''})",
+        "",
+        "Scored as RewardBench 2's own code does: best-of-N rows score 1/k with k completions tied at the top; "
+        "Ties by its weighted rule; the score is the unweighted mean of the subsets. Intervals: Wilson for "
+        "subsets without ties at the top, else a percentile bootstrap (2000 resamples, seed 0).",
+        "",
+        "| point | RewardBench 2 score % [95% CI] | vs reward model alone, points [95% CI] |",
+        "| --- | --- | --- |",
+    ]
+    for p in doc["points"]:
+        s = p["rewardbench2"][name]
+        v = s["versus_baseline"]
+        lines.append(
+            f"| {p['label']}{' (reward model alone)' if p['baseline'] else ''} | {_pct(s['score'])} "
+            f"[{_pct(s['ci_low'])}, {_pct(s['ci_high'])}] | {100 * v['difference']:+.1f} "
+            f"[{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}] |"
+        )
+    subsets = list(doc["points"][0]["rewardbench2"][name]["subsets"])
+    lines += ["", "| point | " + " | ".join(subsets) + " |", "| --- |" + " --- |" * len(subsets)]
+    for p in doc["points"]:
+        cells = []
+        for sub in subsets:
+            a = p["rewardbench2"][name]["subsets"][sub]
+            cells.append(f"{_pct(a['score'])} [{_pct(a['ci_low'])}, {_pct(a['ci_high'])}]")
+        lines.append(f"| {p['label']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _scores(p: dict[str, Any], e: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(overall, per subset) as {accuracy, ci_low, ci_high} for a pair or RewardBench 2 file."""
+    if not e.rewardbench2:
+        s = p["pairs"][e.name]
+        return s["overall"], s["subsets"]
+    r = p["rewardbench2"][e.name]
+
+    def as_accuracy(x: dict[str, Any]) -> dict[str, float]:
+        return {"accuracy": x["score"], "ci_low": x["ci_low"], "ci_high": x["ci_high"]}
+
+    return as_accuracy(r), {k: as_accuracy(v) for k, v in r["subsets"].items()}
+
+
 def _pyplot() -> Any:
     from lazymerge.evaluation.rewards import require
 
@@ -341,23 +411,24 @@ def plot_accuracy(spec: Any, points: Sequence[dict[str, Any]], path: Any) -> Non
         1, max(1, len(tests)), figsize=(7 * max(1, len(tests)), 4.5), dpi=110, squeeze=False
     )
     for ax, e in zip(axes[0], tests, strict=False):
-        baseline = next(p for p in pts if p["baseline"])["pairs"][e.name]["overall"]["accuracy"]
-        subsets = sorted(pts[0]["pairs"][e.name]["subsets"])
+        baseline = _scores(next(p for p in pts if p["baseline"]), e)[0]["accuracy"]
+        subsets = sorted(_scores(pts[0], e)[1])
         for sub in subsets if len(subsets) > 1 else []:
-            acc = [100 * p["pairs"][e.name]["subsets"][sub]["accuracy"] for p in pts]
-            lo = [100 * p["pairs"][e.name]["subsets"][sub]["ci_low"] for p in pts]
-            hi = [100 * p["pairs"][e.name]["subsets"][sub]["ci_high"] for p in pts]
+            acc = [100 * _scores(p, e)[1][sub]["accuracy"] for p in pts]
+            lo = [100 * _scores(p, e)[1][sub]["ci_low"] for p in pts]
+            hi = [100 * _scores(p, e)[1][sub]["ci_high"] for p in pts]
             line = ax.plot(xs, acc, marker="o", label=sub)[0]
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
-        acc = [100 * p["pairs"][e.name]["overall"]["accuracy"] for p in pts]
-        lo = [100 * p["pairs"][e.name]["overall"]["ci_low"] for p in pts]
-        hi = [100 * p["pairs"][e.name]["overall"]["ci_high"] for p in pts]
-        ax.plot(xs, acc, color="black", linewidth=2.2, marker="s", label="all pairs")
+        acc = [100 * _scores(p, e)[0]["accuracy"] for p in pts]
+        lo = [100 * _scores(p, e)[0]["ci_low"] for p in pts]
+        hi = [100 * _scores(p, e)[0]["ci_high"] for p in pts]
+        overall = "RewardBench 2 score" if e.rewardbench2 else "all pairs"
+        ax.plot(xs, acc, color="black", linewidth=2.2, marker="s", label=overall)
         ax.fill_between(xs, lo, hi, color="black", alpha=0.1)
         ax.axhline(100 * baseline, color="gray", linestyle="--", label="reward model alone")
         ax.set_title(f"{e.name}{' (validation)' if e.validation else ''}")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("pairwise accuracy (%), 95% CI")
+        ax.set_ylabel(("score" if e.rewardbench2 else "pairwise accuracy") + " (%), 95% CI")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -412,7 +483,7 @@ def plot_grid(spec: Any, points: Sequence[dict[str, Any]], path: Any) -> None:
     grid = np.full((len(w2), len(w1)), np.nan)
     for p in points:
         grid[w2.index(p["weights"][domains[1]]), w1.index(p["weights"][domains[0]])] = (
-            100 * p["pairs"][e.name]["overall"]["accuracy"]
+            100 * _scores(p, e)[0]["accuracy"]
         )
     fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
     image = ax.imshow(grid, origin="lower", cmap="viridis")
@@ -421,7 +492,7 @@ def plot_grid(spec: Any, points: Sequence[dict[str, Any]], path: Any) -> None:
     names = list(spec.domain_names) or ["domain 1", "domain 2"]
     ax.set_xlabel(f"weight of {names[0]}")
     ax.set_ylabel(f"weight of {names[1] if len(names) > 1 else 'domain 2'}")
-    ax.set_title(f"{e.name}: accuracy (%)")
+    ax.set_title(f"{e.name}: {'RewardBench 2 score' if e.rewardbench2 else 'accuracy'} (%)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     _save(fig, path)

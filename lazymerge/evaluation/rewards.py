@@ -1,7 +1,7 @@
 """Load a reward model with transformers and score texts, one reward per text.
 
 Input formatting (`format_text`):
-- with a chat template in the tokenizer: messages [system (optional), user = prompt,
+- with a chat template chosen with `--chat-template` (`chat_templates`), or else one in the tokenizer: messages [system (optional), user = prompt,
   assistant = response] rendered by the template, no generation prompt;
 - without one, a documented plain format: "{system}\\n\\n" (when given), then
   "User: {prompt}\\n\\nAssistant: {response}", then the tokenizer's EOS token.
@@ -22,9 +22,12 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import InputError, MissingDependencyError, OptionError
+
+if TYPE_CHECKING:
+    from lazymerge.evaluation.chat_templates import ChatTemplate
 
 LLAMA2_SYSTEM_PROMPT = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
@@ -124,19 +127,26 @@ class RewardModel:
     batch_size: int = 8
     #: The model folder, named in error messages.
     source: str = ""
+    #: A template chosen with --chat-template, used instead of the tokenizer's.
+    chat_template: ChatTemplate | None = None
 
     def format_text(self, prompt: str, response: str) -> str:
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
+        chosen = self.chat_template
+        if chosen is not None or getattr(tok, "chat_template", None):
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             if self.system_prompt is not None:
                 messages.insert(0, {"role": "system", "content": self.system_prompt})
+            # transformers renders either one in its sandboxed jinja2 environment
+            override = {"chat_template": chosen.text} if chosen is not None else {}
             try:
-                text = tok.apply_chat_template(messages, tokenize=False)
+                text = tok.apply_chat_template(messages, tokenize=False, **override)
             except Exception as exc:  # jinja2's TemplateError and whatever the template raises
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise InputError(
-                    f"{self.source}: the tokenizer's chat template failed ({type(exc).__name__}: {first}); "
+                    f"{chosen.name}: the chat template failed ({type(exc).__name__}: {first})"
+                    if chosen is not None
+                    else f"{self.source}: the tokenizer's chat template failed ({type(exc).__name__}: {first}); "
                     "fix chat_template in tokenizer_config.json"
                 ) from None
             if not isinstance(text, str):
@@ -197,6 +207,7 @@ def load_reward_model(
     max_length: int = 2048,
     system_prompt: str | None = None,
     batch_size: int = 8,
+    chat_template: ChatTemplate | None = None,
 ) -> RewardModel:
     """Load a sequence-classification reward model from a local folder.
 
@@ -205,6 +216,7 @@ def load_reward_model(
         dtype: "float32", "bfloat16" or "float16" (compute dtype without quantization).
         quant: None, "4bit" (bitsandbytes NF4, bf16 compute, optional double quantization) or "8bit".
             The reward head (`score`) is kept in full precision.
+        chat_template: a template to format with instead of the tokenizer's (`chat_templates`).
 
     Raises:
         MissingDependencyError when transformers, accelerate or bitsandbytes are missing.
@@ -252,4 +264,6 @@ def load_reward_model(
     if quant is None:
         model = model.to(device)
     model.eval()
-    return RewardModel(model, tokenizer, device, max_length, system_prompt, batch_size, str(folder))
+    return RewardModel(
+        model, tokenizer, device, max_length, system_prompt, batch_size, str(folder), chat_template
+    )

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge import __version__
+from lazymerge.evaluation import rewardbench2
 from lazymerge.evaluation.rewards import load_reward_model
-from lazymerge.evaluation.scoring import best_of_n, load_candidates, load_pairs, pair_results
+from lazymerge.evaluation.scoring import best_of_n, load_candidates, load_preferences, pair_results
 from lazymerge.memory import PeakRssSampler
 from lazymerge.options import MergeOptions
 from lazymerge.progress import ProgressBar
@@ -44,23 +45,37 @@ def evaluate_pairs(
     progress: bool | None = False,
     **load: Any,
 ) -> dict[str, Any]:
-    """Pairwise accuracy of a reward model on a pair file (see `scoring.load_pairs`).
+    """Pairwise accuracy of a reward model on a pair file, or the RewardBench 2 scores of a
+    RewardBench 2 file (see `scoring.load_preferences`, `rewardbench2.score_rows`).
 
     Args:
         model: a reward model folder; or, with `merge`, the merge's inputs (reward model and
             domain models), merged in memory with no checkpoint written.
         load: keyword arguments of `rewards.load_reward_model` (device, dtype, quant, ...).
     """
-    pairs, autoj_ties = load_pairs(pairs_file)
+    data = load_preferences(pairs_file)
+    pairs, rb2_rows = data.pairs, data.rewardbench2
     with PeakRssSampler() as sampler:
         rm = _load(model, merge, load)
-        texts = [rm.format_text(p.prompt, p.chosen) for p in pairs] + [
-            rm.format_text(p.prompt, p.rejected) for p in pairs
-        ]
-        bar = ProgressBar(len(set(texts)), "scoring", enabled=progress, unit="pairs", per=2)
+        if rb2_rows:
+            texts = [rm.format_text(r.prompt, c) for r in rb2_rows for c in r.completions]
+        else:
+            texts = [rm.format_text(p.prompt, p.chosen) for p in pairs] + [
+                rm.format_text(p.prompt, p.rejected) for p in pairs
+            ]
+        bar = ProgressBar(
+            len(set(texts)),
+            "scoring",
+            enabled=progress,
+            unit="texts" if rb2_rows else "pairs",
+            per=1 if rb2_rows else 2,
+        )
         rewards = rm.score_texts(texts, bar.update)
         bar.close()
-    result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], autoj_ties)
+    if rb2_rows:
+        result = rewardbench2.score_rows(rb2_rows, rewardbench2.split_rewards(rb2_rows, rewards))
+    else:
+        result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], data.autoj_ties)
     result["written_by"] = f"lazymerge {__version__}"
     result["model"] = _name(model)
     if merge is not None:
@@ -69,13 +84,23 @@ def evaluate_pairs(
             "weights": list(merge.weights) if merge.weights else None,
             "method": merge.method,
         }
-    result["settings"] = {k: v for k, v in load.items() if k != "batch_size"}
+    result["settings"] = settings_record(load)
     result["peak_rss"] = sampler.peak.total
     result["peak_gpu_memory"] = _gpu_peak(load.get("device", "cpu"))
     return result
 
 
+def settings_record(load: dict[str, Any]) -> dict[str, Any]:
+    """The scoring settings as JSON values (the chat template by name or file and SHA-256)."""
+    out = {k: v for k, v in load.items() if k != "batch_size"}
+    if out.get("chat_template") is not None:
+        out["chat_template"] = out["chat_template"].record()
+    return out
+
+
 def format_pair_table(result: dict[str, Any]) -> str:
+    if result.get("format") == "rewardbench2":
+        return rewardbench2.format_table(result)
     lines = [f"{'subset':28s} {'n':>6s} {'ties':>5s} {'accuracy':>9s}"]
     for name, s in result["subsets"].items():
         lines.append(f"{name:28s} {s['n']:6d} {s['ties']:5d} {100 * s['accuracy']:8.2f}%")

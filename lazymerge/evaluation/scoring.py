@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import CandidateFileError, EvalDataError, InputError, PairFileError
+from lazymerge.evaluation.rewardbench2 import Rb2Row, check_rows, looks_like_rewardbench2, parse_row
 from lazymerge.io.small_files import DuplicateKeyError, describe_json, open_regular, unique_keys
 
 #: RewardBench subsets of each section (DogeRM reports Reasoning from math-prm and hep-*).
@@ -144,10 +145,18 @@ def load_pairs(path: str | Path) -> tuple[list[Pair], int]:
         to score.
     """
     path = Path(path)
+    return _pairs_from_rows(path, _read_jsonl(path, PairFileError))
+
+
+def _pairs_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> tuple[list[Pair], int]:
     pairs, ties = [], 0
-    rows = _read_jsonl(path, PairFileError)
     for ordinal, (number, row) in enumerate(rows, start=1):
         where = f"{path}:{number}"
+        if "num_correct" in row or "total_completions" in row:
+            raise PairFileError(
+                f"{where}: a RewardBench 2 row (chosen/rejected lists, num_correct) among RewardBench pairs; "
+                "a file holds one format"
+            )
         if {"prompt", "chosen", "rejected"} <= row.keys():
             pairs.append(
                 Pair(
@@ -184,6 +193,45 @@ def load_pairs(path: str | Path) -> tuple[list[Pair], int]:
         found = f"only {ties} Auto-J ties (label 2), which are dropped" if ties else "no rows"
         raise PairFileError(f"{path}: holds {found}; there is no pair to score")
     return pairs, ties
+
+
+@dataclass(frozen=True)
+class PreferenceFile:
+    """What a pair file holds: RewardBench / Auto-J pairs, or RewardBench 2 rows."""
+
+    pairs: tuple[Pair, ...] = ()
+    autoj_ties: int = 0
+    rewardbench2: tuple[Rb2Row, ...] = ()
+
+
+def load_preferences(path: str | Path) -> PreferenceFile:
+    """Read a pair file of either kind, told apart by its first row.
+
+    RewardBench 2 rows (`rewardbench2.parse_row`): id, prompt, chosen (a list), rejected (a list),
+    num_correct, total_completions, subset. Anything else is read as by `load_pairs`. A file
+    mixing the two is refused.
+
+    Raises:
+        PairFileError naming the file and line for a malformed row, a mixed file, and a file with
+        nothing to score.
+    """
+    path = Path(path)
+    rows = _read_jsonl(path, PairFileError)
+    if not rows or not looks_like_rewardbench2(rows[0][1]):
+        pairs, ties = _pairs_from_rows(path, rows)
+        return PreferenceFile(tuple(pairs), ties)
+    first = rows[0][0]
+    parsed = []
+    for number, row in rows:
+        where = f"{path}:{number}"
+        if not looks_like_rewardbench2(row):
+            raise PairFileError(
+                f"{where}: not a RewardBench 2 row (line {first} is one: chosen/rejected lists, num_correct); "
+                "a file holds one format"
+            )
+        parsed.append((number, parse_row(row, where)))
+    check_rows(path, parsed)
+    return PreferenceFile(rewardbench2=tuple(r for _, r in parsed))
 
 
 def pair_results(

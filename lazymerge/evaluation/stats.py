@@ -7,6 +7,9 @@
   that varies between benchmarks; the two scorings share them).
 - `mcnemar_exact`: the two-sided exact McNemar p-value on the discordant pairs (a binomial test
   with p = 1/2), the paired test for "does the merge change which pairs are right".
+- `bootstrap_counts` and `percentile_interval`: resamples as counts per unit (so any weighted
+  statistic is a matrix product) and their 95% percentile interval, for scores that are not
+  proportions (RewardBench 2's 1/k rows, its Ties rule, means of subsets).
 
 Pure functions over Python and numpy values; no torch.
 """
@@ -99,3 +102,17 @@ def paired_bootstrap(
     return PairedComparison(
         float(diff.mean()), float(low), float(high), only_first, only_second, p_value, resamples, seed
     )
+
+
+def bootstrap_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples, n) counts: how often each of n units is drawn in each resample of n draws with
+    replacement (every row sums to n)."""
+    if n <= 0:
+        return np.zeros((resamples, 0))
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
+def percentile_interval(samples: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap samples."""
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(low), float(high)

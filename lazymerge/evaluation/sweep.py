@@ -29,7 +29,9 @@ from typing import Any
 
 from lazymerge import __version__
 from lazymerge.errors import InputError, LazyMergeError, OptionError, OutputError
-from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_pairs
+from lazymerge.evaluation.chat_templates import ChatTemplate
+from lazymerge.evaluation.rewardbench2 import Rb2Row
+from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences
 from lazymerge.io.writer import DestinationLock, check_against_inputs
 from lazymerge.options import MergeOptions
 from lazymerge.progress import format_bytes, format_duration
@@ -50,11 +52,14 @@ class SweepPoint:
 
 @dataclass(frozen=True)
 class PairEvaluation:
+    """A pair file: its pairs, or (a RewardBench 2 file) its rows and no pairs."""
+
     name: str
     path: Path
     pairs: tuple[Pair, ...]
     autoj_ties: int
     validation: bool = False
+    rewardbench2: tuple[Rb2Row, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class LoadSettings:
     max_length: int = 2048
     system_prompt: str | None = None
     batch_size: int = 8
+    chat_template: ChatTemplate | None = None
 
 
 @dataclass(frozen=True)
@@ -187,8 +193,12 @@ def load_evaluations(
 
     pair_evals = []
     for path, validation in [*((p, False) for p in pairs), *([(val_pairs, True)] if val_pairs else [])]:
-        loaded, ties = load_pairs(path)
-        pair_evals.append(PairEvaluation(name_of(path), Path(path), tuple(loaded), ties, validation))
+        loaded = load_preferences(path)
+        pair_evals.append(
+            PairEvaluation(
+                name_of(path), Path(path), loaded.pairs, loaded.autoj_ties, validation, loaded.rewardbench2
+            )
+        )
     bon_evals = []
     for path in candidates:
         sets = tuple(load_candidates(path))
@@ -259,6 +269,12 @@ def fingerprint(spec: SweepSpec) -> dict[str, Any]:
             "max_length": spec.load.max_length,
             "system_prompt": spec.load.system_prompt,
             "batch_size": spec.load.batch_size,
+            # only when given, so sweeps made before the option existed still resume
+            **(
+                {"chat_template": spec.load.chat_template.record()}
+                if spec.load.chat_template is not None
+                else {}
+            ),
         },
     }
 
@@ -375,6 +391,8 @@ class PreparedTexts:
     pair_texts: dict[str, tuple[list[str], list[str]]]
     #: per best-of-N evaluation: the candidates' texts, prompt by prompt
     bon_texts: dict[str, list[list[str]]]
+    #: per RewardBench 2 evaluation: each row's completions' texts (chosen first)
+    rb2_texts: dict[str, list[list[str]]] = field(default_factory=dict)
 
 
 def prepare_texts(spec: SweepSpec, formatter: Any) -> PreparedTexts:
@@ -385,14 +403,20 @@ def prepare_texts(spec: SweepSpec, formatter: Any) -> PreparedTexts:
             [formatter.format_text(p.prompt, p.rejected) for p in e.pairs],
         )
         for e in spec.pair_evals
+        if not e.rewardbench2
+    }
+    rb2_texts = {
+        e.name: [[formatter.format_text(r.prompt, c) for c in r.completions] for r in e.rewardbench2]
+        for e in spec.pair_evals
+        if e.rewardbench2
     }
     bon_texts = {
         b.name: [[formatter.format_text(s.prompt, c) for c in s.candidates] for s in b.sets]
         for b in spec.bon_evals
     }
     every = [t for chosen, rejected in pair_texts.values() for t in (*chosen, *rejected)]
-    every += [t for sets in bon_texts.values() for texts in sets for t in texts]
-    return PreparedTexts(formatter.encode_all(every), pair_texts, bon_texts)
+    every += [t for sets in (*bon_texts.values(), *rb2_texts.values()) for texts in sets for t in texts]
+    return PreparedTexts(formatter.encode_all(every), pair_texts, bon_texts, rb2_texts)
 
 
 def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dict[str, Any]:
@@ -436,6 +460,16 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
             name: {"rewards": [[rewards[t] for t in candidates] for candidates in sets]}
             for name, sets in texts.bon_texts.items()
         },
+        **(
+            {
+                "rewardbench2": {
+                    name: {"rewards": [[rewards[t] for t in completions] for completions in rows]}
+                    for name, rows in texts.rb2_texts.items()
+                }
+            }
+            if texts.rb2_texts
+            else {}
+        ),
         "build_s": round(t1 - t0, 3),
         "score_s": round(t2 - t1, 3),
         "bytes_written": written,
@@ -522,13 +556,15 @@ def run_sweep(
         if spec.write:
             (spec.out / "models").mkdir(exist_ok=True)
         n_pairs = sum(len(e.pairs) for e in spec.pair_evals)
+        n_rb2 = sum(len(e.rewardbench2) for e in spec.pair_evals)
         n_sets = sum(len(b.sets) for b in spec.bon_evals)
         model_bytes = _model_bytes(plan.parameters, spec.load)
         on_gpu = spec.load.device.startswith("cuda")
         host = (0 if on_gpu else model_bytes) + plan.working_memory + 500 * 10**6
         echo(
-            f"sweep: {len(points)} points ({len(run.skipped)} already done), {n_pairs} pairs in "
-            f"{len(spec.pair_evals)} file(s), {n_sets} candidate sets in {len(spec.bon_evals)} file(s)"
+            f"sweep: {len(points)} points ({len(run.skipped)} already done), {n_pairs} pairs"
+            + (f" and {n_rb2} RewardBench 2 prompts" if n_rb2 else "")
+            + f" in {len(spec.pair_evals)} file(s), {n_sets} candidate sets in {len(spec.bon_evals)} file(s)"
         )
         echo(
             f"  per point: about {format_bytes(host)} host RAM"

@@ -1,0 +1,191 @@
+"""Chat templates chosen on the command line (`--chat-template llama2|chatml|FILE.jinja`).
+
+A chosen template overrides the reward model's own (or supplies one to a tokenizer without one).
+It is rendered only by transformers' `apply_chat_template`, whose jinja2
+`ImmutableSandboxedEnvironment` refuses attribute access to Python internals. A FILE is untrusted:
+before anything is loaded it is read with a size limit, parsed, refused when it reads any
+underscore attribute or item (`__class__`, `__globals__`, `_private`, also through the `attr`
+filter; the sandbox would refuse most of them only when rendered), and rendered once on a test
+conversation through transformers' own renderer (`render_jinja_template`, the function
+`apply_chat_template` calls), so a template that fails or trips the sandbox is reported before a
+model is read.
+
+The two built-in templates are written from the published formats:
+- `llama2`: Meta's Llama-2 chat format (`chat_completion` in Meta's llama repository): every user
+  turn is `<s>[INST] {user} [/INST]`, every answer ` {answer} </s>`, contents stripped of outer
+  whitespace; a system message goes into the first user turn as `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n`.
+  So one exchange with a system prompt reads
+  `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`.
+- `chatml`: OpenAI's ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lazymerge.errors import InputError
+from lazymerge.io.small_files import read_small_file
+
+LLAMA2 = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_text = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' -%}"
+    "{%- set chat = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_text = '' -%}"
+    "{%- set chat = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in chat -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('llama2 chat template: roles must alternate user/assistant after an optional system message') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- bos_token + '[INST] ' + (((system_text if loop.first else '') + message['content']) | trim) + ' [/INST]' -}}"
+    "{%- else -%}"
+    "{{- ' ' + (message['content'] | trim) + ' ' + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+CHATML = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+BUILTIN = {"llama2": LLAMA2, "chatml": CHATML}
+#: Largest template file read (real chat templates are a few KB).
+TEMPLATE_FILE_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chosen chat template: its name (a built-in name or the file), text and SHA-256."""
+
+    name: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def record(self) -> str:
+        """What results and sweep fingerprints record: the name or file and the text's SHA-256."""
+        return f"{self.name} (sha256 {self.sha256})"
+
+
+def valid_choice(value: str) -> bool:
+    """llama2, chatml or a path ending in .jinja (checked before any file is opened)."""
+    return value in BUILTIN or value.endswith(".jinja")
+
+
+def load_chat_template(value: str, with_system: bool = False) -> ChatTemplate:
+    """The built-in template `value`, or the template file `value`, checked (see the module).
+
+    Args:
+        with_system: render the test conversation with a system message (as `--system-prompt`
+            will).
+
+    Raises:
+        InputError naming the file: missing, too large, not UTF-8, not Jinja, reading an
+        underscore attribute, or failing (or tripping the sandbox) on the test conversation.
+    """
+    if value in BUILTIN:
+        template = ChatTemplate(value, BUILTIN[value])
+    else:
+        raw = read_small_file(Path(value), TEMPLATE_FILE_LIMIT)
+        try:
+            text = raw.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"{value}: not valid UTF-8 (byte {exc.start}); a chat template is Jinja text"
+            ) from None
+        if not text.strip():
+            raise InputError(f"{value}: empty; a chat template is Jinja text")
+        template = ChatTemplate(value, text)
+        refuse_private_access(template)
+    probe_render(template, with_system)
+    return template
+
+
+def _parse_environment() -> Any:
+    """A sandboxed environment that parses what transformers' does (loop controls and its
+    `{% generation %}` block), for reading the template's syntax tree without running it."""
+    import jinja2.ext
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    return ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
+    )
+
+
+def refuse_private_access(template: ChatTemplate) -> None:
+    """Refuse a template that reads an attribute or item whose name starts with an underscore.
+
+    Raises:
+        InputError naming the file and line; also for a Jinja syntax error.
+    """
+    import jinja2
+    from jinja2 import nodes
+
+    try:
+        tree = _parse_environment().parse(template.text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise InputError(
+            f"{template.name}: not a valid Jinja template (line {exc.lineno}: {exc.message})"
+        ) from None
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        name: object = None
+        if isinstance(node, nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            name = node.arg.value
+        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args:
+            first = node.args[0]
+            name = first.value if isinstance(first, nodes.Const) else None
+        if isinstance(name, str) and name.startswith("_"):
+            raise InputError(
+                f"{template.name}: line {node.lineno} reads {name!r}; chat templates may not touch underscore "
+                "attributes (Python internals), and lazymerge renders them only in transformers' sandbox"
+            )
+
+
+def probe_render(template: ChatTemplate, with_system: bool) -> str:
+    """Render a test conversation through transformers' renderer (its sandboxed environment).
+
+    Raises:
+        InputError naming the template when rendering fails or is refused by the sandbox.
+    """
+    from lazymerge.evaluation.rewards import require
+
+    require("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
+    if with_system:
+        messages.insert(0, {"role": "system", "content": "w0"})
+    try:
+        result: Any = render_jinja_template(
+            [messages], chat_template=template.text, bos_token="<s>", eos_token="</s>"
+        )
+        rendered = result[0]
+    except Exception as exc:  # jinja2's TemplateError and SecurityError, and whatever the template raises
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(
+            f"{template.name}: the chat template fails on a test conversation ({type(exc).__name__}: {first})"
+        ) from None
+    if not rendered or not isinstance(rendered[0], str) or not rendered[0]:
+        raise InputError(f"{template.name}: the chat template renders nothing for a test conversation")
+    return rendered[0]
