@@ -201,6 +201,7 @@ class MergePlan:
             "output_bytes": self.output_bytes,
             "working_memory": self.working_memory,
             "predicted_peak_rss": self.predicted_peak_rss,
+            "io": "direct" if self.direct_io else "buffered",
         }
 
     def describe(self) -> str:
@@ -234,6 +235,13 @@ class MergePlan:
             f"writes {self.output_bytes} bytes in {len(self.output_files())} file(s); "
             f"working memory about {self.working_memory} bytes"
         )
+        if self.direct_io:
+            lines.append(
+                "I/O: direct (O_DIRECT) where the filesystem allows it, inputs already in the page "
+                f"cache read from it; outputs staged in {self.staging_bytes} bytes per output"
+            )
+        else:
+            lines.append("I/O: buffered (through the page cache)")
         return "\n".join(lines)
 
 
