@@ -23,6 +23,7 @@ from lazymerge import __version__
 from lazymerge.errors import IncompatibleInputsError
 from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES, TensorInfo, is_float, itemsize
 from lazymerge.io.hf_folder import output_companion_files
+from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
 from lazymerge.methods import METHODS, MergeMethod
@@ -106,6 +107,9 @@ class MergePlan:
     seed: int = 0
     #: Stop on NaN or Inf in a merged tensor instead of warning.
     check_finite: bool = False
+    #: How the user named each input (base model last) and what was read for it: a local path
+    #: or a snapshot of the Hugging Face cache.
+    sources: tuple[ModelSource, ...] = ()
 
     @property
     def method_spec(self) -> MergeMethod:
@@ -175,6 +179,7 @@ class MergePlan:
             "output": str(self.destination),
             "method": self.method,
             "inputs": list(self.inputs),
+            "sources": [s.to_dict() for s in self.sources],
             "roles": list(self.roles),
             "weights": [list(v) for v in self.variants] if len(self.variants) > 1 else list(self.variants[0]),
             "files": [name for name, _ in self.output_files()],
@@ -204,6 +209,8 @@ class MergePlan:
         for i, name in enumerate(self.inputs):
             weights = "/".join(f"{v[i]:g}" for v in self.variants)
             lines.append(f"  input {i}: {name} ({self.roles[i]}), weight {weights}")
+            if i < len(self.sources) and self.sources[i].from_hub_cache:
+                lines.append(f"    from {self.sources[i].describe()}")
         layout = self.layouts[0]
         for shard in layout.shards:
             lines.append(f"{shard.filename}: {len(shard.tensors)} tensors, {shard.file_bytes} bytes")
@@ -332,9 +339,17 @@ def default_output(inputs: Sequence[str | os.PathLike[str]]) -> Path:
     return Path("merged.safetensors")
 
 
-def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destination: Path) -> MergePlan:
+def plan_merge(
+    checkpoints: Sequence[Checkpoint],
+    options: MergeOptions,
+    destination: Path,
+    sources: Sequence[ModelSource] | None = None,
+) -> MergePlan:
     """Plan a merge of opened inputs: the recipe, the weights of every output, the files and
     the memory. The base model, when `options.base` is set, is the last checkpoint.
+
+    Args:
+        sources: how each checkpoint was named (see `lazymerge.io.hub_cache`); default: by its path.
 
     Raises:
         OptionError for options that do not fit these inputs; IncompatibleInputsError when the
@@ -397,6 +412,8 @@ def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destina
         layouts.append(
             plan_layout(outputs, metadata, destination.name if single_file else None, options.shard_size)
         )
+    if sources is None:
+        sources = [ModelSource(str(c.path), c.path) for c in checkpoints]
     return MergePlan(
         inputs=tuple(str(c.path) for c in checkpoints),
         roles=roles,
@@ -418,6 +435,7 @@ def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destina
         density=options.density,
         seed=options.seed,
         check_finite=options.check_finite,
+        sources=tuple(sources),
     )
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from lazymerge.errors import OutputError
 from lazymerge.io.dtypes import itemsize
 from lazymerge.io.hf_folder import COMPANION_FILES
+from lazymerge.io.hub_cache import hub_repo_folder
 
 TEMP_MARK = ".lazymerge-tmp-"
 #: The index of a sharded output, as Hugging Face names it.
@@ -429,7 +430,8 @@ def check_against_inputs(destination: Path, inputs: Sequence[Path], files: Seque
     """The output rule for inputs: a destination is never an input nor a file an input resolves
     to (symlinks, hard links), never holds one, and never lies inside an input's model folder
     (a folder given as input or holding an index, or the folder of an input file beside a
-    config.json), where a new file would change what that folder loads as.
+    config.json), where a new file would change what that folder loads as, nor inside the
+    Hugging Face cache folder of an input read from the cache (its snapshots and blobs).
 
     Raises:
         OutputError
@@ -453,6 +455,13 @@ def check_against_inputs(destination: Path, inputs: Sequence[Path], files: Seque
                 "choose another output path"
             )
     for source in given:
+        for repo in {hub_repo_folder(Path(os.path.abspath(source))), hub_repo_folder(real(source))} - {None}:
+            assert repo is not None
+            if real(repo) == dest or real(repo) in dest.parents:
+                raise OutputError(
+                    f"{destination}: lies inside the Hugging Face cache folder {repo} of input {source}; "
+                    "lazymerge never writes into the cache. Choose an output outside it"
+                )
         folder = source if source.is_dir() else source.parent
         model_folder = (
             source.is_dir() or source.name.endswith(".index.json") or (folder / "config.json").is_file()
