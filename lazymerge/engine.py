@@ -446,6 +446,8 @@ class MergePipeline:
         if not self.plan.single_file:
             for v, layout in enumerate(self.plan.layouts):
                 small = dict(self.plan.companion_files)
+                if self.plan.variant_files:
+                    small.update(self.plan.variant_files[v])
                 if layout.index is not None:
                     small = {layout.index_name: layout.index, **small}
                 folder = self.plan.variant_names[v]

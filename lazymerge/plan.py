@@ -10,6 +10,7 @@ handed to the engine, which only follows it. Two kinds of merge are planned here
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -110,6 +111,8 @@ class MergePlan:
     #: How the user named each input (base model last) and what was read for it: a local path
     #: or a snapshot of the Hugging Face cache.
     sources: tuple[ModelSource, ...] = ()
+    #: Files of one output each, beside its companion files (its model card, README.md).
+    variant_files: tuple[dict[str, bytes], ...] = ()
 
     @property
     def method_spec(self) -> MergeMethod:
@@ -125,12 +128,14 @@ class MergePlan:
         if self.single_file:
             return [(self.destination.name, self.layouts[0].total_bytes)]
         files: list[tuple[str, int]] = []
-        for folder, layout in zip(self.variant_names, self.layouts, strict=True):
+        for v, (folder, layout) in enumerate(zip(self.variant_names, self.layouts, strict=True)):
             prefix = f"{folder}/" if folder else ""
             files.extend((prefix + s.filename, s.file_bytes) for s in layout.shards)
             if layout.index is not None:
                 files.append((prefix + layout.index_name, len(layout.index)))
             files.extend((prefix + name, len(data)) for name, data in self.companion_files.items())
+            if self.variant_files:
+                files.extend((prefix + name, len(data)) for name, data in self.variant_files[v].items())
         return files
 
     def output_paths(self) -> list[Path]:
@@ -227,6 +232,8 @@ class MergePlan:
         if layout.index is not None:
             lines.append(f"  will write index {layout.index_name}")
         lines.extend(f"  will write file {name}" for name in self.companion_files)
+        if self.variant_files:
+            lines.extend(f"  will write file {name} (model card)" for name in self.variant_files[0])
         if len(self.variant_names) > 1:
             lines.append(
                 f"  the same files in each of {len(self.variant_names)} folders: {', '.join(self.variant_names)}"
@@ -356,6 +363,7 @@ def plan_merge(
         inputs do not line up; HeaderError and its kin from configs and tokenizers.
     """
     # the DogeRM recipe builds on this module's tensor plans, hence the import here
+    from lazymerge.card import model_cards
     from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
 
     n = len(checkpoints) - (options.base is not None)
@@ -414,7 +422,7 @@ def plan_merge(
         )
     if sources is None:
         sources = [ModelSource(str(c.path), c.path) for c in checkpoints]
-    return MergePlan(
+    plan = MergePlan(
         inputs=tuple(str(c.path) for c in checkpoints),
         roles=roles,
         method=options.method,
@@ -437,6 +445,7 @@ def plan_merge(
         check_finite=options.check_finite,
         sources=tuple(sources),
     )
+    return dataclasses.replace(plan, variant_files=model_cards(plan, options))
 
 
 def metadata_name(path: Path) -> str:

@@ -383,11 +383,26 @@ def _written_by_lazymerge(path: Path) -> bool:
 
 #: Files lazymerge writes beside the weights of a folder output.
 _FOLDER_FILES = frozenset({INDEX_NAME, *COMPANION_FILES})
+#: The model card of a folder output; it is lazymerge's own only when it carries `CARD_MARK`.
+CARD_NAME = "README.md"
+CARD_MARK = "<!-- model card written by lazymerge; lazymerge run --force may replace it -->"
+#: A model card larger than this is not one lazymerge wrote.
+_MAX_CARD_BYTES = 1 << 20
+
+
+def _is_lazymerge_card(path: Path) -> bool:
+    """A README.md lazymerge wrote: a regular file, small, ending with lazymerge's mark."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_CARD_BYTES:
+            return False
+        return path.read_bytes().rstrip().endswith(CARD_MARK.encode())
+    except OSError:
+        return False
 
 
 def _lazymerge_folder(folder: Path, depth: int) -> bool:
-    """Every entry is what lazymerge writes: its shards, the index and companion files, and
-    (for a sweep, one level down) folders of the same."""
+    """Every entry is what lazymerge writes: its shards, the index, companion files and its own
+    model card (a user's README.md is not), and (for a sweep, one level down) folders of the same."""
     shards = 0
     for entry in folder.iterdir():
         if entry.is_symlink():
@@ -400,6 +415,9 @@ def _lazymerge_folder(folder: Path, depth: int) -> bool:
             if not _written_by_lazymerge(entry):
                 return False
             shards += 1
+        elif entry.name == CARD_NAME:
+            if not _is_lazymerge_card(entry):
+                return False
         elif entry.name not in _FOLDER_FILES or not entry.is_file():
             return False
     return shards > 0
