@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import LazyMergeError, OutputError
+from lazymerge.io.hub_cache import resolve_inputs
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputTransaction, check_against_inputs, check_destination
 from lazymerge.memory import PeakRssSampler
@@ -37,6 +39,8 @@ class MergeReport:
     peak_rss_file: int | None
     #: One line per tensor whose merge met NaN or Inf.
     warnings: list[str] = field(default_factory=list)
+    #: Each input as named and what was read for it (see `lazymerge.io.hub_cache.ModelSource`).
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def gb_per_s(self) -> float:
@@ -58,6 +62,12 @@ class MergeReport:
                 f"  wall time {self.wall_s:.2f} s, {self.gb_per_s:.2f} GB/s (read + write)",
                 f"  peak resident memory {mem(self.peak_rss_total)} total, {mem(self.peak_rss_anon)} "
                 f"anonymous, {mem(self.peak_rss_file)} file-backed",
+                *(
+                    f"  input {s['given']}: Hugging Face cache, {s['hub_id']} at {s['revision']} "
+                    f"(commit {s['commit']}), snapshot {s['path']}"
+                    for s in self.sources
+                    if s["hub_id"] is not None
+                ),
             ]
         )
 
@@ -129,6 +139,8 @@ def prepare(
     `plan` and `run` share this, so a plan is refused exactly when the run would be.
 
     Args:
+        inputs: paths, or Hugging Face model ids read from the local cache (`ORG/NAME[@REVISION]`,
+            see `lazymerge.io.hub_cache`); a local path of the same name wins.
         options: the merge options; or keyword arguments that build them (see `MergeOptions`;
             `alpha` may be one value or a sequence).
 
@@ -137,12 +149,18 @@ def prepare(
     """
     options = options if options is not None else MergeOptions.build(**kwargs)
     options.check_inputs(len(inputs))
-    destination = Path(output) if output is not None else default_output(inputs)
+    if output is not None:
+        options.check_destination_kind(Path(output))  # a usage mistake: before any input is looked up
+    sources = resolve_inputs([*inputs, *([options.base] if options.base is not None else [])])
+    if options.base is not None:
+        options = dataclasses.replace(options, base=sources[-1].path)
+    paths = [s.path for s in sources]
+    destination = Path(output) if output is not None else default_output(paths[: len(inputs)])
     options.check_destination_kind(destination)
-    checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
+    checkpoints = open_inputs(paths)
     try:
         check_output(destination, checkpoints)
-        plan = plan_merge(checkpoints, options, destination)
+        plan = plan_merge(checkpoints, options, destination, sources=sources)
         ensure_open_files(sum(len(c.files) for c in checkpoints) + 2 * len(plan.variants))
         if not destination.parent.is_dir():
             raise OutputError(f"{destination}: folder {destination.parent} does not exist")
@@ -166,7 +184,8 @@ def merge(
     """Merge checkpoints tensor by tensor into `output`, streaming, in bounded memory.
 
     Args:
-        inputs: .safetensors or .bin files, index files or folders holding either.
+        inputs: .safetensors or .bin files, index files or folders holding either, or Hugging
+            Face model ids (`ORG/NAME[@REVISION]`) found in the local cache.
         output: a path ending in .safetensors for one file, else a folder of Hugging Face-style
             shards. Default: merged.safetensors (file inputs) or merged/ (folder inputs).
         options: a `MergeOptions`; or keyword arguments that build one (`weights`, `alpha` (one
@@ -219,4 +238,5 @@ def merge(
         peak_rss_anon=peak.anon,
         peak_rss_file=peak.file,
         warnings=pipeline.warnings,
+        sources=[s.to_dict() for s in plan.sources],
     )

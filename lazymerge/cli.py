@@ -438,6 +438,13 @@ def _reserve_report(path: Path | None, inputs: Sequence[Path], force: bool) -> A
     return lock
 
 
+def _read_paths(models: Sequence[Path]) -> list[Path]:
+    """What is read for each MODEL (a Hugging Face id: its snapshot in the local cache)."""
+    from lazymerge.io.hub_cache import input_paths
+
+    return input_paths(models)
+
+
 def _scored_report(
     out: Path | None, inputs: Sequence[Path], force: bool, score: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
@@ -528,7 +535,7 @@ def evaluate(
     load, merge_value = _split_eval_options(model, options)
     result = _scored_report(
         out,
-        [*model, pairs_file],
+        [*_read_paths(model), pairs_file],
         force,
         lambda: evaluate_pairs(
             model if merge_value is not None else model[0],
@@ -575,7 +582,7 @@ def bon(
     load, merge_value = _split_eval_options(model, options)
     result = _scored_report(
         out,
-        [*model, candidates],
+        [*_read_paths(model), candidates],
         force,
         lambda: evaluate_bon(
             model if merge_value is not None else model[0],

@@ -193,7 +193,8 @@ def _nonfinite_message(
             return f"{src.path}: tensor {tp.name!r} holds NaN or Inf{at}; the merged tensor is not finite"
     if merged_finite:
         return (
-            f"tensor {tp.name!r}: merged values overflow the output dtype {tp.dtype} (cast to Inf); "
+            f"tensor {tp.name!r}: merged values overflow the output dtype {tp.dtype} (cast to Inf, or "
+            "NaN or its largest value for 8-bit floats); "
             "choose a wider --dtype"
         )
     return f"tensor {tp.name!r}: the merge produced NaN or Inf from finite inputs (weights too large?)"
@@ -212,6 +213,10 @@ def _block_finite(merged: torch.Tensor, target: torch.Tensor) -> bool:
     limit = torch.finfo(target.dtype).max
     if math.isfinite(low) and math.isfinite(high) and -limit <= low and high <= limit:
         return True
+    if target.element_size() == 1:
+        # 8-bit floats: torch's casts saturate (E4M3) or give NaN (FNUZ) or Inf (E5M2) beyond the
+        # range, and torch has no isfinite for most of them: out of range is overflow
+        return False
     return bool(torch.isfinite(target).all())
 
 
@@ -238,8 +243,8 @@ def merge_chunk(
             if inputs[i] != first:
                 raise IncompatibleInputsError(
                     f"{src.path}: non-float tensor {tp.name!r} ({tp.dtype}) differs from "
-                    f"{src0.path}; integer and bool tensors are copied, not merged, so "
-                    "the inputs must agree"
+                    f"{src0.path}; {tp.dtype} tensors are copied, not merged (integers, bool, complex "
+                    "and F8_E8M0 scales alike), so the inputs must agree"
                 )
         for out in outs:
             out[:] = first
@@ -452,6 +457,8 @@ class MergePipeline:
         if not self.plan.single_file:
             for v, layout in enumerate(self.plan.layouts):
                 small = dict(self.plan.companion_files)
+                if self.plan.variant_files:
+                    small.update(self.plan.variant_files[v])
                 if layout.index is not None:
                     small = {layout.index_name: layout.index, **small}
                 folder = self.plan.variant_names[v]

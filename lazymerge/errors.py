@@ -40,6 +40,10 @@ class UnknownDtypeError(HeaderError):
     """A tensor's dtype is not one safetensors defines."""
 
 
+class SubByteDtypeError(HeaderError):
+    """A tensor's dtype packs values below a byte (F4, F6_*), which lazymerge does not read."""
+
+
 class TensorSizeError(HeaderError):
     """A tensor's byte range does not match its shape times its dtype size."""
 

@@ -6,13 +6,16 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from lazymerge.io.hub_cache import resolve_input
 from lazymerge.io.reader import Checkpoint
 from lazymerge.progress import format_bytes
 
 
 def inspect_checkpoint(path: Path, as_json: bool = False) -> str:
-    """Validate every header of `path` and describe its tensors and shard layout."""
-    with Checkpoint.open(path) as ckpt:
+    """Validate every header of `path` (a path, or a Hugging Face model id found in the local
+    cache) and describe its tensors and shard layout."""
+    source = resolve_input(path)
+    with Checkpoint.open(source.path) as ckpt:
         infos = list(ckpt.values())
         files = ckpt.files
     parameters = sum(i.numel for i in infos)
@@ -22,6 +25,7 @@ def inspect_checkpoint(path: Path, as_json: bool = False) -> str:
         return json.dumps(
             {
                 "path": str(path),
+                "source": source.to_dict(),
                 "files": [
                     {
                         "name": f.name,
@@ -40,7 +44,7 @@ def inspect_checkpoint(path: Path, as_json: bool = False) -> str:
             },
             indent=2,
         )
-    lines = []
+    lines = [f"read {source.describe()}"] if source.from_hub_cache else []
     for f in files:
         lines.append(f"{f.name}: {format_bytes(f.stat().st_size)}")
         for i in (i for i in infos if i.path == f):

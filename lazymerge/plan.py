@@ -10,6 +10,7 @@ handed to the engine, which only follows it. Two kinds of merge are planned here
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from lazymerge import __version__
 from lazymerge.errors import IncompatibleInputsError
 from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES, TensorInfo, is_float, itemsize
 from lazymerge.io.hf_folder import output_companion_files
+from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
 from lazymerge.methods import METHODS, MergeMethod
@@ -110,6 +112,11 @@ class MergePlan:
     #: through a staging buffer of this many bytes per output.
     direct_io: bool = False
     staging_bytes: int = 0
+    #: How the user named each input (base model last) and what was read for it: a local path
+    #: or a snapshot of the Hugging Face cache.
+    sources: tuple[ModelSource, ...] = ()
+    #: Files of one output each, beside its companion files (its model card, README.md).
+    variant_files: tuple[dict[str, bytes], ...] = ()
 
     @property
     def method_spec(self) -> MergeMethod:
@@ -125,12 +132,14 @@ class MergePlan:
         if self.single_file:
             return [(self.destination.name, self.layouts[0].total_bytes)]
         files: list[tuple[str, int]] = []
-        for folder, layout in zip(self.variant_names, self.layouts, strict=True):
+        for v, (folder, layout) in enumerate(zip(self.variant_names, self.layouts, strict=True)):
             prefix = f"{folder}/" if folder else ""
             files.extend((prefix + s.filename, s.file_bytes) for s in layout.shards)
             if layout.index is not None:
                 files.append((prefix + layout.index_name, len(layout.index)))
             files.extend((prefix + name, len(data)) for name, data in self.companion_files.items())
+            if self.variant_files:
+                files.extend((prefix + name, len(data)) for name, data in self.variant_files[v].items())
         return files
 
     def output_paths(self) -> list[Path]:
@@ -179,6 +188,7 @@ class MergePlan:
             "output": str(self.destination),
             "method": self.method,
             "inputs": list(self.inputs),
+            "sources": [s.to_dict() for s in self.sources],
             "roles": list(self.roles),
             "weights": [list(v) for v in self.variants] if len(self.variants) > 1 else list(self.variants[0]),
             "files": [name for name, _ in self.output_files()],
@@ -209,6 +219,8 @@ class MergePlan:
         for i, name in enumerate(self.inputs):
             weights = "/".join(f"{v[i]:g}" for v in self.variants)
             lines.append(f"  input {i}: {name} ({self.roles[i]}), weight {weights}")
+            if i < len(self.sources) and self.sources[i].from_hub_cache:
+                lines.append(f"    from {self.sources[i].describe()}")
         layout = self.layouts[0]
         for shard in layout.shards:
             lines.append(f"{shard.filename}: {len(shard.tensors)} tensors, {shard.file_bytes} bytes")
@@ -225,6 +237,8 @@ class MergePlan:
         if layout.index is not None:
             lines.append(f"  will write index {layout.index_name}")
         lines.extend(f"  will write file {name}" for name in self.companion_files)
+        if self.variant_files:
+            lines.extend(f"  will write file {name} (model card)" for name in self.variant_files[0])
         if len(self.variant_names) > 1:
             lines.append(
                 f"  the same files in each of {len(self.variant_names)} folders: {', '.join(self.variant_names)}"
@@ -344,15 +358,24 @@ def default_output(inputs: Sequence[str | os.PathLike[str]]) -> Path:
     return Path("merged.safetensors")
 
 
-def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destination: Path) -> MergePlan:
+def plan_merge(
+    checkpoints: Sequence[Checkpoint],
+    options: MergeOptions,
+    destination: Path,
+    sources: Sequence[ModelSource] | None = None,
+) -> MergePlan:
     """Plan a merge of opened inputs: the recipe, the weights of every output, the files and
     the memory. The base model, when `options.base` is set, is the last checkpoint.
+
+    Args:
+        sources: how each checkpoint was named (see `lazymerge.io.hub_cache`); default: by its path.
 
     Raises:
         OptionError for options that do not fit these inputs; IncompatibleInputsError when the
         inputs do not line up; HeaderError and its kin from configs and tokenizers.
     """
     # the DogeRM recipe builds on this module's tensor plans, hence the import here
+    from lazymerge.card import model_cards
     from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
 
     n = len(checkpoints) - (options.base is not None)
@@ -411,7 +434,9 @@ def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destina
         layouts.append(
             plan_layout(outputs, metadata, destination.name if single_file else None, options.shard_size)
         )
-    return MergePlan(
+    if sources is None:
+        sources = [ModelSource(str(c.path), c.path) for c in checkpoints]
+    plan = MergePlan(
         inputs=tuple(str(c.path) for c in checkpoints),
         roles=roles,
         method=options.method,
@@ -434,7 +459,9 @@ def plan_merge(checkpoints: Sequence[Checkpoint], options: MergeOptions, destina
         check_finite=options.check_finite,
         direct_io=options.direct_io,
         staging_bytes=staging,
+        sources=tuple(sources),
     )
+    return dataclasses.replace(plan, variant_files=model_cards(plan, options))
 
 
 def metadata_name(path: Path) -> str:

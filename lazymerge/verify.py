@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lazymerge.errors import IntegrityError, NonFiniteError
 from lazymerge.io.dtypes import is_float, torch_dtype
+from lazymerge.io.hub_cache import resolve_input
 from lazymerge.io.reader import Checkpoint, read_header_file
 from lazymerge.io.writer import DATA_HASH_KEY
 
@@ -23,12 +24,16 @@ class VerifyReport:
     hashes_checked: int = 0
     unhashed: list[str] = field(default_factory=list)
     finite_checked: int = 0
+    #: Where a Hugging Face model id was found in the cache (None for local paths).
+    source: str | None = None
 
     def format(self) -> str:
         lines = [
             f"{self.path}: sound: {self.shards} shard(s), {self.tensors} tensors, headers and sizes valid, "
             f"{self.hashes_checked} data hash(es) match"
         ]
+        if self.source is not None:
+            lines.append(f"  read {self.source}")
         if self.unhashed:
             lines.append(f"  no recorded hash (not written by lazymerge): {', '.join(self.unhashed)}")
         if self.finite_checked:
@@ -51,14 +56,17 @@ def _data_sha256(path: Path, start: int) -> str:
 def verify_checkpoint(path: str | os.PathLike[str], finite: bool = False) -> VerifyReport:
     """Validate every header and the index, and recompute recorded SHA-256 hashes.
 
+    `path` may be a Hugging Face model id found in the local cache (see `lazymerge.io.hub_cache`).
+
     Raises:
         HeaderError and friends for malformed files, IntegrityError for a hash mismatch,
         NonFiniteError (with `finite`) for NaN or Inf.
     """
     import torch
 
-    report = VerifyReport(str(path))
-    with Checkpoint.open(path) as ckpt:  # headers, index and file sizes are validated here
+    source = resolve_input(path)
+    report = VerifyReport(str(path), source=source.describe() if source.from_hub_cache else None)
+    with Checkpoint.open(source.path) as ckpt:  # headers, index and file sizes are validated here
         report.tensors = len(ckpt)
         report.shards = len(ckpt.files)
         for shard in ckpt.files:

@@ -71,7 +71,7 @@ def test_folder_inputs_default_to_folder_output(tmp_path: Path, pair) -> None:
     pb.rename(tmp_path / "B" / "model.safetensors")
     result = run_cli("run", "A", "B", "-q", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert listing(tmp_path / "merged") == ["model.safetensors"]
+    assert listing(tmp_path / "merged") == ["README.md", "model.safetensors"]
 
 
 @pytest.mark.parametrize(
@@ -167,7 +167,7 @@ def test_existing_output_needs_force(tmp_path: Path, pair) -> None:
     outdir.rmdir()
     assert run_cli("run", str(pa), str(pb), "-o", str(outdir), "--alpha", "0.2", "-q").returncode == 0
     assert run_cli("run", str(pa), str(pb), "-o", str(outdir), "--force", "-q").returncode == 0
-    assert listing(outdir) == ["model.safetensors"]
+    assert listing(outdir) == ["README.md", "model.safetensors"]
     assert torch.equal(load_any(outdir)["w"], reference_merge([a, b], [0.5, 0.5])["w"])
     assert not [p for p in listing(tmp_path) if "lazymerge-tmp" in p or "lazymerge-lock" in p]
 

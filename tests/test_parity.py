@@ -97,7 +97,7 @@ def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
     assert all(s.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in a.values())
     # the report lists every file the plan wrote (shards, then the index) and their bytes
-    assert [Path(f).name for f in report.files] == [*shards, "model.safetensors.index.json"]
+    assert [Path(f).name for f in report.files] == [*shards, "model.safetensors.index.json", "README.md"]
     assert report.bytes_written == sum(Path(f).stat().st_size for f in report.files)
     assert_same(load_any(out), reference_merge([a, b], [0.75, 0.25]))
 
@@ -106,7 +106,7 @@ def test_folder_output_with_one_shard_is_model_safetensors(tmp_path: Path, save)
     a, b = random_tensors(12, torch.float16), random_tensors(13, torch.float16)
     out = tmp_path / "merged"
     merge([save("a.safetensors", a), save("b.safetensors", b)], out)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
     assert_same(load_any(out), reference_merge([a, b], [0.5, 0.5]))
 
 

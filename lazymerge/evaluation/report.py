@@ -144,6 +144,7 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
     doc = {
         "written_by": f"lazymerge {__version__}",
         "inputs": [str(p) for p in spec.inputs],
+        "sources": [x.to_dict() for x in spec.sources],
         "domain_models": list(spec.domain_names),
         "merge": {"method": spec.merge.method, "density": spec.merge.density, "seed": spec.merge.seed},
         "scoring": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from lazymerge import __version__
 from lazymerge.evaluation import rewardbench2
 from lazymerge.evaluation.rewards import load_reward_model
 from lazymerge.evaluation.scoring import best_of_n, load_candidates, load_preferences, pair_results
+from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
 from lazymerge.memory import PeakRssSampler
 from lazymerge.options import MergeOptions
 from lazymerge.progress import ProgressBar
@@ -23,6 +25,19 @@ def _gpu_peak(device: str) -> int | None:
     return None
 
 
+def _resolve(
+    model: str | Path | Sequence[str | Path], merge: MergeOptions | None
+) -> tuple[list[ModelSource], MergeOptions | None]:
+    """Every model (and the merge's base model) as read: local paths, or Hugging Face ids found
+    in the local cache (see `lazymerge.io.hub_cache`)."""
+    sources = resolve_inputs([model] if isinstance(model, (str, Path)) else list(model))
+    if merge is not None and merge.base is not None:
+        base = resolve_input(merge.base)
+        sources.append(base)
+        merge = dataclasses.replace(merge, base=base.path)
+    return sources, merge
+
+
 def _load(model: str | Path | Sequence[str | Path], merge: MergeOptions | None, load: dict[str, Any]) -> Any:
     """A reward model folder, or (with `merge`) the inputs of a merge built in memory."""
     if merge is None:
@@ -31,6 +46,10 @@ def _load(model: str | Path | Sequence[str | Path], merge: MergeOptions | None, 
 
     inputs = [model] if isinstance(model, (str, Path)) else list(model)
     return load_merged_reward_model(inputs, merge, **load)
+
+
+def _paths(model: str | Path | Sequence[str | Path], sources: Sequence[ModelSource]) -> Path | list[Path]:
+    return sources[0].path if isinstance(model, (str, Path)) else [s.path for s in sources[: len(model)]]
 
 
 def _name(model: str | Path | Sequence[str | Path]) -> str | list[str]:
@@ -50,13 +69,16 @@ def evaluate_pairs(
 
     Args:
         model: a reward model folder; or, with `merge`, the merge's inputs (reward model and
-            domain models), merged in memory with no checkpoint written.
+            domain models), merged in memory with no checkpoint written. Hugging Face model ids
+            (`ORG/NAME[@REVISION]`) are read from the local cache; `sources` in the result says
+            what was read for each.
         load: keyword arguments of `rewards.load_reward_model` (device, dtype, quant, ...).
     """
+    sources, merge = _resolve(model, merge)
     data = load_preferences(pairs_file)
     pairs, rb2_rows = data.pairs, data.rewardbench2
     with PeakRssSampler() as sampler:
-        rm = _load(model, merge, load)
+        rm = _load(_paths(model, sources), merge, load)
         if rb2_rows:
             texts = [rm.format_text(r.prompt, c) for r in rb2_rows for c in r.completions]
         else:
@@ -78,6 +100,7 @@ def evaluate_pairs(
         result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], data.autoj_ties)
     result["written_by"] = f"lazymerge {__version__}"
     result["model"] = _name(model)
+    result["sources"] = [x.to_dict() for x in sources]
     if merge is not None:
         result["merged_in_memory"] = {
             "alpha": merge.alphas[0] if merge.alphas else None,
@@ -121,9 +144,10 @@ def evaluate_bon(
 ) -> dict[str, Any]:
     """Best-of-N reranking accuracy with oracle pass@n and majority vote beside it (`model` and
     `merge` as in `evaluate_pairs`)."""
+    sources, merge = _resolve(model, merge)
     sets = load_candidates(candidates_file)
     with PeakRssSampler() as sampler:
-        rm = _load(model, merge, load)
+        rm = _load(_paths(model, sources), merge, load)
         texts = [rm.format_text(s.prompt, c) for s in sets for c in s.candidates]
         bar = ProgressBar(len(set(texts)), "scoring", enabled=progress, unit="texts")
         flat = rm.score_texts(texts, bar.update)
@@ -135,6 +159,7 @@ def evaluate_bon(
     return {
         "written_by": f"lazymerge {__version__}",
         "model": _name(model),
+        "sources": [x.to_dict() for x in sources],
         "n_prompts": len(sets),
         "best_of_n": best_of_n(sets, rewards, ns),
         "rewards": [{"id": s.id, "rewards": r} for s, r in zip(sets, rewards, strict=True)],

@@ -32,6 +32,7 @@ from lazymerge.errors import InputError, LazyMergeError, OptionError, OutputErro
 from lazymerge.evaluation.chat_templates import ChatTemplate
 from lazymerge.evaluation.rewardbench2 import Rb2Row
 from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences
+from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
 from lazymerge.io.writer import DestinationLock, check_against_inputs
 from lazymerge.options import MergeOptions
 from lazymerge.progress import format_bytes, format_duration
@@ -99,6 +100,8 @@ class SweepSpec:
     restart: bool = False
     domain_names: tuple[str, ...] = ()
     rm_index: int = 0
+    #: Each input (base model last) as named and as read (a local path or a cache snapshot).
+    sources: tuple[ModelSource, ...] = ()
 
 
 @dataclass
@@ -684,6 +687,12 @@ def build_spec(
         )
     options = MergeOptions(**merge)  # checks method, density, memory, ...
     options.check_inputs(len(inputs))
+    sources = resolve_inputs(inputs)  # Hugging Face ids: their snapshots in the local cache
+    if options.base is not None:
+        base = resolve_input(options.base)
+        options = dataclasses.replace(options, base=base.path)
+        sources.append(base)
+    inputs = [s.path for s in sources[: len(inputs)]]
     checkpoints = open_inputs(list(inputs))
     try:
         rm_index = find_reward_model([ModelInput.open(c) for c in checkpoints], options.rm)
@@ -712,6 +721,9 @@ def build_spec(
         bon_evals=bon_evals,
         write=write,
         restart=restart,
-        domain_names=tuple(Path(p).name for i, p in enumerate(inputs) if i != rm_index),
+        domain_names=tuple(
+            s.repo_id or Path(s.given).name for i, s in enumerate(sources[: len(inputs)]) if i != rm_index
+        ),
         rm_index=rm_index,
+        sources=tuple(sources),
     )

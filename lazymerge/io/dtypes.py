@@ -19,7 +19,11 @@ if TYPE_CHECKING:
 class DtypeInfo:
     """One safetensors dtype: bytes per element, whether it is merged as a float, torch's name,
     torch's legacy storage class name in `.bin` pickles (None where torch has none), and the
-    name users give it on the command line (None where it is not an output choice)."""
+    name users give it on the command line (None where it is not an output choice).
+
+    Dtypes that are not merged (integers, bool, complex, the F8_E8M0 block scales) are copied,
+    and only where every input holds the same bytes.
+    """
 
     itemsize: int
     is_float: bool
@@ -28,7 +32,8 @@ class DtypeInfo:
     option: str | None = None
 
 
-#: Every dtype lazymerge reads or writes, keyed by its safetensors name.
+#: Every dtype lazymerge reads or writes, keyed by its safetensors name: the whole-byte dtypes
+#: safetensors 0.8 reads.
 DTYPES: dict[str, DtypeInfo] = {
     "F64": DtypeInfo(8, True, "float64", "DoubleStorage"),
     "F32": DtypeInfo(4, True, "float32", "FloatStorage", "float32"),
@@ -38,11 +43,25 @@ DTYPES: dict[str, DtypeInfo] = {
     "I32": DtypeInfo(4, False, "int32", "IntStorage"),
     "I16": DtypeInfo(2, False, "int16", "ShortStorage"),
     "I8": DtypeInfo(1, False, "int8", "CharStorage"),
+    "U64": DtypeInfo(8, False, "uint64"),
+    "U32": DtypeInfo(4, False, "uint32"),
+    "U16": DtypeInfo(2, False, "uint16"),
     "U8": DtypeInfo(1, False, "uint8", "ByteStorage"),
     "BOOL": DtypeInfo(1, False, "bool", "BoolStorage"),
+    "C64": DtypeInfo(8, False, "complex64"),
+    # 8-bit floats merge in fp32 and are cast back with torch's casts (round to nearest)
     "F8_E4M3": DtypeInfo(1, True, "float8_e4m3fn"),
     "F8_E5M2": DtypeInfo(1, True, "float8_e5m2"),
+    "F8_E4M3FNUZ": DtypeInfo(1, True, "float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": DtypeInfo(1, True, "float8_e5m2fnuz"),
+    # unsigned powers of two, the shared scales of MX block formats: meaningless averaged
+    # apart from the blocks they scale, so copied like integers
+    "F8_E8M0": DtypeInfo(1, False, "float8_e8m0fnu"),
 }
+
+#: Dtypes safetensors 0.8 reads that pack values below a byte (bits per value). lazymerge refuses
+#: them: its chunks are whole elements.
+SUB_BYTE_DTYPES: dict[str, int] = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 #: Output dtype choices of `--dtype` (besides "auto") and their safetensors names.
 OUTPUT_DTYPE_CHOICES: dict[str, str] = {

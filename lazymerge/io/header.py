@@ -22,10 +22,11 @@ from lazymerge.errors import (
     HeaderTooLargeError,
     HeaderTooShortError,
     OffsetError,
+    SubByteDtypeError,
     TensorSizeError,
     UnknownDtypeError,
 )
-from lazymerge.io.dtypes import DTYPES, TensorInfo
+from lazymerge.io.dtypes import DTYPES, SUB_BYTE_DTYPES, TensorInfo
 
 #: Largest header accepted, in bytes (the limit safetensors itself applies).
 MAX_HEADER_SIZE = 100_000_000
@@ -152,6 +153,11 @@ def _parse_entry(name: str, info: Any, source: str, data_start: int) -> TensorIn
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise HeaderEntryError(f"{where}: entry must be an object with exactly dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if isinstance(dtype, str) and dtype in SUB_BYTE_DTYPES:
+        raise SubByteDtypeError(
+            f"{where}: dtype {dtype} packs {SUB_BYTE_DTYPES[dtype]}-bit values below a byte, which "
+            "lazymerge does not read; dequantize the checkpoint (to BF16, say) and merge that"
+        )
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise UnknownDtypeError(f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):

@@ -23,6 +23,7 @@ from pathlib import Path
 from lazymerge.errors import OutputError
 from lazymerge.io.dtypes import itemsize
 from lazymerge.io.hf_folder import COMPANION_FILES
+from lazymerge.io.hub_cache import hub_repo_folder
 
 TEMP_MARK = ".lazymerge-tmp-"
 #: The index of a sharded output, as Hugging Face names it.
@@ -469,11 +470,26 @@ def _written_by_lazymerge(path: Path) -> bool:
 
 #: Files lazymerge writes beside the weights of a folder output.
 _FOLDER_FILES = frozenset({INDEX_NAME, *COMPANION_FILES})
+#: The model card of a folder output; it is lazymerge's own only when it carries `CARD_MARK`.
+CARD_NAME = "README.md"
+CARD_MARK = "<!-- model card written by lazymerge; lazymerge run --force may replace it -->"
+#: A model card larger than this is not one lazymerge wrote.
+_MAX_CARD_BYTES = 1 << 20
+
+
+def _is_lazymerge_card(path: Path) -> bool:
+    """A README.md lazymerge wrote: a regular file, small, ending with lazymerge's mark."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_CARD_BYTES:
+            return False
+        return path.read_bytes().rstrip().endswith(CARD_MARK.encode())
+    except OSError:
+        return False
 
 
 def _lazymerge_folder(folder: Path, depth: int) -> bool:
-    """Every entry is what lazymerge writes: its shards, the index and companion files, and
-    (for a sweep, one level down) folders of the same."""
+    """Every entry is what lazymerge writes: its shards, the index, companion files and its own
+    model card (a user's README.md is not), and (for a sweep, one level down) folders of the same."""
     shards = 0
     for entry in folder.iterdir():
         if entry.is_symlink():
@@ -486,6 +502,9 @@ def _lazymerge_folder(folder: Path, depth: int) -> bool:
             if not _written_by_lazymerge(entry):
                 return False
             shards += 1
+        elif entry.name == CARD_NAME:
+            if not _is_lazymerge_card(entry):
+                return False
         elif entry.name not in _FOLDER_FILES or not entry.is_file():
             return False
     return shards > 0
@@ -516,7 +535,8 @@ def check_against_inputs(destination: Path, inputs: Sequence[Path], files: Seque
     """The output rule for inputs: a destination is never an input nor a file an input resolves
     to (symlinks, hard links), never holds one, and never lies inside an input's model folder
     (a folder given as input or holding an index, or the folder of an input file beside a
-    config.json), where a new file would change what that folder loads as.
+    config.json), where a new file would change what that folder loads as, nor inside the
+    Hugging Face cache folder of an input read from the cache (its snapshots and blobs).
 
     Raises:
         OutputError
@@ -540,6 +560,13 @@ def check_against_inputs(destination: Path, inputs: Sequence[Path], files: Seque
                 "choose another output path"
             )
     for source in given:
+        for repo in {hub_repo_folder(Path(os.path.abspath(source))), hub_repo_folder(real(source))} - {None}:
+            assert repo is not None
+            if real(repo) == dest or real(repo) in dest.parents:
+                raise OutputError(
+                    f"{destination}: lies inside the Hugging Face cache folder {repo} of input {source}; "
+                    "lazymerge never writes into the cache. Choose an output outside it"
+                )
         folder = source if source.is_dir() else source.parent
         model_folder = (
             source.is_dir() or source.name.endswith(".index.json") or (folder / "config.json").is_file()
