@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from lazymerge.demo import llama_shapes  # noqa: E402
 from lazymerge.io.writer import OutputTensor, StreamingShardWriter, plan_layout  # noqa: E402
+from lazymerge.workspace import anonymous_buffer  # noqa: E402
 
 SIZES = {
     "1b": {"hidden": 2048, "intermediate": 5632, "layers": 22, "vocab": 32000, "kv_hidden": 256},
@@ -109,8 +110,9 @@ def write_checkpoint(folder: Path, size: str, seed: int, role: str = "plain") ->
     # a pool of random bf16 values; each tensor is a window of it at a random start
     pool = (torch.randn(BLOCK // 2, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy()
     pool = memoryview(pool.tobytes() * 2)
+    staging = anonymous_buffer(16 * 2**20)  # direct writes: little CPU, no page cache filled
     for shard in layout.shards:
-        writer = StreamingShardWriter(folder / shard.filename, shard)
+        writer = StreamingShardWriter(folder / shard.filename, shard, staging=staging)
         for t in shard.tensors:
             remaining = t.nbytes
             while remaining:
