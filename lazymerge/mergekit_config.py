@@ -28,7 +28,6 @@ from lazymerge.options import MIN_DENSITY, MergeOptions
 
 #: Largest config file read: real mergekit configs are well under a kilobyte.
 CONFIG_LIMIT = 1 << 20
-CONFIG_SUFFIXES = (".yml", ".yaml")
 
 #: The methods lazymerge runs from a config, and the mergekit methods it can only approximate.
 SUPPORTED_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
@@ -96,10 +95,6 @@ class MergekitRecipe:
     inputs: tuple[Path, ...]
     options: MergeOptions
     notes: tuple[str, ...] = ()
-
-
-def is_mergekit_config(path: Path) -> bool:
-    return path.name.lower().endswith(CONFIG_SUFFIXES)
 
 
 def resolve_model(reference: str, config_dir: Path) -> Path:
