@@ -218,6 +218,37 @@ def merge_options_value(
     )
 
 
+#: The flags a mergekit config sets itself (method, models, weights, density, dtype).
+CONFIG_OWNED = ("alpha", "weights", "base", "method", "density", "dtype", "max_points")
+
+
+def merge_request(inputs: tuple[Path, ...], options: dict[str, Any]) -> tuple[tuple[Path, ...], MergeOptions]:
+    """(inputs, options) of `run` and `plan`: INPUTS and flags, or one mergekit config (.yml/.yaml)
+    whose notes go to stderr."""
+    configs = [p for p in inputs if p.name.lower().endswith((".yml", ".yaml"))]
+    if not configs:
+        return inputs, merge_options_value(**options)
+    if len(inputs) != 1:
+        raise OptionError(f"{configs[0]}: a mergekit config is the only input (its models are listed in it)")
+    ctx = click.get_current_context()
+    given = [
+        name
+        for name in CONFIG_OWNED
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+    ]
+    if given:
+        raise OptionError(
+            f"--{given[0].replace('_', '-')}: {inputs[0]} sets the method, models, weights, density and "
+            "dtype; edit the config instead"
+        )
+    from lazymerge.mergekit_config import read_mergekit_config
+
+    recipe = read_mergekit_config(inputs[0], **{k: v for k, v in options.items() if k not in CONFIG_OWNED})
+    for note in recipe.notes:
+        click.echo(f"note: {_one_line(note)}", err=True)
+    return recipe.inputs, recipe.options
+
+
 class _OneLineUsageGroup(click.Group):
     """click's own usage errors (a missing argument, a bad choice) as one line `Error: ...`,
     exit 2, like every other option mistake; `--help` is where the usage text lives."""
@@ -251,13 +282,15 @@ def run(
 ) -> None:
     """Merge INPUTS (.safetensors/.bin files, index files or model folders) into one checkpoint.
 
+    INPUTS may instead be one mergekit config (CONFIG.yml): its models, method and parameters.
+
     With a reward model among model-folder INPUTS (config.json architectures ending in
     ForSequenceClassification), follows DogeRM: backbone averaged, reward head kept, lm_head
     dropped, embeddings matched by token; the output is the reward model.
     """
     from lazymerge.api import merge
 
-    value = merge_options_value(**options)
+    inputs, value = merge_request(inputs, options)
     report = merge(inputs, output, value, force=force, progress=None if not quiet else False)
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -279,7 +312,8 @@ def plan(inputs: tuple[Path, ...], output: Path | None, force: bool, as_json: bo
     """
     from lazymerge.api import prepare
 
-    checkpoints, merge_plan = prepare(inputs, output, merge_options_value(**options), force=force)
+    inputs, value = merge_request(inputs, options)
+    checkpoints, merge_plan = prepare(inputs, output, value, force=force)
     for ckpt in checkpoints:
         ckpt.close()
     if as_json:

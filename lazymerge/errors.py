@@ -141,6 +141,10 @@ class VocabularyMismatchError(IncompatibleInputsError):
     """A model folder's tokenizer ids or config vocab_size disagree with its embedding's rows."""
 
 
+class MergekitConfigError(InputError):
+    """A mergekit YAML config is malformed or asks for something lazymerge does not do."""
+
+
 class EvalDataError(InputError):
     """An evaluation data file (JSON Lines) is malformed."""
 

@@ -1,0 +1,543 @@
+"""mergekit YAML configs read into lazymerge's inputs and `MergeOptions`.
+
+`read_mergekit_config` turns a mergekit 0.1.5 config (`merge_method`, `models` with `model` and
+`parameters`, `base_model`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`) into the
+inputs and options `lazymerge run A B --weights ...` would take, applying mergekit's per-method
+defaults (`normalize: true` for linear and ties, `density: 1` for the task-vector methods, ...)
+and its rules (a per-model parameter falls back to the global one; the base model takes no weight).
+It reads the file and nothing else: the merge itself is lazymerge's.
+
+Everything lazymerge cannot do the same way is refused with one line naming the field and the
+nearest thing it can do (slices, layer ranges, gradients, filters, LoRA references, other
+methods, unknown keys); where lazymerge's TIES and DARE keep the papers' definitions and
+mergekit's depart from them, the recipe carries one note saying so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lazymerge.errors import InputError, MergekitConfigError
+from lazymerge.io.small_files import read_small_file
+from lazymerge.options import MIN_DENSITY, MergeOptions
+
+#: Largest config file read: real mergekit configs are well under a kilobyte.
+CONFIG_LIMIT = 1 << 20
+
+#: The methods lazymerge runs from a config, and the mergekit methods it can only approximate.
+SUPPORTED_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
+NEAREST_METHOD = {
+    "della": "dare_ties",
+    "della_linear": "dare_linear",
+    "breadcrumbs": "task_arithmetic",
+    "breadcrumbs_ties": "ties",
+    "sce": "ties",
+    "nuslerp": "slerp",
+    "multislerp": "slerp (two models)",
+    "karcher": "linear",
+    "model_stock": "task_arithmetic",
+    "nearswap": "slerp",
+    "arcee_fusion": "slerp",
+    "ram": "linear",
+    "ramplus_tl": "linear",
+    "passthrough": "none: lazymerge does not stack or copy layers",
+}
+
+REQUIRED = object()
+#: mergekit 0.1.5's parameters per method: (global-only ones with defaults, per-model ones).
+_GLOBAL_PARAMETERS: dict[str, dict[str, Any]] = {
+    "linear": {"normalize": True},
+    "task_arithmetic": {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0},
+    "ties": {"int8_mask": False, "normalize": True, "rescale": False, "lambda": 1.0},
+    "dare_linear": {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0},
+    "dare_ties": {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0},
+    "slerp": {"t": REQUIRED},
+}
+_MODEL_PARAMETERS: dict[str, dict[str, Any]] = {
+    "linear": {"weight": REQUIRED},
+    "slerp": {},
+    **{
+        m: {"weight": REQUIRED, "density": 1.0}
+        for m in ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+    },
+}
+_BOOL_PARAMETERS = ("normalize", "rescale", "int8_mask")
+
+_TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source")
+_REFUSED_KEYS = {
+    "slices": "lazymerge merges whole models with one weight each: list them under models "
+    "(layer ranges and per-slice recipes are not supported)",
+    "modules": "lazymerge merges whole models: list them under models",
+    "tokenizer": "lazymerge keeps the first model's tokenizer (plain merges) or matches embedding "
+    "rows by token (reward-model merges); remove it",
+    "chat_template": "the output keeps the first model's tokenizer files and chat template; remove it",
+}
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class MergekitRecipe:
+    """What a mergekit config asks for, in lazymerge's terms.
+
+    Attributes:
+        config: the config file.
+        inputs: the weighted models, in the config's order (the base model is `options.base`).
+        options: the merge options (method, weights, base, density, dtype, plus the caller's).
+        notes: one line each, for stderr: what lazymerge does differently from mergekit 0.1.5.
+    """
+
+    config: Path
+    inputs: tuple[Path, ...]
+    options: MergeOptions
+    notes: tuple[str, ...] = ()
+
+
+def resolve_model(reference: str, config_dir: Path) -> Path:
+    """The local path a config's model reference names.
+
+    mergekit reads a relative path from the current folder; lazymerge does too, then tries the
+    config's own folder. `MODEL+LORA` (a LoRA applied first) is refused.
+
+    Raises:
+        MergekitConfigError (a LoRA reference), InputError (nothing there).
+    """
+    if "+" in reference:
+        raise MergekitConfigError(
+            f"{reference!r} applies a LoRA adapter (MODEL+LORA); lazymerge merges full checkpoints: "
+            "merge the adapter into its model first (peft's merge_and_unload) and give that folder"
+        )
+    path = Path(reference).expanduser()
+    for candidate in (path, config_dir / path) if not path.is_absolute() else (path,):
+        if candidate.exists():
+            return candidate
+    raise InputError(
+        f"{reference!r}: no such file or folder (relative paths are read from the current folder, "
+        f"then from {config_dir}); lazymerge reads local checkpoints only: download the model and "
+        "give its folder"
+    )
+
+
+def read_mergekit_config(path: Path, **options: Any) -> MergekitRecipe:
+    """Read a mergekit YAML config into inputs and merge options.
+
+    Args:
+        path: the .yml/.yaml file.
+        options: further `MergeOptions` fields the config does not set (`seed`, `max_memory`,
+            `shard_size`, `rm`, `strict`, `check_finite`, ...).
+
+    Raises:
+        MergekitConfigError naming the file and the field; InputError for an unreadable file or
+        a model that is not there; OptionError for a wrong value among `options`.
+    """
+    path = Path(path)
+    doc = _load_yaml(path)
+    return _ConfigReader(path, doc).recipe(options)
+
+
+def _load_yaml(path: Path) -> Any:
+    raw = read_small_file(path, CONFIG_LIMIT)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MergekitConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise MergekitConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise MergekitConfigError(f"{path}: nests too deeply to be a mergekit config") from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (what `yaml.safe_load` uses: standard tags only, no Python objects),
+    refusing a mapping that repeats a key, which `safe_load` would silently collapse to the last."""
+
+    def construct_unique_mapping(self, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: construct_mapping refuses it below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return self.construct_mapping(node, deep=True)
+
+
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:map", UniqueKeyLoader.construct_unique_mapping)
+
+
+class _ConfigReader:
+    """One config document, checked field by field; every error names the file and the field."""
+
+    def __init__(self, path: Path, doc: Any) -> None:
+        self.path = path
+        self.doc = doc
+        self.notes: list[str] = []
+
+    def fail(self, field: str, message: str) -> MergekitConfigError:
+        return MergekitConfigError(f"{self.path}: {field}: {message}")
+
+    def recipe(self, options: dict[str, Any]) -> MergekitRecipe:
+        doc = self.doc
+        if not isinstance(doc, dict):
+            raise MergekitConfigError(
+                f"{self.path}: not a mergekit config (expected a YAML mapping at the top)"
+            )
+        for key in doc:
+            if key in _REFUSED_KEYS:
+                raise self.fail(str(key), f"not supported; {_REFUSED_KEYS[key]}")
+            if key not in _TOP_KEYS:
+                raise self.fail(
+                    str(key), f"unknown field; a mergekit config here holds {', '.join(_TOP_KEYS)}"
+                )
+        method = self.method()
+        models = self.models()
+        base_ref = doc.get("base_model")
+        if base_ref is not None and not isinstance(base_ref, str):
+            raise self.fail("base_model", "give the model as a path string")
+        global_params = self.parameters(doc.get("parameters"), "parameters")
+        self.check_parameter_names(method, global_params, models)
+        base = self.model_path(base_ref, "base_model") if base_ref is not None else None
+        paths = [self.model_path(ref, f"models[{i}].model") for i, (ref, _) in enumerate(models)]
+        for i, p in enumerate(paths):
+            if any(_same(p, q) for q in paths[:i]):
+                raise self.fail(f"models[{i}].model", f"{p} is listed twice")
+        dtype = self.dtype()
+        self.tokenizer_source(paths)
+        shared = {
+            name: global_params.get(name, default) for name, default in _GLOBAL_PARAMETERS[method].items()
+        }
+        for name, value in shared.items():
+            if value is REQUIRED:
+                raise self.fail(f"parameters.{name}", f"required by {method} (mergekit has no default)")
+        if "int8_mask" in global_params:
+            self.notes.append(
+                "parameters.int8_mask ignored: a mergekit memory option with no effect on the result"
+            )
+        if method == "slerp":
+            inputs, weights, base_path = self.slerp(paths, base, shared["t"])
+            density = None
+        elif method == "linear":
+            inputs, weights, base_path = self.linear(paths, base, models, global_params, shared)
+            density = None
+        else:
+            inputs, weights, base_path, density = self.task_vectors(
+                method, paths, base, models, global_params, shared
+            )
+        kwargs: dict[str, Any] = {"method": method, "weights": weights, "base": base_path, "dtype": dtype}
+        if density is not None:
+            kwargs["density"] = density
+        return MergekitRecipe(self.path, tuple(inputs), MergeOptions(**kwargs, **options), tuple(self.notes))
+
+    # fields
+
+    def method(self) -> str:
+        method = self.doc.get("merge_method")
+        if method is None:
+            raise self.fail("merge_method", f"missing; choose from {', '.join(SUPPORTED_METHODS)}")
+        if not isinstance(method, str):
+            raise self.fail("merge_method", "expected a method name")
+        if method not in SUPPORTED_METHODS:
+            nearest = NEAREST_METHOD.get(method)
+            hint = f"; nearest: {nearest}" if nearest else ""
+            raise self.fail(
+                "merge_method",
+                f"{method!r} is not supported; lazymerge runs {', '.join(SUPPORTED_METHODS)}{hint}",
+            )
+        return method
+
+    def models(self) -> list[tuple[str, dict[str, Any]]]:
+        models = self.doc.get("models")
+        if not isinstance(models, list) or not models:
+            raise self.fail("models", "expected a list of models, each `- model: PATH`")
+        out = []
+        for i, entry in enumerate(models):
+            field = f"models[{i}]"
+            if not isinstance(entry, dict):
+                raise self.fail(field, "expected a mapping with model: PATH (and parameters:)")
+            for key in entry:
+                if key == "layer_range":
+                    raise self.fail(f"{field}.layer_range", f"not supported; {_REFUSED_KEYS['slices']}")
+                if key not in ("model", "parameters"):
+                    raise self.fail(
+                        f"{field}.{key}", "unknown field; a model entry holds model and parameters"
+                    )
+            ref = entry.get("model")
+            if not isinstance(ref, str) or not ref:
+                raise self.fail(f"{field}.model", "give the model as a path string")
+            out.append((ref, self.parameters(entry.get("parameters"), f"{field}.parameters")))
+        return out
+
+    def parameters(self, params: Any, field: str) -> dict[str, Any]:
+        if params is None:
+            return {}
+        if not isinstance(params, dict):
+            raise self.fail(field, "expected a mapping of parameter names to values")
+        for name, value in params.items():
+            if isinstance(value, list):
+                raise self.fail(
+                    f"{field}.{name}",
+                    "gradients and filtered values are not supported; give one number for the whole "
+                    "model (lazymerge uses one weight per model for every tensor)",
+                )
+            if isinstance(value, dict):
+                raise self.fail(
+                    f"{field}.{name}",
+                    "per-tensor filters are not supported; give one value for the whole model",
+                )
+        return dict(params)
+
+    def check_parameter_names(
+        self, method: str, global_params: dict[str, Any], models: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        shared, per_model = _GLOBAL_PARAMETERS[method], _MODEL_PARAMETERS[method]
+        known = ", ".join([*shared, *per_model])
+        for name in global_params:
+            if name not in shared and name not in per_model:
+                raise self.fail(f"parameters.{name}", f"not a parameter of {method}; it takes {known}")
+        for i, (_, params) in enumerate(models):
+            for name in params:
+                field = f"models[{i}].parameters.{name}"
+                if name in shared:
+                    raise self.fail(
+                        field, f"a global parameter of {method}: move it to the top-level parameters"
+                    )
+                if name not in per_model:
+                    raise self.fail(field, f"not a parameter of {method}; it takes {known}")
+
+    def model_path(self, ref: str, field: str) -> Path:
+        try:
+            return resolve_model(ref, self.path.parent)
+        except MergekitConfigError as exc:
+            raise self.fail(field, str(exc)) from None
+        except InputError as exc:
+            raise InputError(f"{self.path}: {field}: {exc}") from None
+
+    def dtype(self) -> str:
+        chosen = "auto"
+        for field in ("dtype", "out_dtype"):  # out_dtype, when given, is the output's
+            value = self.doc.get(field)
+            if value is None:
+                continue
+            name = value.removeprefix("torch.") if isinstance(value, str) else ""
+            if name not in _DTYPES:
+                raise self.fail(
+                    field, f"{value!r} is not supported; choose {', '.join(_DTYPES)} (float64: use float32)"
+                )
+            chosen = _DTYPES[name]
+        return chosen
+
+    def tokenizer_source(self, paths: list[Path]) -> None:
+        source = self.doc.get("tokenizer_source")
+        if source is None:
+            return
+        if source == "union" and _has_reward_model(paths):
+            self.notes.append(
+                "tokenizer_source: union: lazymerge matches embedding rows by token; the output "
+                "vocabulary is the reward model's plus the tokens only a domain model has"
+            )
+            return
+        raise self.fail(
+            "tokenizer_source",
+            f"{source!r} is not supported here; lazymerge merges embeddings by position when the models "
+            "share one vocabulary (remove tokenizer_source) and by token only when a reward model is "
+            "among them (tokenizer_source: union, or leave it out)",
+        )
+
+    # parameter values
+
+    def number(self, value: Any, field: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise self.fail(field, f"expected a number, got {value!r}")
+        try:
+            number = float(value)  # YAML 1.1 reads 1e-3 as a string; mergekit accepts it as a number
+        except ValueError:
+            raise self.fail(field, f"expected a number, got {value!r}") from None
+        if not math.isfinite(number) or abs(number) > 1e6:
+            raise self.fail(field, f"{value!r} is not a usable number")
+        return number
+
+    def flag(self, value: Any, field: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(field, f"expected true or false, got {value!r}")
+        return value
+
+    def per_model(
+        self, name: str, method: str, params: dict[str, Any], global_params: dict[str, Any], field: str
+    ) -> float:
+        """A per-model parameter: the model's own, else the global one, else mergekit's default."""
+        if name in params:
+            return self.number(params[name], f"{field}.parameters.{name}")
+        if name in global_params:
+            return self.number(global_params[name], f"parameters.{name}")
+        default = _MODEL_PARAMETERS[method][name]
+        if default is REQUIRED:
+            raise self.fail(f"{field}.parameters.{name}", f"required by {method} (mergekit has no default)")
+        return float(default)
+
+    # methods
+
+    def linear(
+        self,
+        paths: list[Path],
+        base: Path | None,
+        models: list[tuple[str, dict[str, Any]]],
+        global_params: dict[str, Any],
+        shared: dict[str, Any],
+    ) -> tuple[list[Path], tuple[float, ...], None]:
+        if base is not None and not any(_same(base, p) for p in paths):
+            raise self.fail(
+                "base_model",
+                "linear has no base model (mergekit would add it as one more weighted input): "
+                "list it under models with a weight, or remove base_model",
+            )
+        self.at_least_two(paths, "linear")
+        weights = [
+            self.per_model("weight", "linear", params, global_params, f"models[{i}]")
+            for i, (_, params) in enumerate(models)
+        ]
+        if self.flag(shared["normalize"], "parameters.normalize"):
+            total = sum(weights)
+            if total == 0:
+                raise self.fail("parameters.normalize", "the weights sum to 0 and cannot be normalised")
+            weights = [w / total for w in weights]
+        return paths, tuple(weights), None
+
+    def slerp(
+        self, paths: list[Path], base: Path | None, t: Any
+    ) -> tuple[list[Path], tuple[float, ...], None]:
+        if base is None:
+            raise self.fail("base_model", "slerp interpolates from base_model to the other model: give it")
+        others = [p for p in paths if not _same(p, base)]
+        if len(others) != 1:
+            raise self.fail(
+                "models",
+                f"slerp takes base_model and exactly one other model, got {len(others)} others; "
+                "for more models use linear",
+            )
+        t_value = self.number(t, "parameters.t")
+        return [base, others[0]], (1.0 - t_value, t_value), None
+
+    def task_vectors(
+        self,
+        method: str,
+        paths: list[Path],
+        base: Path | None,
+        models: list[tuple[str, dict[str, Any]]],
+        global_params: dict[str, Any],
+        shared: dict[str, Any],
+    ) -> tuple[list[Path], tuple[float, ...], Path, float]:
+        if base is None:
+            raise self.fail("base_model", f"{method} merges task vectors (model - base): give base_model")
+        inputs, weights, densities = [], [], []
+        for i, (path, (_, params)) in enumerate(zip(paths, models, strict=True)):
+            if _same(path, base):
+                if params:
+                    self.notes.append(
+                        f"models[{i}] is the base model: its {', '.join(params)} not used (as in mergekit)"
+                    )
+                continue
+            inputs.append(path)
+            weights.append(self.per_model("weight", method, params, global_params, f"models[{i}]"))
+            densities.append(self.per_model("density", method, params, global_params, f"models[{i}]"))
+        if len(inputs) < 2:
+            raise self.fail(
+                "models",
+                f"{method} with {len(inputs)} model(s) besides the base: lazymerge needs two; for one "
+                "model, linear over base_model and the model with weights 1-w, w gives base + w (model - base)",
+            )
+        normalize = self.flag(shared["normalize"], "parameters.normalize")
+        rescale = self.flag(shared["rescale"], "parameters.rescale")
+        self.flag(shared["int8_mask"], "parameters.int8_mask")
+        scale = self.number(shared["lambda"], "parameters.lambda")
+        density = densities[0]
+        if any(d != density for d in densities):
+            raise self.fail(
+                "density", "the models' densities differ; lazymerge uses one density for all: give one"
+            )
+        if method == "task_arithmetic":
+            if any(("density" in p) for _, p in models) or "density" in global_params:
+                self.notes.append("density has no effect on task_arithmetic (nor in mergekit)")
+            density = 1.0
+        elif not MIN_DENSITY <= density <= 1:
+            raise self.fail("density", f"{density:g} is outside [{MIN_DENSITY:g}, 1]")
+        if method in ("task_arithmetic", "dare_linear"):
+            # base + lambda * sum_i w_i d_i / (sum_i w_i if normalize): the same weights, rescaled
+            total = sum(weights)
+            divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+            weights = [scale * w / divisor for w in weights]
+        elif scale != 1:
+            raise self.fail(
+                "parameters.lambda",
+                f"lazymerge's {method} has no lambda (its result is base + the merged task vector); remove it",
+            )
+        self.paper_note(method, normalize, rescale)
+        return inputs, tuple(weights), base, density
+
+    def paper_note(self, method: str, normalize: bool, rescale: bool) -> None:
+        """One line on where mergekit 0.1.5 computes this method differently from lazymerge."""
+        differences = []
+        if method.startswith("dare"):
+            differences.append(
+                "rescales each kept delta to its L1 norm" if rescale else "does not rescale the kept deltas"
+            )
+            differences.append("draws its drop masks from torch's generator")
+        if method == "ties" and rescale:
+            differences.append("rescales the trimmed deltas to their L1 norm")
+        if method in ("ties", "dare_ties"):
+            if not normalize:
+                differences.append("does not divide by the agreeing weights (normalize: false)")
+            differences.append("keeps positive deltas where the weighted sum is exactly 0")
+        if method == "ties":
+            differences.append("keeps floor(density x n) deltas, not round(density x n)")
+        if not differences:
+            return
+        ours = {
+            "dare_linear": "drops with probability 1 - density and rescales survivors by 1/density (DARE), "
+            "masks from --seed",
+            "dare_ties": "drops and rescales by 1/density (DARE), then elects signs on the weighted sum "
+            "and divides by the agreeing weights (TIES)",
+            "ties": "trims to the top density by magnitude, elects signs on the weighted sum and "
+            "divides by the agreeing weights (TIES)",
+        }[method]
+        self.notes.append(
+            f"{method}: lazymerge keeps the papers' definition ({ours}); mergekit 0.1.5 "
+            f"{'; '.join(differences)}"
+        )
+
+    def at_least_two(self, paths: list[Path], method: str) -> None:
+        if len(paths) < 2:
+            raise self.fail("models", f"{method} needs at least two models, got {len(paths)}")
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return a == b
+
+
+def _has_reward_model(paths: list[Path]) -> bool:
+    """True when a model folder's config.json names a ForSequenceClassification architecture."""
+    from lazymerge.io.hf_folder import model_folder, read_config
+
+    for path in paths:
+        config = read_config(model_folder(path)) or {}
+        if any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+            return True
+    return False
