@@ -5,7 +5,8 @@
 
 One run, one machine, every step in a subprocess measured from outside, one after another, with
 both inputs evicted from the page cache (and earlier outputs synced and dropped) before each:
-- `lazymerge`: `lazymerge run A B --weights 0.7,0.3` (linear, bf16 out);
+- `lazymerge`: `lazymerge run A B --weights 0.7,0.3` (linear, bf16 out), then the same with
+  `--max-memory 256MiB` and with `--buffered-io`;
 - `naive`: both models loaded whole in fp32 with transformers, averaged, saved (fp32), as
   DogeRM's reference script does. It is stopped when its resident memory passes `--naive-cap`
   (default: physical RAM less 6 GiB), where the kernel would otherwise kill it or the machine;
@@ -331,7 +332,9 @@ def main() -> None:
 
     mergekit = args.mergekit or shutil.which("mergekit-yaml")
     skip = set(filter(None, args.skip.split(",")))
-    work = args.reuse or Path(tempfile.mkdtemp(prefix=f"lazymerge-compare-{args.size}-", dir=args.dir))
+    work = (
+        args.reuse or Path(tempfile.mkdtemp(prefix=f"lazymerge-compare-{args.size}-", dir=args.dir))
+    ).resolve()
     a, b = work / "a", work / "b"
     rows: list[dict] = []
     try:
@@ -372,19 +375,17 @@ def main() -> None:
             )
             for kind in ("read", "write", "sequential", "overlapped", "overlapped-buffered")
         ]
-        steps.append(
-            (
-                "lazymerge",
-                [*lazymerge, "run", str(a), str(b), "-o", str(work / "out"), "--weights", "0.7,0.3", "-q"],
-                {},
-            )
-        )
+        lazy_run = [*lazymerge, "run", str(a), str(b), "-o", str(work / "out"), "--weights", "0.7,0.3", "-q"]
+        steps.append(("lazymerge", lazy_run, {}))
+        # the same merge with the former default budget, and through the page cache
+        steps.append(("lazymerge --max-memory 256MiB", [*lazy_run, "--max-memory", "256MiB"], {}))
+        steps.append(("lazymerge --buffered-io", [*lazy_run, "--buffered-io"], {}))
         if mergekit:
             steps.append(
                 (
                     "mergekit",
                     [mergekit, str(config), str(work / "out"), "--no-copy-tokenizer"],
-                    {"env": dict(os.environ)},
+                    {"env": {**os.environ, "HF_HUB_OFFLINE": "1"}},
                 )
             )
         else:

@@ -225,7 +225,7 @@ def main() -> None:
     )
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--dir", type=Path, help="work folder (default: a temporary folder)")
-    parser.add_argument("--max-memory", default="256MiB")
+    parser.add_argument("--max-memory", default="160MiB")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument(
         "--dogerm", action="store_true", help="inputs are a reward model and an SFT model with one more token"

@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-memory", default="256MiB")
+    parser.add_argument("--max-memory", default="160MiB")
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--reuse", type=Path, help="a folder kept by a previous run: skip writing the models")
     parser.add_argument("--keep", action="store_true")

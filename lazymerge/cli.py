@@ -22,6 +22,7 @@ from lazymerge import __version__
 from lazymerge.errors import LazyMergeError, OptionError
 from lazymerge.options import (
     DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_MEMORY_TEXT,
     DEFAULT_MAX_POINTS,
     DEFAULT_SHARD_SIZE,
     MAX_POINTS,
@@ -188,7 +189,7 @@ def merge_options(fn: F) -> F:
             "--max-memory",
             type=SizeType(),
             default=DEFAULT_MAX_MEMORY,
-            show_default="256MiB",
+            show_default=DEFAULT_MAX_MEMORY_TEXT,
             help="Working-memory budget for tensor data in flight.",
         ),
         click.option(
@@ -511,7 +512,9 @@ def in_memory_merge_options(fn: F) -> F:
         click.option("--base", type=click.Path(path_type=Path), help="Base model for task-vector methods."),
         click.option("--density", type=float, default=0.5, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--max-memory", type=SizeType(), default=DEFAULT_MAX_MEMORY, show_default="256MiB"),
+        click.option(
+            "--max-memory", type=SizeType(), default=DEFAULT_MAX_MEMORY, show_default=DEFAULT_MAX_MEMORY_TEXT
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -682,7 +685,7 @@ def bon(
     "--max-memory",
     type=SizeType(),
     default=DEFAULT_MAX_MEMORY,
-    show_default="256MiB",
+    show_default=DEFAULT_MAX_MEMORY_TEXT,
     help="Working-memory budget of each merge.",
 )
 @click.option(
