@@ -29,7 +29,14 @@ from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
 from lazymerge.methods import METHODS, MergeMethod
 from lazymerge.options import MergeOptions
-from lazymerge.workspace import BASELINE_RSS, buffer_sizes, fixed_bytes, size_chunks, staging_bytes
+from lazymerge.workspace import (
+    BASELINE_RSS,
+    buffer_sizes,
+    direct_io_bytes,
+    direct_io_fits,
+    size_chunks,
+    staging_bytes,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -408,7 +415,8 @@ def plan_merge(
     )
     output_itemsize = max((itemsize(t.dtype) for t in tensors.values()), default=1)
     method = METHODS[options.method]
-    staging = staging_bytes(options.max_memory, len(variants), options.direct_io)
+    direct_io = options.direct_io and direct_io_fits(options.max_memory, len(checkpoints), len(variants))
+    staging = staging_bytes(options.max_memory, len(variants)) if direct_io else 0
     chunk_elems, block_elems = size_chunks(
         options.max_memory,
         max((t.numel for t in tensors.values()), default=1),
@@ -417,7 +425,7 @@ def plan_merge(
         len(variants),
         method.scratch_bytes,
         options.block_elems,
-        fixed_bytes(len(checkpoints), len(variants), staging),
+        direct_io_bytes(len(checkpoints), len(variants), staging) if direct_io else 0,
     )
     if options.chunk_elems is not None:
         chunk_elems = options.chunk_elems
@@ -457,7 +465,7 @@ def plan_merge(
         density=options.density,
         seed=options.seed,
         check_finite=options.check_finite,
-        direct_io=options.direct_io,
+        direct_io=direct_io,
         staging_bytes=staging,
         sources=tuple(sources),
     )

@@ -44,10 +44,9 @@ SPAN_SLACK = 2 * 4096
 STAGING_MIN, STAGING_MAX = 64 * 2**10, 16 * 2**20
 
 
-def staging_bytes(max_memory: int, outputs: int, direct_io: bool) -> int:
-    """Bytes of each output's staging buffer for direct writes; 0 when writing buffered."""
-    if not direct_io:
-        return 0
+def staging_bytes(max_memory: int, outputs: int) -> int:
+    """Bytes of each output's staging buffer for direct writes: an eighth of the budget per
+    output, between STAGING_MIN and STAGING_MAX, a multiple of 4096."""
     share = max_memory // (8 * max(1, outputs)) // 4096 * 4096
     return min(STAGING_MAX, max(STAGING_MIN, share))
 
@@ -57,10 +56,16 @@ def anonymous_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
-def fixed_bytes(inputs: int, outputs: int, staging: int) -> int:
-    """Working memory that does not grow with the chunk: the direct reads' slack in every input
-    set and the outputs' staging buffers."""
+def direct_io_bytes(inputs: int, outputs: int, staging: int) -> int:
+    """Working memory direct I/O adds, whatever the chunk: the aligned reads' slack in every
+    input set and the outputs' staging buffers."""
     return INPUT_SLOTS * inputs * SPAN_SLACK + outputs * staging
+
+
+def direct_io_fits(max_memory: int, inputs: int, outputs: int) -> bool:
+    """Whether direct I/O's fixed buffers take at most a quarter of the budget (a budget of a
+    few hundred KB is read and written through the page cache instead)."""
+    return 4 * direct_io_bytes(inputs, outputs, staging_bytes(max_memory, outputs)) <= max_memory
 
 
 #: Resident memory of the interpreter with torch imported, added to the predicted peak
@@ -84,10 +89,12 @@ class BufferSizes:
     scratch_per_elem: int
     #: Bytes of each output's staging buffer for direct writes (0: written buffered).
     staging_per_output: int = 0
+    #: Bytes after each input buffer for a direct read's aligned span (0: read buffered).
+    span_slack: int = 0
 
     @property
     def input_buffer_bytes(self) -> tuple[int, ...]:
-        return tuple(self.buffer_elems * size + SPAN_SLACK for size in self.input_itemsizes)
+        return tuple(self.buffer_elems * size + self.span_slack for size in self.input_itemsizes)
 
     @property
     def input_set_bytes(self) -> int:
@@ -195,6 +202,7 @@ def buffer_sizes(plan: MergePlan) -> BufferSizes:
         fp32_elems=fp32,
         scratch_per_elem=method.scratch_bytes,
         staging_per_output=plan.staging_bytes,
+        span_slack=SPAN_SLACK if plan.direct_io else 0,
     )
 
 

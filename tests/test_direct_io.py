@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from lazymerge import merge
 from lazymerge.io import writer
 from lazymerge.io.reader import SPAN_SLACK, Checkpoint
-from lazymerge.workspace import staging_bytes
+from lazymerge.workspace import direct_io_fits, staging_bytes
 
 
 def direct_supported(folder: Path) -> bool:
@@ -143,8 +143,10 @@ def test_writer_uses_direct_io_and_falls_back(tmp_path: Path, monkeypatch) -> No
 
 
 def test_staging_fits_the_budget() -> None:
-    assert staging_bytes(2**30, 1, False) == 0
-    assert staging_bytes(256 * 2**20, 1, True) == 16 * 2**20
-    assert staging_bytes(2**20, 1, True) == 128 * 2**10
-    assert staging_bytes(2**10, 4, True) == 64 * 2**10
-    assert all(staging_bytes(m, n, True) % 4096 == 0 for m in (10**6, 3 * 10**8) for n in (1, 3))
+    assert staging_bytes(256 * 2**20, 1) == 16 * 2**20
+    assert staging_bytes(2**20, 1) == 128 * 2**10
+    assert staging_bytes(2**10, 4) == 64 * 2**10
+    assert all(staging_bytes(m, n) % 4096 == 0 for m in (10**6, 3 * 10**8) for n in (1, 3))
+    # a budget too small for direct I/O's fixed buffers is read and written through the page cache
+    assert direct_io_fits(160 * 2**20, 2, 1) and direct_io_fits(2**20, 2, 1)
+    assert not direct_io_fits(50_000, 2, 1)
