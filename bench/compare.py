@@ -64,17 +64,24 @@ def _direct_fd(path: Path, flags: int) -> tuple[int, bool]:
 
 
 def _read_file(path: Path, direct: bool) -> int:
+    """Read a file in 64 MiB blocks; direct reads go out as 4 pieces at once (as lazymerge's
+    do: with no read-ahead, the disk sees only the requests issued)."""
     import mmap
+    from concurrent.futures import ThreadPoolExecutor
 
     buf = mmap.mmap(-1, BLOCK)
-    fd, _ = _direct_fd(path, os.O_RDONLY) if direct else (os.open(path, os.O_RDONLY), False)
-    total, offset = 0, 0
+    fd, is_direct = _direct_fd(path, os.O_RDONLY) if direct else (os.open(path, os.O_RDONLY), False)
+    size = os.fstat(fd).st_size
+    piece = BLOCK // 4
+    total = 0
     try:
-        while n := os.preadv(fd, [buf], offset):
-            total += n
-            offset += n
-            if n < BLOCK:
-                break
+        with ThreadPoolExecutor(4) as pool:
+            for offset in range(0, size, BLOCK):
+                if is_direct:
+                    jobs = [(memoryview(buf)[k : k + piece], offset + k) for k in range(0, BLOCK, piece)]
+                    total += sum(pool.map(lambda job: os.preadv(fd, [job[0]], job[1]), jobs))
+                else:
+                    total += os.preadv(fd, [buf], offset)
     finally:
         os.close(fd)
     return total

@@ -83,6 +83,27 @@ def test_read_span_matches_safetensors(tmp_path: Path) -> None:
         assert ckpt.bytes_read > 0
 
 
+def test_large_direct_reads_go_out_in_pieces(tmp_path: Path) -> None:
+    if not direct_supported(tmp_path):
+        pytest.skip("the filesystem of tmp_path refuses O_DIRECT")
+    g = torch.Generator().manual_seed(5)
+    # 20 MB that start off the block grid (after the header) and span 3 pieces
+    want = {"a": torch.ones(3, dtype=torch.int16), "b": torch.randn(5_000_001, generator=g)}
+    path = tmp_path / "big.safetensors"
+    save_file(want, str(path))
+    with Checkpoint.open(path) as ckpt:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        assert ckpt.enable_direct_io() == 1
+        info = ckpt["b"]
+        raw = want["b"].view(torch.uint8).numpy().tobytes()
+        for start, count in [(0, info.nbytes), (4, info.nbytes - 8), (8 * 2**20 - 4, 9 * 2**20)]:
+            buffer = mmap.mmap(-1, count + SPAN_SLACK)
+            assert bytes(ckpt.read_span(info, start, count, memoryview(buffer))) == raw[start : start + count]
+
+
 @pytest.mark.parametrize("shard_size", [None, 30_000])
 def test_direct_merge_equals_buffered_merge(tmp_path: Path, shard_size: int | None) -> None:
     inputs = odd_inputs(tmp_path)
