@@ -64,18 +64,18 @@ def _direct_fd(path: Path, flags: int) -> tuple[int, bool]:
 
 
 def _read_file(path: Path, direct: bool) -> int:
-    """Read a file in 64 MiB blocks; direct reads go out as 4 pieces at once (as lazymerge's
-    do: with no read-ahead, the disk sees only the requests issued)."""
+    """Read a file in 64 MiB blocks; direct ones as 2 MiB pieces, 8 at once (as lazymerge's
+    direct reads go: with no read-ahead, the disk sees only the requests issued)."""
     import mmap
     from concurrent.futures import ThreadPoolExecutor
 
     buf = mmap.mmap(-1, BLOCK)
     fd, is_direct = _direct_fd(path, os.O_RDONLY) if direct else (os.open(path, os.O_RDONLY), False)
     size = os.fstat(fd).st_size
-    piece = BLOCK // 4
+    piece = 2 * MIB
     total = 0
     try:
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(8) as pool:
             for offset in range(0, size, BLOCK):
                 if is_direct:
                     jobs = [(memoryview(buf)[k : k + piece], offset + k) for k in range(0, BLOCK, piece)]

@@ -27,9 +27,11 @@ INDEX_SUFFIX = ".safetensors.index.json"
 DIRECT_ALIGN = 4096
 #: Extra bytes a buffer needs for `Checkpoint.read_span`: the aligned span around the wanted bytes.
 SPAN_SLACK = 2 * DIRECT_ALIGN
-#: A direct read of a chunk goes out as pieces of this size, up to DIRECT_DEPTH at once per file.
-DIRECT_PIECE = 8 * 2**20
-DIRECT_DEPTH = 4
+#: A direct read of a chunk goes out as pieces of this size, up to DIRECT_DEPTH at once per file
+#: (measured on the reference machine's disk, 7B merge: 8 MiB x 4 took 35.8 s, 2 MiB x 8 28.5 s,
+#: 1 MiB x 32 and 4 MiB x 16 about 29 s).
+DIRECT_PIECE = 2 * 2**20
+DIRECT_DEPTH = 8
 BIN_INDEX_SUFFIX = ".bin.index.json"
 
 
@@ -341,7 +343,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
         """
         position = info.offset + byte_start
         fd = self._direct.get(info.path)
-        if fd is None or position % 8:
+        if fd is None or position % info.itemsize:  # (a misaligned element: torch needs them aligned)
             view = buffer[:nbytes]
             self.read_into(info, byte_start, view)
             return view
