@@ -426,16 +426,17 @@ def main() -> None:
         r["x_overlapped_floor"] = round(r["wall_s"] / floor, 3)
     target = args.json or ROOT / "bench" / "results" / f"compare-{args.size}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
+    meta = {
         "size": args.size,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "platform": platform.platform(),
         "input_bytes_each": data,
         "overlapped_floor_s": floor,
-        "rows": rows,
     }
-    target.write_text(json.dumps(doc) + "\n")
+    # a list of rows, each carrying the run's facts beside its own
+    target.write_text(json.dumps([{**r, **meta} for r in rows]) + "\n")
+    doc = {**meta, "rows": rows}
     md = table(rows, floor)
     target.with_suffix(".md").write_text(
         f"{doc['machine']}, {doc['date']}; two {args.size} bf16 inputs of {data / 1e9:.2f} GB\n\n{md}"
