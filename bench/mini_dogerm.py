@@ -48,7 +48,8 @@ FULL = {
     "system": SYSTEM,
     "max_length": 256,
     "data": {
-        "mtbench_words": 40,  # chosen = a reference answer's first sentences, at most this many words
+        "mtbench_words": 30,  # chosen = a reference answer's first sentences, at most this many words
+        "mtbench_question_words": 60,  # longer MT-Bench questions are left out
         "general_eval_fraction": 0.34,  # of MT-Bench questions held out for the general pairs
         "rm_general_per_item": 4,
         "rm_easy_problems": 60,  # easy maths in the reward data: 2 pairs each
@@ -57,7 +58,7 @@ FULL = {
         "test_problems": 200,  # 2 pairs each, and the best-of-N set (4 candidates each)
         "general_eval_per_item": 3,
     },
-    "rm": {"steps": 90, "batch": 8, "lr": 3e-5},
+    "rm": {"steps": 70, "batch": 8, "lr": 3e-5},
     "sft": {"steps": 100, "batch": 16, "lr": 5e-5},
     "sweep": {"alpha": "0:1:0.1", "n": "2,4", "batch_size": 16, "dtype": "bfloat16"},
 }
@@ -129,7 +130,9 @@ class Pipeline:
         seed = cfg["seed"]
 
         def build(out: Path) -> dict:
-            train, held = data.split_general(self.tiny, d["mtbench_words"], d["general_eval_fraction"], seed)
+            train, held = data.split_general(
+                self.tiny, d["mtbench_words"], d["general_eval_fraction"], seed, d["mtbench_question_words"]
+            )
             easy = data.problems(data.EASY, seed * 100 + 1, d["rm_easy_problems"])
             rm_rows = data.general_pairs(train, seed * 100 + 2, d["rm_general_per_item"], "g")
             rm_rows += data.maths_pairs(easy, seed * 100 + 3, "e")

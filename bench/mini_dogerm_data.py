@@ -212,12 +212,19 @@ def general_pairs(items: list[tuple[str, str, str]], seed: int, per_item: int, p
     return rows
 
 
-def split_general(tiny: bool, words: int, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """General items split by question (both references of a question fall on the same side)."""
+def split_general(
+    tiny: bool, words: int, eval_fraction: float, seed: int, question_words: int = 60
+) -> tuple[list, list]:
+    """General items split by question (both references of a question fall on the same side);
+    questions over `question_words` words are left out (they would pad every batch they are in)."""
     if tiny:
         items = [(str(i), q, a) for i, (q, a) in enumerate(TINY_GENERAL)]
     else:
-        items = [(q, question, shorten(a, words)) for q, question, a in mtbench_items()]
+        items = [
+            (q, question, shorten(a, words))
+            for q, question, a in mtbench_items()
+            if len(question.split()) <= question_words
+        ]
     ids = sorted({q for q, _, _ in items})
     random.Random(seed).shuffle(ids)
     held = set(ids[: max(1, round(len(ids) * eval_fraction))])
