@@ -99,25 +99,40 @@ class Pipeline:
         self.stages: dict[str, dict] = {}
         work.mkdir(parents=True, exist_ok=True)
 
-    def stage(self, name: str, settings: dict, build: Callable[[Path], dict]) -> tuple[Path, dict]:
+    def stage(
+        self, name: str, settings: dict, build: Callable[[Path], dict], resumable: dict | None = None
+    ) -> tuple[Path, dict]:
+        """Build a stage in a fresh folder renamed into place when done, or return the finished one.
+
+        `resumable` (the sweep): settings that are not part of the key because the build resumes
+        in place (lazymerge sweep keeps every scored point and scores only the missing ones); the
+        stage counts as done only when they equal those it was finished with.
+        """
         key = digest({"stage": name, "tiny": self.tiny, **settings})
         folder = self.work / f"{name}-{key}"
         done = folder / "stage.json"
-        if done.is_file():
-            info = json.loads(done.read_text())
+        finished = json.loads(done.read_text()) if done.is_file() else None
+        if finished is not None and all(finished.get(k) == v for k, v in (resumable or {}).items()):
+            info = finished
             info["cached"] = True
             self.log(f"[{name}] cached: {folder}")
         else:
             self.log(f"[{name}] building {folder}")
-            tmp = self.work / f".{name}-{key}.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.mkdir()
+            if resumable is not None:
+                tmp = folder
+                done.unlink(missing_ok=True)
+            else:
+                tmp = self.work / f".{name}-{key}.partial"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
+            tmp.mkdir(exist_ok=True)
             start = time.perf_counter()
             info = build(tmp)
+            info.update(resumable or {})
             info.update(key=key, seconds=round(time.perf_counter() - start, 1), peak_rss=peak_rss_mib())
             (tmp / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
-            os.replace(tmp, folder)
+            if tmp != folder:
+                os.replace(tmp, folder)
             info["cached"] = False
             self.log(f"[{name}] done in {info['seconds']:.0f} s")
         self.stages[name] = info
@@ -247,12 +262,13 @@ class Pipeline:
             "sweep",
             {
                 **upstream,
-                **s,
+                **{k: v for k, v in s.items() if k != "alpha"},
                 "val_only": val_only,
                 "system": self.cfg["system"],
                 "max_length": self.cfg["max_length"],
             },
             build,
+            resumable={"alpha": s["alpha"]},
         )
 
     def run(self, val_only: bool = False) -> dict:

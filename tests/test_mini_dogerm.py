@@ -94,6 +94,13 @@ def test_tiny_pipeline_runs_every_stage_and_caches(tmp_path, capsys):
     assert {name: (f / "stage.json").stat().st_mtime_ns for name, f in folders.items()} == stamps
     assert again["headline"] == summary["headline"]
 
+    # a finer grid resumes the sweep in place: the scored points are kept, only new ones scored
+    lines = (folders["sweep"] / "sweep" / "results.jsonl").read_text().splitlines()
+    assert mini_dogerm.main(["--tiny", "--work", str(work), "--set", "sweep.alpha=0:1:0.25"]) == 0
+    finer = (folders["sweep"] / "sweep" / "results.jsonl").read_text().splitlines()
+    assert finer[: len(lines)] == lines and len(finer) == len(lines) + 2
+    assert len(json.loads((folders["sweep"] / "sweep" / "results.json").read_text())["points"]) == 5
+
     # a changed training setting rebuilds that model and what reads it, nothing before it
     capsys.readouterr()
     assert mini_dogerm.main(["--tiny", "--work", str(work), "--set", "sft.steps=2"]) == 0
