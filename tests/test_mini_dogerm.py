@@ -1,0 +1,118 @@
+"""The DogeRM miniature (bench/mini_dogerm.py) in its --tiny form: a random 2-layer Llama of
+SmolLM2's family with a word-level tokenizer and built-in data, a few training steps, the same
+stages and the same `lazymerge sweep` as the full-size bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import mini_dogerm  # noqa: E402
+import mini_dogerm_data as data  # noqa: E402
+
+from lazymerge.evaluation.scoring import load_candidates, load_pairs  # noqa: E402
+
+STAGES = ("data", "base", "rm", "sft", "check", "sweep")
+
+
+def test_maths_data_is_graded_exactly(tmp_path):
+    train = data.problems(data.HARD, 4, 300)
+    test = data.problems(data.HARD, 6, 50, exclude=train)
+    assert not set(train) & set(test)
+    for p in test:
+        first, last = (int(x.split(" = ")[1].rstrip(".")) for x in p.solution().split(". ", 1))
+        assert first == p.a * p.b and last == p.answer
+        assert eval(p.question.removeprefix("What is ").rstrip("?")) == p.answer
+    rows = data.maths_pairs(test, 8, "t")
+    assert len(rows) == 2 * len(test)
+    for r in rows:  # a wrong solution is self-consistent but its arithmetic is off somewhere
+        assert r["chosen"] != r["rejected"]
+        assert r["chosen"].split()[-1] != r["rejected"].split()[-1]
+    data.write_jsonl(tmp_path / "pairs.jsonl", rows)
+    data.write_jsonl(tmp_path / "bon.jsonl", data.best_of_n(test, 10))
+    assert len(load_pairs(tmp_path / "pairs.jsonl")[0]) == len(rows)
+    sets = load_candidates(tmp_path / "bon.jsonl")  # lazymerge's grader: last number vs gold answer
+    assert [sum(s.correct) for s in sets] == [1] * len(test)
+    assert {s.correct.index(True) for s in sets} == {0, 1, 2, 3}  # the correct one is shuffled
+
+
+def test_general_pairs_reject_off_topic_truncated_and_wrong():
+    train, held = data.split_general(True, 40, 0.34, 0)
+    assert train and held and not {q for q, _, _ in train} & {q for q, _, _ in held}
+    rows = data.general_pairs(train, 2, 4, "g")
+    assert {r["subset"] for r in rows} == {"off-topic", "truncated", "wrong"}
+    for r in rows:
+        if r["subset"] == "truncated":
+            assert r["chosen"].startswith(r["rejected"]) and len(r["rejected"]) < len(r["chosen"])
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_every_stage_and_caches(tmp_path, capsys):
+    work, results = tmp_path / "work", tmp_path / "results"
+    assert mini_dogerm.main(["--tiny", "--work", str(work), "--results", str(results)]) == 0
+    summary = json.loads((work / "summary.json").read_text())
+    assert set(summary["stages"]) == set(STAGES)
+    assert not any(s["cached"] for s in summary["stages"].values())
+    folders = {name: work / f"{name}-{s['key']}" for name, s in summary["stages"].items()}
+    for name, folder in folders.items():
+        assert (folder / "stage.json").is_file(), name
+    for model in ("rm", "sft"):
+        assert (folders[model] / "model.safetensors").is_file()
+        assert json.loads((folders[model] / "config.json").read_text())["architectures"] == [
+            "LlamaForSequenceClassification" if model == "rm" else "LlamaForCausalLM"
+        ]
+    check = summary["likelihood_check"]
+    assert 0.0 <= check["sft"]["rate"]["all"] <= 1.0 and check["sft"]["n"] > 0
+
+    report = json.loads((results / "results.json").read_text())
+    assert [p["weights"][1] for p in report["points"]] == [0.0, 0.5, 1.0]
+    assert report["chosen"]["chosen_on"] == "validation pairs"
+    names = {e["name"]: e for e in report["evaluations"]["pairs"]}
+    assert names["maths-val"]["validation"] and not names["maths-test"]["validation"]
+    assert "general-test" in names and report["evaluations"]["best_of_n"][0]["name"] == "maths-bon"
+    for name in ("report.md", "accuracy.png", "best_of_n.png", "summary.json"):
+        assert (results / name).stat().st_size > 0, name
+    assert summary["headline"]["pairs"]["maths-test"]["reward model alone"]["accuracy"] >= 0.0
+
+    stamps = {name: (f / "stage.json").stat().st_mtime_ns for name, f in folders.items()}
+    capsys.readouterr()
+    assert mini_dogerm.main(["--tiny", "--work", str(work)]) == 0
+    out = capsys.readouterr().out
+    for name in STAGES:
+        assert f"[{name}] cached" in out
+    again = json.loads((work / "summary.json").read_text())
+    assert all(s["cached"] for s in again["stages"].values())
+    assert {name: (f / "stage.json").stat().st_mtime_ns for name, f in folders.items()} == stamps
+    assert again["headline"] == summary["headline"]
+
+    # a finer grid resumes the sweep in place: the scored points are kept, only new ones scored
+    lines = (folders["sweep"] / "sweep" / "results.jsonl").read_text().splitlines()
+    assert mini_dogerm.main(["--tiny", "--work", str(work), "--set", "sweep.alpha=0:1:0.25"]) == 0
+    finer = (folders["sweep"] / "sweep" / "results.jsonl").read_text().splitlines()
+    assert finer[: len(lines)] == lines and len(finer) == len(lines) + 2
+    assert len(json.loads((folders["sweep"] / "sweep" / "results.json").read_text())["points"]) == 5
+
+    # a changed training setting rebuilds that model and what reads it, nothing before it
+    capsys.readouterr()
+    assert mini_dogerm.main(["--tiny", "--work", str(work), "--set", "sft.steps=2"]) == 0
+    out = capsys.readouterr().out
+    for name in ("data", "base", "rm"):
+        assert f"[{name}] cached" in out
+    for name in ("sft", "check", "sweep"):
+        assert f"[{name}] building" in out
+
+
+def test_bad_setting_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        mini_dogerm.main(["--tiny", "--work", str(tmp_path), "--set", "rm.nope=1"])
+    assert exc.value.code == 2
+    assert "no setting rm.nope" in capsys.readouterr().err
