@@ -153,24 +153,11 @@ def naive(inputs: list[Path], out: Path) -> None:
 # ---------------------------------------------------------------- measuring a step from outside
 
 
-def _status(pid: int) -> dict[str, int]:
-    fields = {}
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                parts = value.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    fields[key] = int(parts[0]) * 1024
-    except OSError:
-        pass
-    return fields
-
-
 def measure(tool: str, cmd: list[str], cap: int | None = None, env: dict | None = None) -> dict:
     """Run `cmd`, sampling its memory every SAMPLE_S; its CPU time and block I/O from wait4."""
     start = time.perf_counter()
     from merge_memory import CHECKOUT_ENV
+    from merge_memory import status as proc_status
 
     proc = subprocess.Popen(cmd, env=env or CHECKOUT_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     series: list[tuple[float, int, int, int]] = []
@@ -180,7 +167,7 @@ def measure(tool: str, cmd: list[str], cap: int | None = None, env: dict | None 
 
     def sample() -> None:
         while not done.is_set():
-            f = _status(proc.pid)
+            f = proc_status(proc.pid)
             if "VmRSS" in f:
                 total, anon = f["VmRSS"], f.get("RssAnon", 0)
                 file = f.get("RssFile", 0) + f.get("RssShmem", 0)
