@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,30 @@ def _batches(n: int, batch: int, steps: int, seed: int) -> list[list[int]]:
     return out
 
 
+def _fit(model: Any, n: int, step: Any, cfg: dict, log: Any, what: str) -> float:
+    """AdamW (no weight decay), warm-up then linear decay, gradients clipped at 1, over `cfg["steps"]`
+    seeded batches of `cfg["batch"]` of the n examples; `step(indices)` gives (loss, metrics).
+    Logs every 10 steps and returns the mean loss of the last 10."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    sched = _schedule(opt, cfg["steps"])
+    model.train()
+    start = time.perf_counter()
+    history: list[dict[str, float]] = []
+    for k, idx in enumerate(_batches(n, cfg["batch"], cfg["steps"], cfg["seed"])):
+        loss, metrics = step(idx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        history.append({"loss": loss.item(), **metrics})
+        if k % 10 == 0 or k == cfg["steps"] - 1:
+            recent = history[-10:]
+            shown = ", ".join(f"{m} {sum(h[m] for h in recent) / len(recent):.3f}" for m in recent[0])
+            log(f"    {what} step {k + 1}/{cfg['steps']}: {shown} ({time.perf_counter() - start:.0f} s)")
+    return sum(h["loss"] for h in history[-10:]) / len(history[-10:])
+
+
 def train_reward(base: Path, pairs: list[dict], out: Path, cfg: dict, log: Any) -> dict:
     """Bradley-Terry reward model: the base with a one-output sequence-classification head, every
     parameter trained (AdamW, warm-up then linear decay, bf16 autocast), saved in bf16."""
@@ -145,30 +170,19 @@ def train_reward(base: Path, pairs: list[dict], out: Path, cfg: dict, log: Any) 
         )
         for p in pairs
     ]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    sched = _schedule(opt, cfg["steps"])
-    model.train()
-    losses, accs = [], []
-    for step, idx in enumerate(_batches(len(enc), cfg["batch"], cfg["steps"], cfg["seed"])):
+
+    def step(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         ids, mask = _pad([enc[i][0] for i in idx] + [enc[i][1] for i in idx], tok.pad_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             r = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
         margin = r[: len(idx)] - r[len(idx) :]
         loss = -torch.nn.functional.logsigmoid(margin).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        accs.append((margin > 0).float().mean().item())
-        if step % 10 == 0 or step == cfg["steps"] - 1:
-            log(
-                f"    rm step {step + 1}/{cfg['steps']}: loss {sum(losses[-10:]) / len(losses[-10:]):.3f}, batch accuracy {sum(accs[-10:]) / len(accs[-10:]):.2f}"
-            )
+        return loss, {"batch accuracy": (margin > 0).float().mean().item()}
+
+    final = _fit(model, len(enc), step, cfg, log, "rm")
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
-    return {"pairs": len(pairs), "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+    return {"pairs": len(pairs), "final_loss": final}
 
 
 def _answer_tokens(fmt: Any, prompt: str, response: str) -> tuple[list[int], int]:
@@ -193,31 +207,20 @@ def train_sft(base: Path, rows: list[dict], out: Path, cfg: dict, log: Any) -> d
     model = tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     fmt = formatter(tok, cfg["system"], cfg["max_length"])
     enc = [_answer_tokens(fmt, r["prompt"], r["response"]) for r in rows]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    sched = _schedule(opt, cfg["steps"])
-    model.train()
-    losses = []
-    for step, idx in enumerate(_batches(len(enc), cfg["batch"], cfg["steps"], cfg["seed"])):
+
+    def step(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         ids, mask = _pad([enc[i][0] for i in idx], tok.pad_token_id)
         labels = ids.clone()
         labels[mask == 0] = -100
         for row, i in enumerate(idx):
             labels[row, : enc[i][1]] = -100
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 10 == 0 or step == cfg["steps"] - 1:
-            log(
-                f"    sft step {step + 1}/{cfg['steps']}: answer loss {sum(losses[-10:]) / len(losses[-10:]):.3f}"
-            )
+            return model(input_ids=ids, attention_mask=mask, labels=labels).loss, {}
+
+    final = _fit(model, len(enc), step, cfg, log, "sft")
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
-    return {"examples": len(rows), "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+    return {"examples": len(rows), "final_loss": final}
 
 
 def likelihood_preference(model_dir: Path, pairs: list[dict], cfg: dict) -> dict:
