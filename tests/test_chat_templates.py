@@ -82,8 +82,22 @@ def test_file_template_in_eval_and_bon_recorded_with_sha256(tmp_path: Path) -> N
     cands = write_jsonl(
         tmp_path / "c.jsonl", [{"prompt": "w3", "candidates": [words(4), words(5)], "correct": [True, False]}]
     )
-    proc = cli("bon", str(folder), "--candidates", str(cands), "--n", "2", "--chat-template", "chatml")
+    out = tmp_path / "b.json"
+    proc = cli(
+        "bon",
+        str(folder),
+        "--candidates",
+        str(cands),
+        "--n",
+        "2",
+        "--chat-template",
+        "chatml",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
+    settings = json.loads(out.read_text())["settings"]  # bon records what it scored with, as eval does
+    assert settings["chat_template"].startswith("chatml (sha256 ") and settings["dtype"] == "float32"
 
 
 SANDBOX_ESCAPES = [

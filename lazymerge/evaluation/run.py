@@ -98,19 +98,33 @@ def evaluate_pairs(
         result = rewardbench2.score_rows(rb2_rows, rewardbench2.split_rewards(rb2_rows, rewards))
     else:
         result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], data.autoj_ties)
-    result["written_by"] = f"lazymerge {__version__}"
-    result["model"] = _name(model)
-    result["sources"] = [x.to_dict() for x in sources]
+    return {**result, **_provenance(model, sources, merge, load, sampler)}
+
+
+def _provenance(
+    model: str | Path | Sequence[str | Path],
+    sources: Sequence[Any],
+    merge: MergeOptions | None,
+    load: dict[str, Any],
+    sampler: PeakRssSampler,
+) -> dict[str, Any]:
+    """What a report was scored with: lazymerge, the model (and the in-memory merge), the
+    scoring settings, and the peak memory it took."""
+    out: dict[str, Any] = {
+        "written_by": f"lazymerge {__version__}",
+        "model": _name(model),
+        "sources": [x.to_dict() for x in sources],
+    }
     if merge is not None:
-        result["merged_in_memory"] = {
+        out["merged_in_memory"] = {
             "alpha": merge.alphas[0] if merge.alphas else None,
             "weights": list(merge.weights) if merge.weights else None,
             "method": merge.method,
         }
-    result["settings"] = settings_record(load)
-    result["peak_rss"] = sampler.peak.total
-    result["peak_gpu_memory"] = _gpu_peak(load.get("device", "cpu"))
-    return result
+    out["settings"] = settings_record(load)
+    out["peak_rss"] = sampler.peak.total
+    out["peak_gpu_memory"] = _gpu_peak(load.get("device", "cpu"))
+    return out
 
 
 def settings_record(load: dict[str, Any]) -> dict[str, Any]:
@@ -157,14 +171,10 @@ def evaluate_bon(
         rewards.append(flat[pos : pos + len(s.candidates)])
         pos += len(s.candidates)
     return {
-        "written_by": f"lazymerge {__version__}",
-        "model": _name(model),
-        "sources": [x.to_dict() for x in sources],
         "n_prompts": len(sets),
         "best_of_n": best_of_n(sets, rewards, ns),
         "rewards": [{"id": s.id, "rewards": r} for s, r in zip(sets, rewards, strict=True)],
-        "peak_rss": sampler.peak.total,
-        "peak_gpu_memory": _gpu_peak(load.get("device", "cpu")),
+        **_provenance(model, sources, merge, load, sampler),
     }
 
 
