@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import mini_dogerm_data as data  # noqa: E402
 
+from lazymerge.memory import PeakRssSampler, RssSample  # noqa: E402
+
 SYSTEM = "Be accurate."
 EVAL_FILES = ("maths-val.jsonl", "general-test.jsonl", "maths-test.jsonl", "maths-bon.jsonl")
 
@@ -91,11 +93,17 @@ def digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def peak_rss_mib() -> dict[str, float]:
-    """Peak resident set size so far (Linux reports KiB): this process, and its largest child."""
+def peak_rss_mib(stage: RssSample | None = None) -> dict[str, float | None]:
+    """Peak resident set size so far (Linux reports KiB): this process, and its largest child;
+    with `stage`, the anonymous and file-backed peaks sampled while that stage ran."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"self_mib": round(own, 1), "largest_child_mib": round(child, 1)}
+    out: dict[str, float | None] = {"self_mib": round(own, 1), "largest_child_mib": round(child, 1)}
+    if stage is not None:
+        for part in ("anon", "file"):
+            value = getattr(stage, part)
+            out[f"stage_{part}_mib"] = None if value is None else round(value / 2**20, 1)
+    return out
 
 
 class Pipeline:
@@ -134,9 +142,12 @@ class Pipeline:
                 shutil.rmtree(folder, ignore_errors=True)
             tmp.mkdir(exist_ok=True)
             start = time.perf_counter()
-            info = build(tmp)
+            with PeakRssSampler(interval=0.05) as sampler:
+                info = build(tmp)
             info.update(resumable or {})
-            info.update(key=key, seconds=round(time.perf_counter() - start, 1), peak_rss=peak_rss_mib())
+            info.update(
+                key=key, seconds=round(time.perf_counter() - start, 1), peak_rss=peak_rss_mib(sampler.peak)
+            )
             (tmp / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
             if tmp != folder:
                 os.replace(tmp, folder)
@@ -322,9 +333,14 @@ class Pipeline:
             "peak_rss_this_run": peak_rss_mib(),
             "likelihood_check": {k: check[k] for k in ("base", "sft")},
             "headline": headline(results),
-            "sweep_peak_rss_mib": round(
-                max(p["timing"]["peak_rss"] or 0 for p in results["points"]) / 2**20, 1
-            ),
+            "sweep_peak_rss_mib": {  # the sweep process, over its points
+                part: round(max(p["timing"].get(key) or 0 for p in results["points"]) / 2**20, 1)
+                for part, key in (
+                    ("total", "peak_rss"),
+                    ("anon", "peak_rss_anon"),
+                    ("file", "peak_rss_file"),
+                )
+            },
             "sweep_folder": str(sweep_dir / "sweep"),
         }
         (self.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

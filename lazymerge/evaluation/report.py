@@ -36,6 +36,10 @@ DOGERM_REFERENCE = {
 }
 
 
+def _mib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
+
+
 def _interval(k: int, n: int) -> dict[str, float]:
     low, high = wilson_interval(k, n)
     return {"accuracy": k / n if n else 0.0, "ci_low": low, "ci_high": high, "n": n}
@@ -137,7 +141,16 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
                 r["ci_low"], r["ci_high"] = wilson_interval(k, r["n_prompts"])
             entry["best_of_n"][b.name] = result
         entry["timing"] = {
-            k: record.get(k) for k in ("build_s", "score_s", "bytes_written", "peak_rss", "peak_gpu_memory")
+            k: record.get(k)
+            for k in (
+                "build_s",
+                "score_s",
+                "bytes_written",
+                "peak_rss",
+                "peak_rss_anon",
+                "peak_rss_file",
+                "peak_gpu_memory",
+            )
         }
         points.append(entry)
     chosen, how = choose_point(spec, points)
@@ -323,14 +336,13 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += [
         "## Time per point",
         "",
-        "| point | build s | score s | model bytes written | peak RSS |",
+        "| point | build s | score s | model bytes written | peak RSS: total / anonymous / file-backed |",
         "| --- | --- | --- | --- | --- |",
     ]
     for p in doc["points"]:
         t = p["timing"]
-        lines.append(
-            f"| {p['label']} | {t['build_s']} | {t['score_s']} | {t['bytes_written']} | {t['peak_rss']} |"
-        )
+        rss = " / ".join(_mib(t.get(k)) for k in ("peak_rss", "peak_rss_anon", "peak_rss_file"))
+        lines.append(f"| {p['label']} | {t['build_s']} | {t['score_s']} | {t['bytes_written']} | {rss} |")
     return "\n".join(lines) + "\n"
 
 

@@ -477,6 +477,8 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
         "score_s": round(t2 - t1, 3),
         "bytes_written": written,
         "peak_rss": sampler.peak.total,
+        "peak_rss_anon": sampler.peak.anon,
+        "peak_rss_file": sampler.peak.file,
         "peak_gpu_memory": peak_gpu,
     }
 
