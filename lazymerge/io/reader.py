@@ -212,6 +212,30 @@ def _mostly_cached(fd: int, samples: int = 16) -> bool:
     return True
 
 
+def _pread_fully(
+    info: TensorInfo, fd: int, view: memoryview, position: int, needed: int, block: int = 1
+) -> int:
+    """Fill `view` from `position` of the file; only its first `needed` bytes must exist (with
+    direct I/O the rest of an aligned view may lie past the end of the file). A read that ends
+    early, or (direct, `block` > 1) returns a short count not on a block boundary, is the end of
+    the file: the tensor was truncated. Returns the bytes read."""
+    done, needed = 0, min(needed, len(view))
+    while done < needed:
+        try:
+            got = os.preadv(fd, [view[done:]], position + done)
+        except OSError as exc:
+            raise InputError(
+                f"{info.path}: reading tensor {info.name!r} failed ({exc.strerror or exc})"
+            ) from None
+        if got == 0 or (done + got < needed and (done + got) % block):
+            raise InputError(
+                f"{info.path}: file ended while reading tensor {info.name!r}; it was "
+                "truncated or changed after its header was read"
+            )
+        done += got
+    return done
+
+
 class Checkpoint(Mapping[str, TensorInfo]):
     """A read-only mapping of tensor name to `TensorInfo` over one or more shard files.
 
@@ -291,23 +315,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
             raise InputError(f"{info.path}: is closed; open the checkpoint again to read it")
         fd, pinned = self._pinned[info.path]
         check_unchanged(info.path, fd, pinned)
-        position = info.offset + byte_start
-        view = buffer
-        while len(view):
-            try:
-                got = os.preadv(fd, [view], position)
-            except OSError as exc:
-                raise InputError(
-                    f"{info.path}: reading tensor {info.name!r} failed ({exc.strerror or exc})"
-                ) from None
-            if got == 0:
-                raise InputError(
-                    f"{info.path}: file ended while reading tensor {info.name!r}; it was "
-                    "truncated or changed after its header was read"
-                )
-            view = view[got:]
-            position += got
-            self.bytes_read += got
+        self.bytes_read += _pread_fully(info, fd, buffer, info.offset + byte_start, len(buffer))
 
     def enable_direct_io(self) -> int:
         """Read this checkpoint's files with direct I/O where the filesystem allows it; return how
@@ -360,35 +368,18 @@ class Checkpoint(Mapping[str, TensorInfo]):
         pool = self._piece_pool
         if pool is None or len(pieces) < 2:
             for start, end in pieces:
-                self._read_direct(info, fd, span[start:end], aligned + start, want - start)
+                _pread_fully(info, fd, span[start:end], aligned + start, want - start, DIRECT_ALIGN)
         else:
             futures = [
-                pool.submit(self._read_direct, info, fd, span[start:end], aligned + start, want - start)
+                pool.submit(
+                    _pread_fully, info, fd, span[start:end], aligned + start, want - start, DIRECT_ALIGN
+                )
                 for start, end in pieces
             ]
             for future in futures:
                 future.result()
         self.bytes_read += nbytes
         return buffer[lead : lead + nbytes]
-
-    def _read_direct(self, info: TensorInfo, fd: int, view: memoryview, position: int, needed: int) -> None:
-        """Fill the aligned `view` from `position` with direct reads; only its first `needed`
-        bytes must exist (the rest may lie past the end of the file)."""
-        done, needed = 0, min(needed, len(view))
-        while done < needed:
-            try:
-                got = os.preadv(fd, [view[done:]], position + done)
-            except OSError as exc:
-                raise InputError(
-                    f"{info.path}: reading tensor {info.name!r} failed ({exc.strerror or exc})"
-                ) from None
-            if got == 0 or (done + got < needed and (done + got) % DIRECT_ALIGN):
-                # a short read that is not block-aligned is the end of the file
-                raise InputError(
-                    f"{info.path}: file ended while reading tensor {info.name!r}; it was "
-                    "truncated or changed after its header was read"
-                )
-            done += got
 
     def close(self) -> None:
         if self._piece_pool is not None:
