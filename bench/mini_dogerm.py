@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -401,6 +402,9 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
+MAX_SETTING = 1_000_000  # no setting of the bench is sensibly larger (steps, problems, words)
+
+
 def apply_setting(cfg: dict, item: str) -> None:
     """Apply `a.b=value` (or `a.b=xK`: K times the current number) to cfg, typed like the default;
     ValueError says what is wrong with it."""
@@ -418,11 +422,18 @@ def apply_setting(cfg: dict, item: str) -> None:
         raise ValueError(f"{item}: {path} must be one of {', '.join(data.DOMAIN_REGIMES)}")
     try:
         if isinstance(old, int | float) and value.startswith("x"):
-            node[keys[-1]] = type(old)(old * float(value[1:]))
+            new = type(old)(old * float(value[1:]))
         else:
-            node[keys[-1]] = type(old)(value)
-    except ValueError:
+            new = type(old)(value)
+    except (ValueError, OverflowError):
         raise ValueError(f"{item}: {path} takes a {type(old).__name__}") from None
+    if isinstance(new, int | float):  # counts, rates, fractions: finite, positive (a seed may be 0)
+        above_floor = new >= 0 if keys[-1] == "seed" else new > 0
+        if not (math.isfinite(new) and above_floor and new <= MAX_SETTING):
+            raise ValueError(f"{item}: {path} must be a finite number above 0 and at most {MAX_SETTING:,}")
+        if keys[-1].endswith("fraction") and new >= 1:
+            raise ValueError(f"{item}: {path} is a fraction below 1")
+    node[keys[-1]] = new
 
 
 def configure(base: dict, variant: str | None, settings: list[str]) -> dict:
@@ -550,10 +561,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.variants:
-        summary = run_variants(args.work, base, args.set, args.tiny, args.results)
-    else:
-        summary = Pipeline(args.work, cfg, args.tiny).run(val_only=args.val_only, variant=args.variant)
+    if args.work.exists() and not args.work.is_dir():
+        print(f"mini_dogerm: --work {args.work}: is not a folder", file=sys.stderr)
+        return 1
+    try:
+        if args.variants:
+            summary = run_variants(args.work, base, args.set, args.tiny, args.results)
+        else:
+            summary = Pipeline(args.work, cfg, args.tiny).run(val_only=args.val_only, variant=args.variant)
+    except KeyboardInterrupt:
+        print(f"mini_dogerm: interrupted; finished stages are kept in {args.work}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"mini_dogerm: {exc}", file=sys.stderr)  # a stage's own error; finished stages are kept
+        return 1
     print(
         json.dumps(
             {

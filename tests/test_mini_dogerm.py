@@ -174,10 +174,26 @@ def test_bad_setting_is_a_usage_error(tmp_path, capsys):
         mini_dogerm.main(["--tiny", "--work", str(tmp_path), "--set", "data.domain_regime=huge"])
     assert exc.value.code == 2
     assert "data.domain_regime must be one of medium, hard" in capsys.readouterr().err
-    for bad, says in (("rm.steps", "expected STAGE.KEY=VALUE"), ("rm.steps=many", "rm.steps takes a int")):
+    for bad, says in (
+        ("rm.steps", "expected STAGE.KEY=VALUE"),
+        ("rm.steps=many", "rm.steps takes a int"),
+        ("rm.steps=x1e400", "rm.steps takes a int"),
+        ("rm.lr=nan", "rm.lr must be a finite number above 0"),
+        ("sft.steps=-5", "sft.steps must be a finite number above 0"),
+        ("sft.steps=99999999999999999999", "at most 1,000,000"),
+        ("data.general_eval_fraction=2", "a fraction below 1"),
+    ):
         with pytest.raises(SystemExit) as exc:
             mini_dogerm.main(["--tiny", "--work", str(tmp_path), "--set", bad])
         assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_work_that_is_a_file_is_one_line(tmp_path, capsys):
+    work = tmp_path / "file"
+    work.write_text("mine")
+    assert mini_dogerm.main(["--tiny", "--work", str(work)]) == 1
+    assert capsys.readouterr().err == f"mini_dogerm: --work {work}: is not a folder\n"
+    assert work.read_text() == "mine"
 
 
 def test_variants_change_one_thing_and_set_wins():
