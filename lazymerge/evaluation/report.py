@@ -27,6 +27,7 @@ from lazymerge.evaluation import rewardbench2
 from lazymerge.evaluation.scoring import CODE_SUBSETS, SECTIONS, best_of_n
 from lazymerge.evaluation.stats import Z95, paired_bootstrap, wilson_interval
 from lazymerge.io.writer import write_report
+from lazymerge.progress import format_bytes
 
 #: What DogeRM reports for context (third-party summaries of the paper; not plain accuracies on
 #: these subsets, see the project's DogeRM brief): subset -> (base RM, DogeRM, merged with).
@@ -34,10 +35,6 @@ DOGERM_REFERENCE = {
     "math-prm": [(58.5, 69.9, "MetaMath-7B"), (58.5, 75.5, "MAmmoTH-7B")],
     "hep-*": [(72.6, 78.0, "code SFT model")],
 }
-
-
-def _mib(nbytes: int | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
 
 
 def _interval(k: int, n: int) -> dict[str, float]:
@@ -341,7 +338,10 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for p in doc["points"]:
         t = p["timing"]
-        rss = " / ".join(_mib(t.get(k)) for k in ("peak_rss", "peak_rss_anon", "peak_rss_file"))
+        rss = " / ".join(
+            "-" if t.get(k) is None else format_bytes(t[k])
+            for k in ("peak_rss", "peak_rss_anon", "peak_rss_file")
+        )
         lines.append(f"| {p['label']} | {t['build_s']} | {t['score_s']} | {t['bytes_written']} | {rss} |")
     return "\n".join(lines) + "\n"
 
