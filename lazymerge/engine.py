@@ -367,6 +367,7 @@ class MergePipeline:
         """Stage 3 (thread): append output bytes to the current shard of every output."""
         layouts = self.plan.layouts
         current: list[StreamingShardWriter] = []
+        opened: list[StreamingShardWriter] = []  # closed on an error: close is idempotent and locked
         current_no = -1
         try:
             while True:
@@ -375,15 +376,17 @@ class MergePipeline:
                     break
                 shard_no, buffers, nbytes, last = cast(tuple[int, list[mmap.mmap], int, bool], item)
                 if shard_no != current_no:
-                    current = [
-                        StreamingShardWriter(
-                            self.shard_path(v, layout.shards[shard_no].filename),
-                            layout.shards[shard_no],
-                            hash_on_write=False,
-                            staging=self.workspace.staging[v] if self.workspace.staging else None,
+                    current = []
+                    for v, layout in enumerate(layouts):
+                        current.append(
+                            StreamingShardWriter(
+                                self.shard_path(v, layout.shards[shard_no].filename),
+                                layout.shards[shard_no],
+                                hash_on_write=False,
+                                staging=self.workspace.staging[v] if self.workspace.staging else None,
+                            )
                         )
-                        for v, layout in enumerate(layouts)
-                    ]
+                        opened.append(current[-1])
                     current_no = shard_no
                     self.written += sum(len(layout.shards[shard_no].header) for layout in layouts)
                 for shard_writer, buffer in zip(current, buffers, strict=True):
@@ -401,7 +404,7 @@ class MergePipeline:
                     self.written += len(layout.shards[shard_no].header)
             _put(self.hash_q, _DONE, self.stop)
         except BaseException:
-            for shard_writer in current:
+            for shard_writer in opened:  # the hash thread may be finishing some: they wait
                 shard_writer.close()
             raise
 

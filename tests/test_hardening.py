@@ -232,3 +232,35 @@ def test_interrupted_merge_leaves_nothing_partial(tmp_path: Path, sig: int) -> N
     got, want = load_any(out), reference_merge([a, b], [0.5, 0.5])
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert digest_tree(pa, pb) == before
+
+
+def test_shard_writer_close_races_finish(tmp_path: Path) -> None:
+    """The engine's write thread closes every writer it opened on an error while the hash thread
+    may be finishing one: close waits for finish and is idempotent (no double close, no EBADF)."""
+    import threading
+
+    from lazymerge.io.writer import OutputTensor, StreamingShardWriter, plan_layout
+
+    shard = plan_layout([OutputTensor("w", "F32", (4,))], {}, "s.safetensors", 1 << 20).shards[0]
+    for i in range(200):
+        w = StreamingShardWriter(tmp_path / f"{i}.safetensors", shard)
+        w.write(memoryview(bytes(16)))
+        errors: dict[str, list[BaseException]] = {"finish": [], "close": []}
+
+        def run(name: str, step, errors=errors) -> None:
+            try:
+                step()
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertions below
+                errors[name].append(exc)
+
+        steps = (("finish", w.finish), ("close", w.close), ("close", w.close))
+        threads = [threading.Thread(target=run, args=step) for step in steps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors["close"], errors["close"]  # never a double close
+        if errors["finish"]:  # a close that came first: finish says so, as an OutputError
+            assert all(isinstance(e, OutputError) for e in errors["finish"]), errors["finish"]
+        else:
+            assert load_any(tmp_path / f"{i}.safetensors")["w"].tolist() == [0.0] * 4

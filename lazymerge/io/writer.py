@@ -15,6 +15,7 @@ import math
 import mmap
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -205,7 +206,14 @@ class StreamingShardWriter:
                 self._staging = memoryview(staging)
             except OSError:
                 pass  # tmpfs and some FUSE filesystems refuse O_DIRECT: write buffered
-        self._write(shard.header)
+        # the engine's hash thread finishes a shard while its write thread may, on an error,
+        # close the same writer: finish and close hold this lock, and close is idempotent
+        self._close_lock = threading.RLock()
+        try:
+            self._write(shard.header)
+        except BaseException:
+            self.close()
+            raise
 
     def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -292,6 +300,10 @@ class StreamingShardWriter:
 
     def finish(self) -> None:
         """Check the data is complete, fsync and close."""
+        with self._close_lock:
+            self._finish()
+
+    def _finish(self) -> None:
         if self._written != self._expected:
             raise OutputError(
                 f"{self.path}: {self._written} of {self._expected} data bytes written; incomplete shard"
@@ -307,13 +319,14 @@ class StreamingShardWriter:
         self.close()
 
     def close(self) -> None:
-        if self._direct_fd >= 0:
-            os.close(self._direct_fd)
-            self._direct_fd = -1
-        self._staging = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._close_lock:
+            if self._direct_fd >= 0:
+                os.close(self._direct_fd)
+                self._direct_fd = -1
+            self._staging = None
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def _rename_noreplace(source: Path, target: Path) -> None:
