@@ -699,6 +699,12 @@ def bon(
 @click.option(
     "--restart", is_flag=True, help="Discard the results in OUT made with other inputs or settings."
 )
+@click.option(
+    "--rehash",
+    is_flag=True,
+    help="Hash every weights file: record their SHA-256, or prove on resume that moved or touched "
+    "weights hold the same data (reads all weights once).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout at the end.")
 @click.option(
     "--ray",
@@ -727,6 +733,7 @@ def sweep(
     ns: str,
     write: bool,
     restart: bool,
+    rehash: bool,
     as_json: bool,
     ray_address: str | None,
     ray_gpus: float | None,
@@ -757,6 +764,7 @@ def sweep(
         load=load,
         write=write,
         restart=restart,
+        rehash=rehash,
         **options,
     )
     for name, value in (("--ray-gpus", ray_gpus), ("--ray-cpus", ray_cpus)):

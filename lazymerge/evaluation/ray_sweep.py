@@ -10,7 +10,8 @@ still fails is reported and makes the run fail, never silently missing. Ctrl-C c
 running tasks and keeps the finished points.
 
 Before any scoring, every node checks that it sees the inputs and data files with the
-fingerprints the driver sees (headers and configs hashed, not whole weights); a node that does
+identity the driver sees (`provenance.InputIdentity.portable`: headers, companion files and
+weights files' sizes, not whole weights); a node that does
 not stops the sweep before it starts.
 
 Nothing of Ray is imported unless this module's executor runs.
@@ -30,11 +31,12 @@ from lazymerge.evaluation.sweep import (
     PreparedTexts,
     SweepPoint,
     SweepSpec,
-    _input_fingerprint,
+    _input_paths,
     _sha256_file,
     score_point,
 )
 from lazymerge.progress import format_duration
+from lazymerge.provenance import identify_input
 
 #: Test-only hooks, read in the workers: crash once while scoring a point ("LABEL:MARKER": the
 #: worker exits unless MARKER exists, creating it first), or pretend a path is invisible.
@@ -43,19 +45,18 @@ HIDE_HOOK = "LAZYMERGE_TEST_HIDE_ON_WORKERS"
 MAX_RETRIES = 2
 
 
-def file_fingerprints(spec: SweepSpec, on_worker: bool = False) -> dict[str, str | None]:
-    """Each input's header fingerprint and each data file's SHA-256, as this machine sees them
-    (None for a file it cannot read)."""
+def file_fingerprints(spec: SweepSpec, on_worker: bool = False) -> dict[str, Any]:
+    """Each model input's identity as any machine holding the same files sees it (tensors,
+    companion files, weights files' sizes and recorded hashes: `InputIdentity.portable`) and each
+    data file's SHA-256, as this machine sees them (None for a file it cannot read)."""
     hidden = os.environ.get(HIDE_HOOK) if on_worker else None
-    out: dict[str, str | None] = {}
-    inputs = [*spec.inputs, *([spec.merge.base] if spec.merge.base is not None else [])]
-    data = [*(e.path for e in spec.pair_evals), *(b.path for b in spec.bon_evals)]
-    for path in inputs:
+    out: dict[str, Any] = {}
+    for path in _input_paths(spec):
         try:
-            out[str(path)] = None if hidden == str(path) else _input_fingerprint(Path(path))
+            out[str(path)] = None if hidden == str(path) else identify_input(Path(path)).portable()
         except (OSError, LazyMergeError):
             out[str(path)] = None
-    for path in data:
+    for path in [*(e.path for e in spec.pair_evals), *(b.path for b in spec.bon_evals)]:
         try:
             out[str(path)] = None if hidden == str(path) else _sha256_file(Path(path))
         except (OSError, LazyMergeError):

@@ -98,7 +98,7 @@ def evaluate_pairs(
         result = rewardbench2.score_rows(rb2_rows, rewardbench2.split_rewards(rb2_rows, rewards))
     else:
         result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], data.autoj_ties)
-    return {**result, **_provenance(model, sources, merge, load, sampler)}
+    return {**result, **_provenance(model, sources, merge, load, sampler, Path(pairs_file))}
 
 
 def _provenance(
@@ -107,19 +107,29 @@ def _provenance(
     merge: MergeOptions | None,
     load: dict[str, Any],
     sampler: PeakRssSampler,
+    data_file: Path,
 ) -> dict[str, Any]:
     """What a report was scored with: lazymerge, the model (and the in-memory merge), the
-    scoring settings, and the peak memory it took."""
+    identity of every input and of the data file (`lazymerge.provenance`), the scoring settings,
+    and the peak memory it took."""
+    from lazymerge.provenance import identify_input, sha256_file
+
     out: dict[str, Any] = {
         "written_by": f"lazymerge {__version__}",
         "model": _name(model),
         "sources": [x.to_dict() for x in sources],
+        "identity": [identify_input(x.path).to_dict() for x in sources],
+        "data": {"path": str(data_file), "sha256": sha256_file(data_file)},
     }
     if merge is not None:
         out["merged_in_memory"] = {
             "alpha": merge.alphas[0] if merge.alphas else None,
             "weights": list(merge.weights) if merge.weights else None,
             "method": merge.method,
+            "density": merge.density,
+            "seed": merge.seed,
+            "strict": merge.strict,
+            "rm": merge.rm,
         }
     out["settings"] = settings_record(load)
     out["peak_rss"] = sampler.peak.total
@@ -129,7 +139,7 @@ def _provenance(
 
 def settings_record(load: dict[str, Any]) -> dict[str, Any]:
     """The scoring settings as JSON values (the chat template by name or file and SHA-256)."""
-    out = {k: v for k, v in load.items() if k != "batch_size"}
+    out = dict(load)
     if out.get("chat_template") is not None:
         out["chat_template"] = out["chat_template"].record()
     return out
@@ -174,7 +184,7 @@ def evaluate_bon(
         "n_prompts": len(sets),
         "best_of_n": best_of_n(sets, rewards, ns),
         "rewards": [{"id": s.id, "rewards": r} for s, r in zip(sets, rewards, strict=True)],
-        **_provenance(model, sources, merge, load, sampler),
+        **_provenance(model, sources, merge, load, sampler, Path(candidates_file)),
     }
 
 

@@ -16,7 +16,6 @@ tokenizer, which the plan fixes whatever the weights.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -36,6 +35,13 @@ from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
 from lazymerge.io.writer import DestinationLock, check_against_inputs
 from lazymerge.options import MergeOptions
 from lazymerge.progress import format_bytes, format_duration
+from lazymerge.provenance import (
+    InputIdentity,
+    absolute,
+    compare_inputs,
+    identify_inputs,
+    identity_from_dict,
+)
 
 RESULTS = "results.jsonl"
 #: Files a sweep writes into its folder (besides kept models under models/).
@@ -98,6 +104,8 @@ class SweepSpec:
     bon_evals: tuple[BestOfNEvaluation, ...] = ()
     write: bool = False
     restart: bool = False
+    #: hash every weights file (record their SHA-256, or prove on resume they did not change)
+    rehash: bool = False
     domain_names: tuple[str, ...] = ()
     rm_index: int = 0
     #: Each input (base model last) as named and as read (a local path or a cache snapshot).
@@ -218,44 +226,44 @@ def load_evaluations(
 
 
 def _sha256_file(path: Path) -> str:
-    from lazymerge.io.small_files import open_regular
+    from lazymerge.provenance import sha256_file
 
-    digest = hashlib.sha256()
-    with os.fdopen(open_regular(path), "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
-def _input_fingerprint(path: Path) -> str:
-    """Headers and configs, not whole weights: names, dtypes, shapes and sizes of every tensor,
-    plus the bytes of config and tokenizer files."""
-    from lazymerge.io.reader import Checkpoint
+def _input_paths(spec: SweepSpec) -> list[Path]:
+    """The model inputs a sweep's results depend on: its inputs, then the base model if any."""
+    return [*spec.inputs, *([spec.merge.base] if spec.merge.base is not None else [])]
 
-    digest = hashlib.sha256()
-    with Checkpoint.open(path) as ckpt:
-        for name in sorted(ckpt):
-            info = ckpt[name]
-            digest.update(f"{name}\0{info.dtype}\0{info.shape}\0{info.nbytes}\n".encode())
-    folder = path if path.is_dir() else path.parent
-    for extra in (
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "added_tokens.json",
-        "tokenizer.model",
-    ):
-        if (folder / extra).is_file():
-            digest.update(extra.encode() + b"\0" + _sha256_file(folder / extra).encode())
-    return digest.hexdigest()[:32]
+
+def input_identities(spec: SweepSpec, hash_weights: bool = False) -> list[InputIdentity]:
+    """Each model input's identity now (see `lazymerge.provenance`)."""
+    return identify_inputs(_input_paths(spec), hash_weights)
+
+
+#: Merge options that change no merged weight (memory and I/O only), left out of the fingerprint.
+_MERGE_IO_OPTIONS = frozenset(
+    {
+        "weights",
+        "alphas",
+        "shard_size",
+        "max_memory",
+        "chunk_elems",
+        "block_elems",
+        "max_points",
+        "direct_io",
+        "base",
+    }
+)
 
 
 def fingerprint(spec: SweepSpec) -> dict[str, Any]:
-    """What results depend on: a results file made under another fingerprint is not mixed in."""
+    """The data and settings results depend on (the model inputs' identity is kept beside it,
+    see `input_identities`): a results file made under another fingerprint is not mixed in."""
     m = spec.merge
     return {
-        "inputs": [f"{p}#{_input_fingerprint(p)}" for p in spec.inputs],
-        "base": f"{m.base}#{_input_fingerprint(m.base)}" if m.base is not None else None,
+        "inputs": [str(p) for p in spec.inputs],
+        "base": str(m.base) if m.base is not None else None,
         "pairs": [
             f"{e.name}:{'val' if e.validation else 'test'}#{_sha256_file(e.path)[:32]}"
             for e in spec.pair_evals
@@ -263,7 +271,11 @@ def fingerprint(spec: SweepSpec) -> dict[str, Any]:
         "candidates": [
             f"{e.name}:{','.join(map(str, e.ns))}#{_sha256_file(e.path)[:32]}" for e in spec.bon_evals
         ],
-        "merge": {"method": m.method, "density": m.density, "seed": m.seed, "strict": m.strict, "rm": m.rm},
+        "merge": {
+            f.name: _json_value(getattr(m, f.name))
+            for f in dataclasses.fields(m)
+            if f.name not in _MERGE_IO_OPTIONS
+        },
         "scoring": {
             "device": spec.load.device.split(":")[0],
             "dtype": spec.load.dtype,
@@ -272,54 +284,207 @@ def fingerprint(spec: SweepSpec) -> dict[str, Any]:
             "max_length": spec.load.max_length,
             "system_prompt": spec.load.system_prompt,
             "batch_size": spec.load.batch_size,
-            # only when given, so sweeps made before the option existed still resume
-            **(
-                {"chat_template": spec.load.chat_template.record()}
-                if spec.load.chat_template is not None
-                else {}
-            ),
+            "chat_template": spec.load.chat_template.record()
+            if spec.load.chat_template is not None
+            else None,
         },
     }
 
 
-def read_results(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]], int]:
-    """(header, finished points by label, byte length of the complete lines).
+def _json_value(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
 
-    A last line without its newline (a run killed while appending) is not a finished point.
+
+#: Largest results file read back (a point's record is about 20 bytes per text scored).
+MAX_RESULTS_BYTES = 2 << 30
+#: Longest point label (labels are made from the weights: a few dozen characters).
+_MAX_LABEL = 1000
+_RECORDS = ("sweep", "point", "identity")
+
+
+def _strict_json(line: bytes, where: str) -> Any:
+    def no_constant(name: str) -> Any:
+        raise InputError(f"{where}: holds {name}, which is not a number results may hold")
+
+    try:
+        return json.loads(line, parse_constant=no_constant)
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply; this is not a lazymerge sweep file") from None
+    except ValueError:
+        raise InputError(f"{where}: is not JSON; this is not a lazymerge sweep file") from None
+
+
+@dataclass
+class ResultsFile:
+    """A sweep's results file as read back: its header, the input identity it records, its points."""
+
+    header: dict[str, Any] | None
+    identity: list[Any] | None
+    points: dict[str, dict[str, Any]]
+    #: line number of each point, for messages
+    lines: dict[str, int]
+    complete: int
+
+
+def read_results_file(path: Path) -> ResultsFile:
+    """Read a results file (untrusted: every line checked for what it is and how it nests; the
+    points' shapes are checked against a sweep by `check_points`).
+
+    A last line without its newline (a run killed while appending) is not a finished point. A
+    point recorded twice is refused.
+
+    Raises:
+        InputError naming the file and line.
     """
     if not path.exists():
-        return None, {}, 0
-    raw = path.read_bytes()
-    complete = raw[: raw.rfind(b"\n") + 1]
-    header: dict[str, Any] | None = None
-    points: dict[str, dict[str, Any]] = {}
-    for number, line in enumerate(complete.splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except ValueError:
+        return ResultsFile(None, None, {}, {}, 0)
+    try:
+        if path.stat().st_size > MAX_RESULTS_BYTES:
             raise InputError(
-                f"{path}: line {number} is not JSON; this is not a lazymerge sweep file"
-            ) from None
-        if not isinstance(record, dict):
-            raise InputError(f"{path}: line {number} is not a JSON object")
-        if number == 1:
-            if record.get("record") != "sweep":
-                raise InputError(f"{path}: not a lazymerge sweep results file (no header line)")
-            header = record
-        elif record.get("record") == "point":
-            points[str(record["label"])] = record
-    return header, points, len(complete)
+                f"{path}: over {format_bytes(MAX_RESULTS_BYTES)}; not a results file of this sweep"
+            )
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    complete = raw[: raw.rfind(b"\n") + 1]
+    out = ResultsFile(None, None, {}, {}, len(complete))
+    for number, line in enumerate(complete.splitlines(), start=1):
+        where = f"{path}: line {number}"
+        record = _strict_json(line, where)
+        kind = record.get("record") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or kind not in _RECORDS:
+            raise InputError(
+                f"{where}: not a lazymerge sweep record (an object whose record is {', '.join(_RECORDS)})"
+            )
+        if (number == 1) != (kind == "sweep"):
+            raise InputError(
+                f"{path}: not a lazymerge sweep results file (no header line)"
+                if number == 1
+                else f"{where}: a second header line"
+            )
+        if kind == "sweep":
+            if not isinstance(record.get("fingerprint"), dict):
+                raise InputError(f"{where}: the header has no fingerprint object")
+            out.header = record
+            identity = record.get("identity")
+        elif kind == "identity":
+            identity = record.get("identity")
+        else:
+            label = record.get("label")
+            if not isinstance(label, str) or not 0 < len(label) <= _MAX_LABEL:
+                raise InputError(f"{where}: a point's label must be a string of 1 to {_MAX_LABEL} characters")
+            if label in out.points:
+                raise InputError(
+                    f"{where}: point {label[:100]} is recorded twice (first on line {out.lines[label]}); "
+                    "results must not be mixed: use --restart"
+                )
+            out.points[label], out.lines[label] = record, number
+            continue
+        if identity is not None and not isinstance(identity, list):
+            raise InputError(f"{where}: identity must be a list")
+        out.identity = identity
+    return out
+
+
+def read_results(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]], int]:
+    """(header, finished points by label, byte length of the complete lines); see `read_results_file`."""
+    results = read_results_file(path)
+    return results.header, results.points, results.complete
+
+
+def _finite_list(value: Any, length: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == length
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
+def _point_problem(spec: SweepSpec, record: dict[str, Any]) -> str | None:
+    """What is wrong with a point's record for this sweep, or None."""
+    weights = record.get("weights")
+    if not _finite_list(weights, len(spec.inputs)):
+        return f"weights must be {len(spec.inputs)} finite numbers"
+    if not isinstance(record.get("baseline"), bool):
+        return "baseline must be true or false"
+    pairs = {e.name: len(e.pairs) for e in spec.pair_evals if not e.rewardbench2}
+    got = record.get("pairs")
+    if not isinstance(got, dict) or set(got) != set(pairs):
+        return f"pairs must hold {', '.join(sorted(pairs)) or 'nothing'}"
+    for name, n in pairs.items():
+        entry = got[name]
+        if not isinstance(entry, dict) or not all(
+            _finite_list(entry.get(k), n) for k in ("chosen", "rejected")
+        ):
+            return f"pairs {name[:100]}: chosen and rejected must be {n} finite rewards each"
+    nested = [
+        ("best_of_n", {b.name: [len(s.candidates) for s in b.sets] for b in spec.bon_evals}),
+        (
+            "rewardbench2",
+            {e.name: [len(r.completions) for r in e.rewardbench2] for e in spec.pair_evals if e.rewardbench2},
+        ),
+    ]
+    for key, shapes in nested:
+        got = record.get(key, {} if not shapes else None)
+        if not isinstance(got, dict) or set(got) != set(shapes):
+            return f"{key} must hold {', '.join(sorted(shapes)) or 'nothing'}"
+        for name, lengths in shapes.items():
+            rows = got[name].get("rewards") if isinstance(got[name], dict) else None
+            if not (
+                isinstance(rows, list)
+                and len(rows) == len(lengths)
+                and all(_finite_list(r, n) for r, n in zip(rows, lengths, strict=True))
+            ):
+                return f"{key} {name[:100]}: rewards must be {len(lengths)} lists of finite rewards, one per prompt"
+    for key in ("build_s", "score_s"):
+        if not _finite_list([record.get(key)], 1):
+            return f"{key} must be a finite number"
+    return None
+
+
+def check_points(spec: SweepSpec, path: Path, results: ResultsFile) -> None:
+    """Every recorded point has the shape this sweep gives a point: its weights, and one finite
+    reward per text of every evaluation.
+
+    Raises:
+        InputError naming the file, line and what is wrong.
+    """
+    for label, record in results.points.items():
+        problem = _point_problem(spec, record)
+        if problem is not None:
+            raise InputError(f"{path}: line {results.lines[label]} (point {label[:100]}): {problem}")
+
+
+def _describe(value: Any) -> str:
+    """A value from a results file for a message: short values as they are, others by type and size."""
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else None
+    if text is not None and len(text) <= 80:
+        return text
+    size = len(value) if isinstance(value, (str, list, dict)) else 0
+    return (
+        f"a {type(value).__name__} of {size} items"
+        if not isinstance(value, str)
+        else f"a string of {size} characters"
+    )
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(set(old) | set(new), key=str):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(_differences(a, b, f"{prefix}{key}."))
         elif a != b:
-            out.append(f"{prefix}{key} ({a!r} then, {b!r} now)")
+            out.append(f"{prefix}{str(key)[:100]} ({_describe(a)} then, {_describe(b)} now)")
     return out
+
+
+def _refuse(results: Path, what: str, diffs: list[str]) -> OptionError:
+    return OptionError(
+        f"{results}: made with {what}: {'; '.join(diffs[:3])}"
+        + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        + "; use another folder, or --restart to discard those results"
+    )
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
@@ -338,6 +503,32 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         if path.exists() and path.stat().st_size == 0:
             path.unlink()
         raise OutputError(f"{path}: cannot append a finished point ({exc.strerror or exc})") from None
+
+
+def _header(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, Any]:
+    identity = [i.to_dict() for i in input_identities(spec, hash_weights=spec.rehash)]
+    return {
+        "record": "sweep",
+        "written_by": f"lazymerge {__version__}",
+        "fingerprint": fp,
+        "identity": identity,
+    }
+
+
+def _check_identity(spec: SweepSpec, results: Path, recorded: list[Any] | None) -> None:
+    """Refuse to resume when an input changed since its results were scored; with `rehash`,
+    prove by content the weights are the same and record their identity now."""
+    if recorded is None:
+        raise OptionError(
+            f"{results}: made by an earlier lazymerge that did not record the inputs' identity, so these "
+            "results cannot be checked against the models now; use another folder, or --restart to rescore"
+        )
+    old = [identity_from_dict(doc, f"{results}: line 1") for doc in recorded]
+    diffs, now = compare_inputs(old, input_identities(spec), spec.rehash)
+    if diffs:
+        raise _refuse(results, "other inputs", diffs)
+    if [i.to_dict() for i in now] != recorded:  # same content, new stat (copied, touched): remember it
+        _append(results, {"record": "identity", "identity": [i.to_dict() for i in now]})
 
 
 def _prepare_folder(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -361,25 +552,24 @@ def _prepare_folder(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, dict[str, 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{out}: cannot create ({exc.strerror or exc})") from None
-    header, done, complete = read_results(results)
-    if header is not None and header.get("fingerprint") != fp:
-        if not spec.restart:
-            diffs = _differences(header.get("fingerprint", {}), fp)
-            raise OptionError(
-                f"{results}: made with other inputs, data or settings: {'; '.join(diffs[:3])}"
-                + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "")
-                + "; use another folder, or --restart to discard those results"
-            )
-    if header is None or spec.restart:
+    if spec.restart:
         for name in SWEEP_FILES:
             (out / name).unlink(missing_ok=True)
-        _append(results, {"record": "sweep", "written_by": f"lazymerge {__version__}", "fingerprint": fp})
+    found = read_results_file(results)
+    if found.header is None:
+        for name in SWEEP_FILES:
+            (out / name).unlink(missing_ok=True)
+        _append(results, _header(spec, fp))
         return {}
-    if results.stat().st_size != complete:  # a point cut off by a kill: drop its partial line
+    if found.header.get("fingerprint") != fp:
+        raise _refuse(results, "other data or settings", _differences(found.header["fingerprint"], fp))
+    check_points(spec, results, found)
+    if results.stat().st_size != found.complete:  # a point cut off by a kill: drop its partial line
         with open(results, "r+b") as fh:
-            fh.truncate(complete)
+            fh.truncate(found.complete)
             os.fsync(fh.fileno())
-    return done
+    _check_identity(spec, results, found.identity)
+    return found.points
 
 
 # --- scoring ------------------------------------------------------------------------------
@@ -645,6 +835,7 @@ def build_spec(
     load: dict[str, Any] | None = None,
     write: bool = False,
     restart: bool = False,
+    rehash: bool = False,
     **merge: Any,
 ) -> SweepSpec:
     """Check the sweep's options, find the reward model, build the grid and read the data.
@@ -689,11 +880,17 @@ def build_spec(
         )
     options = MergeOptions(**merge)  # checks method, density, memory, ...
     options.check_inputs(len(inputs))
-    sources = resolve_inputs(inputs)  # Hugging Face ids: their snapshots in the local cache
+    # Hugging Face ids: their snapshots in the local cache; local paths made absolute here, once,
+    # so Ray workers, reports and the results file's identity all see the paths checked here
+    sources = [dataclasses.replace(s, path=absolute(s.path)) for s in resolve_inputs(inputs)]
     if options.base is not None:
         base = resolve_input(options.base)
+        base = dataclasses.replace(base, path=absolute(base.path))
         options = dataclasses.replace(options, base=base.path)
         sources.append(base)
+    pair_files = [absolute(p) for p in pair_files]
+    val_pairs = absolute(val_pairs) if val_pairs is not None else None
+    candidate_files = [absolute(p) for p in candidate_files]
     inputs = [s.path for s in sources[: len(inputs)]]
     checkpoints = open_inputs(list(inputs))
     try:
@@ -715,7 +912,7 @@ def build_spec(
     pair_evals, bon_evals = load_evaluations(pair_files, val_pairs, candidate_files, ns)
     return SweepSpec(
         inputs=tuple(Path(p) for p in inputs),
-        out=Path(out),
+        out=absolute(out),
         points=tuple(points),
         merge=options,
         load=LoadSettings(**(load or {})),
@@ -723,6 +920,7 @@ def build_spec(
         bon_evals=bon_evals,
         write=write,
         restart=restart,
+        rehash=rehash,
         domain_names=tuple(
             s.repo_id or Path(s.given).name for i, s in enumerate(sources[: len(inputs)]) if i != rm_index
         ),
