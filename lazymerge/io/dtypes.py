@@ -88,11 +88,13 @@ def torch_dtype(dtype: str) -> torch.dtype:
     return getattr(torch, DTYPES[dtype].torch_name)  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor lives: its file, dtype, shape and absolute byte range in that file.
 
-    The one record for tensors of safetensors shards and `.bin` archives alike.
+    The one record for tensors of safetensors shards and `.bin` archives alike. A checkpoint
+    may hold a million of them, hence slots (no per-record `__dict__`: 80 bytes a record, not
+    about 300); readers share one `path` object per file and one `dtype` string per dtype.
     """
 
     name: str

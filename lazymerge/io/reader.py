@@ -17,8 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from lazymerge.errors import HeaderJsonError, InputError, ShardIndexError
+from lazymerge.io import header as header_format
 from lazymerge.io.dtypes import TensorInfo
-from lazymerge.io.header import Header, parse_header, read_header_length
+from lazymerge.io.header import Header, parse_header, read_header_length, too_many_tensors
 from lazymerge.io.small_files import open_regular, read_small_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -43,7 +44,11 @@ def read_header_file(path: Path) -> Header:
             size = os.fstat(fh.fileno()).st_size
             prefix = fh.read(8)
             length = read_header_length(prefix, size, source)
-            raw = prefix + fh.read(length)
+            # read in place: a header may be 100 MB, and `prefix + fh.read()` holds it twice
+            raw = bytearray(8 + length)
+            raw[:8] = prefix
+            got = fh.readinto(memoryview(raw)[8:])
+            del raw[8 + got :]  # (the file shrank since fstat: parse_header says truncated)
     except OSError as exc:
         raise InputError(f"{source}: cannot read ({exc.strerror or exc})") from None
     return parse_header(raw, size, source)
@@ -280,6 +285,10 @@ class Checkpoint(Mapping[str, TensorInfo]):
                 check_unchanged(shard, *pinned[shard])
                 metadata = metadata or shard_metadata
                 _add_entries(tensors, entries, shard, weight_map, index_path)
+                del entries
+                # each shard is under the cap (its parse stops there); together they may not be
+                if len(tensors) > header_format.MAX_TENSORS:
+                    raise too_many_tensors(index_path or root, len(tensors))
         except BaseException:
             for fd, _ in pinned.values():
                 os.close(fd)
