@@ -63,6 +63,10 @@ DTYPES: dict[str, DtypeInfo] = {
 #: them: its chunks are whole elements.
 SUB_BYTE_DTYPES: dict[str, int] = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
+#: Complex dtypes: never merged, but `verify --finite` checks both parts of each value.
+COMPLEX_DTYPES: frozenset[str] = frozenset(
+    name for name, info in DTYPES.items() if info.torch_name.startswith("complex")
+)
 #: Output dtype choices of `--dtype` (besides "auto") and their safetensors names.
 OUTPUT_DTYPE_CHOICES: dict[str, str] = {
     info.option: name for name, info in DTYPES.items() if info.option is not None
