@@ -13,11 +13,11 @@ from typing import Any
 
 from lazymerge.errors import LazyMergeError, OutputError
 from lazymerge.io.hub_cache import resolve_inputs
-from lazymerge.io.reader import Checkpoint
+from lazymerge.io.reader import Checkpoint, resolve_checkpoint_files
 from lazymerge.io.writer import OutputTransaction, check_against_inputs, check_destination
 from lazymerge.memory import PeakRssSampler
 from lazymerge.options import MergeOptions
-from lazymerge.plan import MergePlan, default_output, plan_merge
+from lazymerge.plan import MergePlan, default_output, is_single_file, plan_merge
 from lazymerge.progress import ProgressBar, format_bytes
 
 PathLike = str | os.PathLike[str]
@@ -85,17 +85,6 @@ def open_inputs(inputs: Sequence[PathLike]) -> list[Checkpoint]:
     return opened
 
 
-def check_output(destination: Path, checkpoints: Sequence[Checkpoint]) -> None:
-    """The output rule for inputs (see `writer.check_against_inputs`).
-
-    Raises:
-        OutputError
-    """
-    check_against_inputs(
-        destination, [c.path for c in checkpoints], [f for c in checkpoints for f in c.files]
-    )
-
-
 def ensure_open_files(needed: int) -> None:
     """Raise the soft open-file limit when a merge needs more descriptors than it allows.
 
@@ -157,14 +146,17 @@ def prepare(
     paths = [s.path for s in sources]
     destination = Path(output) if output is not None else default_output(paths[: len(inputs)])
     options.check_destination_kind(destination)
+    # the output rule first: an existing or misplaced output is refused before a header is
+    # read (headers of a large model take seconds; an index names the shard files without them)
+    files = [f for p in paths for f in resolve_checkpoint_files(p)[0]]
+    check_against_inputs(destination, paths, files)
+    if not destination.parent.is_dir():
+        raise OutputError(f"{destination}: folder {destination.parent} does not exist")
+    check_destination(destination, is_single_file(destination), force)
     checkpoints = open_inputs(paths)
     try:
-        check_output(destination, checkpoints)
         plan = plan_merge(checkpoints, options, destination, sources=sources)
         ensure_open_files(sum(len(c.files) for c in checkpoints) + 2 * len(plan.variants))
-        if not destination.parent.is_dir():
-            raise OutputError(f"{destination}: folder {destination.parent} does not exist")
-        check_destination(destination, plan.single_file, force)
     except BaseException:
         for ckpt in checkpoints:
             ckpt.close()

@@ -56,6 +56,10 @@ class DataLengthError(HeaderError):
     """The tensor data does not end exactly at the end of the file."""
 
 
+class TooManyTensorsError(HeaderError):
+    """A file or checkpoint lists more tensors than lazymerge reads per input (`header.MAX_TENSORS`)."""
+
+
 class ShardIndexError(HeaderError):
     """A `*.safetensors.index.json` file is malformed or disagrees with its shards."""
 

@@ -39,9 +39,9 @@ from lazymerge.workspace import (
 )
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class TensorPlan:
-    """One output tensor and how it is made.
+    """One output tensor and how it is made (slotted: a plan may hold a million of them).
 
     Attributes:
         sources: one entry per input, None where that input does not contribute.
@@ -365,6 +365,12 @@ def default_output(inputs: Sequence[str | os.PathLike[str]]) -> Path:
     return Path("merged.safetensors")
 
 
+def is_single_file(destination: Path) -> bool:
+    """Whether an output is one .safetensors file (else a folder of shards and companion files);
+    the output checks and the plan both ask here."""
+    return destination.name.endswith(".safetensors")
+
+
 def plan_merge(
     checkpoints: Sequence[Checkpoint],
     options: MergeOptions,
@@ -388,7 +394,7 @@ def plan_merge(
     n = len(checkpoints) - (options.base is not None)
     options.check_inputs(n)
     options.check_destination_kind(destination)
-    single_file = destination.name.endswith(".safetensors")
+    single_file = is_single_file(destination)
     models = [ModelInput.open(c) for c in checkpoints[:n]]
     rm_index = find_reward_model(models, options.rm)
     if rm_index is None:

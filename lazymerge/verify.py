@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymerge.errors import IntegrityError, NonFiniteError
-from lazymerge.io.dtypes import is_float, torch_dtype
+from lazymerge.io.dtypes import COMPLEX_DTYPES, is_float, torch_dtype
 from lazymerge.io.hub_cache import resolve_input
 from lazymerge.io.reader import Checkpoint, read_header_file
 from lazymerge.io.writer import DATA_HASH_KEY
@@ -37,7 +37,7 @@ class VerifyReport:
         if self.unhashed:
             lines.append(f"  no recorded hash (not written by lazymerge): {', '.join(self.unhashed)}")
         if self.finite_checked:
-            lines.append(f"  {self.finite_checked} floating-point tensors hold no NaN or Inf")
+            lines.append(f"  {self.finite_checked} floating-point or complex tensors hold no NaN or Inf")
         return "\n".join(lines)
 
 
@@ -87,15 +87,20 @@ def verify_checkpoint(path: str | os.PathLike[str], finite: bool = False) -> Ver
             report.hashes_checked += 1
         if finite:
             for info in ckpt.values():
-                if not is_float(info.dtype) or not info.nbytes:
+                complex_values = info.dtype in COMPLEX_DTYPES
+                if not (is_float(info.dtype) or complex_values) or not info.nbytes:
                     continue
                 step = max(info.itemsize, _BLOCK // info.itemsize * info.itemsize)
                 buf = bytearray(min(step, info.nbytes))
                 for begin in range(0, info.nbytes, step):
                     view = memoryview(buf)[: min(step, info.nbytes - begin)]
                     ckpt.read_into(info, begin, view)
-                    values = torch.frombuffer(view, dtype=torch_dtype(info.dtype)).float()
+                    values = torch.frombuffer(view, dtype=torch_dtype(info.dtype))
+                    # a complex number is finite when both parts are; `.float()` would drop the
+                    # imaginary part, so its parts are checked as a (..., 2) real view
+                    values = torch.view_as_real(values) if complex_values else values.float()
                     if not bool(torch.isfinite(values).all()):
-                        raise NonFiniteError(f"{info.path}: tensor {info.name!r} holds NaN or Inf")
+                        part = " (in its real or imaginary part)" if complex_values else ""
+                        raise NonFiniteError(f"{info.path}: tensor {info.name!r} holds NaN or Inf{part}")
                 report.finite_checked += 1
     return report

@@ -63,6 +63,10 @@ DTYPES: dict[str, DtypeInfo] = {
 #: them: its chunks are whole elements.
 SUB_BYTE_DTYPES: dict[str, int] = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
+#: Complex dtypes: never merged, but `verify --finite` checks both parts of each value.
+COMPLEX_DTYPES: frozenset[str] = frozenset(
+    name for name, info in DTYPES.items() if info.torch_name.startswith("complex")
+)
 #: Output dtype choices of `--dtype` (besides "auto") and their safetensors names.
 OUTPUT_DTYPE_CHOICES: dict[str, str] = {
     info.option: name for name, info in DTYPES.items() if info.option is not None
@@ -88,11 +92,13 @@ def torch_dtype(dtype: str) -> torch.dtype:
     return getattr(torch, DTYPES[dtype].torch_name)  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor lives: its file, dtype, shape and absolute byte range in that file.
 
-    The one record for tensors of safetensors shards and `.bin` archives alike.
+    The one record for tensors of safetensors shards and `.bin` archives alike. A checkpoint
+    may hold a million of them, hence slots (no per-record `__dict__`: 80 bytes a record, not
+    about 300); readers share one `path` object per file and one `dtype` string per dtype.
     """
 
     name: str

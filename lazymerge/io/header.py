@@ -24,12 +24,17 @@ from lazymerge.errors import (
     OffsetError,
     SubByteDtypeError,
     TensorSizeError,
+    TooManyTensorsError,
     UnknownDtypeError,
 )
 from lazymerge.io.dtypes import DTYPES, SUB_BYTE_DTYPES, TensorInfo
 
 #: Largest header accepted, in bytes (the limit safetensors itself applies).
 MAX_HEADER_SIZE = 100_000_000
+#: Most tensors one input may list, over all its shards. Each costs about 250 bytes once read
+#: (name, record, dict slot) and about as much again in the plan, so a million stays under a
+#: gigabyte for a two-input plan; the largest public checkpoints list about 100,000.
+MAX_TENSORS = 1_000_000
 #: Byte offsets and sizes must fit an unsigned 64-bit integer, as in the format's reference reader.
 _U64_MAX = 2**64 - 1
 
@@ -44,7 +49,7 @@ class Header:
     data_start: int
 
 
-def read_header_length(prefix: bytes, file_size: int, source: str) -> int:
+def read_header_length(prefix: bytes | bytearray, file_size: int, source: str) -> int:
     """Return the header length announced by the first 8 bytes, checked against the file size.
 
     Raises:
@@ -69,20 +74,101 @@ def read_header_length(prefix: bytes, file_size: int, source: str) -> int:
     return length
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise HeaderJsonError(f"key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
 def _is_uint(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _U64_MAX
 
 
-def parse_header(raw: bytes, file_size: int, source: str) -> Header:
+def describe_value(value: Any, limit: int = 60) -> str:
+    """A JSON value for an error message, never longer than about `limit` characters: a hostile
+    header may hold a list of millions of items, or a string of megabytes, where a shape or a
+    dtype should be."""
+    if isinstance(value, (list, dict)) and len(value) > 8:
+        what = "list" if isinstance(value, list) else "object"
+        return f"a {what} of {len(value):,} items"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text):,} characters)"
+
+
+def tensor_label(name: str) -> str:
+    """A tensor name for an error message (a name may be megabytes long)."""
+    return describe_value(name, 200)
+
+
+#: A validated entry, as the JSON parser's hook leaves it: (dtype, shape, begin, end), relative
+#: offsets. Plain JSON never yields a tuple, so a tuple in the parsed document is one of these.
+_Fields = tuple[str, tuple[int, ...], int, int]
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+#: The canonical string of each dtype name, so that every record of a file shares one object.
+_DTYPE_NAMES = {name: name for name in DTYPES}
+
+
+def _valid_fields(obj: dict[str, Any], shapes: dict[tuple[int, ...], tuple[int, ...]]) -> _Fields | None:
+    """The fields of an entry when every check passes, else None (`_parse_entry` then says what
+    is wrong, with the tensor's name, which only the enclosing object knows)."""
+    dtype, shape, offsets = obj["dtype"], obj["shape"], obj["data_offsets"]
+    canonical = _DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else None
+    if canonical is None or not isinstance(shape, list) or not isinstance(offsets, list):
+        return None
+    if len(offsets) != 2 or not all(_is_uint(d) for d in shape) or not all(_is_uint(o) for o in offsets):
+        return None
+    begin, end = offsets
+    nbytes = DTYPES[canonical].itemsize
+    for dim in shape:
+        nbytes *= dim
+        if nbytes > _U64_MAX:
+            return None
+    if end < begin or nbytes != end - begin:
+        return None
+    dims = tuple(shape)
+    # one tuple per distinct shape: a model repeats a few shapes thousands of times
+    return canonical, shapes.setdefault(dims, dims), begin, end
+
+
+class _EntryParser:
+    """The JSON parser's `object_pairs_hook` for a header.
+
+    It refuses repeated keys, turns each valid tensor entry into a small tuple as soon as it is
+    parsed (a dict of two lists costs about 1 KB per tensor; the tuple, with shared dtype and
+    shape objects, under 100 bytes), and stops the parse once the objects outnumber
+    `MAX_TENSORS`, so a hostile header cannot grow the parse's memory past that.
+    """
+
+    def __init__(self, source: str, raw: bytes | bytearray, length: int) -> None:
+        self.source = source
+        self.raw, self.length = raw, length
+        self.objects = 0
+        self.shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> Any:
+        self.objects += 1
+        # every tensor is one object, plus the top level and __metadata__
+        if self.objects > MAX_TENSORS + 2:
+            raise too_many_tensors(self.source, self.estimate())
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise HeaderJsonError(f"key {tensor_label(key)} appears twice")
+            out[key] = value
+        if len(out) == 3 and out.keys() == _ENTRY_KEYS:
+            fields = _valid_fields(out, self.shapes)
+            if fields is not None:
+                return fields
+        return out
+
+    def estimate(self) -> int:
+        """How many tensors the header lists, for the message: its `"data_offsets"` keys (the
+        parse stopped before it counted them all), at least the cap plus one."""
+        return max(MAX_TENSORS + 1, self.raw.count(b'"data_offsets"', 8, 8 + self.length))
+
+
+def too_many_tensors(source: object, count: int) -> TooManyTensorsError:
+    return TooManyTensorsError(
+        f"{source}: lists {count:,} tensors, more than the {MAX_TENSORS:,} lazymerge reads per input "
+        "(a bound on the memory headers take); the file is corrupt or hostile"
+    )
+
+
+def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
     """Validate a header and return its tensors in file order.
 
     Args:
@@ -97,25 +183,31 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
         HeaderError (one subclass per failed check).
     """
     length = read_header_length(raw, file_size, source)
-    body = raw[8 : 8 + length]
+    body = memoryview(raw)[8 : 8 + length]  # (a view: a header may be 100 MB; no copy of it)
     if len(body) < length:
         raise HeaderTooShortError(f"{source}: header is truncated ({len(body)} of {length} bytes)")
     try:
-        text = body.decode("utf-8")
+        text = str(body, "utf-8")
     except UnicodeDecodeError as exc:
         raise HeaderEncodingError(
             f"{source}: header is not valid UTF-8 (byte {exc.start}); the file is corrupt"
         ) from None
     if not text.startswith("{"):
         raise HeaderJsonError(f"{source}: header does not start with '{{'; not a safetensors file")
+    hook = _EntryParser(source, raw, length)
     try:
-        doc = json.loads(text, object_pairs_hook=_reject_duplicates)
+        doc = json.loads(text, object_pairs_hook=hook)
+    except TooManyTensorsError:
+        raise
     except HeaderJsonError as exc:
         raise HeaderJsonError(f"{source}: header JSON is ambiguous: {exc}") from None
     except RecursionError:
         raise HeaderJsonError(f"{source}: header JSON nests too deeply") from None
     except ValueError as exc:
         raise HeaderJsonError(f"{source}: header is not valid JSON ({exc})") from None
+    del text  # (the decoded copy of the header: as large as the header again)
+    if isinstance(doc, tuple):  # the whole header is one entry, with no tensor name around it
+        raise HeaderJsonError(f"{source}: header JSON is one tensor entry, not an object of named entries")
     if not isinstance(doc, dict):
         raise HeaderJsonError(f"{source}: header JSON is a {type(doc).__name__}, not an object")
 
@@ -127,7 +219,9 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
 
     data_size = file_size - 8 - length
     data_start = 8 + length
-    entries = [_parse_entry(name, info, source, data_start) for name, info in doc.items()]
+    path = Path(source)  # one path object shared by every record of the file
+    entries = [_parse_entry(name, info, path, data_start, hook.shapes) for name, info in doc.items()]
+    del doc
     entries.sort(key=lambda e: (e.offset, e.end))
     position = 0
     for entry in entries:
@@ -135,7 +229,7 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
         if begin != position:
             what = "overlaps the previous tensor" if begin < position else "leaves a gap"
             raise OffsetError(
-                f"{source}: tensor {entry.name!r} starts at data offset {begin}, expected "
+                f"{source}: tensor {tensor_label(entry.name)} starts at data offset {begin}, expected "
                 f"{position} ({what}); offsets must be contiguous from 0"
             )
         position = entry.end - data_start
@@ -148,9 +242,14 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
     return Header(tensors=tuple(entries), metadata=dict(metadata), data_start=data_start)
 
 
-def _parse_entry(name: str, info: Any, source: str, data_start: int) -> TensorInfo:
-    where = f"{source}: tensor {name!r}"
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+def _parse_entry(
+    name: str, info: Any, path: Path, data_start: int, shapes: dict[tuple[int, ...], tuple[int, ...]]
+) -> TensorInfo:
+    if isinstance(info, tuple):  # checked already, by `_EntryParser`
+        dtype, dims, begin, end = info
+        return TensorInfo(name, dtype, dims, path, data_start + begin, end - begin)
+    where = f"{path}: tensor {tensor_label(name)}"
+    if not isinstance(info, dict) or set(info) != _ENTRY_KEYS:
         raise HeaderEntryError(f"{where}: entry must be an object with exactly dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if isinstance(dtype, str) and dtype in SUB_BYTE_DTYPES:
@@ -159,11 +258,17 @@ def _parse_entry(name: str, info: Any, source: str, data_start: int) -> TensorIn
             "lazymerge does not read; dequantize the checkpoint (to BF16, say) and merge that"
         )
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise UnknownDtypeError(f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        raise UnknownDtypeError(
+            f"{where}: unknown dtype {describe_value(dtype)}; expected one of {', '.join(DTYPES)}"
+        )
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise HeaderEntryError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise HeaderEntryError(
+            f"{where}: shape {describe_value(shape)} is not a list of non-negative integers"
+        )
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
-        raise HeaderEntryError(f"{where}: data_offsets {offsets!r} is not two unsigned integers")
+        raise HeaderEntryError(
+            f"{where}: data_offsets {describe_value(offsets)} is not two unsigned integers"
+        )
     begin, end = offsets
     if end < begin:
         raise OffsetError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
@@ -171,10 +276,14 @@ def _parse_entry(name: str, info: Any, source: str, data_start: int) -> TensorIn
     for dim in shape:
         nbytes *= dim
         if nbytes > _U64_MAX:
-            raise TensorSizeError(f"{where}: shape {shape} overflows a 64-bit byte size")
+            raise TensorSizeError(f"{where}: shape {describe_value(shape)} overflows a 64-bit byte size")
     if nbytes != end - begin:
         raise TensorSizeError(
-            f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets "
+            f"{where}: shape {describe_value(shape)} of {dtype} needs {nbytes} bytes but data_offsets "
             f"[{begin}, {end}] hold {end - begin}"
         )
-    return TensorInfo(name, dtype, tuple(shape), Path(source), data_start + begin, end - begin)
+    # (not reached for entries `_EntryParser` saw: it accepts every one that passes these checks)
+    dims = tuple(shape)
+    return TensorInfo(
+        name, _DTYPE_NAMES[dtype], shapes.setdefault(dims, dims), path, data_start + begin, nbytes
+    )

@@ -185,3 +185,23 @@ def hub_repo_folder(path: Path) -> Path | None:
         if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
             return Path(*parts[:i])
     return None
+
+
+def missing_target_message(link: Path) -> str:
+    """Why a symlink that points nowhere holds no data, and the fix. In a Hugging Face snapshot
+    every file is a symlink to a blob; a missing blob is a download that was interrupted or a
+    blob removed from the cache, and downloading that snapshot again restores it."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        target = "?"
+    repo = hub_repo_folder(Path(os.path.abspath(link)))
+    if repo is None:
+        return f"{link}: is a symlink to {target}, which does not exist"
+    repo_id = "/".join(repo.name.split("--")[1:])
+    snapshot = Path(os.path.abspath(link)).relative_to(repo).parts[1]
+    return (
+        f"{link}: points to {target}, a blob missing from the Hugging Face cache (an interrupted "
+        f"download, or the blob was removed); download the snapshot again: "
+        f"`{download_hint(repo_id, snapshot)}`"
+    )

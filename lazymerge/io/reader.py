@@ -17,8 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from lazymerge.errors import HeaderJsonError, InputError, ShardIndexError
+from lazymerge.io import header as header_format
 from lazymerge.io.dtypes import TensorInfo
-from lazymerge.io.header import Header, parse_header, read_header_length
+from lazymerge.io.header import Header, parse_header, read_header_length, too_many_tensors
+from lazymerge.io.hub_cache import missing_target_message
 from lazymerge.io.small_files import open_regular, read_small_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -43,7 +45,11 @@ def read_header_file(path: Path) -> Header:
             size = os.fstat(fh.fileno()).st_size
             prefix = fh.read(8)
             length = read_header_length(prefix, size, source)
-            raw = prefix + fh.read(length)
+            # read in place: a header may be 100 MB, and `prefix + fh.read()` holds it twice
+            raw = bytearray(8 + length)
+            raw[:8] = prefix
+            got = fh.readinto(memoryview(raw)[8:])
+            del raw[8 + got :]  # (the file shrank since fstat: parse_header says truncated)
     except OSError as exc:
         raise InputError(f"{source}: cannot read ({exc.strerror or exc})") from None
     return parse_header(raw, size, source)
@@ -105,11 +111,15 @@ def resolve_checkpoint_files(path: Path) -> tuple[list[Path], Path | None]:
             (BIN_INDEX_SUFFIX, "pytorch_model"),
             (".bin", "pytorch_model"),
         ):
-            found = sorted(
+            named = [
                 p
                 for p in path.glob("*" + suffix)
-                if p.is_file() and (suffix != ".bin" or not p.name.startswith("training_args"))
-            )
+                if suffix != ".bin" or not p.name.startswith("training_args")
+            ]
+            broken = sorted(p for p in named if p.is_symlink() and not p.exists())
+            if broken:  # (a cache snapshot's blob is missing: say so, never fall back to other files)
+                raise InputError(missing_target_message(broken[0]))
+            found = sorted(p for p in named if p.is_file())
             if (path / (default + suffix)).is_file():
                 found = [path / (default + suffix)]
             if len(found) > 1:
@@ -124,6 +134,8 @@ def resolve_checkpoint_files(path: Path) -> tuple[list[Path], Path | None]:
                 return resolve_checkpoint_files(found[0])
         raise InputError(f"{path}: folder holds no .safetensors or .bin weights and no index")
     if not path.exists():
+        if path.is_symlink():
+            raise InputError(missing_target_message(path))
         raise InputError(f"{path}: no such file or folder")
     if _index_suffix(path):
         return _index_shards(path), path
@@ -273,6 +285,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
         pinned: dict[Path, tuple[int, os.stat_result]] = {}
         try:
             for shard in shards:
+                if index_path is not None and shard.is_symlink() and not shard.exists():
+                    raise InputError(missing_target_message(shard))
                 if index_path is not None and not shard.exists():
                     raise ShardIndexError(f"{index_path}: names shard {shard.name}, which does not exist")
                 pinned[shard] = pin_file(shard)
@@ -280,6 +294,10 @@ class Checkpoint(Mapping[str, TensorInfo]):
                 check_unchanged(shard, *pinned[shard])
                 metadata = metadata or shard_metadata
                 _add_entries(tensors, entries, shard, weight_map, index_path)
+                del entries
+                # each shard is under the cap (its parse stops there); together they may not be
+                if len(tensors) > header_format.MAX_TENSORS:
+                    raise too_many_tensors(index_path or root, len(tensors))
         except BaseException:
             for fd, _ in pinned.values():
                 os.close(fd)
