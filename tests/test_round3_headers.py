@@ -306,3 +306,20 @@ def test_verify_finite_checks_complex_tensors(
     else:
         assert result.exit_code == 1, result.output
         assert "tensor 'freqs' holds NaN or Inf (in its real or imaginary part)" in result.output
+
+
+def test_a_header_of_empty_lists_is_refused_before_parsing(tmp_path: Path, monkeypatch) -> None:
+    """Lists are not objects: the tensor cap alone does not bound them (a 10 MB header of `[]`
+    took 290 MB to parse); their count is checked before the JSON is."""
+    from lazymerge.errors import HeaderJsonError
+    from lazymerge.io import header as header_module
+
+    monkeypatch.setattr(header_module, "MAX_TENSORS", 1000)
+    monkeypatch.setattr(header_module, "_SPARE_LISTS", 1000)
+    body = ('{"x": [' + ",".join(["[]"] * 5000) + "]}").encode()
+    raw = struct.pack("<Q", len(body)) + body
+    parsed = []
+    monkeypatch.setattr(header_module.json, "loads", lambda *a, **k: parsed.append(1))
+    with pytest.raises(HeaderJsonError, match="5,001 lists, more than 1,000 tensors need"):
+        header_module.parse_header(raw, len(raw), "x.safetensors")
+    assert not parsed  # refused before the parse began

@@ -35,6 +35,8 @@ MAX_HEADER_SIZE = 100_000_000
 #: (name, record, dict slot) and about as much again in the plan, so a million stays under a
 #: gigabyte for a two-input plan; the largest public checkpoints list about 100,000.
 MAX_TENSORS = 1_000_000
+#: Brackets allowed beyond two per tensor (names such as `h[0].attn` hold some).
+_SPARE_LISTS = 1_000_000
 #: Byte offsets and sizes must fit an unsigned 64-bit integer, as in the format's reference reader.
 _U64_MAX = 2**64 - 1
 
@@ -194,6 +196,15 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
         ) from None
     if not text.startswith("{"):
         raise HeaderJsonError(f"{source}: header does not start with '{{'; not a safetensors file")
+    # Lists are not objects, so the hook cannot count them: a header of empty lists ("[],[],...")
+    # would grow the parse to about 26 times its size. Every tensor has two (shape, offsets):
+    # counting the brackets (an upper bound, names may hold some) bounds them before parsing.
+    lists = raw.count(b"[", 8, 8 + length)
+    if lists > 2 * MAX_TENSORS + _SPARE_LISTS:
+        raise HeaderJsonError(
+            f"{source}: header holds {lists:,} lists, more than {MAX_TENSORS:,} tensors need "
+            "(two each); the file is corrupt or hostile"
+        )
     hook = _EntryParser(source, raw, length)
     try:
         doc = json.loads(text, object_pairs_hook=hook)
