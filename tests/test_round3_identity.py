@@ -282,6 +282,7 @@ BAD_LINES = [
         "Infinity",
     ),
     ("deep nesting", lambda p: ["[" * 100000 + "]" * 100000], "nested too deeply"),
+    ("a million empty lists", lambda p: ["[" + "[]," * 1_000_001 + "[]]"], "more than 1,000,000 lists"),
     ("not JSON", lambda p: ["{'record': 'point'"], "is not JSON"),
     ("not an object", lambda p: ["[1, 2]"], "not a lazymerge sweep record"),
     ("unknown record", lambda p: [json.dumps({"record": "spam"})], "not a lazymerge sweep record"),

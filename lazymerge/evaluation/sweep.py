@@ -296,7 +296,10 @@ def _json_value(value: Any) -> Any:
 
 
 #: Largest results file read back (a point's record is about 20 bytes per text scored).
-MAX_RESULTS_BYTES = 2 << 30
+MAX_RESULTS_BYTES = 1 << 30
+#: Most lists and objects in one line: a point holds one list per candidate set or RewardBench 2
+#: row and a few more (GSM8K best-of-16: 1,319 sets; RewardBench 2: 1,865 rows).
+_MAX_CONTAINERS = 1_000_000
 #: Longest point label (labels are made from the weights: a few dozen characters).
 _MAX_LABEL = 1000
 _RECORDS = ("sweep", "point", "identity")
@@ -350,6 +353,11 @@ def read_results_file(path: Path) -> ResultsFile:
     out = ResultsFile(None, None, {}, {}, len(complete))
     for number, line in enumerate(complete.splitlines(), start=1):
         where = f"{path}: line {number}"
+        # (a line of empty lists parses to about 28 times its size: count containers first)
+        if line.count(b"[") + line.count(b"{") > _MAX_CONTAINERS:
+            raise InputError(
+                f"{where}: holds more than {_MAX_CONTAINERS:,} lists and objects; not a sweep record"
+            )
         record = _strict_json(line, where)
         kind = record.get("record") if isinstance(record, dict) else None
         if not isinstance(record, dict) or kind not in _RECORDS:
