@@ -178,6 +178,6 @@ def test_sweep_resumed_with_another_template_is_refused(tmp_path: Path) -> None:
     assert cli(*args, "--chat-template", "chatml").returncode == 0  # same sweep: resumes
     for other in (["--chat-template", "llama2"], []):
         proc = cli(*args, *other)
-        assert proc.returncode == 2 and "scoring.chat_template ('chatml (sha256" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and 'scoring.chat_template ("chatml (sha256' in proc.stderr, proc.stderr
     doc = json.loads((out / "results.json").read_text())
     assert doc["scoring"]["chat_template"].startswith("chatml (sha256 ")

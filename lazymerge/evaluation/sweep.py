@@ -465,15 +465,13 @@ def check_points(spec: SweepSpec, path: Path, results: ResultsFile) -> None:
 
 def _describe(value: Any) -> str:
     """A value from a results file for a message: short values as they are, others by type and size."""
+    if isinstance(value, str) and len(value) > 60:
+        return f"{json.dumps(value[:60])}... ({len(value)} characters)"
     text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else None
     if text is not None and len(text) <= 80:
         return text
-    size = len(value) if isinstance(value, (str, list, dict)) else 0
-    return (
-        f"a {type(value).__name__} of {size} items"
-        if not isinstance(value, str)
-        else f"a string of {size} characters"
-    )
+    size = len(value) if isinstance(value, (list, dict)) else 0
+    return f"a {type(value).__name__} of {size} items" if size else f"a {type(value).__name__}"
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
