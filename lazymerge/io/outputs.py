@@ -562,7 +562,11 @@ def _read_manifest(folder: Path) -> dict[str, dict[str, Any]] | None:
         doc = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(doc, dict) or doc.get("kind") != _MANIFEST_KIND or not isinstance(doc.get("files"), dict):
+    if (
+        not isinstance(doc, dict)
+        or doc.get("kind") != _MANIFEST_KIND
+        or not isinstance(doc.get("files"), dict)
+    ):
         return None
     return {
         name: entry
@@ -809,7 +813,11 @@ class OutputFiles:
             for path in todo:
                 folders.setdefault(path.parent, {})[path.name] = _file_entry(contents[path])
             for folder, entries in folders.items():
-                _record(folder, entries)
+                try:
+                    _record(folder, entries)
+                except OutputError as exc:  # name what the user asked for, not only the manifest
+                    names = ", ".join(str(folder / name) for name in entries)
+                    raise OutputError(f"{names}: not written, the folder's manifest failed: {exc}") from None
             for path in todo:
                 _move_into_place(temps.pop(path), path, self.force)
         finally:
