@@ -78,7 +78,8 @@ def read_rows(path: Path) -> list[tuple[str, object]]:
         if not isinstance(doc, list):
             raise ConvertError(f"{path}: starts like a JSON list but is not one")
         return [(f"{path}: row {n}", row) for n, row in enumerate(doc, start=1)]
-    return [(f"{path}:{n}", row) for n, row in _read_jsonl(path, PairFileError)]
+    rows = _read_jsonl(path, PairFileError)  # a malformed line: PairFileError naming file and line
+    return [(f"{path}: row {n}", row) for n, (_, row) in enumerate(rows, start=1)]
 
 
 def convert_rewardbench(source: Path) -> list[dict]:
