@@ -188,10 +188,15 @@ LOCK_MARK = ".lazymerge-lock"
 
 
 def lock_path(destination: Path) -> Path:
-    """The lock file of `destination`: beside its real path (symlinks resolved, the last
-    component too), so `out`, `./link-to-out` and `linked-parent/out` name one file, in one
-    folder (one device and inode), and two runs through different aliases share one lock."""
-    resolved = real(destination)
+    """The lock file of `destination`: beside its real path, so `out`, `./link-to-out` and
+    `linked-parent/out` name one file, in one folder (one device and inode), and two runs through
+    different aliases share one lock. The last component is followed only when it is a symlink to
+    a folder (a sweep's): a symlink anywhere else is never written through (the output rule
+    refuses it), and its lock stays beside it rather than in the folder it points into."""
+    if destination.is_symlink() and destination.is_dir():
+        resolved = real(destination)
+    else:
+        resolved = real(destination.parent) / destination.name
     return resolved.parent / f".{side_name(resolved)}{LOCK_MARK}"
 
 
