@@ -22,7 +22,9 @@ both inputs evicted from the page cache (and earlier outputs synced and dropped)
 Per step: wall time, peak RSS total / anonymous / file-backed sampled every 20 ms (and the
 kernel's high-water mark), bytes read and written by the process (its I/O accounting), user and
 system CPU time. Writes `--json` (a list of rows), a markdown table beside it (ratios to
-lazymerge) and `rss.png` (resident memory over time, one line per step).
+lazymerge) and `rss-SIZE.png` (resident memory over time, one line per step), under lazymerge's
+output rule: checked before the run, atomic, an existing file replaced only with --force and
+only when a bench wrote it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 # merge_memory (torch, lazymerge) is imported where needed: a disk-limit probe is a bare process
+from bench_cli import FORCE_HELP, OneLineParser, reserve_results, write_results  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
@@ -278,7 +281,10 @@ def table(rows: list[dict], floor: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], title: str) -> bytes:
+    """The resident-memory plot as PNG bytes."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,14 +302,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["1b", "7b"], default="1b")
     parser.add_argument("--mergekit", help="path of mergekit-yaml (default: on PATH, else skipped)")
     parser.add_argument("--dir", type=Path, help="work folder (default: a temporary folder)")
@@ -312,6 +318,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated inputs")
     parser.add_argument("--naive-cap", type=float, help="GiB of RSS at which the naive merge is stopped")
     parser.add_argument("--skip", default="", help="comma-separated steps to leave out")
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", nargs="*", type=Path, help=argparse.SUPPRESS)
@@ -322,6 +329,9 @@ def main() -> None:
         return probe(args.probe, args.inputs, args.out, args.bytes)
     if args.naive:
         return naive(args.inputs, args.out)
+    target = args.json or ROOT / "bench" / "results" / f"compare-{args.size}.json"
+    outputs = [target, target.with_suffix(".md"), target.with_name(f"rss-{args.size}.png")]
+    results = reserve_results(outputs, args.force, inputs=[p for p in (args.reuse,) if p])
     from merge_memory import CHECKOUT_ENV, machine, write_checkpoint
 
     mergekit = args.mergekit or shutil.which("mergekit-yaml")
@@ -411,8 +421,6 @@ def main() -> None:
     floor = min(overlapped) if overlapped else float("nan")
     for r in rows:
         r["x_overlapped_floor"] = round(r["wall_s"] / floor, 3)
-    target = args.json or ROOT / "bench" / "results" / f"compare-{args.size}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "size": args.size,
         "machine": machine(),
@@ -421,20 +429,22 @@ def main() -> None:
         "input_bytes_each": data,
         "overlapped_floor_s": floor,
     }
-    # a list of rows, each carrying the run's facts beside its own
-    target.write_text(json.dumps([{**r, **meta} for r in rows]) + "\n")
     doc = {**meta, "rows": rows}
     md = table(rows, floor)
-    target.with_suffix(".md").write_text(
-        f"{doc['machine']}, {doc['date']}; two {args.size} bf16 inputs of {data / 1e9:.2f} GB\n\n{md}"
-    )
-    plot(
-        rows,
-        target.with_name(f"rss-{args.size}.png"),
-        f"Resident memory, two {args.size} bf16 models ({data / 1e9:.1f} GB each)",
+    title = f"Resident memory, two {args.size} bf16 models ({data / 1e9:.1f} GB each)"
+    write_results(
+        results,
+        {
+            # a list of rows, each carrying the run's facts beside its own
+            outputs[0]: (json.dumps([{**r, **meta} for r in rows]) + "\n").encode(),
+            outputs[1]: (
+                f"{doc['machine']}, {doc['date']}; two {args.size} bf16 inputs of {data / 1e9:.2f} GB\n\n{md}"
+            ).encode(),
+            outputs[2]: plot(rows, title),
+        },
     )
     print(md)
-    print(f"wrote {target}, {target.with_suffix('.md')} and {target.with_name(f'rss-{args.size}.png')}")
+    print(f"wrote {', '.join(map(str, outputs))}")
 
 
 if __name__ == "__main__":

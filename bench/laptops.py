@@ -13,6 +13,9 @@ Computed, not guessed:
 - time at the disk speed measured by bench/compare.py on the reference machine (the overlapped
   floor: reading both inputs while writing the output), times lazymerge's measured ratio to that
   floor, scaled by bytes.
+The table goes to --out (default bench/results/laptops.md) under lazymerge's output rule: never
+the --compare file, an existing file replaced only with --force and only when a bench wrote it,
+atomic.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_cli import FORCE_HELP, OneLineParser, fail, reserve_results, write_results  # noqa: E402
 from merge_memory import CHECKOUT_ENV  # noqa: E402
 
 from lazymerge.demo import llama_shapes  # noqa: E402
@@ -55,16 +59,19 @@ def sparse_checkpoint(folder: Path, dims: dict[str, int]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", type=Path, default=ROOT / "bench" / "results" / "compare-7b.json")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "laptops.md")
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
     args = parser.parse_args()
-    rows = {r["tool"]: r for r in json.loads(args.compare.read_text())}
-    measured = rows["lazymerge"]
-    floor_s = measured["overlapped_floor_s"]
-    moved = 3 * measured["input_bytes_each"]  # both inputs read, one output written
+    results = reserve_results([args.out], args.force, inputs=[args.compare])
+    try:
+        rows = {r["tool"]: r for r in json.loads(args.compare.read_bytes())}
+        measured = rows["lazymerge"]
+        floor_s = float(measured["overlapped_floor_s"])
+        moved = 3 * int(measured["input_bytes_each"])  # both inputs read, one output written
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:
+        fail(f"{args.compare}: not a results file of bench/compare.py ({type(exc).__name__}: {exc})")
     disk_rate = moved / floor_s
     lazy_ratio = rows["lazymerge"]["wall_s"] / floor_s
     mergekit_7b = rows.get("mergekit", {}).get("peak_rss_mb")
@@ -122,7 +129,7 @@ def main() -> None:
                     f"| {disk_gb:.0f} GB | {seconds / 60:.1f} min | {disk_gb * 1e9 / 0.5e9 / 60:.1f} min (disk-bound) |"
                 )
     text = "\n".join(lines) + "\n"
-    args.out.write_text(text)
+    write_results(results, {args.out: text.encode()})
     print(text)
     os.sync()
 

@@ -14,7 +14,9 @@ Steps, all in one run on one machine:
 Steps 3 and 4 run twice, in the order floor, merge, merge, floor, and the means are reported
 (each run is kept in the JSON).
 The input and output files are evicted from the page cache (posix_fadvise DONTNEED) before steps 3
-and 4, so both start cold. Results print as a table and are saved as JSON in bench/results/.
+and 4, so both start cold. Results print as a table and are saved as JSON (--save, default
+bench/results/merge-SIZE[-dogerm].json) under lazymerge's output rule: checked before the run,
+atomic, an existing file replaced only with --force and only when a bench wrote it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_cli import FORCE_HELP, OneLineParser, reserve_results, write_results  # noqa: E402
 
 from lazymerge.demo import llama_shapes  # noqa: E402
 from lazymerge.io.writer import OutputTensor, StreamingShardWriter, plan_layout  # noqa: E402
@@ -220,9 +225,7 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--dir", type=Path, help="work folder (default: a temporary folder)")
     parser.add_argument("--max-memory", default="160MiB")
@@ -231,7 +234,13 @@ def main() -> None:
         "--dogerm", action="store_true", help="inputs are a reward model and an SFT model with one more token"
     )
     parser.add_argument("--reuse", type=Path, help="a folder kept by --keep: skip writing the inputs")
+    parser.add_argument("--save", type=Path, help="results file (default: bench/results/merge-SIZE.json)")
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
     args = parser.parse_args()
+    target = (
+        args.save or ROOT / "bench" / "results" / f"merge-{args.size}{'-dogerm' if args.dogerm else ''}.json"
+    )
+    results = reserve_results([target], args.force, inputs=[p for p in (args.reuse,) if p])
 
     work = args.reuse or Path(tempfile.mkdtemp(prefix=f"lazymerge-bench-{args.size}-", dir=args.dir))
     try:
@@ -316,11 +325,7 @@ def main() -> None:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(exist_ok=True)
-    (results_dir / f"merge-{args.size}{'-dogerm' if args.dogerm else ''}.json").write_text(
-        json.dumps(result, indent=2) + "\n"
-    )
+    write_results(results, {target: (json.dumps(result, indent=2) + "\n").encode()})
     print(json.dumps(result))
 
 

