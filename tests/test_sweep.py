@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from lazymerge import merge
 from lazymerge.evaluation.run import evaluate_bon, evaluate_pairs
 from lazymerge.evaluation.sweep import build_spec, read_results, run_sweep
+from tests.helpers.pause_at import start_paused
 from tests.models import BASE_WORDS, make_tokenizer, save_model
 
 pytest.importorskip("matplotlib")
@@ -141,24 +141,22 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "lazymerge", *args], capture_output=True, text=True, **kw)
 
 
+#: the sweep scores its points one by one through this function: parked at its N-th call, the
+#: first N - 1 points are recorded (appended and fsynced) and no later one has started
+SCORE_POINT = "lazymerge.evaluation.sweep:score_point"
+
+
 def test_sweep_killed_then_rerun_scores_only_unfinished_points(tmp_path: Path) -> None:
     rm, sft = models(tmp_path)
     files = data(tmp_path)
     args = ["sweep", str(rm), str(sft), "--pairs", str(files["test"]), "--alpha", "0:1:0.1"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lazymerge", *args, "-o", str(killed)], stderr=subprocess.PIPE, text=True
-    )
-    results = killed / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if results.exists() and results.read_text().count("\n") >= 4:  # header + 3 points
-            break
-        time.sleep(0.02)
+    proc = start_paused(SCORE_POINT, [*args, "-o", str(killed)], call=4)  # 3 points done
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
+    results = killed / "results.jsonl"
     _, before, _ = read_results(results)
-    assert 3 <= len(before) < 11, "the sweep ended before it could be killed"
+    assert len(before) == 3
     rerun = cli(*args, "-o", str(killed))
     assert rerun.returncode == 0, rerun.stderr
     scored = re.findall(r"\] (alpha=[0-9.]+):", rerun.stderr)
@@ -215,35 +213,13 @@ def test_ctrl_c_exits_130_and_keeps_finished_points(tmp_path: Path) -> None:
     rm, sft = models(tmp_path)
     files = data(tmp_path)
     out = tmp_path / "s"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lazymerge",
-            "sweep",
-            str(rm),
-            str(sft),
-            "--pairs",
-            str(files["test"]),
-            "--alpha",
-            "0:1:0.1",
-            "-o",
-            str(out),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    results = out / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 3):
-        time.sleep(0.02)
+    args = ["sweep", str(rm), str(sft), "--pairs", str(files["test"]), "--alpha", "0:1:0.1", "-o", str(out)]
+    proc = start_paused(SCORE_POINT, args, call=3)  # 2 points recorded, the third not started
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the sweep finished before Ctrl-C arrived")
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
-    _, done, _ = read_results(results)
-    assert len(done) >= 2
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    _, done, _ = read_results(out / "results.jsonl")
+    assert len(done) == 2
     assert not [p.name for p in tmp_path.iterdir() if "lazymerge-" in p.name]
 
 
