@@ -154,6 +154,25 @@ def assert_carries_signal(
     assert len(set(rewards)) > 1, f"every reward is {rewards[0]} ({len(rewards)} rewards)"
 
 
+def scored_texts(data: Path, result: dict) -> tuple[list[str], list[float]]:
+    """The texts (prompt and answer, unformatted) of a pairs file and their rewards in `result`
+    (`evaluate_pairs`' value or a `--out` file's): preference pairs or RewardBench 2 rows."""
+    import json
+
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    texts: list[str] = []
+    rewards: list[float] = []
+    if "rows" in result:  # RewardBench 2: every answer of a row, chosen first
+        for row, entry in zip(rows, result["rows"], strict=True):
+            texts += [f"{row['prompt']} {answer}" for answer in row["chosen"] + row["rejected"]]
+            rewards += entry["rewards"]
+    else:
+        for row, entry in zip(rows, result["pairs"], strict=True):
+            texts += [f"{row['prompt']} {row['chosen']}", f"{row['prompt']} {row['rejected']}"]
+            rewards += [entry["chosen_reward"], entry["rejected_reward"]]
+    return texts, rewards
+
+
 def config_for(family: str, vocab_size: int, **overrides) -> transformers.PretrainedConfig:
     config_cls = FAMILIES[family][0]
     kwargs = dict(

@@ -218,6 +218,15 @@ def test_interrupted_merge_leaves_nothing_partial(tmp_path: Path, sig: int, paus
     assert digest_tree(pa, pb) == before
 
 
+def test_a_pause_point_never_reached_fails_loudly(tmp_path: Path, pair) -> None:
+    """The launcher's contract: a run that ends before its pause point fails the test (with the
+    run's stderr), so an interrupt test can never pass by signalling a finished run."""
+    pa, pb, *_ = pair
+    args = ["run", str(pa), str(pb), "-o", str(tmp_path / "o"), "-q"]
+    with pytest.raises(AssertionError, match="never reached call 100000 .*exit 0"):
+        start_paused("lazymerge.io.writer:StreamingShardWriter.write", args, call=100_000)
+
+
 def test_shard_writer_close_races_finish(tmp_path: Path) -> None:
     """The engine's write thread closes every writer it opened on an error while the hash thread
     may be finishing one: close waits for finish and is idempotent (no double close, no EBADF)."""

@@ -12,7 +12,14 @@ from lazymerge.errors import InputError, OptionError
 from lazymerge.evaluation.in_memory import load_merged_reward_model
 from lazymerge.evaluation.rewards import load_reward_model
 from lazymerge.options import MergeOptions
-from tests.models import BASE_WORDS, assert_carries_signal, make_tokenizer, save_model, tokenizer_size
+from tests.models import (
+    BASE_WORDS,
+    assert_carries_signal,
+    make_tokenizer,
+    save_model,
+    scored_texts,
+    tokenizer_size,
+)
 
 TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}w1 {{ m['content'] }} w2 "
@@ -169,6 +176,7 @@ def test_eval_of_several_folders_scores_the_merge_without_writing(tmp_path: Path
     )
     assert written.returncode == 0, written.stderr
     got, want = json.loads(out.read_text()), json.loads((tmp_path / "w.json").read_text())
+    assert_carries_signal(tmp_path / "m", *scored_texts(pairs, want))
     assert got["pairs"] == want["pairs"] and got["merged_in_memory"]["alpha"] == 0.3
     proc = subprocess.run(
         [sys.executable, "-m", "lazymerge", "eval", str(rm), "--alpha", "0.3", "--pairs", str(pairs)],

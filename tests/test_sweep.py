@@ -16,7 +16,7 @@ from lazymerge import merge
 from lazymerge.evaluation.run import evaluate_bon, evaluate_pairs
 from lazymerge.evaluation.sweep import build_spec, read_results, run_sweep
 from tests.helpers.pause_at import start_paused
-from tests.models import BASE_WORDS, make_tokenizer, save_model
+from tests.models import BASE_WORDS, assert_carries_signal, make_tokenizer, save_model, scored_texts
 
 pytest.importorskip("matplotlib")
 
@@ -101,6 +101,7 @@ def test_sweep_points_equal_written_checkpoints_and_report_agrees(tmp_path: Path
         folder = tmp_path / f"merged-{alpha}"
         merge([rm, sft], folder, alpha=alpha)
         written = evaluate_pairs(folder, files["test"])
+        assert_carries_signal(folder, *scored_texts(files["test"], written))
         record = records[f"alpha={alpha:g}"]
         # bit-identical to lazymerge run + lazymerge eval
         assert record["pairs"]["test"]["chosen"] == [p["chosen_reward"] for p in written["pairs"]]
@@ -134,6 +135,7 @@ def test_two_domain_grid_equals_separate_merges(tmp_path: Path) -> None:
     folder = tmp_path / "merged"
     merge([rm, a, b], folder, weights=[0.0, 0.5, 0.5])
     written = evaluate_pairs(folder, files["test"])
+    assert_carries_signal(folder, *scored_texts(files["test"], written))
     assert records["w=0.5,0.5"]["pairs"]["test"]["chosen"] == [p["chosen_reward"] for p in written["pairs"]]
 
 
@@ -165,6 +167,10 @@ def test_sweep_killed_then_rerun_scores_only_unfinished_points(tmp_path: Path) -
     assert cli(*args, "-o", str(fresh), "-q").returncode == 0
     a = json.loads((killed / "results.json").read_text())["points"]
     b = json.loads((fresh / "results.json").read_text())["points"]
+    _, records, _ = read_results(fresh / "results.jsonl")
+    rows = [json.loads(line) for line in files["test"].read_text().splitlines()]
+    point = records["alpha=0.5"]["pairs"]["test"]
+    assert_carries_signal(rm, [f"{r['prompt']} {r['chosen']}" for r in rows], point["chosen"])
     strip = lambda points: [{k: v for k, v in p.items() if k != "timing"} for p in points]  # noqa: E731
     assert strip(a) == strip(b)
 
@@ -239,8 +245,11 @@ def test_sweep_on_cuda_close_to_cpu_with_per_point_gpu_peaks(tmp_path: Path, qua
     assert all(r["peak_gpu_memory"] is None for r in runs["cpu"].values())
     # each point's own peak: a model left over from the last point would double the next one's
     assert all(p > 0 for p in peaks) and max(peaks) <= 1.5 * min(peaks), peaks
+    rows = [json.loads(line) for line in files["test"].read_text().splitlines()]
+    texts = [f"{r['prompt']} {r['chosen']}" for r in rows] + [f"{r['prompt']} {r['rejected']}" for r in rows]
     for label, cpu in runs["cpu"].items():
         want = cpu["pairs"]["test"]["chosen"] + cpu["pairs"]["test"]["rejected"]
+        assert_carries_signal(rm, texts, want)
         got = (
             runs["cuda"][label]["pairs"]["test"]["chosen"] + runs["cuda"][label]["pairs"]["test"]["rejected"]
         )
