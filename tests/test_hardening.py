@@ -19,7 +19,7 @@ from lazymerge import Checkpoint, merge
 from lazymerge.errors import IntegrityError, NonFiniteError, OutputError, ShardIndexError
 from lazymerge.verify import verify_checkpoint
 from tests.conftest import load_any, reference_merge
-from tests.helpers.pause_at import start_paused
+from tests.helpers.pause_at import finish, start_paused
 
 
 def digest_tree(*paths: Path) -> dict[str, str]:
@@ -200,7 +200,7 @@ def test_interrupted_merge_leaves_nothing_partial(tmp_path: Path, sig: int, paus
     proc = start_paused(target, args, call=call, after=after, stdout=subprocess.PIPE)
     assert leftovers(tmp_path) and not out.exists()  # parked mid-write: temporaries, no destination
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    _, err = finish(proc)
     assert not out.exists()
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL

@@ -211,7 +211,7 @@ def test_sigterm_leaves_no_temporaries(tmp_path: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from tests.helpers.pause_at import start_paused
+    from tests.helpers.pause_at import finish, start_paused
 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     big = {f"t{i}": torch.randn(1 << 20) for i in range(24)}
@@ -223,7 +223,7 @@ def test_sigterm_leaves_no_temporaries(tmp_path: Path) -> None:
     proc = start_paused("lazymerge.io.writer:StreamingShardWriter.write", args, call=2)
     assert [p for p in tmp_path.iterdir() if "lazymerge-tmp" in p.name]
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = finish(proc)
     assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err
     assert not out.exists()
     assert not [p.name for p in tmp_path.iterdir() if "lazymerge-" in p.name]

@@ -15,7 +15,7 @@ import pytest
 from lazymerge import merge
 from lazymerge.evaluation.run import evaluate_bon, evaluate_pairs
 from lazymerge.evaluation.sweep import build_spec, read_results, run_sweep
-from tests.helpers.pause_at import start_paused
+from tests.helpers.pause_at import finish, start_paused
 from tests.models import BASE_WORDS, assert_carries_signal, make_tokenizer, save_model, scored_texts
 
 pytest.importorskip("matplotlib")
@@ -155,7 +155,7 @@ def test_sweep_killed_then_rerun_scores_only_unfinished_points(tmp_path: Path) -
     killed = tmp_path / "killed"
     proc = start_paused(SCORE_POINT, [*args, "-o", str(killed)], call=4)  # 3 points done
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    finish(proc)
     results = killed / "results.jsonl"
     _, before, _ = read_results(results)
     assert len(before) == 3
@@ -222,7 +222,7 @@ def test_ctrl_c_exits_130_and_keeps_finished_points(tmp_path: Path) -> None:
     args = ["sweep", str(rm), str(sft), "--pairs", str(files["test"]), "--alpha", "0:1:0.1", "-o", str(out)]
     proc = start_paused(SCORE_POINT, args, call=3)  # 2 points recorded, the third not started
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = finish(proc)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     _, done, _ = read_results(out / "results.jsonl")
     assert len(done) == 2

@@ -18,6 +18,7 @@ the main thread runs the handler at its next bytecode, before it can do more wor
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import importlib
 import os
@@ -74,6 +75,25 @@ def start_paused(
     return proc
 
 
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[str | None, str]:
+    """Wait for a signalled run to end and return its (stdout, stderr).
+
+    Raises AssertionError with every thread's stack (faulthandler, on SIGUSR1) when the run is
+    still alive `timeout` seconds after its signal: a hang is a defect to show, not to wait out.
+    """
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(f"still running {timeout:g} s after its signal; its threads:\n{err}") from None
+    return out, err
+
+
 def main(argv: list[str]) -> None:
     if "--" not in argv:
         raise SystemExit("usage: pause_at.py TARGET READY_FD [--call N] [--after] -- LAZYMERGE_ARGS...")
@@ -85,6 +105,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--after", action="store_true")
     opts = parser.parse_args(argv[:split])
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `finish` asks for the stacks of a hang
     # every signal with a Python handler (SIGINT, and SIGTERM once the command installs its own)
     # writes a byte here from the C handler, after it marked the signal as received
     wake_r, wake_w = os.pipe()
