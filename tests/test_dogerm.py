@@ -11,7 +11,15 @@ import torch
 from lazymerge import merge
 from lazymerge.errors import IncompatibleInputsError, InputError, LazyMergeError
 from tests.conftest import load_any
-from tests.models import BASE_WORDS, FAMILIES, make_tokenizer, save_model, transformers
+from tests.models import (
+    BASE_WORDS,
+    FAMILIES,
+    assert_carries_signal,
+    make_tokenizer,
+    save_model,
+    tokenizer_size,
+    transformers,
+)
 
 EMBED = "model.embed_tokens.weight"
 
@@ -84,23 +92,28 @@ def check_against_reference(out: Path, rm: Path, sfts: list[Path], weights: list
     reference = cls.from_pretrained(out)
     reference.load_state_dict(want)
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(out)
-    for text in ["w1 w2 w3", "w5 w6 w7 w8 w9 w10", "<s> w3"]:
-        ids = tok(text, return_tensors="pt").input_ids
-        with torch.no_grad():
-            torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    texts = ["w1 w2 w3", "w5 w6 w7 w8 w9 w10", "<s> w3 w11"]
+    with torch.no_grad():
+        got_logits = [model(tok(text, return_tensors="pt").input_ids).logits for text in texts]
+        want_logits = [reference(tok(text, return_tensors="pt").input_ids).logits for text in texts]
+    assert_carries_signal(out, texts, [float(g[0, 0]) for g in got_logits])  # tokenized as the scorer does
+    for got_one, want_one in zip(got_logits, want_logits, strict=True):
+        torch.testing.assert_close(got_one, want_one)
     return {"appended": appended, "tokenizer": tok, "config": config}
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_reward_model_plus_sft_with_pad_token(tmp_path: Path, family: str) -> None:
-    rm = save_model(tmp_path / "rm", family, True, 1, make_tokenizer(BASE_WORDS))
-    sft = save_model(tmp_path / "sft", family, False, 2, make_tokenizer(BASE_WORDS, added=["[PAD]"]))
+    rm = save_model(tmp_path / "rm", family, True, 1, make_tokenizer(BASE_WORDS, family=family))
+    sft_tok = make_tokenizer(BASE_WORDS, added=["[PAD]"], family=family)
+    sft = save_model(tmp_path / "sft", family, False, 2, sft_tok)
     out = tmp_path / "out"
     report = merge([rm, sft], out, alpha=0.3)
     result = check_against_reference(out, rm, [sft], [0.7, 0.3], family)
     assert result["appended"] == ["[PAD]"]
-    assert result["tokenizer"].convert_tokens_to_ids("[PAD]") == len(BASE_WORDS)
-    assert result["config"]["vocab_size"] == len(BASE_WORDS) + 1
+    rows = tokenizer_size(BASE_WORDS, family)
+    assert result["tokenizer"].convert_tokens_to_ids("[PAD]") == rows
+    assert result["config"]["vocab_size"] == rows + 1
     assert report.tensors == len(load_any(out))
 
 
@@ -129,21 +142,26 @@ def test_rm_only_token_and_different_tokens_at_same_id(tmp_path: Path) -> None:
     assert torch.equal(got[-1], sft_sd[sft_tok.convert_tokens_to_ids("<sft_only>")])
 
 
-def test_shuffled_sft_vocabulary_is_matched_by_token(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_shuffled_sft_vocabulary_is_matched_by_token(tmp_path: Path, family: str) -> None:
     words = BASE_WORDS[:3] + list(reversed(BASE_WORDS[3:]))
-    rm = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
-    sft = save_model(tmp_path / "sft", "llama", False, 2, make_tokenizer(words))
+    rm_tok, sft_tok = make_tokenizer(BASE_WORDS, family=family), make_tokenizer(words, family=family)
+    moved = [t for t, i in rm_tok.get_vocab().items() if sft_tok.get_vocab()[t] != i]
+    assert len(moved) > 10  # the same tokens, most of them at other ids (byte-level pieces too)
+    rm = save_model(tmp_path / "rm", family, True, 1, rm_tok)
+    sft = save_model(tmp_path / "sft", family, False, 2, sft_tok)
     out = tmp_path / "out"
     merge([rm, sft], out, alpha=0.5, max_memory=4096)  # rows gathered in small chunks
-    check_against_reference(out, rm, [sft], [0.5, 0.5], "llama")
+    check_against_reference(out, rm, [sft], [0.5, 0.5], family)
 
 
 def test_three_inputs_with_weights_and_bin_input(tmp_path: Path) -> None:
-    rm = save_model(tmp_path / "rm", "qwen2", True, 1, make_tokenizer(BASE_WORDS))
-    maths = save_model(
-        tmp_path / "maths", "qwen2", False, 2, make_tokenizer(BASE_WORDS, added=["[PAD]"]), safe=False
-    )
-    code = save_model(tmp_path / "code", "qwen2", False, 3, make_tokenizer(BASE_WORDS, added=["<code>"]))
+    def tok(*added: str):
+        return make_tokenizer(BASE_WORDS, added=list(added), family="qwen2")
+
+    rm = save_model(tmp_path / "rm", "qwen2", True, 1, tok())
+    maths = save_model(tmp_path / "maths", "qwen2", False, 2, tok("[PAD]"), safe=False)
+    code = save_model(tmp_path / "code", "qwen2", False, 3, tok("<code>"))
     assert (maths / "pytorch_model.bin").exists() and not list(maths.glob("*.safetensors"))
     out = tmp_path / "out"
     merge([rm, maths, code], out, weights=[0.5, 0.3, 0.2])
@@ -264,10 +282,9 @@ def test_sweep_outputs_equal_separate_runs_from_one_read(tmp_path: Path) -> None
 
 
 def test_tied_embedding_sft(tmp_path: Path) -> None:
-    rm = save_model(tmp_path / "rm", "qwen2", True, 1, make_tokenizer(BASE_WORDS))
-    sft = save_model(
-        tmp_path / "sft", "qwen2", False, 2, make_tokenizer(BASE_WORDS), tie_word_embeddings=True
-    )
+    tok = make_tokenizer(BASE_WORDS, family="qwen2")
+    rm = save_model(tmp_path / "rm", "qwen2", True, 1, tok)
+    sft = save_model(tmp_path / "sft", "qwen2", False, 2, tok, tie_word_embeddings=True)
     assert "lm_head.weight" not in load_any(sft)  # a tied model stores the embedding once
     out = tmp_path / "out"
     merge([rm, sft], out, alpha=0.3)

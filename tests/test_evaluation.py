@@ -19,7 +19,7 @@ from lazymerge.evaluation.scoring import (
     load_pairs,
     pair_results,
 )
-from tests.models import BASE_WORDS, make_tokenizer, save_model, transformers
+from tests.models import BASE_WORDS, assert_carries_signal, make_tokenizer, save_model, transformers
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}<s> {{ m['content'] }} {% elif m['role'] == 'user' %}"
@@ -27,11 +27,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def reward_model(tmp_path: Path, name: str = "rm", seed: int = 1, template: bool = True) -> Path:
-    tok = make_tokenizer(BASE_WORDS)
+def reward_model(
+    tmp_path: Path, name: str = "rm", seed: int = 1, template: bool = True, family: str = "llama"
+) -> Path:
+    tok = make_tokenizer(BASE_WORDS, family=family)
     if template:
         tok.chat_template = CHAT_TEMPLATE
-    return save_model(tmp_path / name, "llama", True, seed, tok)
+    return save_model(tmp_path / name, family, True, seed, tok)
 
 
 def words(*ids: int) -> str:
@@ -52,13 +54,15 @@ def direct_reward(folder: Path, text: str) -> float:
         return float(model(input_ids=ids).logits[0, 0])
 
 
-def test_rewards_equal_unpadded_forward_in_mixed_batches(tmp_path: Path) -> None:
-    folder = reward_model(tmp_path)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_rewards_equal_unpadded_forward_in_mixed_batches(tmp_path: Path, family: str) -> None:
+    folder = reward_model(tmp_path, family=family)
     rm = load_reward_model(folder, batch_size=4, system_prompt=None)
     responses = [words(3), words(4, 5, 6, 7, 8, 9, 10), words(11, 12), words(13, 14, 15, 16), words(3)]
     texts = [rm.format_text(words(20, 21), r) for r in responses]
     assert texts[0] == "w1 w20 w21 w2 w3 </s>"
     rewards = rm.score_texts(texts)
+    assert_carries_signal(rm.tokenizer, texts, rewards)
     assert rewards[0] == rewards[4]  # equal texts, equal rewards
     for text, reward in zip(texts, rewards, strict=True):
         assert reward == pytest.approx(direct_reward(folder, text), abs=1e-5)
@@ -136,12 +140,13 @@ def test_gsm8k_answers_and_best_of_n(tmp_path: Path) -> None:
     assert result["4"]["accuracy"] == 0.0 and result["4"]["oracle"] == 1.0 and result["4"]["majority"] == 0.5
 
 
-def test_eval_end_to_end_and_cli(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_eval_end_to_end_and_cli(tmp_path: Path, family: str) -> None:
     from click.testing import CliRunner
 
     from lazymerge.cli import main
 
-    folder = reward_model(tmp_path)
+    folder = reward_model(tmp_path, family=family)
     rows = [
         {
             "prompt": words(3, 4),
@@ -155,6 +160,9 @@ def test_eval_end_to_end_and_cli(tmp_path: Path) -> None:
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
     result = evaluate_pairs(folder, pairs)
     rm = load_reward_model(folder)
+    texts = [rm.format_text(row["prompt"], row[side]) for row in rows for side in ("chosen", "rejected")]
+    scored = [entry[f"{side}_reward"] for entry in result["pairs"] for side in ("chosen", "rejected")]
+    assert_carries_signal(rm.tokenizer, texts, scored)
     for entry, row in zip(result["pairs"], rows, strict=True):
         assert entry["chosen_reward"] == pytest.approx(
             direct_reward(folder, rm.format_text(row["prompt"], row["chosen"])), abs=1e-5
@@ -183,8 +191,10 @@ def test_quantized_on_cpu_close_to_bf16(tmp_path: Path, quant: str) -> None:
     folder = save_model(
         tmp_path / "rm", "llama", True, 3, make_tokenizer(BASE_WORDS), hidden_size=64, intermediate_size=128
     )
-    texts = [words(3, 4, 5), words(6, 7, 8, 9, 10, 11), words(12)]
-    bf16 = load_reward_model(folder, dtype="bfloat16").score_texts(texts)
+    texts = [words(3, 4, 5), words(6, 7, 8, 9, 10, 11), words(12, 13)]
+    reference = load_reward_model(folder, dtype="bfloat16")
+    bf16 = reference.score_texts(texts)
+    assert_carries_signal(reference.tokenizer, texts, bf16)
     quantized = load_reward_model(folder, quant=quant, double_quant=True)
     layer = bnb.nn.Linear4bit if quant == "4bit" else bnb.nn.Linear8bitLt
     assert any(isinstance(m, layer) for m in quantized.model.modules())
@@ -201,7 +211,9 @@ def test_four_bit_on_cuda(tmp_path: Path) -> None:
         tmp_path / "rm", "llama", True, 3, make_tokenizer(BASE_WORDS), hidden_size=64, intermediate_size=128
     )
     texts = [words(3, 4, 5), words(6, 7, 8, 9, 10, 11)]
-    ref = load_reward_model(folder, dtype="bfloat16").score_texts(texts)
+    reference = load_reward_model(folder, dtype="bfloat16")
+    ref = reference.score_texts(texts)
+    assert_carries_signal(reference.tokenizer, texts, ref)
     got = load_reward_model(folder, device="cuda", quant="4bit").score_texts(texts)
     assert all(abs(a - b) <= 0.25 * (max(abs(r) for r in ref) + 1e-3) for a, b in zip(got, ref, strict=True))
 

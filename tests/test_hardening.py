@@ -6,11 +6,9 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from lazymerge import Checkpoint, merge
 from lazymerge.errors import IntegrityError, NonFiniteError, OutputError, ShardIndexError
 from lazymerge.verify import verify_checkpoint
 from tests.conftest import load_any, reference_merge
+from tests.helpers.pause_at import finish, start_paused
 
 
 def digest_tree(*paths: Path) -> dict[str, str]:
@@ -173,11 +172,21 @@ def test_disk_full_on_a_small_filesystem(tmp_path: Path, pair, monkeypatch) -> N
         subprocess.run(["umount", str(small)], capture_output=True)
 
 
-SLOW_MERGE = "--max-memory", "2KiB"  # thousands of chunks: slow enough to interrupt mid-way
+MANY_CHUNKS = "--max-memory", "2KiB"  # thousands of chunks: the main thread has work left at the pause
+
+#: (pause point, its call number, after the call?): mid-way through the first shard's data, and
+#: with the first shard finished (hashed, fsynced) while the second is being written
+PAUSES = {
+    "mid-shard": ("lazymerge.io.writer:StreamingShardWriter.write", 3, False),
+    "between-shards": ("lazymerge.io.writer:StreamingShardWriter.finish", 1, True),
+}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_merge_leaves_nothing_partial(tmp_path: Path, sig: int) -> None:
+@pytest.mark.parametrize("pause", sorted(PAUSES))
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["KILL", "INT", "TERM"])
+def test_interrupted_merge_leaves_nothing_partial(tmp_path: Path, sig: int, pause: str) -> None:
+    """The merge is stopped inside the shard writer (tests/helpers/pause_at.py), so the signal
+    always lands mid-write, with temporaries on disk, whatever the machine's load."""
     g = torch.Generator().manual_seed(1)
     pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     a = {f"t{i}": torch.randn(512, 512, generator=g) for i in range(6)}
@@ -186,45 +195,20 @@ def test_interrupted_merge_leaves_nothing_partial(tmp_path: Path, sig: int) -> N
     save_file(b, str(pb))
     before = digest_tree(pa, pb)
     out = tmp_path / "merged"
-    outcomes = set()
-    for delay in (0.0, 0.3, 1.0):
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lazymerge",
-                "run",
-                str(pa),
-                str(pb),
-                "-o",
-                str(out),
-                "-q",
-                "--shard-size",
-                "2MB",
-                *SLOW_MERGE,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
-        while not leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)  # wait until the merge is writing its temporaries
-        time.sleep(delay)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-        if out.exists():  # it finished before the signal: then it is complete
-            verify_checkpoint(out)
-            outcomes.add("complete")
-            shutil.rmtree(out)
-        else:
-            outcomes.add("absent")
-            if sig == signal.SIGINT:
-                assert proc.returncode == 130 and "interrupted" in err, err
-                assert not leftovers(tmp_path)  # Ctrl-C cleans up at once
-            else:
-                assert leftovers(tmp_path)  # SIGKILL leaves temporaries, never a destination
-    assert "absent" in outcomes
+    target, call, after = PAUSES[pause]
+    args = ["run", str(pa), str(pb), "-o", str(out), "-q", "--shard-size", "2MB", *MANY_CHUNKS]
+    proc = start_paused(target, args, call=call, after=after, stdout=subprocess.PIPE)
+    assert leftovers(tmp_path) and not out.exists()  # parked mid-write: temporaries, no destination
+    proc.send_signal(sig)
+    _, err = finish(proc)
+    assert not out.exists()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert leftovers(tmp_path)  # SIGKILL leaves temporaries, never a destination
+    else:
+        code, word = (130, "interrupted") if sig == signal.SIGINT else (143, "terminated")
+        assert proc.returncode == code and word in err and "Traceback" not in err, err
+        assert not leftovers(tmp_path)  # Ctrl-C and SIGTERM clean up at once
     # a rerun removes the temporaries a killed run left behind, and succeeds
     result = run_cli("run", str(pa), str(pb), "-o", str(out), "-q", "--shard-size", "2MB")
     assert result.returncode == 0, result.stderr
@@ -232,6 +216,15 @@ def test_interrupted_merge_leaves_nothing_partial(tmp_path: Path, sig: int) -> N
     got, want = load_any(out), reference_merge([a, b], [0.5, 0.5])
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert digest_tree(pa, pb) == before
+
+
+def test_a_pause_point_never_reached_fails_loudly(tmp_path: Path, pair) -> None:
+    """The launcher's contract: a run that ends before its pause point fails the test (with the
+    run's stderr), so an interrupt test can never pass by signalling a finished run."""
+    pa, pb, *_ = pair
+    args = ["run", str(pa), str(pb), "-o", str(tmp_path / "o"), "-q"]
+    with pytest.raises(AssertionError, match="never reached call 100000 .*exit 0"):
+        start_paused("lazymerge.io.writer:StreamingShardWriter.write", args, call=100_000)
 
 
 def test_shard_writer_close_races_finish(tmp_path: Path) -> None:

@@ -207,40 +207,23 @@ def test_warnings_name_tensors_whatever_the_path(tmp_path: Path) -> None:
 
 def test_sigterm_leaves_no_temporaries(tmp_path: Path) -> None:
     import signal
-    import time
 
     import torch
     from safetensors.torch import save_file
+
+    from tests.helpers.pause_at import finish, start_paused
 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     big = {f"t{i}": torch.randn(1 << 20) for i in range(24)}
     save_file(big, str(a))
     save_file(big, str(b))
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lazymerge",
-            "run",
-            str(a),
-            str(b),
-            "-o",
-            str(out),
-            "--max-memory",
-            "1MiB",
-            "-q",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not [p for p in tmp_path.iterdir() if "lazymerge-tmp" in p.name] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    args = ["run", str(a), str(b), "-o", str(out), "--max-memory", "1MiB", "-q"]
+    # parked in the shard writer (its second write): the merge is mid-way, temporaries on disk
+    proc = start_paused("lazymerge.io.writer:StreamingShardWriter.write", args, call=2)
+    assert [p for p in tmp_path.iterdir() if "lazymerge-tmp" in p.name]
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    if proc.returncode == 0:
-        pytest.skip("the merge finished before SIGTERM arrived")
+    _, err = finish(proc)
     assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err
     assert not out.exists()
     assert not [p.name for p in tmp_path.iterdir() if "lazymerge-" in p.name]

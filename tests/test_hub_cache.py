@@ -224,6 +224,7 @@ def test_outputs_into_the_cache_are_refused(hub: Path) -> None:
 
 def test_eval_reads_a_cached_reward_model_and_says_so(hub: Path, tmp_path: Path) -> None:
     from lazymerge.evaluation.run import evaluate_pairs
+    from tests.models import assert_carries_signal, scored_texts
     from tests.test_evaluation import reward_model, words, write_jsonl
 
     folder = reward_model(tmp_path)
@@ -236,6 +237,7 @@ def test_eval_reads_a_cached_reward_model_and_says_so(hub: Path, tmp_path: Path)
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
     by_id = evaluate_pairs("org/rm", pairs)
     by_path = evaluate_pairs(folder, pairs)
+    assert_carries_signal(folder, *scored_texts(pairs, by_path))
     assert [p["chosen_reward"] for p in by_id["pairs"]] == [p["chosen_reward"] for p in by_path["pairs"]]
     assert by_id["sources"] == [
         {

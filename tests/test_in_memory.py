@@ -12,7 +12,14 @@ from lazymerge.errors import InputError, OptionError
 from lazymerge.evaluation.in_memory import load_merged_reward_model
 from lazymerge.evaluation.rewards import load_reward_model
 from lazymerge.options import MergeOptions
-from tests.models import BASE_WORDS, make_tokenizer, save_model
+from tests.models import (
+    BASE_WORDS,
+    assert_carries_signal,
+    make_tokenizer,
+    save_model,
+    scored_texts,
+    tokenizer_size,
+)
 
 TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}w1 {{ m['content'] }} w2 "
@@ -24,17 +31,22 @@ TEXTS = [("w3 w4", "w5 w6 w7"), ("w8", "w9 [PAD] w10"), ("w11 w12 w13", "w14")]
 def pair_of_models(
     tmp_path: Path, family: str, dtype: torch.dtype = torch.float32, **sizes
 ) -> tuple[Path, Path]:
-    rm_tok = make_tokenizer(BASE_WORDS, added=["<rm_only>"])
+    rm_tok = make_tokenizer(BASE_WORDS, added=["<rm_only>"], family=family)
     rm_tok.chat_template = TEMPLATE
     rm = save_model(tmp_path / "rm", family, True, 1, rm_tok, dtype=dtype, **sizes)
     # the domain model's vocabulary is reordered and grows a [PAD] token, as MetaMath-7B's does
-    sft_tok = make_tokenizer(BASE_WORDS[:3] + list(reversed(BASE_WORDS[3:])), added=["[PAD]"])
+    words = BASE_WORDS[:3] + list(reversed(BASE_WORDS[3:]))
+    sft_tok = make_tokenizer(words, added=["[PAD]"], family=family)
     sft = save_model(tmp_path / "sft", family, False, 2, sft_tok, dtype=dtype, **sizes)
     return rm, sft
 
 
 def rewards(rm) -> list[float]:
-    return rm.score_texts([rm.format_text(p, r) for p, r in TEXTS])
+    """The rewards of TEXTS, checked to carry a signal (distinct ids, unequal rewards)."""
+    texts = [rm.format_text(p, r) for p, r in TEXTS]
+    scores = rm.score_texts(texts)
+    assert_carries_signal(rm.tokenizer, texts, scores)
+    return scores
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -50,10 +62,37 @@ def test_in_memory_rewards_equal_run_then_eval(tmp_path: Path, family: str, dtyp
     assert in_memory.tokenizer.convert_tokens_to_ids("[PAD]") == written.tokenizer.convert_tokens_to_ids(
         "[PAD]"
     )
-    assert written.model.config.vocab_size == in_memory.model.config.vocab_size == len(BASE_WORDS) + 2
+    rows = tokenizer_size(BASE_WORDS, family, added=["<rm_only>", "[PAD]"])
+    assert written.model.config.vocab_size == in_memory.model.config.vocab_size == rows
     for name, value in written.model.state_dict().items():
         assert torch.equal(in_memory.model.state_dict()[name], value), name
     assert rewards(in_memory) == rewards(written)  # bit-identical
+
+
+def test_signal_check_rejects_the_word_level_fixture_under_qwen2(tmp_path: Path) -> None:
+    """The old fixture: a word-level tokenizer in a Qwen2 folder. transformers 5 loads it as
+    Qwen2Tokenizer, which rebuilds a byte-level BPE from the word vocabulary and maps every
+    word to nothing; all rewards were then equal, and every comparison held trivially."""
+    word_level = make_tokenizer(BASE_WORDS, added=["<rm_only>"])
+    word_level.chat_template = TEMPLATE
+    with pytest.raises(AssertionError, match="Qwen2Tokenizer"):  # the fixture's own check
+        save_model(tmp_path / "checked", "qwen2", True, 1, word_level)
+    folder = save_model(tmp_path / "rm", "qwen2", True, 1, word_level, check_tokenizer=False)
+    rm = load_reward_model(folder)
+    assert type(rm.tokenizer).__name__ == "Qwen2Tokenizer"
+    texts = [rm.format_text(p, r) for p, r in TEXTS]
+    scores = rm.score_texts(texts)
+    assert len(set(scores)) == 1  # what the old comparisons compared
+    with pytest.raises(AssertionError, match="at most one id besides specials"):
+        assert_carries_signal(rm.tokenizer, texts, scores)
+    # the byte-level fixture passes; equal rewards alone are refused too
+    good = load_reward_model(pair_of_models(tmp_path / "good", "qwen2")[0])
+    texts = [good.format_text(p, r) for p, r in TEXTS]
+    assert_carries_signal(good.tokenizer, texts, good.score_texts(texts))
+    with pytest.raises(AssertionError, match="every reward is 0.5"):
+        assert_carries_signal(good.tokenizer, texts, [0.5] * len(texts))
+    with pytest.raises(AssertionError, match="every text tokenizes to"):
+        assert_carries_signal(good.tokenizer, [texts[0]] * 2, [0.0, 1.0])
 
 
 @pytest.mark.parametrize("quant", ["4bit", "8bit"])
@@ -137,6 +176,7 @@ def test_eval_of_several_folders_scores_the_merge_without_writing(tmp_path: Path
     )
     assert written.returncode == 0, written.stderr
     got, want = json.loads(out.read_text()), json.loads((tmp_path / "w.json").read_text())
+    assert_carries_signal(tmp_path / "m", *scored_texts(pairs, want))
     assert got["pairs"] == want["pairs"] and got["merged_in_memory"]["alpha"] == 0.3
     proc = subprocess.run(
         [sys.executable, "-m", "lazymerge", "eval", str(rm), "--alpha", "0.3", "--pairs", str(pairs)],

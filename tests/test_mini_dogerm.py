@@ -86,6 +86,15 @@ def test_tiny_pipeline_runs_every_stage_and_caches(tmp_path, capsys, monkeypatch
     for name in ("report.md", "accuracy.png", "best_of_n.png", "summary.json"):
         assert (results / name).stat().st_size > 0, name
     assert summary["headline"]["pairs"]["maths-test"]["reward model alone"]["accuracy"] >= 0.0
+    # the rewards these accuracies (and the cached run's below) are made of carry a signal
+    from lazymerge.evaluation.sweep import read_results
+    from tests.models import assert_carries_signal
+
+    _, records, _ = read_results(folders["sweep"] / "sweep" / "results.jsonl")
+    tests = list(data.read_jsonl(folders["data"] / "maths-test.jsonl"))
+    for record in records.values():
+        texts = [f"{r['prompt']} {r['chosen']}" for r in tests]
+        assert_carries_signal(folders["rm"], texts, record["pairs"]["maths-test"]["chosen"])
 
     stamps = {name: (f / "stage.json").stat().st_mtime_ns for name, f in folders.items()}
     capsys.readouterr()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lazymerge.evaluation.sweep import read_results
+from tests.models import assert_carries_signal
 from tests.test_sweep import data, models
 
 pytest.importorskip("ray")
@@ -138,6 +139,10 @@ def test_ray_sweep_equals_local_and_retries_a_crashed_worker(tmp_path: Path, ray
     assert re.search(r"alpha=0\.5 on \d+\.\d+\.\d+\.\d+", proc.stderr)  # the node that ran it
     labels = [json.loads(line)["label"] for line in (on_ray / "results.jsonl").read_text().splitlines()[1:]]
     assert sorted(labels) == sorted(["alpha=0", "alpha=0.25", "alpha=0.5", "alpha=1"])  # each exactly once
+    _, records, _ = read_results(local / "results.jsonl")
+    rows = [json.loads(line) for line in files["test"].read_text().splitlines()]
+    chosen = records["alpha=0.5"]["pairs"]["test"]["chosen"]
+    assert_carries_signal(rm, [f"{r['prompt']} {r['chosen']}" for r in rows], chosen)
     assert points(on_ray) == points(local)
 
 

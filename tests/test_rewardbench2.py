@@ -218,12 +218,14 @@ def test_eval_end_to_end_against_transformers(tmp_path: Path) -> None:
     from lazymerge.cli import main
     from lazymerge.evaluation.rewards import load_reward_model
     from lazymerge.evaluation.run import evaluate_pairs
+    from tests.models import assert_carries_signal, scored_texts
     from tests.test_evaluation import direct_reward, reward_model
 
     folder = reward_model(tmp_path)
     rows = rb2_rows()
     path = write_jsonl(tmp_path / "rb2.jsonl", rows)
     result = evaluate_pairs(folder, path)
+    assert_carries_signal(folder, *scored_texts(path, result))
     rm = load_reward_model(folder)
     by_subset: dict[str, list[float]] = {}
     for entry, r in zip(result["rows"], rows, strict=True):
@@ -276,6 +278,7 @@ def test_sweep_scores_rewardbench2_and_chooses_on_validation(tmp_path: Path) -> 
     from lazymerge import merge
     from lazymerge.evaluation.run import evaluate_pairs
     from lazymerge.evaluation.sweep import build_spec, read_results, run_sweep
+    from tests.models import assert_carries_signal, scored_texts
     from tests.test_sweep import models
 
     rm, sft = models(tmp_path)
@@ -290,6 +293,7 @@ def test_sweep_scores_rewardbench2_and_chooses_on_validation(tmp_path: Path) -> 
     folder = tmp_path / "merged"
     merge([rm, sft], folder, alpha=0.5)
     written = evaluate_pairs(folder, test)
+    assert_carries_signal(folder, *scored_texts(test, written))
     # the in-memory point's rewards equal lazymerge run + lazymerge eval of the written folder
     assert records["alpha=0.5"]["rewardbench2"]["rb2"]["rewards"] == [r["rewards"] for r in written["rows"]]
     doc = json.loads((out / "results.json").read_text())

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,8 @@ import pytest
 from lazymerge import merge
 from lazymerge.evaluation.run import evaluate_bon, evaluate_pairs
 from lazymerge.evaluation.sweep import build_spec, read_results, run_sweep
-from tests.models import BASE_WORDS, make_tokenizer, save_model
+from tests.helpers.pause_at import finish, start_paused
+from tests.models import BASE_WORDS, assert_carries_signal, make_tokenizer, save_model, scored_texts
 
 pytest.importorskip("matplotlib")
 
@@ -101,6 +101,7 @@ def test_sweep_points_equal_written_checkpoints_and_report_agrees(tmp_path: Path
         folder = tmp_path / f"merged-{alpha}"
         merge([rm, sft], folder, alpha=alpha)
         written = evaluate_pairs(folder, files["test"])
+        assert_carries_signal(folder, *scored_texts(files["test"], written))
         record = records[f"alpha={alpha:g}"]
         # bit-identical to lazymerge run + lazymerge eval
         assert record["pairs"]["test"]["chosen"] == [p["chosen_reward"] for p in written["pairs"]]
@@ -134,6 +135,7 @@ def test_two_domain_grid_equals_separate_merges(tmp_path: Path) -> None:
     folder = tmp_path / "merged"
     merge([rm, a, b], folder, weights=[0.0, 0.5, 0.5])
     written = evaluate_pairs(folder, files["test"])
+    assert_carries_signal(folder, *scored_texts(files["test"], written))
     assert records["w=0.5,0.5"]["pairs"]["test"]["chosen"] == [p["chosen_reward"] for p in written["pairs"]]
 
 
@@ -141,24 +143,22 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "lazymerge", *args], capture_output=True, text=True, **kw)
 
 
+#: the sweep scores its points one by one through this function: parked at its N-th call, the
+#: first N - 1 points are recorded (appended and fsynced) and no later one has started
+SCORE_POINT = "lazymerge.evaluation.sweep:score_point"
+
+
 def test_sweep_killed_then_rerun_scores_only_unfinished_points(tmp_path: Path) -> None:
     rm, sft = models(tmp_path)
     files = data(tmp_path)
     args = ["sweep", str(rm), str(sft), "--pairs", str(files["test"]), "--alpha", "0:1:0.1"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lazymerge", *args, "-o", str(killed)], stderr=subprocess.PIPE, text=True
-    )
-    results = killed / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if results.exists() and results.read_text().count("\n") >= 4:  # header + 3 points
-            break
-        time.sleep(0.02)
+    proc = start_paused(SCORE_POINT, [*args, "-o", str(killed)], call=4)  # 3 points done
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    finish(proc)
+    results = killed / "results.jsonl"
     _, before, _ = read_results(results)
-    assert 3 <= len(before) < 11, "the sweep ended before it could be killed"
+    assert len(before) == 3
     rerun = cli(*args, "-o", str(killed))
     assert rerun.returncode == 0, rerun.stderr
     scored = re.findall(r"\] (alpha=[0-9.]+):", rerun.stderr)
@@ -167,6 +167,10 @@ def test_sweep_killed_then_rerun_scores_only_unfinished_points(tmp_path: Path) -
     assert cli(*args, "-o", str(fresh), "-q").returncode == 0
     a = json.loads((killed / "results.json").read_text())["points"]
     b = json.loads((fresh / "results.json").read_text())["points"]
+    _, records, _ = read_results(fresh / "results.jsonl")
+    rows = [json.loads(line) for line in files["test"].read_text().splitlines()]
+    point = records["alpha=0.5"]["pairs"]["test"]
+    assert_carries_signal(rm, [f"{r['prompt']} {r['chosen']}" for r in rows], point["chosen"])
     strip = lambda points: [{k: v for k, v in p.items() if k != "timing"} for p in points]  # noqa: E731
     assert strip(a) == strip(b)
 
@@ -215,35 +219,13 @@ def test_ctrl_c_exits_130_and_keeps_finished_points(tmp_path: Path) -> None:
     rm, sft = models(tmp_path)
     files = data(tmp_path)
     out = tmp_path / "s"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lazymerge",
-            "sweep",
-            str(rm),
-            str(sft),
-            "--pairs",
-            str(files["test"]),
-            "--alpha",
-            "0:1:0.1",
-            "-o",
-            str(out),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    results = out / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 3):
-        time.sleep(0.02)
+    args = ["sweep", str(rm), str(sft), "--pairs", str(files["test"]), "--alpha", "0:1:0.1", "-o", str(out)]
+    proc = start_paused(SCORE_POINT, args, call=3)  # 2 points recorded, the third not started
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the sweep finished before Ctrl-C arrived")
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
-    _, done, _ = read_results(results)
-    assert len(done) >= 2
+    _, err = finish(proc)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    _, done, _ = read_results(out / "results.jsonl")
+    assert len(done) == 2
     assert not [p.name for p in tmp_path.iterdir() if "lazymerge-" in p.name]
 
 
@@ -263,8 +245,11 @@ def test_sweep_on_cuda_close_to_cpu_with_per_point_gpu_peaks(tmp_path: Path, qua
     assert all(r["peak_gpu_memory"] is None for r in runs["cpu"].values())
     # each point's own peak: a model left over from the last point would double the next one's
     assert all(p > 0 for p in peaks) and max(peaks) <= 1.5 * min(peaks), peaks
+    rows = [json.loads(line) for line in files["test"].read_text().splitlines()]
+    texts = [f"{r['prompt']} {r['chosen']}" for r in rows] + [f"{r['prompt']} {r['rejected']}" for r in rows]
     for label, cpu in runs["cpu"].items():
         want = cpu["pairs"]["test"]["chosen"] + cpu["pairs"]["test"]["rejected"]
+        assert_carries_signal(rm, texts, want)
         got = (
             runs["cuda"][label]["pairs"]["test"]["chosen"] + runs["cuda"][label]["pairs"]["test"]["rejected"]
         )
