@@ -175,7 +175,9 @@ def compile_template(text: str, name: str) -> BoundedTemplate:
     try:
         return BoundedTemplate(text, name)
     except jinja2.TemplateSyntaxError as exc:
-        raise InputError(f"{name}: not a valid Jinja template (line {exc.lineno}: {exc.message})") from None
+        raise InputError(
+            f"{name}: the chat template failed: not a valid Jinja template (line {exc.lineno}: {exc.message})"
+        ) from None
 
 
 #: Where a model folder's chat template comes from, in transformers' order of preference.
