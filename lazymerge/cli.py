@@ -296,7 +296,7 @@ def run(
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     elif not quiet:
         click.echo(report.format())
 
@@ -501,7 +501,7 @@ def _write_json(path: Path | None, doc: dict[str, Any], force: bool) -> None:
     if path is not None:
         from lazymerge.io.writer import write_report
 
-        write_report(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"), replace=force)
+        write_report(path, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8"), replace=force)
 
 
 def in_memory_merge_options(fn: F) -> F:
@@ -786,7 +786,7 @@ def sweep(
         executor=executor,
     )
     if as_json:
-        click.echo(json.dumps(run.report, indent=2))
+        click.echo(json.dumps(run.report, indent=2, allow_nan=False))
     elif not quiet:
         chosen = run.report["chosen"]
         click.echo(

@@ -159,3 +159,28 @@ class PairFileError(EvalDataError):
 
 class CandidateFileError(EvalDataError):
     """A best-of-N candidate file is malformed or holds no prompt."""
+
+
+class TemplateLimitError(InputError):
+    """A chat template passed a limit on rendering (steps, time, output or value size, recursion
+    depth), per render or over all renders of one run."""
+
+
+class NonFiniteRewardError(LazyMergeError):
+    """A reward model gave a NaN or infinite reward. Carries the model, the value, and the text
+    (and its index among the texts scored) that got it, so the caller can name the text's
+    source (`at`)."""
+
+    def __init__(
+        self, model: str, value: float, text: str, index: int | None = None, where: str = ""
+    ) -> None:
+        self.model, self.value, self.text, self.index, self.where = model, value, text, index, where
+        super().__init__(
+            f"{model}: the reward model gives {value} (not a finite number) for "
+            + (where or "a text")
+            + "; scoring stopped (look for NaN or inf in its weights: lazymerge verify --finite)"
+        )
+
+    def at(self, where: str) -> NonFiniteRewardError:
+        """The same error naming the text's source (`FILE:LINE (...)`)."""
+        return NonFiniteRewardError(self.model, self.value, self.text, self.index, where)

@@ -28,6 +28,12 @@ from lazymerge.options import MIN_DENSITY, MergeOptions
 
 #: Largest config file read: real mergekit configs are well under a kilobyte.
 CONFIG_LIMIT = 1 << 20
+#: Most YAML nodes a config may expand to, aliases counted at every use: a real config has a few
+#: dozen; nested aliases ("billion laughs") expand 600 bytes into billions, which any walk of the
+#: value (a message, a comparison) would then pay for.
+MAX_YAML_NODES = 10_000
+#: Deepest nesting of a config's YAML (real ones nest 4 levels).
+MAX_YAML_DEPTH = 64
 
 #: The methods lazymerge runs from a config, and the mergekit methods it can only approximate.
 SUPPORTED_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
@@ -97,6 +103,33 @@ class MergekitRecipe:
     notes: tuple[str, ...] = ()
 
 
+def describe(value: Any) -> str:
+    """A short description of an untrusted config value for a message: scalars quoted and cut
+    to 60 characters, integers of more than 30 digits by their size, structures by type and size
+    (never `repr()`, which walks the whole value)."""
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() <= 100:
+            return repr(value)
+        try:
+            return f"an integer of {len(str(abs(value)))} digits"
+        except ValueError:  # beyond Python's int-to-text limit (4300 digits)
+            return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:60]) + f"... ({len(value)} characters)"
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} key(s)"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item(s)"
+    return f"a {type(value).__name__}"
+
+
+def field_name(key: Any) -> str:
+    """A config key as a field name in a message: itself when a short string, else described."""
+    return key if isinstance(key, str) and len(key) <= 60 else describe(key)
+
+
 def resolve_model(reference: str, config_dir: Path) -> Path:
     """The local path a config's model reference names.
 
@@ -108,7 +141,7 @@ def resolve_model(reference: str, config_dir: Path) -> Path:
     """
     if "+" in reference:
         raise MergekitConfigError(
-            f"{reference!r} applies a LoRA adapter (MODEL+LORA); lazymerge merges full checkpoints: "
+            f"{describe(reference)} applies a LoRA adapter (MODEL+LORA); lazymerge merges full checkpoints: "
             "merge the adapter into its model first (peft's merge_and_unload) and give that folder"
         )
     path = Path(reference).expanduser()
@@ -116,7 +149,7 @@ def resolve_model(reference: str, config_dir: Path) -> Path:
         if candidate.exists():
             return candidate
     raise InputError(
-        f"{reference!r}: no such file or folder (relative paths are read from the current folder, "
+        f"{describe(reference)}: no such file or folder (relative paths are read from the current folder, "
         f"then from {config_dir}); lazymerge reads local checkpoints only: download the model and "
         "give its folder"
     )
@@ -154,11 +187,53 @@ def _load_yaml(path: Path) -> Any:
         raise MergekitConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     except RecursionError:
         raise MergekitConfigError(f"{path}: nests too deeply to be a mergekit config") from None
+    except YamlSizeError as exc:
+        raise MergekitConfigError(f"{path}: {exc}") from None
+    except ValueError as exc:  # an integer of more than 4300 digits (Python's conversion limit)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MergekitConfigError(f"{path}: a value cannot be read ({first})") from None
+
+
+class YamlSizeError(ValueError):
+    """A YAML document expands to more nodes, or nests deeper, than a mergekit config can."""
+
+
+def check_node_count(root: yaml.Node) -> None:
+    """Count the nodes `root` expands to, each alias counted at every place it is used, and its
+    depth, stopping at the first limit passed: the walk costs at most `MAX_YAML_NODES` steps
+    whatever the aliases multiply to.
+
+    Raises:
+        YamlSizeError for too many nodes, too deep a nesting, or an alias that contains itself.
+    """
+    count = 0
+    stack: list[tuple[yaml.Node, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise YamlSizeError(
+                f"expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases counted at each use); "
+                "a mergekit config has a few dozen"
+            )
+        if depth > MAX_YAML_DEPTH:
+            raise YamlSizeError(f"nests deeper than {MAX_YAML_DEPTH} levels; a mergekit config nests 4")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader (what `yaml.safe_load` uses: standard tags only, no Python objects),
     refusing a mapping that repeats a key, which `safe_load` would silently collapse to the last."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # before any Python value is built: every later walk of the value is then bounded too
+        check_node_count(node)
+        return super().construct_document(node)
 
     def construct_unique_mapping(self, node: yaml.MappingNode) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -172,7 +247,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} appears twice", key_node.start_mark
+                    None, None, f"the key {describe(key)} appears twice", key_node.start_mark
                 )
             seen.add(key)
         return self.construct_mapping(node, deep=True)
@@ -200,10 +275,10 @@ class _ConfigReader:
             )
         for key in doc:
             if key in _REFUSED_KEYS:
-                raise self.fail(str(key), f"not supported; {_REFUSED_KEYS[key]}")
+                raise self.fail(field_name(key), f"not supported; {_REFUSED_KEYS[key]}")
             if key not in _TOP_KEYS:
                 raise self.fail(
-                    str(key), f"unknown field; a mergekit config here holds {', '.join(_TOP_KEYS)}"
+                    field_name(key), f"unknown field; a mergekit config here holds {', '.join(_TOP_KEYS)}"
                 )
         method = self.method()
         models = self.models()
@@ -257,7 +332,7 @@ class _ConfigReader:
             hint = f"; nearest: {nearest}" if nearest else ""
             raise self.fail(
                 "merge_method",
-                f"{method!r} is not supported; lazymerge runs {', '.join(SUPPORTED_METHODS)}{hint}",
+                f"{describe(method)} is not supported; lazymerge runs {', '.join(SUPPORTED_METHODS)}{hint}",
             )
         return method
 
@@ -275,7 +350,8 @@ class _ConfigReader:
                     raise self.fail(f"{field}.layer_range", f"not supported; {_REFUSED_KEYS['slices']}")
                 if key not in ("model", "parameters"):
                     raise self.fail(
-                        f"{field}.{key}", "unknown field; a model entry holds model and parameters"
+                        f"{field}.{field_name(key)}",
+                        "unknown field; a model entry holds model and parameters",
                     )
             ref = entry.get("model")
             if not isinstance(ref, str) or not ref:
@@ -291,13 +367,13 @@ class _ConfigReader:
         for name, value in params.items():
             if isinstance(value, list):
                 raise self.fail(
-                    f"{field}.{name}",
+                    f"{field}.{field_name(name)}",
                     "gradients and filtered values are not supported; give one number for the whole "
                     "model (lazymerge uses one weight per model for every tensor)",
                 )
             if isinstance(value, dict):
                 raise self.fail(
-                    f"{field}.{name}",
+                    f"{field}.{field_name(name)}",
                     "per-tensor filters are not supported; give one value for the whole model",
                 )
         return dict(params)
@@ -309,10 +385,12 @@ class _ConfigReader:
         known = ", ".join([*shared, *per_model])
         for name in global_params:
             if name not in shared and name not in per_model:
-                raise self.fail(f"parameters.{name}", f"not a parameter of {method}; it takes {known}")
+                raise self.fail(
+                    f"parameters.{field_name(name)}", f"not a parameter of {method}; it takes {known}"
+                )
         for i, (_, params) in enumerate(models):
             for name in params:
-                field = f"models[{i}].parameters.{name}"
+                field = f"models[{i}].parameters.{field_name(name)}"
                 if name in shared:
                     raise self.fail(
                         field, f"a global parameter of {method}: move it to the top-level parameters"
@@ -337,7 +415,8 @@ class _ConfigReader:
             name = value.removeprefix("torch.") if isinstance(value, str) else ""
             if name not in _DTYPES:
                 raise self.fail(
-                    field, f"{value!r} is not supported; choose {', '.join(_DTYPES)} (float64: use float32)"
+                    field,
+                    f"{describe(value)} is not supported; choose {', '.join(_DTYPES)} (float64: use float32)",
                 )
             chosen = _DTYPES[name]
         return chosen
@@ -354,7 +433,7 @@ class _ConfigReader:
             return
         raise self.fail(
             "tokenizer_source",
-            f"{source!r} is not supported here; lazymerge merges embeddings by position when the models "
+            f"{describe(source)} is not supported here; lazymerge merges embeddings by position when the models "
             "share one vocabulary (remove tokenizer_source) and by token only when a reward model is "
             "among them (tokenizer_source: union, or leave it out)",
         )
@@ -363,18 +442,18 @@ class _ConfigReader:
 
     def number(self, value: Any, field: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise self.fail(field, f"expected a number, got {value!r}")
+            raise self.fail(field, f"expected a number, got {describe(value)}")
         try:
             number = float(value)  # YAML 1.1 reads 1e-3 as a string; mergekit accepts it as a number
-        except ValueError:
-            raise self.fail(field, f"expected a number, got {value!r}") from None
+        except (ValueError, OverflowError):  # OverflowError: an integer beyond a float's range
+            raise self.fail(field, f"expected a number, got {describe(value)}") from None
         if not math.isfinite(number) or abs(number) > 1e6:
-            raise self.fail(field, f"{value!r} is not a usable number")
+            raise self.fail(field, f"{describe(value)} is not a usable number")
         return number
 
     def flag(self, value: Any, field: str) -> bool:
         if not isinstance(value, bool):
-            raise self.fail(field, f"expected true or false, got {value!r}")
+            raise self.fail(field, f"expected true or false, got {describe(value)}")
         return value
 
     def per_model(

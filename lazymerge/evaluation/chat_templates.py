@@ -1,13 +1,14 @@
 """Chat templates chosen on the command line (`--chat-template llama2|chatml|FILE.jinja`).
 
 A chosen template overrides the reward model's own (or supplies one to a tokenizer without one).
-It is rendered only by transformers' `apply_chat_template`, whose jinja2
-`ImmutableSandboxedEnvironment` refuses attribute access to Python internals. A FILE is untrusted:
+Every template, chosen, built-in or the model folder's, is rendered by `template_sandbox`: a
+jinja2 `ImmutableSandboxedEnvironment` configured as transformers' `apply_chat_template` one (the
+same text comes out; the tests compare), which refuses attribute access to Python internals, with
+every render bounded in steps, time and output (per render and per run). A FILE is untrusted:
 before anything is loaded it is read with a size limit, parsed, refused when it reads any
 underscore attribute or item (`__class__`, `__globals__`, `_private`, also through the `attr`
 filter; the sandbox would refuse most of them only when rendered), and rendered once on a test
-conversation through transformers' own renderer (`render_jinja_template`, the function
-`apply_chat_template` calls), so a template that fails or trips the sandbox is reported before a
+conversation, so a template that fails, trips the sandbox or passes a limit is reported before a
 model is read.
 
 The two built-in templates are written from the published formats:
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lazymerge.errors import InputError
+from lazymerge.errors import InputError, TemplateLimitError
+from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget
 from lazymerge.io.small_files import read_small_file
 
 LLAMA2 = (
@@ -162,30 +164,63 @@ def refuse_private_access(template: ChatTemplate) -> None:
             )
 
 
-def probe_render(template: ChatTemplate, with_system: bool) -> str:
-    """Render a test conversation through transformers' renderer (its sandboxed environment).
+def compile_template(text: str, name: str) -> BoundedTemplate:
+    """`text` compiled for bounded rendering (`template_sandbox`); `name` is its file.
 
     Raises:
-        InputError naming the template when rendering fails or is refused by the sandbox.
+        InputError naming the file for a Jinja syntax error.
     """
-    from lazymerge.evaluation.rewards import require
+    import jinja2
 
-    require("transformers")
-    from transformers.utils.chat_template_utils import render_jinja_template
+    try:
+        return BoundedTemplate(text, name)
+    except jinja2.TemplateSyntaxError as exc:
+        raise InputError(
+            f"{name}: the chat template failed: not a valid Jinja template (line {exc.lineno}: {exc.message})"
+        ) from None
 
+
+#: Where a model folder's chat template comes from, in transformers' order of preference.
+MODEL_TEMPLATE_FILES = ("chat_template.jinja", "tokenizer_config.json", "chat_template.json")
+
+
+def model_template_file(folder: Path) -> str:
+    """The file of `folder` that holds its tokenizer's chat template, for messages:
+    chat_template.jinja when present (transformers prefers it), else tokenizer_config.json."""
+    for name in MODEL_TEMPLATE_FILES:
+        if (folder / name).is_file():
+            return str(folder / name)
+    return str(folder / "tokenizer_config.json")
+
+
+def probe_render(template: ChatTemplate, with_system: bool) -> str:
+    """Render a test conversation in the bounded sandbox (see `template_sandbox`).
+
+    Raises:
+        InputError naming the template when rendering fails or is refused by the sandbox;
+        TemplateLimitError when it passes a limit.
+    """
     messages = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
     if with_system:
         messages.insert(0, {"role": "system", "content": "w0"})
+    compiled = compile_template(template.text, template.name)
+    variables = {
+        "messages": messages,
+        "tools": None,
+        "documents": None,
+        "add_generation_prompt": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+    }
     try:
-        result: Any = render_jinja_template(
-            [messages], chat_template=template.text, bos_token="<s>", eos_token="</s>"
-        )
-        rendered = result[0]
+        rendered: Any = compiled.render(RenderBudget(), variables)
+    except TemplateLimitError:
+        raise
     except Exception as exc:  # jinja2's TemplateError and SecurityError, and whatever the template raises
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(
             f"{template.name}: the chat template fails on a test conversation ({type(exc).__name__}: {first})"
         ) from None
-    if not rendered or not isinstance(rendered[0], str) or not rendered[0]:
+    if not rendered:
         raise InputError(f"{template.name}: the chat template renders nothing for a test conversation")
-    return rendered[0]
+    return str(rendered)

@@ -122,6 +122,7 @@ def load_merged_reward_model(
         batch_size,
         f"{rm_folder} (merged in memory)",
         chat_template,
+        str(rm_folder),
     )
 
 
@@ -206,5 +207,13 @@ def load_merged_tokenizer(
     quiet_transformers()
     _, tokenizer = _config_and_tokenizer(transformers, plan.companion_files, rm_folder)
     return RewardModel(
-        None, tokenizer, "cpu", max_length, system_prompt, batch_size, str(rm_folder), chat_template
+        None,
+        tokenizer,
+        "cpu",
+        max_length,
+        system_prompt,
+        batch_size,
+        str(rm_folder),
+        chat_template,
+        str(rm_folder),
     )

@@ -183,7 +183,9 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
         "chosen": {"label": chosen["label"] if chosen else None, "chosen_on": how},
         "dogerm_reference": DOGERM_REFERENCE,
     }
-    write_report(spec.out / "results.json", (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+    write_report(
+        spec.out / "results.json", (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    )
     write_report(spec.out / "report.md", markdown(doc).encode("utf-8"))
     plot_accuracy(spec, points, spec.out / "accuracy.png")
     if spec.bon_evals and chosen is not None:

@@ -39,6 +39,7 @@ resample the same units for both scorings.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -79,6 +80,8 @@ class Rb2Row:
     prompt: str
     chosen: tuple[str, ...]
     rejected: tuple[str, ...]
+    #: The row's line in its file (0 when not read from one), named when its text fails.
+    line: int = dataclasses.field(default=0, compare=False)
 
     @property
     def completions(self) -> tuple[str, ...]:
@@ -123,7 +126,7 @@ def _count(row: dict[str, Any], field: str, where: str) -> int:
     return value
 
 
-def parse_row(row: dict[str, Any], where: str) -> Rb2Row:
+def parse_row(row: dict[str, Any], where: str, line: int = 0) -> Rb2Row:
     """One RewardBench 2 row, every field checked.
 
     Raises:
@@ -164,7 +167,7 @@ def parse_row(row: dict[str, Any], where: str) -> Rb2Row:
             raise PairFileError(
                 f"{where}: tied row {row_id} needs at least two correct answers, has {num_correct}"
             )
-    return Rb2Row(str(row_id), subset, row["prompt"], chosen, rejected)
+    return Rb2Row(str(row_id), subset, row["prompt"], chosen, rejected, line)
 
 
 def check_rows(path: Path, rows: Sequence[tuple[int, Rb2Row]]) -> None:

@@ -19,12 +19,20 @@ sequence-classification logit.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lazymerge.errors import InputError, MissingDependencyError, OptionError
+from lazymerge.errors import (
+    InputError,
+    MissingDependencyError,
+    NonFiniteRewardError,
+    OptionError,
+    TemplateLimitError,
+)
+from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget
 
 if TYPE_CHECKING:
     from lazymerge.evaluation.chat_templates import ChatTemplate
@@ -129,6 +137,11 @@ class RewardModel:
     source: str = ""
     #: A template chosen with --chat-template, used instead of the tokenizer's.
     chat_template: ChatTemplate | None = None
+    #: The folder whose tokenizer files (and chat template) this is, for messages.
+    folder: str = ""
+    #: What every render of this model's texts has used: one run's cumulative template budget.
+    template_budget: RenderBudget = field(default_factory=RenderBudget)
+    _compiled: BoundedTemplate | None = field(default=None, repr=False)
 
     def format_text(self, prompt: str, response: str) -> str:
         tok = self.tokenizer
@@ -137,23 +150,55 @@ class RewardModel:
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             if self.system_prompt is not None:
                 messages.insert(0, {"role": "system", "content": self.system_prompt})
-            # transformers renders either one in its sandboxed jinja2 environment
-            override = {"chat_template": chosen.text} if chosen is not None else {}
+            # what apply_chat_template gives a template: the messages, no tools or documents,
+            # no generation prompt, and the tokenizer's named special tokens as strings
+            variables: dict[str, Any] = {
+                **dict(getattr(tok, "special_tokens_map", None) or {}),
+                "messages": messages,
+                "tools": None,
+                "documents": None,
+                "add_generation_prompt": False,
+            }
+            template = self.bounded_template()
             try:
-                text = tok.apply_chat_template(messages, tokenize=False, **override)
-            except Exception as exc:  # jinja2's TemplateError and whatever the template raises
+                text = template.render(self.template_budget, variables)
+            except TemplateLimitError:
+                raise
+            except (
+                Exception
+            ) as exc:  # jinja2's TemplateError and SecurityError, and whatever the template raises
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise InputError(
-                    f"{chosen.name}: the chat template failed ({type(exc).__name__}: {first})"
-                    if chosen is not None
-                    else f"{self.source}: the tokenizer's chat template failed ({type(exc).__name__}: {first}); "
-                    "fix chat_template in tokenizer_config.json"
+                    f"{template.name}: the chat template failed ({type(exc).__name__}: {first})"
+                    + ("" if chosen is not None else f"; fix the chat template of {self.source}")
                 ) from None
-            if not isinstance(text, str):
-                raise InputError(f"{self.source}: the tokenizer's chat template did not render a string")
             return text
         head = f"{self.system_prompt}\n\n" if self.system_prompt is not None else ""
         return f"{head}User: {prompt}\n\nAssistant: {response}{tok.eos_token or ''}"
+
+    def bounded_template(self) -> BoundedTemplate:
+        """The chat template in use (the chosen one, else the tokenizer's), compiled once for
+        metered rendering (`template_sandbox`), named by its file in messages."""
+        if self._compiled is not None:
+            return self._compiled
+        from lazymerge.evaluation.chat_templates import compile_template, model_template_file
+
+        if self.chat_template is not None:
+            text, name = self.chat_template.text, self.chat_template.name
+        else:
+            name = model_template_file(Path(self.folder)) if self.folder else self.source
+            text = self.tokenizer.chat_template
+            if isinstance(text, dict):  # several named templates: transformers uses "default"
+                if "default" not in text:
+                    raise InputError(
+                        f"{name}: the tokenizer has several chat templates and none named default; "
+                        "choose one with --chat-template"
+                    )
+                text = text["default"]
+            if not isinstance(text, str):
+                raise InputError(f"{name}: the tokenizer's chat template is not text")
+        self._compiled = compile_template(text, name)
+        return self._compiled
 
     def encode(self, text: str) -> list[int]:
         ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -166,7 +211,11 @@ class RewardModel:
     def score_encoded(
         self, encoded: dict[str, list[int]], progress: Callable[[int], None] = lambda n: None
     ) -> dict[str, float]:
-        """One reward per distinct text from its token ids."""
+        """One reward per distinct text from its token ids.
+
+        Raises:
+            NonFiniteRewardError carrying the text whose reward is NaN or infinite.
+        """
         import torch
 
         order = sorted(encoded, key=lambda t: (-len(encoded[t]), t))
@@ -185,6 +234,9 @@ class RewardModel:
             with torch.no_grad():
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             for text, value in zip(group, logits[:, 0].float().cpu().tolist(), strict=True):
+                if not math.isfinite(value):
+                    # a NaN would compare false with everything and score as a wrong pair, silently
+                    raise NonFiniteRewardError(self.source, value, text)
                 rewards[text] = value
             progress(len(group))
         return rewards
@@ -192,8 +244,15 @@ class RewardModel:
     def score_texts(
         self, texts: Sequence[str], progress: Callable[[int], None] = lambda n: None
     ) -> list[float]:
-        """One reward per text; equal texts always get equal rewards."""
-        rewards = self.score_encoded(self.encode_all(texts), progress)
+        """One reward per text; equal texts always get equal rewards.
+
+        Raises:
+            NonFiniteRewardError with the index of the first text that got a NaN or inf reward.
+        """
+        try:
+            rewards = self.score_encoded(self.encode_all(texts), progress)
+        except NonFiniteRewardError as exc:
+            raise NonFiniteRewardError(exc.model, exc.value, exc.text, list(texts).index(exc.text)) from None
         return [rewards[t] for t in texts]
 
 
@@ -265,5 +324,13 @@ def load_reward_model(
         model = model.to(device)
     model.eval()
     return RewardModel(
-        model, tokenizer, device, max_length, system_prompt, batch_size, str(folder), chat_template
+        model,
+        tokenizer,
+        device,
+        max_length,
+        system_prompt,
+        batch_size,
+        str(folder),
+        chat_template,
+        str(folder),
     )

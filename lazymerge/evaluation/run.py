@@ -8,13 +8,37 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge import __version__
+from lazymerge.errors import NonFiniteRewardError
 from lazymerge.evaluation import rewardbench2
 from lazymerge.evaluation.rewards import load_reward_model
-from lazymerge.evaluation.scoring import best_of_n, load_candidates, load_preferences, pair_results
+from lazymerge.evaluation.scoring import (
+    best_of_n,
+    load_candidates,
+    load_preferences,
+    pair_results,
+    row_source,
+    row_texts,
+)
 from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
 from lazymerge.memory import PeakRssSampler
 from lazymerge.options import MergeOptions
 from lazymerge.progress import ProgressBar
+
+
+def _score(
+    rm: Any, texts: list[str], bar: ProgressBar, data_file: str | Path, origins: list[tuple[Any, str]]
+) -> list[float]:
+    """Rewards of `texts` (`origins[i]` is the row and text each came from); a NaN or infinite
+    reward stops scoring naming the model and the text's file, line, id and place."""
+    try:
+        return list(rm.score_texts(texts, bar.update))
+    except NonFiniteRewardError as exc:
+        if exc.index is None:
+            raise
+        row, which = origins[exc.index]
+        raise exc.at(row_source(data_file, row, which)) from None
+    finally:
+        bar.close()
 
 
 def _gpu_peak(device: str) -> int | None:
@@ -81,10 +105,12 @@ def evaluate_pairs(
         rm = _load(_paths(model, sources), merge, load)
         if rb2_rows:
             texts = [rm.format_text(r.prompt, c) for r in rb2_rows for c in r.completions]
+            origins: list[tuple[Any, str]] = [(r, which) for r in rb2_rows for _, _, which in row_texts(r)]
         else:
             texts = [rm.format_text(p.prompt, p.chosen) for p in pairs] + [
                 rm.format_text(p.prompt, p.rejected) for p in pairs
             ]
+            origins = [(p, "chosen") for p in pairs] + [(p, "rejected") for p in pairs]
         bar = ProgressBar(
             len(set(texts)),
             "scoring",
@@ -92,8 +118,7 @@ def evaluate_pairs(
             unit="texts" if rb2_rows else "pairs",
             per=1 if rb2_rows else 2,
         )
-        rewards = rm.score_texts(texts, bar.update)
-        bar.close()
+        rewards = _score(rm, texts, bar, pairs_file, origins)
     if rb2_rows:
         result = rewardbench2.score_rows(rb2_rows, rewardbench2.split_rewards(rb2_rows, rewards))
     else:
@@ -174,8 +199,7 @@ def evaluate_bon(
         rm = _load(_paths(model, sources), merge, load)
         texts = [rm.format_text(s.prompt, c) for s in sets for c in s.candidates]
         bar = ProgressBar(len(set(texts)), "scoring", enabled=progress, unit="texts")
-        flat = rm.score_texts(texts, bar.update)
-        bar.close()
+        flat = _score(rm, texts, bar, candidates_file, [(s, w) for s in sets for _, _, w in row_texts(s)])
     rewards, pos = [], 0
     for s in sets:
         rewards.append(flat[pos : pos + len(s.candidates)])

@@ -12,8 +12,8 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ class Pair:
     prompt: str
     chosen: str
     rejected: str
+    #: The row's line in its file (0 when not read from one), named when its text fails.
+    line: int = field(default=0, compare=False)
 
 
 #: Longest line read from a JSON Lines file, in bytes (one RewardBench row is a few KB).
@@ -165,6 +167,7 @@ def _pairs_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> tupl
                     _string(row, "prompt", where, PairFileError),
                     _string(row, "chosen", where, PairFileError),
                     _string(row, "rejected", where, PairFileError),
+                    number,
                 )
             )
         elif {"scenario", "label", "prompt", "response 1", "response 2"} <= row.keys():
@@ -183,7 +186,7 @@ def _pairs_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> tupl
                 continue
             scenario, prompt, first, second = texts
             better, worse = (first, second) if label == 0 else (second, first)
-            pairs.append(Pair(row_id, AUTOJ_GROUPS.get(scenario, "Other"), prompt, better, worse))
+            pairs.append(Pair(row_id, AUTOJ_GROUPS.get(scenario, "Other"), prompt, better, worse, number))
         else:
             raise PairFileError(
                 f"{where}: expected prompt/chosen/rejected (RewardBench) or scenario/label/prompt/"
@@ -229,9 +232,46 @@ def load_preferences(path: str | Path) -> PreferenceFile:
                 f"{where}: not a RewardBench 2 row (line {first} is one: chosen/rejected lists, num_correct); "
                 "a file holds one format"
             )
-        parsed.append((number, parse_row(row, where)))
+        parsed.append((number, parse_row(row, where, number)))
     check_rows(path, parsed)
     return PreferenceFile(rewardbench2=tuple(r for _, r in parsed))
+
+
+def row_texts(row: Pair | Rb2Row | CandidateSet) -> list[tuple[str, str, str]]:
+    """(prompt, response, which) for every text a row is scored on, in the order eval, bon and
+    the sweep format them: a pair's chosen then rejected, a RewardBench 2 row's completions
+    (chosen first), a candidate set's candidates."""
+    if isinstance(row, Pair):
+        return [(row.prompt, row.chosen, "chosen"), (row.prompt, row.rejected, "rejected")]
+    if isinstance(row, Rb2Row):
+        n = len(row.chosen)
+        return [
+            (row.prompt, c, f"chosen[{i}]" if i < n else f"rejected[{i - n}]")
+            for i, c in enumerate(row.completions)
+        ]
+    return [(row.prompt, c, f"candidates[{i}]") for i, c in enumerate(row.candidates)]
+
+
+def row_source(path: Path | str, row: Pair | Rb2Row | CandidateSet, which: str) -> str:
+    """`FILE:LINE (id ID, WHICH)`: where a scored text comes from."""
+    return f"{path}:{row.line} (id {describe_json(row.id)}, {which})"
+
+
+def text_source(
+    evaluations: Iterable[tuple[Path | str, Iterable[Pair | Rb2Row | CandidateSet]]],
+    text: str,
+    format_text: Callable[[str, str], str],
+) -> str | None:
+    """Where a formatted text comes from, `FILE:LINE (id ID, WHICH)`, or None when no row of
+    `evaluations` (each a data file and its rows) formats to `text` with `format_text` (the
+    formatter that made it, e.g. `RewardModel.format_text`). For naming the text of a
+    `NonFiniteRewardError` (its `.text`); rows are formatted again until one matches."""
+    for path, rows in evaluations:
+        for row in rows:
+            for prompt, response, which in row_texts(row):
+                if format_text(prompt, response) == text:
+                    return row_source(path, row, which)
+    return None
 
 
 def pair_results(
@@ -312,6 +352,8 @@ class CandidateSet:
     candidates: list[str]
     correct: list[bool]
     answers: list[float | None]
+    #: The row's line in its file (0 when not read from one), named when its text fails.
+    line: int = field(default=0, compare=False)
 
 
 def load_candidates(path: str | Path) -> list[CandidateSet]:
@@ -365,7 +407,12 @@ def load_candidates(path: str | Path) -> list[CandidateSet]:
             raise CandidateFileError(f"{where}: needs a correct list or a gold answer")
         out.append(
             CandidateSet(
-                _row_id(row, ordinal, where, CandidateFileError), prompt, list(candidates), correct, answers
+                _row_id(row, ordinal, where, CandidateFileError),
+                prompt,
+                list(candidates),
+                correct,
+                answers,
+                number,
             )
         )
     if not out:

@@ -494,7 +494,7 @@ def _refuse(results: Path, what: str, diffs: list[str]) -> OptionError:
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+    line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
     try:
         with open(path, "ab") as fh:
             start = fh.tell()
