@@ -189,3 +189,27 @@ def test_reports_are_strict_json(tmp_path: Path, write) -> None:
     write(path, {"reward": 1.5})
     text = path.read_text()
     assert json.loads(text if text.count("\n") > 1 else text.strip()) == {"reward": 1.5}
+
+
+@pytest.mark.parametrize("write", [False, True], ids=["in-memory", "written"])
+def test_sweep_stops_naming_the_text_and_the_point(tmp_path: Path, write: bool) -> None:
+    """The first point a sweep scores (alpha=0, the reward model alone) gives texts holding w7 a
+    NaN reward: the sweep stops in one line naming the model, the data file, line, id and place,
+    and the point, exit 1, and records no point (rerun, it is scored again, not reported)."""
+    pytest.importorskip("matplotlib")
+    from lazymerge.evaluation.sweep import read_results
+
+    folder = poisoned(tmp_path, "inf-w7")
+    domain = save_model(tmp_path / "sft", "llama", False, 2, None, vocab_size=len(BASE_WORDS))
+    data = write_jsonl(tmp_path / "data.jsonl", PAIRS)
+    out = tmp_path / "s"
+    args = ["sweep", str(folder), str(domain), "--pairs", str(data), "-o", str(out), "-q"]
+    model = out / "models" / "alpha-0" if write else f"{folder} (merged in memory)"
+    for _ in range(2):
+        result = CliRunner().invoke(main, [*args, "--alpha", "0,0.5", *(["--write"] if write else [])])
+        assert result.exit_code == 1, result.output
+        line = result.output.strip().splitlines()[-1]
+        assert line.startswith(f"Error: {model}: the reward model gives nan"), line
+        assert f'for {data}:2 (id "b", rejected) at sweep point alpha=0;' in line, line
+        _, done, _ = read_results(out / "results.jsonl")
+        assert done == {}

@@ -349,7 +349,7 @@ CHATML_STYLE = (
 def test_same_text_and_tokens_as_apply_chat_template(
     tmp_path: Path, family: str, template: str, system: str | None
 ) -> None:
-    tok = make_tokenizer([*BASE_WORDS, "<|im_start|>", "<|im_end|>"])
+    tok = make_tokenizer([*BASE_WORDS, "<|im_start|>", "<|im_end|>"], family=family)
     chosen = template if template in ("llama2", "chatml") else None
     if chosen is None:
         tok.chat_template = template

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge import __version__
-from lazymerge.errors import InputError, LazyMergeError, OptionError, OutputError
+from lazymerge.errors import InputError, LazyMergeError, NonFiniteRewardError, OptionError, OutputError
 from lazymerge.evaluation.chat_templates import ChatTemplate
 from lazymerge.evaluation.rewardbench2 import Rb2Row
-from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences
+from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences, text_source
 from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
 from lazymerge.io.writer import DestinationLock, check_against_inputs
 from lazymerge.options import MergeOptions
@@ -645,7 +645,14 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
         else:
             rm = load_merged_reward_model(spec.inputs, options, **load)
         t1 = time.monotonic()
-        rewards = rm.score_encoded(texts.encoded)
+        try:
+            rewards = rm.score_encoded(texts.encoded)
+        except NonFiniteRewardError as exc:
+            # named by the data file and line it came from, and the point that scored it
+            rows = [(e.path, e.pairs or e.rewardbench2) for e in spec.pair_evals]
+            rows += [(b.path, b.sets) for b in spec.bon_evals]
+            where = text_source(rows, exc.text, rm.format_text) or "a text"
+            raise exc.at(f"{where} at sweep point {point.label}") from None
         t2 = time.monotonic()
         del rm
     peak_gpu = _gpu_peak(spec.load.device)
