@@ -194,6 +194,73 @@ def test_inputs_a_worker_cannot_see_are_refused_before_scoring(tmp_path: Path, r
     assert done == {}
 
 
+def test_relative_paths_reach_the_workers_and_resume_from_another_folder(tmp_path: Path, ray_cluster) -> None:
+    """Inputs, data and output named relative to the working folder: a Ray worker runs in its own
+    folder, so the sweep must hand it absolute paths; resumed from another working folder with
+    the same files named absolutely, the points are the same sweep's (not rescored)."""
+    rm, sft = models(tmp_path)
+    data(tmp_path)
+    env = ray_cluster["env"]
+    relative = ["rm", "sft0", "--pairs", "test.jsonl", "--alpha", "0,1", "-o", "s"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lazymerge", "sweep", *relative, "--ray", ray_cluster["address"]],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"alpha=1 on \d+\.\d+\.\d+\.\d+", proc.stderr)
+    header, done, _ = read_results(tmp_path / "s" / "results.jsonl")
+    assert sorted(done) == ["alpha=0", "alpha=1"]
+    assert header is not None and header["fingerprint"]["inputs"] == [str(rm), str(sft)]  # absolute
+    absolute = [
+        str(rm),
+        str(sft),
+        "--pairs",
+        str(tmp_path / "test.jsonl"),
+        "--alpha",
+        "0,1",
+        "-o",
+        str(tmp_path / "s"),
+    ]
+    proc = sweep(absolute, env)
+    assert proc.returncode == 0 and "0 point(s) scored, 2 already done" in proc.stdout, proc.stderr
+
+
+def test_non_finite_reward_on_a_worker_is_reported_with_its_source(tmp_path: Path, ray_cluster) -> None:
+    """A worker's NaN reward fails its point with the data file, line and point named; the sweep
+    exits 1 in one line and records no point."""
+    from tests.test_round3_rewards import poisoned
+
+    rm = poisoned(tmp_path, "nan-head")
+    _, sft = models(tmp_path / "m")
+    files = data(tmp_path)
+    out = tmp_path / "s"
+    proc = sweep(
+        [
+            str(rm),
+            str(sft),
+            "--pairs",
+            str(files["test"]),
+            "--alpha",
+            "0",
+            "-o",
+            str(out),
+            "--ray",
+            ray_cluster["address"],
+        ],
+        ray_cluster["env"],
+    )
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "1 point(s) failed on Ray: alpha=0" in errors[0], proc.stderr
+    assert f"{files['test']}:1 (id " in errors[0] and "at sweep point alpha=0" in errors[0], errors[0]
+    _, done, _ = read_results(out / "results.jsonl")
+    assert done == {}
+
+
 def test_without_ray_nothing_of_ray_is_imported() -> None:
     code = "import sys, lazymerge.cli, lazymerge.evaluation.sweep; print('ray' in sys.modules)"
     assert (
