@@ -649,6 +649,7 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
             rewards = rm.score_encoded(texts.encoded)
         except NonFiniteRewardError as exc:
             # named by the data file and line it came from, and the point that scored it
+            rows: list[tuple[Path, Sequence[Pair | Rb2Row | CandidateSet]]]
             rows = [(e.path, e.pairs or e.rewardbench2) for e in spec.pair_evals]
             rows += [(b.path, b.sets) for b in spec.bon_evals]
             where = text_source(rows, exc.text, rm.format_text) or "a text"
