@@ -391,7 +391,7 @@ def eval_options(fn: F) -> F:
             "--chat-template",
             callback=_check_chat_template,
             help="llama2, chatml or FILE.jinja: format with this chat template instead of (or, without one, "
-            "as) the tokenizer's; rendered only in transformers' sandbox.",
+            "as) the tokenizer's; rendered in lazymerge's bounded sandbox.",
         ),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("-q", "--quiet", is_flag=True, help="No progress and no table."),

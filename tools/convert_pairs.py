@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lazymerge.errors import LazyMergeError, PairFileError  # noqa: E402
 from lazymerge.evaluation import rewardbench2  # noqa: E402
-from lazymerge.evaluation.scoring import _read_jsonl, load_pairs  # noqa: E402
+from lazymerge.evaluation.scoring import load_pairs, read_jsonl  # noqa: E402
 from lazymerge.io.outputs import OutputFiles  # noqa: E402
 from lazymerge.io.small_files import open_regular, read_small_file  # noqa: E402
 
@@ -78,7 +78,7 @@ def read_rows(path: Path) -> list[tuple[str, object]]:
         if not isinstance(doc, list):
             raise ConvertError(f"{path}: starts like a JSON list but is not one")
         return [(f"{path}: row {n}", row) for n, row in enumerate(doc, start=1)]
-    rows = _read_jsonl(path, PairFileError)  # a malformed line: PairFileError naming file and line
+    rows = read_jsonl(path, PairFileError)  # a malformed line: PairFileError naming file and line
     return [(f"{path}: row {n}", row) for n, (_, row) in enumerate(rows, start=1)]
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import InputError, TemplateLimitError
-from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget
+from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget, parse_template
 from lazymerge.io.small_files import read_small_file
 
 LLAMA2 = (
@@ -113,26 +113,6 @@ def load_chat_template(value: str, with_system: bool = False) -> ChatTemplate:
     return template
 
 
-def _parse_environment() -> Any:
-    """A sandboxed environment that parses what transformers' does (loop controls and its
-    `{% generation %}` block), for reading the template's syntax tree without running it."""
-    import jinja2.ext
-    from jinja2 import nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationBlock(jinja2.ext.Extension):
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.Scope(body).set_lineno(lineno)
-
-    return ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
-    )
-
-
 def refuse_private_access(template: ChatTemplate) -> None:
     """Refuse a template that reads an attribute or item whose name starts with an underscore.
 
@@ -143,7 +123,7 @@ def refuse_private_access(template: ChatTemplate) -> None:
     from jinja2 import nodes
 
     try:
-        tree = _parse_environment().parse(template.text)
+        tree = parse_template(template.text)
     except jinja2.TemplateSyntaxError as exc:
         raise InputError(
             f"{template.name}: not a valid Jinja template (line {exc.lineno}: {exc.message})"
@@ -160,7 +140,7 @@ def refuse_private_access(template: ChatTemplate) -> None:
         if isinstance(name, str) and name.startswith("_"):
             raise InputError(
                 f"{template.name}: line {node.lineno} reads {name!r}; chat templates may not touch underscore "
-                "attributes (Python internals), and lazymerge renders them only in transformers' sandbox"
+                "attributes (Python internals), and lazymerge renders them only in its sandbox"
             )
 
 

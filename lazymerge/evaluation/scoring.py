@@ -67,7 +67,7 @@ class Pair:
 MAX_LINE_BYTES = 16 << 20
 
 
-def _read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) of every non-blank line, each a JSON object.
 
     Lines are read one at a time and at most `MAX_LINE_BYTES` long, so a hostile file costs
@@ -147,7 +147,7 @@ def load_pairs(path: str | Path) -> tuple[list[Pair], int]:
         to score.
     """
     path = Path(path)
-    return _pairs_from_rows(path, _read_jsonl(path, PairFileError))
+    return _pairs_from_rows(path, read_jsonl(path, PairFileError))
 
 
 def _pairs_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> tuple[list[Pair], int]:
@@ -219,7 +219,7 @@ def load_preferences(path: str | Path) -> PreferenceFile:
         nothing to score.
     """
     path = Path(path)
-    rows = _read_jsonl(path, PairFileError)
+    rows = read_jsonl(path, PairFileError)
     if not rows or not looks_like_rewardbench2(rows[0][1]):
         pairs, ties = _pairs_from_rows(path, rows)
         return PreferenceFile(tuple(pairs), ties)
@@ -366,7 +366,7 @@ def load_candidates(path: str | Path) -> list[CandidateSet]:
     """
     path = Path(path)
     out = []
-    for ordinal, (number, row) in enumerate(_read_jsonl(path, CandidateFileError), start=1):
+    for ordinal, (number, row) in enumerate(read_jsonl(path, CandidateFileError), start=1):
         where = f"{path}:{number}"
         if "prompt" not in row or not isinstance(row.get("candidates"), list) or not row["candidates"]:
             raise CandidateFileError(f"{where}: needs prompt and a non-empty candidates list")

@@ -606,6 +606,16 @@ def _instrument(tree: Any) -> Any:
     return visit(tree)
 
 
+def parse_template(text: str) -> Any:
+    """The syntax tree of `text` as the bounded environment parses it (transformers' syntax:
+    loop controls, `{% generation %}`), for inspecting a template without running it.
+
+    Raises:
+        jinja2.TemplateSyntaxError for a template that does not parse.
+    """
+    return _environment().parse(text)
+
+
 class BoundedTemplate:
     """A chat template compiled for metered rendering.
 
