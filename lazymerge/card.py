@@ -17,6 +17,7 @@ escaped for markdown and HTML, so a name cannot add a heading, a link, raw HTML 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -196,6 +197,36 @@ def _input_line(source: ModelSource, role: str, weight: float, is_base: bool, na
     return f"- {where}: {what}"
 
 
+def _provenance_lines(plan: MergePlan, names: PublicNames) -> list[str]:
+    """What each input was, from the plan's identities (the record every shard's header carries
+    as `lazymerge_provenance`): its weights files' SHA-256 where known, the digest of its tensor
+    names, dtypes and shapes, and of its companion files."""
+    lines = [
+        'The SHA-256 of each input\'s weights (as its lazymerge header records it; "not recorded" '
+        "for other files), of its tensor list, and of its config and tokenizer files:",
+        "",
+    ]
+    for source, ident in zip(plan.sources, plan.identities, strict=True):
+        record = ident.published(names.source(source))
+        files = ", ".join(
+            f"{md_code(n)} {md_code(h) if h else 'not recorded'}" for n, _, h in record["weights"]
+        )
+        companions = "".join(f"{n}\0{h}\n" for n, h in record["companions"].items())
+        lines.append(
+            f"- {md_code(record['name'])}: weights {files}; tensors {md_code(record['tensors'])}"
+            + (
+                f"; {len(record['companions'])} companion files {md_code(_sha256(companions))}"
+                if companions
+                else ""
+            )
+        )
+    return lines
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def model_card(plan: MergePlan, options: MergeOptions, variant: int) -> bytes:
     """The README.md of output `variant` (see the module docstring)."""
     sources = list(plan.sources)
@@ -252,6 +283,8 @@ def model_card(plan: MergePlan, options: MergeOptions, variant: int) -> bytes:
         lines += ["", "Dropped:", "", *(f"- {md_text(names.scrub(d))}" for d in plan.dropped)]
     if plan.notes:
         lines += ["", "Notes:", "", *(f"- {md_text(names.scrub(n))}" for n in plan.notes)]
+    if plan.identities:
+        lines += ["", "## Provenance", "", *_provenance_lines(plan, names)]
     dtypes = sorted({t.dtype for t in plan.tensors.values()})
     fence = _fence(command)
     lines += [

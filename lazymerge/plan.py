@@ -11,6 +11,7 @@ handed to the engine, which only follows it. Two kinds of merge are planned here
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
 from lazymerge.methods import METHODS, MergeMethod
 from lazymerge.options import MergeOptions
+from lazymerge.provenance import InputIdentity, identify_checkpoint
 from lazymerge.workspace import (
     BASELINE_RSS,
     buffer_sizes,
@@ -72,6 +74,10 @@ class TensorPlan:
 
     def present(self) -> list[tuple[int, TensorInfo]]:
         return [(i, s) for i, s in enumerate(self.sources) if s is not None]
+
+
+#: Header metadata key of the inputs' identities (JSON: `InputIdentity.published` of each input).
+PROVENANCE_KEY = "lazymerge_provenance"
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,6 +130,9 @@ class MergePlan:
     sources: tuple[ModelSource, ...] = ()
     #: Files of one output each, beside its companion files (its model card, README.md).
     variant_files: tuple[dict[str, bytes], ...] = ()
+    #: What each input was (`provenance`): weights files, tensors, companion files; recorded in
+    #: every shard's header metadata (`PROVENANCE_KEY`) and in the model card.
+    identities: tuple[InputIdentity, ...] = ()
 
     @property
     def method_spec(self) -> MergeMethod:
@@ -436,6 +445,11 @@ def plan_merge(
     if options.chunk_elems is not None:
         chunk_elems = options.chunk_elems
     outputs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors.values()]
+    identities = tuple(identify_checkpoint(c) for c in checkpoints)
+    provenance = json.dumps(
+        [ident.published(metadata_name(c.path)) for ident, c in zip(identities, checkpoints, strict=True)],
+        separators=(",", ":"),
+    )
     layouts = []
     for weights in variants:
         metadata = {
@@ -444,6 +458,7 @@ def plan_merge(
             "lazymerge_method": options.method,
             "lazymerge_weights": ",".join(repr(float(w)) for w in weights),
             "lazymerge_inputs": ",".join(metadata_name(c.path) for c in checkpoints),
+            PROVENANCE_KEY: provenance,
         }
         layouts.append(
             plan_layout(outputs, metadata, destination.name if single_file else None, options.shard_size)
@@ -474,6 +489,7 @@ def plan_merge(
         direct_io=direct_io,
         staging_bytes=staging,
         sources=tuple(sources),
+        identities=identities,
     )
     return dataclasses.replace(plan, variant_files=model_cards(plan, options))
 

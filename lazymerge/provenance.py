@@ -28,6 +28,7 @@ from typing import Any
 
 from lazymerge.errors import InputError
 from lazymerge.io.hf_folder import COMPANION_FILES
+from lazymerge.io.reader import Checkpoint
 from lazymerge.io.small_files import open_regular
 
 #: Key of the SHA-256 of a shard's tensor data in the headers lazymerge writes.
@@ -70,6 +71,16 @@ class InputIdentity:
             "companions": dict(sorted(self.companions.items())),
         }
 
+    def published(self, name: str) -> dict[str, Any]:
+        """What a merged output records of this input (its header metadata, its card): `name`
+        in place of the path (no local path is published), no inode, no mtime."""
+        return {
+            "name": name,
+            "weights": [[_utf8(w.name), w.size, w.sha256] for w in self.weights],
+            "tensors": self.tensors,
+            "companions": {_utf8(n): h for n, h in sorted(self.companions.items())},
+        }
+
     def portable(self) -> dict[str, Any]:
         """What another machine with the same files sees too (no inode, no mtime)."""
         return {
@@ -78,6 +89,11 @@ class InputIdentity:
             "tensors": self.tensors,
             "companions": dict(sorted(self.companions.items())),
         }
+
+
+def _utf8(name: str) -> str:
+    """A file name as valid UTF-8 (undecodable bytes as `\\xNN` escapes), for what is published."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def absolute(path: str | os.PathLike[str]) -> Path:
@@ -133,17 +149,22 @@ def identify_input(path: Path, hash_weights: bool = False) -> InputIdentity:
     Raises:
         InputError (and the header errors) naming the file that cannot be read.
     """
-    from lazymerge.io.reader import Checkpoint
-
-    path = Path(path)
-    digest = hashlib.sha256()
     with Checkpoint.open(path) as ckpt:
-        files = ckpt.files
-        for name in sorted(ckpt):
-            info = ckpt[name]
-            digest.update(
-                f"{name}\0{info.dtype}\0{info.shape}\0{info.path.name}\0{info.offset}\0{info.nbytes}\n".encode()
+        return identify_checkpoint(ckpt, hash_weights)
+
+
+def identify_checkpoint(ckpt: Checkpoint, hash_weights: bool = False) -> InputIdentity:
+    """`identify_input` of an input already open (its headers are not read again)."""
+    path = Path(ckpt.path)
+    digest = hashlib.sha256()
+    files = ckpt.files
+    for name in sorted(ckpt):
+        info = ckpt[name]
+        digest.update(
+            f"{name}\0{info.dtype}\0{info.shape}\0{info.path.name}\0{info.offset}\0{info.nbytes}\n".encode(
+                "utf-8", "surrogateescape"
             )
+        )
     weights = []
     for file in files:
         try:

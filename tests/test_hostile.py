@@ -169,6 +169,8 @@ def test_non_utf8_file_names_are_escaped_in_metadata(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     with safe_open(str(out), "pt") as fh:  # safetensors' own reader accepts the header
         assert fh.metadata()["lazymerge_inputs"] == "caf\\xe9.safetensors,b.safetensors"
+        first = json.loads(fh.metadata()["lazymerge_provenance"])[0]
+        assert first["name"] == "caf\\xe9.safetensors" and first["weights"][0][0] == "caf\\xe9.safetensors"
         assert torch.equal(fh.get_tensor("w"), torch.full((4,), 0.5))
 
 

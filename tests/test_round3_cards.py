@@ -224,7 +224,7 @@ def check_shape(card: str, root: Path) -> None:
     assert fence, body
     prose = body[: fence.start()] + body[fence.end() :]
     headings = [line for line in prose.splitlines() if line.startswith("#")]
-    assert len(headings) == 3 and headings[1:] == ["## Recipe", "## Reproduce"], headings
+    assert len(headings) == 4 and headings[1:] == ["## Recipe", "## Provenance", "## Reproduce"], headings
     assert "<" not in prose.replace("<!--", "", 1), prose  # (the card's mark is an HTML comment)
     assert str(root) not in card and str(root.resolve()) not in card
 

@@ -362,3 +362,60 @@ def test_eval_report_records_the_inputs_identity(tmp_path: Path) -> None:
     second = evaluate_pairs(rm, pairs)
     assert "chat_template.jinja" in second["identity"][0]["companions"]
     assert json.loads(json.dumps(first, allow_nan=False)) == first
+
+
+# --- the same record in what a merge writes: header metadata and the model card ---------------
+
+
+def test_merged_output_records_its_inputs_identity(tmp_path: Path, monkeypatch) -> None:
+    """Every shard's header metadata carries each input's published identity (read back with
+    safetensors' own reader, equal to `identify_input`'s record); a merge of a lazymerge output
+    records that output's data SHA-256; the card shows the same digests and no local path."""
+    from safetensors import safe_open
+
+    from lazymerge.api import merge
+    from lazymerge.options import MergeOptions
+    from lazymerge.plan import PROVENANCE_KEY
+
+    monkeypatch.chdir(tmp_path)
+    rm, sft, _ = make_inputs(tmp_path)
+    first = tmp_path / "first"
+    merge([rm, sft], first, MergeOptions(alphas=(0.5,)))
+    again = tmp_path / "again"
+    merge([first, sft], again, MergeOptions(alphas=(0.25,), shard_size=40_000))
+    shards = sorted(again.glob("*.safetensors"))
+    assert len(shards) > 1
+    records = set()
+    for shard in shards:
+        with safe_open(str(shard), "pt") as fh:
+            records.add(fh.metadata()[PROVENANCE_KEY])
+    assert len(records) == 1  # one record, in every shard
+    recorded = json.loads(records.pop())
+    want = [identify_input(first).published("first"), identify_input(sft).published("sft")]
+    assert recorded == json.loads(json.dumps(want))
+    sha = recorded[0]["weights"][0][2]
+    assert isinstance(sha, str) and len(sha) == 64  # first's own header records its data hash
+    assert recorded[1]["weights"][0][2] is None  # sft's file (written by transformers) does not
+    card = (again / "README.md").read_text()
+    assert f"`{sha}`" in card and f"`{recorded[1]['tensors']}`" in card
+    assert str(tmp_path) not in card and str(tmp_path) not in json.dumps(recorded)
+
+
+def test_card_provenance_changes_with_a_companion_file(tmp_path: Path, monkeypatch) -> None:
+    from lazymerge.api import merge
+    from lazymerge.options import MergeOptions
+
+    monkeypatch.chdir(tmp_path)
+    rm, sft, _ = make_inputs(tmp_path)
+
+    def provenance(out: Path) -> str:
+        merge([rm, sft], out, MergeOptions(alphas=(0.5,)))
+        card = (out / "README.md").read_text()
+        return card[card.index("## Provenance") : card.index("## Reproduce")]
+
+    before = provenance(tmp_path / "a")
+    config = json.loads((sft / "tokenizer_config.json").read_text())
+    (sft / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    after = provenance(tmp_path / "b")
+    changed = [a for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+    assert len(changed) == 1 and changed[0].startswith("- `sft`:")
