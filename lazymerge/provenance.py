@@ -119,6 +119,15 @@ def sha256_file(path: Path, start: int = 0) -> str:
     return digest.hexdigest()
 
 
+def _recorded_hash(metadata: dict[str, str]) -> str | None:
+    """The data hash a lazymerge header carries, when well formed."""
+    recorded = metadata.get(DATA_HASH_KEY)
+    valid = (
+        isinstance(recorded, str) and len(recorded) == 64 and all(c in "0123456789abcdef" for c in recorded)
+    )
+    return recorded if valid else None
+
+
 def _data_start(path: Path) -> tuple[int, str | None]:
     """(offset of the tensor data, the data hash lazymerge's header carries) of a weights file."""
     if not path.name.endswith(".safetensors"):
@@ -126,11 +135,7 @@ def _data_start(path: Path) -> tuple[int, str | None]:
     from lazymerge.io.reader import read_header_file
 
     header = read_header_file(path)
-    recorded = header.metadata.get(DATA_HASH_KEY)
-    valid = (
-        isinstance(recorded, str) and len(recorded) == 64 and all(c in "0123456789abcdef" for c in recorded)
-    )
-    return header.data_start, recorded if valid else None
+    return header.data_start, _recorded_hash(header.metadata)
 
 
 def _companion_files(folder: Path) -> list[Path]:
@@ -167,11 +172,16 @@ def identify_checkpoint(ckpt: Checkpoint, hash_weights: bool = False) -> InputId
         )
     weights = []
     for file in files:
+        st = ckpt.stat_when_opened(file)  # the file that was read, not whatever is there now
         try:
-            st = os.stat(file)
+            st = st or os.stat(file)
         except OSError as exc:
             raise InputError(f"{file}: cannot read ({exc.strerror or exc})") from None
-        start, recorded = _data_start(file)
+        if file in ckpt.shards:
+            start, metadata = ckpt.shards[file]
+            recorded = _recorded_hash(metadata)
+        else:
+            start, recorded = _data_start(file)
         sha = recorded if recorded is not None or not hash_weights else sha256_file(file, start)
         weights.append(WeightsFile(file.name, st.st_size, st.st_mtime_ns, st.st_ino, sha))
     folder = path if path.is_dir() else path.parent

@@ -147,14 +147,14 @@ def _index_shards(index_path: Path) -> list[Path]:
     return [index_path.parent / name for name in sorted(set(weight_map.values()))]
 
 
-def _shard_entries(shard: Path) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Every tensor of a shard (absolute offsets) and its metadata."""
+def _shard_entries(shard: Path) -> tuple[list[TensorInfo], dict[str, str], int]:
+    """Every tensor of a shard (absolute offsets), its metadata and where its data starts."""
     if shard.name.endswith(".bin"):
         from lazymerge.io.torch_bin import read_bin_tensors
 
-        return read_bin_tensors(shard), {}
+        return read_bin_tensors(shard), {}, 0
     header = read_header_file(shard)
-    return list(header.tensors), header.metadata
+    return list(header.tensors), header.metadata, header.data_start
 
 
 def _add_entries(
@@ -263,10 +263,13 @@ class Checkpoint(Mapping[str, TensorInfo]):
         tensors: dict[str, TensorInfo],
         metadata: dict[str, str],
         pinned: dict[Path, tuple[int, os.stat_result]] | None = None,
+        shards: dict[Path, tuple[int, dict[str, str]]] | None = None,
     ):
         self.path = path
         self._tensors = tensors
         self.metadata = metadata
+        #: shard -> (offset of its tensor data, its header metadata), as read when opened
+        self.shards = dict(shards or {})
         #: shard -> (descriptor opened before its header was read, identity at that moment)
         self._pinned = dict(pinned or {})
         #: shard -> a second descriptor of the same open file, with O_DIRECT (`enable_direct_io`)
@@ -283,6 +286,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         pinned: dict[Path, tuple[int, os.stat_result]] = {}
+        shard_headers: dict[Path, tuple[int, dict[str, str]]] = {}
         try:
             for shard in shards:
                 if index_path is not None and shard.is_symlink() and not shard.exists():
@@ -290,9 +294,10 @@ class Checkpoint(Mapping[str, TensorInfo]):
                 if index_path is not None and not shard.exists():
                     raise ShardIndexError(f"{index_path}: names shard {shard.name}, which does not exist")
                 pinned[shard] = pin_file(shard)
-                entries, shard_metadata = _shard_entries(shard)
+                entries, shard_metadata, data_start = _shard_entries(shard)
                 check_unchanged(shard, *pinned[shard])
                 metadata = metadata or shard_metadata
+                shard_headers[shard] = (data_start, shard_metadata)
                 _add_entries(tensors, entries, shard, weight_map, index_path)
                 del entries
                 # each shard is under the cap (its parse stops there); together they may not be
@@ -312,7 +317,12 @@ class Checkpoint(Mapping[str, TensorInfo]):
                     f"{weight_map[missing[0]]}, which does not hold it"
                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 )
-        return cls(root, tensors, metadata, pinned)
+        return cls(root, tensors, metadata, pinned, shard_headers)
+
+    def stat_when_opened(self, shard: Path) -> os.stat_result | None:
+        """The identity (`os.stat`) of `shard` when its header was read (None if not pinned)."""
+        pinned = self._pinned.get(shard)
+        return pinned[1] if pinned is not None else None
 
     @property
     def files(self) -> list[Path]:
