@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lazymerge.card import with_model_cards
 from lazymerge.errors import LazyMergeError, OutputError
 from lazymerge.io.hub_cache import resolve_inputs
 from lazymerge.io.reader import Checkpoint, resolve_checkpoint_files
@@ -155,7 +156,7 @@ def prepare(
     check_destination(destination, is_single_file(destination), force)
     checkpoints = open_inputs(paths)
     try:
-        plan = plan_merge(checkpoints, options, destination, sources=sources)
+        plan = with_model_cards(plan_merge(checkpoints, options, destination, sources=sources), options)
         ensure_open_files(sum(len(c.files) for c in checkpoints) + 2 * len(plan.variants))
     except BaseException:
         for ckpt in checkpoints:

@@ -17,6 +17,7 @@ escaped for markdown and HTML, so a name cannot add a heading, a link, raw HTML 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,17 +25,14 @@ import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from lazymerge import __version__
+from lazymerge._version import __version__
 from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.writer import CARD_MARK, CARD_NAME
 from lazymerge.options import DEFAULT_SHARD_SIZE, MergeOptions
+from lazymerge.plan import MergePlan
 
-if TYPE_CHECKING:
-    from lazymerge.plan import MergePlan
-
-__all__ = ["CARD_NAME", "model_cards"]
+__all__ = ["CARD_NAME", "model_cards", "with_model_cards"]
 
 
 def _yaml_str(text: str) -> str:
@@ -306,6 +304,11 @@ def model_card(plan: MergePlan, options: MergeOptions, variant: int) -> bytes:
         "",
     ]
     return "\n".join(lines).encode("utf-8")
+
+
+def with_model_cards(plan: MergePlan, options: MergeOptions) -> MergePlan:
+    """`plan` with its model cards among the files it writes (`variant_files`)."""
+    return dataclasses.replace(plan, variant_files=model_cards(plan, options))
 
 
 def model_cards(plan: MergePlan, options: MergeOptions) -> tuple[dict[str, bytes], ...]:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from lazymerge import __version__
+from lazymerge._version import __version__
 from lazymerge.errors import LazyMergeError, OptionError
 from lazymerge.options import (
     DEFAULT_MAX_MEMORY,

@@ -183,7 +183,8 @@ def _demo_tokenizer(words: list[str], added: list[str]) -> object:
 
 def build_dogerm_models(root: Path) -> tuple[Path, Path]:
     """A tiny Llama reward model and a domain SFT model with one more token, random weights."""
-    from lazymerge.evaluation.rewards import quiet_transformers, require
+    from lazymerge._optional import require
+    from lazymerge.evaluation.rewards import quiet_transformers
 
     transformers = require("transformers")
     quiet_transformers()

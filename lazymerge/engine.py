@@ -30,8 +30,9 @@ from lazymerge.io.dtypes import TensorInfo, itemsize, torch_dtype
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputTransaction, StreamingShardWriter
 from lazymerge.methods import METHODS, position_uniform
-from lazymerge.plan import MergePlan, TensorPlan
-from lazymerge.workspace import Stopped, Workspace, block_len, buffer_sizes
+from lazymerge.plan import MergePlan, buffer_sizes
+from lazymerge.tensor_plan import TensorPlan
+from lazymerge.workspace import Stopped, Workspace, block_len
 
 _DONE = object()
 
@@ -292,7 +293,7 @@ class MergePipeline:
     output buffers; `write` (a thread) appends those to the current shard of every output;
     `hash` (a thread) feeds the same bytes to each shard's SHA-256 and finishes the shard. The
     stages hand buffers on through queues of one item; the buffers come from a `Workspace`
-    sized by `lazymerge.workspace.buffer_sizes(plan)`.
+    sized by `lazymerge.plan.buffer_sizes(plan)`.
     """
 
     def __init__(

@@ -10,7 +10,6 @@ handed to the engine, which only follows it. Two kinds of merge are planned here
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -19,11 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from lazymerge import __version__
+from lazymerge._version import __version__
 from lazymerge.errors import IncompatibleInputsError
-from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES, TensorInfo, is_float, itemsize
+from lazymerge.io.dtypes import TensorInfo, itemsize
 from lazymerge.io.hf_folder import output_companion_files
 from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.reader import Checkpoint
@@ -31,50 +28,18 @@ from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
 from lazymerge.methods import METHODS, MergeMethod
 from lazymerge.options import MergeOptions
 from lazymerge.provenance import InputIdentity, identify_checkpoint
+from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
+from lazymerge.tensor_plan import TensorPlan, check_same_tensor, first_mismatches, output_dtype
 from lazymerge.workspace import (
     BASELINE_RSS,
-    buffer_sizes,
+    SPAN_SLACK,
+    BufferSizes,
+    block_len,
     direct_io_bytes,
     direct_io_fits,
     size_chunks,
     staging_bytes,
 )
-
-
-@dataclass(frozen=True, eq=False, slots=True)
-class TensorPlan:
-    """One output tensor and how it is made (slotted: a plan may hold a million of them).
-
-    Attributes:
-        sources: one entry per input, None where that input does not contribute.
-        action: "merge" (float method over the sources), "copy" (one source, or non-float
-            tensors that all sources must hold identically) or "rows" (an embedding whose output
-            rows are gathered by token from each source, see `row_maps`).
-        row_maps: for "rows": per input, the source row of each output row, -1 where absent
-            (None for an input that does not contribute).
-        note: why, for `lazymerge plan`.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    action: str
-    sources: tuple[TensorInfo | None, ...]
-    row_maps: tuple[np.ndarray | None, ...] | None = None
-    note: str = ""
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def row_elems(self) -> int:
-        """Elements per chunking unit: a whole row for "rows" tensors, else one element."""
-        return math.prod(self.shape[1:]) if self.action == "rows" else 1
-
-    def present(self) -> list[tuple[int, TensorInfo]]:
-        return [(i, s) for i, s in enumerate(self.sources) if s is not None]
-
 
 #: Header metadata key of the inputs' identities (JSON: `InputIdentity.published` of each input).
 PROVENANCE_KEY = "lazymerge_provenance"
@@ -275,27 +240,31 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def first_mismatches(names: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def check_same_tensor(
-    name: str, first: TensorInfo, first_path: object, other: TensorInfo, other_path: object
-) -> None:
-    """Raise IncompatibleInputsError when two inputs' copies of a tensor cannot be merged."""
-    if first.shape != other.shape:
-        raise IncompatibleInputsError(
-            f"{other_path}: tensor {name!r} has shape {list(other.shape)}, expected "
-            f"{list(first.shape)} as in {first_path}"
-        )
-    if is_float(first.dtype) != is_float(other.dtype) or (
-        not is_float(first.dtype) and first.dtype != other.dtype
-    ):
-        raise IncompatibleInputsError(
-            f"{other_path}: tensor {name!r} is {other.dtype} but {first_path} has {first.dtype}; "
-            "only floating-point tensors can be merged across dtypes"
-        )
+def buffer_sizes(plan: MergePlan) -> BufferSizes:
+    """The buffers `plan` needs: what `Workspace` allocates and `working_memory` predicts."""
+    elems = plan.buffer_elems
+    method = plan.method_spec
+    fp32 = min(
+        elems,
+        max(
+            [1]
+            + [
+                block_len(t, method.elementwise, plan.chunk_len(t), plan.block_elems)
+                for t in plan.tensors.values()
+                if t.action != "copy"
+            ]
+        ),
+    )
+    return BufferSizes(
+        buffer_elems=elems,
+        input_itemsizes=plan.input_itemsizes,
+        output_itemsize=plan.output_itemsize,
+        outputs=len(plan.variants),
+        fp32_elems=fp32,
+        scratch_per_elem=method.scratch_bytes,
+        staging_per_output=plan.staging_bytes,
+        span_slack=SPAN_SLACK if plan.direct_io else 0,
+    )
 
 
 def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
@@ -318,14 +287,6 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
             )
         for name in first:
             check_same_tensor(name, first[name], first.path, other[name], other.path)
-
-
-def output_dtype(sources: Sequence[TensorInfo | None], dtype: str) -> tuple[str, str]:
-    """(action, output dtype) for a tensor: float tensors merge, others are copied."""
-    first = next(s for s in sources if s is not None)
-    if is_float(first.dtype):
-        return "merge", first.dtype if dtype == "auto" else OUTPUT_DTYPE_CHOICES[dtype]
-    return "copy", first.dtype
 
 
 def plain_tensor_plans(checkpoints: Sequence[Checkpoint], dtype: str) -> dict[str, TensorPlan]:
@@ -396,10 +357,6 @@ def plan_merge(
         OptionError for options that do not fit these inputs; IncompatibleInputsError when the
         inputs do not line up; HeaderError and its kin from configs and tokenizers.
     """
-    # the DogeRM recipe builds on this module's tensor plans, hence the import here
-    from lazymerge.card import model_cards
-    from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
-
     n = len(checkpoints) - (options.base is not None)
     options.check_inputs(n)
     options.check_destination_kind(destination)
@@ -491,7 +448,7 @@ def plan_merge(
         sources=tuple(sources),
         identities=identities,
     )
-    return dataclasses.replace(plan, variant_files=model_cards(plan, options))
+    return plan
 
 
 def metadata_name(path: Path) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lazymerge.plan import MergePlan, TensorPlan
+    from lazymerge.tensor_plan import TensorPlan
 
 #: Input buffer sets alive at once: one being read, one queued, one being merged.
 INPUT_SLOTS = 3
@@ -179,39 +179,12 @@ def block_len(tp: TensorPlan, elementwise: bool, count: int, block_elems: int) -
     return max(count, 1)
 
 
-def buffer_sizes(plan: MergePlan) -> BufferSizes:
-    """The buffers `plan` needs: what `Workspace` allocates and `working_memory` predicts."""
-    elems = plan.buffer_elems
-    method = plan.method_spec
-    fp32 = min(
-        elems,
-        max(
-            [1]
-            + [
-                block_len(t, method.elementwise, plan.chunk_len(t), plan.block_elems)
-                for t in plan.tensors.values()
-                if t.action != "copy"
-            ]
-        ),
-    )
-    return BufferSizes(
-        buffer_elems=elems,
-        input_itemsizes=plan.input_itemsizes,
-        output_itemsize=plan.output_itemsize,
-        outputs=len(plan.variants),
-        fp32_elems=fp32,
-        scratch_per_elem=method.scratch_bytes,
-        staging_per_output=plan.staging_bytes,
-        span_slack=SPAN_SLACK if plan.direct_io else 0,
-    )
-
-
 class Stopped(Exception):
     """Another pipeline stage failed; this one gives up quietly and the caller reports that failure."""
 
 
 class Workspace:
-    """The buffers of `buffer_sizes(plan)`, reused for every chunk.
+    """The buffers of `plan.buffer_sizes(plan)`, reused for every chunk.
 
     Fresh multi-megabyte allocations are served by new zeroed pages from the kernel; reusing
     buffers avoids those page faults, which otherwise cost more than the arithmetic. Input and

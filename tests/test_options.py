@@ -14,7 +14,8 @@ import torch
 from lazymerge.api import prepare
 from lazymerge.errors import OptionError
 from lazymerge.options import MergeOptions, parse_alpha
-from lazymerge.workspace import Workspace, buffer_sizes
+from lazymerge.plan import buffer_sizes
+from lazymerge.workspace import Workspace
 from tests.models import BASE_WORDS, make_tokenizer, save_model
 
 

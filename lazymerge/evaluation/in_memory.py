@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lazymerge._optional import require
 from lazymerge.errors import IncompatibleInputsError, InputError, OptionError
 from lazymerge.evaluation.chat_templates import ChatTemplate
 from lazymerge.evaluation.rewards import (
@@ -27,7 +28,6 @@ from lazymerge.evaluation.rewards import (
     bnb_config,
     quiet_transformers,
     refuse_remote_code,
-    require,
 )
 from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
 from lazymerge.io.dtypes import torch_dtype as to_torch_dtype

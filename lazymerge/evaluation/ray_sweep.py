@@ -88,7 +88,7 @@ def ray_executor(address: str = "auto", gpus: float | None = None, cpus: float =
         finished: Callable[[dict[str, Any]], None],
         echo: Callable[[str], None],
     ) -> None:
-        from lazymerge.evaluation.rewards import require
+        from lazymerge._optional import require
 
         ray = require("ray", extra="cluster")
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lazymerge import __version__
+from lazymerge._version import __version__
 from lazymerge.evaluation import rewardbench2
 from lazymerge.evaluation.scoring import CODE_SUBSETS, SECTIONS, best_of_n
 from lazymerge.evaluation.stats import Z95, paired_bootstrap, wilson_interval
@@ -394,7 +394,7 @@ def _scores(p: dict[str, Any], e: Any) -> tuple[dict[str, float], dict[str, dict
 
 
 def _pyplot() -> Any:
-    from lazymerge.evaluation.rewards import require
+    from lazymerge._optional import require
 
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")

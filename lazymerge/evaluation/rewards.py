@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lazymerge._optional import require
 from lazymerge.errors import (
     InputError,
-    MissingDependencyError,
     NonFiniteRewardError,
     OptionError,
     TemplateLimitError,
@@ -44,18 +44,6 @@ LLAMA2_SYSTEM_PROMPT = (
     "does not make any sense, or is not factually coherent, explain why instead of answering something not "
     "correct. If you don't know the answer to a question, please don't share false information."
 )
-
-
-def require(module: str, extra: str = "eval") -> Any:
-    """Import an optional dependency or fail with the pip command that installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingDependencyError(
-            f"{module} is not installed; run: pip install 'lazymerge[{extra}]'"
-        ) from None
 
 
 REMOTE_CODE_FILES = (

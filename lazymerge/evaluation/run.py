@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lazymerge import __version__
+from lazymerge._version import __version__
 from lazymerge.errors import NonFiniteRewardError
 from lazymerge.evaluation import rewardbench2
 from lazymerge.evaluation.rewards import load_reward_model

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lazymerge import __version__
+from lazymerge._version import __version__
 from lazymerge.errors import InputError, LazyMergeError, NonFiniteRewardError, OptionError, OutputError
 from lazymerge.evaluation.chat_templates import ChatTemplate
 from lazymerge.evaluation.rewardbench2 import Rb2Row
