@@ -93,13 +93,17 @@ def ray_cluster():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def sweep(args: list[str], env: dict[str, str], **extra_env: str) -> subprocess.CompletedProcess[str]:
+FAULTS = Path(__file__).parent / "helpers" / "ray_faults.py"
+
+
+def sweep(
+    args: list[str], env: dict[str, str], fault: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`lazymerge sweep ARGS`; with `fault`, through tests/helpers/ray_faults.py, which hands the
+    Ray executor a task or node probe that fails on purpose."""
+    command = [str(FAULTS), *fault, "--"] if fault else ["-m", "lazymerge", "sweep"]
     return subprocess.run(
-        [sys.executable, "-m", "lazymerge", "sweep", *args],
-        capture_output=True,
-        text=True,
-        env={**env, **extra_env},
-        timeout=600,
+        [sys.executable, *command, *args], capture_output=True, text=True, env=env, timeout=600
     )
 
 
@@ -132,7 +136,7 @@ def test_ray_sweep_equals_local_and_retries_a_crashed_worker(tmp_path: Path, ray
     proc = sweep(
         [*base, "-o", str(on_ray), "--ray", ray_cluster["address"]],
         ray_cluster["env"],
-        LAZYMERGE_TEST_CRASH_ONCE=f"alpha=0.5:{marker}",
+        ["crash-once", "alpha=0.5", str(marker)],
     )
     assert proc.returncode == 0, proc.stderr
     assert marker.exists(), proc.stderr  # a worker died in the middle of alpha=0.5, and Ray ran it again
@@ -180,7 +184,7 @@ def test_inputs_a_worker_cannot_see_are_refused_before_scoring(tmp_path: Path, r
             ray_cluster["address"],
         ],
         ray_cluster["env"],
-        LAZYMERGE_TEST_HIDE_ON_WORKERS=str(files["test"]),
+        ["hide", str(files["test"])],
     )
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]

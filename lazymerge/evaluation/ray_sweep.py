@@ -38,48 +38,55 @@ from lazymerge.evaluation.sweep import (
 from lazymerge.progress import format_duration
 from lazymerge.provenance import identify_input
 
-#: Test-only hooks, read in the workers: crash once while scoring a point ("LABEL:MARKER": the
-#: worker exits unless MARKER exists, creating it first), or pretend a path is invisible.
-CRASH_HOOK = "LAZYMERGE_TEST_CRASH_ONCE"
-HIDE_HOOK = "LAZYMERGE_TEST_HIDE_ON_WORKERS"
 MAX_RETRIES = 2
 
 
-def file_fingerprints(spec: SweepSpec, on_worker: bool = False) -> dict[str, Any]:
+def file_fingerprints(spec: SweepSpec) -> dict[str, Any]:
     """Each model input's identity as any machine holding the same files sees it (tensors,
     companion files, weights files' sizes and recorded hashes: `InputIdentity.portable`) and each
     data file's SHA-256, as this machine sees them (None for a file it cannot read)."""
-    hidden = os.environ.get(HIDE_HOOK) if on_worker else None
     out: dict[str, Any] = {}
     for path in _input_paths(spec):
         try:
-            out[str(path)] = None if hidden == str(path) else identify_input(Path(path)).portable()
+            out[str(path)] = identify_input(Path(path)).portable()
         except (OSError, LazyMergeError):
             out[str(path)] = None
     for path in [*(e.path for e in spec.pair_evals), *(b.path for b in spec.bon_evals)]:
         try:
-            out[str(path)] = None if hidden == str(path) else _sha256_file(Path(path))
+            out[str(path)] = _sha256_file(Path(path))
         except (OSError, LazyMergeError):
             out[str(path)] = None
     return out
 
 
-def _score_task(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> tuple[dict[str, Any], str]:
+def score_task(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> tuple[dict[str, Any], str]:
+    """What each Ray task runs: one point's record, and the node that scored it."""
     import ray
 
-    hook = os.environ.get(CRASH_HOOK)
-    if hook:
-        label, _, marker = hook.partition(":")
-        if label == point.label and not Path(marker).exists():
-            Path(marker).write_text("crashed once")
-            os._exit(1)  # the worker dies mid-point: Ray retries the task
-    node = ray.util.get_node_ip_address()
-    return score_point(spec, texts, point), node
+    return score_point(spec, texts, point), ray.util.get_node_ip_address()
 
 
-def ray_executor(address: str = "auto", gpus: float | None = None, cpus: float = 1.0) -> Executor:
+#: What a task runs, and what each node runs to show the driver what it sees.
+Task = Callable[[SweepSpec, PreparedTexts, SweepPoint], tuple[dict[str, Any], str]]
+Probe = Callable[[SweepSpec], dict[str, Any]]
+
+
+def ray_executor(
+    address: str = "auto",
+    gpus: float | None = None,
+    cpus: float = 1.0,
+    *,
+    task: Task = score_task,
+    probe: Probe = file_fingerprints,
+) -> Executor:
     """An executor for `sweep.run_sweep` running each point as a task on the Ray cluster at
-    `address` ("auto": the cluster this machine belongs to)."""
+    `address` ("auto": the cluster this machine belongs to).
+
+    Args:
+        task: what each point's task runs (`score_task`); tests pass one that fails on purpose.
+        probe: what each node runs for the driver's check that it sees the same files
+            (`file_fingerprints`); tests pass one that hides a file.
+    """
 
     def execute(
         spec: SweepSpec,
@@ -94,15 +101,9 @@ def ray_executor(address: str = "auto", gpus: float | None = None, cpus: float =
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         want_gpus = gpus if gpus is not None else (1.0 if spec.load.device.startswith("cuda") else 0.0)
-        env = {k: os.environ[k] for k in (CRASH_HOOK, HIDE_HOOK) if k in os.environ}
         probe_address(address)
         try:
-            ray.init(
-                address=address,
-                log_to_driver=False,
-                runtime_env={"env_vars": env} if env else None,
-                logging_level="ERROR",
-            )
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InputError(
@@ -110,8 +111,8 @@ def ray_executor(address: str = "auto", gpus: float | None = None, cpus: float =
                 "`ray start --head` (see the README)"
             ) from None
         try:
-            _check_nodes(ray, NodeAffinitySchedulingStrategy, spec)
-            _run_points(ray, spec, texts, todo, finished, echo, want_gpus, cpus)
+            _check_nodes(ray, NodeAffinitySchedulingStrategy, spec, probe)
+            _run_points(ray, task, spec, texts, todo, finished, echo, want_gpus, cpus)
         finally:
             ray.shutdown()
 
@@ -151,15 +152,15 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def _check_nodes(ray: Any, affinity: Any, spec: SweepSpec) -> None:
+def _check_nodes(ray: Any, affinity: Any, spec: SweepSpec, probe_fn: Probe) -> None:
     """Every alive node must see every input and data file as the driver does."""
     here = file_fingerprints(spec)
-    probe = ray.remote(num_cpus=0)(file_fingerprints)
+    probe = ray.remote(num_cpus=0)(probe_fn)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     refs = {
         n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": probe.options(
             scheduling_strategy=affinity(node_id=n["NodeID"], soft=False)
-        ).remote(spec, True)
+        ).remote(spec)
         for n in nodes
     }
     for node, ref in refs.items():
@@ -185,6 +186,7 @@ def _slots(resources: dict[str, float], gpus: float, cpus: float) -> int:
 
 def _run_points(
     ray: Any,
+    task_fn: Task,
     spec: SweepSpec,
     texts: PreparedTexts,
     todo: list[SweepPoint],
@@ -193,7 +195,7 @@ def _run_points(
     gpus: float,
     cpus: float,
 ) -> None:
-    task = ray.remote(_score_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=MAX_RETRIES)
+    task = ray.remote(task_fn).options(num_gpus=gpus, num_cpus=cpus, max_retries=MAX_RETRIES)
     spec_ref, texts_ref = ray.put(spec), ray.put(texts)  # shipped once, shared by every task
     pending = {task.remote(spec_ref, texts_ref, p): p for p in todo}
     slots = _slots(ray.cluster_resources(), gpus, cpus)
