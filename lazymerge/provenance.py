@@ -47,9 +47,17 @@ class WeightsFile:
     #: SHA-256 of the tensor data (safetensors: the bytes after the header; other formats: the
     #: whole file); None when neither lazymerge's header carries it nor it was hashed.
     sha256: str | None = None
+    #: The inode's change time: any write moves it, and no user call can set it back (an edit
+    #: that restores the mtime still changes it).
+    ctime_ns: int = 0
 
     def same_stat(self, other: WeightsFile) -> bool:
-        return (self.size, self.mtime_ns, self.inode) == (other.size, other.mtime_ns, other.inode)
+        return (self.size, self.mtime_ns, self.inode, self.ctime_ns) == (
+            other.size,
+            other.mtime_ns,
+            other.inode,
+            other.ctime_ns,
+        )
 
 
 @dataclass(frozen=True)
@@ -183,7 +191,7 @@ def identify_checkpoint(ckpt: Checkpoint, hash_weights: bool = False) -> InputId
         else:
             start, recorded = _data_start(file)
         sha = recorded if recorded is not None or not hash_weights else sha256_file(file, start)
-        weights.append(WeightsFile(file.name, st.st_size, st.st_mtime_ns, st.st_ino, sha))
+        weights.append(WeightsFile(file.name, st.st_size, st.st_mtime_ns, st.st_ino, sha, st.st_ctime_ns))
     folder = path if path.is_dir() else path.parent
     companions: dict[str, str] = {}
     if path.is_dir() or path.name.endswith(".index.json") or (folder / "config.json").is_file():
@@ -215,13 +223,13 @@ def identity_from_dict(doc: Any, where: str) -> InputIdentity:
         if not isinstance(w, dict):
             raise bad("a weights file is not an object")
         name, sha = w.get("name"), w.get("sha256")
-        numbers: list[Any] = [w.get(k) for k in ("size", "mtime_ns", "inode")]
+        numbers: list[Any] = [w.get(k) for k in ("size", "mtime_ns", "inode", "ctime_ns")]
         if not isinstance(name, str) or not (sha is None or isinstance(sha, str)):
             raise bad("a weights file's name or sha256")
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
-            raise bad(f"weights file {name[:100]}: size, mtime_ns and inode must be integers")
-        size, mtime_ns, inode = numbers
-        files.append(WeightsFile(name, size, mtime_ns, inode, sha))
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 64 for n in numbers):
+            raise bad(f"weights file {name[:100]}: size, mtime_ns, inode and ctime_ns must be integers")
+        size, mtime_ns, inode, ctime_ns = numbers
+        files.append(WeightsFile(name, size, mtime_ns, inode, sha, ctime_ns))
     return InputIdentity(path, tuple(files), tensors, dict(companions))
 
 
@@ -267,13 +275,14 @@ def compare_inputs(
                 diffs.append(f"{where}: weights file {w.name} is new")
                 files.append(w)
                 continue
-            sha = w.sha256
-            if rehash:  # the bytes themselves, even where a header claims a hash
-                sha = hash_file(folder / w.name)
-            elif sha is None and prior.same_stat(w):
-                sha = prior.sha256  # the same file as when it was hashed: keep what was proved
-            w = WeightsFile(w.name, w.size, w.mtime_ns, w.inode, sha)
-            if prior.sha256 is not None and sha is not None:
+            # a header's recorded hash is a claim about the bytes, not a proof: bytes edited in
+            # place leave the header as it was. Only the same stat, or the bytes hashed, count.
+            if rehash:
+                sha: str | None = hash_file(folder / w.name)
+            else:
+                sha = prior.sha256 if prior.sha256 is not None else w.sha256
+            w = WeightsFile(w.name, w.size, w.mtime_ns, w.inode, sha, w.ctime_ns)
+            if rehash and prior.sha256 is not None:
                 if prior.sha256 != sha:
                     diffs.append(f"{where}: weights file {w.name} holds other data (SHA-256 differs)")
             elif rehash:
@@ -288,6 +297,7 @@ def compare_inputs(
                         ("size", prior.size, w.size),
                         ("mtime", prior.mtime_ns, w.mtime_ns),
                         ("inode", prior.inode, w.inode),
+                        ("ctime", prior.ctime_ns, w.ctime_ns),
                     )
                     if a != b
                 ]
