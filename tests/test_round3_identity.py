@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lazymerge.errors import InputError, OptionError
+from lazymerge.errors import InputError, OptionError, OutputError
 from lazymerge.evaluation.sweep import build_spec, read_results, run_sweep
 from lazymerge.provenance import compare_inputs, identify_input
 from tests.models import BASE_WORDS, make_tokenizer, save_model
@@ -327,8 +327,18 @@ BAD_LINES = [
     (
         "identity malformed",
         lambda p: [json.dumps({"record": "identity", "identity": [{"path": 1}]})],
-        "malformed input identity",
+        "line 4: malformed input identity",
     ),
+    (
+        "weights not the label's",
+        _with(weights=[-5.0, 6.0]),
+        "but this sweep's point alpha=0 has weights [1.0, 0.0]",
+    ),
+    ("another point's weights", _with(weights=[0.0, 1.0]), "but this sweep's point alpha=0 has weights"),
+    ("baseline flag flipped", _with(baseline=False), "(baseline False), but this sweep's point"),
+    ("a 401-digit weight", _with(weights=[10**400, 0]), "an integer of 401 digits"),
+    ("a 401-digit build time", _with(build_s=10**400), "an integer of 401 digits"),
+    ("a 401-digit reward", _pairs(lambda e: e["chosen"].__setitem__(0, 10**400)), "an integer of 401 digits"),
 ]
 
 
@@ -346,6 +356,28 @@ def test_hostile_results_lines_are_refused_naming_file_and_line(swept, what, mak
     message = str(err.value)
     assert str(results) in message and "line " in message and fragment in message, message
     assert len(message) < 600 and "\n" not in message
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_results_file_linked_from_another_sweep_is_refused(tmp_path: Path, link: str) -> None:
+    """Two sweep folders sharing one results.jsonl through a link would append under two locks."""
+    rm, sft, pairs = make_inputs(tmp_path)
+    sweep(rm, sft, pairs, tmp_path / "a")
+    other = tmp_path / "b"
+    other.mkdir()
+    target = tmp_path / "a" / "results.jsonl"
+    if link == "symlink":
+        (other / "results.jsonl").symlink_to(target)
+    else:
+        os.link(target, other / "results.jsonl")
+    before = target.read_bytes()
+    for folder in (other, tmp_path / "a"):
+        with pytest.raises(OutputError) as err:
+            sweep(rm, sft, pairs, folder)
+        assert "results.jsonl: is a " in str(err.value) and "link" in str(err.value)
+        if link == "symlink":
+            break  # the target itself is a plain file with one name: sweep a resumes as it should
+    assert target.read_bytes() == before
 
 
 def test_header_differences_never_repeat_huge_values(swept) -> None:

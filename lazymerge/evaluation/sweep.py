@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -296,7 +297,9 @@ def _json_value(value: Any) -> Any:
 
 
 #: Largest results file read back (a point's record is about 20 bytes per text scored).
-MAX_RESULTS_BYTES = 1 << 30
+MAX_RESULTS_BYTES = 256 << 20
+#: Longest integer a results line may hold (sizes, times and counts are under 20 digits).
+_MAX_INT_DIGITS = 30
 #: Most lists and objects in one line: a point holds one list per candidate set or RewardBench 2
 #: row and a few more (GSM8K best-of-16: 1,319 sets; RewardBench 2: 1,865 rows).
 _MAX_CONTAINERS = 1_000_000
@@ -309,8 +312,13 @@ def _strict_json(line: bytes, where: str) -> Any:
     def no_constant(name: str) -> Any:
         raise InputError(f"{where}: holds {name}, which is not a number results may hold")
 
+    def small_int(digits: str) -> int:
+        if len(digits) > _MAX_INT_DIGITS:
+            raise InputError(f"{where}: holds an integer of {len(digits):,} digits; not a sweep record")
+        return int(digits)
+
     try:
-        return json.loads(line, parse_constant=no_constant)
+        return json.loads(line, parse_constant=no_constant, parse_int=small_int)
     except RecursionError:
         raise InputError(f"{where}: nested too deeply; this is not a lazymerge sweep file") from None
     except ValueError:
@@ -327,6 +335,8 @@ class ResultsFile:
     #: line number of each point, for messages
     lines: dict[str, int]
     complete: int
+    #: line number of the identity record in force (the header's, or a later `identity` line)
+    identity_line: int = 1
 
 
 def read_results_file(path: Path) -> ResultsFile:
@@ -390,7 +400,7 @@ def read_results_file(path: Path) -> ResultsFile:
             continue
         if identity is not None and not isinstance(identity, list):
             raise InputError(f"{where}: identity must be a list")
-        out.identity = identity
+        out.identity, out.identity_line = identity, number
     return out
 
 
@@ -457,8 +467,16 @@ def check_points(spec: SweepSpec, path: Path, results: ResultsFile) -> None:
     Raises:
         InputError naming the file, line and what is wrong.
     """
+    grid = {p.label: p for p in spec.points}
     for label, record in results.points.items():
         problem = _point_problem(spec, record)
+        point = grid.get(label)
+        if problem is None and point is not None:
+            if record["weights"] != list(point.weights) or record["baseline"] != point.baseline:
+                problem = (
+                    f"weights {_describe(record['weights'])} (baseline {record['baseline']}), but this sweep's "
+                    f"point {label[:100]} has weights {_describe(list(point.weights))} (baseline {point.baseline})"
+                )
         if problem is not None:
             raise InputError(f"{path}: line {results.lines[label]} (point {label[:100]}): {problem}")
 
@@ -467,7 +485,13 @@ def _describe(value: Any) -> str:
     """A value from a results file for a message: short values as they are, others by type and size."""
     if isinstance(value, str) and len(value) > 60:
         return f"{json.dumps(value[:60])}... ({len(value)} characters)"
-    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else None
+    scalar = (str, int, float, bool, type(None))
+    short_list = (
+        isinstance(value, list)
+        and len(value) <= 16
+        and all(isinstance(v, scalar) and not (isinstance(v, str) and len(v) > 40) for v in value)
+    )
+    text = json.dumps(value) if isinstance(value, scalar) or short_list else None
     if text is not None and len(text) <= 80:
         return text
     size = len(value) if isinstance(value, (list, dict)) else 0
@@ -521,7 +545,7 @@ def _header(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_identity(spec: SweepSpec, results: Path, recorded: list[Any] | None) -> None:
+def _check_identity(spec: SweepSpec, results: Path, recorded: list[Any] | None, line: int = 1) -> None:
     """Refuse to resume when an input changed since its results were scored; with `rehash`,
     prove by content the weights are the same and record their identity now."""
     if recorded is None:
@@ -529,12 +553,34 @@ def _check_identity(spec: SweepSpec, results: Path, recorded: list[Any] | None) 
             f"{results}: made by an earlier lazymerge that did not record the inputs' identity, so these "
             "results cannot be checked against the models now; use another folder, or --restart to rescore"
         )
-    old = [identity_from_dict(doc, f"{results}: line 1") for doc in recorded]
+    old = [identity_from_dict(doc, f"{results}: line {line}") for doc in recorded]
     diffs, now = compare_inputs(old, input_identities(spec), spec.rehash)
     if diffs:
         raise _refuse(results, "other inputs", diffs)
     if [i.to_dict() for i in now] != recorded:  # same content, new stat (copied, touched): remember it
         _append(results, {"record": "identity", "identity": [i.to_dict() for i in now]})
+
+
+def _refuse_linked(path: Path) -> None:
+    """Refuse a sweep file that is a link (symbolic or hard) or not a regular file."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        what = (
+            "a symbolic link"
+            if stat.S_ISLNK(st.st_mode)
+            else "not a regular file"
+            if not stat.S_ISREG(st.st_mode)
+            else "a hard link"
+        )
+        raise OutputError(
+            f"{path}: is {what}; a sweep keeps its own files (another sweep could write it under "
+            "another lock): remove it, or choose another sweep folder"
+        )
 
 
 def _prepare_folder(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -558,6 +604,10 @@ def _prepare_folder(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, dict[str, 
                 f"{out}: holds files a lazymerge sweep did not write ({', '.join(foreign[:3]) or 'no ' + RESULTS}); "
                 "choose another sweep folder"
             )
+        for name in SWEEP_FILES:
+            # the folder's lock guards its own files only: one linked from elsewhere (a symlink,
+            # or a hard link) could be appended to by another sweep under another lock
+            _refuse_linked(out / name)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -578,7 +628,7 @@ def _prepare_folder(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, dict[str, 
         with open(results, "r+b") as fh:
             fh.truncate(found.complete)
             os.fsync(fh.fileno())
-    _check_identity(spec, results, found.identity)
+    _check_identity(spec, results, found.identity, found.identity_line)
     return found.points
 
 
