@@ -460,22 +460,6 @@ def _parse_ns(ns: str) -> list[int]:
     return sorted(set(n_values))
 
 
-def _reserve_report(path: Path | None, inputs: Sequence[Path], force: bool) -> Any:
-    """Lock a report destination and check it before any scoring (see
-    `writer.check_report_destination`); the lock is held until the report is written."""
-    if path is None:
-        return None
-    from lazymerge.io.writer import DestinationLock, check_report_destination
-
-    lock = DestinationLock(path)
-    try:
-        check_report_destination(path, inputs, force)
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
 def _read_paths(models: Sequence[Path]) -> list[Path]:
     """What is read for each MODEL (a Hugging Face id: its snapshot in the local cache)."""
     from lazymerge.io.hub_cache import input_paths
@@ -486,22 +470,22 @@ def _read_paths(models: Sequence[Path]) -> list[Path]:
 def _scored_report(
     out: Path | None, inputs: Sequence[Path], force: bool, score: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
-    """Reserve the report destination, score, write the report; the lock is held throughout."""
-    lock = _reserve_report(out, inputs, force)
-    try:
+    """Reserve the report destination (locked and checked under the output rule before any
+    scoring), score, write the report atomically and record it in its folder's manifest, so a
+    later --force knows it as lazymerge's (and an edited copy as the user's)."""
+    if out is None:
+        return score()
+    from lazymerge.io.outputs import OutputFiles
+
+    with OutputFiles([out], inputs=inputs, force=force) as files:
         result = score()
-        _write_json(out, result, force)
+        files.write({out: _report_bytes(result)})
         return result
-    finally:
-        if lock is not None:
-            lock.release()
 
 
-def _write_json(path: Path | None, doc: dict[str, Any], force: bool) -> None:
-    if path is not None:
-        from lazymerge.io.writer import write_report
-
-        write_report(path, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8"), replace=force)
+def _report_bytes(doc: dict[str, Any]) -> bytes:
+    """A report as strict JSON (a NaN is a defect upstream, never written)."""
+    return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")
 
 
 def in_memory_merge_options(fn: F) -> F:

@@ -531,11 +531,33 @@ def test_fifo_data_files_do_not_hang(tmp_path: Path) -> None:
 def test_force_never_replaces_json_that_merely_mentions_lazymerge(tmp_path: Path) -> None:
     folder = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
     pairs = pairs_file(tmp_path)
-    for content in ('["written_by", "lazymerge 0.1.0"]', '"notes about written_by"', '{"written_by": "me"}'):
+    for content in (
+        '["written_by", "lazymerge 0.1.0"]',
+        '"notes about written_by"',
+        '{"written_by": "me"}',
+        '{"written_by": "lazymerge fan", "thesis": "precious"}',
+        '{"written_by": "lazymerge 0.1.0", "accuracy": 1.0}',
+    ):
         mine = tmp_path / "mine.json"
         mine.write_text(content)
         proc = cli("eval", str(folder), "--pairs", str(pairs), "--out", str(mine), "--force")
         assert proc.returncode == 1 and mine.read_text() == content
+
+
+def test_force_replaces_a_report_lazymerge_wrote_but_not_once_it_is_edited(tmp_path: Path) -> None:
+    """Reports are known by their folder's manifest (size and SHA-256), not by a mark inside."""
+    folder = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    pairs = pairs_file(tmp_path)
+    out = tmp_path / "r.json"
+    args = ("eval", str(folder), "--pairs", str(pairs), "--out", str(out))
+    assert cli(*args).returncode == 0
+    assert cli(*args).returncode == 1  # exists: --force needed
+    assert cli(*args, "--force").returncode == 0  # lazymerge's own, unchanged: replaced
+    edited = out.read_text().replace('"accuracy"', '"accuracy_by_hand"', 1)
+    out.write_text(edited)
+    proc = cli(*args, "--force")
+    assert proc.returncode == 1 and "replaces only files lazymerge wrote" in one_line_error(proc)
+    assert out.read_text() == edited
 
 
 def test_report_created_while_scoring_is_not_replaced(tmp_path: Path) -> None:

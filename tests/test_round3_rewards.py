@@ -172,7 +172,9 @@ def test_text_source_names_file_and_line(tmp_path: Path) -> None:
     "write",
     [
         pytest.param(
-            lambda path, doc: __import__("lazymerge.cli", fromlist=["x"])._write_json(path, doc, False),
+            lambda path, doc: path.write_bytes(
+                __import__("lazymerge.cli", fromlist=["x"])._report_bytes(doc)
+            ),
             id="cli-out",
         ),
         pytest.param(

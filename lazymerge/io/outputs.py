@@ -7,11 +7,11 @@ all pass through here, under one rule:
    model folder or Hugging Face cache folder (`check_against_inputs`).
 2. Never an existing path without `--force`.
 3. `--force` replaces only what lazymerge wrote (`is_lazymerge_file`, `is_lazymerge_output`):
-   a safetensors file whose header carries lazymerge's metadata, a JSON report whose
-   `written_by` names lazymerge, a model card ending with `CARD_MARK`, or any file listed in its
-   folder's manifest (`MANIFEST_NAME`) with its current size and SHA-256. Markdown, PNG, JSON
-   Lines and JSON lists have no room for a mark of their own, so the manifest is how lazymerge
-   knows them; a file edited since is no longer lazymerge's, and `--force` leaves it alone.
+   a safetensors file whose header carries lazymerge's metadata, a model card ending with
+   `CARD_MARK`, or any file listed in its folder's manifest (`MANIFEST_NAME`) with its current
+   size and SHA-256: reports (eval, bon), converted data and bench results. A mark inside a
+   file (a report's `written_by`) is not enough, since anyone can write one; a file edited since
+   it was written is no longer lazymerge's, and `--force` leaves it alone.
 4. Atomic: a temporary in the destination folder, fsync, rename; a failed write leaves nothing.
 
 Locks (`DestinationLock`) are files beside the destination's real path, so every alias of one
@@ -525,24 +525,6 @@ class OutputTransaction:
         self._lock.release()
 
 
-#: The key lazymerge puts in every JSON report it writes, so `--force` can recognise them.
-REPORT_MARK = "written_by"
-#: A JSON report larger than this is not read to look for the mark (it is not one of lazymerge's).
-_MAX_REPORT_BYTES = 256 << 20
-
-
-def _is_lazymerge_report(path: Path) -> bool:
-    """A JSON object whose `written_by` names lazymerge (eval, bon and sweep reports)."""
-    try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_REPORT_BYTES:
-            return False
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError, TypeError, RecursionError):
-        return False
-    mark = doc.get(REPORT_MARK) if isinstance(doc, dict) else None
-    return isinstance(mark, str) and mark.startswith("lazymerge ")
-
-
 #: In every folder lazymerge writes small files into (reports, converted data, bench results):
 #: the name, size and SHA-256 of each file it wrote there. Markdown, PNG and JSON Lines have no
 #: room for a mark, and a mark inside a file survives a user's edit of it; a size and hash do not.
@@ -610,8 +592,6 @@ def is_lazymerge_file(path: Path) -> bool:
     if path.name.endswith(".safetensors"):
         return _written_by_lazymerge(path)
     if path.name == CARD_NAME and _is_lazymerge_card(path):
-        return True
-    if path.suffix == ".json" and _is_lazymerge_report(path):
         return True
     return _listed_in_manifest(path)
 

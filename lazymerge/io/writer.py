@@ -27,7 +27,6 @@ from lazymerge.io.outputs import (  # noqa: F401  (re-exported: callers import t
     CARD_NAME,
     INDEX_NAME,
     LOCK_MARK,
-    REPORT_MARK,
     TEMP_MARK,
     DestinationLock,
     OutputFiles,
