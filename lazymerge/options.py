@@ -17,7 +17,7 @@ from typing import Any
 from lazymerge.errors import OptionError
 from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
 
-#: Default working-memory budget for tensor data in flight (see README, "Memory").
+#: Default working-memory budget for tensor data in flight (see docs/memory-and-io.md).
 #: 160 MiB keeps a merge's peak resident memory near 0.4 GB (interpreter and torch included)
 #: with chunks of about 8M elements, large enough that direct reads keep the disk busy.
 DEFAULT_MAX_MEMORY = 160 * 2**20

@@ -108,7 +108,7 @@ def ray_executor(
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InputError(
                 f"--ray {address}: cannot connect to a Ray cluster ({first}); start one with "
-                "`ray start --head` (see the README)"
+                "`ray start --head` (see docs/evaluation.md)"
             ) from None
         try:
             _check_nodes(ray, NodeAffinitySchedulingStrategy, spec, probe)
@@ -148,7 +148,7 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
     except OSError as exc:
         raise InputError(
             f"--ray {address}: no Ray cluster answers at {host}:{port} ({exc.strerror or exc}); start one with "
-            "`ray start --head` (see the README)"
+            "`ray start --head` (see docs/evaluation.md)"
         ) from None
 
 
