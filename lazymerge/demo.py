@@ -130,7 +130,9 @@ def run_demo(workdir: Path | None = None, as_json: bool = False, echo: Callable[
             echo(
                 "DogeRM lazy sweep on a tiny reward model and domain model (RANDOM weights: the numbers show"
             )
-            echo("the machinery, not DogeRM's effect; see docs/mini-dogerm.md for a run on real pretrained weights)")
+            echo(
+                "the machinery, not DogeRM's effect; see docs/mini-dogerm.md for a run on real pretrained weights)"
+            )
         sweep = run_dogerm_sweep(root / "dogerm", echo=(lambda line: None) if as_json else echo)
         if as_json:
             doc = {
