@@ -20,6 +20,7 @@ import click
 
 from lazymerge._version import __version__
 from lazymerge.errors import LazyMergeError, OptionError
+from lazymerge.methods import METHODS
 from lazymerge.options import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_MEMORY_TEXT,
@@ -51,6 +52,98 @@ class SizeType(click.ParamType):
             return parse_size(str(value))
         except OptionError as exc:
             self.fail(str(exc), param, ctx)
+
+
+#: Each command's one-line summary (the group's --help shows it whole) and its examples.
+COMMAND_HELP: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "demo": (
+        "Build two small checkpoints, merge them streaming, verify, report.",
+        [
+            ("lazymerge demo", ""),
+            ("lazymerge demo --dir /tmp/lazymerge-demo", "keep the files"),
+        ],
+    ),
+    "run": (
+        "Merge two checkpoints, or a reward model with a domain model (DogeRM).",
+        [
+            (
+                "lazymerge run a.safetensors b.safetensors --alpha 0.3 -o merged.safetensors",
+                "two files, 0.7/0.3",
+            ),
+            ("lazymerge run rm/ metamath/ --alpha 0.3 -o rm-math/", "DogeRM: reward model + domain model"),
+            ("lazymerge run merge.yml -o merged/", "a mergekit YAML recipe"),
+            (
+                "lazymerge run base/ math/ code/ --method ties --base base/ --weights 0.5,0.5 -o ties/",
+                "TIES against a base",
+            ),
+        ],
+    ),
+    "plan": (
+        "Show a merge's tensors, files and memory from headers alone.",
+        [
+            ("lazymerge plan rm/ metamath/ --alpha 0.3 -o rm-math/", "what run would do"),
+            ("lazymerge plan merge.yml --json", "the plan as JSON"),
+        ],
+    ),
+    "verify": (
+        "Re-validate a checkpoint and recompute lazymerge's data hashes.",
+        [
+            ("lazymerge verify merged/", ""),
+            ("lazymerge verify merged.safetensors --finite", "also scan for NaN and Inf"),
+        ],
+    ),
+    "inspect": (
+        "List a checkpoint's tensors, validating every header.",
+        [
+            ("lazymerge inspect model.safetensors", ""),
+            ("lazymerge inspect rm/ --json", "a model folder, as JSON"),
+        ],
+    ),
+    "eval": (
+        "Pairwise or RewardBench 2 accuracy of a reward model, or of a merge.",
+        [
+            ("lazymerge eval rm/ --pairs test.jsonl", "one reward model"),
+            ("lazymerge eval rm/ metamath/ --alpha 0.3 --pairs test.jsonl --out r.json", "merged in memory"),
+            ("lazymerge eval rm/ --pairs rb2.jsonl --device cuda --quant 4bit", "RewardBench 2, 4-bit"),
+        ],
+    ),
+    "bon": (
+        "Best-of-N accuracy of a reward model (or an in-memory merge).",
+        [
+            ("lazymerge bon rm/ --candidates gsm8k-16.jsonl --n 1,4,16", ""),
+            (
+                "lazymerge bon rm/ metamath/ --alpha 0.3 --candidates gsm8k-16.jsonl --out bon.json",
+                "merged in memory",
+            ),
+        ],
+    ),
+    "sweep": (
+        "Score merged reward models over a lambda grid, lazily and resumably.",
+        [
+            (
+                "lazymerge sweep rm/ metamath/ --alpha 0:1:0.1 --pairs test.jsonl --val-pairs val.jsonl -o sweep/",
+                "",
+            ),
+            ("lazymerge sweep rm/ math/ code/ --grid 0.25 --pairs test.jsonl -o grid/", "two domains"),
+            (
+                "lazymerge sweep rm/ metamath/ --alpha 0:1:0.1 --pairs test.jsonl -o sweep/ --ray auto",
+                "on a Ray cluster",
+            ),
+        ],
+    ),
+}
+
+
+def _command(name: str) -> dict[str, Any]:
+    """`main.command` keywords for `name`: its full short help, and its examples as the epilog."""
+    summary, examples = COMMAND_HELP[name]
+    width = max(len(c) for c, _ in examples)
+    lines = [f"  {c:<{width}}  # {note}" if note else f"  {c}" for c, note in examples]
+    return {"name": name, "short_help": summary, "epilog": "\b\nExamples:\n" + "\n".join(lines)}
+
+
+#: --method's help: every registered method, so --help is the reference.
+METHOD_HELP = f"Merge method: {', '.join(METHODS)}."
 
 
 class _Terminated(KeyboardInterrupt):
@@ -159,7 +252,7 @@ def merge_options(fn: F) -> F:
             help="Stop when an input's NaN or Inf reaches the output (default: warn).",
         ),
         click.option("--weights", help="Comma-separated weight per input, e.g. 0.5,0.3,0.2."),
-        click.option("--method", default="linear", show_default=True, help="Merge method."),
+        click.option("--method", default="linear", show_default=True, help=METHOD_HELP),
         click.option(
             "--dtype",
             type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
@@ -254,6 +347,10 @@ class _OneLineUsageGroup(click.Group):
     """click's own usage errors (a missing argument, a bad choice) as one line `Error: ...`,
     exit 2, like every other option mistake; `--help` is where the usage text lives."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """In the order of the job (`COMMAND_HELP`), not alphabetically."""
+        return [name for name in COMMAND_HELP if name in self.commands]
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -272,7 +369,7 @@ def main() -> None:
     """Merge model checkpoints tensor by tensor, streaming, in bounded memory."""
 
 
-@main.command()
+@main.command(**_command("run"))
 @merge_options
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report.")
@@ -301,7 +398,7 @@ def run(
         click.echo(report.format())
 
 
-@main.command()
+@main.command(**_command("plan"))
 @merge_options
 @click.option("--force", is_flag=True, help="Plan as if replacing an existing output (as run --force).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
@@ -327,7 +424,7 @@ def plan(inputs: tuple[Path, ...], output: Path | None, force: bool, as_json: bo
         click.echo(f"predicted peak resident memory about {merge_plan.predicted_peak_rss / 1e9:.2f} GB")
 
 
-@main.command()
+@main.command(**_command("inspect"))
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @reports_errors
@@ -393,7 +490,13 @@ def eval_options(fn: F) -> F:
             help="llama2, chatml or FILE.jinja: format with this chat template instead of (or, without one, "
             "as) the tokenizer's; rendered in lazymerge's bounded sandbox.",
         ),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="Texts per forward pass (padded to the longest; more is faster and takes more memory).",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress and no table."),
     ]
     for option in reversed(options):
@@ -495,12 +598,22 @@ def in_memory_merge_options(fn: F) -> F:
         click.option("--weights", help="One weight per MODEL, e.g. 0.6,0.3,0.1."),
         click.option("--rm", "rm", type=int, help="Index (from 0) of the reward model among MODEL."),
         click.option("--strict", is_flag=True, help="Refuse to match embedding rows by position."),
-        click.option("--method", default="linear", show_default=True, help="Merge method."),
+        click.option("--method", default="linear", show_default=True, help=METHOD_HELP),
         click.option("--base", type=click.Path(path_type=Path), help="Base model for task-vector methods."),
-        click.option("--density", type=float, default=0.5, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
         click.option(
-            "--max-memory", type=SizeType(), default=DEFAULT_MAX_MEMORY, show_default=DEFAULT_MAX_MEMORY_TEXT
+            "--density",
+            type=float,
+            default=0.5,
+            show_default=True,
+            help="Fraction of each task vector kept (ties, dare_*).",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE drop masks."),
+        click.option(
+            "--max-memory",
+            type=SizeType(),
+            default=DEFAULT_MAX_MEMORY,
+            show_default=DEFAULT_MAX_MEMORY_TEXT,
+            help="Working-memory budget of the in-memory merge.",
         ),
     ]
     for option in reversed(options):
@@ -527,7 +640,7 @@ def _in_memory_merge(
     return value
 
 
-@main.command(name="eval")
+@main.command(**_command("eval"))
 @click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--pairs",
@@ -573,7 +686,7 @@ def evaluate(
         click.echo(format_pair_table(result))
 
 
-@main.command()
+@main.command(**_command("bon"))
 @click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--candidates",
@@ -621,7 +734,7 @@ def bon(
         click.echo(format_bon_table(result))
 
 
-@main.command()
+@main.command(**_command("sweep"))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "-o",
@@ -664,10 +777,16 @@ def bon(
 @click.option("--n", "ns", default="2,4,8,16", show_default=True, help="Best-of-N sizes.")
 @click.option("--rm", "rm", type=int, help="Index (from 0) of the reward model among INPUTS.")
 @click.option("--strict", is_flag=True, help="Refuse to match embedding rows by position.")
-@click.option("--method", default="linear", show_default=True, help="Merge method.")
+@click.option("--method", default="linear", show_default=True, help=METHOD_HELP)
 @click.option("--base", type=click.Path(path_type=Path), help="Base model for task-vector methods.")
-@click.option("--density", type=float, default=0.5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--density",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Fraction of each task vector kept (ties, dare_*).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE drop masks.")
 @click.option(
     "--max-memory",
     type=SizeType(),
@@ -676,7 +795,11 @@ def bon(
     help="Working-memory budget of each merge.",
 )
 @click.option(
-    "--max-points", type=click.IntRange(min=1, max=MAX_POINTS), default=DEFAULT_MAX_POINTS, show_default=True
+    "--max-points",
+    type=click.IntRange(min=1, max=MAX_POINTS),
+    default=DEFAULT_MAX_POINTS,
+    show_default=True,
+    help="Most points the grid may have (a larger grid is a usage error, before any work).",
 )
 @click.option(
     "--write",
@@ -779,7 +902,7 @@ def sweep(
         click.echo(f"chosen point: {chosen['label']} (on {chosen['chosen_on']})")
 
 
-@main.command()
+@main.command(**_command("verify"))
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--finite", is_flag=True, help="Also check every floating-point tensor for NaN and Inf.")
 @reports_errors
@@ -790,7 +913,7 @@ def verify(path: Path, finite: bool) -> None:
     click.echo(verify_checkpoint(path, finite=finite).format())
 
 
-@main.command()
+@main.command(**_command("demo"))
 @click.option(
     "--dir",
     "workdir",

@@ -1,0 +1,47 @@
+"""The command line explains itself: every command has a whole one-line summary in the group's
+help, two to four examples that parse as written, and every option a help text."""
+
+from __future__ import annotations
+
+import shlex
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from lazymerge.cli import COMMAND_HELP, main
+from lazymerge.methods import METHODS
+
+
+def test_the_group_help_cuts_no_summary() -> None:
+    out = CliRunner().invoke(main, ["--help"]).output
+    assert "..." not in out.split("Commands:")[1]
+    for name, (summary, _) in COMMAND_HELP.items():
+        assert f"{name} " in out and summary in " ".join(out.split()), name
+    assert set(COMMAND_HELP) == set(main.commands)
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_HELP))
+def test_every_command_has_examples_that_parse(name: str) -> None:
+    command = main.commands[name]
+    _, examples = COMMAND_HELP[name]
+    assert 2 <= len(examples) <= 4
+    help_text = CliRunner().invoke(main, [name, "--help"]).output
+    assert "Examples:" in help_text
+    for line, _ in examples:
+        argv = shlex.split(line)
+        assert argv[:2] == ["lazymerge", name] and line in help_text
+        with command.make_context(name, argv[2:], resilient_parsing=False) as ctx:
+            assert ctx.params  # parsed as written: every flag exists and every value fits its type
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_HELP))
+def test_every_option_has_help(name: str) -> None:
+    missing = [p.opts[0] for p in main.commands[name].params if isinstance(p, click.Option) and not p.help]
+    assert not missing, f"{name}: {missing}"
+
+
+def test_method_help_names_every_registered_method() -> None:
+    for name in ("run", "eval", "sweep"):
+        text = " ".join(CliRunner().invoke(main, [name, "--help"]).output.split())
+        assert all(m in text for m in METHODS), name
