@@ -455,11 +455,14 @@ def eval_options(fn: F) -> F:
             "--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda or cuda:N."
         ),
         click.option(
+            "--compute-dtype",
             "--dtype",
+            "dtype",
             type=click.Choice(["float32", "bfloat16", "float16"]),
             default="float32",
             show_default=True,
-            help="Compute dtype without --quant.",
+            help="The dtype the reward model computes in, without --quant (--dtype is the same "
+            "option; in run and plan, --dtype is the output's dtype).",
         ),
         click.option(
             "--quant",

@@ -45,3 +45,22 @@ def test_method_help_names_every_registered_method() -> None:
     for name in ("run", "eval", "sweep"):
         text = " ".join(CliRunner().invoke(main, [name, "--help"]).output.split())
         assert all(m in text for m in METHODS), name
+
+
+def test_eval_compute_dtype_is_the_old_dtype(tmp_path) -> None:
+    """`eval --compute-dtype` names what eval's `--dtype` always meant; both set one setting."""
+    import json
+
+    pytest.importorskip("transformers")
+    from tests.models import BASE_WORDS, make_tokenizer, save_model
+
+    rm = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"prompt": "w3 w4", "chosen": "w5 w6", "rejected": "w7"}) + "\n")
+    for flag in ("--compute-dtype", "--dtype"):
+        out = tmp_path / f"{flag.strip('-')}.json"
+        result = CliRunner().invoke(
+            main, ["eval", str(rm), "--pairs", str(pairs), flag, "bfloat16", "--out", str(out)]
+        )
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["settings"]["dtype"] == "bfloat16"
