@@ -146,6 +146,54 @@ def _command(name: str) -> dict[str, Any]:
 METHOD_HELP = f"Merge method: {', '.join(METHODS)}."
 
 
+#: The merge flags that run, plan, eval, bon and sweep share, each declared once here.
+_MERGE_FLAGS: dict[str, dict[str, Any]] = {
+    "method": {"decls": ("--method",), "default": "linear", "show_default": True, "help": METHOD_HELP},
+    "base": {
+        "decls": ("--base",),
+        "type": click.Path(path_type=Path),
+        "help": "Base model for task_arithmetic, ties, dare_linear, dare_ties.",
+    },
+    "density": {
+        "decls": ("--density",),
+        "type": float,
+        "default": 0.5,
+        "show_default": True,
+        "help": "Fraction of each task vector kept (ties, dare_*).",
+    },
+    "seed": {
+        "decls": ("--seed",),
+        "type": int,
+        "default": 0,
+        "show_default": True,
+        "help": "Seed of the DARE drop masks.",
+    },
+    "rm": {
+        "decls": ("--rm", "rm"),
+        "type": int,
+        "help": "Index (from 0) of the reward model among the models; default: found from config.json.",
+    },
+    "strict": {
+        "decls": ("--strict",),
+        "is_flag": True,
+        "help": "Refuse to match embedding rows by position when tokenizer files are missing.",
+    },
+    "max-memory": {
+        "decls": ("--max-memory",),
+        "type": SizeType(),
+        "default": DEFAULT_MAX_MEMORY,
+        "show_default": DEFAULT_MAX_MEMORY_TEXT,
+        "help": "Working-memory budget for tensor data in flight (per merge).",
+    },
+}
+
+
+def merge_flag(name: str) -> Callable[[F], F]:
+    """The click option of one shared merge flag (`_MERGE_FLAGS`)."""
+    spec = dict(_MERGE_FLAGS[name])
+    return click.option(*spec.pop("decls"), **spec)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: temporaries removed, finished work kept."""
 
@@ -233,26 +281,16 @@ def merge_options(fn: F) -> F:
             show_default=True,
             help="Most values one --alpha sweep may have.",
         ),
-        click.option(
-            "--base",
-            type=click.Path(path_type=Path),
-            help="Base model for task_arithmetic, ties, dare_linear, dare_ties.",
-        ),
-        click.option(
-            "--density",
-            type=float,
-            default=0.5,
-            show_default=True,
-            help="Fraction of each task vector kept (ties, dare_*).",
-        ),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE drop masks."),
+        merge_flag("base"),
+        merge_flag("density"),
+        merge_flag("seed"),
         click.option(
             "--check-finite",
             is_flag=True,
             help="Stop when an input's NaN or Inf reaches the output (default: warn).",
         ),
         click.option("--weights", help="Comma-separated weight per input, e.g. 0.5,0.3,0.2."),
-        click.option("--method", default="linear", show_default=True, help=METHOD_HELP),
+        merge_flag("method"),
         click.option(
             "--dtype",
             type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
@@ -267,24 +305,9 @@ def merge_options(fn: F) -> F:
             show_default="5GB",
             help="Largest output shard (folder outputs).",
         ),
-        click.option(
-            "--rm",
-            "rm",
-            type=int,
-            help="Index (from 0) of the reward model among INPUTS; default: found from config.json.",
-        ),
-        click.option(
-            "--strict",
-            is_flag=True,
-            help="Refuse to match embedding rows by position when tokenizer files are missing.",
-        ),
-        click.option(
-            "--max-memory",
-            type=SizeType(),
-            default=DEFAULT_MAX_MEMORY,
-            show_default=DEFAULT_MAX_MEMORY_TEXT,
-            help="Working-memory budget for tensor data in flight.",
-        ),
+        merge_flag("rm"),
+        merge_flag("strict"),
+        merge_flag("max-memory"),
         click.option(
             "--direct-io/--buffered-io",
             default=True,
@@ -599,25 +622,13 @@ def in_memory_merge_options(fn: F) -> F:
     options = [
         click.option("--alpha", help="With a reward model and one domain model: the domain model's weight."),
         click.option("--weights", help="One weight per MODEL, e.g. 0.6,0.3,0.1."),
-        click.option("--rm", "rm", type=int, help="Index (from 0) of the reward model among MODEL."),
-        click.option("--strict", is_flag=True, help="Refuse to match embedding rows by position."),
-        click.option("--method", default="linear", show_default=True, help=METHOD_HELP),
-        click.option("--base", type=click.Path(path_type=Path), help="Base model for task-vector methods."),
-        click.option(
-            "--density",
-            type=float,
-            default=0.5,
-            show_default=True,
-            help="Fraction of each task vector kept (ties, dare_*).",
-        ),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE drop masks."),
-        click.option(
-            "--max-memory",
-            type=SizeType(),
-            default=DEFAULT_MAX_MEMORY,
-            show_default=DEFAULT_MAX_MEMORY_TEXT,
-            help="Working-memory budget of the in-memory merge.",
-        ),
+        merge_flag("rm"),
+        merge_flag("strict"),
+        merge_flag("method"),
+        merge_flag("base"),
+        merge_flag("density"),
+        merge_flag("seed"),
+        merge_flag("max-memory"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -778,25 +789,13 @@ def bon(
     help="Best-of-N candidates (JSONL; repeatable).",
 )
 @click.option("--n", "ns", default="2,4,8,16", show_default=True, help="Best-of-N sizes.")
-@click.option("--rm", "rm", type=int, help="Index (from 0) of the reward model among INPUTS.")
-@click.option("--strict", is_flag=True, help="Refuse to match embedding rows by position.")
-@click.option("--method", default="linear", show_default=True, help=METHOD_HELP)
-@click.option("--base", type=click.Path(path_type=Path), help="Base model for task-vector methods.")
-@click.option(
-    "--density",
-    type=float,
-    default=0.5,
-    show_default=True,
-    help="Fraction of each task vector kept (ties, dare_*).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE drop masks.")
-@click.option(
-    "--max-memory",
-    type=SizeType(),
-    default=DEFAULT_MAX_MEMORY,
-    show_default=DEFAULT_MAX_MEMORY_TEXT,
-    help="Working-memory budget of each merge.",
-)
+@merge_flag("rm")
+@merge_flag("strict")
+@merge_flag("method")
+@merge_flag("base")
+@merge_flag("density")
+@merge_flag("seed")
+@merge_flag("max-memory")
 @click.option(
     "--max-points",
     type=click.IntRange(min=1, max=MAX_POINTS),

@@ -156,7 +156,10 @@ def test_eval_of_several_folders_scores_the_merge_without_writing(tmp_path: Path
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted([*before, "r.json"])  # no checkpoint written
+    # no checkpoint written: only the report and its folder's manifest of what lazymerge wrote
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        [*before, "r.json", ".lazymerge-outputs.json"]
+    )
     merge([rm, sft], tmp_path / "m", alpha=0.3)
     written = subprocess.run(
         [
