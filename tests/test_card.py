@@ -138,7 +138,7 @@ def test_force_replaces_our_card_never_a_users(tmp_path: Path, dogerm: tuple[Pat
 
 
 def test_card_of_cached_ids_names_hub_ids_and_pins_commits(tmp_path: Path, monkeypatch) -> None:
-    from tests.test_hub_cache import C1, cache_model, model_files
+    from tests.helpers.hub_cache import C1, cache_model, model_files
 
     cache = tmp_path / "cache"
     cache_model(cache, "org/a", model_files(1, readme="# org/a's card\n"), C1, ("main",))

@@ -17,7 +17,7 @@ from lazymerge.evaluation.chat_templates import load_chat_template
 transformers = pytest.importorskip("transformers")
 
 from lazymerge.evaluation.rewards import load_reward_model  # noqa: E402
-from tests.test_evaluation import reward_model, words, write_jsonl  # noqa: E402
+from tests.helpers.evaluation import reward_model, words, write_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +168,7 @@ def test_missing_malformed_and_bad_choice(tmp_path: Path) -> None:
 
 def test_sweep_resumed_with_another_template_is_refused(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from tests.test_sweep import data, models
+    from tests.helpers.evaluation import data, models
 
     rm, sft = models(tmp_path)
     files = data(tmp_path)

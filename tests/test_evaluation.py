@@ -19,39 +19,8 @@ from lazymerge.evaluation.scoring import (
     load_pairs,
     pair_results,
 )
-from tests.models import BASE_WORDS, assert_carries_signal, make_tokenizer, save_model, transformers
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'system' %}<s> {{ m['content'] }} {% elif m['role'] == 'user' %}"
-    "w1 {{ m['content'] }} w2 {% else %}{{ m['content'] }} </s>{% endif %}{% endfor %}"
-)
-
-
-def reward_model(
-    tmp_path: Path, name: str = "rm", seed: int = 1, template: bool = True, family: str = "llama"
-) -> Path:
-    tok = make_tokenizer(BASE_WORDS, family=family)
-    if template:
-        tok.chat_template = CHAT_TEMPLATE
-    return save_model(tmp_path / name, family, True, seed, tok)
-
-
-def words(*ids: int) -> str:
-    return " ".join(f"w{i}" for i in ids)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def direct_reward(folder: Path, text: str) -> float:
-    """transformers alone: tokenizer and one unpadded forward pass."""
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    tok = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
-    ids = tok(text, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return float(model(input_ids=ids).logits[0, 0])
+from tests.helpers.evaluation import direct_reward, reward_model, words, write_jsonl
+from tests.models import BASE_WORDS, assert_carries_signal, make_tokenizer, save_model
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])

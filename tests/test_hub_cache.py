@@ -14,52 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save, save_file
+from safetensors.torch import save_file
 
 from lazymerge.api import merge
 from lazymerge.cli import main
 from lazymerge.errors import InputError, OutputError
 from lazymerge.io.hub_cache import hub_repo_folder, parse_hub_id, resolve_input
 from tests.conftest import load_any
-
-C1 = "1" * 40
-C2 = "2" * 40
-
-
-def cache_model(
-    cache: Path, repo_id: str, files: dict[str, bytes], commit: str, refs: tuple[str, ...] = ()
-) -> Path:
-    """One snapshot of `repo_id` in a Hugging Face cache: blobs named by content hash, the
-    snapshot's files as relative symlinks to them, `refs/NAME` holding the commit."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    for name, data in files.items():
-        digest = hashlib.sha256(data).hexdigest()
-        blob = repo / "blobs" / digest
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
-
-
-def weights(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(8, 4, generator=g), "b": torch.randn(4, generator=g), "ids": torch.arange(5)}
-
-
-def model_files(seed: int, readme: str | None = None) -> dict[str, bytes]:
-    files = {
-        "model.safetensors": save(weights(seed)),
-        "config.json": json.dumps({"model_type": "toy", "hidden_size": 4}).encode(),
-    }
-    if readme is not None:
-        files["README.md"] = readme.encode()
-    return files
+from tests.helpers.hub_cache import C1, C2, cache_model, model_files, weights
 
 
 @pytest.fixture
@@ -224,8 +186,8 @@ def test_outputs_into_the_cache_are_refused(hub: Path) -> None:
 
 def test_eval_reads_a_cached_reward_model_and_says_so(hub: Path, tmp_path: Path) -> None:
     from lazymerge.evaluation.run import evaluate_pairs
+    from tests.helpers.evaluation import reward_model, words, write_jsonl
     from tests.models import assert_carries_signal, scored_texts
-    from tests.test_evaluation import reward_model, words, write_jsonl
 
     folder = reward_model(tmp_path)
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
@@ -259,7 +221,7 @@ def test_eval_reads_a_cached_reward_model_and_says_so(hub: Path, tmp_path: Path)
 
 def test_sweep_spec_reads_ids_from_the_cache(hub: Path, tmp_path: Path) -> None:
     from lazymerge.evaluation.sweep import build_spec
-    from tests.test_evaluation import write_jsonl
+    from tests.helpers.evaluation import write_jsonl
 
     rm_files = model_files(5)
     rm_files["config.json"] = json.dumps({"architectures": ["LlamaForSequenceClassification"]}).encode()

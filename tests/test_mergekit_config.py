@@ -23,7 +23,7 @@ from lazymerge.cli import main
 from lazymerge.errors import InputError, MergekitConfigError
 from lazymerge.mergekit_config import read_mergekit_config, resolve_model
 from tests.conftest import load_any
-from tests.test_methods import np64, reference, tensors
+from tests.helpers.references import np64, reference, tensors
 
 
 def cli(*args: str) -> object:

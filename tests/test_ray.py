@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from lazymerge.evaluation.sweep import read_results
+from tests.helpers.evaluation import data, models
 from tests.models import assert_carries_signal
-from tests.test_sweep import data, models
 
 pytest.importorskip("ray")
 pytest.importorskip("matplotlib")
@@ -236,7 +236,7 @@ def test_relative_paths_reach_the_workers_and_resume_from_another_folder(tmp_pat
 def test_non_finite_reward_on_a_worker_is_reported_with_its_source(tmp_path: Path, ray_cluster) -> None:
     """A worker's NaN reward fails its point with the data file, line and point named; the sweep
     exits 1 in one line and records no point."""
-    from tests.test_round3_rewards import poisoned
+    from tests.helpers.evaluation import poisoned
 
     rm = poisoned(tmp_path, "nan-head")
     _, sft = models(tmp_path / "m")

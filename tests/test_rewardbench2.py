@@ -218,8 +218,8 @@ def test_eval_end_to_end_against_transformers(tmp_path: Path) -> None:
     from lazymerge.cli import main
     from lazymerge.evaluation.rewards import load_reward_model
     from lazymerge.evaluation.run import evaluate_pairs
+    from tests.helpers.evaluation import direct_reward, reward_model
     from tests.models import assert_carries_signal, scored_texts
-    from tests.test_evaluation import direct_reward, reward_model
 
     folder = reward_model(tmp_path)
     rows = rb2_rows()
@@ -257,7 +257,7 @@ def test_eval_end_to_end_against_transformers(tmp_path: Path) -> None:
 
 
 def test_eval_malformed_rewardbench2_exits_1_naming_file_and_line(tmp_path: Path) -> None:
-    from tests.test_evaluation import reward_model
+    from tests.helpers.evaluation import reward_model
 
     folder = reward_model(tmp_path)
     path = write_jsonl(tmp_path / "bad.jsonl", [row("1", "Math"), {**row("2", "Math"), "num_correct": 3}])
@@ -278,8 +278,8 @@ def test_sweep_scores_rewardbench2_and_chooses_on_validation(tmp_path: Path) -> 
     from lazymerge import merge
     from lazymerge.evaluation.run import evaluate_pairs
     from lazymerge.evaluation.sweep import build_spec, read_results, run_sweep
+    from tests.helpers.evaluation import models
     from tests.models import assert_carries_signal, scored_texts
-    from tests.test_sweep import models
 
     rm, sft = models(tmp_path)
     rows = rb2_rows()

@@ -9,32 +9,18 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
 
 from lazymerge.cli import main  # noqa: E402
+from tests.helpers.evaluation import (  # noqa: E402
+    poisoned,  # noqa: E402
+    words,
+    write_jsonl,
+)
 from tests.models import BASE_WORDS, save_model  # noqa: E402
-from tests.test_evaluation import reward_model, words, write_jsonl  # noqa: E402
-
-
-def poisoned(tmp_path: Path, how: str) -> Path:
-    """A reward model whose score head is NaN or inf, or whose embedding row of w7 is inf (so
-    only texts holding w7 get a NaN reward)."""
-    folder = reward_model(tmp_path)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
-    with torch.no_grad():
-        if how == "nan-head":
-            model.score.weight.fill_(float("nan"))
-        elif how == "inf-head":
-            model.score.weight.fill_(float("inf"))
-        else:
-            model.model.embed_tokens.weight[BASE_WORDS.index("w7")] = float("inf")
-    model.save_pretrained(folder)
-    return folder
-
 
 PAIRS = [
     {"id": "a", "prompt": words(3), "chosen": words(4), "rejected": words(5)},

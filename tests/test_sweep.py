@@ -15,62 +15,15 @@ import pytest
 from lazymerge import merge
 from lazymerge.evaluation.run import evaluate_bon, evaluate_pairs
 from lazymerge.evaluation.sweep import build_spec, read_results, run_sweep
+from tests.helpers.evaluation import data, models
 from tests.helpers.pause_at import finish, start_paused
-from tests.models import BASE_WORDS, assert_carries_signal, make_tokenizer, save_model, scored_texts
+from tests.models import assert_carries_signal, scored_texts
 
 pytest.importorskip("matplotlib")
-
-TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}w1 {{ m['content'] }} w2 "
-    "{% else %}{{ m['content'] }} </s>{% endif %}{% endfor %}"
-)
 
 
 def words(*ids: int) -> str:
     return " ".join(f"w{i}" for i in ids)
-
-
-def models(tmp_path: Path, domains: int = 1) -> list[Path]:
-    tok = make_tokenizer(BASE_WORDS, added=["<rm_only>"])
-    tok.chat_template = TEMPLATE
-    out = [save_model(tmp_path / "rm", "llama", True, 1, tok)]
-    for d in range(domains):
-        sft_tok = make_tokenizer(BASE_WORDS[:3] + list(reversed(BASE_WORDS[3:])), added=["[PAD]"])
-        out.append(save_model(tmp_path / f"sft{d}", "llama", False, 2 + d, sft_tok))
-    return out
-
-
-def data(tmp_path: Path) -> dict[str, Path]:
-    rows = [
-        {
-            "prompt": words(3, i % 5 + 4),
-            "chosen": words(10 + i % 7, 20),
-            "rejected": words(30 - i % 9),
-            "subset": s,
-            "id": f"p{i}",
-        }
-        for i, s in enumerate(["math-prm", "hep-go", "hep-python"] * 4)
-    ]
-    test = tmp_path / "test.jsonl"
-    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    val = tmp_path / "val.jsonl"
-    val.write_text("".join(json.dumps({**r, "id": f"v{r['id']}"}) + "\n" for r in rows[:6]))
-    cands = tmp_path / "cands.jsonl"
-    cands.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "id": f"q{i}",
-                    "prompt": words(3 + i),
-                    "candidates": [words(5 + (i + k) % 20) for k in range(4)],
-                    "correct": [k % 2 == i % 2 for k in range(4)],
-                }
-            )
-            + "\n"
-            for i in range(5)
-        )
-    )
-    return {"test": test, "val": val, "cands": cands}
 
 
 def test_sweep_points_equal_written_checkpoints_and_report_agrees(tmp_path: Path) -> None:
