@@ -147,3 +147,18 @@ def test_help_loads_no_torch() -> None:
     code = "import sys; from lazymerge.cli import main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared builders live in tests/helpers (and tests/models.py); a test module importing
+    another runs that module's imports and fixtures for nothing, and ties the two together."""
+    tests = Path(__file__).parent
+    offenders = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [
+                f"{path.name}:{node.lineno} imports {n}" for n in names if n.startswith("tests.test_")
+            ]
+    assert not offenders, offenders

@@ -23,8 +23,12 @@ from click.testing import CliRunner  # noqa: E402
 
 from lazymerge.cli import main  # noqa: E402
 from lazymerge.evaluation.rewards import load_reward_model  # noqa: E402
-from tests.models import make_tokenizer, save_model  # noqa: E402
-from tests.test_evaluation import BASE_WORDS, reward_model, words, write_jsonl  # noqa: E402
+from tests.helpers.evaluation import reward_model, words, write_jsonl  # noqa: E402
+from tests.models import (  # noqa: E402
+    BASE_WORDS,  # noqa: E402
+    make_tokenizer,
+    save_model,
+)
 
 try:  # absent before the bounded renderer: the tests then run against whatever renders instead
     from lazymerge.evaluation import template_sandbox
@@ -206,6 +210,44 @@ HOSTILE = [
         "writes more than",
         id="set-block-output",
     ),
+    # nesting that Python's compiler or recursion limit meets before any render
+    pytest.param(
+        "{% for a in [1] %}" * 25 + "x" + "{% endfor %}" * 25,
+        TemplateLimitError,
+        "nests too deeply",
+        id="for-25-deep",
+    ),
+    pytest.param(
+        "{% if true %}" * 200 + "x" + "{% endif %}" * 200,
+        TemplateLimitError,
+        "nests too deeply",
+        id="if-200-deep",
+    ),
+    pytest.param(
+        "{% if true %}" * 5000 + "x" + "{% endif %}" * 5000,
+        TemplateLimitError,
+        "nests too deeply",
+        id="if-5000-deep",
+    ),
+    pytest.param(
+        "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}",
+        TemplateLimitError,
+        "nests too deeply",
+        id="parens-3000",
+    ),
+    pytest.param(
+        "{{ 'x'" + " | lower" * 3000 + " }}", TemplateLimitError, "nests too deeply", id="filter-chain-3000"
+    ),
+    pytest.param(
+        "{{ 1" + " + 1" * 3000 + " }}", TemplateLimitError, "nests too deeply", id="plus-chain-3000"
+    ),
+    # values kept in `set`s: each within bounds, together gigabytes
+    pytest.param(
+        "".join(f"{{% set a{i} = 'x' * 1000000 %}}" for i in range(2000)),
+        TemplateLimitError,
+        "its values add up to more than 16 times",
+        id="2000-megabyte-sets",
+    ),
 ]
 
 
@@ -220,6 +262,36 @@ def test_hostile_template_file_refused_in_one_line(
     message = str(info.value)
     assert message.startswith(f"{path}: chat template refused: ") and fragment in message, message
     assert "\n" not in message and len(message) < 400
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a <b>c</b> &amp; <!-- x --> d  e",
+        "<<a>b>",
+        "<!-- a <b> -->c<d",
+        "x<y",
+        "<!-- open",
+        "a<!---->b",
+        " \n<p>\t&lt;x&gt;</p> ",
+    ],
+)
+def test_striptags_is_markupsafes(text: str) -> None:
+    """lazymerge's linear striptags against markupsafe's own (jinja's filter)."""
+    from markupsafe import Markup
+
+    assert template_sandbox.striptags(text) == Markup(text).striptags()
+
+
+def test_a_filter_over_a_long_string_is_charged_by_its_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One filter call over a long string costs a step per 1,024 characters read, so the step
+    limit bounds a filter's time as it bounds loops (jinja's striptags took 7.6 s in one step)."""
+    monkeypatch.setattr(template_sandbox, "RENDER_STEPS", 500)
+    bounded = template_sandbox.BoundedTemplate("{{ text | striptags }}{{ text | lower }}", "t.jinja")
+    short = bounded.render(template_sandbox.RenderBudget(), {"text": "<b>x</b>" * 10})
+    assert short == "x" * 10 + "<b>x</b>" * 10
+    with pytest.raises(TemplateLimitError, match="steps allowed per render"):
+        bounded.render(template_sandbox.RenderBudget(), {"text": "<>" * 300_000})
 
 
 def model_with_template(tmp_path: Path, where: str, text: str) -> Path:

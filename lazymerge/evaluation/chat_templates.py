@@ -123,12 +123,19 @@ def refuse_private_access(template: ChatTemplate) -> None:
     from jinja2 import nodes
 
     try:
-        tree = parse_template(template.text)
+        tree = parse_template(template.text, template.name)
     except jinja2.TemplateSyntaxError as exc:
         raise InputError(
             f"{template.name}: not a valid Jinja template (line {exc.lineno}: {exc.message})"
         ) from None
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+    try:
+        found = list(tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)))
+    except RecursionError:
+        raise TemplateLimitError(
+            f"{template.name}: chat template refused: it nests too deeply to compile (RecursionError); "
+            "real templates nest a few levels"
+        ) from None
+    for node in found:
         name: object = None
         if isinstance(node, nodes.Getattr):
             name = node.attr

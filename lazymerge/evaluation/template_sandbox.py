@@ -56,6 +56,12 @@ OUTPUT_PER_INPUT = 4
 RENDER_DEPTH = 64
 #: Largest integer a template may build, in decimal digits (Python's own int-to-text limit).
 INT_DIGITS = 4300
+#: Characters of values one render may build in all (each sized value counted once), as a
+#: multiple of its output allowance: values kept in `{% set %}` add up though each is in bounds.
+RENDER_ALLOCATION = 16
+#: Characters a filter may read per step it is charged (filters read their input once; a long
+#: string costs steps, so the step limit bounds their time as it bounds loops).
+CHARS_PER_STEP = 1024
 #: Totals over all renders of one run (an eval, or a sweep's texts).
 RUN_STEPS = 200_000_000
 RUN_SECONDS = 120.0
@@ -300,6 +306,7 @@ class _Meter:
         self.steps = 0
         self.output = 0
         self.depth = 0
+        self.allocated = 0
         run_steps = RUN_STEPS - budget.steps
         run_seconds = RUN_SECONDS - budget.seconds
         run_output = RUN_OUTPUT + OUTPUT_PER_INPUT * (budget.inputs + input_size) - budget.output
@@ -336,8 +343,20 @@ class _Meter:
         if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > INT_DIGITS * 3.33:
             raise _Stop(f"{what} builds an integer of more than {INT_DIGITS} digits")
         if not isinstance(value, (int, float, bool)) and value is not None:
-            self.expect(_size(value, self.max_output), what)
+            size = _size(value, self.max_output)
+            self.expect(size, what)
+            self.allocated += size
+            if self.allocated > RENDER_ALLOCATION * self.max_output:
+                raise _Stop(
+                    f"its values add up to more than {RENDER_ALLOCATION} times the characters it may write "
+                    f"({RENDER_ALLOCATION} x {self.output_what})"
+                )
         return value
+
+    def charge(self, characters: int) -> None:
+        """Steps for reading `characters` (a filter over a long string)."""
+        for _ in range(characters // CHARS_PER_STEP):
+            self.step()
 
     def emit(self, value: Any) -> str:
         text = str(value)
@@ -354,6 +373,30 @@ def _tighter(render: Any, render_what: str, run: Any, run_what: str) -> tuple[An
 
 
 # --- the environment -------------------------------------------------------------------------
+
+
+def _drop_spans(text: str, opening: str, closing: str) -> str:
+    """`text` without each `opening ... closing` span (leftmost first, shortest), in linear time:
+    what `re.sub(opening + ".*?" + closing, "", text, flags=re.S)` gives."""
+    out, i = [], 0
+    while True:
+        start = text.find(opening, i)
+        end = text.find(closing, start + len(opening)) if start >= 0 else -1
+        if end < 0:  # no later opening has a closing either
+            out.append(text[i:])
+            return "".join(out)
+        out.append(text[i:start])
+        i = end + len(closing)
+
+
+def striptags(value: Any) -> str:
+    """jinja's `striptags` (markupsafe's `Markup.striptags`: comments, then tags removed,
+    whitespace collapsed, entities unescaped), in linear time."""
+    import html
+
+    text = value.__html__() if hasattr(value, "__html__") else str(value)
+    text = _drop_spans(_drop_spans(text, "<!--", "-->"), "<", ">")
+    return html.unescape(" ".join(text.split()))
 
 
 def _environment() -> Any:
@@ -428,6 +471,7 @@ def _environment() -> Any:
                 trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
             )
             self.filters["tojson"] = tojson
+            self.filters["striptags"] = striptags  # (jinja's regex takes quadratic time on many `<`)
             self.filters = {name: self.bounded_filter(name, f) for name, f in self.filters.items()}
             self.globals["raise_exception"] = raise_exception
             self.globals["strftime_now"] = self.strftime_now
@@ -543,6 +587,7 @@ def _environment() -> Any:
             def bounded(*args: Any, **kwargs: Any) -> Any:
                 meter = self.active()
                 meter.step()
+                meter.charge(sum(len(a) for a in (*args, *kwargs.values()) if isinstance(a, str)))
                 if len(args) > lead and isinstance(args[lead], Iterator):
                     # a generator (from map, select, slice, ...): listed here, each item a step,
                     # so no filter iterates without the meter
@@ -606,14 +651,27 @@ def _instrument(tree: Any) -> Any:
     return visit(tree)
 
 
-def parse_template(text: str) -> Any:
+def _too_deep(name: str, exc: BaseException) -> TemplateLimitError:
+    """Python's own limits met while compiling a template: blocks nested past its compiler's
+    20 levels (SyntaxError, IndentationError), expressions past its recursion limit."""
+    return TemplateLimitError(
+        f"{name}: chat template refused: it nests too deeply to compile ({type(exc).__name__}); "
+        "real templates nest a few levels"
+    )
+
+
+def parse_template(text: str, name: str = "chat template") -> Any:
     """The syntax tree of `text` as the bounded environment parses it (transformers' syntax:
     loop controls, `{% generation %}`), for inspecting a template without running it.
 
     Raises:
-        jinja2.TemplateSyntaxError for a template that does not parse.
+        jinja2.TemplateSyntaxError for a template that does not parse; TemplateLimitError
+        naming `name` for one nested too deeply to parse.
     """
-    return _environment().parse(text)
+    try:
+        return _environment().parse(text)
+    except (RecursionError, MemoryError) as exc:
+        raise _too_deep(name, exc) from None
 
 
 class BoundedTemplate:
@@ -630,8 +688,11 @@ class BoundedTemplate:
     def __init__(self, text: str, name: str) -> None:
         self.name = name
         self.environment = _environment()
-        tree = _instrument(self.environment.parse(text))
-        self.template = self.environment.from_string(tree)
+        try:
+            tree = _instrument(self.environment.parse(text))
+            self.template = self.environment.from_string(tree)
+        except (SyntaxError, RecursionError, MemoryError) as exc:
+            raise _too_deep(name, exc) from None
 
     def render(self, budget: RenderBudget, variables: dict[str, Any]) -> str:
         """Render with `variables` (messages, special tokens, ...), charging `budget`.
