@@ -11,6 +11,8 @@ from __future__ import annotations
 import gc
 import json
 import struct
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -323,3 +325,65 @@ def test_a_header_of_empty_lists_is_refused_before_parsing(tmp_path: Path, monke
     with pytest.raises(HeaderJsonError, match="5,001 lists, more than 1,000 tensors need"):
         header_module.parse_header(raw, len(raw), "x.safetensors")
     assert not parsed  # refused before the parse began
+
+
+def _header_file(path, doc: dict) -> None:
+    import json as _json
+    import struct as _struct
+
+    raw = _json.dumps(doc).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(_struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+
+
+ENTRY = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+
+
+@pytest.mark.parametrize(
+    ("doc", "fragment"),
+    [
+        pytest.param({"\ud800": ENTRY}, "has a lone surrogate", id="tensor-name"),
+        pytest.param(
+            {"__metadata__": {"k": "\udfff"}, "w": ENTRY}, "holds a lone surrogate", id="metadata-value"
+        ),
+        pytest.param(
+            {"__metadata__": {"\udbff": "v"}, "w": ENTRY}, "holds a lone surrogate", id="metadata-key"
+        ),
+        pytest.param(
+            {"__metadata__": {f"k{i}": "v" for i in range(10_001)}, "w": ENTRY},
+            "holds 10,001 entries, more than the 10,000",
+            id="metadata-10001-entries",
+        ),
+    ],
+)
+def test_lone_surrogates_and_huge_metadata_are_refused(tmp_path: Path, doc: dict, fragment: str) -> None:
+    """One line naming the file for inspect, plan and run alike (inspect and plan crashed on a
+    lone surrogate, run accepted it); safetensors' own reader refuses the lone surrogates too."""
+    from safetensors import safe_open
+
+    bad = tmp_path / "bad.safetensors"
+    _header_file(bad, doc)
+    _header_file(tmp_path / "ok.safetensors", {"w": ENTRY})
+    if "surrogate" in fragment:
+        with pytest.raises(Exception):  # noqa: B017 (the reference's own error type)
+            with safe_open(str(bad), "pt") as fh:
+                list(fh.keys())
+                fh.metadata()
+    for args in (
+        ["inspect", str(bad)],
+        ["plan", str(bad), str(tmp_path / "ok.safetensors"), "-o", str(tmp_path / "o.safetensors")],
+    ):
+        proc = subprocess.run([sys.executable, "-m", "lazymerge", *args], capture_output=True, text=True)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and str(bad) in lines[0] and fragment in lines[0], (
+            proc.stderr
+        )
+        assert "unexpected" not in lines[0]
+
+
+def test_a_surrogate_pair_is_text(tmp_path: Path) -> None:
+    path = tmp_path / "emoji.safetensors"
+    _header_file(path, {"\ud83d\ude00": ENTRY})
+    from lazymerge.io.reader import read_header_file
+
+    assert [t.name for t in read_header_file(path).tensors] == ["\U0001f600"]

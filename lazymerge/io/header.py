@@ -35,6 +35,8 @@ MAX_HEADER_SIZE = 100_000_000
 #: (name, record, dict slot) and about as much again in the plan, so a million stays under a
 #: gigabyte for a two-input plan; the largest public checkpoints list about 100,000.
 MAX_TENSORS = 1_000_000
+#: Most `__metadata__` entries a header may hold (real files hold a handful).
+MAX_METADATA_ENTRIES = 10_000
 #: Brackets allowed beyond two per tensor (names such as `h[0].attn` hold some).
 _SPARE_LISTS = 1_000_000
 #: Byte offsets and sizes must fit an unsigned 64-bit integer, as in the format's reference reader.
@@ -146,6 +148,12 @@ class _EntryParser:
         # every tensor is one object, plus the top level and __metadata__
         if self.objects > MAX_TENSORS + 2:
             raise too_many_tensors(self.source, self.estimate())
+        if len(pairs) > MAX_METADATA_ENTRIES and all(isinstance(v, str) for _, v in pairs[:100]):
+            # (only `__metadata__` maps strings to strings; the top level maps names to entries)
+            raise HeaderEntryError(
+                f"{self.source}: __metadata__ holds {len(pairs):,} entries, more than the "
+                f"{MAX_METADATA_ENTRIES:,} lazymerge reads; the file is corrupt or hostile"
+            )
         out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:
@@ -228,6 +236,8 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
     ):
         raise HeaderEntryError(f"{source}: __metadata__ must map strings to strings")
 
+    if _LONE_SURROGATE_ESCAPE in raw or _LONE_SURROGATE_ESCAPE_UPPER in raw:
+        _refuse_lone_surrogates(source, doc, metadata)
     data_size = file_size - 8 - length
     data_start = 8 + length
     path = Path(source)  # one path object shared by every record of the file
@@ -251,6 +261,34 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
             f"{'truncated' if position > data_size else 'padded with unexpected bytes'}"
         )
     return Header(tensors=tuple(entries), metadata=dict(metadata), data_start=data_start)
+
+
+#: A JSON escape of a UTF-16 surrogate (`\\ud800`): the only way a lone one gets into a string.
+_LONE_SURROGATE_ESCAPE = b"\\ud"
+_LONE_SURROGATE_ESCAPE_UPPER = b"\\uD"
+
+
+def _refuse_lone_surrogates(source: str, doc: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Refuse tensor names and metadata holding a lone surrogate: not text (safetensors' own
+    reader refuses them too), and every later print or write of the name would fail."""
+
+    def text(value: str) -> bool:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    for name in doc:
+        if not text(name):
+            raise HeaderEntryError(
+                f"{source}: tensor {ascii(name)[:100]} has a lone surrogate (\\udXXX) in its name; not UTF-8 text"
+            )
+    for key, value in metadata.items():
+        if not (text(key) and text(value)):
+            raise HeaderEntryError(
+                f"{source}: __metadata__ entry {ascii(key)[:100]} holds a lone surrogate (\\udXXX); not UTF-8 text"
+            )
 
 
 def _parse_entry(
