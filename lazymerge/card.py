@@ -303,7 +303,17 @@ def model_card(plan: MergePlan, options: MergeOptions, variant: int) -> bytes:
         CARD_MARK,
         "",
     ]
-    return "\n".join(lines).encode("utf-8")
+    return _utf8("\n".join(lines))
+
+
+def _utf8(text: str) -> bytes:
+    """The card as UTF-8: bytes of a name that are not UTF-8 (a folder named with byte 0xFF) as
+    `\\xff`, any other unencodable character as its escape."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        pass
+    return text.encode("utf-8", "backslashreplace")
 
 
 def with_model_cards(plan: MergePlan, options: MergeOptions) -> MergePlan:

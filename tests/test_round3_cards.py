@@ -280,3 +280,25 @@ def test_escapes(text: str, as_text: str, as_code: str) -> None:
 
     assert md_text(text) == as_text
     assert md_code(text) == as_code
+
+
+def test_a_folder_name_that_is_not_utf8_is_escaped_in_the_card(tmp_path: Path) -> None:
+    """An input folder named with byte 0xFF: the card is still UTF-8 (UnicodeEncodeError before)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.models import BASE_WORDS, make_tokenizer, save_model
+
+    rm = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    sft = save_model(tmp_path / "sft", "llama", False, 2, make_tokenizer(BASE_WORDS))
+    odd = os.fsencode(str(tmp_path)) + b"/sft\xff"
+    shutil.move(str(sft), odd.decode("utf-8", "surrogateescape"))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lazymerge", "run", str(rm), odd, "--alpha", "0.5", "-o", str(out), "-q"],
+        capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    card = (out / "README.md").read_bytes().decode("utf-8")  # valid UTF-8
+    assert "sft\\xff" in card or "sft\\udcff" in card

@@ -486,3 +486,36 @@ def test_script_usage_mistakes_are_one_line(
 ) -> None:
     proc = script(path, *args, cwd=tmp_path)
     assert proc.returncode == 2 and fragment in one_line(proc.stderr)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_lone_surrogates_in_data_are_one_line(tmp_path: Path, suffix: str) -> None:
+    """A `\\ud800` escape without its pair is not text: the pair reader and convert_pairs refuse
+    it in one line naming the file (a tokenizer's TypeError and a traceback before)."""
+    row = '{"prompt": "w3 \\ud800", "chosen": "w4", "rejected": "w5", "subset": "x", "id": 1}'
+    source = tmp_path / f"pairs{suffix}"
+    source.write_text(f"[{row}]\n" if suffix == ".json" else row + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_pairs.py"),
+            "rewardbench",
+            str(source),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert (
+        proc.returncode == 1 and len(lines) == 1 and "lone surrogate" in lines[0] and str(source) in lines[0]
+    )
+    assert not out.exists()
+    if suffix == ".jsonl":
+        from lazymerge.errors import PairFileError
+        from lazymerge.evaluation.scoring import load_preferences
+
+        with pytest.raises(PairFileError, match=r"pairs.jsonl:1: holds a lone surrogate"):
+            load_preferences(source)

@@ -51,6 +51,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"Error: {message} (see {self.prog} --help)\n")
 
 
+def _encode(source: Path, number: int, row: dict) -> bytes:
+    """One output line; a lone surrogate (a `\\udXXX` escape without its pair) is not text."""
+    try:
+        return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConvertError(
+            f"{source}: converted pair {number} holds a lone surrogate (a \\udXXX escape without its pair); not text"
+        ) from None
+
+
 def read_rows(path: Path) -> list[tuple[str, object]]:
     """(where, row) for every row of a parquet file, a JSON list or JSON Lines."""
     if path.suffix == ".parquet":
@@ -137,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         # link to it), never an existing file without --force, --force only over lazymerge's own
         with OutputFiles([args.output], inputs=[args.source], force=args.force) as output:
             rows = CONVERTERS[args.format](args.source)
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            output.write({args.output: text.encode("utf-8")})
+            output.write({args.output: b"".join(_encode(args.source, n, r) for n, r in enumerate(rows, 1))})
     except (LazyMergeError, ConvertError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

@@ -67,6 +67,16 @@ class Pair:
 MAX_LINE_BYTES = 16 << 20
 
 
+def _refuse_lone_surrogates(row: dict[str, Any], where: str, error: type[EvalDataError]) -> None:
+    """A string holding a lone surrogate (`\\ud800`) is not text: no tokenizer or writer takes it."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(
+            f"{where}: holds a lone surrogate (a \\udXXX escape without its pair); not text"
+        ) from None
+
+
 def read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) of every non-blank line, each a JSON object.
 
@@ -112,6 +122,8 @@ def read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[s
                     raise error(f"{where}: not a JSON object ({exc})") from None
                 if not isinstance(row, dict):
                     raise error(f"{where}: is {describe_json(row)}, not a JSON object")
+                if "\\ud" in line or "\\uD" in line:  # (the only way a lone surrogate gets in)
+                    _refuse_lone_surrogates(row, where, error)
                 rows.append((number, row))
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
