@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from safetensors.torch import load_file, save_file
+
+# Property tests draw the same examples on every run (a red run is reproducible, never luck);
+# `--hypothesis-profile default` searches afresh, as a developer's run may.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile("ci")
 
 
 def write_sharded(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -> Path:

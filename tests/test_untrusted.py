@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lazymerge import Checkpoint
@@ -1404,13 +1404,17 @@ row_like = st.one_of(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(row_like, max_size=4))
+@example(rows=[{"prompt": "", "chosen": "", "rejected": ""}])  # a pair that loads (found by hypothesis)
 def test_arbitrary_jsonl_rows_load_or_raise(tmp_path: Path, rows: list[Any]) -> None:
     """Any JSON rows: pairs and candidate sets with the documented types, or an EvalDataError."""
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     try:
         pairs, ties = load_pairs(path)
-        assert pairs and all(isinstance(x, str) for p in pairs for x in vars(p).values())
+        assert pairs
+        for p in pairs:  # every text field a string, and the line it came from
+            assert all(isinstance(getattr(p, f), str) for f in ("id", "subset", "prompt", "chosen", "rejected"))
+            assert type(p.line) is int and p.line >= 1
     except PairFileError as exc:
         assert "\n" not in str(exc)
     try:
