@@ -607,6 +607,12 @@ def _environment() -> Any:
         def lazymerge_emit(self, value: Any) -> str:
             return self.active().emit(value)
 
+        def lazymerge_slice(self, obj: Any, start: Any, stop: Any, step: Any) -> Any:
+            # what jinja's code does (`obj[a:b]`), errors included; a step, the result counted as built
+            meter = self.active()
+            meter.step()
+            return meter.check(obj[start:stop:step], "a slice")
+
         def lazymerge_concat(self, *parts: Any) -> str:
             meter = self.active()
             meter.expect(sum(_size(p, meter.max_output) for p in parts), "'~'")
@@ -659,8 +665,7 @@ def _environment() -> Any:
             return self.bounded_method(obj, attribute, super().getattr(obj, attribute))
 
         def getitem(self, obj: Any, argument: Any) -> Any:
-            if isinstance(argument, slice):
-                # a slice copies: a step, and its result counted as built
+            if isinstance(argument, slice):  # `x[slice(...)]`? (`x[a:b]` is `lazymerge_slice`)
                 meter = self.active()
                 meter.step()
                 return meter.check(super().getitem(obj, argument), "a slice")
@@ -741,7 +746,7 @@ def _instrument(tree: Any) -> Any:
     """Route the template's loops, output and `~` through the environment's meter: every
     `{% for %}` iterates `lazymerge_iterate(...)`, every output piece (text included, so a loop
     writing into a `{% set %}` block is counted) passes `lazymerge_emit`, every `a ~ b` is
-    `lazymerge_concat(a, b)`. The calls go through the sandbox's `call` like any other."""
+    `lazymerge_concat(a, b)`, every slice `x[a:b:c]` is `lazymerge_slice(x, a, b, c)`. The calls go through the sandbox's `call` like any other."""
     from jinja2 import nodes
 
     def hook(name: str, *args: Any) -> Any:
@@ -766,6 +771,10 @@ def _instrument(tree: Any) -> Any:
             ]
         elif isinstance(node, nodes.Concat):
             return hook("lazymerge_concat", *node.nodes)
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice):
+            # jinja compiles `x[a:b]` to a plain Python slice, past the sandbox's getitem
+            bounds = [node.arg.start, node.arg.stop, node.arg.step]
+            return hook("lazymerge_slice", node.node, *(nodes.Const(None) if b is None else b for b in bounds))
         return node
 
     return visit(tree)
