@@ -232,9 +232,14 @@ HOSTILE = [
         id="deep-parentheses",
     ),
     pytest.param(
-        "{{ 'a'" + "|lower" * 5000 + " }}", TemplateLimitError, "nests too deeply to compile", id="filter-chain"
+        "{{ 'a'" + "|lower" * 5000 + " }}",
+        TemplateLimitError,
+        "nests too deeply to compile",
+        id="filter-chain",
     ),
-    pytest.param("{{ 1" + "+1" * 20000 + " }}", TemplateLimitError, "nests too deeply to compile", id="plus-chain"),
+    pytest.param(
+        "{{ 1" + "+1" * 20000 + " }}", TemplateLimitError, "nests too deeply to compile", id="plus-chain"
+    ),
     # one filter call on a long value: charged steps by its size before it runs
     pytest.param(
         "{{ ('<a>' * 300000)|striptags }}",
@@ -243,7 +248,10 @@ HOSTILE = [
         id="striptags-long",
     ),
     pytest.param(
-        "{{ ('ab ' * 300000)|wordwrap(10) }}", TemplateLimitError, "the wordwrap filter takes more", id="wordwrap-long"
+        "{{ ('ab ' * 300000)|wordwrap(10) }}",
+        TemplateLimitError,
+        "the wordwrap filter takes more",
+        id="wordwrap-long",
     ),
     pytest.param(
         "{{ ('a.b ' * 100000)|urlize }}", TemplateLimitError, "the urlize filter takes more", id="urlize-long"
@@ -394,7 +402,10 @@ def test_allocation_peak_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_real_templates_within_depth_and_allocation() -> None:
     for text in (QWEN_STYLE, LLAMA2_STYLE, CHATML_STYLE):
         budget = template_sandbox.RenderBudget()
-        messages = [{"role": "user", "content": "a" * 100_000}, {"role": "assistant", "content": "b" * 100_000}]
+        messages = [
+            {"role": "user", "content": "a" * 100_000},
+            {"role": "assistant", "content": "b" * 100_000},
+        ]
         template_sandbox.BoundedTemplate(text, "real.jinja").render(
             budget, {"messages": messages, "bos_token": "<s>", "eos_token": "</s>"}
         )

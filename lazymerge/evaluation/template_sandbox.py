@@ -471,7 +471,9 @@ class _Meter:
         if steps > 0:
             self.steps += steps
             if self.steps > self.max_steps:
-                raise _Stop(f"{what} takes more than {self.steps_what} (it is charged by the size of its input)")
+                raise _Stop(
+                    f"{what} takes more than {self.steps_what} (it is charged by the size of its input)"
+                )
 
     def expect(self, size: int, what: str) -> None:
         """Refuse an operation whose result would be larger than the output allowance."""
@@ -774,7 +776,9 @@ def _instrument(tree: Any) -> Any:
         elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice):
             # jinja compiles `x[a:b]` to a plain Python slice, past the sandbox's getitem
             bounds = [node.arg.start, node.arg.stop, node.arg.step]
-            return hook("lazymerge_slice", node.node, *(nodes.Const(None) if b is None else b for b in bounds))
+            return hook(
+                "lazymerge_slice", node.node, *(nodes.Const(None) if b is None else b for b in bounds)
+            )
         return node
 
     return visit(tree)
