@@ -95,7 +95,7 @@ HOSTILE = [
         id="expandtabs-method",
     ),
     pytest.param(
-        "{{ (range(100000)|list)|join('x' * 100000) }}",
+        "{{ (range(10000)|list)|join('x' * 1000000) }}",
         TemplateLimitError,
         "the join filter would build",
         id="join-filter",
@@ -210,43 +210,71 @@ HOSTILE = [
         "writes more than",
         id="set-block-output",
     ),
-    # nesting that Python's compiler or recursion limit meets before any render
+    # nested too deeply for Python to compile jinja's code, or for jinja's parser
     pytest.param(
         "{% for a in [1] %}" * 25 + "x" + "{% endfor %}" * 25,
         TemplateLimitError,
-        "nests too deeply",
-        id="for-25-deep",
+        "nests too deeply to compile",
+        id="25-nested-for",
     ),
     pytest.param(
         "{% if true %}" * 200 + "x" + "{% endif %}" * 200,
         TemplateLimitError,
-        "nests too deeply",
-        id="if-200-deep",
+        "nests too deeply to compile",
+        id="200-nested-if",
     ),
     pytest.param(
         "{% if true %}" * 5000 + "x" + "{% endif %}" * 5000,
         TemplateLimitError,
-        "nests too deeply",
-        id="if-5000-deep",
+        "nests too deeply to compile",
+        id="5000-nested-if",
     ),
     pytest.param(
         "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}",
         TemplateLimitError,
-        "nests too deeply",
-        id="parens-3000",
+        "nests too deeply to compile",
+        id="deep-parentheses",
     ),
     pytest.param(
-        "{{ 'x'" + " | lower" * 3000 + " }}", TemplateLimitError, "nests too deeply", id="filter-chain-3000"
+        "{{ 'a'" + "|lower" * 5000 + " }}",
+        TemplateLimitError,
+        "nests too deeply to compile",
+        id="filter-chain",
     ),
     pytest.param(
-        "{{ 1" + " + 1" * 3000 + " }}", TemplateLimitError, "nests too deeply", id="plus-chain-3000"
+        "{{ 1" + "+1" * 20000 + " }}", TemplateLimitError, "nests too deeply to compile", id="plus-chain"
     ),
-    # values kept in `set`s: each within bounds, together gigabytes
+    # one filter call on a long value: charged steps by its size before it runs
+    pytest.param(
+        "{{ ('<a>' * 300000)|striptags }}",
+        TemplateLimitError,
+        "the striptags filter takes more than the 20,000 steps",
+        id="striptags-long",
+    ),
+    pytest.param(
+        "{{ ('ab ' * 300000)|wordwrap(10) }}",
+        TemplateLimitError,
+        "the wordwrap filter takes more",
+        id="wordwrap-long",
+    ),
+    pytest.param(
+        "{{ ('a.b ' * 100000)|urlize }}", TemplateLimitError, "the urlize filter takes more", id="urlize-long"
+    ),
+    pytest.param(
+        "{{ ('x' * 300000)|list|sort|length }}", TemplateLimitError, "takes more than", id="sort-long"
+    ),
+    # values each within the allowance, piling up
     pytest.param(
         "".join(f"{{% set a{i} = 'x' * 1000000 %}}" for i in range(2000)),
         TemplateLimitError,
-        "its values add up to more than 16 times",
-        id="2000-megabyte-sets",
+        "characters allowed per render (16 x its output allowance",
+        id="2000-big-sets",
+    ),
+    pytest.param(
+        "{% set big = 'x' * 1000000 %}" + "".join(f"{{% set a{i} = big[1:] %}}" for i in range(2000)),
+        TemplateLimitError,
+        "a slice brings",
+        id="2000-big-slices",
     ),
 ]
 
@@ -373,6 +401,62 @@ def test_time_limit_with_a_clock_that_advances(tmp_path: Path, monkeypatch: pyte
     path.write_text("{% for i in range(1000) %}{% endfor %}")
     with pytest.raises(TemplateLimitError, match="takes more than the 100 s allowed per render"):
         load_chat_template(str(path))
+
+
+def test_striptags_as_markupsafe() -> None:
+    """lazymerge's linear striptags gives markupsafe's result, also where a cut joins a comment."""
+    from markupsafe import Markup
+
+    samples = [
+        "Main &raquo;\t<em>About</em>",
+        "<!-- a <b> -->x<p>y</p>  z",
+        "<!<!-- -->-- q -->r",
+        "a<!-->b-->c<!--",
+        "<<a>b>c<d",
+        "x <!--a--><!--b-->  &amp;&lt;&#65; <br/>",
+        "",
+    ]
+    alphabet = "<!->a &;"
+    samples += ["".join(alphabet[(i * 7 + j * j) % len(alphabet)] for j in range(i % 23)) for i in range(400)]
+    for text in samples:
+        assert template_sandbox.striptags(text) == Markup(text).striptags(), text
+
+
+def test_allocation_peak_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a small allowance the 2,000 big sets stop after a few, their total recorded in the run's budget."""
+    monkeypatch.setattr(template_sandbox, "RENDER_ALLOCATION", 100_000)
+    monkeypatch.setattr(template_sandbox, "ALLOCATION_PER_INPUT", 0)
+    text = "".join(f"{{% set a{i} = 'x' * 30000 %}}" for i in range(2000))
+    budget = template_sandbox.RenderBudget()
+    with pytest.raises(TemplateLimitError, match="more than the 100,000 characters allowed per render"):
+        template_sandbox.BoundedTemplate(text, "many.jinja").render(budget, {"messages": []})
+    assert 90_000 < budget.allocated <= 130_000 and budget.steps < 10
+
+
+def test_real_templates_within_depth_and_allocation() -> None:
+    for text in (QWEN_STYLE, LLAMA2_STYLE, CHATML_STYLE):
+        budget = template_sandbox.RenderBudget()
+        messages = [
+            {"role": "user", "content": "a" * 100_000},
+            {"role": "assistant", "content": "b" * 100_000},
+        ]
+        template_sandbox.BoundedTemplate(text, "real.jinja").render(
+            budget, {"messages": messages, "bos_token": "<s>", "eos_token": "</s>"}
+        )
+        assert 0 < budget.allocated < 20 * 200_000
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_model_folder_template_nested_too_deeply(tmp_path: Path, where: str) -> None:
+    folder = model_with_template(tmp_path, where, "{% for a in [1] %}" * 25 + "x" + "{% endfor %}" * 25)
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": words(3), "chosen": words(4), "rejected": words(5)}]
+    )
+    result = CliRunner().invoke(main, ["eval", str(folder), "--pairs", str(pairs)])
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert line.startswith(f"Error: {folder / where}: chat template refused: it nests too deeply"), line
+    assert "\n" not in line and "defect" not in line
 
 
 def test_limits_on_the_command_line_exit_1(tmp_path: Path) -> None:

@@ -117,7 +117,8 @@ def refuse_private_access(template: ChatTemplate) -> None:
     """Refuse a template that reads an attribute or item whose name starts with an underscore.
 
     Raises:
-        InputError naming the file and line; also for a Jinja syntax error.
+        InputError naming the file and line; also for a Jinja syntax error. TemplateLimitError
+        naming the file for a template nested too deeply to parse or compile.
     """
     import jinja2
     from jinja2 import nodes
@@ -128,14 +129,9 @@ def refuse_private_access(template: ChatTemplate) -> None:
         raise InputError(
             f"{template.name}: not a valid Jinja template (line {exc.lineno}: {exc.message})"
         ) from None
-    try:
-        found = list(tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)))
-    except RecursionError:
-        raise TemplateLimitError(
-            f"{template.name}: chat template refused: it nests too deeply to compile (RecursionError); "
-            "real templates nest a few levels"
-        ) from None
-    for node in found:
+    except (SyntaxError, RecursionError, MemoryError) as exc:  # parse_template refuses these itself
+        raise _too_deep(template.name, exc) from None
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
         name: object = None
         if isinstance(node, nodes.Getattr):
             name = node.attr
@@ -155,7 +151,8 @@ def compile_template(text: str, name: str) -> BoundedTemplate:
     """`text` compiled for bounded rendering (`template_sandbox`); `name` is its file.
 
     Raises:
-        InputError naming the file for a Jinja syntax error.
+        InputError naming the file for a Jinja syntax error; TemplateLimitError naming it for a
+        template nested too deeply to parse or compile.
     """
     import jinja2
 
@@ -165,6 +162,15 @@ def compile_template(text: str, name: str) -> BoundedTemplate:
         raise InputError(
             f"{name}: the chat template failed: not a valid Jinja template (line {exc.lineno}: {exc.message})"
         ) from None
+    except (SyntaxError, RecursionError, MemoryError) as exc:  # BoundedTemplate refuses these itself
+        raise _too_deep(name, exc) from None
+
+
+def _too_deep(name: str, exc: BaseException) -> TemplateLimitError:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return TemplateLimitError(
+        f"{name}: chat template refused: it nests too deeply to compile ({type(exc).__name__}: {first})"
+    )
 
 
 #: Where a model folder's chat template comes from, in transformers' order of preference.

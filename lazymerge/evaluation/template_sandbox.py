@@ -23,7 +23,18 @@ one meter sees every operation that can loop or grow a value:
 - every piece of output, also into `{% set %}` blocks and macro bodies, is counted against the
   render's output allowance: `RENDER_OUTPUT` characters plus `OUTPUT_PER_INPUT` times the
   characters of the conversation it is given (a real template writes each message once);
-- macro calls nest at most `RENDER_DEPTH` deep.
+- every value the meter sizes after it is built (the result of a call, filter, operator, `~` or
+  slice) is also added up: a render may allocate `RENDER_ALLOCATION` plus `ALLOCATION_PER_INPUT`
+  x the conversation's characters in all (16 x its output allowance), so values each within the allowance cannot pile up to gigabytes
+  (`{% set a1 = 'x' * 1000000 %}{% set a2 = ... %}` ...);
+- a filter whose work grows with its input is charged steps by the input's size before it runs
+  (`_FILTER_WORK`: one step per character for the slow ones, `wordwrap` and `urlize`, one per
+  256 for the rest), so the step limit stops one filter call on a long value too; `striptags`
+  is lazymerge's own linear one (markupsafe's is quadratic);
+- macro calls nest at most `RENDER_DEPTH` deep; the template's syntax tree (blocks in blocks,
+  operands of operands) at most `TEMPLATE_DEPTH` deep, checked before it is compiled (Python
+  cannot compile jinja's code for deeper ones), and a template too deep even for jinja's parser
+  is refused too.
 
 A `RenderBudget` adds every render of one run (all texts of an eval or a sweep) and bounds the
 totals too (`RUN_STEPS`, `RUN_SECONDS`, `RUN_OUTPUT`), so a template just under the per-render
@@ -54,14 +65,16 @@ RENDER_OUTPUT = 1 << 20
 OUTPUT_PER_INPUT = 4
 #: Deepest nesting of calls (macros calling macros, recursive loops).
 RENDER_DEPTH = 64
+#: Characters all the values one render builds may add up to, beyond `ALLOCATION_PER_INPUT` x
+#: the characters of the conversation: 16 x the output allowance (a real template builds each
+#: message's text a few times over, `a + b + c` once per `+`).
+RENDER_ALLOCATION = 16 * RENDER_OUTPUT
+ALLOCATION_PER_INPUT = 16 * OUTPUT_PER_INPUT
+#: Deepest nesting of a template's syntax tree (blocks, operands, filters): real templates nest
+#: fewer than 25 levels; CPython compiles at most 20 nested loops and 100 indentation levels.
+TEMPLATE_DEPTH = 48
 #: Largest integer a template may build, in decimal digits (Python's own int-to-text limit).
 INT_DIGITS = 4300
-#: Characters of values one render may build in all (each sized value counted once), as a
-#: multiple of its output allowance: values kept in `{% set %}` add up though each is in bounds.
-RENDER_ALLOCATION = 16
-#: Characters a filter may read per step it is charged (filters read their input once; a long
-#: string costs steps, so the step limit bounds their time as it bounds loops).
-CHARS_PER_STEP = 1024
 #: Totals over all renders of one run (an eval, or a sweep's texts).
 RUN_STEPS = 200_000_000
 RUN_SECONDS = 120.0
@@ -282,6 +295,124 @@ _METHOD_BOUNDS: dict[str, Callable[[str, tuple[Any, ...], dict[str, Any], int], 
 }
 
 
+# Filters whose work grows with the size of the filtered value, each with the steps it is
+# charged from that value before it runs (`_size` characters, so lists count their items): one
+# step is about a microsecond of work, as a loop iteration is. Every other filter is charged
+# one step per `_WORK_PER_STEP` characters (they run at C speed).
+_WORK_PER_STEP = 256
+
+
+def _per(chars: int) -> Callable[[Any, int], int]:
+    return lambda value, cap: _size(value, cap) // chars
+
+
+def _striptags_work(value: Any, cap: int) -> int:
+    # one Python-level iteration per tag or comment, one regex callback per entity
+    if isinstance(value, str):
+        return len(value) // _WORK_PER_STEP + value.count("<") + value.count("&")
+    return _size(value, cap) // _WORK_PER_STEP
+
+
+_FILTER_WORK: dict[str, Callable[[Any, int], int]] = {
+    "striptags": _striptags_work,
+    "wordwrap": _per(1),  # textwrap: ~2 us a character
+    "urlize": _per(1),  # a regex per word: ~1.5 us a character
+    "sort": _per(2),  # a key per item, n log n
+    "dictsort": _per(2),
+    "unique": _per(4),
+    "groupby": _per(4),
+    "min": _per(4),
+    "max": _per(4),
+    "batch": _per(4),
+    "slice": _per(4),
+    "join": _per(8),
+    "pprint": _per(8),
+    "title": _per(8),
+    "list": _per(16),
+}
+
+
+def striptags(value: Any) -> str:
+    """markupsafe's `Markup(value).striptags()` in linear time (markupsafe's copies the rest of
+    the text at every tag): comments `<!-- -->` removed, then tags `<...>`, whitespace collapsed
+    to single spaces, HTML entities unescaped."""
+    import html
+
+    if hasattr(value, "__html__"):
+        value = value.__html__()
+    text = _strip_tags(_strip_comments(str(value)))
+    return html.unescape(" ".join(text.split()))
+
+
+def _strip_comments(text: str) -> str:
+    """Remove every first `<!--` with the first `-->` after it, again and again, as markupsafe
+    does: a removal may join a `<!--` across the cut (`<!<!-- -->--`), which is looked for in
+    the last three characters kept and the next three, so the scan stays linear."""
+    kept: list[str] = []  # the text kept so far, in pieces (none empty)
+    pos = 0
+    while True:
+        tail = _last(kept, 3)
+        window = tail + text[pos : pos + 3]
+        at = window.find("<!--")
+        if 0 <= at < len(tail):  # a comment start across the cut
+            close = (tail + text[pos : pos + 6]).find("-->", at)
+            end = pos + close + 3 - len(tail) if close != -1 else _find_end(text, pos)
+            if end == -1:
+                break
+            _drop(kept, len(tail) - at)
+            pos = end
+            continue
+        start = text.find("<!--", pos)
+        if start == -1:
+            break
+        close = text.find("-->", start)
+        if close == -1:
+            break
+        if start > pos:
+            kept.append(text[pos:start])
+        pos = close + 3
+    if pos < len(text):
+        kept.append(text[pos:])
+    return "".join(kept)
+
+
+def _find_end(text: str, pos: int) -> int:
+    close = text.find("-->", pos)
+    return close + 3 if close != -1 else -1
+
+
+def _last(pieces: list[str], n: int) -> str:
+    tail = ""
+    for piece in reversed(pieces):
+        tail = piece[-(n - len(tail)) :] + tail
+        if len(tail) >= n:
+            break
+    return tail
+
+
+def _drop(pieces: list[str], n: int) -> None:
+    while n > 0:
+        piece = pieces.pop()
+        if len(piece) > n:
+            pieces.append(piece[:-n])
+            return
+        n -= len(piece)
+
+
+def _strip_tags(text: str) -> str:
+    # a removal cannot join a new `<` (the text before the first `<` holds none)
+    kept: list[str] = []
+    pos = 0
+    while (start := text.find("<", pos)) != -1:
+        close = text.find(">", start)
+        if close == -1:
+            break
+        kept.append(text[pos:start])
+        pos = close + 1
+    kept.append(text[pos:])
+    return "".join(kept)
+
+
 # --- the meter -------------------------------------------------------------------------------
 
 
@@ -295,6 +426,7 @@ class RenderBudget:
     output: int = 0
     inputs: int = 0
     renders: int = 0
+    allocated: int = 0
 
 
 class _Meter:
@@ -307,6 +439,7 @@ class _Meter:
         self.output = 0
         self.depth = 0
         self.allocated = 0
+        self.max_allocation = RENDER_ALLOCATION + ALLOCATION_PER_INPUT * input_size
         run_steps = RUN_STEPS - budget.steps
         run_seconds = RUN_SECONDS - budget.seconds
         run_output = RUN_OUTPUT + OUTPUT_PER_INPUT * (budget.inputs + input_size) - budget.output
@@ -333,30 +466,36 @@ class _Meter:
         if _clock() > self.deadline:
             raise _Stop(f"it takes more than {self.time_what}")
 
+    def charge(self, steps: int, what: str) -> None:
+        """Count `steps` more for work about to run in one operation (a filter on a long value)."""
+        if steps > 0:
+            self.steps += steps
+            if self.steps > self.max_steps:
+                raise _Stop(
+                    f"{what} takes more than {self.steps_what} (it is charged by the size of its input)"
+                )
+
     def expect(self, size: int, what: str) -> None:
         """Refuse an operation whose result would be larger than the output allowance."""
         if size > self.max_output:
             raise _Stop(f"{what} would build a value of about {size:,} characters, over {self.output_what}")
 
-    def check(self, value: Any, what: str) -> Any:
-        """Refuse a value larger than the output allowance, or an integer of too many digits."""
+    def check(self, value: Any, what: str, built: bool = True) -> Any:
+        """Refuse a value larger than the output allowance, or an integer of too many digits;
+        a value the operation `built` (not an argument passed on) adds to the allocation total."""
         if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > INT_DIGITS * 3.33:
             raise _Stop(f"{what} builds an integer of more than {INT_DIGITS} digits")
         if not isinstance(value, (int, float, bool)) and value is not None:
             size = _size(value, self.max_output)
             self.expect(size, what)
-            self.allocated += size
-            if self.allocated > RENDER_ALLOCATION * self.max_output:
-                raise _Stop(
-                    f"its values add up to more than {RENDER_ALLOCATION} times the characters it may write "
-                    f"({RENDER_ALLOCATION} x {self.output_what})"
-                )
+            if built:
+                self.allocated += size
+                if self.allocated > self.max_allocation:
+                    raise _Stop(
+                        f"{what} brings the values it has built to more than the {self.max_allocation:,} "
+                        "characters allowed per render (16 x its output allowance, every value built counted)"
+                    )
         return value
-
-    def charge(self, characters: int) -> None:
-        """Steps for reading `characters` (a filter over a long string)."""
-        for _ in range(characters // CHARS_PER_STEP):
-            self.step()
 
     def emit(self, value: Any) -> str:
         text = str(value)
@@ -373,30 +512,6 @@ def _tighter(render: Any, render_what: str, run: Any, run_what: str) -> tuple[An
 
 
 # --- the environment -------------------------------------------------------------------------
-
-
-def _drop_spans(text: str, opening: str, closing: str) -> str:
-    """`text` without each `opening ... closing` span (leftmost first, shortest), in linear time:
-    what `re.sub(opening + ".*?" + closing, "", text, flags=re.S)` gives."""
-    out, i = [], 0
-    while True:
-        start = text.find(opening, i)
-        end = text.find(closing, start + len(opening)) if start >= 0 else -1
-        if end < 0:  # no later opening has a closing either
-            out.append(text[i:])
-            return "".join(out)
-        out.append(text[i:start])
-        i = end + len(closing)
-
-
-def striptags(value: Any) -> str:
-    """jinja's `striptags` (markupsafe's `Markup.striptags`: comments, then tags removed,
-    whitespace collapsed, entities unescaped), in linear time."""
-    import html
-
-    text = value.__html__() if hasattr(value, "__html__") else str(value)
-    text = _drop_spans(_drop_spans(text, "<!--", "-->"), "<", ">")
-    return html.unescape(" ".join(text.split()))
 
 
 def _environment() -> Any:
@@ -471,7 +586,7 @@ def _environment() -> Any:
                 trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
             )
             self.filters["tojson"] = tojson
-            self.filters["striptags"] = striptags  # (jinja's regex takes quadratic time on many `<`)
+            self.filters["striptags"] = striptags
             self.filters = {name: self.bounded_filter(name, f) for name, f in self.filters.items()}
             self.globals["raise_exception"] = raise_exception
             self.globals["strftime_now"] = self.strftime_now
@@ -494,6 +609,12 @@ def _environment() -> Any:
         def lazymerge_emit(self, value: Any) -> str:
             return self.active().emit(value)
 
+        def lazymerge_slice(self, obj: Any, start: Any, stop: Any, step: Any) -> Any:
+            # what jinja's code does (`obj[a:b]`), errors included; a step, the result counted as built
+            meter = self.active()
+            meter.step()
+            return meter.check(obj[start:stop:step], "a slice")
+
         def lazymerge_concat(self, *parts: Any) -> str:
             meter = self.active()
             meter.expect(sum(_size(p, meter.max_output) for p in parts), "'~'")
@@ -513,7 +634,7 @@ def _environment() -> Any:
                 args = (__self.lazymerge_iterate(args[0]), *args[1:])
             name = getattr(__obj, "__name__", type(__obj).__name__)
             for arg in (*args, *kwargs.values()):
-                meter.check(arg, f"an argument of {name}()")
+                meter.check(arg, f"an argument of {name}()", built=False)
             meter.depth += 1
             if meter.depth > RENDER_DEPTH:
                 raise _Stop(f"it nests calls more than {RENDER_DEPTH} deep (recursion)")
@@ -546,6 +667,10 @@ def _environment() -> Any:
             return self.bounded_method(obj, attribute, super().getattr(obj, attribute))
 
         def getitem(self, obj: Any, argument: Any) -> Any:
+            if isinstance(argument, slice):  # `x[slice(...)]`? (`x[a:b]` is `lazymerge_slice`)
+                meter = self.active()
+                meter.step()
+                return meter.check(super().getitem(obj, argument), "a slice")
             return self.bounded_method(obj, argument, super().getitem(obj, argument))
 
         def bounded_method(self, obj: Any, name: Any, value: Any) -> Any:
@@ -576,6 +701,7 @@ def _environment() -> Any:
             import inspect
 
             bound = _FILTER_BOUNDS.get(name)
+            work = _FILTER_WORK.get(name, _per(_WORK_PER_STEP))
             # jinja passes the context, eval context or environment first to some filters; the
             # signature of those made with jinja's async_variant omits it (it follows __wrapped__)
             lead = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0
@@ -587,11 +713,12 @@ def _environment() -> Any:
             def bounded(*args: Any, **kwargs: Any) -> Any:
                 meter = self.active()
                 meter.step()
-                meter.charge(sum(len(a) for a in (*args, *kwargs.values()) if isinstance(a, str)))
                 if len(args) > lead and isinstance(args[lead], Iterator):
                     # a generator (from map, select, slice, ...): listed here, each item a step,
                     # so no filter iterates without the meter
                     args = (*args[:lead], list(self.lazymerge_iterate(args[lead])), *args[lead + 1 :])
+                if len(args) > lead:
+                    meter.charge(work(args[lead], meter.max_output), f"the {name} filter")
                 if bound is not None:
                     try:
                         arguments = signature.bind(*args[offset:], **kwargs).arguments
@@ -621,7 +748,7 @@ def _instrument(tree: Any) -> Any:
     """Route the template's loops, output and `~` through the environment's meter: every
     `{% for %}` iterates `lazymerge_iterate(...)`, every output piece (text included, so a loop
     writing into a `{% set %}` block is counted) passes `lazymerge_emit`, every `a ~ b` is
-    `lazymerge_concat(a, b)`. The calls go through the sandbox's `call` like any other."""
+    `lazymerge_concat(a, b)`, every slice `x[a:b:c]` is `lazymerge_slice(x, a, b, c)`. The calls go through the sandbox's `call` like any other."""
     from jinja2 import nodes
 
     def hook(name: str, *args: Any) -> Any:
@@ -646,32 +773,51 @@ def _instrument(tree: Any) -> Any:
             ]
         elif isinstance(node, nodes.Concat):
             return hook("lazymerge_concat", *node.nodes)
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice):
+            # jinja compiles `x[a:b]` to a plain Python slice, past the sandbox's getitem
+            bounds = [node.arg.start, node.arg.stop, node.arg.step]
+            return hook(
+                "lazymerge_slice", node.node, *(nodes.Const(None) if b is None else b for b in bounds)
+            )
         return node
 
     return visit(tree)
 
 
-def _too_deep(name: str, exc: BaseException) -> TemplateLimitError:
-    """Python's own limits met while compiling a template: blocks nested past its compiler's
-    20 levels (SyntaxError, IndentationError), expressions past its recursion limit."""
-    return TemplateLimitError(
-        f"{name}: chat template refused: it nests too deeply to compile ({type(exc).__name__}); "
-        "real templates nest a few levels"
-    )
+def _too_deep(name: str, why: str) -> TemplateLimitError:
+    return TemplateLimitError(f"{name}: chat template refused: it nests too deeply to compile ({why})")
 
 
-def parse_template(text: str, name: str = "chat template") -> Any:
+def _parse(environment: Any, text: str, name: str) -> Any:
+    """`environment.parse(text)`, refused when jinja's (recursive) parser runs out of stack or
+    memory, or the tree nests deeper than `TEMPLATE_DEPTH` (measured without recursion)."""
+    try:
+        tree = environment.parse(text)
+    except RecursionError:
+        raise _too_deep(name, "jinja's parser ran out of stack") from None
+    except MemoryError:
+        raise _too_deep(name, "jinja's parser ran out of memory") from None
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > TEMPLATE_DEPTH:
+            raise _too_deep(
+                name,
+                f"line {node.lineno} is more than {TEMPLATE_DEPTH} levels of blocks, operators and filters deep",
+            )
+        stack.extend((child, depth + 1) for child in node.iter_child_nodes())
+    return tree
+
+
+def parse_template(text: str, name: str = "the chat template") -> Any:
     """The syntax tree of `text` as the bounded environment parses it (transformers' syntax:
     loop controls, `{% generation %}`), for inspecting a template without running it.
 
     Raises:
         jinja2.TemplateSyntaxError for a template that does not parse; TemplateLimitError
-        naming `name` for one nested too deeply to parse.
+        naming `name` for one nested too deeply (`TEMPLATE_DEPTH`).
     """
-    try:
-        return _environment().parse(text)
-    except (RecursionError, MemoryError) as exc:
-        raise _too_deep(name, exc) from None
+    return _parse(_environment(), text, name)
 
 
 class BoundedTemplate:
@@ -682,17 +828,22 @@ class BoundedTemplate:
         name: what messages call it (its file, or the built-in's name).
 
     Raises:
-        jinja2.TemplateSyntaxError for a template that does not parse.
+        jinja2.TemplateSyntaxError for a template that does not parse; TemplateLimitError naming
+        `name` for one nested too deeply to compile.
     """
 
     def __init__(self, text: str, name: str) -> None:
         self.name = name
         self.environment = _environment()
+        tree = _instrument(_parse(self.environment, text, name))
         try:
-            tree = _instrument(self.environment.parse(text))
             self.template = self.environment.from_string(tree)
-        except (SyntaxError, RecursionError, MemoryError) as exc:
-            raise _too_deep(name, exc) from None
+        except SyntaxError as exc:  # IndentationError too: Python's limits on jinja's code
+            raise _too_deep(name, f"Python: {exc.msg}") from None
+        except RecursionError:
+            raise _too_deep(name, "jinja's compiler ran out of stack") from None
+        except MemoryError:
+            raise _too_deep(name, "jinja's compiler ran out of memory") from None
 
     def render(self, budget: RenderBudget, variables: dict[str, Any]) -> str:
         """Render with `variables` (messages, special tokens, ...), charging `budget`.
@@ -719,4 +870,5 @@ class BoundedTemplate:
             budget.output += meter.output
             budget.inputs += input_size
             budget.renders += 1
+            budget.allocated += meter.allocated
         return text
