@@ -1413,7 +1413,9 @@ def test_arbitrary_jsonl_rows_load_or_raise(tmp_path: Path, rows: list[Any]) -> 
         pairs, ties = load_pairs(path)
         assert pairs
         for p in pairs:  # every text field a string, and the line it came from
-            assert all(isinstance(getattr(p, f), str) for f in ("id", "subset", "prompt", "chosen", "rejected"))
+            assert all(
+                isinstance(getattr(p, f), str) for f in ("id", "subset", "prompt", "chosen", "rejected")
+            )
             assert type(p.line) is int and p.line >= 1
     except PairFileError as exc:
         assert "\n" not in str(exc)
