@@ -34,6 +34,10 @@ CONFIG_LIMIT = 1 << 20
 MAX_YAML_NODES = 10_000
 #: Deepest nesting of a config's YAML (real ones nest 4 levels).
 MAX_YAML_DEPTH = 64
+#: Longest integer or float scalar read, in characters: a weight or density needs a handful.
+#: Longer ones are refused before PyYAML builds them: its base-60 form (`59:59:...`, YAML 1.1)
+#: costs time quadratic in the length, 17 s for a 900 KB scalar, and a long one overflows.
+MAX_NUMBER_CHARS = 100
 
 #: The methods lazymerge runs from a config, and the mergekit methods it can only approximate.
 SUPPORTED_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
@@ -253,7 +257,33 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return self.construct_mapping(node, deep=True)
 
 
+    def construct_short_int(self, node: yaml.ScalarNode) -> Any:
+        check_number_length(node)
+        return self.construct_yaml_int(node)
+
+    def construct_short_float(self, node: yaml.ScalarNode) -> Any:
+        check_number_length(node)
+        return self.construct_yaml_float(node)
+
+
+def check_number_length(node: yaml.ScalarNode) -> None:
+    """Refuse an integer or float scalar longer than `MAX_NUMBER_CHARS` before it is built.
+
+    Raises:
+        YamlSizeError naming the scalar's line and column.
+    """
+    text = node.value
+    if isinstance(text, str) and len(text) > MAX_NUMBER_CHARS:
+        mark = node.start_mark
+        raise YamlSizeError(
+            f"line {mark.line + 1}, column {mark.column + 1}: a number of {len(text):,} characters, "
+            f"more than the {MAX_NUMBER_CHARS} a mergekit value can need; not read"
+        )
+
+
 UniqueKeyLoader.add_constructor("tag:yaml.org,2002:map", UniqueKeyLoader.construct_unique_mapping)
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_short_int)
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", UniqueKeyLoader.construct_short_float)
 
 
 class _ConfigReader:
