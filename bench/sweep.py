@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -41,6 +42,61 @@ from bench_cli import FORCE_HELP, OneLineParser, reserve_results, write_results 
 from merge_memory import CHECKOUT_ENV, SIZES, run_sampled, write_checkpoint  # noqa: E402
 
 HEADS = {"1b": (32, 4), "7b": (32, 32)}
+#: Most pairs and tokens per pair a run may ask for: the pairs file is written before the models
+#: are scored, so an absurd value would fill the disk rather than fail.
+MAX_PAIRS = 100_000
+MAX_TOKENS = 100_000
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type: an integer from `low` to `high`, else a one-line usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high:,}")
+        return value
+
+    parse.__name__ = "integer"  # (argparse names the type in its message)
+    return parse
+
+
+def lazymerge_option(check):
+    """An argparse type from one of lazymerge's own option parsers (OptionError -> exit 2)."""
+
+    def parse(text: str) -> str:
+        from lazymerge.errors import OptionError
+
+        try:
+            check(text)
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    parse.__name__ = "value"
+    return parse
+
+
+def alpha_text(text: str) -> None:
+    from lazymerge.options import parse_alpha
+
+    parse_alpha(text)
+
+
+def size_text(text: str) -> None:
+    from lazymerge.options import parse_size
+
+    parse_size(text)
+
+
+def device_text(text: str) -> None:
+    from lazymerge.errors import OptionError
+
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", text):  # (as `lazymerge sweep --device` checks)
+        raise OptionError(f"{text!r}: choose cpu, cuda or cuda:N")
 
 
 def model_files(folder: Path, size: str, role: str) -> None:
@@ -166,12 +222,13 @@ def sweep(
 def main() -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(HEADS), default="1b")
-    parser.add_argument("--alpha", default="0:1:0.25")
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-memory", default="160MiB")
+    # every value checked here, before any model is written (a bad one failed after minutes)
+    parser.add_argument("--alpha", type=lazymerge_option(alpha_text), default="0:1:0.25")
+    parser.add_argument("--pairs", type=bounded_int(1, MAX_PAIRS), default=8)
+    parser.add_argument("--tokens", type=bounded_int(2, MAX_TOKENS), default=64)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--device", type=lazymerge_option(device_text), default="cpu")
+    parser.add_argument("--max-memory", type=lazymerge_option(size_text), default="160MiB")
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--reuse", type=Path, help="a folder kept by a previous run: skip writing the models")
     parser.add_argument("--keep", action="store_true")
@@ -185,6 +242,9 @@ def main() -> None:
     )
     parser.add_argument("--force", action="store_true", help=FORCE_HELP)
     args = parser.parse_args()
+    for flag, folder in (("--dir", args.dir), ("--reuse", args.reuse)):
+        if folder is not None and not folder.is_dir():
+            parser.error(f"argument {flag}: {folder} is not a folder")
     target = args.save or ROOT / "bench" / "results" / f"sweep-{args.size}.json"
     results = reserve_results([target], args.force, inputs=[p for p in (args.reuse,) if p])
     work = args.reuse or Path(tempfile.mkdtemp(prefix=f"lazymerge-sweep-bench-{args.size}-", dir=args.dir))

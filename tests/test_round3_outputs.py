@@ -475,6 +475,21 @@ USAGE_MISTAKES = [
     (TOOLS / "convert_pairs.py", ["parquet", "x", "-o", "y"], "invalid choice"),
     (BENCH / "compare.py", ["--size", "3b"], "invalid choice"),
     (BENCH / "laptops.py", ["--bogus"], "unrecognized arguments"),
+    # bench/sweep.py checks every value before it writes two 1B-shaped models (it wrote them first)
+    (BENCH / "sweep.py", ["--pairs", "0"], "argument --pairs: 0 is not from 1 to 100,000"),
+    (BENCH / "sweep.py", ["--pairs", "-1"], "argument --pairs: -1 is not from 1"),
+    (BENCH / "sweep.py", ["--pairs", "many"], "argument --pairs: 'many' is not an integer"),
+    (BENCH / "sweep.py", ["--tokens", "1"], "argument --tokens: 1 is not from 2 to 100,000"),
+    (BENCH / "sweep.py", ["--tokens", "10" * 20], "argument --tokens:"),
+    (BENCH / "sweep.py", ["--alpha", "0:1:0"], "argument --alpha: '0:1:0': a sweep is START:STOP:STEP"),
+    (BENCH / "sweep.py", ["--alpha", "inf"], "argument --alpha: alpha 'inf' is not a finite number"),
+    (BENCH / "sweep.py", ["--alpha", "0:1:1e-9"], "argument --alpha: '0:1:1e-9' gives"),
+    (BENCH / "sweep.py", ["--max-memory", "0"], "argument --max-memory: '0' must be more than 0 bytes"),
+    (BENCH / "sweep.py", ["--max-memory", "lots"], "argument --max-memory: 'lots' is not a size"),
+    (BENCH / "sweep.py", ["--device", "gpu"], "argument --device: 'gpu': choose cpu, cuda or cuda:N"),
+    (BENCH / "sweep.py", ["--dtype", "int8"], "argument --dtype: invalid choice"),
+    (BENCH / "sweep.py", ["--dir", "no-such-folder"], "argument --dir: no-such-folder is not a folder"),
+    (BENCH / "sweep.py", ["--reuse", "no-such-folder"], "argument --reuse: no-such-folder is not a folder"),
 ]
 
 
