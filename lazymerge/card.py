@@ -12,7 +12,10 @@ A card is written to be published, so it never shows a local absolute path (it w
 user and their folders): inputs read from the Hugging Face cache appear as Hub ids, local paths
 relative to the folder the command ran in, and a path outside that folder as its base name. Every
 string that comes from the user or the inputs (paths, tensor names, tokens, folder names) is
-escaped for markdown and HTML, so a name cannot add a heading, a link, raw HTML or a line.
+escaped for markdown and HTML, so a name cannot add a heading, a link, raw HTML or a line, and
+the Hub's extensions are broken in it too: no autolink (`https://`, `www.`, a bare domain, an
+e-mail address) and no math (`$...$`). A name that is not UTF-8 text (a folder name's undecodable
+bytes, a lone surrogate) is shown by escapes (`\\xff`), never written as it is.
 """
 
 from __future__ import annotations
@@ -35,14 +38,42 @@ from lazymerge.plan import MergePlan
 __all__ = ["CARD_NAME", "model_cards", "with_model_cards"]
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def public_text(text: str) -> str:
+    """`text` as UTF-8 text: the surrogates a file system's undecodable bytes become
+    (surrogateescape) shown as `\\xNN`, any other lone surrogate as `\\udXXX`."""
+    if text.isascii():
+        return text
+
+    def escape(match: re.Match[str]) -> str:
+        code = ord(match.group(0))
+        return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+    return _SURROGATES.sub(escape, text)
+
+
 def _yaml_str(text: str) -> str:
     """A YAML double-quoted scalar (a JSON string is one; ASCII escapes keep it one line)."""
-    return json.dumps(text, ensure_ascii=True)
+    return json.dumps(public_text(text), ensure_ascii=True)
 
 
+#: Top-level domains a linkifier links bare (`evil.com`): linkify-it's defaults, and every
+#: two-letter one.
+_TLDS = "biz|com|edu|gov|net|org|pro|web|xxx|aero|asia|coop|info|museum|name|shop|[a-z]{2}"
 #: Characters markdown (and the GitHub dialect the Hub renders) reads as syntax inside a line; an
-#: underscore only where it can open or close emphasis (`lm_head` stays as it is).
-_MD_INLINE = re.compile(r"[\\`*\[\]|~]|(?<![^\W_])_|_(?![^\W_])")
+#: underscore only where it can open or close emphasis (`lm_head` stays as it is); `$` (math);
+#: and one character of whatever an autolinker would link: the colon of a scheme (`https:`,
+#: `mailto:`), a `//`, the dot after `www` or before a top-level domain, the `@` of an address.
+_MD_INLINE = re.compile(
+    r"[\\`*\[\]|~$]|(?<![^\W_])_|_(?![^\W_])"
+    r"|(?<=[A-Za-z0-9]):(?=[/\w])"
+    r"|/(?=/)"
+    r"|(?<=[Ww][Ww][Ww])\."
+    rf"|\.(?=(?i:{_TLDS})(?![\w-]))"
+    r"|(?<=[\w.+-])@(?=[\w-]+\.)"
+)
 #: What starts a block at the start of a line (or of a list item): a heading, quote, list, rule.
 _MD_LEADING = re.compile(r"([#>+\-=])|\d+(?=[.)])")
 #: Text shown as inline code as it is: nothing a code span or the Hub's renderer could misread.
@@ -51,8 +82,9 @@ _PLAIN = re.compile(r"[\w./@:=+-]+(?: [\w./@:=+-]+)*")
 
 def md_text(text: str) -> str:
     """`text` as literal markdown inline text, one line: syntax characters escaped, HTML's `&<>`
-    as entities, line breaks and other control characters shown as escapes (`\\n`)."""
-    text = _MD_INLINE.sub(lambda m: "\\" + m.group(0), text)
+    as entities, line breaks and other control characters shown as escapes (`\\n`), no autolink
+    or math left (see `_MD_INLINE`); text that is not UTF-8 as `public_text` shows it."""
+    text = _MD_INLINE.sub(lambda m: "\\" + m.group(0), public_text(text))
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     text = "".join(ch if ch.isprintable() else "\\" + ascii(ch)[1:-1] for ch in text)
     body = text.lstrip(" ")
@@ -243,7 +275,7 @@ def model_card(plan: MergePlan, options: MergeOptions, variant: int) -> bytes:
         front.append("library_name: transformers")
     front.append("---")
     title = plan.variant_names[variant] or plan.destination.name or "merged model"
-    command = shlex.join(reproduce_command(plan, options, variant, names))
+    command = shlex.join(public_text(arg) for arg in reproduce_command(plan, options, variant, names))
     lines = [
         *front,
         "",
@@ -303,17 +335,7 @@ def model_card(plan: MergePlan, options: MergeOptions, variant: int) -> bytes:
         CARD_MARK,
         "",
     ]
-    return _utf8("\n".join(lines))
-
-
-def _utf8(text: str) -> bytes:
-    """The card as UTF-8: bytes of a name that are not UTF-8 (a folder named with byte 0xFF) as
-    `\\xff`, any other unencodable character as its escape."""
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:
-        pass
-    return text.encode("utf-8", "backslashreplace")
+    return public_text("\n".join(lines)).encode("utf-8")  # (public_text: nothing left unencodable)
 
 
 def with_model_cards(plan: MergePlan, options: MergeOptions) -> MergePlan:

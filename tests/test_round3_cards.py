@@ -135,7 +135,7 @@ CASES: list[tuple[str, Setup, list[str], list[str]]] = [
     (
         "markdown-link-in-input-name",
         lambda r, m: (reward_pair(r / "work", sft_name="[click](http:evil)"), "out", {}),
-        ["\\[click\\](http:evil): domain model"],
+        ["\\[click\\](http\\:evil): domain model"],
         ["- [click]("],
     ),
     (
@@ -185,6 +185,38 @@ CASES: list[tuple[str, Setup, list[str], list[str]]] = [
         lambda r, m: (hub_pair(r, m), "out", {}),
         ["lm_head.weight of org/sft (language-model head)", f"org/rm@{COMMIT}"],
         ["alice", "snapshots", "models--"],
+    ),
+    (
+        "autolinks-and-math-in-input-name",
+        lambda r, m: (
+            reward_pair(r / "work", sft_name="sft www.evil.example(1) https:x.com(a) $x^2$"),
+            "out",
+            {},
+        ),
+        ["sft www\\.evil.example(1) https\\:x\\.com(a) \\$x^2\\$: domain model"],
+        ["sft www.evil.example(1) https:x.com(a) $x^2$: domain model"],
+    ),
+    (
+        "url-and-address-in-input-name",
+        lambda r, m: (
+            reward_pair(r / "work", sft_name="a http:\u2044\u2044b (mail me@evil.org)"),
+            "out",
+            {},
+        ),
+        ["a http:\u2044\u2044b (mail me\\@evil\\.org): domain model"],
+        ["(mail me@evil.org): domain model"],
+    ),
+    (
+        "undecodable-bytes-in-input-name",
+        lambda r, m: (reward_pair(r / "work", sft_name=os.fsdecode(b"sft\xff\xfe")), "out", {}),
+        ["sft\\\\xff\\\\xfe: domain model", '- "sft\\\\xff\\\\xfe"', "lazymerge run rm 'sft\\xff\\xfe'"],
+        ["\\udcff"],
+    ),
+    (
+        "undecodable-bytes-in-output-name",
+        lambda r, m: (reward_pair(r / "work"), os.fsdecode(b"out\xff"), {}),
+        ["# out\\\\xff\n", "-o 'out\\xff'"],
+        ["\\udcff"],
     ),
     (
         "base-model-path-and-tensor-name-in-dropped-line",
@@ -271,6 +303,24 @@ ESCAPES = [
     ("> quote", "&gt; quote", "&gt; quote"),
     ("&lt;", "&amp;lt;", "&amp;lt;"),
     ("    code", "&#32;&#32;&#32;&#32;code", "&#32;&#32;&#32;&#32;code"),
+    # the Hub's math and autolinks: one character of each escaped, so nothing renders
+    ("$x^2$", "\\$x^2\\$", "\\$x^2\\$"),
+    ("see https://evil.example/x", "see https\\:\\//evil.example/x", "`see https://evil.example/x`"),
+    ("www.evil.example(1)", "www\\.evil.example(1)", "www\\.evil.example(1)"),
+    ("WWW.Evil.Example", "WWW\\.Evil.Example", "`WWW.Evil.Example`"),
+    ("https:x.com(a)", "https\\:x\\.com(a)", "https\\:x\\.com(a)"),
+    ("mailto:a", "mailto\\:a", "`mailto:a`"),
+    ("a@b.example", "a\\@b.example", "`a@b.example`"),
+    ("evil.COM and x.io", "evil\\.COM and x\\.io", "`evil.COM and x.io`"),
+    (
+        "lm_head.weight: 0..3 of base.safetensors",
+        "lm_head.weight: 0..3 of base.safetensors",
+        "`lm_head.weight: 0..3 of base.safetensors`",
+    ),
+    ("org/rm@3333", "org/rm@3333", "`org/rm@3333`"),
+    # names that are not UTF-8 text: undecodable bytes as \\xNN, other lone surrogates as \\udXXX
+    ("sft\udcff", "sft\\\\xff", "sft\\\\xff"),
+    ("w\ud800", "w\\\\ud800", "w\\\\ud800"),
 ]
 
 
@@ -302,3 +352,20 @@ def test_a_folder_name_that_is_not_utf8_is_escaped_in_the_card(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     card = (out / "README.md").read_bytes().decode("utf-8")  # valid UTF-8
     assert "sft\\xff" in card or "sft\\udcff" in card
+
+
+def test_run_with_an_undecodable_folder_name_writes_a_utf8_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lazymerge run rm sft<0xFF>` ended in "unexpected UnicodeEncodeError" writing the card."""
+    from click.testing import CliRunner
+
+    from lazymerge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rm, sft = reward_pair(tmp_path, sft_name=os.fsdecode(b"sft\xff"))
+    result = CliRunner().invoke(main, ["run", "rm", os.fsdecode(b"sft\xff"), "-o", "out", "-q"])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "out" / "README.md").read_bytes().decode("utf-8")  # (strict: valid UTF-8)
+    assert "sft\\\\xff: domain model" in card and "lazymerge run rm 'sft\\xff'" in card
+    check_shape(card, tmp_path)
