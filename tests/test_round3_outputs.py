@@ -454,6 +454,24 @@ BAD_SOURCES = [
     ("rewardbench", b'{"prompt": 1, "chosen": "a", "rejected": "b"}\n', "must be text"),
     ("rewardbench2", b'{"id": 1}\n', "pairs.jsonl"),
     ("autoj", b'{"scenario": "x"}\n', "pairs.jsonl"),
+    # a lone surrogate (an unpaired JSON escape) is not text: the output's UTF-8 cannot hold it
+    (
+        "rewardbench",
+        b'{"prompt": "\\ud800 p", "chosen": "a", "rejected": "b"}\n',
+        "pairs.jsonl:1: holds a lone surrogate (\\ud800",
+    ),
+    (
+        "rewardbench",
+        b'[{"prompt": "p", "chosen": "a\\udfff", "rejected": "b"}]',
+        "pairs.jsonl: row 1: holds a lone surrogate (\\udfff",
+    ),
+    (
+        "rewardbench",
+        b'[{"prompt": "p", "chosen": "a", "rejected": "b", "\\udabc": 1}]',
+        "row 1: holds a lone surrogate",
+    ),
+    ("rewardbench2", b'{"id": "x", "prompt": "\\ud800"}\n', "pairs.jsonl:1: holds a lone surrogate"),
+    ("autoj", b'{"scenario": "x", "prompt": ["\\ud800"]}\n', "pairs.jsonl:1: holds a lone surrogate"),
 ]
 
 
@@ -534,3 +552,77 @@ def test_lone_surrogates_in_data_are_one_line(tmp_path: Path, suffix: str) -> No
 
         with pytest.raises(PairFileError, match=r"pairs.jsonl:1: holds a lone surrogate"):
             load_preferences(source)
+
+
+#: (reader, file text, fragment): every reader of JSON Lines refuses a lone surrogate at its line
+#: (the tokenizer failed on it: `eval` and `sweep` ended in "unexpected TypeError").
+SURROGATE_ROWS = [
+    (
+        "pairs",
+        '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "\\ud800 p", "chosen": "a", "rejected": "b"}\n',
+        "x.jsonl:2: holds a lone surrogate (\\ud800, an unpaired JSON escape), not text",
+    ),
+    (
+        "pairs",
+        '{"prompt": "p", "chosen": "a\\udc00", "rejected": "b"}\n',
+        "x.jsonl:1: holds a lone surrogate (\\udc00",
+    ),
+    (
+        "preferences",
+        '{"id": "1", "prompt": "\\uDBFF", "chosen": ["a"], "rejected": ["b"], "num_correct": 1, "total_completions": 2, "subset": "Math"}\n',
+        "x.jsonl:1: holds a lone surrogate (\\udbff",
+    ),
+    (
+        "candidates",
+        '{"prompt": "p", "candidates": ["\\ud834"], "answer": "1"}\n',
+        "x.jsonl:1: holds a lone surrogate (\\ud834",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "reader,text,fragment", SURROGATE_ROWS, ids=[f"{r[0]}-{i}" for i, r in enumerate(SURROGATE_ROWS)]
+)
+def test_jsonl_readers_refuse_lone_surrogates(tmp_path: Path, reader: str, text: str, fragment: str) -> None:
+    from lazymerge.errors import EvalDataError
+    from lazymerge.evaluation import scoring
+
+    path = tmp_path / "x.jsonl"
+    path.write_text(text)
+    read = {
+        "pairs": scoring.load_pairs,
+        "preferences": scoring.load_preferences,
+        "candidates": scoring.load_candidates,
+    }[reader]
+    with pytest.raises(EvalDataError) as info:
+        read(path)
+    assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+#: (case, escaped text, what it reads as): escapes that are text are read as before.
+SURROGATE_LOOKALIKES = [
+    ("pair-of-surrogates", "\\ud83d\\ude00", "\U0001f600"),
+    ("escaped-backslash", "\\\\ud800", "\\ud800"),
+    ("non-surrogate-escape", "\\u00e9\\ud7ff\\ue000", "\u00e9\ud7ff\ue000"),
+]
+
+
+@pytest.mark.parametrize("case,escaped,text", SURROGATE_LOOKALIKES, ids=[c[0] for c in SURROGATE_LOOKALIKES])
+def test_jsonl_text_escapes_still_read(tmp_path: Path, case: str, escaped: str, text: str) -> None:
+    from lazymerge.evaluation import scoring
+
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"prompt": "' + escaped + '", "chosen": "a", "rejected": "b"}\n')
+    pairs, _ = scoring.load_pairs(path)
+    assert pairs[0].prompt == text
+
+
+def test_eval_with_a_lone_surrogate_exits_1_in_one_line(tmp_path: Path) -> None:
+    """`lazymerge eval` refuses the pairs file before any model is loaded."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}\n')
+    proc = lazymerge("eval", str(tmp_path / "no-such-model"), "--pairs", str(path), "-q")
+    assert proc.returncode == 1, proc.stderr
+    line = one_line(proc.stderr)
+    assert "unexpected" not in line
+    assert "p.jsonl:1: holds a lone surrogate (\\ud800, an unpaired JSON escape), not text" in line, line

@@ -31,7 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lazymerge.errors import LazyMergeError, PairFileError  # noqa: E402
 from lazymerge.evaluation import rewardbench2  # noqa: E402
-from lazymerge.evaluation.scoring import load_pairs, read_jsonl  # noqa: E402
+from lazymerge.evaluation.scoring import (  # noqa: E402
+    find_lone_surrogate,
+    load_pairs,
+    read_jsonl,
+    surrogate_message,
+)
 from lazymerge.io.outputs import OutputFiles  # noqa: E402
 from lazymerge.io.small_files import open_regular, read_small_file  # noqa: E402
 
@@ -73,12 +78,13 @@ def read_rows(path: Path) -> list[tuple[str, object]]:
             table = pq.read_table(path).to_pylist()
         except (OSError, ValueError) as exc:
             raise ConvertError(f"{path}: not a readable parquet file ({exc})") from None
-        return [(f"{path}: row {n}", row) for n, row in enumerate(table, start=1)]
+        return checked_text([(f"{path}: row {n}", row) for n, row in enumerate(table, start=1)])
     with os.fdopen(open_regular(path), "rb") as fh:  # InputError for a missing file, a FIFO, a folder
         first = fh.read(1 << 12).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if first == b"[":
         try:
-            doc = json.loads(read_small_file(path, MAX_JSON_LIST_BYTES).decode("utf-8-sig"))
+            text = read_small_file(path, MAX_JSON_LIST_BYTES).decode("utf-8-sig")
+            doc = json.loads(text)
         except UnicodeDecodeError as exc:
             raise ConvertError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
         except RecursionError:
@@ -87,9 +93,20 @@ def read_rows(path: Path) -> list[tuple[str, object]]:
             raise ConvertError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(doc, list):
             raise ConvertError(f"{path}: starts like a JSON list but is not one")
-        return [(f"{path}: row {n}", row) for n, row in enumerate(doc, start=1)]
+        rows = [(f"{path}: row {n}", row) for n, row in enumerate(doc, start=1)]
+        return checked_text(rows) if "\\u" in text else rows
     rows = read_jsonl(path, PairFileError)  # a malformed line: PairFileError naming file and line
     return [(f"{path}: row {n}", row) for n, (_, row) in enumerate(rows, start=1)]
+
+
+def checked_text(rows: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """`rows`, refused at the first that holds a lone surrogate (an unpaired `\\ud800` escape: not
+    text, which the output's UTF-8 cannot hold). JSON Lines rows are checked as they are read."""
+    for where, row in rows:
+        found = find_lone_surrogate(row)
+        if found is not None:
+            raise ConvertError(f"{where}: {surrogate_message(found)}")
+    return rows
 
 
 def convert_rewardbench(source: Path) -> list[dict]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from lazymerge.errors import CandidateFileError, EvalDataError, InputError, PairFileError
 from lazymerge.evaluation.rewardbench2 import Rb2Row, check_rows, looks_like_rewardbench2, parse_row
+from lazymerge.io.header import lone_surrogate
 from lazymerge.io.small_files import DuplicateKeyError, describe_json, open_regular, unique_keys
 
 #: RewardBench subsets of each section (DogeRM reports Reasoning from math-prm and hep-*).
@@ -63,18 +64,35 @@ class Pair:
     line: int = field(default=0, compare=False)
 
 
+#: A JSON escape that may spell a lone surrogate: only a line holding one is searched for it.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def find_lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate (as `\\udXXX`) in any string or key of a parsed JSON value, or
+    None. Only an unpaired escape such as `"\\ud800"` makes one; it is not text (a tokenizer, a
+    UTF-8 writer or a terminal fails on it), so a file holding one is refused where it is read."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = lone_surrogate(item)
+            if found is not None:
+                return found
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def surrogate_message(found: str) -> str:
+    return f"holds a lone surrogate ({found}, an unpaired JSON escape), not text"
+
+
 #: Longest line read from a JSON Lines file, in bytes (one RewardBench row is a few KB).
 MAX_LINE_BYTES = 16 << 20
-
-
-def _refuse_lone_surrogates(row: dict[str, Any], where: str, error: type[EvalDataError]) -> None:
-    """A string holding a lone surrogate (`\\ud800`) is not text: no tokenizer or writer takes it."""
-    try:
-        json.dumps(row, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise error(
-            f"{where}: holds a lone surrogate (a \\udXXX escape without its pair); not text"
-        ) from None
 
 
 def read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[str, Any]]]:
@@ -85,7 +103,8 @@ def read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[s
 
     Raises:
         `error` (naming the file and line) for a line that is too long, not UTF-8, not JSON, nests
-        too deeply, repeats a key or is not an object; InputError when the file cannot be read.
+        too deeply, repeats a key, is not an object or holds a lone surrogate (an unpaired
+        `\\ud800` escape: not text); InputError when the file cannot be read.
     """
     rows = []
     try:
@@ -122,8 +141,10 @@ def read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[s
                     raise error(f"{where}: not a JSON object ({exc})") from None
                 if not isinstance(row, dict):
                     raise error(f"{where}: is {describe_json(row)}, not a JSON object")
-                if "\\ud" in line or "\\uD" in line:  # (the only way a lone surrogate gets in)
-                    _refuse_lone_surrogates(row, where, error)
+                if SURROGATE_ESCAPE.search(line) is not None:
+                    found = find_lone_surrogate(row)
+                    if found is not None:
+                        raise error(f"{where}: {surrogate_message(found)}")
                 rows.append((number, row))
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
