@@ -256,7 +256,6 @@ class UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return self.construct_mapping(node, deep=True)
 
-
     def construct_short_int(self, node: yaml.ScalarNode) -> Any:
         check_number_length(node)
         return self.construct_yaml_int(node)

@@ -38,6 +38,13 @@ def header_file(path: Path, entries: dict, data: int | None = None) -> Path:
     return path
 
 
+def raw_header(path: Path, body: str, data: int = 0) -> Path:
+    """A safetensors file with this header text as it is (escapes and spacing kept)."""
+    encoded = body.encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"\0" * data)
+    return path
+
+
 def one_element_tensors(count: int, start: int = 0) -> dict:
     """`count` F32 tensors of one element, named as a model's would be."""
     return {
@@ -118,6 +125,65 @@ HOSTILE_HEADERS: list[tuple[str, Callable[[Path], Path], str, str]] = [
         "(1,000,002 characters): entry must be an object",
     ),
     (
+        "lone-surrogate-in-tensor-name",
+        lambda d: header_file(
+            d / "x.safetensors", {"w\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+        ),
+        "HeaderEntryError",
+        "tensor name 'w\\ud800' holds a lone surrogate (\\ud800, an unpaired JSON escape), not text",
+    ),
+    (
+        "lone-low-surrogate-in-tensor-name",
+        lambda d: header_file(
+            d / "x.safetensors", {"\udfff": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+        ),
+        "HeaderEntryError",
+        "holds a lone surrogate (\\udfff",
+    ),
+    (
+        "lone-surrogate-in-metadata-key",
+        lambda d: header_file(
+            d / "x.safetensors", {"__metadata__": {"\ud800": "x"}, **one_element_tensors(1)}
+        ),
+        "HeaderEntryError",
+        "__metadata__ key '\\ud800' holds a lone surrogate",
+    ),
+    (
+        "lone-surrogate-in-metadata-value",
+        lambda d: header_file(
+            d / "x.safetensors", {"__metadata__": {"format": "pt\udbff"}, **one_element_tensors(1)}
+        ),
+        "HeaderEntryError",
+        "__metadata__ value 'pt\\udbff' holds a lone surrogate",
+    ),
+    (
+        "too-many-metadata-entries",
+        lambda d: header_file(d / "x.safetensors", {"__metadata__": {f"k{i}": "v" for i in range(11)}}),
+        "HeaderEntryError",
+        "__metadata__ holds more than the 10 entries lazymerge reads",
+    ),
+    (
+        "too-many-metadata-entries-under-an-escaped-key",
+        lambda d: raw_header(
+            d / "x.safetensors",
+            '{"\\u005f_m\\u0065tadata__" : {' + ",".join(f'"k{i}":"v"' for i in range(11)) + "}}",
+        ),
+        "HeaderEntryError",
+        "__metadata__ holds more than the 10 entries",
+    ),
+    (
+        "metadata-value-not-a-string",
+        lambda d: header_file(d / "x.safetensors", {"__metadata__": {"a": "b", "c": [1]}}),
+        "HeaderEntryError",
+        "__metadata__ must map strings to strings",
+    ),
+    (
+        "metadata-object-twice",
+        lambda d: raw_header(d / "x.safetensors", '{"__metadata__":{},"w":{"__metadata__":{}}}'),
+        "HeaderEntryError",
+        "__metadata__ appears more than once",
+    ),
+    (
         "size-mismatch-with-a-long-shape",
         lambda d: header_file(
             d / "x.safetensors", {"w": {"dtype": "F32", "shape": [1] * BIG, "data_offsets": [0, 8]}}, 8
@@ -135,6 +201,7 @@ def test_hostile_header(
     import lazymerge.io.header as header
 
     monkeypatch.setattr(header, "MAX_TENSORS", 10, raising=False)
+    monkeypatch.setattr(header, "MAX_METADATA_ENTRIES", 10, raising=False)
     path = build(tmp_path)
     with pytest.raises(errors.HeaderError) as info:
         Checkpoint.open(path)
@@ -342,7 +409,7 @@ ENTRY = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
 @pytest.mark.parametrize(
     ("doc", "fragment"),
     [
-        pytest.param({"\ud800": ENTRY}, "has a lone surrogate", id="tensor-name"),
+        pytest.param({"\ud800": ENTRY}, "holds a lone surrogate", id="tensor-name"),
         pytest.param(
             {"__metadata__": {"k": "\udfff"}, "w": ENTRY}, "holds a lone surrogate", id="metadata-value"
         ),
@@ -351,7 +418,7 @@ ENTRY = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
         ),
         pytest.param(
             {"__metadata__": {f"k{i}": "v" for i in range(10_001)}, "w": ENTRY},
-            "holds 10,001 entries, more than the 10,000",
+            "__metadata__ holds more than the 10,000 entries",
             id="metadata-10001-entries",
         ),
     ],
@@ -387,3 +454,88 @@ def test_a_surrogate_pair_is_text(tmp_path: Path) -> None:
     from lazymerge.io.reader import read_header_file
 
     assert [t.name for t in read_header_file(path).tensors] == ["\U0001f600"]
+
+
+def test_metadata_cap_is_generous() -> None:
+    from lazymerge.io import header
+
+    assert getattr(header, "MAX_METADATA_ENTRIES", 0) >= 10_000
+
+
+#: (case, header text): metadata over the cap (10 here) refused before the JSON is parsed.
+METADATA_BEFORE_PARSE = [
+    ("plain", '{"__metadata__":{' + ",".join(f'"k{i}":"v"' for i in range(50)) + "}}"),
+    ("spaced", '{ "__metadata__" :\n { ' + " , ".join(f'"k{i}" : "v"' for i in range(50)) + " } }"),
+    ("escaped-key", '{"\\u005f\\u005Fmetadata__":{' + ",".join(f'"k{i}":"v"' for i in range(50)) + "}}"),
+    (
+        "after-tensors",
+        '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{'
+        + ",".join(f'"k\\"{i}":"v,\\"x\\":{{"' for i in range(50))
+        + "}}",
+    ),
+]
+
+
+@pytest.mark.parametrize("case,body", METADATA_BEFORE_PARSE, ids=[m[0] for m in METADATA_BEFORE_PARSE])
+def test_metadata_counted_before_parsing(monkeypatch: pytest.MonkeyPatch, case: str, body: str) -> None:
+    """The parser builds all of an object's pairs before its hook sees one (3 million metadata
+    entries took 880 MB): the entries are counted first, and the parse never starts."""
+    from lazymerge.io import header as header_module
+
+    monkeypatch.setattr(header_module, "MAX_METADATA_ENTRIES", 10)
+    raw = struct.pack("<Q", len(body.encode())) + body.encode() + b"\0" * 4
+    parsed = []
+    monkeypatch.setattr(header_module.json, "loads", lambda *a, **k: parsed.append(1))
+    with pytest.raises(errors.HeaderEntryError, match="__metadata__ holds more than the 10 entries"):
+        header_module.parse_header(raw, len(raw), "x.safetensors")
+    assert not parsed
+
+
+#: (case, header text): headers that stay valid beside the new checks.
+STILL_VALID = [
+    ("metadata-at-the-cap", {"__metadata__": {f"k{i}": "v" for i in range(10)}, **one_element_tensors(2)}),
+    (
+        "surrogate-pair-escaped",
+        {
+            "__metadata__": {"emoji": "\U0001f600"},
+            "w\U0001f600": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        },
+    ),
+    ("escaped-backslash-before-u", {"__metadata__": {"path": "C:\\ud800"}, **one_element_tensors(1)}),
+    (
+        "metadata-key-in-a-value",
+        {"__metadata__": {"note": '"__metadata__":{"a":1}'}, **one_element_tensors(1)},
+    ),
+]
+
+
+@pytest.mark.parametrize("case,entries", STILL_VALID, ids=[v[0] for v in STILL_VALID])
+def test_valid_headers_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, entries: dict
+) -> None:
+    from lazymerge.io import header as header_module
+
+    monkeypatch.setattr(header_module, "MAX_METADATA_ENTRIES", 10)
+    path = header_file(tmp_path / "x.safetensors", entries)
+    header = read_header_file(path)
+    assert header.metadata == entries["__metadata__"]
+
+
+@pytest.mark.parametrize("command", ["inspect", "plan", "verify", "run"])
+def test_lone_surrogate_name_exits_1_on_every_command(tmp_path: Path, command: str) -> None:
+    """`inspect` and `plan` crashed printing the name; `run` and `verify` accepted it."""
+    bad = header_file(
+        tmp_path / "bad.safetensors", {"\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    )
+    good = header_file(tmp_path / "good.safetensors", one_element_tensors(1))
+    args = {
+        "inspect": ["inspect", str(bad)],
+        "verify": ["verify", str(bad)],
+        "plan": ["plan", str(bad), str(good), "-o", str(tmp_path / "out.safetensors")],
+        "run": ["run", str(bad), str(good), "-o", str(tmp_path / "out.safetensors")],
+    }[command]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1 and "unexpected" not in line, line
+    assert "bad.safetensors: tensor name '\\ud800' holds a lone surrogate" in line, line

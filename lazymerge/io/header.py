@@ -9,7 +9,9 @@ and never causes a large allocation.
 from __future__ import annotations
 
 import json
+import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +37,12 @@ MAX_HEADER_SIZE = 100_000_000
 #: (name, record, dict slot) and about as much again in the plan, so a million stays under a
 #: gigabyte for a two-input plan; the largest public checkpoints list about 100,000.
 MAX_TENSORS = 1_000_000
-#: Most `__metadata__` entries a header may hold (real files hold a handful).
-MAX_METADATA_ENTRIES = 10_000
 #: Brackets allowed beyond two per tensor (names such as `h[0].attn` hold some).
 _SPARE_LISTS = 1_000_000
+#: Most `__metadata__` entries a header may hold (real files hold a few; lazymerge's own, one
+#: per input plus three). The header's object is walked and counted before the JSON is parsed
+#: (`_check_metadata_objects`), so a header of millions of entries never builds them.
+MAX_METADATA_ENTRIES = 10_000
 #: Byte offsets and sizes must fit an unsigned 64-bit integer, as in the format's reference reader.
 _U64_MAX = 2**64 - 1
 
@@ -91,6 +95,21 @@ def describe_value(value: Any, limit: int = 60) -> str:
         return f"a {what} of {len(value):,} items"
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text):,} characters)"
+
+
+#: A JSON escape that may spell a lone surrogate (a gate: only a header holding one is searched).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate code point of `text` (`\\udXXX` as JSON's escape spells it), or
+    None. Parsed JSON holds one only from an unpaired escape such as `"\\ud800"`: no text can be
+    encoded with it, so printing or writing it fails later."""
+    if text.isascii():
+        return None
+    found = _SURROGATE.search(text)
+    return None if found is None else ascii(found.group(0))[1:-1]
 
 
 def tensor_label(name: str) -> str:
@@ -148,12 +167,6 @@ class _EntryParser:
         # every tensor is one object, plus the top level and __metadata__
         if self.objects > MAX_TENSORS + 2:
             raise too_many_tensors(self.source, self.estimate())
-        if len(pairs) > MAX_METADATA_ENTRIES and all(isinstance(v, str) for _, v in pairs[:100]):
-            # (only `__metadata__` maps strings to strings; the top level maps names to entries)
-            raise HeaderEntryError(
-                f"{self.source}: __metadata__ holds {len(pairs):,} entries, more than the "
-                f"{MAX_METADATA_ENTRIES:,} lazymerge reads; the file is corrupt or hostile"
-            )
         out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:
@@ -176,6 +189,123 @@ def too_many_tensors(source: object, count: int) -> TooManyTensorsError:
         f"{source}: lists {count:,} tensors, more than the {MAX_TENSORS:,} lazymerge reads per input "
         "(a bound on the memory headers take); the file is corrupt or hostile"
     )
+
+
+def too_many_metadata_entries(source: object, count: int | None) -> HeaderEntryError:
+    many = (
+        f"{count:,} entries, more than the {MAX_METADATA_ENTRIES:,}"
+        if count is not None
+        else (f"more than the {MAX_METADATA_ENTRIES:,} entries")
+    )
+    return HeaderEntryError(
+        f"{source}: __metadata__ holds {many} lazymerge reads (a bound on the memory headers "
+        "take; real files hold a few); the file is corrupt or hostile"
+    )
+
+
+def _refuse_lone_surrogates(source: str, doc: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Refuse a tensor name or metadata key or value holding a lone surrogate, as safetensors'
+    own reader does (it is not text: it cannot be printed, hashed as UTF-8 or written back).
+    Called only when the header holds an escape that may spell one."""
+    for name in doc:
+        found = lone_surrogate(name)
+        if found is not None:
+            raise HeaderEntryError(
+                f"{source}: tensor name {tensor_label(name)} holds a lone surrogate ({found}, an "
+                "unpaired JSON escape), not text; the file is corrupt or hostile"
+            )
+    for key, value in metadata.items():
+        for what, text in (("key", key), ("value", value)):
+            found = lone_surrogate(text)
+            if found is not None:
+                raise HeaderEntryError(
+                    f"{source}: __metadata__ {what} {describe_value(text)} holds a lone surrogate "
+                    f"({found}, an unpaired JSON escape), not text; the file is corrupt or hostile"
+                )
+
+
+#: A key that is `__metadata__` once JSON escapes are read (each of its 12 characters as itself
+#: or as `\u00XX`), then the object it opens.
+_METADATA_KEY_ESCAPED = re.compile(r'"(?:[_metad]|\\u00[0-9a-fA-F]{2}){12}"[ \t\n\r]*:[ \t\n\r]*\{')
+_METADATA_KEY_PLAIN = re.compile(r'"__metadata__"[ \t\n\r]*:[ \t\n\r]*\{')
+#: The string scanner of `json`'s own decoder (its C one where built), which typeshed omits.
+_scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+_JSON_SPACE = re.compile(r"[ \t\n\r]+")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    found = _JSON_SPACE.match(text, pos)
+    return pos if found is None else found.end()
+
+
+def _check_metadata_objects(text: str, source: str) -> None:
+    """Count the entries of the header's `__metadata__` object before the JSON is parsed: the
+    parser builds every pair of an object before its hook sees one, so a cap checked after the
+    parse would come after the memory is spent (3 million entries: 880 MB).
+
+    The object is walked with the JSON string scanner, each key and value read and dropped, and
+    the walk stops at `MAX_METADATA_ENTRIES` + 1: it costs at most that many entries whatever
+    the header holds. Only the top level may hold `__metadata__` (anywhere else the header is
+    invalid), so a second such object is refused, which bounds the walks to one.
+
+    Raises:
+        HeaderEntryError for more than `MAX_METADATA_ENTRIES` entries, a value that is not a
+        string, or a second `__metadata__` object. A malformed object is left to the parser.
+    """
+    pattern = _METADATA_KEY_PLAIN if "\\u00" not in text else _METADATA_KEY_ESCAPED
+    seen = 0
+    for match in pattern.finditer(text):
+        start = match.start()
+        # a key's quote follows `{`, `,` or a space; after a backslash it is escaped (the tail of
+        # another string) or closes a string (then the JSON is invalid): no metadata either way
+        if start and text[start - 1] == "\\":
+            continue
+        if match.group(0)[1:13] != "__metadata__" and _decoded_key(match.group(0)) != "__metadata__":
+            continue
+        seen += 1
+        if seen > 1:
+            raise HeaderEntryError(
+                f"{source}: __metadata__ appears more than once; only the top level may hold it"
+            )
+        _count_metadata_entries(text, match.end(), source)
+
+
+def _decoded_key(found: str) -> str | None:
+    try:
+        return _scanstring(found, 1)[0]
+    except ValueError:
+        return None
+
+
+def _count_metadata_entries(text: str, pos: int, source: str) -> None:
+    """Walk the object whose `{` ends just before `pos`, counting its entries (see
+    `_check_metadata_objects`); stop quietly at anything malformed, which the parse reports."""
+    scan = _scanstring
+    pos = _skip_space(text, pos)
+    if text.startswith("}", pos):
+        return
+    count = 0
+    try:
+        while text.startswith('"', pos):
+            _, pos = scan(text, pos + 1)
+            pos = _skip_space(text, pos)
+            if not text.startswith(":", pos):
+                return
+            pos = _skip_space(text, pos + 1)
+            if not text.startswith('"', pos):
+                if pos < len(text):
+                    raise HeaderEntryError(f"{source}: __metadata__ must map strings to strings")
+                return
+            _, pos = scan(text, pos + 1)
+            count += 1
+            if count > MAX_METADATA_ENTRIES:
+                raise too_many_metadata_entries(source, None)
+            pos = _skip_space(text, pos)
+            if not text.startswith(",", pos):
+                return
+            pos = _skip_space(text, pos + 1)
+    except ValueError:  # a malformed string: the parse says where
+        return
 
 
 def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
@@ -213,6 +343,7 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
             f"{source}: header holds {lists:,} lists, more than {MAX_TENSORS:,} tensors need "
             "(two each); the file is corrupt or hostile"
         )
+    _check_metadata_objects(text, source)
     hook = _EntryParser(source, raw, length)
     try:
         doc = json.loads(text, object_pairs_hook=hook)
@@ -224,7 +355,6 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
         raise HeaderJsonError(f"{source}: header JSON nests too deeply") from None
     except ValueError as exc:
         raise HeaderJsonError(f"{source}: header is not valid JSON ({exc})") from None
-    del text  # (the decoded copy of the header: as large as the header again)
     if isinstance(doc, tuple):  # the whole header is one entry, with no tensor name around it
         raise HeaderJsonError(f"{source}: header JSON is one tensor entry, not an object of named entries")
     if not isinstance(doc, dict):
@@ -235,9 +365,12 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise HeaderEntryError(f"{source}: __metadata__ must map strings to strings")
-
-    if _LONE_SURROGATE_ESCAPE in raw or _LONE_SURROGATE_ESCAPE_UPPER in raw:
+    if len(metadata) > MAX_METADATA_ENTRIES:  # (the walk before the parse counted them already)
+        raise too_many_metadata_entries(source, len(metadata))
+    if _SURROGATE_ESCAPE.search(text) is not None:
         _refuse_lone_surrogates(source, doc, metadata)
+    del text  # (the decoded copy of the header: as large as the header again)
+
     data_size = file_size - 8 - length
     data_start = 8 + length
     path = Path(source)  # one path object shared by every record of the file
@@ -261,34 +394,6 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
             f"{'truncated' if position > data_size else 'padded with unexpected bytes'}"
         )
     return Header(tensors=tuple(entries), metadata=dict(metadata), data_start=data_start)
-
-
-#: A JSON escape of a UTF-16 surrogate (`\\ud800`): the only way a lone one gets into a string.
-_LONE_SURROGATE_ESCAPE = b"\\ud"
-_LONE_SURROGATE_ESCAPE_UPPER = b"\\uD"
-
-
-def _refuse_lone_surrogates(source: str, doc: dict[str, Any], metadata: dict[str, str]) -> None:
-    """Refuse tensor names and metadata holding a lone surrogate: not text (safetensors' own
-    reader refuses them too), and every later print or write of the name would fail."""
-
-    def text(value: str) -> bool:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-
-    for name in doc:
-        if not text(name):
-            raise HeaderEntryError(
-                f"{source}: tensor {ascii(name)[:100]} has a lone surrogate (\\udXXX) in its name; not UTF-8 text"
-            )
-    for key, value in metadata.items():
-        if not (text(key) and text(value)):
-            raise HeaderEntryError(
-                f"{source}: __metadata__ entry {ascii(key)[:100]} holds a lone surrogate (\\udXXX); not UTF-8 text"
-            )
 
 
 def _parse_entry(
