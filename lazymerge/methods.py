@@ -14,6 +14,14 @@ decisions: the engine reads, upcasts, chunks and casts.
 | dare_ties | base + TIES-sign-merge(DARE(x_i - base)) | yes |
 | ties | base + TIES-sign-merge(top-density trim(x_i - base)) | no: the trim threshold needs the whole tensor |
 | slerp | spherical interpolation of two inputs, t = w_2 | no: the angle needs whole-tensor norms |
+| nearswap | a + clamp(t / abs(a - b), 0, 1) (b - a), t = w_2 | yes |
+| ram | base + sum_i (x_i - base) [abs > eps] / (inputs whose delta is above eps) | yes |
+| breadcrumbs | base + sum_i w_i outlier-and-small-trim(x_i - base) | no: the trim needs a whole-tensor sort |
+| breadcrumbs_ties | base + TIES-sign-merge(outlier-and-small-trim(x_i - base)) | no: as breadcrumbs |
+| sce | base + select (variance top-k), calculate (mean-square weights), erase (sign election) | no: the variance ranking and the weights need the whole tensor |
+| model_stock | base + t (mean_i x_i - base), t from the mean cosine of the deltas | no: the cosines need whole-tensor norms and dot products |
+
+Non-elementwise methods receive the whole tensor, flattened, and its `shape`.
 """
 
 from __future__ import annotations
@@ -192,6 +200,198 @@ def slerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object
     s0 = math.sin((1 - t) * omega) / math.sin(omega)
     s1 = math.sin(t * omega) / math.sin(omega)
     return v0.mul_(s0).add_(v1.mul_(s1))
+
+
+#: Elements per block of the float64 statistics (norms, dot products) over a whole tensor: the
+#: temporaries stay cache-sized whatever the tensor.
+STATS_BLOCK = 1 << 16
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sum_j a_j b_j in float64, over blocks of `STATS_BLOCK` elements (a, b: (n,) fp32)."""
+    total = 0.0
+    for start in range(0, a.numel(), STATS_BLOCK):
+        end = start + STATS_BLOCK
+        total += float(a[start:end].double().dot(b[start:end].double()))
+    return total
+
+
+@merge_method("nearswap", elementwise=True, arity=2, scratch_bytes=4)
+def nearswap(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """NearSwap (alchemonaut, the QuartetAnemoi-70B-t0.0001 model card, 2024; no paper): take the
+    second input's value where it lies near the first's, keep the first's elsewhere.
+
+    Per element, with a the first input, b the second and t = weights[1] (`--alpha t`):
+    w = clamp(t / max(|a - b|, 1e-6), 0, 1), out = w b + (1 - w) a. t is a distance in the
+    weights' own units (mergekit's example uses 0.0001), not a fraction.
+    """
+    a, b = tensors
+    t = float(weights[1])
+    # t / x as torch computes a scalar divided by a tensor (x.reciprocal() * t): mergekit's bits
+    weight = (a - b).abs_().clamp_(min=1e-6).reciprocal_().mul_(t).clamp_(0.0, 1.0)  # (n,) fp32
+    b.mul_(weight)
+    return b.add_(a.mul_(weight.neg_().add_(1.0)))
+
+
+@merge_method("ram", elementwise=True, needs_base=True, scratch_bytes=16)
+def ram(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base: torch.Tensor, **_: object
+) -> torch.Tensor:
+    """RAM, Reinforced Agent Merging (arXiv 2601.13572), as mergekit 0.1.5 computes it: per element,
+    the deltas x_i - base larger than 1e-5 in magnitude are averaged (one such delta is kept
+    whole), smaller ones are left out: base + sum_i d_i [|d_i| > eps] / max(1, #{i: |d_i| > eps}).
+    The weights are not used.
+    """
+    import torch
+
+    deltas = _deltas(tensors, base)
+    count = torch.zeros_like(deltas[0])  # (n,) fp32: inputs whose delta counts, at least 1
+    for delta in deltas:
+        count.add_(delta.abs() > RAM_EPSILON)
+    count.clamp_(min=1.0)
+    total = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        total.add_(delta.mul_(delta.abs() > RAM_EPSILON).div_(count))
+    return base.add_(total)
+
+
+#: Magnitude below which RAM counts a delta as no change (mergekit 0.1.5's default `epsilon`).
+RAM_EPSILON = 1e-5
+#: Fraction of the largest deltas breadcrumbs drops as outliers (mergekit 0.1.5's default `gamma`).
+BREADCRUMBS_GAMMA = 0.01
+
+
+def breadcrumbs_trim(delta: torch.Tensor, density: float, gamma: float = BREADCRUMBS_GAMMA) -> None:
+    """Model Breadcrumbs' mask, in place: drop the largest `gamma` fraction of `delta` by
+    magnitude (outliers) and then the smallest, keeping int(density x n) elements; a density of 1
+    or more keeps everything (as mergekit 0.1.5 does). Equal magnitudes rank by position."""
+    import torch
+
+    n = delta.numel()
+    if density >= 1 or n == 0:
+        return
+    keep = int(density * n)
+    bottom = max(0, n - keep - int(gamma * n))
+    order = torch.sort(delta.abs(), stable=True).indices  # (n,) int64, ascending magnitude
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[bottom : bottom + keep]] = True
+    delta.mul_(mask)
+
+
+@merge_method("breadcrumbs", elementwise=False, needs_base=True, scratch_bytes=17, uses_density=True)
+def breadcrumbs(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    density: float,
+    **_: object,
+) -> torch.Tensor:
+    """Model Breadcrumbs (Davari and Belilovsky, arXiv 2312.06795): task arithmetic over deltas
+    with their largest 1% (outliers) and their smallest elements masked out, `density` of each
+    kept: base + sum_i w_i trim(x_i - base)."""
+    for delta, weight in zip(_deltas(tensors, base), weights, strict=True):
+        breadcrumbs_trim(delta, density)
+        base.add_(delta.mul_(weight))
+    return base
+
+
+@merge_method("breadcrumbs_ties", elementwise=False, needs_base=True, scratch_bytes=32, uses_density=True)
+def breadcrumbs_ties(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    density: float,
+    **_: object,
+) -> torch.Tensor:
+    """Model Breadcrumbs' mask (arXiv 2312.06795) followed by TIES' sign election and disjoint
+    mean (Yadav et al., arXiv 2306.01708), as mergekit combines them."""
+    deltas = _deltas(tensors, base)
+    for delta in deltas:
+        breadcrumbs_trim(delta, density)
+    return base.add_(_sign_consensus_merge(deltas, weights))
+
+
+@merge_method("sce", elementwise=False, needs_base=True, scratch_bytes=32, uses_density=True)
+def sce(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    density: float,
+    **_: object,
+) -> torch.Tensor:
+    """SCE, from FuseChat (Wan et al., arXiv 2408.07990): Select the `density` fraction of
+    elements whose deltas vary most across the inputs (of those that vary at all), Calculate
+    each input's weight as its mean squared (selected) delta over the tensor, normalised to sum
+    to 1, Erase the deltas whose sign disagrees with the sign of the deltas' sum; the result is
+    base + the weighted mean of the surviving deltas. The given weights are not used.
+    """
+    import torch
+
+    deltas = _deltas(tensors, base)
+    n = len(deltas)
+    if density < 1:
+        mean = torch.zeros_like(deltas[0])
+        for delta in deltas:
+            mean.add_(delta)
+        mean.div_(n)
+        var = torch.zeros_like(deltas[0])  # population variance across the inputs, (numel,) fp32
+        for delta in deltas:
+            var.add_((delta - mean).square_())
+        del mean
+        var.div_(n)
+        k = int(int(torch.count_nonzero(var)) * density)
+        mask = torch.zeros(var.numel(), dtype=torch.bool)
+        if k:
+            mask[torch.sort(var, descending=True, stable=True).indices[:k]] = True
+        del var
+        for delta in deltas:
+            delta.mul_(mask)
+        del mask
+    means = torch.stack([d.square().mean() for d in deltas])  # (inputs,) fp32
+    total = float(means.sum())
+    shares = [float(w) for w in (means / total if abs(total) >= 1e-6 else torch.full((n,), 1.0 / n))]
+    summed = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        summed.add_(delta)
+    sign = torch.sign(summed)
+    del summed
+    merged = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0])
+    for delta, share in zip(deltas, shares, strict=True):
+        agree = (torch.sign(delta) == sign) & (delta != 0)
+        merged.add_(torch.where(agree, delta * share, 0.0))
+        divisor.add_(agree.to(torch.float32).mul_(share))
+    return base.add_(merged.div_(divisor.clamp_(min=1e-6)))
+
+
+@merge_method("model_stock", elementwise=False, needs_base=True, scratch_bytes=0)
+def model_stock(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base: torch.Tensor, **_: object
+) -> torch.Tensor:
+    """Model Stock (Jang et al., arXiv 2403.19522): base + t (mean_i x_i - base), where
+    t = k cos / (1 + (k - 1) cos) for k inputs and cos the mean cosine between pairs of deltas
+    x_i - base over the whole tensor (float64; a delta of norm below 1e-3 counts as cosine 0, as
+    mergekit clamps the product of norms at 1e-6); t = 0 where 1 + (k - 1) cos vanishes (below
+    1e-6). The weights are not used.
+    """
+    deltas = _deltas(tensors, base)
+    k = len(deltas)
+    norms = [math.sqrt(_dot64(d, d)) for d in deltas]
+    cosines = [
+        max(-1.0, min(1.0, _dot64(deltas[i], deltas[j]) / max(norms[i] * norms[j], 1e-6)))
+        for i in range(k)
+        for j in range(i + 1, k)
+    ]
+    cos = sum(cosines) / len(cosines)
+    denominator = 1 + (k - 1) * cos
+    t = 0.0 if abs(denominator) < 1e-6 else k * cos / denominator
+    total = deltas[0]
+    for delta in deltas[1:]:
+        total.add_(delta)
+    return base.add_(total.mul_(t / k))
 
 
 def position_uniform(key: int, start: int, count: int) -> torch.Tensor:
