@@ -24,7 +24,7 @@ import yaml
 
 from lazymerge.errors import InputError, MergekitConfigError
 from lazymerge.io.small_files import read_small_file
-from lazymerge.methods import BREADCRUMBS_GAMMA, RAM_EPSILON
+from lazymerge.methods import BREADCRUMBS_GAMMA, KARCHER_MAX_ITER, KARCHER_TOL, RAM_EPSILON
 from lazymerge.options import MIN_DENSITY, MergeOptions
 
 #: Largest config file read: real mergekit configs are well under a kilobyte.
@@ -54,13 +54,13 @@ SUPPORTED_METHODS = (
     "sce",
     "model_stock",
     "ram",
+    "nuslerp",
+    "multislerp",
+    "karcher",
 )
 NEAREST_METHOD = {
     "della": "dare_ties",
     "della_linear": "dare_linear",
-    "nuslerp": "slerp",
-    "multislerp": "slerp (two models)",
-    "karcher": "linear",
     "arcee_fusion": "slerp",
     "ramplus_tl": "ram",
     "passthrough": "none: lazymerge does not stack or copy layers",
@@ -81,6 +81,9 @@ _GLOBAL_PARAMETERS: dict[str, dict[str, Any]] = {
     "sce": {"int8_mask": False, "select_topk": 1.0},
     "model_stock": {"filter_wise": False},
     "ram": {"epsilon": RAM_EPSILON},
+    "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
+    "multislerp": {"normalize_weights": True, "eps": 1e-8},
+    "karcher": {"max_iter": KARCHER_MAX_ITER, "tol": KARCHER_TOL},
 }
 _MODEL_PARAMETERS: dict[str, dict[str, Any]] = {
     "linear": {"weight": REQUIRED},
@@ -94,11 +97,21 @@ _MODEL_PARAMETERS: dict[str, dict[str, Any]] = {
         m: {"weight": REQUIRED, "density": 1.0, "gamma": BREADCRUMBS_GAMMA}
         for m in ("breadcrumbs", "breadcrumbs_ties")
     },
-    **{m: {} for m in ("sce", "model_stock", "ram")},
+    **{m: {} for m in ("sce", "model_stock", "ram", "karcher")},
+    "nuslerp": {"weight": REQUIRED},
+    "multislerp": {"weight": REQUIRED},
 }
 #: The methods that weigh nothing: lazymerge gives their inputs equal weights, which they ignore.
 _UNWEIGHTED = ("sce", "model_stock", "ram")
-_BOOL_PARAMETERS = ("normalize", "rescale", "int8_mask", "filter_wise")
+_BOOL_PARAMETERS = (
+    "normalize",
+    "rescale",
+    "int8_mask",
+    "filter_wise",
+    "nuslerp_row_wise",
+    "nuslerp_flatten",
+    "normalize_weights",
+)
 
 _TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source")
 _REFUSED_KEYS = {
@@ -358,6 +371,9 @@ class _ConfigReader:
         if method in ("slerp", "nearswap"):
             inputs, weights, base_path = self.slerp(paths, base, shared["t"], method)
             density = None
+        elif method in ("nuslerp", "multislerp", "karcher"):
+            inputs, weights, base_path = self.spherical(method, paths, base, models, global_params, shared)
+            density = None
         elif method in _UNWEIGHTED:
             inputs, weights, base_path, density = self.unweighted(method, paths, base, models, shared)
         elif method == "linear":
@@ -566,6 +582,61 @@ class _ConfigReader:
             )
         t_value = self.number(t, "parameters.t")
         return [base, others[0]], (1.0 - t_value, t_value), None
+
+    def spherical(
+        self,
+        method: str,
+        paths: list[Path],
+        base: Path | None,
+        models: list[tuple[str, dict[str, Any]]],
+        global_params: dict[str, Any],
+        shared: dict[str, Any],
+    ) -> tuple[list[Path], tuple[float, ...], None]:
+        """nuslerp, multislerp (weighted, no base) and karcher (every model, base included, equal)."""
+        if method == "karcher":
+            for name in ("max_iter", "tol"):
+                if self.number(shared[name], f"parameters.{name}") != _GLOBAL_PARAMETERS["karcher"][name]:
+                    raise self.fail(
+                        f"parameters.{name}",
+                        f"lazymerge's karcher uses mergekit's default ({_GLOBAL_PARAMETERS['karcher'][name]:g}) "
+                        f"only; remove {name}",
+                    )
+            inputs = paths if base is None or any(_same(base, p) for p in paths) else [*paths, base]
+            self.at_least_two(inputs, method)
+            return inputs, tuple(1.0 / len(inputs) for _ in inputs), None
+        if base is not None:
+            raise self.fail(
+                "base_model",
+                f"lazymerge's {method} interpolates the models themselves, not task vectors from a base: "
+                "remove base_model",
+            )
+        if method == "nuslerp":
+            if self.flag(shared["nuslerp_row_wise"], "parameters.nuslerp_row_wise") or not self.flag(
+                shared["nuslerp_flatten"], "parameters.nuslerp_flatten"
+            ):
+                raise self.fail(
+                    "parameters.nuslerp_flatten",
+                    "only the flattened form (nuslerp_flatten: true, nuslerp_row_wise: false) is supported",
+                )
+            if len(paths) != 2:
+                raise self.fail("models", f"nuslerp takes exactly two models, got {len(paths)}")
+        else:
+            self.at_least_two(paths, method)
+            if not self.flag(shared["normalize_weights"], "parameters.normalize_weights"):
+                raise self.fail(
+                    "parameters.normalize_weights", "lazymerge's multislerp always normalises the weights"
+                )
+            if self.number(shared["eps"], "parameters.eps") != 1e-8:
+                raise self.fail(
+                    "parameters.eps", "lazymerge's multislerp uses mergekit's default (1e-8) only"
+                )
+        weights = [
+            self.per_model("weight", method, params, global_params, f"models[{i}]")
+            for i, (_, params) in enumerate(models)
+        ]
+        if method == "multislerp" and sum(weights) == 0:
+            raise self.fail("models", "the weights sum to 0 and cannot be normalised")
+        return paths, tuple(weights), None
 
     def unweighted(
         self,

@@ -20,6 +20,9 @@ decisions: the engine reads, upcasts, chunks and casts.
 | breadcrumbs_ties | base + TIES-sign-merge(outlier-and-small-trim(x_i - base)) | no: as breadcrumbs |
 | sce | base + select (variance top-k), calculate (mean-square weights), erase (sign election) | no: the variance ranking and the weights need the whole tensor |
 | model_stock | base + t (mean_i x_i - base), t from the mean cosine of the deltas | no: the cosines need whole-tensor norms and dot products |
+| nuslerp | spherical interpolation of two inputs at t = w_2 / (w_1 + w_2), linear only when colinear | no: as slerp |
+| multislerp | barycentre of the inputs on the unit sphere (tangent-space mean), times the mean norm | no: norms and dot products of whole tensors |
+| karcher | Karcher mean of the inputs' directions (iterated), times the mean norm | no: every iteration needs whole-tensor dot products |
 
 Non-elementwise methods receive the whole tensor, flattened, and its `shape`.
 """
@@ -392,6 +395,116 @@ def model_stock(
     for delta in deltas[1:]:
         total.add_(delta)
     return base.add_(total.mul_(t / k))
+
+
+def _norm64(a: torch.Tensor) -> float:
+    return math.sqrt(_dot64(a, a))
+
+
+@merge_method("nuslerp", elementwise=False, arity=2, scratch_bytes=0)
+def nuslerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """mergekit's NuSLERP (flattened, no base): Shoemake's spherical interpolation (SIGGRAPH 1985)
+    of the two inputs at t = w_2 / (w_1 + w_2) (0.5 when the weights sum to 0), linear only
+    when they are exactly colinear (1 - cos^2 <= 1e-16), unlike slerp's 0.9995 threshold."""
+    v0, v1 = tensors
+    total = float(weights[0]) + float(weights[1])
+    t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+    n0, n1 = max(_norm64(v0), 1e-7), max(_norm64(v1), 1e-7)
+    cos = max(-1.0, min(1.0, _dot64(v0, v1) / (n0 * n1)))
+    if 1 - cos * cos <= 1e-16:
+        return v0.mul_(1 - t).add_(v1.mul_(t))
+    theta = math.acos(cos)
+    sin_theta = math.sin(theta)
+    return v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1.mul_(math.sin(t * theta) / sin_theta))
+
+
+@merge_method("multislerp", elementwise=False, scratch_bytes=8)
+def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """Multi-SLERP (Goddard, "multislerp", 2025; mergekit 0.1.5, no base): a barycentre of the
+    inputs on the unit sphere, each input scaled to unit norm, the weighted mean m of those
+    projected back to the sphere, the weighted mean of their tangent components at m mapped
+    back by the exponential map, and the result scaled by the weighted mean norm. Weights
+    normalised to sum to 1; when the weighted mean of the unit inputs vanishes, the weighted sum.
+    """
+    import torch
+
+    total = sum(float(w) for w in weights)
+    shares = [float(w) / total for w in weights]
+    norms = [_norm64(x) for x in tensors]
+    for x, norm in zip(tensors, norms, strict=True):
+        x.div_(norm + 1e-8)  # unit inputs, in place
+    mean = torch.zeros_like(tensors[0])
+    for x, share in zip(tensors, shares, strict=True):
+        mean.add_(x, alpha=share)
+    mean_norm = _norm64(mean)
+    if mean_norm < 1e-8:
+        for x, norm, share in zip(tensors, norms, shares, strict=True):
+            x.mul_((norm + 1e-8) * share)
+        out = tensors[0]
+        for x in tensors[1:]:
+            out.add_(x)
+        return out
+    mean.div_(mean_norm)
+    dots = [_dot64(x, mean) for x in tensors]
+    tangent = torch.zeros_like(mean)
+    for x, dot, share in zip(tensors, dots, shares, strict=True):
+        tangent.add_(x.sub_(mean, alpha=dot), alpha=share)
+    angle = _norm64(tangent) + 1e-8
+    scale = sum(n * s for n, s in zip(norms, shares, strict=True))
+    return mean.mul_(math.cos(angle) * scale).add_(tangent, alpha=math.sin(angle) / angle * scale)
+
+
+#: Karcher iterations and tolerance (mergekit 0.1.5's defaults `max_iter` and `tol`).
+KARCHER_MAX_ITER, KARCHER_TOL = 10, 1e-5
+
+
+@merge_method("karcher", elementwise=False, scratch_bytes=12)
+def karcher(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """Weighted Karcher (Riemannian) mean on the unit sphere (Karcher, 1977; as a model merge,
+    arXiv 2603.04972, mergekit 0.1.5): each input's direction, their intrinsic mean by up to 10
+    gradient steps of the log/exp maps (stopping when the step is below 1e-5), scaled by the
+    weighted mean norm. Inputs of norm at most 1e-5 give no direction. Weights normalised to sum
+    to 1 (mergekit weighs its inputs equally: the same as lazymerge's default weights).
+    """
+    import torch
+
+    total = sum(float(w) for w in weights)
+    alphas = [float(w) / total for w in weights]
+    norms = [_norm64(x) for x in tensors]
+    scale = sum(a * n for a, n in zip(alphas, norms, strict=True))
+    valid = [i for i, n in enumerate(norms) if n > KARCHER_TOL]
+    if not valid:
+        return tensors[0].zero_()
+    units = [tensors[i].div_(norms[i]) for i in valid]  # in place
+    valid_sum = sum(alphas[i] for i in valid)
+    shares = [alphas[i] / valid_sum for i in valid]
+    mean = torch.zeros_like(units[0])
+    for unit, share in zip(units, shares, strict=True):
+        mean.add_(unit, alpha=share)
+    mean_norm = _norm64(mean)
+    if mean_norm < KARCHER_TOL:
+        mean.copy_(units[0])
+    else:
+        mean.div_(mean_norm)
+    tangent = torch.zeros_like(mean)
+    for _step in range(KARCHER_MAX_ITER):
+        tangent.zero_()
+        for unit, share in zip(units, shares, strict=True):
+            dot = max(-1.0, min(1.0, _dot64(mean, unit)))
+            theta = math.acos(dot)
+            if theta < KARCHER_TOL:
+                continue
+            # share * theta / sin(theta) * (unit - dot * mean), without a temporary
+            factor = share * theta / math.sin(theta)
+            tangent.add_(unit, alpha=factor).add_(mean, alpha=-factor * dot)
+        step = _norm64(tangent)
+        if step < KARCHER_TOL:
+            break
+        mean.mul_(math.cos(step)).add_(tangent, alpha=math.sin(step) / step)
+        unit_norm = _norm64(mean)
+        if unit_norm > KARCHER_TOL:
+            mean.div_(unit_norm)
+    return mean.mul_(scale)
 
 
 def position_uniform(key: int, start: int, count: int) -> torch.Tensor:
