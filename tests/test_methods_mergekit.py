@@ -543,3 +543,54 @@ def test_matches_mergekit(tmp_path: Path, llama_family, method: str) -> None:
     if method in ("nearswap", "ram", "breadcrumbs_ties", "sce"):
         assert differing == 0
     print(f"{method}: {differing} of {total} elements differ")
+
+
+# --- bounded-memory statistics: exact top-k magnitude over chunks ---
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_streamed_topk_threshold_equals_the_sort(ties: bool) -> None:
+    """Two histogram passes over chunks of 1,000 give the k-th largest |x| bit for bit as the sort
+    does, and the streamed mask is the stable sort's (ties: values rounded to bf16, so many equal
+    magnitudes; and zeros, infinities and NaN)."""
+    from lazymerge.magnitude_select import TopKMask, kth_largest_magnitude
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20_011, generator=g) * torch.logspace(-30, 30, 20_011)
+    if ties:
+        x = x.bfloat16().float()
+        x[::97] = 0.0
+        x[5], x[6], x[7] = float("inf"), float("-inf"), float("nan")
+    magnitudes = x.abs()
+    order = torch.sort(magnitudes, descending=True, stable=True)
+    chunks = lambda: iter(x.split(1000))  # noqa: E731
+    for k in (1, 2, 3, 17, 1000, 10_005, 19_999, 20_011):
+        found = kth_largest_magnitude(chunks, k)
+        want = order.values[k - 1]
+        assert torch.equal(torch.tensor(found.value).float().view(torch.int32), want.view(torch.int32)) or (
+            want.isnan() and np.isnan(found.value)
+        ), k
+        mask = TopKMask(found)
+        got = torch.cat([mask(c) for c in x.split(1000)])
+        expected = torch.zeros(x.numel(), dtype=torch.bool)
+        expected[order.indices[:k]] = True
+        assert torch.equal(got, expected), k
+
+
+def test_streamed_trim_gives_ties_bytes() -> None:
+    """TIES with the threshold from the chunked passes equals the whole-tensor `ties` bit for bit."""
+    from lazymerge.magnitude_select import TopKMask, kth_largest_magnitude
+    from lazymerge.methods import _sign_consensus_merge
+
+    t = family(11)
+    base, xs = t["base.w"].reshape(-1), [t[f"x{i}.w"].reshape(-1) for i in range(3)]
+    weights, density = [0.5, 0.3, 0.2], 0.4
+    whole = METHODS["ties"].fn([x.clone() for x in xs], weights, base=base.clone(), density=density)
+    deltas = [x - base for x in xs]
+    k = int(round(density * base.numel()))
+    trimmed = []
+    for d in deltas:
+        mask = TopKMask(kth_largest_magnitude(lambda d=d: iter(d.split(64)), k))
+        trimmed.append(torch.cat([c * mask(c) for c in d.split(64)]))
+    streamed = base + _sign_consensus_merge(trimmed, weights)
+    assert torch.equal(whole, streamed)
