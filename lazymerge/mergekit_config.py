@@ -24,6 +24,7 @@ import yaml
 
 from lazymerge.errors import InputError, MergekitConfigError
 from lazymerge.io.small_files import read_small_file
+from lazymerge.methods import BREADCRUMBS_GAMMA, KARCHER_MAX_ITER, KARCHER_TOL, RAM_EPSILON
 from lazymerge.options import MIN_DENSITY, MergeOptions
 
 #: Largest config file read: real mergekit configs are well under a kilobyte.
@@ -40,21 +41,28 @@ MAX_YAML_DEPTH = 64
 MAX_NUMBER_CHARS = 100
 
 #: The methods lazymerge runs from a config, and the mergekit methods it can only approximate.
-SUPPORTED_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
+SUPPORTED_METHODS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "slerp",
+    "nearswap",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "sce",
+    "model_stock",
+    "ram",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+)
 NEAREST_METHOD = {
     "della": "dare_ties",
     "della_linear": "dare_linear",
-    "breadcrumbs": "task_arithmetic",
-    "breadcrumbs_ties": "ties",
-    "sce": "ties",
-    "nuslerp": "slerp",
-    "multislerp": "slerp (two models)",
-    "karcher": "linear",
-    "model_stock": "task_arithmetic",
-    "nearswap": "slerp",
     "arcee_fusion": "slerp",
-    "ram": "linear",
-    "ramplus_tl": "linear",
+    "ramplus_tl": "ram",
     "passthrough": "none: lazymerge does not stack or copy layers",
 }
 
@@ -67,16 +75,43 @@ _GLOBAL_PARAMETERS: dict[str, dict[str, Any]] = {
     "dare_linear": {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0},
     "dare_ties": {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0},
     "slerp": {"t": REQUIRED},
+    "nearswap": {"t": REQUIRED},
+    "breadcrumbs": {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0},
+    "breadcrumbs_ties": {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0},
+    "sce": {"int8_mask": False, "select_topk": 1.0},
+    "model_stock": {"filter_wise": False},
+    "ram": {"epsilon": RAM_EPSILON},
+    "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
+    "multislerp": {"normalize_weights": True, "eps": 1e-8},
+    "karcher": {"max_iter": KARCHER_MAX_ITER, "tol": KARCHER_TOL},
 }
 _MODEL_PARAMETERS: dict[str, dict[str, Any]] = {
     "linear": {"weight": REQUIRED},
     "slerp": {},
+    "nearswap": {},
     **{
         m: {"weight": REQUIRED, "density": 1.0}
         for m in ("task_arithmetic", "ties", "dare_linear", "dare_ties")
     },
+    **{
+        m: {"weight": REQUIRED, "density": 1.0, "gamma": BREADCRUMBS_GAMMA}
+        for m in ("breadcrumbs", "breadcrumbs_ties")
+    },
+    **{m: {} for m in ("sce", "model_stock", "ram", "karcher")},
+    "nuslerp": {"weight": REQUIRED},
+    "multislerp": {"weight": REQUIRED},
 }
-_BOOL_PARAMETERS = ("normalize", "rescale", "int8_mask")
+#: The methods that weigh nothing: lazymerge gives their inputs equal weights, which they ignore.
+_UNWEIGHTED = ("sce", "model_stock", "ram")
+_BOOL_PARAMETERS = (
+    "normalize",
+    "rescale",
+    "int8_mask",
+    "filter_wise",
+    "nuslerp_row_wise",
+    "nuslerp_flatten",
+    "normalize_weights",
+)
 
 _TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source")
 _REFUSED_KEYS = {
@@ -333,9 +368,14 @@ class _ConfigReader:
             self.notes.append(
                 "parameters.int8_mask ignored: a mergekit memory option with no effect on the result"
             )
-        if method == "slerp":
-            inputs, weights, base_path = self.slerp(paths, base, shared["t"])
+        if method in ("slerp", "nearswap"):
+            inputs, weights, base_path = self.slerp(paths, base, shared["t"], method)
             density = None
+        elif method in ("nuslerp", "multislerp", "karcher"):
+            inputs, weights, base_path = self.spherical(method, paths, base, models, global_params, shared)
+            density = None
+        elif method in _UNWEIGHTED:
+            inputs, weights, base_path, density = self.unweighted(method, paths, base, models, shared)
         elif method == "linear":
             inputs, weights, base_path = self.linear(paths, base, models, global_params, shared)
             density = None
@@ -527,19 +567,116 @@ class _ConfigReader:
         return paths, tuple(weights), None
 
     def slerp(
-        self, paths: list[Path], base: Path | None, t: Any
+        self, paths: list[Path], base: Path | None, t: Any, method: str = "slerp"
     ) -> tuple[list[Path], tuple[float, ...], None]:
+        """slerp and nearswap: base_model first, the other model second, t as its weight."""
         if base is None:
-            raise self.fail("base_model", "slerp interpolates from base_model to the other model: give it")
+            goes = "interpolates from" if method == "slerp" else "swaps in values near"
+            raise self.fail("base_model", f"{method} {goes} base_model and the other model: give it")
         others = [p for p in paths if not _same(p, base)]
         if len(others) != 1:
             raise self.fail(
                 "models",
-                f"slerp takes base_model and exactly one other model, got {len(others)} others; "
+                f"{method} takes base_model and exactly one other model, got {len(others)} others; "
                 "for more models use linear",
             )
         t_value = self.number(t, "parameters.t")
         return [base, others[0]], (1.0 - t_value, t_value), None
+
+    def spherical(
+        self,
+        method: str,
+        paths: list[Path],
+        base: Path | None,
+        models: list[tuple[str, dict[str, Any]]],
+        global_params: dict[str, Any],
+        shared: dict[str, Any],
+    ) -> tuple[list[Path], tuple[float, ...], None]:
+        """nuslerp, multislerp (weighted, no base) and karcher (every model, base included, equal)."""
+        if method == "karcher":
+            for name in ("max_iter", "tol"):
+                if self.number(shared[name], f"parameters.{name}") != _GLOBAL_PARAMETERS["karcher"][name]:
+                    raise self.fail(
+                        f"parameters.{name}",
+                        f"lazymerge's karcher uses mergekit's default ({_GLOBAL_PARAMETERS['karcher'][name]:g}) "
+                        f"only; remove {name}",
+                    )
+            inputs = paths if base is None or any(_same(base, p) for p in paths) else [*paths, base]
+            self.at_least_two(inputs, method)
+            return inputs, tuple(1.0 / len(inputs) for _ in inputs), None
+        if base is not None:
+            raise self.fail(
+                "base_model",
+                f"lazymerge's {method} interpolates the models themselves, not task vectors from a base: "
+                "remove base_model",
+            )
+        if method == "nuslerp":
+            if self.flag(shared["nuslerp_row_wise"], "parameters.nuslerp_row_wise") or not self.flag(
+                shared["nuslerp_flatten"], "parameters.nuslerp_flatten"
+            ):
+                raise self.fail(
+                    "parameters.nuslerp_flatten",
+                    "only the flattened form (nuslerp_flatten: true, nuslerp_row_wise: false) is supported",
+                )
+            if len(paths) != 2:
+                raise self.fail("models", f"nuslerp takes exactly two models, got {len(paths)}")
+        else:
+            self.at_least_two(paths, method)
+            if not self.flag(shared["normalize_weights"], "parameters.normalize_weights"):
+                raise self.fail(
+                    "parameters.normalize_weights", "lazymerge's multislerp always normalises the weights"
+                )
+            if self.number(shared["eps"], "parameters.eps") != 1e-8:
+                raise self.fail(
+                    "parameters.eps", "lazymerge's multislerp uses mergekit's default (1e-8) only"
+                )
+        weights = [
+            self.per_model("weight", method, params, global_params, f"models[{i}]")
+            for i, (_, params) in enumerate(models)
+        ]
+        if method == "multislerp" and sum(weights) == 0:
+            raise self.fail("models", "the weights sum to 0 and cannot be normalised")
+        return paths, tuple(weights), None
+
+    def unweighted(
+        self,
+        method: str,
+        paths: list[Path],
+        base: Path | None,
+        models: list[tuple[str, dict[str, Any]]],
+        shared: dict[str, Any],
+    ) -> tuple[list[Path], tuple[float, ...], Path, float | None]:
+        """sce, model_stock and ram: task-vector methods that compute their own weights."""
+        if base is None:
+            raise self.fail("base_model", f"{method} merges task vectors (model - base): give base_model")
+        inputs = [p for p in paths if not _same(p, base)]
+        if len(inputs) < 2:
+            raise self.fail(
+                "models",
+                f"{method} with {len(inputs)} model(s) besides the base: lazymerge needs two or more",
+            )
+        density = None
+        if method == "sce":
+            self.flag(shared["int8_mask"], "parameters.int8_mask")
+            density = self.number(shared["select_topk"], "parameters.select_topk")
+            if not MIN_DENSITY <= density <= 1:
+                raise self.fail("parameters.select_topk", f"{density:g} is outside [{MIN_DENSITY:g}, 1]")
+            self.notes.append(
+                "sce: lazymerge elects the sign of the deltas' sum as the papers do and keeps no delta "
+                "where that sum is exactly 0; mergekit 0.1.5 keeps the positive ones there"
+            )
+        elif method == "model_stock":
+            if self.flag(shared["filter_wise"], "parameters.filter_wise"):
+                raise self.fail(
+                    "parameters.filter_wise",
+                    "true is not supported; lazymerge's model_stock takes one cosine per tensor (false)",
+                )
+        elif self.number(shared["epsilon"], "parameters.epsilon") != RAM_EPSILON:
+            raise self.fail(
+                "parameters.epsilon",
+                f"lazymerge's ram counts deltas above {RAM_EPSILON:g} (mergekit's default) only; remove epsilon",
+            )
+        return inputs, tuple(1.0 / len(inputs) for _ in inputs), base, density
 
     def task_vectors(
         self,
@@ -563,6 +700,14 @@ class _ConfigReader:
             inputs.append(path)
             weights.append(self.per_model("weight", method, params, global_params, f"models[{i}]"))
             densities.append(self.per_model("density", method, params, global_params, f"models[{i}]"))
+            if method.startswith("breadcrumbs"):
+                gamma = self.per_model("gamma", method, params, global_params, f"models[{i}]")
+                if gamma != BREADCRUMBS_GAMMA:
+                    raise self.fail(
+                        f"models[{i}].parameters.gamma",
+                        f"lazymerge's breadcrumbs drops the top {BREADCRUMBS_GAMMA:g} (mergekit's default) "
+                        "only; remove gamma",
+                    )
         if len(inputs) < 2:
             raise self.fail(
                 "models",
@@ -584,7 +729,7 @@ class _ConfigReader:
             density = 1.0
         elif not MIN_DENSITY <= density <= 1:
             raise self.fail("density", f"{density:g} is outside [{MIN_DENSITY:g}, 1]")
-        if method in ("task_arithmetic", "dare_linear"):
+        if method in ("task_arithmetic", "dare_linear", "breadcrumbs"):
             # base + lambda * sum_i w_i d_i / (sum_i w_i if normalize): the same weights, rescaled
             total = sum(weights)
             divisor = total if normalize and abs(total) >= 1e-8 else 1.0
@@ -605,9 +750,9 @@ class _ConfigReader:
                 "rescales each kept delta to its L1 norm" if rescale else "does not rescale the kept deltas"
             )
             differences.append("draws its drop masks from torch's generator")
-        if method == "ties" and rescale:
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties") and rescale:
             differences.append("rescales the trimmed deltas to their L1 norm")
-        if method in ("ties", "dare_ties"):
+        if method in ("ties", "dare_ties", "breadcrumbs_ties"):
             if not normalize:
                 differences.append("does not divide by the agreeing weights (normalize: false)")
             differences.append("keeps positive deltas where the weighted sum is exactly 0")
@@ -622,6 +767,9 @@ class _ConfigReader:
             "and divides by the agreeing weights (TIES)",
             "ties": "trims to the top density by magnitude, elects signs on the weighted sum and "
             "divides by the agreeing weights (TIES)",
+            "breadcrumbs": "trims outliers and small deltas and adds the weighted deltas (Model Breadcrumbs)",
+            "breadcrumbs_ties": "trims outliers and small deltas (Model Breadcrumbs), elects signs on the "
+            "weighted sum and divides by the agreeing weights (TIES)",
         }[method]
         self.notes.append(
             f"{method}: lazymerge keeps the papers' definition ({ours}); mergekit 0.1.5 "

@@ -14,6 +14,17 @@ decisions: the engine reads, upcasts, chunks and casts.
 | dare_ties | base + TIES-sign-merge(DARE(x_i - base)) | yes |
 | ties | base + TIES-sign-merge(top-density trim(x_i - base)) | no: the trim threshold needs the whole tensor |
 | slerp | spherical interpolation of two inputs, t = w_2 | no: the angle needs whole-tensor norms |
+| nearswap | a + clamp(t / abs(a - b), 0, 1) (b - a), t = w_2 | yes |
+| ram | base + sum_i (x_i - base) [abs > eps] / (inputs whose delta is above eps) | yes |
+| breadcrumbs | base + sum_i w_i outlier-and-small-trim(x_i - base) | no: the trim needs a whole-tensor sort |
+| breadcrumbs_ties | base + TIES-sign-merge(outlier-and-small-trim(x_i - base)) | no: as breadcrumbs |
+| sce | base + select (variance top-k), calculate (mean-square weights), erase (sign election) | no: the variance ranking and the weights need the whole tensor |
+| model_stock | base + t (mean_i x_i - base), t from the mean cosine of the deltas | no: the cosines need whole-tensor norms and dot products |
+| nuslerp | spherical interpolation of two inputs at t = w_2 / (w_1 + w_2), linear only when colinear | no: as slerp |
+| multislerp | barycentre of the inputs on the unit sphere (tangent-space mean), times the mean norm | no: norms and dot products of whole tensors |
+| karcher | Karcher mean of the inputs' directions (iterated), times the mean norm | no: every iteration needs whole-tensor dot products |
+
+Non-elementwise methods receive the whole tensor, flattened, and its `shape`.
 """
 
 from __future__ import annotations
@@ -192,6 +203,308 @@ def slerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object
     s0 = math.sin((1 - t) * omega) / math.sin(omega)
     s1 = math.sin(t * omega) / math.sin(omega)
     return v0.mul_(s0).add_(v1.mul_(s1))
+
+
+#: Elements per block of the float64 statistics (norms, dot products) over a whole tensor: the
+#: temporaries stay cache-sized whatever the tensor.
+STATS_BLOCK = 1 << 16
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sum_j a_j b_j in float64, over blocks of `STATS_BLOCK` elements (a, b: (n,) fp32)."""
+    total = 0.0
+    for start in range(0, a.numel(), STATS_BLOCK):
+        end = start + STATS_BLOCK
+        total += float(a[start:end].double().dot(b[start:end].double()))
+    return total
+
+
+@merge_method("nearswap", elementwise=True, arity=2, scratch_bytes=4)
+def nearswap(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """NearSwap (alchemonaut, the QuartetAnemoi-70B-t0.0001 model card, 2024; no paper): take the
+    second input's value where it lies near the first's, keep the first's elsewhere.
+
+    Per element, with a the first input, b the second and t = weights[1] (`--alpha t`):
+    w = clamp(t / max(|a - b|, 1e-6), 0, 1), out = w b + (1 - w) a. t is a distance in the
+    weights' own units (mergekit's example uses 0.0001), not a fraction.
+    """
+    a, b = tensors
+    t = float(weights[1])
+    # t / x as torch computes a scalar divided by a tensor (x.reciprocal() * t): mergekit's bits
+    weight = (a - b).abs_().clamp_(min=1e-6).reciprocal_().mul_(t).clamp_(0.0, 1.0)  # (n,) fp32
+    b.mul_(weight)
+    return b.add_(a.mul_(weight.neg_().add_(1.0)))
+
+
+@merge_method("ram", elementwise=True, needs_base=True, scratch_bytes=16)
+def ram(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base: torch.Tensor, **_: object
+) -> torch.Tensor:
+    """RAM, Reinforced Agent Merging (arXiv 2601.13572), as mergekit 0.1.5 computes it: per element,
+    the deltas x_i - base larger than 1e-5 in magnitude are averaged (one such delta is kept
+    whole), smaller ones are left out: base + sum_i d_i [|d_i| > eps] / max(1, #{i: |d_i| > eps}).
+    The weights are not used.
+    """
+    import torch
+
+    deltas = _deltas(tensors, base)
+    count = torch.zeros_like(deltas[0])  # (n,) fp32: inputs whose delta counts, at least 1
+    for delta in deltas:
+        count.add_(delta.abs() > RAM_EPSILON)
+    count.clamp_(min=1.0)
+    total = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        total.add_(delta.mul_(delta.abs() > RAM_EPSILON).div_(count))
+    return base.add_(total)
+
+
+#: Magnitude below which RAM counts a delta as no change (mergekit 0.1.5's default `epsilon`).
+RAM_EPSILON = 1e-5
+#: Fraction of the largest deltas breadcrumbs drops as outliers (mergekit 0.1.5's default `gamma`).
+BREADCRUMBS_GAMMA = 0.01
+
+
+def breadcrumbs_trim(delta: torch.Tensor, density: float, gamma: float = BREADCRUMBS_GAMMA) -> None:
+    """Model Breadcrumbs' mask, in place: drop the largest `gamma` fraction of `delta` by
+    magnitude (outliers) and then the smallest, keeping int(density x n) elements; a density of 1
+    or more keeps everything (as mergekit 0.1.5 does). Equal magnitudes rank by position."""
+    import torch
+
+    n = delta.numel()
+    if density >= 1 or n == 0:
+        return
+    keep = int(density * n)
+    bottom = max(0, n - keep - int(gamma * n))
+    order = torch.sort(delta.abs(), stable=True).indices  # (n,) int64, ascending magnitude
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[bottom : bottom + keep]] = True
+    delta.mul_(mask)
+
+
+@merge_method("breadcrumbs", elementwise=False, needs_base=True, scratch_bytes=17, uses_density=True)
+def breadcrumbs(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    density: float,
+    **_: object,
+) -> torch.Tensor:
+    """Model Breadcrumbs (Davari and Belilovsky, arXiv 2312.06795): task arithmetic over deltas
+    with their largest 1% (outliers) and their smallest elements masked out, `density` of each
+    kept: base + sum_i w_i trim(x_i - base)."""
+    for delta, weight in zip(_deltas(tensors, base), weights, strict=True):
+        breadcrumbs_trim(delta, density)
+        base.add_(delta.mul_(weight))
+    return base
+
+
+@merge_method("breadcrumbs_ties", elementwise=False, needs_base=True, scratch_bytes=32, uses_density=True)
+def breadcrumbs_ties(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    density: float,
+    **_: object,
+) -> torch.Tensor:
+    """Model Breadcrumbs' mask (arXiv 2312.06795) followed by TIES' sign election and disjoint
+    mean (Yadav et al., arXiv 2306.01708), as mergekit combines them."""
+    deltas = _deltas(tensors, base)
+    for delta in deltas:
+        breadcrumbs_trim(delta, density)
+    return base.add_(_sign_consensus_merge(deltas, weights))
+
+
+@merge_method("sce", elementwise=False, needs_base=True, scratch_bytes=32, uses_density=True)
+def sce(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    density: float,
+    **_: object,
+) -> torch.Tensor:
+    """SCE, from FuseChat (Wan et al., arXiv 2408.07990): Select the `density` fraction of
+    elements whose deltas vary most across the inputs (of those that vary at all), Calculate
+    each input's weight as its mean squared (selected) delta over the tensor, normalised to sum
+    to 1, Erase the deltas whose sign disagrees with the sign of the deltas' sum; the result is
+    base + the weighted mean of the surviving deltas. The given weights are not used.
+    """
+    import torch
+
+    deltas = _deltas(tensors, base)
+    n = len(deltas)
+    if density < 1:
+        mean = torch.zeros_like(deltas[0])
+        for delta in deltas:
+            mean.add_(delta)
+        mean.div_(n)
+        var = torch.zeros_like(deltas[0])  # population variance across the inputs, (numel,) fp32
+        for delta in deltas:
+            var.add_((delta - mean).square_())
+        del mean
+        var.div_(n)
+        k = int(int(torch.count_nonzero(var)) * density)
+        mask = torch.zeros(var.numel(), dtype=torch.bool)
+        if k:
+            mask[torch.sort(var, descending=True, stable=True).indices[:k]] = True
+        del var
+        for delta in deltas:
+            delta.mul_(mask)
+        del mask
+    means = torch.stack([d.square().mean() for d in deltas])  # (inputs,) fp32
+    total = float(means.sum())
+    shares = [float(w) for w in (means / total if abs(total) >= 1e-6 else torch.full((n,), 1.0 / n))]
+    summed = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        summed.add_(delta)
+    sign = torch.sign(summed)
+    del summed
+    merged = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0])
+    for delta, share in zip(deltas, shares, strict=True):
+        agree = (torch.sign(delta) == sign) & (delta != 0)
+        merged.add_(torch.where(agree, delta * share, 0.0))
+        divisor.add_(agree.to(torch.float32).mul_(share))
+    return base.add_(merged.div_(divisor.clamp_(min=1e-6)))
+
+
+@merge_method("model_stock", elementwise=False, needs_base=True, scratch_bytes=0)
+def model_stock(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base: torch.Tensor, **_: object
+) -> torch.Tensor:
+    """Model Stock (Jang et al., arXiv 2403.19522): base + t (mean_i x_i - base), where
+    t = k cos / (1 + (k - 1) cos) for k inputs and cos the mean cosine between pairs of deltas
+    x_i - base over the whole tensor (float64; a delta of norm below 1e-3 counts as cosine 0, as
+    mergekit clamps the product of norms at 1e-6); t = 0 where 1 + (k - 1) cos vanishes (below
+    1e-6). The weights are not used.
+    """
+    deltas = _deltas(tensors, base)
+    k = len(deltas)
+    norms = [math.sqrt(_dot64(d, d)) for d in deltas]
+    cosines = [
+        max(-1.0, min(1.0, _dot64(deltas[i], deltas[j]) / max(norms[i] * norms[j], 1e-6)))
+        for i in range(k)
+        for j in range(i + 1, k)
+    ]
+    cos = sum(cosines) / len(cosines)
+    denominator = 1 + (k - 1) * cos
+    t = 0.0 if abs(denominator) < 1e-6 else k * cos / denominator
+    total = deltas[0]
+    for delta in deltas[1:]:
+        total.add_(delta)
+    return base.add_(total.mul_(t / k))
+
+
+def _norm64(a: torch.Tensor) -> float:
+    return math.sqrt(_dot64(a, a))
+
+
+@merge_method("nuslerp", elementwise=False, arity=2, scratch_bytes=0)
+def nuslerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """mergekit's NuSLERP (flattened, no base): Shoemake's spherical interpolation (SIGGRAPH 1985)
+    of the two inputs at t = w_2 / (w_1 + w_2) (0.5 when the weights sum to 0), linear only
+    when they are exactly colinear (1 - cos^2 <= 1e-16), unlike slerp's 0.9995 threshold."""
+    v0, v1 = tensors
+    total = float(weights[0]) + float(weights[1])
+    t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+    n0, n1 = max(_norm64(v0), 1e-7), max(_norm64(v1), 1e-7)
+    cos = max(-1.0, min(1.0, _dot64(v0, v1) / (n0 * n1)))
+    if 1 - cos * cos <= 1e-16:
+        return v0.mul_(1 - t).add_(v1.mul_(t))
+    theta = math.acos(cos)
+    sin_theta = math.sin(theta)
+    return v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1.mul_(math.sin(t * theta) / sin_theta))
+
+
+@merge_method("multislerp", elementwise=False, scratch_bytes=8)
+def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """Multi-SLERP (Goddard, "multislerp", 2025; mergekit 0.1.5, no base): a barycentre of the
+    inputs on the unit sphere, each input scaled to unit norm, the weighted mean m of those
+    projected back to the sphere, the weighted mean of their tangent components at m mapped
+    back by the exponential map, and the result scaled by the weighted mean norm. Weights
+    normalised to sum to 1; when the weighted mean of the unit inputs vanishes, the weighted sum.
+    """
+    import torch
+
+    total = sum(float(w) for w in weights)
+    shares = [float(w) / total for w in weights]
+    norms = [_norm64(x) for x in tensors]
+    for x, norm in zip(tensors, norms, strict=True):
+        x.div_(norm + 1e-8)  # unit inputs, in place
+    mean = torch.zeros_like(tensors[0])
+    for x, share in zip(tensors, shares, strict=True):
+        mean.add_(x, alpha=share)
+    mean_norm = _norm64(mean)
+    if mean_norm < 1e-8:
+        for x, norm, share in zip(tensors, norms, shares, strict=True):
+            x.mul_((norm + 1e-8) * share)
+        out = tensors[0]
+        for x in tensors[1:]:
+            out.add_(x)
+        return out
+    mean.div_(mean_norm)
+    dots = [_dot64(x, mean) for x in tensors]
+    tangent = torch.zeros_like(mean)
+    for x, dot, share in zip(tensors, dots, shares, strict=True):
+        tangent.add_(x.sub_(mean, alpha=dot), alpha=share)
+    angle = _norm64(tangent) + 1e-8
+    scale = sum(n * s for n, s in zip(norms, shares, strict=True))
+    return mean.mul_(math.cos(angle) * scale).add_(tangent, alpha=math.sin(angle) / angle * scale)
+
+
+#: Karcher iterations and tolerance (mergekit 0.1.5's defaults `max_iter` and `tol`).
+KARCHER_MAX_ITER, KARCHER_TOL = 10, 1e-5
+
+
+@merge_method("karcher", elementwise=False, scratch_bytes=12)
+def karcher(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """Weighted Karcher (Riemannian) mean on the unit sphere (Karcher, 1977; as a model merge,
+    arXiv 2603.04972, mergekit 0.1.5): each input's direction, their intrinsic mean by up to 10
+    gradient steps of the log/exp maps (stopping when the step is below 1e-5), scaled by the
+    weighted mean norm. Inputs of norm at most 1e-5 give no direction. Weights normalised to sum
+    to 1 (mergekit weighs its inputs equally: the same as lazymerge's default weights).
+    """
+    import torch
+
+    total = sum(float(w) for w in weights)
+    alphas = [float(w) / total for w in weights]
+    norms = [_norm64(x) for x in tensors]
+    scale = sum(a * n for a, n in zip(alphas, norms, strict=True))
+    valid = [i for i, n in enumerate(norms) if n > KARCHER_TOL]
+    if not valid:
+        return tensors[0].zero_()
+    units = [tensors[i].div_(norms[i]) for i in valid]  # in place
+    valid_sum = sum(alphas[i] for i in valid)
+    shares = [alphas[i] / valid_sum for i in valid]
+    mean = torch.zeros_like(units[0])
+    for unit, share in zip(units, shares, strict=True):
+        mean.add_(unit, alpha=share)
+    mean_norm = _norm64(mean)
+    if mean_norm < KARCHER_TOL:
+        mean.copy_(units[0])
+    else:
+        mean.div_(mean_norm)
+    tangent = torch.zeros_like(mean)
+    for _step in range(KARCHER_MAX_ITER):
+        tangent.zero_()
+        for unit, share in zip(units, shares, strict=True):
+            dot = max(-1.0, min(1.0, _dot64(mean, unit)))
+            theta = math.acos(dot)
+            if theta < KARCHER_TOL:
+                continue
+            # share * theta / sin(theta) * (unit - dot * mean), without a temporary
+            factor = share * theta / math.sin(theta)
+            tangent.add_(unit, alpha=factor).add_(mean, alpha=-factor * dot)
+        step = _norm64(tangent)
+        if step < KARCHER_TOL:
+            break
+        mean.mul_(math.cos(step)).add_(tangent, alpha=math.sin(step) / step)
+        unit_norm = _norm64(mean)
+        if unit_norm > KARCHER_TOL:
+            mean.div_(unit_norm)
+    return mean.mul_(scale)
 
 
 def position_uniform(key: int, start: int, count: int) -> torch.Tensor:

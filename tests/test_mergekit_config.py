@@ -248,7 +248,9 @@ REFUSED = {
     "other-method": (
         "merge_method: della\nmodels:\n  - model: a.safetensors\n",
         "merge_method: 'della' is not supported; lazymerge runs linear, task_arithmetic, ties, "
-        "dare_linear, dare_ties, slerp; nearest: dare_ties",
+        "dare_linear, dare_ties, slerp, nearswap, breadcrumbs, breadcrumbs_ties, sce, model_stock, ram, "
+        "nuslerp, multislerp, karcher; "
+        "nearest: dare_ties",
     ),
     "no-method": ("models:\n  - model: a.safetensors\n", "merge_method: missing"),
     "lora": (

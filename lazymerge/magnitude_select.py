@@ -1,0 +1,95 @@
+"""Exact top-k by magnitude over a tensor's chunks, in bounded memory: the statistics pass that
+TIES, breadcrumbs, DELLA and SCE need before their apply pass (issue 23, part 2).
+
+Non-negative fp32 values order like their bit patterns read as integers, so the k-th largest
+magnitude is found digit by digit: one pass over the chunks counts the high 16 bits of every
+|x| (a 65,536-bin histogram), which names the bin holding the k-th largest; a second pass counts
+the low 16 bits inside that bin, which names the value itself. The threshold is then exactly the
+value a sort would put at position k (NaN ranking above infinity, as `torch.topk` ranks it), in
+two passes and 1 MiB of counts whatever the tensor's size. An apply pass keeps every element
+above the threshold and, of those equal to it, the first ones by position (`TopKMask`), which is
+the stable sort's choice.
+
+Not yet wired into the engine: the plan would need a pass count per tensor and the engine a
+statistics pass before the merge pass (see the report on issue 23).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+_BINS = 1 << 16
+
+
+def _magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
+    """(n,) fp32 -> (n,) int64 bit patterns of |x| (sign bit cleared)."""
+    import torch
+
+    return chunk.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+
+
+def _pick(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest, elements in the bins above it)."""
+    import torch
+
+    from_top = counts.flip(0).cumsum(0)
+    index = int(torch.searchsorted(from_top, torch.tensor(k, dtype=torch.int64)))
+    return _BINS - 1 - index, int(from_top[index - 1]) if index else 0
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The k-th largest magnitude and how many elements equal to it the top k takes."""
+
+    value: float
+    take_equal: int
+
+
+def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> Threshold:
+    """The k-th largest |x| over every element the chunks yield, exactly, in two passes.
+
+    Args:
+        chunks: called once per pass; yields the tensor's (n_i,) fp32 chunks in order.
+        k: 1 <= k <= the number of elements.
+    """
+    import torch
+
+    high = torch.zeros(_BINS, dtype=torch.int64)
+    for chunk in chunks():
+        high += torch.bincount(_magnitude_bits(chunk) >> 16, minlength=_BINS)
+    if not 1 <= k <= int(high.sum()):
+        raise ValueError(f"k = {k} is not between 1 and the {int(high.sum())} elements")
+    top, above = _pick(high, k)
+    low = torch.zeros(_BINS, dtype=torch.int64)
+    for chunk in chunks():
+        bits = _magnitude_bits(chunk)
+        low += torch.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=_BINS)
+    bottom, above_low = _pick(low, k - above)
+    pattern = torch.tensor([(top << 16) | bottom], dtype=torch.int32)
+    return Threshold(float(pattern.view(torch.float32)), k - above - above_low)
+
+
+class TopKMask:
+    """The apply pass: the top-k mask of each chunk in order, from a `Threshold`."""
+
+    def __init__(self, threshold: Threshold):
+        self.threshold = threshold
+        self._equal_left = threshold.take_equal
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        """(n,) fp32 -> (n,) bool: above the threshold, or equal to it among the first taken."""
+        import torch
+
+        bits = _magnitude_bits(chunk)
+        limit = int(torch.tensor([self.threshold.value], dtype=torch.float32).view(torch.int32))
+        mask = bits > limit
+        equal = (bits == limit).nonzero().reshape(-1)
+        taken = equal[: self._equal_left]
+        self._equal_left -= len(taken)
+        mask[taken] = True
+        return mask
