@@ -8,14 +8,18 @@ receive the value and never re-check it. Nothing here imports torch.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import OptionError
 from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
+
+if TYPE_CHECKING:
+    from lazymerge.io.hub_cache import ModelSource
 
 #: Default working-memory budget for tensor data in flight (see docs/memory-and-io.md).
 #: 160 MiB keeps a merge's peak resident memory near 0.4 GB (interpreter and torch included)
@@ -346,3 +350,44 @@ class MergeOptions:
             return ("",)
         assert self.alphas is not None
         return tuple(f"alpha-{a:g}" for a in self.alphas)
+
+
+def read_paths(inputs: Sequence[str | os.PathLike[str]], options: MergeOptions) -> list[Path]:
+    """What a merge of `inputs` reads: the inputs, then the base model when there is one."""
+    return [Path(p) for p in inputs] + ([options.base] if options.base is not None else [])
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """A merge's inputs and options, resolved once where they enter: Hugging Face ids replaced
+    by their snapshots in the local cache (the base model's too), and the input count checked
+    against the options.
+
+    Attributes:
+        inputs: the paths read for each input, in order (base excluded).
+        options: the options, `base` the path read for it.
+        sources: how each input (then the base, last) was named and what is read for it.
+    """
+
+    inputs: tuple[Path, ...]
+    options: MergeOptions
+    sources: tuple[ModelSource, ...] = ()
+
+    @classmethod
+    def resolve(cls, inputs: Sequence[str | os.PathLike[str]], options: MergeOptions) -> MergeRequest:
+        """Raises OptionError for a count the options refuse; InputError for a model id missing
+        from the cache."""
+        import dataclasses
+
+        from lazymerge.io.hub_cache import resolve_inputs
+
+        options.check_inputs(len(inputs))
+        sources = resolve_inputs([*inputs, *([options.base] if options.base is not None else [])])
+        if options.base is not None:
+            options = dataclasses.replace(options, base=sources[-1].path)
+        return cls(tuple(s.path for s in sources[: len(inputs)]), options, tuple(sources))
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every path read: the inputs, then the base model."""
+        return read_paths(self.inputs, self.options)

@@ -32,7 +32,7 @@ from lazymerge.evaluation.rewards import (
     refuse_remote_code,
     scorer,
 )
-from lazymerge.options import MergeOptions
+from lazymerge.options import MergeOptions, read_paths
 from lazymerge.score_options import ScoreOptions
 
 
@@ -66,7 +66,7 @@ def load_merged_reward_model(
     options.check_inputs(len(inputs))
     check_device(score)
     device, quant = score.device, score.quant
-    checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
+    checkpoints = open_inputs(read_paths(inputs, options))
     try:
         plan = plan_merge(checkpoints, options, Path("in-memory"))
         if "reward model" not in plan.roles:
@@ -175,7 +175,7 @@ def load_merged_tokenizer(
 
     score = score if score is not None else ScoreOptions.build(**load)
     transformers = require("transformers")
-    checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
+    checkpoints = open_inputs(read_paths(inputs, options))
     try:
         plan = plan_merge(checkpoints, options, Path("in-memory"))
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,9 +19,9 @@ from lazymerge.evaluation.scoring import (
     row_source,
     row_texts,
 )
-from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
+from lazymerge.io.hub_cache import ModelSource, resolve_inputs
 from lazymerge.memory import PeakRssSampler
-from lazymerge.options import MergeOptions
+from lazymerge.options import MergeOptions, MergeRequest
 from lazymerge.progress import ProgressBar
 from lazymerge.score_options import ScoreOptions
 
@@ -56,12 +55,11 @@ def _resolve(
 ) -> tuple[list[ModelSource], MergeOptions | None]:
     """Every model (and the merge's base model) as read: local paths, or Hugging Face ids found
     in the local cache (see `lazymerge.io.hub_cache`)."""
-    sources = resolve_inputs([model] if isinstance(model, (str, Path)) else list(model))
-    if merge is not None and merge.base is not None:
-        base = resolve_input(merge.base)
-        sources.append(base)
-        merge = dataclasses.replace(merge, base=base.path)
-    return sources, merge
+    models = [model] if isinstance(model, (str, Path)) else list(model)
+    if merge is None:
+        return resolve_inputs(models), None
+    request = MergeRequest.resolve(models, merge)
+    return list(request.sources), request.options
 
 
 def _load(model: str | Path | Sequence[str | Path], merge: MergeOptions | None, score: ScoreOptions) -> Any:

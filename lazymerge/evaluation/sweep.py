@@ -33,7 +33,7 @@ from lazymerge.evaluation.rewardbench2 import Rb2Row
 from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences, text_source
 from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
 from lazymerge.io.writer import DestinationLock, check_against_inputs
-from lazymerge.options import MergeOptions
+from lazymerge.options import MergeOptions, read_paths
 from lazymerge.progress import format_bytes, format_duration
 from lazymerge.provenance import (
     InputIdentity,
@@ -220,7 +220,7 @@ def _sha256_file(path: Path) -> str:
 
 def _input_paths(spec: SweepSpec) -> list[Path]:
     """The model inputs a sweep's results depend on: its inputs, then the base model if any."""
-    return [*spec.inputs, *([spec.merge.base] if spec.merge.base is not None else [])]
+    return read_paths(spec.inputs, spec.merge)
 
 
 def input_identities(spec: SweepSpec, hash_weights: bool = False) -> list[InputIdentity]:
@@ -773,7 +773,7 @@ def run_sweep(
         todo = [p for p in points if p.label not in done]
         run = SweepRun(skipped=[p.label for p in points if p.label in done])
         first = point_options(spec.merge, points[0])
-        checkpoints = open_inputs([*spec.inputs, *([first.base] if first.base is not None else [])])
+        checkpoints = open_inputs(read_paths(spec.inputs, first))
         try:
             plan = plan_merge(checkpoints, first, Path("in-memory"))
         finally:
