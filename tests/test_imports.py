@@ -47,6 +47,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation.chat_templates",
             "evaluation.rewards",
             "evaluation.in_memory",
+            "evaluation.reports",
             "evaluation.report",
             "evaluation.run",
             "evaluation.sweep",

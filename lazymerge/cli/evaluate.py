@@ -51,13 +51,13 @@ def evaluate(
     With several MODEL folders (a reward model and domain models) and --alpha or --weights, the
     merged reward model is built in memory and scored; no checkpoint is written.
     """
-    from lazymerge.evaluation.run import evaluate_pairs, format_pair_table, reported
+    from lazymerge.evaluation.run import evaluate_pairs, reported
 
     score, merge = score_value(options), in_memory_merge(model, options)
     job = functools.partial(evaluate_pairs, _model(model, merge), pairs_file, merge=merge, score=score)
     result = reported(out, model, pairs_file, force, lambda: job(progress=None if not quiet else False))
     if not quiet:
-        click.echo(format_pair_table(result))
+        click.echo(result.format())
 
 
 @command("bon")
@@ -86,7 +86,7 @@ def bon(
 
     Several MODEL folders with --alpha or --weights: the merged reward model, built in memory.
     """
-    from lazymerge.evaluation.run import evaluate_bon, format_bon_table, reported
+    from lazymerge.evaluation.run import evaluate_bon, reported
 
     n_values, score, merge = parse_ns(ns), score_value(options), in_memory_merge(model, options)
     job = functools.partial(
@@ -94,7 +94,7 @@ def bon(
     )
     result = reported(out, model, candidates, force, lambda: job(progress=None if not quiet else False))
     if not quiet:
-        click.echo(format_bon_table(result))
+        click.echo(result.format())
 
 
 def _model(models: tuple[Path, ...], merge: MergeOptions | None) -> Path | tuple[Path, ...]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lazymerge._version import __version__
 from lazymerge.errors import NonFiniteRewardError
 from lazymerge.evaluation import rewardbench2
+from lazymerge.evaluation.reports import BonReport, PairReport, ScoredWith
 from lazymerge.evaluation.rewards import load_reward_model
 from lazymerge.evaluation.scoring import (
     best_of_n,
@@ -24,6 +25,8 @@ from lazymerge.memory import PeakRssSampler
 from lazymerge.options import MergeOptions, MergeRequest
 from lazymerge.progress import ProgressBar
 from lazymerge.score_options import ScoreOptions
+
+R = TypeVar("R", PairReport, BonReport)
 
 
 def _score(
@@ -88,7 +91,7 @@ def evaluate_pairs(
     progress: bool | None = False,
     score: ScoreOptions | None = None,
     **load: Any,
-) -> dict[str, Any]:
+) -> PairReport:
     """Pairwise accuracy of a reward model on a pair file, or the RewardBench 2 scores of a
     RewardBench 2 file (see `scoring.load_preferences`, `rewardbench2.score_rows`).
 
@@ -126,7 +129,7 @@ def evaluate_pairs(
         result = rewardbench2.score_rows(rb2_rows, rewardbench2.split_rewards(rb2_rows, rewards))
     else:
         result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], data.autoj_ties)
-    return {**result, **_provenance(model, sources, merge, score, sampler, Path(pairs_file))}
+    return PairReport(_provenance(model, sources, merge, score, sampler, Path(pairs_file)), result)
 
 
 def _provenance(
@@ -136,21 +139,15 @@ def _provenance(
     score: ScoreOptions,
     sampler: PeakRssSampler,
     data_file: Path,
-) -> dict[str, Any]:
+) -> ScoredWith:
     """What a report was scored with: lazymerge, the model (and the in-memory merge), the
     identity of every input and of the data file (`lazymerge.provenance`), the scoring settings,
     and the peak memory it took."""
     from lazymerge.provenance import identify_input, sha256_file
 
-    out: dict[str, Any] = {
-        "written_by": f"lazymerge {__version__}",
-        "model": _name(model),
-        "sources": [x.to_dict() for x in sources],
-        "identity": [identify_input(x.path).to_dict() for x in sources],
-        "data": {"path": str(data_file), "sha256": sha256_file(data_file)},
-    }
+    merged = None
     if merge is not None:
-        out["merged_in_memory"] = {
+        merged = {
             "alpha": merge.alphas[0] if merge.alphas else None,
             "weights": list(merge.weights) if merge.weights else None,
             "method": merge.method,
@@ -159,22 +156,17 @@ def _provenance(
             "strict": merge.strict,
             "rm": merge.rm,
         }
-    out["settings"] = score.record()
-    out["peak_rss"] = sampler.peak.total
-    out["peak_gpu_memory"] = _gpu_peak(score.device)
-    return out
-
-
-def format_pair_table(result: dict[str, Any]) -> str:
-    if result.get("format") == "rewardbench2":
-        return rewardbench2.format_table(result)
-    lines = [f"{'subset':28s} {'n':>6s} {'ties':>5s} {'accuracy':>9s}"]
-    for name, s in result["subsets"].items():
-        lines.append(f"{name:28s} {s['n']:6d} {s['ties']:5d} {100 * s['accuracy']:8.2f}%")
-    lines.append(f"{'all':28s} {result['n_pairs']:6d} {result['n_ties']:5d} {100 * result['accuracy']:8.2f}%")
-    for name, value in (result.get("sections") or {}).items():
-        lines.append(f"section {name:20s} {'':12s} {100 * value:8.2f}%")
-    return "\n".join(lines)
+    return ScoredWith(
+        written_by=f"lazymerge {__version__}",
+        model=_name(model),
+        sources=[x.to_dict() for x in sources],
+        identity=[identify_input(x.path).to_dict() for x in sources],
+        data={"path": str(data_file), "sha256": sha256_file(data_file)},
+        settings=score.record(),
+        peak_rss=sampler.peak.total,
+        peak_gpu_memory=_gpu_peak(score.device),
+        merged_in_memory=merged,
+    )
 
 
 def evaluate_bon(
@@ -186,7 +178,7 @@ def evaluate_bon(
     progress: bool | None = False,
     score: ScoreOptions | None = None,
     **load: Any,
-) -> dict[str, Any]:
+) -> BonReport:
     """Best-of-N reranking accuracy with oracle pass@n and majority vote beside it (`model` and
     `merge` as in `evaluate_pairs`)."""
     score = score if score is not None else ScoreOptions.build(**load)
@@ -201,21 +193,12 @@ def evaluate_bon(
     for s in sets:
         rewards.append(flat[pos : pos + len(s.candidates)])
         pos += len(s.candidates)
-    return {
-        "n_prompts": len(sets),
-        "best_of_n": best_of_n(sets, rewards, ns),
-        "rewards": [{"id": s.id, "rewards": r} for s, r in zip(sets, rewards, strict=True)],
-        **_provenance(model, sources, merge, score, sampler, Path(candidates_file)),
-    }
-
-
-def format_bon_table(result: dict[str, Any]) -> str:
-    lines = [f"{'n':>4s} {'best-of-n':>10s} {'oracle':>8s} {'majority':>9s} {'prompts':>8s}"]
-    for n, r in result["best_of_n"].items():
-        lines.append(
-            f"{n:>4s} {100 * r['accuracy']:9.2f}% {100 * r['oracle']:7.2f}% {100 * r['majority']:8.2f}% {r['n_prompts']:8d}"
-        )
-    return "\n".join(lines)
+    return BonReport(
+        _provenance(model, sources, merge, score, sampler, Path(candidates_file)),
+        n_prompts=len(sets),
+        best_of_n=best_of_n(sets, rewards, ns),
+        rewards=[{"id": s.id, "rewards": r} for s, r in zip(sets, rewards, strict=True)],
+    )
 
 
 def reported(
@@ -223,8 +206,8 @@ def reported(
     models: Sequence[str | Path],
     data_file: Path,
     force: bool,
-    job: Callable[[], dict[str, Any]],
-) -> dict[str, Any]:
+    job: Callable[[], R],
+) -> R:
     """`job()`'s result, written to `out` when given: the destination is reserved (locked and
     checked under the output rule, never an input) before any scoring, the report written
     atomically and recorded in its folder's manifest, so a later --force knows it as
@@ -236,7 +219,7 @@ def reported(
 
     with OutputFiles([out], inputs=[*input_paths(models), data_file], force=force) as files:
         result = job()
-        files.write({out: report_bytes(result)})
+        files.write({out: report_bytes(result.to_dict())})
         return result
 
 
