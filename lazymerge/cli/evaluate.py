@@ -202,9 +202,7 @@ def sweep(
     if as_json:
         print_json(run.report)
     elif not quiet:
-        done = f"{len(run.scored)} point(s) scored, {len(run.skipped)} already done"
-        click.echo(f"{done}; report in {output / 'report.md'}")
-        click.echo(f"chosen point: {run.report['chosen']['label']} (on {run.report['chosen']['chosen_on']})")
+        click.echo(run.format(output))
 
 
 def _ray_flags(

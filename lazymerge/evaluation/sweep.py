@@ -107,6 +107,14 @@ class SweepRun:
     skipped: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
 
+    def format(self, out: Path) -> str:
+        """What `lazymerge sweep` prints at the end: the points done, the report, the choice."""
+        chosen = self.report["chosen"]
+        return (
+            f"{len(self.scored)} point(s) scored, {len(self.skipped)} already done; report in {out / 'report.md'}\n"
+            f"chosen point: {chosen['label']} (on {chosen['chosen_on']})"
+        )
+
 
 # --- the grid -----------------------------------------------------------------------------
 
