@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -13,11 +12,10 @@ from typing import Any
 
 from lazymerge.card import with_model_cards
 from lazymerge.errors import LazyMergeError, OutputError
-from lazymerge.io.hub_cache import resolve_inputs
 from lazymerge.io.reader import Checkpoint, resolve_checkpoint_files
 from lazymerge.io.writer import OutputTransaction, check_against_inputs, check_destination
 from lazymerge.memory import PeakRssSampler
-from lazymerge.options import MergeOptions
+from lazymerge.options import MergeOptions, MergeRequest
 from lazymerge.plan import MergePlan, default_output, is_single_file, plan_merge
 from lazymerge.progress import ProgressBar, format_bytes
 
@@ -141,11 +139,9 @@ def prepare(
     options.check_inputs(len(inputs))
     if output is not None:
         options.check_destination_kind(Path(output))  # a usage mistake: before any input is looked up
-    sources = resolve_inputs([*inputs, *([options.base] if options.base is not None else [])])
-    if options.base is not None:
-        options = dataclasses.replace(options, base=sources[-1].path)
-    paths = [s.path for s in sources]
-    destination = Path(output) if output is not None else default_output(paths[: len(inputs)])
+    request = MergeRequest.resolve(inputs, options)
+    options, sources, paths = request.options, list(request.sources), request.paths
+    destination = Path(output) if output is not None else default_output(list(request.inputs))
     options.check_destination_kind(destination)
     # the output rule first: an existing or misplaced output is refused before a header is
     # read (headers of a large model take seconds; an index names the shard files without them)

@@ -8,14 +8,18 @@ receive the value and never re-check it. Nothing here imports torch.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import OptionError
 from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
+
+if TYPE_CHECKING:
+    from lazymerge.io.hub_cache import ModelSource
 
 #: Default working-memory budget for tensor data in flight (see docs/memory-and-io.md).
 #: 160 MiB keeps a merge's peak resident memory near 0.4 GB (interpreter and torch included)
@@ -127,6 +131,12 @@ def parse_weights(text: str) -> tuple[float, ...]:
     return tuple(_finite(part.strip(), "weight") for part in text.split(","))
 
 
+def cli_flag(help: str, **more: Any) -> dict[str, Any]:
+    """A field's command-line metadata: its help, and how the CLI declares it (`flags`, `kind`,
+    `choices`, `min`/`max`, `show_default`); the CLI generates its options from these."""
+    return {"help": help, **more}
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     """Everything a merge can be asked to do besides its inputs and output.
@@ -158,20 +168,66 @@ class MergeOptions:
 
     weights: tuple[float, ...] | None = None
     alphas: tuple[float, ...] | None = None
-    method: str = "linear"
-    dtype: str = "auto"
-    shard_size: int = DEFAULT_SHARD_SIZE
-    max_memory: int = DEFAULT_MAX_MEMORY
-    rm: int | None = None
-    strict: bool = False
-    base: Path | None = None
-    density: float = 0.5
-    seed: int = 0
-    check_finite: bool = False
+    method: str = field(default="linear", metadata=cli_flag("Merge method: {methods}.", show_default=True))
+    dtype: str = field(
+        default="auto",
+        metadata=cli_flag(
+            "Output dtype of float tensors (auto: the first input's).",
+            choices=("auto", *OUTPUT_DTYPE_CHOICES),
+            show_default=True,
+        ),
+    )
+    shard_size: int = field(
+        default=DEFAULT_SHARD_SIZE,
+        metadata=cli_flag("Largest output shard (folder outputs).", kind="size", show_default="5GB"),
+    )
+    max_memory: int = field(
+        default=DEFAULT_MAX_MEMORY,
+        metadata=cli_flag(
+            "Working-memory budget for tensor data in flight (per merge).",
+            kind="size",
+            show_default=DEFAULT_MAX_MEMORY_TEXT,
+        ),
+    )
+    rm: int | None = field(
+        default=None,
+        metadata=cli_flag(
+            "Index (from 0) of the reward model among the models; default: found from config.json."
+        ),
+    )
+    strict: bool = field(
+        default=False,
+        metadata=cli_flag("Refuse to match embedding rows by position when tokenizer files are missing."),
+    )
+    base: Path | None = field(
+        default=None, metadata=cli_flag("Base model for task_arithmetic, ties, dare_linear, dare_ties.")
+    )
+    density: float = field(
+        default=0.5, metadata=cli_flag("Fraction of each task vector kept (ties, dare_*).", show_default=True)
+    )
+    seed: int = field(default=0, metadata=cli_flag("Seed of the DARE drop masks.", show_default=True))
+    check_finite: bool = field(
+        default=False,
+        metadata=cli_flag("Stop when an input's NaN or Inf reaches the output (default: warn)."),
+    )
     chunk_elems: int | None = None
     block_elems: int = DEFAULT_BLOCK_ELEMS
-    max_points: int = field(default=DEFAULT_MAX_POINTS)
-    direct_io: bool = True
+    max_points: int = field(
+        default=DEFAULT_MAX_POINTS,
+        metadata=cli_flag(
+            "Most values one --alpha sweep may have.", min=1, max=MAX_POINTS, show_default=True
+        ),
+    )
+    direct_io: bool = field(
+        default=True,
+        metadata=cli_flag(
+            "Read inputs not already in the page cache and write the output with direct I/O (O_DIRECT), "
+            "which spares the CPU the page-cache copies; --buffered-io goes through the page cache. "
+            "Filesystems without O_DIRECT are always buffered.",
+            flags=("--direct-io/--buffered-io",),
+            show_default=True,
+        ),
+    )
 
     def __post_init__(self) -> None:
         from lazymerge.methods import METHODS as METHOD_SPECS
@@ -294,3 +350,44 @@ class MergeOptions:
             return ("",)
         assert self.alphas is not None
         return tuple(f"alpha-{a:g}" for a in self.alphas)
+
+
+def read_paths(inputs: Sequence[str | os.PathLike[str]], options: MergeOptions) -> list[Path]:
+    """What a merge of `inputs` reads: the inputs, then the base model when there is one."""
+    return [Path(p) for p in inputs] + ([options.base] if options.base is not None else [])
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """A merge's inputs and options, resolved once where they enter: Hugging Face ids replaced
+    by their snapshots in the local cache (the base model's too), and the input count checked
+    against the options.
+
+    Attributes:
+        inputs: the paths read for each input, in order (base excluded).
+        options: the options, `base` the path read for it.
+        sources: how each input (then the base, last) was named and what is read for it.
+    """
+
+    inputs: tuple[Path, ...]
+    options: MergeOptions
+    sources: tuple[ModelSource, ...] = ()
+
+    @classmethod
+    def resolve(cls, inputs: Sequence[str | os.PathLike[str]], options: MergeOptions) -> MergeRequest:
+        """Raises OptionError for a count the options refuse; InputError for a model id missing
+        from the cache."""
+        import dataclasses
+
+        from lazymerge.io.hub_cache import resolve_inputs
+
+        options.check_inputs(len(inputs))
+        sources = resolve_inputs([*inputs, *([options.base] if options.base is not None else [])])
+        if options.base is not None:
+            options = dataclasses.replace(options, base=sources[-1].path)
+        return cls(tuple(s.path for s in sources[: len(inputs)]), options, tuple(sources))
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every path read: the inputs, then the base model."""
+        return read_paths(self.inputs, self.options)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lazymerge.cli import main, parse_size
+from lazymerge.cli import main
 from lazymerge.errors import OptionError
+from lazymerge.options import parse_size
 from tests.conftest import load_any, reference_merge
 
 

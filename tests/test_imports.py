@@ -34,7 +34,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "inspect",
         ],
     ),
-    ("options and provenance", ["options", "provenance", "mergekit_config"]),
+    ("options and provenance", ["options", "score_options", "provenance", "mergekit_config"]),
     ("merge", ["tensor_plan", "workspace", "recipe", "plan", "card", "engine", "api"]),
     (
         "evaluation",
@@ -47,13 +47,14 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation.chat_templates",
             "evaluation.rewards",
             "evaluation.in_memory",
+            "evaluation.reports",
             "evaluation.report",
             "evaluation.run",
             "evaluation.sweep",
             "evaluation.ray_sweep",
         ],
     ),
-    ("commands", ["demo", "cli", "__main__", ""]),
+    ("commands", ["demo", "cli.group", "cli.flags", "cli.merge", "cli.evaluate", "cli", "__main__", ""]),
 ]
 ORDER = [m for _, modules in FLOORS for m in modules]
 

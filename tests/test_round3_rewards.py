@@ -159,7 +159,7 @@ def test_text_source_names_file_and_line(tmp_path: Path) -> None:
     [
         pytest.param(
             lambda path, doc: path.write_bytes(
-                __import__("lazymerge.cli", fromlist=["x"])._report_bytes(doc)
+                __import__("lazymerge.evaluation.run", fromlist=["x"]).report_bytes(doc)
             ),
             id="cli-out",
         ),

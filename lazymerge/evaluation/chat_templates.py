@@ -22,14 +22,15 @@ The two built-in templates are written from the published formats:
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import InputError, TemplateLimitError
 from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget, parse_template
 from lazymerge.io.small_files import read_small_file
+from lazymerge.score_options import ChatTemplate
+
+__all__ = ["ChatTemplate", "load_chat_template", "valid_choice"]
 
 LLAMA2 = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -61,22 +62,6 @@ CHATML = (
 BUILTIN = {"llama2": LLAMA2, "chatml": CHATML}
 #: Largest template file read (real chat templates are a few KB).
 TEMPLATE_FILE_LIMIT = 1 << 20
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """A chosen chat template: its name (a built-in name or the file), text and SHA-256."""
-
-    name: str
-    text: str
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
-
-    def record(self) -> str:
-        """What results and sweep fingerprints record: the name or file and the text's SHA-256."""
-        return f"{self.name} (sha256 {self.sha256})"
 
 
 def valid_choice(value: str) -> bool:

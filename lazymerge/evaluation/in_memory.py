@@ -15,6 +15,7 @@ temporary folder for transformers to read, and are removed when the model is bui
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,37 +23,30 @@ from typing import Any
 
 from lazymerge._optional import require
 from lazymerge.errors import IncompatibleInputsError, InputError, OptionError
-from lazymerge.evaluation.chat_templates import ChatTemplate
 from lazymerge.evaluation.rewards import (
     RewardModel,
     bnb_config,
+    check_device,
+    compute_dtype,
     quiet_transformers,
     refuse_remote_code,
+    scorer,
 )
-from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
-from lazymerge.io.dtypes import torch_dtype as to_torch_dtype
-from lazymerge.options import MergeOptions
+from lazymerge.options import MergeOptions, read_paths
+from lazymerge.score_options import ScoreOptions
 
 
 def load_merged_reward_model(
     inputs: Sequence[str | Path],
     options: MergeOptions,
-    *,
-    device: str = "cpu",
-    dtype: str = "float32",
-    quant: str | None = None,
-    double_quant: bool = False,
-    max_length: int = 2048,
-    system_prompt: str | None = None,
-    batch_size: int = 8,
-    chat_template: ChatTemplate | None = None,
+    score: ScoreOptions | None = None,
+    **load: Any,
 ) -> RewardModel:
     """Merge `inputs` (a reward model and domain models) in memory and load the result.
 
     Args:
         options: merge options describing exactly one output (one alpha or weight vector).
-        device, dtype, quant, double_quant, max_length, system_prompt, batch_size, chat_template:
-            as in `rewards.load_reward_model`.
+        score, load: how it is loaded and scored, as in `rewards.load_reward_model`.
 
     Raises:
         OptionError for a sweep of several points; InputError when no input is a reward model;
@@ -62,6 +56,7 @@ def load_merged_reward_model(
     from lazymerge.engine import iter_merged_tensors
     from lazymerge.plan import plan_merge
 
+    score = score if score is not None else ScoreOptions.build(**load)
     transformers = require("transformers")
     accelerate = require("accelerate")
     import torch
@@ -69,9 +64,9 @@ def load_merged_reward_model(
     if options.alphas is not None and len(options.alphas) != 1:
         raise OptionError("an in-memory merge builds one model: give one --alpha or one --weights vector")
     options.check_inputs(len(inputs))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA GPU is visible to torch (torch {torch.__version__})")
-    checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
+    check_device(score)
+    device, quant = score.device, score.quant
+    checkpoints = open_inputs(read_paths(inputs, options))
     try:
         plan = plan_merge(checkpoints, options, Path("in-memory"))
         if "reward model" not in plan.roles:
@@ -84,13 +79,13 @@ def load_merged_reward_model(
         refuse_remote_code(rm_folder)
         quiet_transformers()
         config, tokenizer = _config_and_tokenizer(transformers, plan.companion_files, rm_folder)
-        compute = torch.bfloat16 if quant is not None else to_torch_dtype(OUTPUT_DTYPE_CHOICES[dtype])
+        compute = compute_dtype(score)
         with accelerate.init_empty_weights(include_buffers=False):
             model = transformers.AutoModelForSequenceClassification.from_config(
                 config, dtype=compute, trust_remote_code=False
             )
         if quant is not None:
-            model = _quantizable(model, quant, double_quant)
+            model = _quantizable(model, quant, score.double_quant)
         expected = dict(model.named_parameters())
         for name, tensor in iter_merged_tensors(plan, checkpoints):
             if name not in expected:
@@ -113,17 +108,7 @@ def load_merged_reward_model(
         for ckpt in checkpoints:
             ckpt.close()
     model.eval()
-    return RewardModel(
-        model,
-        tokenizer,
-        device,
-        max_length,
-        system_prompt,
-        batch_size,
-        f"{rm_folder} (merged in memory)",
-        chat_template,
-        str(rm_folder),
-    )
+    return scorer(model, tokenizer, score, f"{rm_folder} (merged in memory)", str(rm_folder))
 
 
 def _config_and_tokenizer(transformers: Any, files: dict[str, bytes], rm_folder: Path) -> tuple[Any, Any]:
@@ -180,20 +165,17 @@ def _place(model: Any, name: str, tensor: Any, device: str, quant: str | None) -
 def load_merged_tokenizer(
     inputs: Sequence[str | Path],
     options: MergeOptions,
-    *,
-    max_length: int = 2048,
-    system_prompt: str | None = None,
-    batch_size: int = 8,
-    chat_template: ChatTemplate | None = None,
-    **_load: Any,
+    score: ScoreOptions | None = None,
+    **load: Any,
 ) -> RewardModel:
     """The merged reward model's tokenizer and text format, without its weights (`model` is
     None): what a sweep needs to format and tokenize every text once, before any point."""
     from lazymerge.api import open_inputs
     from lazymerge.plan import plan_merge
 
+    score = score if score is not None else ScoreOptions.build(**load)
     transformers = require("transformers")
-    checkpoints = open_inputs([*inputs, *([options.base] if options.base is not None else [])])
+    checkpoints = open_inputs(read_paths(inputs, options))
     try:
         plan = plan_merge(checkpoints, options, Path("in-memory"))
     finally:
@@ -206,14 +188,4 @@ def load_merged_tokenizer(
     refuse_remote_code(rm_folder)
     quiet_transformers()
     _, tokenizer = _config_and_tokenizer(transformers, plan.companion_files, rm_folder)
-    return RewardModel(
-        None,
-        tokenizer,
-        "cpu",
-        max_length,
-        system_prompt,
-        batch_size,
-        str(rm_folder),
-        chat_template,
-        str(rm_folder),
-    )
+    return scorer(None, tokenizer, dataclasses.replace(score, device="cpu"), str(rm_folder), str(rm_folder))

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lazymerge._optional import require
 from lazymerge.errors import (
@@ -33,18 +33,9 @@ from lazymerge.errors import (
     TemplateLimitError,
 )
 from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget
+from lazymerge.score_options import LLAMA2_SYSTEM_PROMPT, ChatTemplate, ScoreOptions, system_prompt_text
 
-if TYPE_CHECKING:
-    from lazymerge.evaluation.chat_templates import ChatTemplate
-
-LLAMA2_SYSTEM_PROMPT = (
-    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
-    "safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal "
-    "content. Please ensure that your responses are socially unbiased and positive in nature.\n\nIf a question "
-    "does not make any sense, or is not factually coherent, explain why instead of answering something not "
-    "correct. If you don't know the answer to a question, please don't share false information."
-)
-
+__all__ = ["LLAMA2_SYSTEM_PROMPT", "RewardModel", "load_reward_model", "system_prompt_text"]
 
 REMOTE_CODE_FILES = (
     "config.json",
@@ -104,13 +95,6 @@ def quiet_transformers() -> None:
     transformers = require("transformers")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-
-
-def system_prompt_text(choice: str | None) -> str | None:
-    """`none` -> no system prompt, `llama2` -> Meta's default LLaMA-2 prompt, else the text itself."""
-    if choice is None or choice == "none":
-        return None
-    return LLAMA2_SYSTEM_PROMPT if choice == "llama2" else choice
 
 
 @dataclass
@@ -244,48 +228,63 @@ class RewardModel:
         return [rewards[t] for t in texts]
 
 
-def load_reward_model(
-    path: str | Path,
-    *,
-    device: str = "cpu",
-    dtype: str = "float32",
-    quant: str | None = None,
-    double_quant: bool = False,
-    max_length: int = 2048,
-    system_prompt: str | None = None,
-    batch_size: int = 8,
-    chat_template: ChatTemplate | None = None,
-) -> RewardModel:
+def compute_dtype(score: ScoreOptions) -> Any:
+    """The torch dtype `score` computes in (its `compute_dtype`)."""
+    from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES, torch_dtype
+
+    return torch_dtype(OUTPUT_DTYPE_CHOICES[score.compute_dtype])
+
+
+def check_device(score: ScoreOptions) -> None:
+    """InputError when `score.device` is a GPU that torch cannot see."""
+    import torch
+
+    if score.on_gpu and not torch.cuda.is_available():
+        raise InputError(
+            f"--device {score.device}: no CUDA GPU is visible to torch (torch {torch.__version__})"
+        )
+
+
+def scorer(model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder: str) -> RewardModel:
+    """The `RewardModel` of a loaded model and tokenizer, scoring as `score` says."""
+    return RewardModel(
+        model,
+        tokenizer,
+        score.device,
+        score.max_length,
+        score.system_prompt,
+        score.batch_size,
+        source,
+        score.chat_template,
+        folder,
+    )
+
+
+def load_reward_model(path: str | Path, score: ScoreOptions | None = None, **load: Any) -> RewardModel:
     """Load a sequence-classification reward model from a local folder.
 
     Args:
-        device: "cpu" or "cuda" (or "cuda:N").
-        dtype: "float32", "bfloat16" or "float16" (compute dtype without quantization).
-        quant: None, "4bit" (bitsandbytes NF4, bf16 compute, optional double quantization) or "8bit".
-            The reward head (`score`) is kept in full precision.
-        chat_template: a template to format with instead of the tokenizer's (`chat_templates`).
+        score: how it is loaded and scored (device, compute dtype, quantization, ...); or
+        load: the same as keyword arguments (`ScoreOptions.build`).
 
     Raises:
         MissingDependencyError when transformers, accelerate or bitsandbytes are missing.
     """
+    score = score if score is not None else ScoreOptions.build(**load)
     transformers = require("transformers")
-    import torch
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: not a model folder (no config.json)")
     refuse_remote_code(folder)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA GPU is visible to torch (torch {torch.__version__})")
+    check_device(score)
     kwargs: dict[str, Any] = {}
-    from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
-    from lazymerge.io.dtypes import torch_dtype as to_torch
-
-    torch_dtype = to_torch(OUTPUT_DTYPE_CHOICES[dtype])
-    if quant is not None:
+    torch_dtype = compute_dtype(score)
+    if score.quant is not None:
         require("accelerate")
-        kwargs.update(quantization_config=bnb_config(quant, double_quant), device_map={"": device})
-        torch_dtype = torch.bfloat16
+        kwargs.update(
+            quantization_config=bnb_config(score.quant, score.double_quant), device_map={"": score.device}
+        )
     quiet_transformers()
     # trust_remote_code=False: transformers never imports a folder's .py files nor asks on stdin
     try:
@@ -308,17 +307,7 @@ def load_reward_model(
             + "; scoring it would use a randomly initialised head. Give a ...ForSequenceClassification "
             "reward model, or merge one in with lazymerge run"
         )
-    if quant is None:
-        model = model.to(device)
+    if score.quant is None:
+        model = model.to(score.device)
     model.eval()
-    return RewardModel(
-        model,
-        tokenizer,
-        device,
-        max_length,
-        system_prompt,
-        batch_size,
-        str(folder),
-        chat_template,
-        str(folder),
-    )
+    return scorer(model, tokenizer, score, str(folder), str(folder))

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lazymerge._version import __version__
 from lazymerge.errors import NonFiniteRewardError
 from lazymerge.evaluation import rewardbench2
+from lazymerge.evaluation.reports import BonReport, PairReport, ScoredWith
 from lazymerge.evaluation.rewards import load_reward_model
 from lazymerge.evaluation.scoring import (
     best_of_n,
@@ -19,10 +20,13 @@ from lazymerge.evaluation.scoring import (
     row_source,
     row_texts,
 )
-from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
+from lazymerge.io.hub_cache import ModelSource, resolve_inputs
 from lazymerge.memory import PeakRssSampler
-from lazymerge.options import MergeOptions
+from lazymerge.options import MergeOptions, MergeRequest
 from lazymerge.progress import ProgressBar
+from lazymerge.score_options import ScoreOptions
+
+R = TypeVar("R", PairReport, BonReport)
 
 
 def _score(
@@ -54,22 +58,21 @@ def _resolve(
 ) -> tuple[list[ModelSource], MergeOptions | None]:
     """Every model (and the merge's base model) as read: local paths, or Hugging Face ids found
     in the local cache (see `lazymerge.io.hub_cache`)."""
-    sources = resolve_inputs([model] if isinstance(model, (str, Path)) else list(model))
-    if merge is not None and merge.base is not None:
-        base = resolve_input(merge.base)
-        sources.append(base)
-        merge = dataclasses.replace(merge, base=base.path)
-    return sources, merge
+    models = [model] if isinstance(model, (str, Path)) else list(model)
+    if merge is None:
+        return resolve_inputs(models), None
+    request = MergeRequest.resolve(models, merge)
+    return list(request.sources), request.options
 
 
-def _load(model: str | Path | Sequence[str | Path], merge: MergeOptions | None, load: dict[str, Any]) -> Any:
+def _load(model: str | Path | Sequence[str | Path], merge: MergeOptions | None, score: ScoreOptions) -> Any:
     """A reward model folder, or (with `merge`) the inputs of a merge built in memory."""
     if merge is None:
-        return load_reward_model(model if isinstance(model, (str, Path)) else model[0], **load)
+        return load_reward_model(model if isinstance(model, (str, Path)) else model[0], score)
     from lazymerge.evaluation.in_memory import load_merged_reward_model
 
     inputs = [model] if isinstance(model, (str, Path)) else list(model)
-    return load_merged_reward_model(inputs, merge, **load)
+    return load_merged_reward_model(inputs, merge, score)
 
 
 def _paths(model: str | Path | Sequence[str | Path], sources: Sequence[ModelSource]) -> Path | list[Path]:
@@ -86,8 +89,9 @@ def evaluate_pairs(
     *,
     merge: MergeOptions | None = None,
     progress: bool | None = False,
+    score: ScoreOptions | None = None,
     **load: Any,
-) -> dict[str, Any]:
+) -> PairReport:
     """Pairwise accuracy of a reward model on a pair file, or the RewardBench 2 scores of a
     RewardBench 2 file (see `scoring.load_preferences`, `rewardbench2.score_rows`).
 
@@ -96,13 +100,15 @@ def evaluate_pairs(
             domain models), merged in memory with no checkpoint written. Hugging Face model ids
             (`ORG/NAME[@REVISION]`) are read from the local cache; `sources` in the result says
             what was read for each.
-        load: keyword arguments of `rewards.load_reward_model` (device, dtype, quant, ...).
+        score: how the model is loaded and scored; or `load`, the same as keywords
+            (`ScoreOptions.build`: device, dtype, quant, ...).
     """
+    score = score if score is not None else ScoreOptions.build(**load)
     sources, merge = _resolve(model, merge)
     data = load_preferences(pairs_file)
     pairs, rb2_rows = data.pairs, data.rewardbench2
     with PeakRssSampler() as sampler:
-        rm = _load(_paths(model, sources), merge, load)
+        rm = _load(_paths(model, sources), merge, score)
         if rb2_rows:
             texts = [rm.format_text(r.prompt, c) for r in rb2_rows for c in r.completions]
             origins: list[tuple[Any, str]] = [(r, which) for r in rb2_rows for _, _, which in row_texts(r)]
@@ -123,31 +129,25 @@ def evaluate_pairs(
         result = rewardbench2.score_rows(rb2_rows, rewardbench2.split_rewards(rb2_rows, rewards))
     else:
         result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], data.autoj_ties)
-    return {**result, **_provenance(model, sources, merge, load, sampler, Path(pairs_file))}
+    return PairReport(_provenance(model, sources, merge, score, sampler, Path(pairs_file)), result)
 
 
 def _provenance(
     model: str | Path | Sequence[str | Path],
     sources: Sequence[Any],
     merge: MergeOptions | None,
-    load: dict[str, Any],
+    score: ScoreOptions,
     sampler: PeakRssSampler,
     data_file: Path,
-) -> dict[str, Any]:
+) -> ScoredWith:
     """What a report was scored with: lazymerge, the model (and the in-memory merge), the
     identity of every input and of the data file (`lazymerge.provenance`), the scoring settings,
     and the peak memory it took."""
     from lazymerge.provenance import identify_input, sha256_file
 
-    out: dict[str, Any] = {
-        "written_by": f"lazymerge {__version__}",
-        "model": _name(model),
-        "sources": [x.to_dict() for x in sources],
-        "identity": [identify_input(x.path).to_dict() for x in sources],
-        "data": {"path": str(data_file), "sha256": sha256_file(data_file)},
-    }
+    merged = None
     if merge is not None:
-        out["merged_in_memory"] = {
+        merged = {
             "alpha": merge.alphas[0] if merge.alphas else None,
             "weights": list(merge.weights) if merge.weights else None,
             "method": merge.method,
@@ -156,30 +156,17 @@ def _provenance(
             "strict": merge.strict,
             "rm": merge.rm,
         }
-    out["settings"] = settings_record(load)
-    out["peak_rss"] = sampler.peak.total
-    out["peak_gpu_memory"] = _gpu_peak(load.get("device", "cpu"))
-    return out
-
-
-def settings_record(load: dict[str, Any]) -> dict[str, Any]:
-    """The scoring settings as JSON values (the chat template by name or file and SHA-256)."""
-    out = dict(load)
-    if out.get("chat_template") is not None:
-        out["chat_template"] = out["chat_template"].record()
-    return out
-
-
-def format_pair_table(result: dict[str, Any]) -> str:
-    if result.get("format") == "rewardbench2":
-        return rewardbench2.format_table(result)
-    lines = [f"{'subset':28s} {'n':>6s} {'ties':>5s} {'accuracy':>9s}"]
-    for name, s in result["subsets"].items():
-        lines.append(f"{name:28s} {s['n']:6d} {s['ties']:5d} {100 * s['accuracy']:8.2f}%")
-    lines.append(f"{'all':28s} {result['n_pairs']:6d} {result['n_ties']:5d} {100 * result['accuracy']:8.2f}%")
-    for name, value in (result.get("sections") or {}).items():
-        lines.append(f"section {name:20s} {'':12s} {100 * value:8.2f}%")
-    return "\n".join(lines)
+    return ScoredWith(
+        written_by=f"lazymerge {__version__}",
+        model=_name(model),
+        sources=[x.to_dict() for x in sources],
+        identity=[identify_input(x.path).to_dict() for x in sources],
+        data={"path": str(data_file), "sha256": sha256_file(data_file)},
+        settings=score.record(),
+        peak_rss=sampler.peak.total,
+        peak_gpu_memory=_gpu_peak(score.device),
+        merged_in_memory=merged,
+    )
 
 
 def evaluate_bon(
@@ -189,14 +176,16 @@ def evaluate_bon(
     *,
     merge: MergeOptions | None = None,
     progress: bool | None = False,
+    score: ScoreOptions | None = None,
     **load: Any,
-) -> dict[str, Any]:
+) -> BonReport:
     """Best-of-N reranking accuracy with oracle pass@n and majority vote beside it (`model` and
     `merge` as in `evaluate_pairs`)."""
+    score = score if score is not None else ScoreOptions.build(**load)
     sources, merge = _resolve(model, merge)
     sets = load_candidates(candidates_file)
     with PeakRssSampler() as sampler:
-        rm = _load(_paths(model, sources), merge, load)
+        rm = _load(_paths(model, sources), merge, score)
         texts = [rm.format_text(s.prompt, c) for s in sets for c in s.candidates]
         bar = ProgressBar(len(set(texts)), "scoring", enabled=progress, unit="texts")
         flat = _score(rm, texts, bar, candidates_file, [(s, w) for s in sets for _, _, w in row_texts(s)])
@@ -204,18 +193,36 @@ def evaluate_bon(
     for s in sets:
         rewards.append(flat[pos : pos + len(s.candidates)])
         pos += len(s.candidates)
-    return {
-        "n_prompts": len(sets),
-        "best_of_n": best_of_n(sets, rewards, ns),
-        "rewards": [{"id": s.id, "rewards": r} for s, r in zip(sets, rewards, strict=True)],
-        **_provenance(model, sources, merge, load, sampler, Path(candidates_file)),
-    }
+    return BonReport(
+        _provenance(model, sources, merge, score, sampler, Path(candidates_file)),
+        n_prompts=len(sets),
+        best_of_n=best_of_n(sets, rewards, ns),
+        rewards=[{"id": s.id, "rewards": r} for s, r in zip(sets, rewards, strict=True)],
+    )
 
 
-def format_bon_table(result: dict[str, Any]) -> str:
-    lines = [f"{'n':>4s} {'best-of-n':>10s} {'oracle':>8s} {'majority':>9s} {'prompts':>8s}"]
-    for n, r in result["best_of_n"].items():
-        lines.append(
-            f"{n:>4s} {100 * r['accuracy']:9.2f}% {100 * r['oracle']:7.2f}% {100 * r['majority']:8.2f}% {r['n_prompts']:8d}"
-        )
-    return "\n".join(lines)
+def reported(
+    out: Path | None,
+    models: Sequence[str | Path],
+    data_file: Path,
+    force: bool,
+    job: Callable[[], R],
+) -> R:
+    """`job()`'s result, written to `out` when given: the destination is reserved (locked and
+    checked under the output rule, never an input) before any scoring, the report written
+    atomically and recorded in its folder's manifest, so a later --force knows it as
+    lazymerge's (and an edited copy as the user's)."""
+    if out is None:
+        return job()
+    from lazymerge.io.hub_cache import input_paths
+    from lazymerge.io.outputs import OutputFiles
+
+    with OutputFiles([out], inputs=[*input_paths(models), data_file], force=force) as files:
+        result = job()
+        files.write({out: report_bytes(result.to_dict())})
+        return result
+
+
+def report_bytes(doc: dict[str, Any]) -> bytes:
+    """A report as strict JSON (a NaN is a defect upstream, never written)."""
+    return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")

@@ -29,12 +29,11 @@ from typing import Any
 
 from lazymerge._version import __version__
 from lazymerge.errors import InputError, LazyMergeError, NonFiniteRewardError, OptionError, OutputError
-from lazymerge.evaluation.chat_templates import ChatTemplate
 from lazymerge.evaluation.rewardbench2 import Rb2Row
 from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences, text_source
 from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
 from lazymerge.io.writer import DestinationLock, check_against_inputs
-from lazymerge.options import MergeOptions
+from lazymerge.options import MergeOptions, read_paths
 from lazymerge.progress import format_bytes, format_duration
 from lazymerge.provenance import (
     InputIdentity,
@@ -43,6 +42,7 @@ from lazymerge.provenance import (
     identify_inputs,
     identity_from_dict,
 )
+from lazymerge.score_options import ScoreOptions
 
 RESULTS = "results.jsonl"
 #: Files a sweep writes into its folder (besides kept models under models/).
@@ -79,20 +79,6 @@ class BestOfNEvaluation:
 
 
 @dataclass(frozen=True)
-class LoadSettings:
-    """How each merged model is loaded and scored (as `lazymerge eval`)."""
-
-    device: str = "cpu"
-    dtype: str = "float32"
-    quant: str | None = None
-    double_quant: bool = False
-    max_length: int = 2048
-    system_prompt: str | None = None
-    batch_size: int = 8
-    chat_template: ChatTemplate | None = None
-
-
-@dataclass(frozen=True)
 class SweepSpec:
     """Everything a sweep is asked to do."""
 
@@ -100,7 +86,7 @@ class SweepSpec:
     out: Path
     points: tuple[SweepPoint, ...]
     merge: MergeOptions
-    load: LoadSettings
+    load: ScoreOptions
     pair_evals: tuple[PairEvaluation, ...] = ()
     bon_evals: tuple[BestOfNEvaluation, ...] = ()
     write: bool = False
@@ -120,6 +106,14 @@ class SweepRun:
     scored: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
+
+    def format(self, out: Path) -> str:
+        """What `lazymerge sweep` prints at the end: the points done, the report, the choice."""
+        chosen = self.report["chosen"]
+        return (
+            f"{len(self.scored)} point(s) scored, {len(self.skipped)} already done; report in {out / 'report.md'}\n"
+            f"chosen point: {chosen['label']} (on {chosen['chosen_on']})"
+        )
 
 
 # --- the grid -----------------------------------------------------------------------------
@@ -234,7 +228,7 @@ def _sha256_file(path: Path) -> str:
 
 def _input_paths(spec: SweepSpec) -> list[Path]:
     """The model inputs a sweep's results depend on: its inputs, then the base model if any."""
-    return [*spec.inputs, *([spec.merge.base] if spec.merge.base is not None else [])]
+    return read_paths(spec.inputs, spec.merge)
 
 
 def input_identities(spec: SweepSpec, hash_weights: bool = False) -> list[InputIdentity]:
@@ -277,18 +271,8 @@ def fingerprint(spec: SweepSpec) -> dict[str, Any]:
             for f in dataclasses.fields(m)
             if f.name not in _MERGE_IO_OPTIONS
         },
-        "scoring": {
-            "device": spec.load.device.split(":")[0],
-            "dtype": spec.load.dtype,
-            "quant": spec.load.quant,
-            "double_quant": spec.load.double_quant,
-            "max_length": spec.load.max_length,
-            "system_prompt": spec.load.system_prompt,
-            "batch_size": spec.load.batch_size,
-            "chat_template": spec.load.chat_template.record()
-            if spec.load.chat_template is not None
-            else None,
-        },
+        # the device kind, not its number: a resumed sweep may run on another GPU
+        "scoring": {**spec.load.record(), "device": spec.load.device.split(":")[0]},
     }
 
 
@@ -683,7 +667,6 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
     _gpu_reset(spec.load.device)
     t0 = time.monotonic()
     options = point_options(spec.merge, point)
-    load = vars(spec.load)
     with PeakRssSampler() as sampler:
         written = 0
         if spec.write:
@@ -691,9 +674,9 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
 
             folder = spec.out / "models" / _slug(point.label)
             written = merge(spec.inputs, folder, options, force=folder.exists()).bytes_written
-            rm = load_reward_model(folder, **load)
+            rm = load_reward_model(folder, spec.load)
         else:
-            rm = load_merged_reward_model(spec.inputs, options, **load)
+            rm = load_merged_reward_model(spec.inputs, options, spec.load)
         t1 = time.monotonic()
         try:
             rewards = rm.score_encoded(texts.encoded)
@@ -739,14 +722,6 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
         "peak_rss_file": sampler.peak.file,
         "peak_gpu_memory": peak_gpu,
     }
-
-
-def _model_bytes(parameters: int, load: LoadSettings) -> int:
-    if load.quant == "4bit":
-        return parameters // 2 + parameters // 16  # NF4 plus block scales and unquantized layers, roughly
-    if load.quant == "8bit":
-        return parameters + parameters // 16
-    return parameters * {"float32": 4, "bfloat16": 2, "float16": 2}[load.dtype]
 
 
 #: Runs the points still to do: (spec, prepared texts, points, append a finished record, echo).
@@ -806,7 +781,7 @@ def run_sweep(
         todo = [p for p in points if p.label not in done]
         run = SweepRun(skipped=[p.label for p in points if p.label in done])
         first = point_options(spec.merge, points[0])
-        checkpoints = open_inputs([*spec.inputs, *([first.base] if first.base is not None else [])])
+        checkpoints = open_inputs(read_paths(spec.inputs, first))
         try:
             plan = plan_merge(checkpoints, first, Path("in-memory"))
         finally:
@@ -821,8 +796,8 @@ def run_sweep(
         n_pairs = sum(len(e.pairs) for e in spec.pair_evals)
         n_rb2 = sum(len(e.rewardbench2) for e in spec.pair_evals)
         n_sets = sum(len(b.sets) for b in spec.bon_evals)
-        model_bytes = _model_bytes(plan.parameters, spec.load)
-        on_gpu = spec.load.device.startswith("cuda")
+        model_bytes = spec.load.model_bytes(plan.parameters)
+        on_gpu = spec.load.on_gpu
         host = (0 if on_gpu else model_bytes) + plan.working_memory + 500 * 10**6
         echo(
             f"sweep: {len(points)} points ({len(run.skipped)} already done), {n_pairs} pairs"
@@ -834,7 +809,7 @@ def run_sweep(
             + (f", {format_bytes(model_bytes)} GPU memory" if on_gpu else "")
             + f"; model files written: {format_bytes(plan.output_bytes * len(todo)) if spec.write else '0 B (in memory)'}"
         )
-        texts = prepare_texts(spec, load_merged_tokenizer(spec.inputs, first, **vars(spec.load)))
+        texts = prepare_texts(spec, load_merged_tokenizer(spec.inputs, first, spec.load))
         tokens = sum(len(v) for v in texts.encoded.values())
         echo(f"  {len(texts.encoded)} distinct texts, {tokens} tokens (tokenized once)")
 
@@ -900,7 +875,7 @@ def build_spec(
     val_pairs: Path | None = None,
     candidate_files: Sequence[Path] = (),
     ns: Sequence[int] = (2, 4, 8, 16),
-    load: dict[str, Any] | None = None,
+    load: ScoreOptions | dict[str, Any] | None = None,
     write: bool = False,
     restart: bool = False,
     rehash: bool = False,
@@ -983,7 +958,7 @@ def build_spec(
         out=absolute(out),
         points=tuple(points),
         merge=options,
-        load=LoadSettings(**(load or {})),
+        load=load if isinstance(load, ScoreOptions) else ScoreOptions.build(**(load or {})),
         pair_evals=pair_evals,
         bon_evals=bon_evals,
         write=write,

@@ -1,0 +1,187 @@
+"""Scoring options: how a reward model is loaded and its texts scored, one frozen value.
+
+`ScoreOptions` is to `eval`, `bon` and `sweep` what `MergeOptions` is to a merge: built and
+checked once where options enter (the command line, the Python API's keywords), then passed
+down whole. It decides the device and the compute dtype once (`compute_dtype`); the loaders,
+the sweep's memory estimate, its resume identity and every report read them from here. Each
+field's metadata carries its command-line help, from which the CLI declares its flags. Nothing
+here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from lazymerge.errors import OptionError
+from lazymerge.options import cli_flag
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+QUANT_CHOICES = ("4bit", "8bit")
+#: Bytes per parameter of each compute dtype (the sweep's memory estimate).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Meta's default LLaMA-2 system prompt, as DogeRM evaluated with it (`--system-prompt llama2`).
+LLAMA2_SYSTEM_PROMPT = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
+    "safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal "
+    "content. Please ensure that your responses are socially unbiased and positive in nature.\n\nIf a question "
+    "does not make any sense, or is not factually coherent, explain why instead of answering something not "
+    "correct. If you don't know the answer to a question, please don't share false information."
+)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chosen chat template: its name (a built-in name or the file), text and SHA-256."""
+
+    name: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def record(self) -> str:
+        """What results and sweep fingerprints record: the name or file and the text's SHA-256."""
+        return f"{self.name} (sha256 {self.sha256})"
+
+
+def system_prompt_text(choice: str | None) -> str | None:
+    """`none` -> no system prompt, `llama2` -> Meta's default LLaMA-2 prompt, else the text itself."""
+    if choice is None or choice == "none":
+        return None
+    return LLAMA2_SYSTEM_PROMPT if choice == "llama2" else choice
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How a reward model is loaded and scored.
+
+    Attributes:
+        device: "cpu", "cuda" or "cuda:N".
+        dtype: the compute dtype without quantization ("float32", "bfloat16", "float16").
+        quant: None, "4bit" (bitsandbytes NF4, bf16 compute) or "8bit"; the reward head stays
+            full precision.
+        double_quant: 4-bit double quantization.
+        max_length: longest input in tokens; longer inputs lose tokens from the left.
+        system_prompt: the system prompt's text, or None (`system_prompt_text` resolves the
+            command line's none / llama2 / text).
+        batch_size: texts per forward pass.
+        chat_template: a template to format with instead of the tokenizer's.
+
+    Raises:
+        OptionError (on construction) for a value that is wrong whatever the model.
+    """
+
+    device: str = field(
+        default="cpu", metadata=cli_flag("cpu, cuda or cuda:N.", flags=("--device",), show_default=True)
+    )
+    dtype: str = field(
+        default="float32",
+        metadata=cli_flag(
+            "The dtype the reward model computes in, without --quant (--dtype is the same option; in run "
+            "and plan, --dtype is the output's dtype).",
+            flags=("--compute-dtype", "--dtype"),
+            choices=COMPUTE_DTYPES,
+            show_default=True,
+        ),
+    )
+    quant: str | None = field(
+        default=None,
+        metadata=cli_flag(
+            "Load with bitsandbytes: 4bit = NF4 with bf16 compute (also on CPU); the reward head stays "
+            "full precision.",
+            flags=("--quant",),
+            choices=QUANT_CHOICES,
+        ),
+    )
+    double_quant: bool = field(
+        default=False,
+        metadata=cli_flag(
+            "4-bit double quantization (saves about 0.4 bits per parameter).", flags=("--double-quant",)
+        ),
+    )
+    max_length: int = field(
+        default=2048,
+        metadata=cli_flag(
+            "Longest input in tokens; longer inputs lose tokens from the left.",
+            flags=("--max-length",),
+            min=1,
+            show_default=True,
+        ),
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata=cli_flag(
+            "none, llama2 (Meta's default LLaMA-2 system prompt, as DogeRM used) or the text itself.",
+            flags=("--system-prompt",),
+            cli_default="none",
+            show_default=True,
+        ),
+    )
+    batch_size: int = field(
+        default=8,
+        metadata=cli_flag(
+            "Texts per forward pass (padded to the longest; more is faster and takes more memory).",
+            flags=("--batch-size",),
+            min=1,
+            show_default=True,
+        ),
+    )
+    chat_template: ChatTemplate | None = field(
+        default=None,
+        metadata=cli_flag(
+            "llama2, chatml or FILE.jinja: format with this chat template instead of (or, without one, as) "
+            "the tokenizer's; rendered in lazymerge's bounded sandbox.",
+            flags=("--chat-template",),
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device):
+            raise OptionError(f"--device {self.device!r}: choose cpu, cuda or cuda:N")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise OptionError(f"--compute-dtype {self.dtype!r}: choose {', '.join(COMPUTE_DTYPES)}")
+        if self.quant is not None and self.quant not in QUANT_CHOICES:
+            raise OptionError(f"--quant {self.quant!r}: choose {', '.join(QUANT_CHOICES)}")
+        for name in ("max_length", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OptionError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer")
+        if self.chat_template is not None and not isinstance(self.chat_template, ChatTemplate):
+            raise OptionError("chat_template: give a ChatTemplate (see evaluation.chat_templates)")
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> ScoreOptions:
+        """Options from keyword arguments (the Python API's `**load`), unknown names refused."""
+        unknown = set(kwargs) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown scoring option(s): {', '.join(sorted(unknown))}")
+        return cls(**kwargs)
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the model computes in: bfloat16 under bitsandbytes, else `dtype`."""
+        return "bfloat16" if self.quant is not None else self.dtype
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def model_bytes(self, parameters: int) -> int:
+        """About how many bytes `parameters` weights take once loaded."""
+        if self.quant == "4bit":
+            return parameters // 2 + parameters // 16  # NF4 plus block scales and unquantized layers
+        if self.quant == "8bit":
+            return parameters + parameters // 16
+        return parameters * DTYPE_BYTES[self.dtype]
+
+    def record(self) -> dict[str, Any]:
+        """The settings as JSON values (the chat template by name or file and SHA-256): what a
+        report records and a sweep's resume identity compares."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template.record()
+        return out
