@@ -200,7 +200,7 @@ class MergeOptions:
         metadata=cli_flag("Refuse to match embedding rows by position when tokenizer files are missing."),
     )
     base: Path | None = field(
-        default=None, metadata=cli_flag("Base model for task_arithmetic, ties, dare_linear, dare_ties.")
+        default=None, metadata=cli_flag("Base model of the task-vector methods ({base_methods}).")
     )
     density: float = field(
         default=0.5, metadata=cli_flag("Fraction of each task vector kept (ties, dare_*).", show_default=True)

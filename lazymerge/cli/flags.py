@@ -95,7 +95,10 @@ def field_option(cls: type, name: str, **overrides: Any) -> Callable[[F], F]:
     f = next(x for x in dataclasses.fields(cls) if x.name == name)
     meta = dict(f.metadata)
     spec: dict[str, Any] = {
-        "help": meta["help"].format(methods=", ".join(METHODS)),
+        "help": meta["help"].format(
+            methods=", ".join(METHODS),
+            base_methods=", ".join(m for m, spec in METHODS.items() if spec.needs_base),
+        ),
         "default": meta.get("cli_default", f.default),
         **_click_type(f, meta),
     }
