@@ -97,92 +97,9 @@ def _versus(baseline: list[bool], point: list[bool]) -> dict[str, Any]:
 def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Statistics of every point, the chosen point, and the report files in `spec.out`."""
     baseline = next(r for r in records if r["baseline"])
-    points = []
-    for record in records:
-        entry: dict[str, Any] = {
-            "label": record["label"],
-            "weights": record["weights"],
-            "baseline": record["baseline"],
-        }
-        entry["pairs"] = {}
-        for e in spec.pair_evals:
-            if e.rewardbench2:
-                rewards = record["rewardbench2"][e.name]["rewards"]
-                rb2 = rewardbench2.score_rows(e.rewardbench2, rewards)
-                del rb2["rows"]
-                rb2["versus_baseline"] = rewardbench2.paired_difference(
-                    e.rewardbench2, baseline["rewardbench2"][e.name]["rewards"], rewards
-                )
-                entry.setdefault("rewardbench2", {})[e.name] = rb2
-                continue
-            scores = record["pairs"][e.name]
-            stats = pair_statistics(e.pairs, scores["chosen"], scores["rejected"])
-            base = pair_statistics(
-                e.pairs, baseline["pairs"][e.name]["chosen"], baseline["pairs"][e.name]["rejected"]
-            )
-            stats["versus_baseline"] = _versus(base["correct"], stats["correct"])
-            by_subset = {}
-            for subset in stats["subsets"]:
-                idx = [i for i, p in enumerate(e.pairs) if p.subset == subset]
-                by_subset[subset] = _versus(
-                    [base["correct"][i] for i in idx], [stats["correct"][i] for i in idx]
-                )
-            stats["subsets_versus_baseline"] = by_subset
-            del stats["correct"]
-            entry["pairs"][e.name] = stats
-        entry["best_of_n"] = {}
-        for b in spec.bon_evals:
-            result = best_of_n(b.sets, record["best_of_n"][b.name]["rewards"], b.ns)
-            for r in result.values():
-                k = round(r["accuracy"] * r["n_prompts"])
-                r["ci_low"], r["ci_high"] = wilson_interval(k, r["n_prompts"])
-            entry["best_of_n"][b.name] = result
-        entry["timing"] = {
-            k: record.get(k)
-            for k in (
-                "build_s",
-                "score_s",
-                "bytes_written",
-                "peak_rss",
-                "peak_rss_anon",
-                "peak_rss_file",
-                "peak_gpu_memory",
-            )
-        }
-        points.append(entry)
+    points = [_point_entry(spec, record, baseline) for record in records]
     chosen, how = choose_point(spec, points)
-    doc = {
-        "written_by": f"lazymerge {__version__}",
-        "inputs": [str(p) for p in spec.inputs],
-        "sources": [x.to_dict() for x in spec.sources],
-        "domain_models": list(spec.domain_names),
-        "merge": {"method": spec.merge.method, "density": spec.merge.density, "seed": spec.merge.seed},
-        "scoring": {
-            **vars(spec.load),
-            "chat_template": spec.load.chat_template.record() if spec.load.chat_template else None,
-        },
-        "evaluations": {
-            "pairs": [
-                {
-                    "name": e.name,
-                    "path": str(e.path),
-                    "pairs": len(e.pairs),
-                    "validation": e.validation,
-                    "autoj_ties_dropped": e.autoj_ties,
-                    **({"format": "rewardbench2", "prompts": len(e.rewardbench2)} if e.rewardbench2 else {}),
-                }
-                for e in spec.pair_evals
-            ],
-            "best_of_n": [
-                {"name": b.name, "path": str(b.path), "prompts": len(b.sets), "n": list(b.ns)}
-                for b in spec.bon_evals
-            ],
-        },
-        "statistics": "95% Wilson intervals; paired bootstrap (2000 resamples, seed 0) and exact McNemar against the reward model alone",
-        "points": points,
-        "chosen": {"label": chosen["label"] if chosen else None, "chosen_on": how},
-        "dogerm_reference": DOGERM_REFERENCE,
-    }
+    doc = _report_doc(spec, points, chosen, how)
     write_report(
         spec.out / "results.json", (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")
     )
@@ -193,6 +110,101 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
     if len(spec.inputs) == 3 and spec.pair_evals:
         plot_grid(spec, points, spec.out / "grid.png")
     return doc
+
+
+#: The measurements of a point that its report shows.
+TIMING_KEYS = (
+    "build_s",
+    "score_s",
+    "bytes_written",
+    "peak_rss",
+    "peak_rss_anon",
+    "peak_rss_file",
+    "peak_gpu_memory",
+)
+
+
+def _point_entry(spec: Any, record: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """One point's statistics on every evaluation, against the reward model alone."""
+    entry: dict[str, Any] = {
+        "label": record["label"],
+        "weights": record["weights"],
+        "baseline": record["baseline"],
+    }
+    entry["pairs"] = {}
+    for e in spec.pair_evals:
+        if e.rewardbench2:
+            entry.setdefault("rewardbench2", {})[e.name] = _rewardbench2_entry(e, record, baseline)
+        else:
+            entry["pairs"][e.name] = _pair_entry(e, record, baseline)
+    entry["best_of_n"] = {}
+    for b in spec.bon_evals:
+        result = best_of_n(b.sets, record["best_of_n"][b.name]["rewards"], b.ns)
+        for r in result.values():
+            k = round(r["accuracy"] * r["n_prompts"])
+            r["ci_low"], r["ci_high"] = wilson_interval(k, r["n_prompts"])
+        entry["best_of_n"][b.name] = result
+    entry["timing"] = {k: record.get(k) for k in TIMING_KEYS}
+    return entry
+
+
+def _rewardbench2_entry(e: Any, record: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    rewards = record["rewardbench2"][e.name]["rewards"]
+    rb2 = rewardbench2.score_rows(e.rewardbench2, rewards)
+    del rb2["rows"]
+    rb2["versus_baseline"] = rewardbench2.paired_difference(
+        e.rewardbench2, baseline["rewardbench2"][e.name]["rewards"], rewards
+    )
+    return rb2
+
+
+def _pair_entry(e: Any, record: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    scores = record["pairs"][e.name]
+    stats = pair_statistics(e.pairs, scores["chosen"], scores["rejected"])
+    base = pair_statistics(
+        e.pairs, baseline["pairs"][e.name]["chosen"], baseline["pairs"][e.name]["rejected"]
+    )
+    stats["versus_baseline"] = _versus(base["correct"], stats["correct"])
+    by_subset = {}
+    for subset in stats["subsets"]:
+        idx = [i for i, p in enumerate(e.pairs) if p.subset == subset]
+        by_subset[subset] = _versus([base["correct"][i] for i in idx], [stats["correct"][i] for i in idx])
+    stats["subsets_versus_baseline"] = by_subset
+    del stats["correct"]
+    return stats
+
+
+def _report_doc(
+    spec: Any, points: list[dict[str, Any]], chosen: dict[str, Any] | None, how: str
+) -> dict[str, Any]:
+    """results.json: what was swept and scored, how, every point, and the choice."""
+    pair_files = [
+        {
+            "name": e.name,
+            "path": str(e.path),
+            "pairs": len(e.pairs),
+            "validation": e.validation,
+            "autoj_ties_dropped": e.autoj_ties,
+            **({"format": "rewardbench2", "prompts": len(e.rewardbench2)} if e.rewardbench2 else {}),
+        }
+        for e in spec.pair_evals
+    ]
+    bon_files = [
+        {"name": b.name, "path": str(b.path), "prompts": len(b.sets), "n": list(b.ns)} for b in spec.bon_evals
+    ]
+    return {
+        "written_by": f"lazymerge {__version__}",
+        "inputs": [str(p) for p in spec.inputs],
+        "sources": [x.to_dict() for x in spec.sources],
+        "domain_models": list(spec.domain_names),
+        "merge": {"method": spec.merge.method, "density": spec.merge.density, "seed": spec.merge.seed},
+        "scoring": spec.load.record(),
+        "evaluations": {"pairs": pair_files, "best_of_n": bon_files},
+        "statistics": "95% Wilson intervals; paired bootstrap (2000 resamples, seed 0) and exact McNemar against the reward model alone",
+        "points": points,
+        "chosen": {"label": chosen["label"] if chosen else None, "chosen_on": how},
+        "dogerm_reference": DOGERM_REFERENCE,
+    }
 
 
 def choose_point(spec: Any, points: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
@@ -241,98 +253,100 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
     ]
     for e in doc["evaluations"]["pairs"]:
-        name = e["name"]
-        if e.get("format") == "rewardbench2":
-            lines += _rewardbench2_markdown(doc, e)
-            continue
-        lines += [
-            f"## {name} ({e['pairs']} pairs{', validation' if e['validation'] else ''})",
-            "",
-            "| point | accuracy % [95% CI] | vs reward model alone, points [95% CI] | McNemar p |",
-            "| --- | --- | --- | --- |",
-        ]
-        for p in doc["points"]:
-            s = p["pairs"][name]
-            o, v = s["overall"], s["versus_baseline"]
-            lines.append(
-                f"| {p['label']}{' (reward model alone)' if p['baseline'] else ''} | {_pct(o['accuracy'])} "
-                f"[{_pct(o['ci_low'])}, {_pct(o['ci_high'])}] | {100 * v['difference']:+.1f} "
-                f"[{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}] | {v['mcnemar_p']:.3g} |"
-            )
-        subsets = sorted(doc["points"][0]["pairs"][name]["subsets"])
-        if len(subsets) > 1 or "sections" in doc["points"][0]["pairs"][name]:
-            lines += ["", "| point | " + " | ".join(subsets) + " |", "| --- |" + " --- |" * len(subsets)]
-            for p in doc["points"]:
-                cells = []
-                for sub in subsets:
-                    a = p["pairs"][name]["subsets"][sub]
-                    cells.append(f"{_pct(a['accuracy'])} [{_pct(a['ci_low'])}, {_pct(a['ci_high'])}]")
-                lines.append(f"| {p['label']} | " + " | ".join(cells) + " |")
-            sections = doc["points"][0]["pairs"][name].get("sections")
-            if sections:
-                lines += [
-                    "",
-                    "| point | " + " | ".join(sections) + " |",
-                    "| --- |" + " --- |" * len(sections),
-                ]
-                for p in doc["points"]:
-                    secs = p["pairs"][name]["sections"]
-                    lines.append(
-                        f"| {p['label']} | "
-                        + " | ".join(
-                            f"{_pct(secs[k]['accuracy'])} [{_pct(secs[k]['ci_low'])}, {_pct(secs[k]['ci_high'])}]"
-                            for k in sections
-                        )
-                        + " |"
-                    )
-        reference = []
-        if "math-prm" in subsets:
-            reference += [
-                f"math-prm {b} -> {d} merged with {w}" for b, d, w in doc["dogerm_reference"]["math-prm"]
-            ]
-        if any(s.startswith("hep-") for s in subsets):
-            reference += [f"hep-* {b} -> {d} merged with {w}" for b, d, w in doc["dogerm_reference"]["hep-*"]]
-        if reference:
-            lines += [
-                "",
-                "For context, DogeRM reports (7B models; rounded differently, not plain accuracies): "
-                + "; ".join(reference)
-                + ".",
-            ]
-        lines.append("")
+        lines += (
+            _rewardbench2_markdown(doc, e) if e.get("format") == "rewardbench2" else _pairs_markdown(doc, e)
+        )
     for b in doc["evaluations"]["best_of_n"]:
-        name = b["name"]
-        lines += [
-            f"## best-of-N: {name} ({b['prompts']} prompts)",
-            "",
-            "| point | " + " | ".join(f"N={n}" for n in b["n"]) + " |",
-            "| --- |" + " --- |" * len(b["n"]),
+        lines += _bon_markdown(doc, b)
+    return "\n".join(lines + _timing_markdown(doc)) + "\n"
+
+
+def _interval_cell(a: dict[str, Any], key: str = "accuracy") -> str:
+    return f"{_pct(a[key])} [{_pct(a['ci_low'])}, {_pct(a['ci_high'])}]"
+
+
+def _pairs_markdown(doc: dict[str, Any], e: dict[str, Any]) -> list[str]:
+    """One pair file's section: accuracy against the reward model alone, then by subset and
+    section, then DogeRM's own figures for context."""
+    name = e["name"]
+    lines = [
+        f"## {name} ({e['pairs']} pairs{', validation' if e['validation'] else ''})",
+        "",
+        "| point | accuracy % [95% CI] | vs reward model alone, points [95% CI] | McNemar p |",
+        "| --- | --- | --- | --- |",
+    ]
+    for p in doc["points"]:
+        s = p["pairs"][name]
+        o, v = s["overall"], s["versus_baseline"]
+        lines.append(
+            f"| {p['label']}{' (reward model alone)' if p['baseline'] else ''} | {_interval_cell(o)} "
+            f"| {100 * v['difference']:+.1f} "
+            f"[{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}] | {v['mcnemar_p']:.3g} |"
+        )
+    first = doc["points"][0]["pairs"][name]
+    subsets = sorted(first["subsets"])
+    if len(subsets) > 1 or "sections" in first:
+        lines += _table(doc, subsets, lambda p, sub: _interval_cell(p["pairs"][name]["subsets"][sub]))
+        sections = first.get("sections")
+        if sections:
+            lines += _table(doc, list(sections), lambda p, k: _interval_cell(p["pairs"][name]["sections"][k]))
+    return lines + _dogerm_reference(doc, subsets) + [""]
+
+
+def _table(doc: dict[str, Any], columns: list[str], cell: Any) -> list[str]:
+    """A blank line, then a table of every point (rows) by `columns`, `cell(point, column)`."""
+    lines = ["", "| point | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for p in doc["points"]:
+        lines.append(f"| {p['label']} | " + " | ".join(cell(p, c) for c in columns) + " |")
+    return lines
+
+
+def _dogerm_reference(doc: dict[str, Any], subsets: list[str]) -> list[str]:
+    reference = []
+    if "math-prm" in subsets:
+        reference += [
+            f"math-prm {b} -> {d} merged with {w}" for b, d, w in doc["dogerm_reference"]["math-prm"]
         ]
-        for p in doc["points"]:
-            r = p["best_of_n"][name]
-            lines.append(
-                f"| {p['label']} | "
-                + " | ".join(
-                    f"{_pct(r[str(n)]['accuracy'])} [{_pct(r[str(n)]['ci_low'])}, {_pct(r[str(n)]['ci_high'])}]"
-                    if str(n) in r
-                    else "-"
-                    for n in b["n"]
-                )
-                + " |"
-            )
-        first = doc["points"][0]["best_of_n"][name]
+    if any(s.startswith("hep-") for s in subsets):
+        reference += [f"hep-* {b} -> {d} merged with {w}" for b, d, w in doc["dogerm_reference"]["hep-*"]]
+    if not reference:
+        return []
+    return [
+        "",
+        "For context, DogeRM reports (7B models; rounded differently, not plain accuracies): "
+        + "; ".join(reference)
+        + ".",
+    ]
+
+
+def _bon_markdown(doc: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """One candidate file's section: best-of-N accuracy per point and N, oracle and majority."""
+    name = b["name"]
+    lines = [
+        f"## best-of-N: {name} ({b['prompts']} prompts)",
+        "",
+        "| point | " + " | ".join(f"N={n}" for n in b["n"]) + " |",
+        "| --- |" + " --- |" * len(b["n"]),
+    ]
+    for p in doc["points"]:
+        r = p["best_of_n"][name]
         lines.append(
-            "| oracle | "
-            + " | ".join(_pct(first[str(n)]["oracle"]) if str(n) in first else "-" for n in b["n"])
+            f"| {p['label']} | "
+            + " | ".join(_interval_cell(r[str(n)]) if str(n) in r else "-" for n in b["n"])
             + " |"
         )
+    first = doc["points"][0]["best_of_n"][name]
+    for row, key in (("oracle", "oracle"), ("majority vote", "majority")):
         lines.append(
-            "| majority vote | "
-            + " | ".join(_pct(first[str(n)]["majority"]) if str(n) in first else "-" for n in b["n"])
+            f"| {row} | "
+            + " | ".join(_pct(first[str(n)][key]) if str(n) in first else "-" for n in b["n"])
             + " |"
         )
-        lines.append("")
-    lines += [
+    return lines + [""]
+
+
+def _timing_markdown(doc: dict[str, Any]) -> list[str]:
+    lines = [
         "## Time per point",
         "",
         "| point | build s | score s | model bytes written | peak RSS: total / anonymous / file-backed |",
@@ -345,7 +359,7 @@ def markdown(doc: dict[str, Any]) -> str:
             for k in ("peak_rss", "peak_rss_anon", "peak_rss_file")
         )
         lines.append(f"| {p['label']} | {t['build_s']} | {t['score_s']} | {t['bytes_written']} | {rss} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _rewardbench2_markdown(doc: dict[str, Any], e: dict[str, Any]) -> list[str]:
