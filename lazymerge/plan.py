@@ -361,19 +361,9 @@ def plan_merge(
     options.check_inputs(n)
     options.check_destination_kind(destination)
     single_file = is_single_file(destination)
-    models = [ModelInput.open(c) for c in checkpoints[:n]]
-    rm_index = find_reward_model(models, options.rm)
-    if rm_index is None:
-        tensors = plain_tensor_plans(checkpoints[:n], options.dtype)
-        companions = output_companion_files(models[0].folder, [], None)
-        dropped: tuple[str, ...] = ()
-        notes: tuple[str, ...] = ()
-        roles: tuple[str, ...] = ("input",) * n
-    else:
-        recipe = plan_reward_merge(models, rm_index, dtype=options.dtype, strict=options.strict)
-        tensors, companions = recipe.tensors, recipe.extra_files
-        dropped, notes, roles = recipe.dropped, recipe.notes, recipe.roles
-    variants = options.weight_vectors(n, rm_index)
+    recipe = _recipe(checkpoints[:n], options)
+    tensors, dropped, roles = recipe.tensors, recipe.dropped, recipe.roles
+    variants = options.weight_vectors(n, recipe.rm_index)
     base_index = None
     if options.base is not None:
         tensors, unused = attach_base(tensors, checkpoints[n])
@@ -381,28 +371,103 @@ def plan_merge(
         roles = (*roles, "base model")
         variants = [(*v, 0.0) for v in variants]
         base_index = n
+    memory = _memory(tensors, options, len(checkpoints), len(variants))
+    identities = tuple(identify_checkpoint(c) for c in checkpoints)
+    layouts = _layouts(tensors, checkpoints, identities, variants, options, destination, single_file)
+    if sources is None:
+        sources = [ModelSource(str(c.path), c.path) for c in checkpoints]
+    return MergePlan(
+        inputs=tuple(str(c.path) for c in checkpoints),
+        roles=roles,
+        method=options.method,
+        tensors=tensors,
+        variants=tuple(tuple(float(w) for w in v) for v in variants),
+        variant_names=options.variant_names(),
+        layouts=tuple(layouts),
+        destination=destination,
+        single_file=single_file,
+        dropped=dropped,
+        companion_files={} if single_file else dict(recipe.extra_files),
+        notes=recipe.notes,
+        base_index=base_index,
+        density=options.density,
+        seed=options.seed,
+        check_finite=options.check_finite,
+        sources=tuple(sources),
+        identities=identities,
+        **memory,
+    )
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """What the recipe decides: each output tensor's plan, the companion files, the dropped
+    tensors, the notes, each input's role and the reward model's index (None: a plain merge)."""
+
+    tensors: dict[str, TensorPlan]
+    extra_files: Any
+    dropped: tuple[str, ...]
+    notes: tuple[str, ...]
+    roles: tuple[str, ...]
+    rm_index: int | None
+
+
+def _recipe(checkpoints: Sequence[Checkpoint], options: MergeOptions) -> _Recipe:
+    """A plain merge, or DogeRM's when an input is a reward model (`recipe.plan_reward_merge`)."""
+    models = [ModelInput.open(c) for c in checkpoints]
+    rm_index = find_reward_model(models, options.rm)
+    if rm_index is None:
+        tensors = plain_tensor_plans(checkpoints, options.dtype)
+        companions = output_companion_files(models[0].folder, [], None)
+        return _Recipe(tensors, companions, (), (), ("input",) * len(checkpoints), None)
+    recipe = plan_reward_merge(models, rm_index, dtype=options.dtype, strict=options.strict)
+    return _Recipe(recipe.tensors, recipe.extra_files, recipe.dropped, recipe.notes, recipe.roles, rm_index)
+
+
+def _memory(
+    tensors: dict[str, TensorPlan], options: MergeOptions, inputs: int, variants: int
+) -> dict[str, Any]:
+    """The plan's chunk and block sizes, itemsizes and direct-I/O staging (`MergePlan` fields),
+    sized to `options.max_memory` by the memory model (`size_chunks`)."""
     input_itemsizes = tuple(
         max((s.itemsize for t in tensors.values() if (s := t.sources[i]) is not None), default=1)
-        for i in range(len(checkpoints))
+        for i in range(inputs)
     )
     output_itemsize = max((itemsize(t.dtype) for t in tensors.values()), default=1)
-    method = METHODS[options.method]
-    direct_io = options.direct_io and direct_io_fits(options.max_memory, len(checkpoints), len(variants))
-    staging = staging_bytes(options.max_memory, len(variants)) if direct_io else 0
+    direct_io = options.direct_io and direct_io_fits(options.max_memory, inputs, variants)
+    staging = staging_bytes(options.max_memory, variants) if direct_io else 0
     chunk_elems, block_elems = size_chunks(
         options.max_memory,
         max((t.numel for t in tensors.values()), default=1),
         input_itemsizes,
         output_itemsize,
-        len(variants),
-        method.scratch_bytes,
+        variants,
+        METHODS[options.method].scratch_bytes,
         options.block_elems,
-        direct_io_bytes(len(checkpoints), len(variants), staging) if direct_io else 0,
+        direct_io_bytes(inputs, variants, staging) if direct_io else 0,
     )
-    if options.chunk_elems is not None:
-        chunk_elems = options.chunk_elems
+    return {
+        "chunk_elems": options.chunk_elems if options.chunk_elems is not None else chunk_elems,
+        "block_elems": block_elems,
+        "input_itemsizes": input_itemsizes,
+        "output_itemsize": output_itemsize,
+        "direct_io": direct_io,
+        "staging_bytes": staging,
+    }
+
+
+def _layouts(
+    tensors: dict[str, TensorPlan],
+    checkpoints: Sequence[Checkpoint],
+    identities: Sequence[Any],
+    variants: Sequence[Sequence[float]],
+    options: MergeOptions,
+    destination: Path,
+    single_file: bool,
+) -> list[Any]:
+    """Each output's file layout, its header metadata naming lazymerge, the method, the
+    weights, the inputs and their identity (`lazymerge_provenance`)."""
     outputs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors.values()]
-    identities = tuple(identify_checkpoint(c) for c in checkpoints)
     provenance = json.dumps(
         [ident.published(metadata_name(c.path)) for ident, c in zip(identities, checkpoints, strict=True)],
         separators=(",", ":"),
@@ -420,35 +485,7 @@ def plan_merge(
         layouts.append(
             plan_layout(outputs, metadata, destination.name if single_file else None, options.shard_size)
         )
-    if sources is None:
-        sources = [ModelSource(str(c.path), c.path) for c in checkpoints]
-    plan = MergePlan(
-        inputs=tuple(str(c.path) for c in checkpoints),
-        roles=roles,
-        method=options.method,
-        tensors=tensors,
-        variants=tuple(tuple(float(w) for w in v) for v in variants),
-        variant_names=options.variant_names(),
-        layouts=tuple(layouts),
-        destination=destination,
-        single_file=single_file,
-        chunk_elems=chunk_elems,
-        block_elems=block_elems,
-        input_itemsizes=input_itemsizes,
-        output_itemsize=output_itemsize,
-        dropped=dropped,
-        companion_files={} if single_file else dict(companions),
-        notes=notes,
-        base_index=base_index,
-        density=options.density,
-        seed=options.seed,
-        check_finite=options.check_finite,
-        direct_io=direct_io,
-        staging_bytes=staging,
-        sources=tuple(sources),
-        identities=identities,
-    )
-    return plan
+    return layouts
 
 
 def metadata_name(path: Path) -> str:

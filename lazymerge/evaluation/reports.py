@@ -1,14 +1,13 @@
 """Typed results of `eval` and `bon`: what was scored, with what, and the scores.
 
 A report is a frozen value with `to_dict()` (the JSON `--out` writes) and `format()` (the table the
-command prints), like the merge's `MergeReport`. It also reads as a read-only mapping of that
-JSON (`report["accuracy"]`), so code written for the dictionaries these jobs returned keeps
-working.
+command prints), like the merge's `MergeReport`. It is also a dictionary of that JSON
+(`report["accuracy"]`, `json.dumps(report)`), so code written for the dictionaries these jobs
+returned keeps working.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,15 +44,15 @@ class ScoredWith:
         return out
 
 
-@dataclass(frozen=True)
-class _Report(Mapping[str, Any]):
-    """`to_dict()` and a mapping view of it."""
+@dataclass(frozen=True, eq=False)
+class _Report(dict[str, Any]):
+    """`to_dict()`, and the report itself a dictionary of it (as the JSON it is written as:
+    `json.dumps(report)` works, and it equals its JSON read back)."""
 
     scored_with: ScoredWith
-    _doc: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_doc", self.to_dict())
+        dict.update(self, self.to_dict())
 
     def scores(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -61,17 +60,8 @@ class _Report(Mapping[str, Any]):
     def to_dict(self) -> dict[str, Any]:
         return {**self.scores(), **self.scored_with.to_dict()}
 
-    def __getitem__(self, key: str) -> Any:
-        return self._doc[key]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._doc)
-
-    def __len__(self) -> int:
-        return len(self._doc)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PairReport(_Report):
     """Pairwise accuracy (`scoring.pair_results`: accuracy, ties, subsets, sections, per-pair
     rewards), or a RewardBench 2 file's scores (`rewardbench2.score_rows`, `format`
@@ -100,7 +90,7 @@ class PairReport(_Report):
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BonReport(_Report):
     """Best-of-N accuracy per N, with oracle pass@N and majority vote (`scoring.best_of_n`), and
     every candidate's reward."""
