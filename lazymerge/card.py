@@ -259,10 +259,28 @@ def _sha256(text: str) -> str:
 
 def model_card(plan: MergePlan, options: MergeOptions, variant: int) -> bytes:
     """The README.md of output `variant` (see the module docstring)."""
-    sources = list(plan.sources)
-    names = PublicNames(sources)
-    weights = plan.variants[variant]
-    hub_names = list(dict.fromkeys(names.source(s) for s in sources))
+    names = PublicNames(list(plan.sources))
+    title = plan.variant_names[variant] or plan.destination.name or "merged model"
+    command = shlex.join(public_text(arg) for arg in reproduce_command(plan, options, variant, names))
+    lines = [
+        *_front_matter(plan, names),
+        "",
+        f"# {md_text(title)}",
+        "",
+        f"A merge of {len(plan.sources) - (plan.base_index is not None)} models made with lazymerge "
+        f"{__version__} (method {md_code(plan.method)}).",
+        "",
+        *_recipe_lines(plan, plan.variants[variant], names),
+    ]
+    if plan.identities:
+        lines += ["", "## Provenance", "", *_provenance_lines(plan, names)]
+    lines += _reproduce_lines(plan, command, names)
+    return public_text("\n".join(lines)).encode("utf-8")  # (public_text: nothing left unencodable)
+
+
+def _front_matter(plan: MergePlan, names: PublicNames) -> list[str]:
+    """The Hub's YAML header: the input models as `base_model`, tags, the library."""
+    hub_names = list(dict.fromkeys(names.source(s) for s in plan.sources))
     front = [
         "---",
         "base_model:",
@@ -273,17 +291,14 @@ def model_card(plan: MergePlan, options: MergeOptions, variant: int) -> bytes:
     ]
     if "config.json" in plan.companion_files:
         front.append("library_name: transformers")
-    front.append("---")
-    title = plan.variant_names[variant] or plan.destination.name or "merged model"
-    command = shlex.join(public_text(arg) for arg in reproduce_command(plan, options, variant, names))
+    return [*front, "---"]
+
+
+def _recipe_lines(plan: MergePlan, weights: Sequence[float], names: PublicNames) -> list[str]:
+    """The method and its parameters, each input with its role and weight, what the reward model
+    kept and what was dropped, and the plan's notes."""
+    sources = list(plan.sources)
     lines = [
-        *front,
-        "",
-        f"# {md_text(title)}",
-        "",
-        f"A merge of {len(sources) - (plan.base_index is not None)} models made with lazymerge {__version__} "
-        f"(method {md_code(plan.method)}).",
-        "",
         "## Recipe",
         "",
         f"Method: {md_code(plan.method)}"
@@ -313,21 +328,21 @@ def model_card(plan: MergePlan, options: MergeOptions, variant: int) -> bytes:
         lines += ["", "Dropped:", "", *(f"- {md_text(names.scrub(d))}" for d in plan.dropped)]
     if plan.notes:
         lines += ["", "Notes:", "", *(f"- {md_text(names.scrub(n))}" for n in plan.notes)]
-    if plan.identities:
-        lines += ["", "## Provenance", "", *_provenance_lines(plan, names)]
+    return lines
+
+
+def _reproduce_lines(plan: MergePlan, command: str, names: PublicNames) -> list[str]:
+    """The tensor count and dtypes, the command that makes this output again, and the mark."""
     dtypes = sorted({t.dtype for t in plan.tensors.values()})
     fence = _fence(command)
-    lines += [
+    shortened = ["Paths outside the folder the merge ran in are shown by their base names.", ""]
+    return [
         "",
         f"{len(plan.tensors)} tensors, {plan.parameters:,} parameters, stored as {', '.join(dtypes)}.",
         "",
         "## Reproduce",
         "",
-        *(
-            ["Paths outside the folder the merge ran in are shown by their base names.", ""]
-            if names.shortened
-            else []
-        ),
+        *(shortened if names.shortened else []),
         f"{fence}sh",
         command,
         fence,
@@ -335,7 +350,6 @@ def model_card(plan: MergePlan, options: MergeOptions, variant: int) -> bytes:
         CARD_MARK,
         "",
     ]
-    return public_text("\n".join(lines)).encode("utf-8")  # (public_text: nothing left unencodable)
 
 
 def with_model_cards(plan: MergePlan, options: MergeOptions) -> MergePlan:
