@@ -194,27 +194,13 @@ def merge(
     Example:
         >>> merge(["rm.safetensors", "sft.safetensors"], "out.safetensors", alpha=0.3)  # doctest: +SKIP
     """
-    from lazymerge.engine import MergePipeline
-
     start = time.perf_counter()
     checkpoints, plan = prepare(inputs, output, options, force=force, **kwargs)
     try:
-        transaction = OutputTransaction(plan.destination, single_file=plan.single_file, force=force)
-        try:
-            check_free_space(plan.destination, plan.output_bytes)
-            bar = ProgressBar(plan.input_bytes, enabled=progress)
-            with PeakRssSampler() as sampler:
-                pipeline = MergePipeline(plan, checkpoints, transaction, on_progress=bar.update)
-                written = pipeline.run()
-                transaction.commit()
-            bar.close()
-        except BaseException:
-            transaction.abort()
-            raise
+        written, warnings, peak = _execute(plan, checkpoints, force, progress)
     finally:
         for ckpt in checkpoints:
             ckpt.close()
-    peak = sampler.peak
     return MergeReport(
         output=str(plan.destination),
         files=[str(p) for p in plan.output_paths()],
@@ -226,6 +212,28 @@ def merge(
         peak_rss_total=peak.total,
         peak_rss_anon=peak.anon,
         peak_rss_file=peak.file,
-        warnings=pipeline.warnings,
+        warnings=warnings,
         sources=[s.to_dict() for s in plan.sources],
     )
+
+
+def _execute(
+    plan: MergePlan, checkpoints: Sequence[Checkpoint], force: bool, progress: bool | None
+) -> tuple[int, list[str], Any]:
+    """Run `plan` into its output transaction, committed only when every file is complete:
+    (bytes written, warnings, peak resident memory)."""
+    from lazymerge.engine import MergePipeline
+
+    transaction = OutputTransaction(plan.destination, single_file=plan.single_file, force=force)
+    try:
+        check_free_space(plan.destination, plan.output_bytes)
+        bar = ProgressBar(plan.input_bytes, enabled=progress)
+        with PeakRssSampler() as sampler:
+            pipeline = MergePipeline(plan, list(checkpoints), transaction, on_progress=bar.update)
+            written = pipeline.run()
+            transaction.commit()
+        bar.close()
+    except BaseException:
+        transaction.abort()
+        raise
+    return written, list(pipeline.warnings), sampler.peak
