@@ -25,11 +25,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lazymerge.errors import InputError, TemplateLimitError
-from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget, parse_template
 from lazymerge.io.small_files import read_small_file
+
+if TYPE_CHECKING:  # the sandbox loads jinja2: imported where a template is checked or compiled
+    from lazymerge.evaluation.template_sandbox import BoundedTemplate
 
 LLAMA2 = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -123,6 +125,8 @@ def refuse_private_access(template: ChatTemplate) -> None:
     import jinja2
     from jinja2 import nodes
 
+    from lazymerge.evaluation.template_sandbox import parse_template
+
     try:
         tree = parse_template(template.text, template.name)
     except jinja2.TemplateSyntaxError as exc:
@@ -155,6 +159,8 @@ def compile_template(text: str, name: str) -> BoundedTemplate:
         template nested too deeply to parse or compile.
     """
     import jinja2
+
+    from lazymerge.evaluation.template_sandbox import BoundedTemplate
 
     try:
         return BoundedTemplate(text, name)
@@ -193,6 +199,8 @@ def probe_render(template: ChatTemplate, with_system: bool) -> str:
         InputError naming the template when rendering fails or is refused by the sandbox;
         TemplateLimitError when it passes a limit.
     """
+    from lazymerge.evaluation.template_sandbox import RenderBudget
+
     messages = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
     if with_system:
         messages.insert(0, {"role": "system", "content": "w0"})
@@ -206,7 +214,7 @@ def probe_render(template: ChatTemplate, with_system: bool) -> str:
         "eos_token": "</s>",
     }
     try:
-        rendered: Any = compiled.render(RenderBudget(), variables)
+        rendered = compiled.render(RenderBudget(), variables)
     except TemplateLimitError:
         raise
     except Exception as exc:  # jinja2's TemplateError and SecurityError, and whatever the template raises
