@@ -203,8 +203,10 @@ DEMO_TEMPLATE = (
 
 def _demo_tokenizer(words: list[str], added: list[str]) -> object:
     import tokenizers
-    import transformers
 
+    from lazymerge._optional import require
+
+    transformers = require("transformers")
     model = tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
     tok = tokenizers.Tokenizer(model)
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()

@@ -139,7 +139,7 @@ def _size(value: Any, cap: int) -> int:
 
 def _namespace_attrs(value: Any) -> dict[str, Any] | None:
     if isinstance(value, Namespace):
-        return dict(value._Namespace__attrs)  # type: ignore[attr-defined]
+        return dict(value._Namespace__attrs)
     return None
 
 

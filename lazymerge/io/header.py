@@ -68,7 +68,7 @@ def read_header_length(prefix: bytes | bytearray, file_size: int, source: str) -
             f"{source}: file is {file_size} bytes, shorter than the 8-byte header length prefix; "
             "it is not a safetensors file or it was truncated"
         )
-    (length,) = struct.unpack("<Q", prefix[:8])
+    length: int = struct.unpack("<Q", prefix[:8])[0]
     if length > MAX_HEADER_SIZE:
         raise HeaderTooLargeError(
             f"{source}: header length {length} exceeds the {MAX_HEADER_SIZE}-byte limit; "

@@ -598,7 +598,8 @@ def _listed_in_manifest(path: Path) -> bool:
                 digest.update(block)
     except OSError:
         return False
-    return digest.hexdigest() == entry["sha256"]
+    expected: object = entry["sha256"]
+    return digest.hexdigest() == expected
 
 
 def is_lazymerge_file(path: Path) -> bool:

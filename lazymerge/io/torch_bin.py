@@ -123,7 +123,7 @@ class _LazyTensor(NamedTuple):
     requires_grad: tuple[Any, ...]  # of the tensor, then of the Parameter wrapping it, if any
 
 
-class _StateDict(dict):
+class _StateDict(dict[Any, Any]):
     """What `collections.OrderedDict()` unpickles to: a dict that ignores pickled attributes
     (torch pickles a state dict's `_metadata`, the modules' versions, with BUILD)."""
 
