@@ -17,8 +17,12 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from lazymerge.api import MergeReport
 
 #: Small Llama-like shapes: about 21M parameters, 42 MB per bf16 checkpoint.
 DEMO_SHAPES = {"hidden": 512, "intermediate": 1376, "layers": 4, "vocab": 8000}
@@ -78,52 +82,19 @@ def build_checkpoint(folder: Path, seed: int, shards: int = 1) -> Path:
 
 
 def run_demo(workdir: Path | None = None, as_json: bool = False, echo: Callable[[str], None] = print) -> None:
-    from safetensors.torch import load_file
+    """Run both parts of the demo (see the module) in `workdir`, or a temporary folder removed
+    afterwards; print what happens, or (`as_json`) one JSON document at the end.
 
-    from lazymerge.api import merge
-    from lazymerge.io.reader import Checkpoint
-
+    Raises:
+        LazyMergeError when the streaming merge differs from the in-memory one.
+    """
     with tempfile.TemporaryDirectory(prefix="lazymerge-demo-") as tmp:
         root = Path(workdir) if workdir is not None else Path(tmp)
-        reward = build_checkpoint(root / "reward-model", seed=1)
-        domain = build_checkpoint(root / "domain-sft", seed=2, shards=3)
-        out = root / "merged"
-        alpha = 0.3
-        if not as_json:
-            echo(f"built {reward} and {domain} (sharded); merging with alpha {alpha} into {out}")
-        report = merge(
-            [reward, domain],
-            out,
-            alpha=alpha,
-            max_memory=4 * 2**20,
-            shard_size=30 * 10**6,
-            force=True,
-            progress=None,
-        )
-
-        a = load_file(str(reward))
-        b: dict[str, torch.Tensor] = {}
-        with Checkpoint.open(domain) as ckpt:
-            shards = ckpt.files
-        for shard in shards:
-            b.update(load_file(str(shard)))
-        merged: dict[str, torch.Tensor] = {}
-        for name in report.files:
-            if name.endswith(".safetensors"):
-                merged.update(load_file(name))
-        mismatched = [
-            n
-            for n in a
-            if not torch.equal(merged[n], ((1 - alpha) * a[n].float() + alpha * b[n].float()).to(a[n].dtype))
-        ]
-        if mismatched:
-            from lazymerge.errors import LazyMergeError
-
-            raise LazyMergeError(f"{out}: tensor {mismatched[0]!r} differs from the in-memory merge")
+        report, tensors, mismatched = _streaming_merge(root, as_json, echo)
         if not as_json:
             echo(report.format())
             echo(
-                f"verified: {len(a) - len(mismatched)} of {len(a)} tensors equal an in-memory merge "
+                f"verified: {tensors - len(mismatched)} of {tensors} tensors equal an in-memory merge "
                 "read with safetensors' own loader"
             )
             echo("")
@@ -134,27 +105,90 @@ def run_demo(workdir: Path | None = None, as_json: bool = False, echo: Callable[
                 "the machinery, not DogeRM's effect; see docs/mini-dogerm.md for a run on real pretrained weights)"
             )
         sweep = run_dogerm_sweep(root / "dogerm", echo=(lambda line: None) if as_json else echo)
+        sweep_report = root / "dogerm" / "sweep" / "report.md"
         if as_json:
             doc = {
                 **report.to_dict(),
-                "verified_tensors": len(a) - len(mismatched),
+                "verified_tensors": tensors - len(mismatched),
                 "mismatched": mismatched,
                 "sweep": {
-                    "report": str(root / "dogerm" / "sweep" / "report.md"),
+                    "report": str(sweep_report),
                     "points": [p["label"] for p in sweep["points"]],
                     "chosen": sweep["chosen"],
                 },
             }
             echo(json.dumps(doc, indent=2))
         else:
-            for point in sweep["points"]:
-                o = point["pairs"]["maths"]["overall"]
-                echo(
-                    f"  {point['label']:10s} maths pairs {100 * o['accuracy']:5.1f}% "
-                    f"[{100 * o['ci_low']:.1f}, {100 * o['ci_high']:.1f}]"
-                )
-            echo(f"chosen: {sweep['chosen']['label']} (on {sweep['chosen']['chosen_on']})")
-            echo(f"report: {root / 'dogerm' / 'sweep' / 'report.md'} (kept only with --dir)")
+            _echo_sweep(sweep, sweep_report, echo)
+
+
+#: The demo merge's weight of the second checkpoint.
+DEMO_ALPHA = 0.3
+
+
+def _streaming_merge(
+    root: Path, as_json: bool, echo: Callable[[str], None]
+) -> tuple[MergeReport, int, list[str]]:
+    """Part 1: two generated checkpoints merged under a small memory budget, checked against an
+    in-memory merge. Returns the report, the tensors compared and those that differ (none)."""
+    from lazymerge.api import merge
+    from lazymerge.errors import LazyMergeError
+
+    reward = build_checkpoint(root / "reward-model", seed=1)
+    domain = build_checkpoint(root / "domain-sft", seed=2, shards=3)
+    out = root / "merged"
+    if not as_json:
+        echo(f"built {reward} and {domain} (sharded); merging with alpha {DEMO_ALPHA} into {out}")
+    report = merge(
+        [reward, domain],
+        out,
+        alpha=DEMO_ALPHA,
+        max_memory=4 * 2**20,
+        shard_size=30 * 10**6,
+        force=True,
+        progress=None,
+    )
+    tensors, mismatched = _compare_in_memory(reward, domain, report.files, DEMO_ALPHA)
+    if mismatched:
+        raise LazyMergeError(f"{out}: tensor {mismatched[0]!r} differs from the in-memory merge")
+    return report, tensors, mismatched
+
+
+def _compare_in_memory(reward: Path, domain: Path, files: list[str], alpha: float) -> tuple[int, list[str]]:
+    """The merged `files` against `(1 - alpha) * reward + alpha * domain` computed in memory
+    from safetensors' own loader: (tensors compared, names of those that differ)."""
+    from safetensors.torch import load_file
+
+    from lazymerge.io.reader import Checkpoint
+
+    a = load_file(str(reward))
+    b: dict[str, torch.Tensor] = {}
+    with Checkpoint.open(domain) as ckpt:
+        shards = ckpt.files
+    for shard in shards:
+        b.update(load_file(str(shard)))
+    merged: dict[str, torch.Tensor] = {}
+    for name in files:
+        if name.endswith(".safetensors"):
+            merged.update(load_file(name))
+    mismatched = [
+        n
+        for n in a
+        if not torch.equal(merged[n], ((1 - alpha) * a[n].float() + alpha * b[n].float()).to(a[n].dtype))
+    ]
+    return len(a), mismatched
+
+
+def _echo_sweep(sweep: dict[str, Any], report: Path, echo: Callable[[str], None]) -> None:
+    """Part 2's summary: maths-pair accuracy per lambda, the lambda chosen, the report's file."""
+    for point in sweep["points"]:
+        o = point["pairs"]["maths"]["overall"]
+        echo(
+            f"  {point['label']:10s} maths pairs {100 * o['accuracy']:5.1f}% "
+            f"[{100 * o['ci_low']:.1f}, {100 * o['ci_high']:.1f}]"
+        )
+    echo(f"chosen: {sweep['chosen']['label']} (on {sweep['chosen']['chosen_on']})")
+    echo(f"report: {report} (kept only with --dir)")
 
 
 #: The demo's vocabulary: numbers 0..199 and a few words, plus the tokenizer's special tokens.
@@ -169,8 +203,10 @@ DEMO_TEMPLATE = (
 
 def _demo_tokenizer(words: list[str], added: list[str]) -> object:
     import tokenizers
-    import transformers
 
+    from lazymerge._optional import require
+
+    transformers = require("transformers")
     model = tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
     tok = tokenizers.Tokenizer(model)
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
@@ -254,7 +290,7 @@ def write_demo_data(root: Path) -> tuple[Path, Path]:
     return pair_file, cand_file
 
 
-def run_dogerm_sweep(root: Path, echo: Callable[[str], None] = print) -> dict:
+def run_dogerm_sweep(root: Path, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Build the tiny DogeRM pair and its data under `root`, sweep lambda in memory, report."""
     from lazymerge.evaluation.sweep import build_spec, run_sweep
 

@@ -254,62 +254,89 @@ def compare_inputs(
         return [f"{len(old)} inputs then, {len(new)} now"], list(new)
     updated = []
     for then, now in zip(old, new, strict=True):
-        where = now.path
         if then.path != now.path:
             diffs.append(f"input {then.path} then, {now.path} now")
             updated.append(now)
             continue
-        if then.tensors != now.tensors:
-            diffs.append(f"{where}: its tensors' names, dtypes, shapes or offsets changed")
-        for name in sorted(set(then.companions) | set(now.companions)):
-            a, b = then.companions.get(name), now.companions.get(name)
-            if a != b:
-                change = "appeared" if a is None else "was removed" if b is None else "changed"
-                diffs.append(f"{where}: {name} {change}")
-        before = {w.name: w for w in then.weights}
-        files = []
-        folder = Path(now.path) if Path(now.path).is_dir() else Path(now.path).parent
-        for w in now.weights:
-            prior = before.get(w.name)
-            if prior is None:
-                diffs.append(f"{where}: weights file {w.name} is new")
-                files.append(w)
-                continue
-            # a header's recorded hash is a claim about the bytes, not a proof: bytes edited in
-            # place leave the header as it was. Only the same stat, or the bytes hashed, count.
-            if rehash:
-                sha: str | None = hash_file(folder / w.name)
-            else:
-                sha = prior.sha256 if prior.sha256 is not None else w.sha256
-            w = WeightsFile(w.name, w.size, w.mtime_ns, w.inode, sha, w.ctime_ns)
-            if rehash and prior.sha256 is not None:
-                if prior.sha256 != sha:
-                    diffs.append(f"{where}: weights file {w.name} holds other data (SHA-256 differs)")
-            elif rehash:
-                diffs.append(
-                    f"{where}: weights file {w.name} was not hashed when these results began, so --rehash "
-                    "cannot prove it unchanged"
-                )
-            elif not prior.same_stat(w):
-                what = [
-                    label
-                    for label, a, b in (
-                        ("size", prior.size, w.size),
-                        ("mtime", prior.mtime_ns, w.mtime_ns),
-                        ("inode", prior.inode, w.inode),
-                        ("ctime", prior.ctime_ns, w.ctime_ns),
-                    )
-                    if a != b
-                ]
-                diffs.append(
-                    f"{where}: weights file {w.name} changed ({', '.join(what)}); --rehash proves by "
-                    "content whether it holds the same data"
-                )
-            files.append(w)
-        for name in sorted(set(before) - {w.name for w in now.weights}):
-            diffs.append(f"{where}: weights file {name} was removed")
-        updated.append(InputIdentity(now.path, tuple(files), now.tensors, now.companions))
+        updated.append(_compare_input(then, now, rehash, hash_file, diffs))
     return diffs, updated
+
+
+def _compare_input(
+    then: InputIdentity,
+    now: InputIdentity,
+    rehash: bool,
+    hash_file: Callable[[Path], str],
+    diffs: list[str],
+) -> InputIdentity:
+    """One input at the same path then and now (see `compare_inputs`): its differences appended
+    to `diffs`, its identity now returned with the hashes computed."""
+    where = now.path
+    if then.tensors != now.tensors:
+        diffs.append(f"{where}: its tensors' names, dtypes, shapes or offsets changed")
+    for name in sorted(set(then.companions) | set(now.companions)):
+        a, b = then.companions.get(name), now.companions.get(name)
+        if a != b:
+            change = "appeared" if a is None else "was removed" if b is None else "changed"
+            diffs.append(f"{where}: {name} {change}")
+    before = {w.name: w for w in then.weights}
+    files = []
+    folder = Path(now.path) if Path(now.path).is_dir() else Path(now.path).parent
+    for w in now.weights:
+        prior = before.get(w.name)
+        if prior is None:
+            diffs.append(f"{where}: weights file {w.name} is new")
+            files.append(w)
+        else:
+            files.append(_compare_weights(where, prior, w, folder, rehash, hash_file, diffs))
+    for name in sorted(set(before) - {w.name for w in now.weights}):
+        diffs.append(f"{where}: weights file {name} was removed")
+    return InputIdentity(now.path, tuple(files), now.tensors, now.companions)
+
+
+def _compare_weights(
+    where: str,
+    prior: WeightsFile,
+    w: WeightsFile,
+    folder: Path,
+    rehash: bool,
+    hash_file: Callable[[Path], str],
+    diffs: list[str],
+) -> WeightsFile:
+    """One weights file of input `where` (in `folder`), then (`prior`) and now (`w`): its
+    difference appended to `diffs`, the file now returned with its hash (computed with `rehash`,
+    else the one recorded)."""
+    # a header's recorded hash is a claim about the bytes, not a proof: bytes edited in
+    # place leave the header as it was. Only the same stat, or the bytes hashed, count.
+    if rehash:
+        sha: str | None = hash_file(folder / w.name)
+    else:
+        sha = prior.sha256 if prior.sha256 is not None else w.sha256
+    w = WeightsFile(w.name, w.size, w.mtime_ns, w.inode, sha, w.ctime_ns)
+    if rehash and prior.sha256 is not None:
+        if prior.sha256 != sha:
+            diffs.append(f"{where}: weights file {w.name} holds other data (SHA-256 differs)")
+    elif rehash:
+        diffs.append(
+            f"{where}: weights file {w.name} was not hashed when these results began, so --rehash "
+            "cannot prove it unchanged"
+        )
+    elif not prior.same_stat(w):
+        what = [
+            label
+            for label, a, b in (
+                ("size", prior.size, w.size),
+                ("mtime", prior.mtime_ns, w.mtime_ns),
+                ("inode", prior.inode, w.inode),
+                ("ctime", prior.ctime_ns, w.ctime_ns),
+            )
+            if a != b
+        ]
+        diffs.append(
+            f"{where}: weights file {w.name} changed ({', '.join(what)}); --rehash proves by "
+            "content whether it holds the same data"
+        )
+    return w
 
 
 def identify_inputs(paths: Sequence[Path], hash_weights: bool = False) -> list[InputIdentity]:

@@ -23,14 +23,16 @@ The two built-in templates are written from the published formats:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lazymerge.errors import InputError, TemplateLimitError
-from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget, parse_template
 from lazymerge.io.small_files import read_small_file
 from lazymerge.score_options import ChatTemplate
 
 __all__ = ["ChatTemplate", "load_chat_template", "valid_choice"]
+
+if TYPE_CHECKING:  # the sandbox loads jinja2: imported where a template is checked or compiled
+    from lazymerge.evaluation.template_sandbox import BoundedTemplate
 
 LLAMA2 = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -108,6 +110,8 @@ def refuse_private_access(template: ChatTemplate) -> None:
     import jinja2
     from jinja2 import nodes
 
+    from lazymerge.evaluation.template_sandbox import parse_template
+
     try:
         tree = parse_template(template.text, template.name)
     except jinja2.TemplateSyntaxError as exc:
@@ -140,6 +144,8 @@ def compile_template(text: str, name: str) -> BoundedTemplate:
         template nested too deeply to parse or compile.
     """
     import jinja2
+
+    from lazymerge.evaluation.template_sandbox import BoundedTemplate
 
     try:
         return BoundedTemplate(text, name)
@@ -178,6 +184,8 @@ def probe_render(template: ChatTemplate, with_system: bool) -> str:
         InputError naming the template when rendering fails or is refused by the sandbox;
         TemplateLimitError when it passes a limit.
     """
+    from lazymerge.evaluation.template_sandbox import RenderBudget
+
     messages = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
     if with_system:
         messages.insert(0, {"role": "system", "content": "w0"})
@@ -191,7 +199,7 @@ def probe_render(template: ChatTemplate, with_system: bool) -> str:
         "eos_token": "</s>",
     }
     try:
-        rendered: Any = compiled.render(RenderBudget(), variables)
+        rendered = compiled.render(RenderBudget(), variables)
     except TemplateLimitError:
         raise
     except Exception as exc:  # jinja2's TemplateError and SecurityError, and whatever the template raises

@@ -44,6 +44,8 @@ template and the limit. Real templates take a few hundred steps and well under a
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 import string
@@ -52,6 +54,15 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+# jinja2 comes with torch; `chat_templates` imports this module only when it checks or compiles
+# a template, so choosing one on the command line loads no jinja2
+import jinja2
+import jinja2.ext
+from jinja2 import nodes
+from jinja2.runtime import LoopContext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace, generate_lorem_ipsum
 
 from lazymerge.errors import TemplateLimitError
 
@@ -127,10 +138,8 @@ def _size(value: Any, cap: int) -> int:
 
 
 def _namespace_attrs(value: Any) -> dict[str, Any] | None:
-    from jinja2.utils import Namespace
-
     if isinstance(value, Namespace):
-        return dict(value._Namespace__attrs)  # type: ignore[attr-defined]
+        return dict(value._Namespace__attrs)
     return None
 
 
@@ -514,234 +523,221 @@ def _tighter(render: Any, render_what: str, run: Any, run_what: str) -> tuple[An
 # --- the environment -------------------------------------------------------------------------
 
 
-def _environment() -> Any:
-    """An ImmutableSandboxedEnvironment configured as transformers' chat-template one, with
-    every operation that can loop or grow a value metered (see the module)."""
-    import jinja2
-    import jinja2.ext
-    from jinja2 import nodes
-    from jinja2.runtime import LoopContext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2.utils import Namespace, generate_lorem_ipsum
+class _GenerationBlock(jinja2.ext.Extension):
+    # transformers' `{% generation %}` marks assistant text for its masks; the text is the
+    # block's own, which is all lazymerge needs
+    tags = {"generation"}
 
-    class GenerationBlock(jinja2.ext.Extension):
-        # transformers' `{% generation %}` marks assistant text for its masks; the text is the
-        # block's own, which is all lazymerge needs
-        tags = {"generation"}
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(lineno)
 
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.Scope(body).set_lineno(lineno)
 
-    class TemplateNamespace(Namespace):
-        # like transformers': names starting with an underscore could shadow Python internals
-        def __init__(*args: Any, **kwargs: Any) -> None:
-            self, rest = args[0], args[1:]
-            attrs = dict(*rest, **kwargs)
-            for name in attrs:
-                TemplateNamespace.check_name(name)
-            Namespace.__init__(self, attrs)
+class _TemplateNamespace(Namespace):
+    # like transformers': names starting with an underscore could shadow Python internals
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        self, rest = args[0], args[1:]
+        attrs = dict(*rest, **kwargs)
+        for name in attrs:
+            _TemplateNamespace.check_name(name)
+        Namespace.__init__(self, attrs)
 
-        def __setitem__(self, name: str, value: Any) -> None:
-            TemplateNamespace.check_name(name)
-            Namespace.__setitem__(self, name, value)
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace.check_name(name)
+        Namespace.__setitem__(self, name, value)
 
-        @staticmethod
-        def check_name(name: Any) -> None:
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(
-                    f"a chat template may not store {name[:40]!r} (an underscore name) on a namespace"
-                )
-
-    class TemplateDict:
-        # `dict(...)` and `dict.fromkeys(...)` without the type object itself
-        def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-            return dict.fromkeys(*args, **kwargs)
-
-    def raise_exception(message: Any) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(
-        x: Any,
-        ensure_ascii: bool = False,
-        indent: Any = None,
-        separators: Any = None,
-        sort_keys: bool = False,
-    ) -> str:
-        # transformers' filter: plain json.dumps (jinja's own escapes HTML characters)
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    class BoundedEnvironment(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**", "+", "%"})
-        meter: _Meter | None = None
-
-        def __init__(self) -> None:
-            super().__init__(
-                trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
+    @staticmethod
+    def check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"a chat template may not store {name[:40]!r} (an underscore name) on a namespace"
             )
-            self.filters["tojson"] = tojson
-            self.filters["striptags"] = striptags
-            self.filters = {name: self.bounded_filter(name, f) for name, f in self.filters.items()}
-            self.globals["raise_exception"] = raise_exception
-            self.globals["strftime_now"] = self.strftime_now
-            self.globals["dict"] = TemplateDict()
-            self.globals["namespace"] = TemplateNamespace
-            self.globals["lipsum"] = self.lipsum
 
-        def active(self) -> _Meter:
-            if self.meter is None:
-                raise _Stop("it was rendered outside a metered render")
-            return self.meter
 
-        # loops and output, through the syntax tree (see `BoundedTemplate`)
-        def lazymerge_iterate(self, iterable: Any) -> Iterator[Any]:
-            meter = self.active()
-            for item in iterable:
-                meter.step()
-                yield item
+class _TemplateDict:
+    # `dict(...)` and `dict.fromkeys(...)` without the type object itself
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict(*args, **kwargs)
 
-        def lazymerge_emit(self, value: Any) -> str:
-            return self.active().emit(value)
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict.fromkeys(*args, **kwargs)
 
-        def lazymerge_slice(self, obj: Any, start: Any, stop: Any, step: Any) -> Any:
-            # what jinja's code does (`obj[a:b]`), errors included; a step, the result counted as built
+
+def _raise_exception(message: Any) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: Any = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    # transformers' filter: plain json.dumps (jinja's own escapes HTML characters)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """An ImmutableSandboxedEnvironment configured as transformers' chat-template one, with
+    every operation that can loop or grow a value metered by the `meter` of the render in
+    progress (see the module)."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    meter: _Meter | None = None
+
+    def __init__(self) -> None:
+        super().__init__(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+        )
+        self.filters["tojson"] = _tojson
+        self.filters["striptags"] = striptags
+        self.filters = {name: self.bounded_filter(name, f) for name, f in self.filters.items()}
+        self.globals["raise_exception"] = _raise_exception
+        self.globals["strftime_now"] = self.strftime_now
+        self.globals["dict"] = _TemplateDict()
+        self.globals["namespace"] = _TemplateNamespace
+        self.globals["lipsum"] = self.lipsum
+
+    def active(self) -> _Meter:
+        if self.meter is None:
+            raise _Stop("it was rendered outside a metered render")
+        return self.meter
+
+    # loops and output, through the syntax tree (see `BoundedTemplate`)
+    def lazymerge_iterate(self, iterable: Any) -> Iterator[Any]:
+        meter = self.active()
+        for item in iterable:
+            meter.step()
+            yield item
+
+    def lazymerge_emit(self, value: Any) -> str:
+        return self.active().emit(value)
+
+    def lazymerge_slice(self, obj: Any, start: Any, stop: Any, step: Any) -> Any:
+        # what jinja's code does (`obj[a:b]`), errors included; a step, the result counted as built
+        meter = self.active()
+        meter.step()
+        return meter.check(obj[start:stop:step], "a slice")
+
+    def lazymerge_concat(self, *parts: Any) -> str:
+        meter = self.active()
+        meter.expect(sum(_size(p, meter.max_output) for p in parts), "'~'")
+        return str(meter.check("".join(str(p) for p in parts), "'~'"))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's signature)
+        if getattr(__obj, "__self__", None) is __self and __obj.__name__.startswith("lazymerge_"):
+            # the meter's own hooks (`_instrument`) meter themselves; jinja adds its loop and
+            # block variables to calls made inside them, which only `Context.call` takes
+            kwargs.pop("_loop_vars", None)
+            kwargs.pop("_block_vars", None)
+            return __obj(*args, **kwargs)
+        meter = __self.active()
+        meter.step()
+        if isinstance(__obj, LoopContext) and args:
+            # `loop(children)` of a recursive loop iterates outside the `{% for %}` it came from
+            args = (__self.lazymerge_iterate(args[0]), *args[1:])
+        name = getattr(__obj, "__name__", type(__obj).__name__)
+        for arg in (*args, *kwargs.values()):
+            meter.check(arg, f"an argument of {name}()", built=False)
+        meter.depth += 1
+        if meter.depth > RENDER_DEPTH:
+            raise _Stop(f"it nests calls more than {RENDER_DEPTH} deep (recursion)")
+        try:
+            result = super().call(__context, __obj, *args, **kwargs)
+        finally:
+            meter.depth -= 1
+        return meter.check(result, f"{name}()")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        meter = self.active()
+        meter.step()
+        what = f"'{operator}'"
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
+            if abs(left) > 1 and (left.bit_length() - 1) * right > INT_DIGITS * 3.33:
+                raise _Stop(f"{what} builds an integer of more than {INT_DIGITS} digits")
+        elif operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(count, int) and not isinstance(seq, (int, float)) and isinstance(seq, Sized):
+                    meter.expect(_size(seq, meter.max_output) * max(count, 0), what)
+        elif operator == "%" and isinstance(left, str):
+            meter.expect(_printf_bound(left, right, meter.max_output), what)
+        return meter.check(super().call_binop(context, operator, left, right), what)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        return self.bounded_method(obj, attribute, super().getattr(obj, attribute))
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if isinstance(argument, slice):  # `x[slice(...)]`? (`x[a:b]` is `lazymerge_slice`)
             meter = self.active()
             meter.step()
-            return meter.check(obj[start:stop:step], "a slice")
+            return meter.check(super().getitem(obj, argument), "a slice")
+        return self.bounded_method(obj, argument, super().getitem(obj, argument))
 
-        def lazymerge_concat(self, *parts: Any) -> str:
+    def bounded_method(self, obj: Any, name: Any, value: Any) -> Any:
+        """A str method that can outgrow its string, sized before it runs."""
+        if (
+            not isinstance(obj, str)
+            or not isinstance(name, str)
+            or name not in _METHOD_BOUNDS
+            or not callable(value)
+        ):
+            return value
+        bound = _METHOD_BOUNDS[name]
+
+        def method(*args: Any, **kwargs: Any) -> Any:
             meter = self.active()
-            meter.expect(sum(_size(p, meter.max_output) for p in parts), "'~'")
-            return meter.check("".join(str(p) for p in parts), "'~'")
+            args = tuple(
+                list(a) if isinstance(a, Iterable) and not isinstance(a, (Sized, str)) else a for a in args
+            )
+            meter.expect(bound(obj, args, kwargs, meter.max_output), f"str.{name}()")
+            return value(*args, **kwargs)
 
-        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's signature)
-            if getattr(__obj, "__self__", None) is __self and __obj.__name__.startswith("lazymerge_"):
-                # the meter's own hooks (`_instrument`) meter themselves; jinja adds its loop and
-                # block variables to calls made inside them, which only `Context.call` takes
-                kwargs.pop("_loop_vars", None)
-                kwargs.pop("_block_vars", None)
-                return __obj(*args, **kwargs)
-            meter = __self.active()
-            meter.step()
-            if isinstance(__obj, LoopContext) and args:
-                # `loop(children)` of a recursive loop iterates outside the `{% for %}` it came from
-                args = (__self.lazymerge_iterate(args[0]), *args[1:])
-            name = getattr(__obj, "__name__", type(__obj).__name__)
-            for arg in (*args, *kwargs.values()):
-                meter.check(arg, f"an argument of {name}()", built=False)
-            meter.depth += 1
-            if meter.depth > RENDER_DEPTH:
-                raise _Stop(f"it nests calls more than {RENDER_DEPTH} deep (recursion)")
-            try:
-                result = super().call(__context, __obj, *args, **kwargs)
-            finally:
-                meter.depth -= 1
-            return meter.check(result, f"{name}()")
+        method.__name__ = f"str.{name}"
+        return method
 
-        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+    def bounded_filter(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+        bound = _FILTER_BOUNDS.get(name)
+        work = _FILTER_WORK.get(name, _per(_WORK_PER_STEP))
+        # jinja passes the context, eval context or environment first to some filters; the
+        # signature of those made with jinja's async_variant omits it (it follows __wrapped__)
+        lead = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0
+        signature = inspect.signature(func)
+        first = next(iter(signature.parameters), "")
+        offset = 0 if first in ("context", "eval_ctx", "environment") else lead
+
+        @functools.wraps(func)
+        def bounded(*args: Any, **kwargs: Any) -> Any:
             meter = self.active()
             meter.step()
-            what = f"'{operator}'"
-            if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
-                if abs(left) > 1 and (left.bit_length() - 1) * right > INT_DIGITS * 3.33:
-                    raise _Stop(f"{what} builds an integer of more than {INT_DIGITS} digits")
-            elif operator == "*":
-                for seq, count in ((left, right), (right, left)):
-                    if (
-                        isinstance(count, int)
-                        and not isinstance(seq, (int, float))
-                        and isinstance(seq, Sized)
-                    ):
-                        meter.expect(_size(seq, meter.max_output) * max(count, 0), what)
-            elif operator == "%" and isinstance(left, str):
-                meter.expect(_printf_bound(left, right, meter.max_output), what)
-            return meter.check(super().call_binop(context, operator, left, right), what)
+            if len(args) > lead and isinstance(args[lead], Iterator):
+                # a generator (from map, select, slice, ...): listed here, each item a step,
+                # so no filter iterates without the meter
+                args = (*args[:lead], list(self.lazymerge_iterate(args[lead])), *args[lead + 1 :])
+            if len(args) > lead:
+                meter.charge(work(args[lead], meter.max_output), f"the {name} filter")
+            if bound is not None:
+                try:
+                    arguments = signature.bind(*args[offset:], **kwargs).arguments
+                except TypeError:
+                    arguments = None  # the filter itself reports the wrong arguments
+                if arguments is not None:
+                    meter.expect(bound(arguments, meter.max_output), f"the {name} filter")
+            return meter.check(func(*args, **kwargs), f"the {name} filter")
 
-        def getattr(self, obj: Any, attribute: str) -> Any:
-            return self.bounded_method(obj, attribute, super().getattr(obj, attribute))
+        return bounded
 
-        def getitem(self, obj: Any, argument: Any) -> Any:
-            if isinstance(argument, slice):  # `x[slice(...)]`? (`x[a:b]` is `lazymerge_slice`)
-                meter = self.active()
-                meter.step()
-                return meter.check(super().getitem(obj, argument), "a slice")
-            return self.bounded_method(obj, argument, super().getitem(obj, argument))
+    def strftime_now(self, format: Any) -> str:  # noqa: A002 (transformers' name)
+        # glibc pads `%Y` to any width written in the format (`%999999999Y`)
+        if isinstance(format, str):
+            widths = sum(int(n) for n in re.findall(r"%[-_0^#]*(\d+)", format))
+            self.active().expect(16 * len(format) + widths, "strftime_now()")
+        return datetime.now().strftime(format)
 
-        def bounded_method(self, obj: Any, name: Any, value: Any) -> Any:
-            """A str method that can outgrow its string, sized before it runs."""
-            if (
-                not isinstance(obj, str)
-                or not isinstance(name, str)
-                or name not in _METHOD_BOUNDS
-                or not callable(value)
-            ):
-                return value
-            bound = _METHOD_BOUNDS[name]
-
-            def method(*args: Any, **kwargs: Any) -> Any:
-                meter = self.active()
-                args = tuple(
-                    list(a) if isinstance(a, Iterable) and not isinstance(a, (Sized, str)) else a
-                    for a in args
-                )
-                meter.expect(bound(obj, args, kwargs, meter.max_output), f"str.{name}()")
-                return value(*args, **kwargs)
-
-            method.__name__ = f"str.{name}"
-            return method
-
-        def bounded_filter(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
-            import functools
-            import inspect
-
-            bound = _FILTER_BOUNDS.get(name)
-            work = _FILTER_WORK.get(name, _per(_WORK_PER_STEP))
-            # jinja passes the context, eval context or environment first to some filters; the
-            # signature of those made with jinja's async_variant omits it (it follows __wrapped__)
-            lead = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0
-            signature = inspect.signature(func)
-            first = next(iter(signature.parameters), "")
-            offset = 0 if first in ("context", "eval_ctx", "environment") else lead
-
-            @functools.wraps(func)
-            def bounded(*args: Any, **kwargs: Any) -> Any:
-                meter = self.active()
-                meter.step()
-                if len(args) > lead and isinstance(args[lead], Iterator):
-                    # a generator (from map, select, slice, ...): listed here, each item a step,
-                    # so no filter iterates without the meter
-                    args = (*args[:lead], list(self.lazymerge_iterate(args[lead])), *args[lead + 1 :])
-                if len(args) > lead:
-                    meter.charge(work(args[lead], meter.max_output), f"the {name} filter")
-                if bound is not None:
-                    try:
-                        arguments = signature.bind(*args[offset:], **kwargs).arguments
-                    except TypeError:
-                        arguments = None  # the filter itself reports the wrong arguments
-                    if arguments is not None:
-                        meter.expect(bound(arguments, meter.max_output), f"the {name} filter")
-                return meter.check(func(*args, **kwargs), f"the {name} filter")
-
-            return bounded
-
-        def strftime_now(self, format: Any) -> str:  # noqa: A002 (transformers' name)
-            # glibc pads `%Y` to any width written in the format (`%999999999Y`)
-            if isinstance(format, str):
-                widths = sum(int(n) for n in re.findall(r"%[-_0^#]*(\d+)", format))
-                self.active().expect(16 * len(format) + widths, "strftime_now()")
-            return datetime.now().strftime(format)
-
-        def lipsum(self, n: Any = 5, html: Any = True, min: Any = 20, max: Any = 100) -> Any:  # noqa: A002 (jinja's names)
-            self.active().expect(_int(n) * (_int(max) + 1) * 16, "lipsum()")
-            return generate_lorem_ipsum(n, html, min, max)
-
-    return BoundedEnvironment()
+    def lipsum(self, n: Any = 5, html: Any = True, min: Any = 20, max: Any = 100) -> Any:  # noqa: A002 (jinja's names)
+        self.active().expect(_int(n) * (_int(max) + 1) * 16, "lipsum()")
+        return generate_lorem_ipsum(n, html, min, max)
 
 
 def _instrument(tree: Any) -> Any:
@@ -749,7 +745,6 @@ def _instrument(tree: Any) -> Any:
     `{% for %}` iterates `lazymerge_iterate(...)`, every output piece (text included, so a loop
     writing into a `{% set %}` block is counted) passes `lazymerge_emit`, every `a ~ b` is
     `lazymerge_concat(a, b)`, every slice `x[a:b:c]` is `lazymerge_slice(x, a, b, c)`. The calls go through the sandbox's `call` like any other."""
-    from jinja2 import nodes
 
     def hook(name: str, *args: Any) -> Any:
         return nodes.Call(nodes.EnvironmentAttribute(name), list(args), [], None, None)
@@ -817,7 +812,7 @@ def parse_template(text: str, name: str = "the chat template") -> Any:
         jinja2.TemplateSyntaxError for a template that does not parse; TemplateLimitError
         naming `name` for one nested too deeply (`TEMPLATE_DEPTH`).
     """
-    return _parse(_environment(), text, name)
+    return _parse(_BoundedEnvironment(), text, name)
 
 
 class BoundedTemplate:
@@ -834,7 +829,7 @@ class BoundedTemplate:
 
     def __init__(self, text: str, name: str) -> None:
         self.name = name
-        self.environment = _environment()
+        self.environment = _BoundedEnvironment()
         tree = _instrument(_parse(self.environment, text, name))
         try:
             self.template = self.environment.from_string(tree)

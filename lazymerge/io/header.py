@@ -68,7 +68,7 @@ def read_header_length(prefix: bytes | bytearray, file_size: int, source: str) -
             f"{source}: file is {file_size} bytes, shorter than the 8-byte header length prefix; "
             "it is not a safetensors file or it was truncated"
         )
-    (length,) = struct.unpack("<Q", prefix[:8])
+    length: int = struct.unpack("<Q", prefix[:8])[0]
     if length > MAX_HEADER_SIZE:
         raise HeaderTooLargeError(
             f"{source}: header length {length} exceeds the {MAX_HEADER_SIZE}-byte limit; "
@@ -323,6 +323,25 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
         HeaderError (one subclass per failed check).
     """
     length = read_header_length(raw, file_size, source)
+    text = _header_text(raw, length, source)
+    _check_metadata_objects(text, source)
+    hook = _EntryParser(source, raw, length)
+    doc = _parse_json(text, hook, source)
+    metadata = _take_metadata(doc, text, source)
+    del text  # (the decoded copy of the header: as large as the header again)
+
+    data_start = 8 + length
+    path = Path(source)  # one path object shared by every record of the file
+    entries = [_parse_entry(name, info, path, data_start, hook.shapes) for name, info in doc.items()]
+    del doc
+    entries.sort(key=lambda e: (e.offset, e.end))
+    _check_contiguous(entries, data_start, file_size - data_start, source)
+    return Header(tensors=tuple(entries), metadata=dict(metadata), data_start=data_start)
+
+
+def _header_text(raw: bytes | bytearray, length: int, source: str) -> str:
+    """The header's JSON text (the `length` bytes after the length prefix), refused before it is
+    parsed when truncated, not UTF-8, not an object, or holding more lists than tensors need."""
     body = memoryview(raw)[8 : 8 + length]  # (a view: a header may be 100 MB; no copy of it)
     if len(body) < length:
         raise HeaderTooShortError(f"{source}: header is truncated ({len(body)} of {length} bytes)")
@@ -343,8 +362,11 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
             f"{source}: header holds {lists:,} lists, more than {MAX_TENSORS:,} tensors need "
             "(two each); the file is corrupt or hostile"
         )
-    _check_metadata_objects(text, source)
-    hook = _EntryParser(source, raw, length)
+    return text
+
+
+def _parse_json(text: str, hook: _EntryParser, source: str) -> dict[str, Any]:
+    """The header's top-level object, each tensor entry checked by `hook` as it is parsed."""
     try:
         doc = json.loads(text, object_pairs_hook=hook)
     except TooManyTensorsError:
@@ -359,7 +381,12 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
         raise HeaderJsonError(f"{source}: header JSON is one tensor entry, not an object of named entries")
     if not isinstance(doc, dict):
         raise HeaderJsonError(f"{source}: header JSON is a {type(doc).__name__}, not an object")
+    return doc
 
+
+def _take_metadata(doc: dict[str, Any], text: str, source: str) -> dict[str, str]:
+    """Remove `__metadata__` from `doc` and return it, checked: strings to strings, at most
+    `MAX_METADATA_ENTRIES`, and (as every name) no lone surrogate in the header's text."""
     metadata = doc.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
@@ -369,14 +396,12 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
         raise too_many_metadata_entries(source, len(metadata))
     if _SURROGATE_ESCAPE.search(text) is not None:
         _refuse_lone_surrogates(source, doc, metadata)
-    del text  # (the decoded copy of the header: as large as the header again)
+    return metadata
 
-    data_size = file_size - 8 - length
-    data_start = 8 + length
-    path = Path(source)  # one path object shared by every record of the file
-    entries = [_parse_entry(name, info, path, data_start, hook.shapes) for name, info in doc.items()]
-    del doc
-    entries.sort(key=lambda e: (e.offset, e.end))
+
+def _check_contiguous(entries: list[TensorInfo], data_start: int, data_size: int, source: str) -> None:
+    """Entries sorted by offset must cover the `data_size` data bytes exactly, from 0, with no
+    gap or overlap."""
     position = 0
     for entry in entries:
         begin = entry.offset - data_start
@@ -393,7 +418,6 @@ def parse_header(raw: bytes | bytearray, file_size: int, source: str) -> Header:
             f"bytes after the header; the file is "
             f"{'truncated' if position > data_size else 'padded with unexpected bytes'}"
         )
-    return Header(tensors=tuple(entries), metadata=dict(metadata), data_start=data_start)
 
 
 def _parse_entry(

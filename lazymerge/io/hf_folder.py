@@ -241,7 +241,20 @@ def _check_tokenizer_json(doc: Any, path: Path) -> tuple[dict[str, Any], list[tu
         raise TokenizerFileError(
             f"{path}: model must be an object holding vocab, found {describe_json(model)}"
         )
-    model_vocab = model.get("vocab")
+    pairs = _model_vocab_pairs(model.get("vocab"), path)
+    seen: dict[str, int] = {}
+    for token, token_id in pairs:  # a Unigram piece given twice
+        if token in seen:
+            raise TokenizerFileError(
+                f"{path}: model.vocab gives token {describe_json(token)} ids {seen[token]} and {token_id}"
+            )
+        seen[token] = token_id
+    return doc, pairs + _added_token_pairs(doc.get("added_tokens", []), path)
+
+
+def _model_vocab_pairs(model_vocab: Any, path: Path) -> list[tuple[str, int]]:
+    """(token, id) of tokenizer.json's `model.vocab`: an object of token -> id (BPE, WordPiece)
+    or a list of [piece, score] in id order (Unigram)."""
     pairs: list[tuple[str, int]] = []
     if isinstance(model_vocab, dict):
         for token, token_id in model_vocab.items():
@@ -269,16 +282,15 @@ def _check_tokenizer_json(doc: Any, path: Path) -> tuple[dict[str, Any], list[tu
             f"{path}: model.vocab must be an object (token -> id) or a list ([piece, score]), found "
             f"{describe_json(model_vocab)}; cannot tell which token each row is"
         )
-    seen: dict[str, int] = {}
-    for token, token_id in pairs:  # a Unigram piece given twice
-        if token in seen:
-            raise TokenizerFileError(
-                f"{path}: model.vocab gives token {describe_json(token)} ids {seen[token]} and {token_id}"
-            )
-        seen[token] = token_id
-    added = doc.get("added_tokens", [])
+    return pairs
+
+
+def _added_token_pairs(added: Any, path: Path) -> list[tuple[str, int]]:
+    """(content, id) of tokenizer.json's `added_tokens`, each entry checked, no token twice
+    with different ids."""
     if not isinstance(added, list):
         raise TokenizerFileError(f"{path}: added_tokens must be a list, found {describe_json(added)}")
+    pairs: list[tuple[str, int]] = []
     added_ids: dict[str, int] = {}
     for i, entry in enumerate(added):
         where = f"{path}: added_tokens[{i}]"
@@ -296,7 +308,7 @@ def _check_tokenizer_json(doc: Any, path: Path) -> tuple[dict[str, Any], list[tu
             )
         added_ids[content] = token_id
         pairs.append((content, token_id))
-    return doc, pairs
+    return pairs
 
 
 def _added_tokens_json(path: Path) -> dict[str, int]:
@@ -413,6 +425,21 @@ def output_companion_files(
     """
     if folder is None:
         return {}
+    files = _read_companion_files(folder)
+    if vocab_size is not None and "config.json" in files:
+        config = check_config(
+            _parse_json(files["config.json"], folder / "config.json", ConfigFileError), folder / "config.json"
+        )
+        if config.get("vocab_size") != vocab_size:
+            config["vocab_size"] = vocab_size
+            files["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+    if appended:
+        _add_tokens(files, folder, _appended_entries(appended))
+    return files
+
+
+def _read_companion_files(folder: Path) -> dict[str, bytes]:
+    """name -> bytes of each of `COMPANION_FILES` present in `folder`, each within the size limit."""
     files: dict[str, bytes] = {}
     for name in COMPANION_FILES:
         path = folder / name
@@ -425,20 +452,22 @@ def output_companion_files(
                 files[name] = read_small_file(path, MAX_JSON_BYTES)
             except OSError as exc:
                 raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if vocab_size is not None and "config.json" in files:
-        config = check_config(
-            _parse_json(files["config.json"], folder / "config.json", ConfigFileError), folder / "config.json"
-        )
-        if config.get("vocab_size") != vocab_size:
-            config["vocab_size"] = vocab_size
-            files["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
-    if not appended:
-        return files
+    return files
+
+
+def _appended_entries(appended: list[tuple[str, int, dict[str, Any] | None]]) -> list[dict[str, Any]]:
+    """An `added_tokens` entry per appended token: special, its flags from the model it came from."""
     entries: list[dict[str, Any]] = []
     for token, token_id, entry in appended:
         base = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
         base.update({k: v for k, v in (entry or {}).items() if k in base})
         entries.append({"id": token_id, "content": token, **base})
+    return entries
+
+
+def _add_tokens(files: dict[str, bytes], folder: Path, entries: list[dict[str, Any]]) -> None:
+    """Add `entries` to the tokenizer files in `files` (tokenizer.json, tokenizer_config.json,
+    added_tokens.json, which is written too when there is no tokenizer.json)."""
     if "tokenizer.json" in files:
         path = folder / "tokenizer.json"
         doc = _check_tokenizer_json(_parse_json(files["tokenizer.json"], path, TokenizerFileError), path)[0]
@@ -457,4 +486,3 @@ def output_companion_files(
         added = _added_tokens_json(folder / "added_tokens.json") if "added_tokens.json" in files else {}
         added.update({e["content"]: e["id"] for e in entries})
         files["added_tokens.json"] = (json.dumps(added, ensure_ascii=False, indent=2) + "\n").encode()
-    return files

@@ -342,7 +342,19 @@ def check_against_inputs(destination: Path, inputs: Sequence[Path], files: Seque
     except OSError:
         dest_stat = None
     given = [Path(p) for p in inputs]
-    for path in (real(p) for p in [*given, *files]):
+    _refuse_input_paths(destination, dest, dest_stat, [*given, *files])
+    for source in given:
+        _refuse_inside_input_folders(destination, dest, source)
+    if dest_stat is not None and os.path.isdir(dest):
+        _refuse_held_inputs(destination, dest, [*given, *files])
+
+
+def _refuse_input_paths(
+    destination: Path, dest: Path, dest_stat: os.stat_result | None, paths: list[Path]
+) -> None:
+    """`dest` (`destination` resolved) is none of `paths` resolved, nor the same file (a hard
+    link), nor a folder above one."""
+    for path in (real(p) for p in paths):
         same = False
         if dest_stat is not None:
             try:
@@ -354,42 +366,49 @@ def check_against_inputs(destination: Path, inputs: Sequence[Path], files: Seque
                 f"{destination}: is or holds input {path}; lazymerge never overwrites an input, "
                 "choose another output path"
             )
-    for source in given:
-        for repo in {hub_repo_folder(Path(os.path.abspath(source))), hub_repo_folder(real(source))} - {None}:
-            assert repo is not None
-            if real(repo) == dest or real(repo) in dest.parents:
-                raise OutputError(
-                    f"{destination}: lies inside the Hugging Face cache folder {repo} of input {source}; "
-                    "lazymerge never writes into the cache. Choose an output outside it"
-                )
-        folder = source if source.is_dir() else source.parent
-        model_folder = (
-            source.is_dir() or source.name.endswith(".index.json") or (folder / "config.json").is_file()
-        )
-        if model_folder and real(folder) in dest.parents:
+
+
+def _refuse_inside_input_folders(destination: Path, dest: Path, source: Path) -> None:
+    """`dest` lies neither inside the Hugging Face cache folder of input `source` nor inside its
+    model folder."""
+    candidates = (hub_repo_folder(Path(os.path.abspath(source))), hub_repo_folder(real(source)))
+    for repo in {r for r in candidates if r is not None}:
+        if real(repo) == dest or real(repo) in dest.parents:
             raise OutputError(
-                f"{destination}: lies inside the model folder of input {source}; it would change "
-                "what that folder loads as. Choose an output outside it"
+                f"{destination}: lies inside the Hugging Face cache folder {repo} of input {source}; "
+                "lazymerge never writes into the cache. Choose an output outside it"
             )
-    if dest_stat is not None and os.path.isdir(dest):
-        inodes = set()
-        for path in [*given, *files]:
+    folder = source if source.is_dir() else source.parent
+    model_folder = (
+        source.is_dir() or source.name.endswith(".index.json") or (folder / "config.json").is_file()
+    )
+    if model_folder and real(folder) in dest.parents:
+        raise OutputError(
+            f"{destination}: lies inside the model folder of input {source}; it would change "
+            "what that folder loads as. Choose an output outside it"
+        )
+
+
+def _refuse_held_inputs(destination: Path, dest: Path, paths: list[Path]) -> None:
+    """The folder `dest` holds no file or folder that is one of `paths` (by device and inode)."""
+    inodes = set()
+    for path in paths:
+        try:
+            st = os.stat(path)
+            inodes.add((st.st_dev, st.st_ino))
+        except OSError:
+            continue
+    for root, dirs, names in os.walk(dest):
+        for name in names + dirs:
             try:
-                st = os.stat(path)
-                inodes.add((st.st_dev, st.st_ino))
+                st = os.stat(os.path.join(root, name))
             except OSError:
                 continue
-        for root, dirs, names in os.walk(dest):
-            for name in names + dirs:
-                try:
-                    st = os.stat(os.path.join(root, name))
-                except OSError:
-                    continue
-                if (st.st_dev, st.st_ino) in inodes:
-                    raise OutputError(
-                        f"{destination}: holds {os.path.join(root, name)}, which is an input; "
-                        "choose another output path"
-                    )
+            if (st.st_dev, st.st_ino) in inodes:
+                raise OutputError(
+                    f"{destination}: holds {os.path.join(root, name)}, which is an input; "
+                    "choose another output path"
+                )
 
 
 def check_destination(destination: Path, single_file: bool, force: bool) -> None:
@@ -579,7 +598,8 @@ def _listed_in_manifest(path: Path) -> bool:
                 digest.update(block)
     except OSError:
         return False
-    return digest.hexdigest() == entry["sha256"]
+    expected: object = entry["sha256"]
+    return digest.hexdigest() == expected
 
 
 def is_lazymerge_file(path: Path) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lazymerge.errors import HeaderJsonError, InputError, ShardIndexError
 from lazymerge.io import header as header_format
-from lazymerge.io.dtypes import TensorInfo
+from lazymerge.io.dtypes import TensorInfo as TensorInfo  # re-exported: a checkpoint maps names to it
 from lazymerge.io.header import Header, parse_header, read_header_length, too_many_tensors
 from lazymerge.io.hub_cache import missing_target_message
 from lazymerge.io.small_files import open_regular, read_small_file

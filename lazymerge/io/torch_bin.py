@@ -123,7 +123,7 @@ class _LazyTensor(NamedTuple):
     requires_grad: tuple[Any, ...]  # of the tensor, then of the Parameter wrapping it, if any
 
 
-class _StateDict(dict):
+class _StateDict(dict[Any, Any]):
     """What `collections.OrderedDict()` unpickles to: a dict that ignores pickled attributes
     (torch pickles a state dict's `_metadata`, the modules' versions, with BUILD)."""
 
@@ -438,54 +438,69 @@ def _check_records(fd: int, archive: zipfile.ZipFile, end: _EndRecord, source: s
     records: _Records = {}
     for info in infos:
         what = f"{source}: zip record {_short(info.filename)}"
-        raw_name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-        try:
-            raw_name.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BinZipError(f"{what}: name is not valid UTF-8; the archive is damaged") from None
+        raw_name = _raw_name(info, what)
         if info.filename in records:
             raise BinZipError(f"{what}: appears twice in the archive; it is ambiguous")
-        if info.flag_bits & ~_ALLOWED_ZIP_FLAGS:
-            raise BinZipError(
-                f"{what}: has zip flags {info.flag_bits:#06x} (encryption or another feature torch's "
-                "reader refuses); the archive is damaged"
-            )
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise BinZipError(
-                f"{what}: compression method {info.compress_type} is neither stored nor deflate"
-            )
-        if (info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size) or (
-            info.file_size and not info.compress_size
-        ):
-            raise BinZipError(
-                f"{what}: compressed size {info.compress_size} does not fit size {info.file_size}; the "
-                "archive is damaged"
-            )
-        if info.volume != 0:
-            raise BinZipError(f"{what}: lies on disk {info.volume}; torch.save writes one disk")
-        if info.filename.endswith("/") or info.external_attr & 0x10:
-            raise BinZipError(
-                f"{what}: is marked as a folder (external attributes {info.external_attr:#x}); torch's "
-                "reader would read it as empty"
-            )
-        local = _pread(fd, 30 + len(raw_name), info.header_offset) if 0 <= info.header_offset else b""
-        if len(local) != 30 + len(raw_name) or local[:4] != _LOCAL_HEADER:
-            raise BinZipError(
-                f"{what}: has no zip local header at offset {info.header_offset}; the archive is damaged"
-            )
-        if local[30:] != raw_name:
-            raise BinZipError(
-                f"{what}: local header names {_short(local[30:].decode('latin-1'))}; the archive is damaged"
-            )
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        data_offset = info.header_offset + 30 + name_len + extra_len
-        if data_offset + info.compress_size > end.cd_offset:
-            raise BinZipError(
-                f"{what}: data at bytes [{data_offset}, {data_offset + info.compress_size}) runs into the "
-                f"central directory at byte {end.cd_offset}; the file is truncated or damaged"
-            )
-        records[info.filename] = (info, data_offset)
+        _check_record_entry(info, what)
+        records[info.filename] = (info, _data_offset(fd, info, raw_name, end, what))
     return records
+
+
+def _raw_name(info: zipfile.ZipInfo, what: str) -> bytes:
+    """A record's name as its headers store it, which must be UTF-8."""
+    raw_name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+    try:
+        raw_name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BinZipError(f"{what}: name is not valid UTF-8; the archive is damaged") from None
+    return raw_name
+
+
+def _check_record_entry(info: zipfile.ZipInfo, what: str) -> None:
+    """A record's central-directory entry: flags, compression, sizes, disk, not a folder."""
+    if info.flag_bits & ~_ALLOWED_ZIP_FLAGS:
+        raise BinZipError(
+            f"{what}: has zip flags {info.flag_bits:#06x} (encryption or another feature torch's "
+            "reader refuses); the archive is damaged"
+        )
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise BinZipError(f"{what}: compression method {info.compress_type} is neither stored nor deflate")
+    if (info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size) or (
+        info.file_size and not info.compress_size
+    ):
+        raise BinZipError(
+            f"{what}: compressed size {info.compress_size} does not fit size {info.file_size}; the "
+            "archive is damaged"
+        )
+    if info.volume != 0:
+        raise BinZipError(f"{what}: lies on disk {info.volume}; torch.save writes one disk")
+    if info.filename.endswith("/") or info.external_attr & 0x10:
+        raise BinZipError(
+            f"{what}: is marked as a folder (external attributes {info.external_attr:#x}); torch's "
+            "reader would read it as empty"
+        )
+
+
+def _data_offset(fd: int, info: zipfile.ZipInfo, raw_name: bytes, end: _EndRecord, what: str) -> int:
+    """The absolute offset of a record's data, from its local header, which must name it too;
+    the data must end before the central directory."""
+    local = _pread(fd, 30 + len(raw_name), info.header_offset) if 0 <= info.header_offset else b""
+    if len(local) != 30 + len(raw_name) or local[:4] != _LOCAL_HEADER:
+        raise BinZipError(
+            f"{what}: has no zip local header at offset {info.header_offset}; the archive is damaged"
+        )
+    if local[30:] != raw_name:
+        raise BinZipError(
+            f"{what}: local header names {_short(local[30:].decode('latin-1'))}; the archive is damaged"
+        )
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    data_offset: int = info.header_offset + 30 + name_len + extra_len
+    if data_offset + info.compress_size > end.cd_offset:
+        raise BinZipError(
+            f"{what}: data at bytes [{data_offset}, {data_offset + info.compress_size}) runs into the "
+            f"central directory at byte {end.cd_offset}; the file is truncated or damaged"
+        )
+    return data_offset
 
 
 def _read_record(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
