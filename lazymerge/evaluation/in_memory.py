@@ -46,13 +46,15 @@ def load_merged_reward_model(
     system_prompt: str | None = None,
     batch_size: int = 8,
     chat_template: ChatTemplate | None = None,
+    prefix_cache: bool = True,
+    batch_tokens: int | None = None,
 ) -> RewardModel:
     """Merge `inputs` (a reward model and domain models) in memory and load the result.
 
     Args:
         options: merge options describing exactly one output (one alpha or weight vector).
-        device, dtype, quant, double_quant, max_length, system_prompt, batch_size, chat_template:
-            as in `rewards.load_reward_model`.
+        device, dtype, quant, double_quant, max_length, system_prompt, batch_size, chat_template,
+            prefix_cache, batch_tokens: as in `rewards.load_reward_model`.
 
     Raises:
         OptionError for a sweep of several points; InputError when no input is a reward model;
@@ -123,6 +125,8 @@ def load_merged_reward_model(
         f"{rm_folder} (merged in memory)",
         chat_template,
         str(rm_folder),
+        prefix_cache=prefix_cache,
+        batch_tokens=batch_tokens,
     )
 
 

@@ -90,6 +90,8 @@ class LoadSettings:
     system_prompt: str | None = None
     batch_size: int = 8
     chat_template: ChatTemplate | None = None
+    prefix_cache: bool = True
+    batch_tokens: int | None = None
 
 
 @dataclass(frozen=True)
