@@ -70,6 +70,8 @@ class ScoreOptions:
             command line's none / llama2 / text).
         batch_size: texts per forward pass.
         chat_template: a template to format with instead of the tokenizer's.
+        prefix_cache: compute prefixes shared by several texts once (`evaluation.prefix_scoring`).
+        batch_tokens: most tokens in one batch (None: a default for the device).
 
     Raises:
         OptionError (on construction) for a value that is wrong whatever the model.
@@ -139,6 +141,25 @@ class ScoreOptions:
         ),
     )
 
+    prefix_cache: bool = field(
+        default=True,
+        metadata=cli_flag(
+            "Compute each prefix shared by several texts (a system prompt, a pair's prompt, N candidates) "
+            "once through the model's KV cache; --no-prefix-cache scores every text whole.",
+            flags=("--prefix-cache/--no-prefix-cache",),
+            show_default=True,
+        ),
+    )
+    batch_tokens: int | None = field(
+        default=None,
+        metadata=cli_flag(
+            "Most tokens (padding included) in one forward pass; texts are sorted by length and "
+            "--batch-size caps the rows (default: a size for the device).",
+            flags=("--batch-tokens",),
+            min=1,
+        ),
+    )
+
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device):
             raise OptionError(f"--device {self.device!r}: choose cpu, cuda or cuda:N")
@@ -146,6 +167,12 @@ class ScoreOptions:
             raise OptionError(f"--compute-dtype {self.dtype!r}: choose {', '.join(COMPUTE_DTYPES)}")
         if self.quant is not None and self.quant not in QUANT_CHOICES:
             raise OptionError(f"--quant {self.quant!r}: choose {', '.join(QUANT_CHOICES)}")
+        if self.batch_tokens is not None and (
+            not isinstance(self.batch_tokens, int)
+            or isinstance(self.batch_tokens, bool)
+            or self.batch_tokens < 1
+        ):
+            raise OptionError(f"--batch-tokens {self.batch_tokens!r}: must be a positive integer")
         for name in ("max_length", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

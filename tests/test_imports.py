@@ -45,6 +45,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation.scoring",
             "evaluation.template_sandbox",
             "evaluation.chat_templates",
+            "evaluation.prefix_scoring",
             "evaluation.rewards",
             "evaluation.in_memory",
             "evaluation.reports",

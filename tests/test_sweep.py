@@ -56,11 +56,18 @@ def test_sweep_points_equal_written_checkpoints_and_report_agrees(tmp_path: Path
         written = evaluate_pairs(folder, files["test"])
         assert_carries_signal(folder, *scored_texts(files["test"], written))
         record = records[f"alpha={alpha:g}"]
-        # bit-identical to lazymerge run + lazymerge eval
-        assert record["pairs"]["test"]["chosen"] == [p["chosen_reward"] for p in written["pairs"]]
-        assert record["pairs"]["test"]["rejected"] == [p["rejected_reward"] for p in written["pairs"]]
+        # lazymerge run + lazymerge eval, to fp32 rounding: the sweep scores every file's texts
+        # in one prefix tree, so a text's shared prefixes end where other files' texts branch
+        exact = pytest.approx
+        assert record["pairs"]["test"]["chosen"] == exact(
+            [p["chosen_reward"] for p in written["pairs"]], rel=1e-5
+        )
+        assert record["pairs"]["test"]["rejected"] == exact(
+            [p["rejected_reward"] for p in written["pairs"]], rel=1e-5
+        )
         bon = evaluate_bon(folder, files["cands"], [2, 4])
-        assert record["best_of_n"]["cands"]["rewards"] == [r["rewards"] for r in bon["rewards"]]
+        for got, want in zip(record["best_of_n"]["cands"]["rewards"], bon["rewards"], strict=True):
+            assert got == exact(want["rewards"], rel=1e-5)
         point = next(p for p in run.report["points"] if p["label"] == f"alpha={alpha:g}")
         assert point["pairs"]["test"]["overall"]["accuracy"] == written["accuracy"]
         for n in ("2", "4"):

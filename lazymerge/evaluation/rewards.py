@@ -10,10 +10,14 @@ transformers pipeline does), so a template that writes its own BOS gets a second
 what DogeRM's LLaMA-2 reward model saw in training. Sequences longer than `max_length` lose
 tokens from the left, so the response and its end are kept.
 
-Rewards: each distinct text is scored once, in batches sorted by length and padded on the right
-with the model's pad token, so real tokens keep positions 0..n-1 and the classification head reads
-the same last non-padding token as an unpadded forward pass. The reward is the model's own
-sequence-classification logit.
+Rewards: each distinct text is scored once. With `prefix_cache` (the default) texts sharing token
+prefixes (a system prompt, a prompt shared by a pair or by N candidates) compute each shared
+prefix once with the model's KV cache (`prefix_scoring`); models the cache path cannot serve
+exactly, and `prefix_cache=False`, score whole texts in batches sorted by length and padded on the
+right with the model's pad token, so real tokens keep positions 0..n-1 and the classification
+head reads the same last non-padding token as an unpadded forward pass. Either way batches hold
+at most `batch_tokens` tokens and `batch_size` sequences, and the reward is the model's own
+sequence-classification logit. What a run computed is in `RewardModel.scoring_stats`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ from lazymerge.errors import (
     NonFiniteRewardError,
     OptionError,
     TemplateLimitError,
+)
+from lazymerge.evaluation.prefix_scoring import (
+    ScoringStats,
+    cache_path_refusal,
+    default_batch_tokens,
+    distinct_prefix_tokens,
+    reward_length,
+    score_with_prefix_tree,
+    token_batches,
 )
 from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget
 from lazymerge.score_options import LLAMA2_SYSTEM_PROMPT, ChatTemplate, ScoreOptions, system_prompt_text
@@ -113,6 +126,12 @@ class RewardModel:
     folder: str = ""
     #: What every render of this model's texts has used: one run's cumulative template budget.
     template_budget: RenderBudget = field(default_factory=RenderBudget)
+    #: Compute prefixes shared by several texts once (`prefix_scoring`), where the model allows.
+    prefix_cache: bool = True
+    #: Most tokens in a batch (rows x longest row); None: `prefix_scoring.default_batch_tokens`.
+    batch_tokens: int | None = None
+    #: What the last `score_encoded` call computed (tokens, padding, the path and why).
+    scoring_stats: ScoringStats | None = field(default=None, repr=False)
     _compiled: BoundedTemplate | None = field(default=None, repr=False)
 
     def format_text(self, prompt: str, response: str) -> str:
@@ -183,19 +202,51 @@ class RewardModel:
     def score_encoded(
         self, encoded: dict[str, list[int]], progress: Callable[[int], None] = lambda n: None
     ) -> dict[str, float]:
-        """One reward per distinct text from its token ids.
+        """One reward per distinct text from its token ids (through the prefix cache when
+        `prefix_cache` is on and `prefix_scoring.cache_path_refusal` accepts the model); what
+        was computed is left in `scoring_stats`.
 
         Raises:
             NonFiniteRewardError carrying the text whose reward is NaN or infinite.
         """
+        budget = self.batch_tokens or default_batch_tokens(self.device)
+        rewards: dict[str, float] = {}
+
+        def take(finished: list[tuple[str, float]]) -> None:
+            for text, value in finished:
+                if not math.isfinite(value):
+                    # a NaN would compare false with everything and score as a wrong pair, silently
+                    raise NonFiniteRewardError(self.source, value, text)
+                rewards[text] = value
+            progress(len(finished))
+
+        refusal = cache_path_refusal(self.model) if self.prefix_cache else None
+        if self.prefix_cache and refusal is None:
+            self.scoring_stats = score_with_prefix_tree(
+                self.model, self.device, encoded, budget, self.batch_size, take
+            )
+        else:
+            self.scoring_stats = self._score_whole(encoded, budget, take)
+            self.scoring_stats.fallback = refusal
+        return rewards
+
+    def _score_whole(
+        self, encoded: dict[str, list[int]], budget: int, take: Callable[[list[tuple[str, float]]], None]
+    ) -> ScoringStats:
+        """Every text computed whole, in padded batches sorted by length."""
         import torch
 
-        order = sorted(encoded, key=lambda t: (-len(encoded[t]), t))
         pad = self.model.config.pad_token_id
-        batch = self.batch_size if pad is not None else 1  # without a pad id only unpadded passes are exact
-        rewards: dict[str, float] = {}
-        for start in range(0, len(order), batch):
-            group = order[start : start + batch]
+        rows = self.batch_size if pad is not None else 1  # without a pad id only unpadded passes are exact
+        order = sorted(encoded, key=lambda t: (-len(encoded[t]), t))
+        stats = ScoringStats("whole texts", batch_tokens=budget, batch_size=rows)
+        stats.texts = len(encoded)
+        stats.tokens_in_texts = sum(len(ids) for ids in encoded.values())
+        stats.ideal_tokens = distinct_prefix_tokens(
+            [ids[: reward_length(ids, pad)] for ids in encoded.values()]
+        )
+        for indices in token_batches([(len(encoded[t]), 0) for t in order], budget, rows):
+            group = [order[i] for i in indices]
             width = max(len(encoded[t]) for t in group)
             ids = torch.full((len(group), width), pad if pad is not None else 0, dtype=torch.long)
             mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -205,13 +256,11 @@ class RewardModel:
                 mask[row, : len(seq)] = 1
             with torch.no_grad():
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            for text, value in zip(group, logits[:, 0].float().cpu().tolist(), strict=True):
-                if not math.isfinite(value):
-                    # a NaN would compare false with everything and score as a wrong pair, silently
-                    raise NonFiniteRewardError(self.source, value, text)
-                rewards[text] = value
-            progress(len(group))
-        return rewards
+            stats.batches += 1
+            stats.tokens_computed += sum(len(encoded[t]) for t in group)
+            stats.padded_tokens += len(group) * width
+            take(list(zip(group, logits[:, 0].float().cpu().tolist(), strict=True)))
+        return stats
 
     def score_texts(
         self, texts: Sequence[str], progress: Callable[[int], None] = lambda n: None
@@ -257,6 +306,8 @@ def scorer(model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder:
         source,
         score.chat_template,
         folder,
+        prefix_cache=score.prefix_cache,
+        batch_tokens=score.batch_tokens,
     )
 
 
