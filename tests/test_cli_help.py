@@ -64,3 +64,38 @@ def test_eval_compute_dtype_is_the_old_dtype(tmp_path) -> None:
         )
         assert result.exit_code == 0, result.output
         assert json.loads(out.read_text())["settings"]["dtype"] == "bfloat16"
+
+
+def test_eval_prefix_cache_and_batch_tokens_flags(tmp_path) -> None:
+    """`--no-prefix-cache` and `--batch-tokens` reach the scorer and the report's settings; the
+    rewards agree with the default (prefix cache on) to fp32 rounding."""
+    import json
+
+    pytest.importorskip("transformers")
+    from tests.models import BASE_WORDS, make_tokenizer, save_model
+
+    rm = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
+    pairs = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": "w3 w4 w5 w6", "chosen": "w5 w6", "rejected": "w7 w8 w9"},
+        {"prompt": "w3 w4", "chosen": "w9", "rejected": "w4"},
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs = []
+    for extra in ([], ["--no-prefix-cache", "--batch-tokens", "64"]):
+        out = tmp_path / f"r{len(docs)}.json"
+        result = CliRunner().invoke(
+            main, ["eval", str(rm), "--pairs", str(pairs), "--out", str(out), "-q", *extra]
+        )
+        assert result.exit_code == 0, result.output
+        docs.append(json.loads(out.read_text()))
+    assert docs[0]["settings"]["prefix_cache"] is True and docs[0]["settings"]["batch_tokens"] is None
+    assert docs[1]["settings"]["prefix_cache"] is False and docs[1]["settings"]["batch_tokens"] == 64
+    with_cache, whole = docs[0]["pairs"], docs[1]["pairs"]
+    values = [p[k] for p in whole for k in ("chosen_reward", "rejected_reward")]
+    assert len(set(values)) > 1  # the texts carry signal
+    for a, b in zip(with_cache, whole, strict=True):
+        for k in ("chosen_reward", "rejected_reward"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k]))
+    bad = CliRunner().invoke(main, ["eval", str(rm), "--pairs", str(pairs), "--batch-tokens", "0"])
+    assert bad.exit_code == 2 and "--batch-tokens" in bad.output
