@@ -181,6 +181,10 @@ class NonFiniteRewardError(LazyMergeError):
             + "; scoring stopped (look for NaN or inf in its weights: lazymerge verify --finite)"
         )
 
+    def __reduce__(self) -> tuple[type[NonFiniteRewardError], tuple[str, float, str, int | None, str]]:
+        # pickled with its fields, so a Ray worker's error arrives as itself, message and all
+        return (NonFiniteRewardError, (self.model, self.value, self.text, self.index, self.where))
+
     def at(self, where: str) -> NonFiniteRewardError:
         """The same error naming the text's source (`FILE:LINE (...)`)."""
         return NonFiniteRewardError(self.model, self.value, self.text, self.index, where)

@@ -260,7 +260,12 @@ def test_non_finite_reward_on_a_worker_is_reported_with_its_source(tmp_path: Pat
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "1 point(s) failed on Ray: alpha=0" in errors[0], proc.stderr
-    assert f"{files['test']}:1 (id " in errors[0] and "at sweep point alpha=0" in errors[0], errors[0]
+    # every text is poisoned; the one named is the first the scorer finished, with its own line and id
+    named = re.search(
+        re.escape(str(files["test"])) + r':(\d+) \(id "p(\d+)", chosen\) at sweep point alpha=0;', errors[0]
+    )
+    assert named and int(named[1]) == int(named[2]) + 1, errors[0]
+    assert "NonFiniteRewardError: " in errors[0] and "lazymerge verify --finite" in errors[0], errors[0]
     _, done, _ = read_results(out / "results.jsonl")
     assert done == {}
 

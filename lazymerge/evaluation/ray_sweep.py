@@ -184,6 +184,15 @@ def _slots(resources: dict[str, float], gpus: float, cpus: float) -> int:
     return max(1, int(min(limits))) if limits else 1
 
 
+def _failure(exc: Exception) -> tuple[str, str]:
+    """A failed task's message and kind: lazymerge's own error whole (it names the file, line and
+    point), anything else as the last line of Ray's report, cut to 300 characters."""
+    cause = getattr(exc, "cause", None)  # a RayTaskError carries the worker's exception
+    if isinstance(cause, LazyMergeError):
+        return str(cause), type(cause).__name__
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300], type(exc).__name__
+
+
 def _run_points(
     ray: Any,
     task_fn: Task,
@@ -213,8 +222,8 @@ def _run_points(
             try:
                 record, node = ray.get(ready[0])
             except Exception as exc:  # the task failed after its retries: reported, not lost
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
-                failed.append(f"{point.label} ({type(exc).__name__}: {first})")
+                first, kind = _failure(exc)
+                failed.append(f"{point.label} ({kind}: {first})")
                 echo(f"  {point.label}: FAILED after {MAX_RETRIES} retries: {first}")
                 continue
             finished(record)
