@@ -48,6 +48,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation.prefix_scoring",
             "evaluation.rewards",
             "evaluation.in_memory",
+            "evaluation.resident",
             "evaluation.reports",
             "evaluation.report",
             "evaluation.run",

@@ -163,6 +163,13 @@ _PATH = click.Path(path_type=Path)
     is_flag=True,
     help="Hash every weights file: record their SHA-256, or prove on resume that moved or touched weights hold the same data (reads all weights once).",
 )
+@click.option(
+    "--resident",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Read the inputs into RAM once and rewrite one model per point (auto: when they fit); same rewards.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout at the end.")
 @click.option(
     "--ray",
@@ -191,6 +198,8 @@ def sweep(
 
     n_values, score = parse_ns(ns), score_value(options)
     ray = _ray_flags(options.pop("ray_address"), options.pop("ray_gpus"), options.pop("ray_cpus"))
+    if ray is not None and options["resident"] == "on":
+        raise OptionError("--resident on: each Ray task builds its own point; use --resident auto or off")
     spec = build_spec(inputs, output, ns=n_values, load=score, **options)
     executor = None
     if ray is not None:

@@ -19,7 +19,7 @@ import dataclasses
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazymerge._optional import require
 from lazymerge.errors import IncompatibleInputsError, InputError, OptionError
@@ -32,14 +32,21 @@ from lazymerge.evaluation.rewards import (
     refuse_remote_code,
     scorer,
 )
+from lazymerge.io.reader import Checkpoint
 from lazymerge.options import MergeOptions, read_paths
 from lazymerge.score_options import ScoreOptions
+
+if TYPE_CHECKING:
+    from lazymerge.plan import MergePlan
 
 
 def load_merged_reward_model(
     inputs: Sequence[str | Path],
     options: MergeOptions,
     score: ScoreOptions | None = None,
+    *,
+    checkpoints: Sequence[Checkpoint] | None = None,
+    into: RewardModel | None = None,
     **load: Any,
 ) -> RewardModel:
     """Merge `inputs` (a reward model and domain models) in memory and load the result.
@@ -47,68 +54,106 @@ def load_merged_reward_model(
     Args:
         options: merge options describing exactly one output (one alpha or weight vector).
         score, load: how it is loaded and scored, as in `rewards.load_reward_model`.
+        checkpoints: the inputs already opened (a resident sweep's, `resident.ResidentCheckpoint`),
+            read instead of opening `inputs` again; left open.
+        into: a model built by an earlier call for the same inputs and settings: its parameters
+            are overwritten in place with this merge (no model is built), and it is returned.
+            Not with `score.quant`: quantized layers are built anew from each merge.
 
     Raises:
         OptionError for a sweep of several points; InputError when no input is a reward model;
         the merge's own errors (HeaderError, IncompatibleInputsError, ...).
     """
     from lazymerge.api import open_inputs
-    from lazymerge.engine import iter_merged_tensors
-    from lazymerge.plan import plan_merge
 
     score = score if score is not None else ScoreOptions.build(**load)
-    transformers = require("transformers")
-    accelerate = require("accelerate")
-    import torch
-
     if options.alphas is not None and len(options.alphas) != 1:
         raise OptionError("an in-memory merge builds one model: give one --alpha or one --weights vector")
     options.check_inputs(len(inputs))
     check_device(score)
-    device, quant = score.device, score.quant
-    checkpoints = open_inputs(read_paths(inputs, options))
+    opened = open_inputs(read_paths(inputs, options)) if checkpoints is None else list(checkpoints)
     try:
-        plan = plan_merge(checkpoints, options, Path("in-memory"))
-        if "reward model" not in plan.roles:
-            raise InputError(
-                f"{inputs[0]}: no input is a reward model (config.json architectures ending in "
-                "ForSequenceClassification); an in-memory merge scores a merged reward model"
-            )
-        rm_input = Path(inputs[plan.roles.index("reward model")])
-        rm_folder = rm_input if rm_input.is_dir() else rm_input.parent
-        refuse_remote_code(rm_folder)
-        quiet_transformers()
-        config, tokenizer = _config_and_tokenizer(transformers, plan.companion_files, rm_folder)
-        compute = compute_dtype(score)
-        with accelerate.init_empty_weights(include_buffers=False):
-            model = transformers.AutoModelForSequenceClassification.from_config(
-                config, dtype=compute, trust_remote_code=False
-            )
-        if quant is not None:
-            model = _quantizable(model, quant, score.double_quant)
-        expected = dict(model.named_parameters())
-        for name, tensor in iter_merged_tensors(plan, checkpoints):
-            if name not in expected:
-                raise IncompatibleInputsError(
-                    f"{rm_folder}: merged tensor {name!r} has no place in {type(model).__name__}; "
-                    "the reward model's config does not describe its weights"
-                )
-            _place(model, name, tensor.to(compute), device, quant)
-        missing = [n for n, p in model.named_parameters() if p.is_meta]
-        if missing:
-            raise IncompatibleInputsError(
-                f"{rm_folder}: the merge gives no tensor for {missing[0]!r}"
-                + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-            )
-        for buffer_name, buffer in model.named_buffers():
-            if buffer.device.type != torch.device(device).type:
-                module_name, _, leaf = buffer_name.rpartition(".")
-                model.get_submodule(module_name).register_buffer(leaf, buffer.to(device), persistent=False)
+        plan, rm_folder = _reward_plan(inputs, options, opened)
+        if into is not None and score.quant is None:
+            _fill(into.model, plan, opened, score, rm_folder)
+            return into
+        model, tokenizer = _empty_model(plan, rm_folder, score)
+        _fill(model, plan, opened, score, rm_folder)
     finally:
-        for ckpt in checkpoints:
-            ckpt.close()
+        if checkpoints is None:
+            for ckpt in opened:
+                ckpt.close()
     model.eval()
     return scorer(model, tokenizer, score, f"{rm_folder} (merged in memory)", str(rm_folder))
+
+
+def _reward_plan(
+    inputs: Sequence[str | Path], options: MergeOptions, checkpoints: Sequence[Checkpoint]
+) -> tuple[MergePlan, Path]:
+    """The merge's plan and the reward model's folder (its config and tokenizer files)."""
+    from lazymerge.plan import plan_merge
+
+    plan = plan_merge(checkpoints, options, Path("in-memory"))
+    if "reward model" not in plan.roles:
+        raise InputError(
+            f"{inputs[0]}: no input is a reward model (config.json architectures ending in "
+            "ForSequenceClassification); an in-memory merge scores a merged reward model"
+        )
+    rm_input = Path(inputs[plan.roles.index("reward model")])
+    rm_folder = rm_input if rm_input.is_dir() else rm_input.parent
+    refuse_remote_code(rm_folder)
+    return plan, rm_folder
+
+
+def _empty_model(plan: MergePlan, rm_folder: Path, score: ScoreOptions) -> tuple[Any, Any]:
+    """The reward model with no weights yet (on the meta device; quantizable layers swapped in
+    with `score.quant`) and its tokenizer."""
+    transformers = require("transformers")
+    accelerate = require("accelerate")
+    quiet_transformers()
+    config, tokenizer = _config_and_tokenizer(transformers, plan.companion_files, rm_folder)
+    with accelerate.init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForSequenceClassification.from_config(
+            config, dtype=compute_dtype(score), trust_remote_code=False
+        )
+    if score.quant is not None:
+        model = _quantizable(model, score.quant, score.double_quant)
+    return model, tokenizer
+
+
+def _fill(
+    model: Any, plan: MergePlan, checkpoints: Sequence[Checkpoint], score: ScoreOptions, rm_folder: Path
+) -> None:
+    """Stream every merged tensor of `plan` into `model`: into the empty places of a new model,
+    or over the parameters of one already filled (copied in place, cast as `.to` casts)."""
+    import torch
+
+    from lazymerge.engine import iter_merged_tensors
+
+    compute, device, quant = compute_dtype(score), score.device, score.quant
+    expected = dict(model.named_parameters())
+    for name, tensor in iter_merged_tensors(plan, checkpoints):
+        if name not in expected:
+            raise IncompatibleInputsError(
+                f"{rm_folder}: merged tensor {name!r} has no place in {type(model).__name__}; "
+                "the reward model's config does not describe its weights"
+            )
+        param = expected[name]
+        if not param.is_meta:  # (only without quant: see `into`)
+            with torch.no_grad():
+                param.copy_(tensor.to(compute))  # the same cast as a new model's, into its memory
+        else:
+            _place(model, name, tensor.to(compute), device, quant)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise IncompatibleInputsError(
+            f"{rm_folder}: the merge gives no tensor for {missing[0]!r}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    for buffer_name, buffer in model.named_buffers():
+        if buffer.device.type != torch.device(device).type:
+            module_name, _, leaf = buffer_name.rpartition(".")
+            model.get_submodule(module_name).register_buffer(leaf, buffer.to(device), persistent=False)
 
 
 def _config_and_tokenizer(transformers: Any, files: dict[str, bytes], rm_folder: Path) -> tuple[Any, Any]:

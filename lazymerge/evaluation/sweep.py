@@ -29,6 +29,7 @@ from typing import Any
 
 from lazymerge._version import __version__
 from lazymerge.errors import InputError, LazyMergeError, NonFiniteRewardError, OptionError, OutputError
+from lazymerge.evaluation.resident import RESIDENT_CHOICES
 from lazymerge.evaluation.rewardbench2 import Rb2Row
 from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences, text_source
 from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
@@ -97,6 +98,8 @@ class SweepSpec:
     rm_index: int = 0
     #: Each input (base model last) as named and as read (a local path or a cache snapshot).
     sources: tuple[ModelSource, ...] = ()
+    #: `--resident`: auto, on or off (`resident.decide`); the rewards are the same either way
+    resident: str = "auto"
 
 
 @dataclass
@@ -656,10 +659,21 @@ def prepare_texts(spec: SweepSpec, formatter: Any) -> PreparedTexts:
     return PreparedTexts(formatter.encode_all(every), pair_texts, bon_texts, rb2_texts)
 
 
-def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dict[str, Any]:
-    """Build one point's merged reward model (in memory, or written and loaded with `--write`),
-    score every prepared text, and return the point's record for results.jsonl. Runs in the
-    sweep's own process, or in a Ray worker (`ray_sweep`)."""
+@dataclass
+class ResidentState:
+    """A resident sweep's inputs in memory (`resident.ResidentCheckpoint`) and the model the
+    first point built, which each later point overwrites."""
+
+    checkpoints: list[Any]
+    model: Any = None
+
+
+def score_point(
+    spec: SweepSpec, texts: PreparedTexts, point: SweepPoint, resident: ResidentState | None = None
+) -> dict[str, Any]:
+    """Build one point's merged reward model (in memory, from `resident` inputs when given, or
+    written and loaded with `--write`), score every prepared text, and return the point's record
+    for results.jsonl. Runs in the sweep's own process, or in a Ray worker (`ray_sweep`)."""
     from lazymerge.evaluation.in_memory import load_merged_reward_model
     from lazymerge.evaluation.rewards import load_reward_model
     from lazymerge.memory import PeakRssSampler
@@ -675,6 +689,11 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
             folder = spec.out / "models" / _slug(point.label)
             written = merge(spec.inputs, folder, options, force=folder.exists()).bytes_written
             rm = load_reward_model(folder, spec.load)
+        elif resident is not None:
+            rm = load_merged_reward_model(
+                spec.inputs, options, spec.load, checkpoints=resident.checkpoints, into=resident.model
+            )
+            resident.model = rm
         else:
             rm = load_merged_reward_model(spec.inputs, options, spec.load)
         t1 = time.monotonic()
@@ -714,6 +733,7 @@ def score_point(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> dic
             if texts.rb2_texts
             else {}
         ),
+        "resident": resident is not None,
         "build_s": round(t1 - t0, 3),
         "score_s": round(t2 - t1, 3),
         "bytes_written": written,
@@ -738,16 +758,62 @@ def local_executor(
     finished: Callable[[dict[str, Any]], None],
     echo: Callable[[str], None],
 ) -> None:
-    """One point after another in this process."""
-    started = time.monotonic()
-    for number, point in enumerate(todo, start=1):
-        record = score_point(spec, texts, point)
-        finished(record)
-        eta = (time.monotonic() - started) / number * (len(todo) - number)
-        echo(
-            f"[{number}/{len(todo)}] {point.label}: build {record['build_s']:.1f} s, "
-            f"score {record['score_s']:.1f} s; ETA {format_duration(eta)}"
+    """One point after another in this process, with the inputs resident in memory when
+    `spec.resident` allows (`resident.decide`)."""
+    state = _resident_state(spec, todo, echo) if todo else None
+    try:
+        started = time.monotonic()
+        for number, point in enumerate(todo, start=1):
+            record = score_point(spec, texts, point, state)
+            finished(record)
+            eta = (time.monotonic() - started) / number * (len(todo) - number)
+            echo(
+                f"[{number}/{len(todo)}] {point.label}: build {record['build_s']:.1f} s, "
+                f"score {record['score_s']:.1f} s; ETA {format_duration(eta)}"
+            )
+    finally:
+        if state is not None:
+            state.model = None
+            for ckpt in state.checkpoints:
+                ckpt.close()
+
+
+def _resident_state(
+    spec: SweepSpec, todo: list[SweepPoint], echo: Callable[[str], None]
+) -> ResidentState | None:
+    """Read the tensors every point to do merges into memory, when `spec.resident` says so."""
+    import psutil
+
+    from lazymerge.api import open_inputs
+    from lazymerge.evaluation import resident
+    from lazymerge.plan import plan_merge
+
+    if spec.resident == "off":
+        echo(resident.decide("off", 0, 0, 0).line)
+        return None
+    checkpoints = open_inputs(read_paths(spec.inputs, spec.merge))
+    try:
+        first = plan_merge(checkpoints, point_options(spec.merge, todo[0]), Path("in-memory"))
+        # one plan at a time (a plan holds the tokenizer files' bytes), every tensor any point reads
+        plans = (plan_merge(checkpoints, point_options(spec.merge, p), Path("in-memory")) for p in todo[1:])
+        sources = resident.plan_sources(itertools.chain([first], plans), len(checkpoints))
+        input_bytes = sum(info.nbytes for infos in sources for info in infos)
+        model_bytes = 0 if spec.load.on_gpu else spec.load.model_bytes(first.parameters)
+        why_not = "--write scores each point from its written folder" if spec.write else None
+        decision = resident.decide(
+            spec.resident, input_bytes, model_bytes, psutil.virtual_memory().available, why_not
         )
+        echo(decision.line)
+        if not decision.resident:
+            return None
+        t0 = time.monotonic()
+        held = resident.open_resident(checkpoints, sources)
+        checkpoints = []  # taken over by the resident ones
+        echo(f"  read {format_bytes(input_bytes)} of inputs into memory in {time.monotonic() - t0:.1f} s")
+        return ResidentState(list(held))
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
 
 
 def run_sweep(
@@ -879,6 +945,7 @@ def build_spec(
     write: bool = False,
     restart: bool = False,
     rehash: bool = False,
+    resident: str = "auto",
     **merge: Any,
 ) -> SweepSpec:
     """Check the sweep's options, find the reward model, build the grid and read the data.
@@ -906,6 +973,10 @@ def build_spec(
         raise OptionError(f"{len(inputs) - 1} domain models: give --grid STEP or --weights")
     if not pair_files and not candidate_files and val_pairs is None:
         raise OptionError("a sweep needs something to score: --pairs, --val-pairs or --candidates")
+    if resident not in RESIDENT_CHOICES:
+        raise OptionError(f"--resident {resident}: choose one of {', '.join(RESIDENT_CHOICES)}")
+    if resident == "on" and write:
+        raise OptionError("--resident on: --write scores each point from its written folder; use one of them")
     alphas = (
         parse_alpha(alpha or "0:1:0.1", max_points)
         if len(inputs) == 2 and not (grid_step or weight_vectors)
@@ -964,6 +1035,7 @@ def build_spec(
         write=write,
         restart=restart,
         rehash=rehash,
+        resident=resident,
         domain_names=tuple(
             s.repo_id or Path(s.given).name for i, s in enumerate(sources[: len(inputs)]) if i != rm_index
         ),

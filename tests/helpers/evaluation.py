@@ -53,13 +53,15 @@ SWEEP_TEMPLATE = (
 )
 
 
-def models(tmp_path: Path, domains: int = 1) -> list[Path]:
+def models(tmp_path: Path, domains: int = 1, **sizes: int) -> list[Path]:
+    """A Llama reward model and `domains` SFT models (vocabulary reordered, grown by [PAD]);
+    `sizes` go to the configs (e.g. hidden_size)."""
     tok = make_tokenizer(BASE_WORDS, added=["<rm_only>"])
     tok.chat_template = SWEEP_TEMPLATE
-    out = [save_model(tmp_path / "rm", "llama", True, 1, tok)]
+    out = [save_model(tmp_path / "rm", "llama", True, 1, tok, **sizes)]
     for d in range(domains):
         sft_tok = make_tokenizer(BASE_WORDS[:3] + list(reversed(BASE_WORDS[3:])), added=["[PAD]"])
-        out.append(save_model(tmp_path / f"sft{d}", "llama", False, 2 + d, sft_tok))
+        out.append(save_model(tmp_path / f"sft{d}", "llama", False, 2 + d, sft_tok, **sizes))
     return out
 
 
