@@ -62,6 +62,8 @@ def test_resident_sweep_equals_streaming_bit_for_bit(tmp_path: Path, kw: dict) -
     assert rewards_of(held["records"]) == rewards_of(streamed["records"])
     assert len(held["records"]) == len(kw["alpha"].split(",")) + 1  # with the baseline
     assert all(r["resident"] for r in held["records"].values())
+    # the inputs' read is recorded once, with the point that built the model
+    assert sum("resident_read_s" in r for r in held["records"].values()) == 1
     assert not any(r["resident"] for r in streamed["records"].values())
     assert any(line.startswith("  inputs: resident in RAM, read once") for line in held["lines"])
     assert any("(--resident off)" in line for line in streamed["lines"])

@@ -666,6 +666,8 @@ class ResidentState:
 
     checkpoints: list[Any]
     model: Any = None
+    #: seconds the inputs took to read into memory, recorded with the first point built
+    read_s: float = 0.0
 
 
 def score_point(
@@ -682,7 +684,7 @@ def score_point(
     t0 = time.monotonic()
     options = point_options(spec.merge, point)
     with PeakRssSampler() as sampler:
-        written = 0
+        written, first_built = 0, False
         if spec.write:
             from lazymerge.api import merge
 
@@ -690,6 +692,7 @@ def score_point(
             written = merge(spec.inputs, folder, options, force=folder.exists()).bytes_written
             rm = load_reward_model(folder, spec.load)
         elif resident is not None:
+            first_built = resident.model is None
             rm = load_merged_reward_model(
                 spec.inputs, options, spec.load, checkpoints=resident.checkpoints, into=resident.model
             )
@@ -734,6 +737,7 @@ def score_point(
             else {}
         ),
         "resident": resident is not None,
+        **({"resident_read_s": round(resident.read_s, 3)} if resident is not None and first_built else {}),
         "build_s": round(t1 - t0, 3),
         "score_s": round(t2 - t1, 3),
         "bytes_written": written,
@@ -809,8 +813,9 @@ def _resident_state(
         t0 = time.monotonic()
         held = resident.open_resident(checkpoints, sources)
         checkpoints = []  # taken over by the resident ones
-        echo(f"  read {format_bytes(input_bytes)} of inputs into memory in {time.monotonic() - t0:.1f} s")
-        return ResidentState(list(held))
+        read_s = time.monotonic() - t0
+        echo(f"  read {format_bytes(input_bytes)} of inputs into memory in {read_s:.1f} s")
+        return ResidentState(list(held), read_s=read_s)
     finally:
         for ckpt in checkpoints:
             ckpt.close()
