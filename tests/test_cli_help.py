@@ -77,8 +77,8 @@ def test_eval_prefix_cache_and_batch_tokens_flags(tmp_path) -> None:
     rm = save_model(tmp_path / "rm", "llama", True, 1, make_tokenizer(BASE_WORDS))
     pairs = tmp_path / "p.jsonl"
     rows = [
-        {"prompt": "w3 w4 w5 w6", "chosen": "w5 w6", "rejected": "w7 w8 w9"},
-        {"prompt": "w3 w4", "chosen": "w9", "rejected": "w4"},
+        {"prompt": " ".join(f"w{3 + i % 9}" for i in range(20)), "chosen": "w5 w6", "rejected": "w7 w8 w9"},
+        {"prompt": " ".join(f"w{11 - i % 7}" for i in range(20)), "chosen": "w9", "rejected": "w4"},
     ]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     docs = []
@@ -91,6 +91,34 @@ def test_eval_prefix_cache_and_batch_tokens_flags(tmp_path) -> None:
         docs.append(json.loads(out.read_text()))
     assert docs[0]["settings"]["prefix_cache"] is True and docs[0]["settings"]["batch_tokens"] is None
     assert docs[1]["settings"]["prefix_cache"] is False and docs[1]["settings"]["batch_tokens"] == 64
+    # what was computed: whole texts compute every token of the 4 texts; the prefix tree computes
+    # its distinct tokens only (each pair's prompt once), counted here from the tokenizer itself
+    from transformers import AutoTokenizer
+
+    from lazymerge.evaluation.rewards import load_reward_model
+
+    tok, fmt = AutoTokenizer.from_pretrained(rm), load_reward_model(rm).format_text
+    ids = [
+        tok(t)["input_ids"] for t in {fmt(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")}
+    ]
+    cached, whole_stats = docs[0]["computed"], docs[1]["computed"]
+    assert whole_stats["path"] == "whole texts" and whole_stats["fallback"] is None
+    assert whole_stats["texts"] == cached["texts"] == 4
+    assert whole_stats["tokens_in_texts"] == whole_stats["tokens_computed"] == sum(map(len, ids))
+    # the ideal: distinct prefixes up to the token the reward is read at (the last non-pad one)
+    pad = json.loads((rm / "config.json").read_text())["pad_token_id"]
+    ends = [max(i for i, t in enumerate(seq) if t != pad) + 1 for seq in ids]
+    prefixes = {tuple(seq[:n]) for seq, end in zip(ids, ends, strict=True) for n in range(1, end + 1)}
+    assert cached["path"] == "prefix tree"
+    assert cached["ideal_tokens"] == whole_stats["ideal_tokens"] == len(prefixes)
+    # the 20-word prompts are computed once per pair; nodes saving under 16 tokens are not split off
+    assert len(prefixes) <= cached["tokens_computed"] < sum(ends) - 15
+    shown = CliRunner().invoke(main, ["eval", str(rm), "--pairs", str(pairs)])
+    computed, total = cached["tokens_computed"], sum(map(len, ids))
+    assert (
+        f"{computed:,} tokens computed of {total:,} in the texts (prefix tree: {len(prefixes):,})"
+        in shown.output
+    )
     with_cache, whole = docs[0]["pairs"], docs[1]["pairs"]
     values = [p[k] for p in whole for k in ("chosen_reward", "rejected_reward")]
     assert len(set(values)) > 1  # the texts carry signal

@@ -67,6 +67,13 @@ def test_resident_sweep_equals_streaming_bit_for_bit(tmp_path: Path, kw: dict) -
     assert not any(r["resident"] for r in streamed["records"].values())
     assert any(line.startswith("  inputs: resident in RAM, read once") for line in held["lines"])
     assert any("(--resident off)" in line for line in streamed["lines"])
+    # what the scorer computed, per point and once in the output: the same texts every point
+    computed = [r["computed"] for r in held["records"].values()]
+    assert (
+        all(c == computed[0] for c in computed)
+        and 0 < computed[0]["tokens_computed"] <= computed[0]["tokens_in_texts"]
+    )
+    assert sum("tokens computed of" in line for line in held["lines"]) == 1
 
 
 def test_resident_sweep_in_4bit_equals_streaming(tmp_path: Path) -> None:

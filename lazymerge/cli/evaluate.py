@@ -56,8 +56,7 @@ def evaluate(
     score, merge = score_value(options), in_memory_merge(model, options)
     job = functools.partial(evaluate_pairs, _model(model, merge), pairs_file, merge=merge, score=score)
     result = reported(out, model, pairs_file, force, lambda: job(progress=None if not quiet else False))
-    if not quiet:
-        click.echo(result.format())
+    _show(result, quiet)
 
 
 @command("bon")
@@ -93,8 +92,17 @@ def bon(
         evaluate_bon, _model(model, merge), candidates, n_values, merge=merge, score=score
     )
     result = reported(out, model, candidates, force, lambda: job(progress=None if not quiet else False))
-    if not quiet:
-        click.echo(result.format())
+    _show(result, quiet)
+
+
+def _show(result: Any, quiet: bool) -> None:
+    """The report's table on stdout, and what the scorer computed on stderr (as progress is)."""
+    if quiet:
+        return
+    line = result.scored_with.computed_line()
+    if line is not None:
+        click.echo(line, err=True)
+    click.echo(result.format())
 
 
 def _model(models: tuple[Path, ...], merge: MergeOptions | None) -> Path | tuple[Path, ...]:

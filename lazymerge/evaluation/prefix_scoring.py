@@ -82,6 +82,11 @@ class ScoringStats:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "padding_waste": round(self.padding_waste, 4)}
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ScoringStats:
+        """The stats `to_dict` wrote (its derived `padding_waste` left out)."""
+        return cls(**{k: v for k, v in doc.items() if k != "padding_waste"})
+
     def format(self) -> str:
         line = (
             f"scored {self.texts:,} texts by {self.path}: {self.tokens_computed:,} tokens computed of "

@@ -29,6 +29,17 @@ class ScoredWith:
     peak_rss: int
     peak_gpu_memory: int | None
     merged_in_memory: dict[str, Any] | None = None
+    #: what the scorer computed (`prefix_scoring.ScoringStats.to_dict`: tokens in the texts,
+    #: computed, the prefix tree's ideal, padding, and why the prefix cache was not used)
+    computed: dict[str, Any] | None = None
+
+    def computed_line(self) -> str | None:
+        """`computed` in one line, as `ScoringStats.format` says it."""
+        if self.computed is None:
+            return None
+        from lazymerge.evaluation.prefix_scoring import ScoringStats
+
+        return ScoringStats.from_dict(self.computed).format()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -41,6 +52,8 @@ class ScoredWith:
         if self.merged_in_memory is not None:
             out["merged_in_memory"] = self.merged_in_memory
         out.update(settings=self.settings, peak_rss=self.peak_rss, peak_gpu_memory=self.peak_gpu_memory)
+        if self.computed is not None:
+            out["computed"] = self.computed
         return out
 
 

@@ -129,7 +129,7 @@ def evaluate_pairs(
         result = rewardbench2.score_rows(rb2_rows, rewardbench2.split_rewards(rb2_rows, rewards))
     else:
         result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], data.autoj_ties)
-    return PairReport(_provenance(model, sources, merge, score, sampler, Path(pairs_file)), result)
+    return PairReport(_provenance(model, sources, merge, score, sampler, Path(pairs_file), rm), result)
 
 
 def _provenance(
@@ -139,6 +139,7 @@ def _provenance(
     score: ScoreOptions,
     sampler: PeakRssSampler,
     data_file: Path,
+    rm: Any = None,
 ) -> ScoredWith:
     """What a report was scored with: lazymerge, the model (and the in-memory merge), the
     identity of every input and of the data file (`lazymerge.provenance`), the scoring settings,
@@ -166,6 +167,7 @@ def _provenance(
         peak_rss=sampler.peak.total,
         peak_gpu_memory=_gpu_peak(score.device),
         merged_in_memory=merged,
+        computed=rm.scoring_stats.to_dict() if getattr(rm, "scoring_stats", None) is not None else None,
     )
 
 
@@ -194,7 +196,7 @@ def evaluate_bon(
         rewards.append(flat[pos : pos + len(s.candidates)])
         pos += len(s.candidates)
     return BonReport(
-        _provenance(model, sources, merge, score, sampler, Path(candidates_file)),
+        _provenance(model, sources, merge, score, sampler, Path(candidates_file), rm),
         n_prompts=len(sets),
         best_of_n=best_of_n(sets, rewards, ns),
         rewards=[{"id": s.id, "rewards": r} for s, r in zip(sets, rewards, strict=True)],

@@ -29,6 +29,7 @@ from typing import Any
 
 from lazymerge._version import __version__
 from lazymerge.errors import InputError, LazyMergeError, NonFiniteRewardError, OptionError, OutputError
+from lazymerge.evaluation.prefix_scoring import ScoringStats
 from lazymerge.evaluation.resident import RESIDENT_CHOICES
 from lazymerge.evaluation.rewardbench2 import Rb2Row
 from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences, text_source
@@ -710,6 +711,7 @@ def score_point(
             where = text_source(rows, exc.text, rm.format_text) or "a text"
             raise exc.at(f"{where} at sweep point {point.label}") from None
         t2 = time.monotonic()
+        computed = rm.scoring_stats.to_dict() if rm.scoring_stats is not None else None
         del rm
     peak_gpu = _gpu_peak(spec.load.device)
     _gpu_reset(spec.load.device)
@@ -738,6 +740,7 @@ def score_point(
         ),
         "resident": resident is not None,
         **({"resident_read_s": round(resident.read_s, 3)} if resident is not None and first_built else {}),
+        "computed": computed,
         "build_s": round(t1 - t0, 3),
         "score_s": round(t2 - t1, 3),
         "bytes_written": written,
@@ -770,6 +773,8 @@ def local_executor(
         for number, point in enumerate(todo, start=1):
             record = score_point(spec, texts, point, state)
             finished(record)
+            if number == 1 and record["computed"] is not None:  # the same texts every point
+                echo("  " + ScoringStats.from_dict(record["computed"]).format())
             eta = (time.monotonic() - started) / number * (len(todo) - number)
             echo(
                 f"[{number}/{len(todo)}] {point.label}: build {record['build_s']:.1f} s, "
