@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from lazymerge.evaluation.in_memory import load_merged_reward_model  # noqa: E402
 from lazymerge.evaluation.prefix_scoring import (  # noqa: E402
+    CONTEXT_PER_TOKEN,
     ScoringStats,
     build_prefix_tree,
     cache_path_refusal,
@@ -111,9 +112,13 @@ def test_token_batches_hold_at_most_the_budget_and_the_rows() -> None:
     assert [i for b in batches for i in b] == list(range(len(items)))  # every item once, in order
     for batch in batches:
         assert len(batch) <= 3
-        cost = len(batch) * (max(items[i][0] for i in batch) + max(items[i][1] for i in batch))
-        assert cost <= 100 or len(batch) == 1  # a row over the budget is a batch of its own
-    assert batches == [[0, 1], [2, 3], [4, 5, 6], [7]]  # 100, 100, 30 (three rows), 200 alone
+        new = len(batch) * max(items[i][0] for i in batch)
+        assert new <= 100 or len(batch) == 1  # a row over the budget is a batch of its own
+    assert batches == [[0, 1], [2, 3], [4, 5, 6], [7]]  # 100, 80, 30 (three rows), 200 alone
+    # a cached past is not counted as work, only bounded: 4 x the budget of attention context
+    assert CONTEXT_PER_TOKEN == 4
+    long_past = [(10, 150)] * 3 + [(10, 10)] * 5
+    assert token_batches(long_past, batch_tokens=100, batch_size=8) == [[0, 1], [2, 3], [4, 5, 6, 7]]
 
 
 def test_prefix_tree_gives_every_text_one_node_and_counts_distinct_tokens() -> None:
