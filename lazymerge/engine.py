@@ -473,7 +473,10 @@ class MergePipeline:
 
 
 def iter_merged_tensors(
-    plan: MergePlan, checkpoints: Sequence[Checkpoint], variant: int = 0
+    plan: MergePlan,
+    checkpoints: Sequence[Checkpoint],
+    variant: int = 0,
+    destination: Callable[[str, int], memoryview | None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every output tensor of one output of `plan`, merged in memory, in file order.
 
@@ -481,6 +484,10 @@ def iter_merged_tensors(
     with no file written: each tensor is made whole in its output dtype and handed over, and
     nothing else of the model is held here. Working memory: one input set of chunk buffers and
     the fp32 blocks (see `lazymerge.workspace`), a third of a pipeline's or less.
+
+    Args:
+        destination: `(name, nbytes)` -> writable memory of that size to merge the tensor into
+            (a model's parameter, rewritten in place), or None for new memory.
     """
     if not 0 <= variant < len(plan.variants):
         raise IndexError(f"plan has {len(plan.variants)} outputs, not {variant + 1}")
@@ -506,7 +513,8 @@ def iter_merged_tensors(
             size = itemsize(tp.dtype)
             # (numel,) in the output dtype. A bytearray, not torch.empty: measured, torch's
             # allocations here left the process 0.45 GB larger across sweep points
-            data = bytearray(tp.numel * size)
+            given = destination(tp.name, tp.numel * size) if destination is not None and tp.numel else None
+            data = given if given is not None else bytearray(tp.numel * size)
             raw = memoryview(data)
             step = one.chunk_len(tp)
             for start in range(0, tp.numel, step):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,7 +132,7 @@ def _fill(
 
     compute, device, quant = compute_dtype(score), score.device, score.quant
     expected = dict(model.named_parameters())
-    for name, tensor in iter_merged_tensors(plan, checkpoints):
+    for name, tensor in iter_merged_tensors(plan, checkpoints, destination=_in_place(expected, plan)):
         if name not in expected:
             raise IncompatibleInputsError(
                 f"{rm_folder}: merged tensor {name!r} has no place in {type(model).__name__}; "
@@ -140,8 +140,9 @@ def _fill(
             )
         param = expected[name]
         if not param.is_meta:  # (only without quant: see `into`)
-            with torch.no_grad():
-                param.copy_(tensor.to(compute))  # the same cast as a new model's, into its memory
+            if tensor.data_ptr() != param.data_ptr():  # else merged straight into it
+                with torch.no_grad():
+                    param.copy_(tensor.to(compute))  # the same cast as a new model's, into its memory
         else:
             _place(model, name, tensor.to(compute), device, quant)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -154,6 +155,31 @@ def _fill(
         if buffer.device.type != torch.device(device).type:
             module_name, _, leaf = buffer_name.rpartition(".")
             model.get_submodule(module_name).register_buffer(leaf, buffer.to(device), persistent=False)
+
+
+def _in_place(params: dict[str, Any], plan: MergePlan) -> Callable[[str, int], memoryview | None]:
+    """The merge's destination for each tensor: the bytes of a filled CPU parameter that holds
+    the output dtype already (no cast to make), so the merge writes the model in place."""
+    from lazymerge.io.dtypes import torch_dtype
+
+    def destination(name: str, nbytes: int) -> memoryview | None:
+        param = params.get(name)
+        tp = plan.tensors.get(name)
+        if (
+            param is None
+            or tp is None
+            or param.is_meta
+            or param.device.type != "cpu"
+            or not param.is_contiguous()
+            or param.dtype != torch_dtype(tp.dtype)
+            or param.numel() * param.element_size() != nbytes
+        ):
+            return None
+        import torch
+
+        return memoryview(param.detach().view(-1).view(torch.uint8).numpy()).cast("B")
+
+    return destination
 
 
 def _config_and_tokenizer(transformers: Any, files: dict[str, bytes], rm_folder: Path) -> tuple[Any, Any]:

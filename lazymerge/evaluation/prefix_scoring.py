@@ -10,8 +10,11 @@ with the model's KV cache, and reads each text's reward from the hidden state of
   continue from the prefix, attention covers prefix + node; nodes with different ancestors share a
   batch, each row's past left-padded to the longest past (so cache distances equal real distances
   and a sliding window masks what it masks for the whole text), its own tokens right-padded;
-- the tree is walked depth first, a batch's keys and values kept only until its children are
-  scored, so memory holds one batch per level, never the whole tree's cache;
+- the tree is walked level by level in waves: the children of as many batches as hold
+  `HELD_BYTES` of keys and values are batched together (texts of different prompts share a
+  batch, sorted by length, so little of it is padding), and a node's keys and values are freed
+  once its children are scored, so memory holds about `HELD_BYTES` per level, never the whole
+  tree's cache;
 - the reward is the model's own head (`score`) on the final hidden state of the token transformers
   reads for the whole text: the rightmost token that is not the pad token (the first token when
   every token is one; the last token when the model has no pad id). Tokens after it cannot change
@@ -47,6 +50,14 @@ MIN_SAVED_TOKENS = 16
 #: Attention context a batch may hold per token of its budget (`token_batches`): past keys are
 #: cheap to attend to, but they take memory (the cache copies, the attention scores).
 CONTEXT_PER_TOKEN = 4
+#: Keys and values one batch may attend to, in bytes (the batch's cache holds every layer's):
+#: caps the attention context below `CONTEXT_PER_TOKEN` x the budget for large models (at a 7B
+#: shape in bf16 a token's keys and values take 0.5 MiB), never below the budget itself.
+CONTEXT_BYTES = 2 * 2**30
+#: Keys and values of computed nodes kept for their children, in bytes: the children of as many
+#: batches as fit are scored together, so texts of different prompts share batches (and less of
+#: a batch is padding) while memory stays bounded.
+HELD_BYTES = 2**30
 #: Tokens per batch when none is given, by device type: enough to keep the device's matmuls busy.
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
 
@@ -130,15 +141,19 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
     return k
 
 
-def token_batches(items: Sequence[tuple[int, int]], batch_tokens: int, batch_size: int) -> list[list[int]]:
+def token_batches(
+    items: Sequence[tuple[int, int]], batch_tokens: int, batch_size: int, context_tokens: int | None = None
+) -> list[list[int]]:
     """Indices of `items` ((new tokens, past tokens) each, in the order to batch them) in
     consecutive batches of at most `batch_size` rows, `batch_tokens` new tokens (rows x longest
-    new) and `CONTEXT_PER_TOKEN` x `batch_tokens` tokens of attention context (rows x (longest
-    past + longest new)); a row larger than the budget is a batch of its own.
+    new) and `context_tokens` (default `CONTEXT_PER_TOKEN` x `batch_tokens`) tokens of attention
+    context (rows x (longest past + longest new)); a row larger than the budget is a batch of
+    its own.
 
     New tokens are what costs: every weight matrix multiplies them. A cached past only adds keys
     to attend to (at a 1.1B shape about 5% of a token's arithmetic for a past of 500), so it is
     bounded for memory, not counted as work."""
+    context = context_tokens if context_tokens is not None else CONTEXT_PER_TOKEN * batch_tokens
     batches: list[list[int]] = []
     current: list[int] = []
     longest = past = 0
@@ -148,7 +163,7 @@ def token_batches(items: Sequence[tuple[int, int]], batch_tokens: int, batch_siz
         if current and (
             len(current) >= batch_size
             or rows * grown_new > batch_tokens
-            or rows * (grown_new + grown_past) > CONTEXT_PER_TOKEN * batch_tokens
+            or rows * (grown_new + grown_past) > context
         ):
             batches.append(current)
             current, grown_new, grown_past = [], new, old
@@ -264,6 +279,19 @@ def cache_path_refusal(model: Any) -> str | None:
     return None
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of keys and values one token takes in the cache over all layers of `model`."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    import torch
+
+    dtype = getattr(model, "dtype", None)  # transformers: the first floating parameter's dtype
+    itemsize = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
+    return max(1, 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize)
+
+
 class PrefixTreeScorer:
     """Rewards of encoded texts through the prefix tree (see the module's docstring).
 
@@ -283,6 +311,10 @@ class PrefixTreeScorer:
         params = inspect.signature(self.base.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.stats = ScoringStats("prefix tree", batch_tokens=batch_tokens, batch_size=batch_size)
+        self.kv_token_bytes = kv_bytes_per_token(model)
+        self.context_tokens = max(
+            batch_tokens, min(CONTEXT_PER_TOKEN * batch_tokens, CONTEXT_BYTES // self.kv_token_bytes)
+        )
 
     def score(self, encoded: dict[str, list[int]]) -> Iterator[list[tuple[str, float]]]:
         """Each batch's finished (text, reward) pairs, as they come; `stats` is filled in as it goes."""
@@ -295,27 +327,34 @@ class PrefixTreeScorer:
         self.stats.tokens_in_texts = sum(len(ids) for ids in encoded.values())
         self.stats.ideal_tokens = distinct_prefix_tokens(list(needed.values()))
         root = build_prefix_tree(needed)
-        stack: list[tuple[Iterator[list[PrefixNode]], list[PrefixNode]]] = [
-            (iter(self._batches(root.children)), [])
-        ]
-        while stack:
-            batches, owners = stack[-1]
-            batch = next(batches, None)
-            if batch is None:
-                stack.pop()
-                for node in owners:  # every child of theirs is scored
-                    node.kv = None
-                continue
-            yield self._run(batch)
-            children = [child for node in batch for child in node.children]
-            if children:
-                stack.append((iter(self._batches(children)), batch))
+        yield from self._walk(root.children)
 
-    def _batches(self, nodes: list[PrefixNode]) -> Iterator[list[PrefixNode]]:
+    def _walk(self, nodes: list[PrefixNode]) -> Iterator[list[tuple[str, float]]]:
+        """Score `nodes` (their ancestors' keys and values held) in batches, then their children:
+        the children of as many batches as hold `HELD_BYTES` of keys and values together, so
+        siblings of different parents share batches; each node's keys and values are freed once
+        its children are scored."""
+        batches = self._batches(nodes)
+        i = 0
+        while i < len(batches):
+            wave: list[PrefixNode] = []
+            held = 0
+            while i < len(batches) and (not wave or held < HELD_BYTES):
+                yield self._run(batches[i])
+                wave += batches[i]
+                held += sum(n.end - n.start for n in batches[i] if n.children) * self.kv_token_bytes
+                i += 1
+            children = [child for node in wave for child in node.children]
+            if children:
+                yield from self._walk(children)
+            for node in wave:
+                node.kv = None
+
+    def _batches(self, nodes: list[PrefixNode]) -> list[list[PrefixNode]]:
         nodes = sorted(nodes, key=lambda n: (-(n.end - n.start), -n.start))
         items = [(n.end - n.start, n.start) for n in nodes]
-        for indices in token_batches(items, self.batch_tokens, self.batch_size):
-            yield [nodes[i] for i in indices]
+        batches = token_batches(items, self.batch_tokens, self.batch_size, self.context_tokens)
+        return [[nodes[i] for i in indices] for indices in batches]
 
     def _run(self, batch: list[PrefixNode]) -> list[tuple[str, float]]:
         """One forward pass over `batch`'s nodes, each after its ancestors' cached keys and values."""

@@ -52,9 +52,7 @@ class ResidentCheckpoint(Checkpoint):
         self.resident_bytes = sum(_aligned(i.nbytes) for i in held.values())
         # private anonymous memory (a shared mapping would count as shared memory, not the
         # process's own): never file-backed, never written back
-        self._memory = mmap.mmap(
-            -1, max(self.resident_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        )
+        self._memory = mmap.mmap(-1, max(self.resident_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._views: dict[tuple[Path, int], memoryview] = {}
         position = 0
         for key, info in sorted(held.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
