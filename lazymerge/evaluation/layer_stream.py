@@ -262,8 +262,15 @@ class ActivationStore:
     """
 
     def __init__(
-        self, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, max_bytes: int | None, spill_dir: Path
+        self,
+        shapes: Sequence[tuple[int, ...]],
+        dtype: torch.dtype,
+        max_bytes: int | None,
+        spill_dir: Path,
+        plan_only: bool = False,
     ) -> None:
+        """`plan_only`: split the bytes between memory and file without making the file (the
+        prediction's split is then the run's)."""
         self.dtype = dtype
         self.shapes = list(shapes)
         itemsize = dtype.itemsize
@@ -281,7 +288,7 @@ class ActivationStore:
         self.spill_path: Path | None = None
         self._map: mmap.mmap | None = None
         self._slots: list[Any] = [None] * len(self.shapes)
-        if spilled:
+        if spilled and not plan_only:
             self._open_file(spill_dir, spilled)
 
     def _open_file(self, spill_dir: Path, nbytes: int) -> None:
@@ -733,6 +740,87 @@ class LayerStreamedModel:
         return list(zip(batch.texts, pooled[:, 0].float().cpu().tolist(), strict=True))
 
 
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class StreamPrediction:
+    """What a layer-streamed pass will hold, from the config and the texts' lengths alone.
+
+    Weights are counted per group in the compute dtype; `weights_peak` is the largest pair of
+    consecutive groups (`WEIGHT_SLOTS`: the one computing and the one read ahead), which
+    `WeightLedger` measures in the run. Activations are every batch's hidden states (the store's
+    own split into memory and spill, `ActivationStore`); a batch's working memory (its layer's
+    temporaries: projections, MLP, attention scores) is an estimate.
+    """
+
+    device: str
+    layers: int
+    layer_bytes: int
+    embedding_bytes: int
+    head_bytes: int
+    weights_peak: int
+    activation_bytes: int
+    resident_activation_bytes: int
+    spill_bytes: int
+    batch_bytes: int
+    merge_bytes: int
+
+    @property
+    def host_peak(self) -> int:
+        """Predicted peak host RAM: the interpreter, the activations kept in memory, the merge's
+        buffers, and on the CPU the weights and one batch's working memory too."""
+        on_host = self.weights_peak + self.batch_bytes if self.device == "cpu" else self.layer_bytes
+        return STREAM_BASELINE_RSS + self.resident_activation_bytes + self.merge_bytes + on_host
+
+    @property
+    def device_peak(self) -> int | None:
+        """Predicted peak device memory (None on the CPU): two groups of weights and one batch."""
+        return None if self.device == "cpu" else self.weights_peak + self.batch_bytes
+
+    def format(self) -> str:
+        line = (
+            f"layer-streamed: {self.layers} layers of {_fmt_bytes(self.layer_bytes)} (embedding "
+            f"{_fmt_bytes(self.embedding_bytes)}, head {_fmt_bytes(self.head_bytes)}), at most "
+            f"{_fmt_bytes(self.weights_peak)} of weights at once; activations {_fmt_bytes(self.activation_bytes)} "
+            f"({_fmt_bytes(self.spill_bytes)} spilled to disk); predicted peak host RAM {_fmt_bytes(self.host_peak)}"
+        )
+        device = self.device_peak
+        return line + (f", {self.device} memory {_fmt_bytes(device)}" if device is not None else "")
+
+
+def predict_stream(
+    model: LayerStreamedModel, encoded: Mapping[str, Sequence[int]], batch_tokens: int, batch_size: int
+) -> StreamPrediction:
+    """What `model.score_encoded(encoded, batch_tokens, batch_size)` will hold (no weight read)."""
+    config = model.config.get_text_config()
+    batches = whole_text_batches(encoded, model.pad_id, batch_tokens, batch_size)
+    shapes = [(len(b), max(len(encoded[t]) for t in b), config.hidden_size) for b in batches]
+    store = ActivationStore(shapes, model.compute, model.max_activations, Path(os.devnull), plan_only=True)
+    sizes = [g.nbytes for g in model.groups]
+    itemsize = model.compute.itemsize
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_token = 4 * config.hidden_size + 2 * kv * head_dim + 3 * config.intermediate_size
+    batch = max((r * w * per_token * itemsize + r * heads * w * w * 4 for r, w, _ in shapes), default=0)
+    merge = model.source.working_bytes() if isinstance(model.source, MergedWeights) else 0
+    return StreamPrediction(
+        device=model.device.split(":")[0],
+        layers=len(sizes) - 2,
+        layer_bytes=max(sizes[1:-1], default=0),
+        embedding_bytes=sizes[0],
+        head_bytes=sizes[-1],
+        weights_peak=max((a + b for a, b in zip(sizes, sizes[1:], strict=False)), default=sum(sizes)),
+        activation_bytes=store.resident_bytes + store.spilled_bytes,
+        resident_activation_bytes=store.resident_bytes,
+        spill_bytes=store.spilled_bytes,
+        batch_bytes=batch,
+        merge_bytes=merge,
+    )
+
+
 def _load_config(folder: Path, label: str) -> Any:
     """The transformers config in `folder` (never running code from it), as a one-line error."""
     transformers = require("transformers")
@@ -768,16 +856,17 @@ def stream_folder(
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: not a model folder (no config.json)")
     config = _load_config(folder, str(folder))
-    _check_reward_config(config, str(folder))
     checkpoint = Checkpoint.open(folder)
     source = FolderWeights(checkpoint)
     try:
+        # the weights first, as `rewards.load_reward_model` checks: a causal LM is named as one
         if "score.weight" not in checkpoint:
             raise InputError(
                 f"{folder}: not a reward model: its weights have no reward head (score.weight); scoring "
                 "it would use a randomly initialised head. Give a ...ForSequenceClassification reward "
                 "model, or merge one in with lazymerge run"
             )
+        _check_reward_config(config, str(folder))
         return LayerStreamedModel(config, source, score, max_activations, spill_dir, strict=False)
     except BaseException:
         source.close()
