@@ -231,3 +231,85 @@ def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path: Path) -> 
     model = LayerStreamedModel(config, FolderWeights(Checkpoint.open(rm)), ScoreOptions(), strict=False)
     with pytest.raises(IncompatibleInputsError, match=r"has shape \(64, 32\), the config gives \(48, 32\)"):
         model.score_encoded({"w3 w4": [3, 4]}, BATCH_TOKENS, BATCH_SIZE)
+
+
+def test_stream_layers_option_scores_through_the_stream(tmp_path: Path) -> None:
+    """`stream_layers` in ScoreOptions: `load_reward_model` and `load_merged_reward_model` give
+    a streamed model with the whole-text rewards; the prefix cache left on falls back, saying why."""
+    from lazymerge.evaluation.rewards import STREAM_FALLBACK
+
+    rm, sft = pair_of_models(tmp_path, "llama")
+    spill = Path(__import__("tempfile").gettempdir())
+    before = set(spill.glob(".lazymerge-activations-*"))
+    for load, args in ((load_reward_model, (rm,)), (load_merged_reward_model, ([rm, sft], MERGE))):
+        whole = load(*args, prefix_cache=False)
+        texts = texts_of(whole, "[PAD]" if load is load_merged_reward_model else "")
+        want = whole.score_texts(texts)
+        assert_carries_signal(whole.tokenizer, texts, want)
+        for cache in (False, True):
+            scorer = load(*args, stream_layers=True, max_activations=512, prefix_cache=cache)
+            assert isinstance(scorer.model, LayerStreamedModel)
+            assert scorer.score_texts(texts) == want
+            stats = scorer.scoring_stats
+            assert stats is not None and stats.path == "layer-streamed whole texts"
+            assert stats.fallback == (STREAM_FALLBACK if cache else None)
+            assert (
+                scorer.model.stream_stats is not None
+                and scorer.model.stream_stats.spilled_activation_bytes > 0
+            )
+    assert set(spill.glob(".lazymerge-activations-*")) == before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"stream_layers": True, "quant": "4bit"}, "--stream-layers with --quant 4bit"),
+        ({"max_activations": 10}, "--max-activations limits --stream-layers"),
+        ({"stream_layers": True, "max_activations": -1}, "--max-activations -1"),
+    ],
+)
+def test_stream_layers_refusals(options: dict, message: str) -> None:
+    from lazymerge.errors import OptionError
+
+    with pytest.raises(OptionError, match=message):
+        ScoreOptions(**options)
+
+
+def test_stream_settings_recorded_only_when_on() -> None:
+    """Off, the record is what it was before the option existed (old sweeps keep their identity)."""
+    assert "stream_layers" not in ScoreOptions().record() and "max_activations" not in ScoreOptions().record()
+    on = ScoreOptions(stream_layers=True, max_activations=2**20).record()
+    assert on["stream_layers"] is True and on["max_activations"] == 2**20
+
+
+def test_eval_stream_layers_flags(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from lazymerge.cli import main
+
+    rm, sft = pair_of_models(tmp_path, "qwen2")
+    pairs = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": "w3 w4 w5 w6", "chosen": "w5 w6 [PAD]", "rejected": "w7 w8 w9"},
+        {"prompt": "w3 w4", "chosen": "w9", "rejected": "w4 w11 w12 w13"},
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for command in ("eval", "bon", "sweep"):
+        help_text = CliRunner().invoke(main, [command, "--help"]).output
+        assert "--stream-layers" in help_text and "--max-activations" in help_text, command
+    docs = []
+    for extra in (["--no-prefix-cache"], ["--stream-layers", "--max-activations", "1KB"]):
+        out = tmp_path / f"r{len(docs)}.json"
+        args = ["eval", str(rm), str(sft), "--alpha", "0.35", "--pairs", str(pairs), "--out", str(out), "-q"]
+        result = CliRunner().invoke(main, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        docs.append(json.loads(out.read_text()))
+    assert docs[1]["settings"]["stream_layers"] is True and docs[1]["settings"]["max_activations"] == 1000
+    assert docs[0]["pairs"] == docs[1]["pairs"]
+    bad = CliRunner().invoke(
+        main, ["eval", str(rm), "--pairs", str(pairs), "--stream-layers", "--quant", "8bit"]
+    )
+    assert bad.exit_code == 2 and "--stream-layers with --quant 8bit" in bad.output
+    assert len(bad.output.strip().splitlines()) <= 3  # usage line(s) and the one error line, no traceback

@@ -23,6 +23,7 @@ from typing import Any
 
 from lazymerge._optional import require
 from lazymerge.errors import IncompatibleInputsError, InputError, OptionError
+from lazymerge.evaluation.layer_stream import stream_plan
 from lazymerge.evaluation.rewards import (
     RewardModel,
     bnb_config,
@@ -67,6 +68,7 @@ def load_merged_reward_model(
     check_device(score)
     device, quant = score.device, score.quant
     checkpoints = open_inputs(read_paths(inputs, options))
+    streamed = False  # with --stream-layers the streamed model owns the checkpoints from there on
     try:
         plan = plan_merge(checkpoints, options, Path("in-memory"))
         if "reward model" not in plan.roles:
@@ -79,6 +81,9 @@ def load_merged_reward_model(
         refuse_remote_code(rm_folder)
         quiet_transformers()
         config, tokenizer = _config_and_tokenizer(transformers, plan.companion_files, rm_folder)
+        if score.stream_layers:
+            model, streamed = stream_plan(plan, checkpoints, score, score.max_activations), True
+            return scorer(model, tokenizer, score, f"{rm_folder} (merged layer by layer)", str(rm_folder))
         compute = compute_dtype(score)
         with accelerate.init_empty_weights(include_buffers=False):
             model = transformers.AutoModelForSequenceClassification.from_config(
@@ -105,7 +110,7 @@ def load_merged_reward_model(
                 module_name, _, leaf = buffer_name.rpartition(".")
                 model.get_submodule(module_name).register_buffer(leaf, buffer.to(device), persistent=False)
     finally:
-        for ckpt in checkpoints:
+        for ckpt in checkpoints if not streamed else ():
             ckpt.close()
     model.eval()
     return scorer(model, tokenizer, score, f"{rm_folder} (merged in memory)", str(rm_folder))
