@@ -72,6 +72,10 @@ class ScoreOptions:
         chat_template: a template to format with instead of the tokenizer's.
         prefix_cache: compute prefixes shared by several texts once (`evaluation.prefix_scoring`).
         batch_tokens: most tokens in one batch (None: a default for the device).
+        stream_layers: score with the weights streamed one decoder layer at a time
+            (`evaluation.layer_stream`), whole texts (the prefix cache does not compose yet).
+        max_activations: with `stream_layers`, bytes of hidden states kept in memory before
+            they spill to a memory-mapped file (None: no limit).
 
     Raises:
         OptionError (on construction) for a value that is wrong whatever the model.
@@ -160,6 +164,25 @@ class ScoreOptions:
         ),
     )
 
+    stream_layers: bool = field(
+        default=False,
+        metadata=cli_flag(
+            "Stream the weights one decoder layer at a time (merged layer by layer for a merge): every "
+            "text goes through a layer before the next is read, so memory holds two layers and the "
+            "hidden states, never the model; the same rewards as in memory; whole texts, no --quant.",
+            flags=("--stream-layers",),
+        ),
+    )
+    max_activations: int | None = field(
+        default=None,
+        metadata=cli_flag(
+            "With --stream-layers: most bytes of hidden states kept in memory; the rest go to a "
+            "memory-mapped temporary file, removed at the end (default: no limit).",
+            flags=("--max-activations",),
+            kind="size",
+        ),
+    )
+
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device):
             raise OptionError(f"--device {self.device!r}: choose cpu, cuda or cuda:N")
@@ -177,8 +200,29 @@ class ScoreOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OptionError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer")
+        self._check_streaming()
         if self.chat_template is not None and not isinstance(self.chat_template, ChatTemplate):
             raise OptionError("chat_template: give a ChatTemplate (see evaluation.chat_templates)")
+
+    def _check_streaming(self) -> None:
+        """What --stream-layers does not combine with, refused here, once."""
+        if self.max_activations is not None and (
+            not isinstance(self.max_activations, int)
+            or isinstance(self.max_activations, bool)
+            or self.max_activations < 0
+        ):
+            raise OptionError(
+                f"--max-activations {self.max_activations!r}: must be a size of 0 bytes or more"
+            )
+        if self.max_activations is not None and not self.stream_layers:
+            raise OptionError(
+                "--max-activations limits --stream-layers' hidden states: give --stream-layers too"
+            )
+        if self.stream_layers and self.quant is not None:
+            raise OptionError(
+                f"--stream-layers with --quant {self.quant}: layer-streamed scoring does not quantize "
+                "yet; drop one of them"
+            )
 
     @classmethod
     def build(cls, **kwargs: Any) -> ScoreOptions:
@@ -209,6 +253,10 @@ class ScoreOptions:
         """The settings as JSON values (the chat template by name or file and SHA-256): what a
         report records and a sweep's resume identity compares."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not self.stream_layers:
+            # the same rewards either way; left out when off so that results recorded before
+            # the option existed keep their identity (a sweep resumes them)
+            del out["stream_layers"], out["max_activations"]
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template.record()
         return out

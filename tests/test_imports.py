@@ -46,6 +46,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation.template_sandbox",
             "evaluation.chat_templates",
             "evaluation.prefix_scoring",
+            "evaluation.layer_stream",
             "evaluation.rewards",
             "evaluation.in_memory",
             "evaluation.resident",

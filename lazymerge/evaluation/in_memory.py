@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge._optional import require
 from lazymerge.errors import IncompatibleInputsError, InputError, OptionError
+from lazymerge.evaluation.layer_stream import stream_plan
 from lazymerge.evaluation.rewards import (
     RewardModel,
     bnb_config,
@@ -71,16 +72,24 @@ def load_merged_reward_model(
         raise OptionError("an in-memory merge builds one model: give one --alpha or one --weights vector")
     options.check_inputs(len(inputs))
     check_device(score)
+    if score.stream_layers and checkpoints is not None:
+        raise OptionError("--stream-layers reads each layer from the files: not with resident inputs")
     opened = open_inputs(read_paths(inputs, options)) if checkpoints is None else list(checkpoints)
+    streamed = False  # with --stream-layers the streamed model owns the checkpoints from there on
     try:
         plan, rm_folder = _reward_plan(inputs, options, opened)
+        if score.stream_layers:
+            quiet_transformers()
+            _, tokenizer = _config_and_tokenizer(require("transformers"), plan.companion_files, rm_folder)
+            model, streamed = stream_plan(plan, opened, score, score.max_activations), True
+            return scorer(model, tokenizer, score, f"{rm_folder} (merged layer by layer)", str(rm_folder))
         if into is not None and score.quant is None:
             _fill(into.model, plan, opened, score, rm_folder)
             return into
         model, tokenizer = _empty_model(plan, rm_folder, score)
         _fill(model, plan, opened, score, rm_folder)
     finally:
-        if checkpoints is None:
+        if checkpoints is None and not streamed:
             for ckpt in opened:
                 ckpt.close()
     model.eval()

@@ -36,6 +36,7 @@ from lazymerge.errors import (
     OptionError,
     TemplateLimitError,
 )
+from lazymerge.evaluation.layer_stream import LayerStreamedModel, stream_folder, whole_text_batches
 from lazymerge.evaluation.prefix_scoring import (
     ScoringStats,
     cache_path_refusal,
@@ -43,12 +44,16 @@ from lazymerge.evaluation.prefix_scoring import (
     distinct_prefix_tokens,
     reward_length,
     score_with_prefix_tree,
-    token_batches,
 )
 from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget
 from lazymerge.score_options import LLAMA2_SYSTEM_PROMPT, ChatTemplate, ScoreOptions, system_prompt_text
 
 __all__ = ["LLAMA2_SYSTEM_PROMPT", "RewardModel", "load_reward_model", "system_prompt_text"]
+
+#: Why a layer-streamed model scores whole texts although the prefix cache is on.
+STREAM_FALLBACK = (
+    "--stream-layers streams the weights layer by layer, which the prefix cache does not compose with yet"
+)
 
 REMOTE_CODE_FILES = (
     "config.json",
@@ -220,6 +225,12 @@ class RewardModel:
                 rewards[text] = value
             progress(len(finished))
 
+        if isinstance(self.model, LayerStreamedModel):
+            self.model.score_encoded(encoded, budget, self.batch_size, take)
+            self.scoring_stats = self.model.scoring_stats
+            if self.prefix_cache and self.scoring_stats is not None:
+                self.scoring_stats.fallback = STREAM_FALLBACK
+            return rewards
         refusal = cache_path_refusal(self.model) if self.prefix_cache else None
         if self.prefix_cache and refusal is None:
             self.scoring_stats = score_with_prefix_tree(
@@ -238,15 +249,14 @@ class RewardModel:
 
         pad = self.model.config.pad_token_id
         rows = self.batch_size if pad is not None else 1  # without a pad id only unpadded passes are exact
-        order = sorted(encoded, key=lambda t: (-len(encoded[t]), t))
         stats = ScoringStats("whole texts", batch_tokens=budget, batch_size=rows)
         stats.texts = len(encoded)
         stats.tokens_in_texts = sum(len(ids) for ids in encoded.values())
         stats.ideal_tokens = distinct_prefix_tokens(
             [ids[: reward_length(ids, pad)] for ids in encoded.values()]
         )
-        for indices in token_batches([(len(encoded[t]), 0) for t in order], budget, rows):
-            group = [order[i] for i in indices]
+        # the batches a layer-streamed pass makes too (`layer_stream`), so the two agree
+        for group in whole_text_batches(encoded, pad, budget, self.batch_size):
             width = max(len(encoded[t]) for t in group)
             ids = torch.full((len(group), width), pad if pad is not None else 0, dtype=torch.long)
             mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -329,6 +339,8 @@ def load_reward_model(path: str | Path, score: ScoreOptions | None = None, **loa
         raise InputError(f"{folder}: not a model folder (no config.json)")
     refuse_remote_code(folder)
     check_device(score)
+    if score.stream_layers:
+        return _streamed_reward_model(folder, score)
     kwargs: dict[str, Any] = {}
     torch_dtype = compute_dtype(score)
     if score.quant is not None:
@@ -361,4 +373,18 @@ def load_reward_model(path: str | Path, score: ScoreOptions | None = None, **loa
     if score.quant is None:
         model = model.to(score.device)
     model.eval()
+    return scorer(model, tokenizer, score, str(folder), str(folder))
+
+
+def _streamed_reward_model(folder: Path, score: ScoreOptions) -> RewardModel:
+    """`load_reward_model` with --stream-layers: the folder's weights read a layer at a time."""
+    transformers = require("transformers")
+    quiet_transformers()
+    model = stream_folder(folder, score, score.max_activations)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        model.close()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{folder}: transformers cannot load this model's tokenizer: {first}") from None
     return scorer(model, tokenizer, score, str(folder), str(folder))

@@ -808,7 +808,13 @@ def _resident_state(
         sources = resident.plan_sources(itertools.chain([first], plans), len(checkpoints))
         input_bytes = sum(info.nbytes for infos in sources for info in infos)
         model_bytes = 0 if spec.load.on_gpu else spec.load.model_bytes(first.parameters)
-        why_not = "--write scores each point from its written folder" if spec.write else None
+        why_not = (
+            "--write scores each point from its written folder"
+            if spec.write
+            else "--stream-layers reads each layer from the files"
+            if spec.load.stream_layers
+            else None
+        )
         decision = resident.decide(
             spec.resident, input_bytes, model_bytes, psutil.virtual_memory().available, why_not
         )
@@ -1034,12 +1040,15 @@ def build_spec(
     else:
         points = weight_points(vectors, rm_index)
     pair_evals, bon_evals = load_evaluations(pair_files, val_pairs, candidate_files, ns)
+    score = load if isinstance(load, ScoreOptions) else ScoreOptions.build(**(load or {}))
+    if resident == "on" and score.stream_layers:
+        raise OptionError("--resident on: --stream-layers reads each layer from the files; use one of them")
     return SweepSpec(
         inputs=tuple(Path(p) for p in inputs),
         out=absolute(out),
         points=tuple(points),
         merge=options,
-        load=load if isinstance(load, ScoreOptions) else ScoreOptions.build(**(load or {})),
+        load=score,
         pair_evals=pair_evals,
         bon_evals=bon_evals,
         write=write,
