@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared check for a CUDA machine (about 5 minutes): the CUDA-marked tests, then a timed
-# lazy sweep of 3 points on 1.1B-shaped reward and SFT models built on the fly, in bf16 (in memory
-# and write+load) and in 4-bit NF4: build time, scoring tokens/s, peak GPU memory, peak host RSS.
+# One prepared check for a CUDA machine (about 8 minutes): the CUDA-marked tests, then a timed
+# lazy sweep of 3 points on 1.1B-shaped reward and SFT models built on the fly, in bf16 (in memory,
+# write+load and resident) and in 4-bit NF4: build time, scoring tokens/s, peak GPU memory, peak
+# host RSS; then bench/score.py at the 1.1B shape (prefix cache against whole texts, matmul peak).
 #
 #   bash bench/gpu_check.sh [RESULTS_DIR]     # from anywhere; default RESULTS_DIR: bench/results
 #
@@ -39,7 +40,7 @@ tests_rc=${PIPESTATUS[0]}
 
 # 2. timed lazy sweeps on the GPU, 3 points each: bf16 (in memory, then write+load), then 4-bit
 WORK=$(mktemp -d /tmp/lazymerge-gpu-XXXX)
-timeout 200 python3 bench/sweep.py --alpha 0,0.5,1 --pairs "$PAIRS" --tokens "$TOKENS" --device "$DEVICE" \
+timeout 300 python3 bench/sweep.py --alpha 0,0.5,1 --pairs "$PAIRS" --tokens "$TOKENS" --device "$DEVICE" \
   --dir "$WORK" --keep --save "$LOGS/bf16-sweep.json" > "$LOGS/bf16-sweep.txt" 2>&1
 bf16_rc=$?
 tail -8 "$LOGS/bf16-sweep.txt"
@@ -50,6 +51,11 @@ timeout 120 python3 -m lazymerge sweep "$DIR/rm" "$DIR/sft" --pairs "$DIR/pairs.
 quant_rc=$?
 END=$(date +%s.%N)
 tail -3 "$LOGS/4bit-sweep.txt"
+
+# 3. the scorer against the GPU's bf16 matmul peak, with and without the prefix cache (1.1B shape)
+timeout 240 python3 bench/score.py --sizes 1b --device "$DEVICE" --save "$LOGS/score.json" \
+  > "$LOGS/score.txt" 2>&1
+echo "bench/score.py exit $?"; tail -12 "$LOGS/score.txt"
 python3 - "$OUT_JSON" "$LOGS" "$WORK/sweep-4bit/results.jsonl" "$START" "$END" "$tests_rc" "$bf16_rc" "$quant_rc" "$PAIRS" "$TOKENS" <<'PY'
 import json, os, platform, sys
 
