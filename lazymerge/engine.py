@@ -221,6 +221,28 @@ def _block_finite(merged: torch.Tensor, target: torch.Tensor) -> bool:
     return bool(torch.isfinite(target).all())
 
 
+def _apply_method(
+    plan: MergePlan,
+    chunk: _Chunk,
+    work: dict[int, torch.Tensor],
+    weights: Sequence[float],
+    begin: int,
+    end: int,
+) -> torch.Tensor:
+    """The plan's method over one block (elements begin..end of `chunk`) of fp32 copies `work`,
+    with the tensor's own density and parameters where the plan gives them."""
+    tp = chunk.tensor
+    weighted = [i for i, _ in tp.present() if i != plan.base_index]
+    density = plan.density if tp.density is None else tp.density
+    kwargs: dict[str, Any] = {"density": density, **dict(tp.params)}
+    if plan.base_index is not None:
+        kwargs["base"] = work[plan.base_index]
+    kwargs["rand"] = lambda k: position_uniform(
+        _random_key(plan.seed, tp.name, weighted[k]), chunk.start + begin, end - begin
+    )
+    return plan.method_spec.fn([work[i] for i in weighted], [weights[i] for i in weighted], **kwargs)
+
+
 def merge_chunk(
     plan: MergePlan,
     chunk: _Chunk,
@@ -256,7 +278,9 @@ def merge_chunk(
     # stay in cache instead of streaming the whole chunk through memory for each pass
     # (rows: blocks of whole rows)
     step = block_len(tp, method.elementwise, chunk.count, plan.block_elems)
-    for weights, out in zip(plan.variants, outs, strict=True):
+    # a tensor's own weights (a mergekit config's gradients and filters) hold for a one-output plan
+    variants = plan.variants if tp.weights is None else (tp.weights,)
+    for weights, out in zip(variants, outs, strict=True):
         out_values = torch.frombuffer(out, dtype=torch_dtype(tp.dtype))
         row_weights = _row_weights(tp, chunk, weights) if tp.action == "rows" else []
         for begin in range(0, chunk.count, step):
@@ -269,14 +293,7 @@ def merge_chunk(
                     [w[row0:row1] for w in row_weights],
                 )
             else:
-                weighted = [i for i, _ in present if i != plan.base_index]
-                kwargs: dict[str, Any] = {"density": plan.density}
-                if plan.base_index is not None:
-                    kwargs["base"] = work[plan.base_index]
-                kwargs["rand"] = lambda k, w=weighted, b=begin, e=end: position_uniform(
-                    _random_key(plan.seed, tp.name, w[k]), chunk.start + b, e - b
-                )
-                merged = method.fn([work[i] for i in weighted], [weights[i] for i in weighted], **kwargs)
+                merged = _apply_method(plan, chunk, work, weights, begin, end)
             target = out_values[begin:end]
             target.copy_(merged.reshape(-1))
             if not _block_finite(merged, target):

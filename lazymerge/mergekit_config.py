@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import yaml
 from lazymerge.errors import InputError, MergekitConfigError
 from lazymerge.io.small_files import read_small_file
 from lazymerge.methods import BREADCRUMBS_GAMMA, KARCHER_MAX_ITER, KARCHER_TOL, RAM_EPSILON
-from lazymerge.options import MIN_DENSITY, MergeOptions
+from lazymerge.options import MIN_DENSITY, MergeOptions, TensorValues
 
 #: Largest config file read: real mergekit configs are well under a kilobyte.
 CONFIG_LIMIT = 1 << 20
@@ -123,6 +124,27 @@ _REFUSED_KEYS = {
     "chat_template": "the output keeps the first model's tokenizer files and chat template; remove it",
 }
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+#: Most values in one gradient, and most filters in one parameter: real configs hold a handful,
+#: and the plan evaluates each for every tensor.
+MAX_GRADIENT = 256
+MAX_FILTERS = 64
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """A parameter's list of values, interpolated over the layers (mergekit's gradient)."""
+
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Filtered:
+    """A parameter's filters: (part of a tensor name or None for any, value), the first that
+    matches a tensor's name giving its value."""
+
+    conditions: tuple[tuple[str | None, Any], ...]
 
 
 @dataclass(frozen=True)
@@ -358,6 +380,28 @@ class _ConfigReader:
                 raise self.fail(f"models[{i}].model", f"{p} is listed twice")
         dtype = self.dtype()
         self.tokenizer_source(paths)
+        layout = _Layout(method, tuple(paths), base, global_params, tuple(models))
+        resolved = self.resolve(layout, *evaluate_all(self, layout, "", 0.0, nominal=True))
+        kwargs: dict[str, Any] = {
+            "method": method,
+            "weights": resolved.weights,
+            "base": resolved.base,
+            "dtype": dtype,
+        }
+        if resolved.density is not None:
+            kwargs["density"] = resolved.density
+        if layout.varies() or resolved.params:
+            kwargs["tensor_parameters"] = ConfigTensorParameters(self.path, self.doc, layout, resolved.inputs)
+        return MergekitRecipe(
+            self.path, resolved.inputs, MergeOptions(**kwargs, **options), tuple(self.notes)
+        )
+
+    def resolve(
+        self, layout: _Layout, global_params: dict[str, Any], models: list[tuple[str, dict[str, Any]]]
+    ) -> _Resolved:
+        """The inputs, weights, base, density and method parameters the config gives for one
+        tensor, from its parameters already evaluated there (`evaluate_all`)."""
+        method, paths, base = layout.method, list(layout.paths), layout.base
         shared = {
             name: global_params.get(name, default) for name, default in _GLOBAL_PARAMETERS[method].items()
         }
@@ -368,25 +412,21 @@ class _ConfigReader:
             self.notes.append(
                 "parameters.int8_mask ignored: a mergekit memory option with no effect on the result"
             )
+        params: tuple[tuple[str, float], ...] = ()
+        density: float | None = None
         if method in ("slerp", "nearswap"):
             inputs, weights, base_path = self.slerp(paths, base, shared["t"], method)
-            density = None
         elif method in ("nuslerp", "multislerp", "karcher"):
             inputs, weights, base_path = self.spherical(method, paths, base, models, global_params, shared)
-            density = None
         elif method in _UNWEIGHTED:
             inputs, weights, base_path, density = self.unweighted(method, paths, base, models, shared)
         elif method == "linear":
             inputs, weights, base_path = self.linear(paths, base, models, global_params, shared)
-            density = None
         else:
             inputs, weights, base_path, density = self.task_vectors(
                 method, paths, base, models, global_params, shared
             )
-        kwargs: dict[str, Any] = {"method": method, "weights": weights, "base": base_path, "dtype": dtype}
-        if density is not None:
-            kwargs["density"] = density
-        return MergekitRecipe(self.path, tuple(inputs), MergeOptions(**kwargs, **options), tuple(self.notes))
+        return _Resolved(tuple(inputs), weights, base_path, density, params)
 
     # fields
 
@@ -429,23 +469,55 @@ class _ConfigReader:
         return out
 
     def parameters(self, params: Any, field: str) -> dict[str, Any]:
+        """A `parameters` mapping, each value a scalar, a `Gradient` or a `Filtered` list."""
         if params is None:
             return {}
         if not isinstance(params, dict):
             raise self.fail(field, "expected a mapping of parameter names to values")
-        for name, value in params.items():
-            if isinstance(value, list):
+        return {name: self.setting(value, f"{field}.{field_name(name)}") for name, value in params.items()}
+
+    def setting(self, value: Any, field: str) -> Any:
+        """One parameter's setting as mergekit 0.1.5 reads it: a scalar, a gradient (a list of
+        scalars), or filters (`{filter: NAME, value: V}` or a list of them, V a scalar or a
+        gradient)."""
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
+            conditions = value if isinstance(value, list) else [value]
+            if len(conditions) > MAX_FILTERS:
+                raise self.fail(field, f"{len(conditions)} filters; at most {MAX_FILTERS}")
+            return Filtered(tuple(self.condition(c, f"{field}[{i}]") for i, c in enumerate(conditions)))
+        if isinstance(value, list):
+            return self.gradient(value, field)
+        return value
+
+    def gradient(self, value: list[Any], field: str) -> Gradient:
+        if len(value) > MAX_GRADIENT:
+            raise self.fail(field, f"a gradient of {len(value)} values; at most {MAX_GRADIENT}")
+        for i, item in enumerate(value):
+            if isinstance(item, (list, dict)) or item is None:
                 raise self.fail(
-                    f"{field}.{field_name(name)}",
-                    "gradients and filtered values are not supported; give one number for the whole "
-                    "model (lazymerge uses one weight per model for every tensor)",
+                    f"{field}[{i}]", f"expected a number (or true/false) in a gradient, got {describe(item)}"
                 )
-            if isinstance(value, dict):
+        return Gradient(tuple(value))
+
+    def condition(self, entry: Any, field: str) -> tuple[str | None, Any]:
+        if not isinstance(entry, dict):
+            raise self.fail(
+                field, f"expected {{filter: NAME, value: V}} among filters, got {describe(entry)}"
+            )
+        for key in entry:
+            if key not in ("filter", "value"):
                 raise self.fail(
-                    f"{field}.{field_name(name)}",
-                    "per-tensor filters are not supported; give one value for the whole model",
+                    f"{field}.{field_name(key)}", "unknown field; a filter holds filter and value"
                 )
-        return dict(params)
+        if "value" not in entry:
+            raise self.fail(f"{field}.value", "missing (mergekit requires it)")
+        name = entry.get("filter")
+        if name is not None and not isinstance(name, str):
+            raise self.fail(f"{field}.filter", f"expected part of a tensor name, got {describe(name)}")
+        value = entry["value"]
+        if isinstance(value, dict):
+            raise self.fail(f"{field}.value", "expected a number or a gradient (filters do not nest)")
+        return name, self.gradient(value, f"{field}.value") if isinstance(value, list) else value
 
     def check_parameter_names(
         self, method: str, global_params: dict[str, Any], models: list[tuple[str, dict[str, Any]]]
@@ -779,6 +851,119 @@ class _ConfigReader:
     def at_least_two(self, paths: list[Path], method: str) -> None:
         if len(paths) < 2:
             raise self.fail("models", f"{method} needs at least two models, got {len(paths)}")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a config's recipe is made of before any tensor is named: the method, the model
+    paths, the base, and the parameters' settings (global, then per model)."""
+
+    method: str
+    paths: tuple[Path, ...]
+    base: Path | None
+    global_params: dict[str, Any]
+    models: tuple[tuple[str, dict[str, Any]], ...]
+
+    def varies(self) -> bool:
+        """True when some parameter is a gradient or filtered (its value depends on the tensor)."""
+        settings = [*self.global_params.values(), *(v for _, p in self.models for v in p.values())]
+        return any(isinstance(v, (Gradient, Filtered)) for v in settings)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """One tensor's recipe: the weighted inputs, their weights, the base, density and parameters."""
+
+    inputs: tuple[Path, ...]
+    weights: tuple[float, ...]
+    base: Path | None
+    density: float | None
+    params: tuple[tuple[str, float], ...]
+
+
+def evaluate_setting(
+    reader: _ConfigReader, setting: Any, param: str, field: str, tensor: str, t: float, nominal: bool = False
+) -> Any:
+    """A parameter's value at one tensor, as mergekit 0.1.5's `evaluate_setting` resolves it: the
+    first filter that is absent, `*`, or part of the tensor's name gives the value (None when none
+    matches: the next scope's value, then the default, applies); a gradient of numbers is
+    interpolated linearly at t over its values, one of true/false picks value int(t (n - 1)).
+
+    With `nominal` (the plan's summary weights, no tensor named), filters that do not match fall
+    to their first value.
+    """
+    if isinstance(setting, Filtered):
+        for i, (pattern, value) in enumerate(setting.conditions):
+            if pattern is None or pattern == "*" or (tensor and pattern in tensor):
+                return evaluate_setting(reader, value, param, f"{field}[{i}].value", tensor, t)
+        if nominal and setting.conditions:
+            return evaluate_setting(reader, setting.conditions[0][1], param, f"{field}[0].value", tensor, t)
+        return None
+    if not isinstance(setting, Gradient):
+        return setting
+    values = setting.values
+    if not values:
+        return None
+    if param in _BOOL_PARAMETERS:
+        return values[int(t * (len(values) - 1))]
+    numbers = [reader.number(v, f"{field}[{i}]") for i, v in enumerate(values)]
+    scaled = t * (len(numbers) - 1)
+    low = int(scaled)
+    high = min(len(numbers) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * numbers[low] + frac * numbers[high]
+
+
+def evaluate_all(
+    reader: _ConfigReader, layout: _Layout, tensor: str, t: float, nominal: bool = False
+) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """Every parameter evaluated at one tensor: (global values, per model (reference, values)),
+    a parameter left out where its setting gives no value there."""
+    found = {}
+    for name, setting in layout.global_params.items():
+        value = evaluate_setting(reader, setting, name, f"parameters.{name}", tensor, t, nominal)
+        if value is not None:
+            found[name] = value
+    models = []
+    for i, (ref, params) in enumerate(layout.models):
+        values = {}
+        for name, setting in params.items():
+            field = f"models[{i}].parameters.{name}"
+            value = evaluate_setting(reader, setting, name, field, tensor, t, nominal)
+            if value is not None:
+                values[name] = value
+        models.append((ref, values))
+    return found, models
+
+
+@dataclass(frozen=True, eq=False)
+class ConfigTensorParameters:
+    """A config's per-tensor values (`options.TensorParameters`): its parameters evaluated at
+    each tensor's name and layer, then the method's recipe made from them (normalisation,
+    lambda and mergekit's defaults applied per tensor, as mergekit does). Recipes are kept by
+    the evaluated values, so a model's tensors share a few."""
+
+    path: Path
+    doc: Any
+    layout: _Layout
+    inputs: tuple[Path, ...]
+    cache: dict[Any, TensorValues] = dataclass_field(default_factory=dict, repr=False)
+
+    def values(self, tensor: str, t: float) -> TensorValues:
+        reader = _ConfigReader(self.path, self.doc)
+        try:
+            found, models = evaluate_all(reader, self.layout, tensor, t)
+            key = (tuple(sorted(found.items())), tuple(tuple(sorted(p.items())) for _, p in models))
+            cached = self.cache.get(key)
+            if cached is None:
+                resolved = reader.resolve(self.layout, found, models)
+                cached = TensorValues(resolved.weights, resolved.density, resolved.params)
+                self.cache[key] = cached
+        except MergekitConfigError as exc:
+            raise MergekitConfigError(
+                f"{exc} (at tensor {describe(tensor)}, gradient position t = {t:g})"
+            ) from None
+        return cached
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lazymerge.errors import OptionError
 from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES
@@ -138,6 +138,37 @@ def cli_flag(help: str, **more: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class TensorValues:
+    """The merge values of one tensor, where they vary across a model's tensors (mergekit's
+    gradients and filters).
+
+    Attributes:
+        weights: one weight per weighted input (input order, the base model excluded).
+        density: the fraction of each task vector kept (None: the plan's, for methods without one).
+        params: further method parameters by name (della's epsilon and lambda), as keyword
+            arguments of the method.
+    """
+
+    weights: tuple[float, ...]
+    density: float | None
+    params: tuple[tuple[str, float], ...] = ()
+
+
+class TensorParameters(Protocol):
+    """Per-tensor merge values (a mergekit config's gradients and filters), asked once per tensor
+    by the plan, which records the answer in the tensor's plan."""
+
+    def values(self, tensor: str, t: float) -> TensorValues:
+        """The values of `tensor`, at `t` in [0, 1] its layer's place among the layers (mergekit's
+        gradient position: 0 outside the layers).
+
+        Raises:
+            LazyMergeError naming the config, its field and the tensor.
+        """
+        ...
+
+
+@dataclass(frozen=True)
 class MergeOptions:
     """Everything a merge can be asked to do besides its inputs and output.
 
@@ -161,6 +192,8 @@ class MergeOptions:
         max_points: most outputs one sweep may write.
         direct_io: read inputs and write outputs with direct I/O (O_DIRECT) where the filesystem
             allows it, bypassing the page cache (inputs already cached are read from the cache).
+        tensor_parameters: per-tensor weights, density and method parameters (a mergekit
+            config's gradients and filters); None: `weights` and `density` for every tensor.
 
     Raises:
         OptionError (on construction) for any value that is wrong whatever the inputs.
@@ -228,6 +261,7 @@ class MergeOptions:
             show_default=True,
         ),
     )
+    tensor_parameters: TensorParameters | None = None
 
     def __post_init__(self) -> None:
         from lazymerge.methods import METHODS as METHOD_SPECS
@@ -284,6 +318,8 @@ class MergeOptions:
             raise OptionError(f"--rm {self.rm}: an input index counts from 0")
         if not 0 <= self.seed < 2**63:
             raise OptionError(f"--seed {self.seed}: must be in [0, 2^63)")
+        if self.tensor_parameters is not None and self.alphas is not None:
+            raise OptionError("per-tensor parameters (a mergekit config's) cannot be swept with --alpha")
 
     @classmethod
     def build(cls, **kwargs: Any) -> MergeOptions:

@@ -10,9 +10,11 @@ handed to the engine, which only follows it. Two kinds of merge are planned here
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
 from lazymerge.methods import METHODS, MergeMethod
-from lazymerge.options import MergeOptions
+from lazymerge.options import MergeOptions, TensorParameters
 from lazymerge.provenance import InputIdentity, identify_checkpoint
 from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
 from lazymerge.tensor_plan import TensorPlan, check_same_tensor, first_mismatches, output_dtype
@@ -181,6 +183,9 @@ class MergePlan:
                     "shape": list(t.shape),
                     "chunks": self.chunks(t),
                     "note": t.note,
+                    **({"weights": list(t.weights)} if t.weights is not None else {}),
+                    **({"density": t.density} if t.density is not None else {}),
+                    **({"params": dict(t.params)} if t.params else {}),
                 }
                 for s in self.layouts[0].shards
                 for t in (self.tensors[x.name] for x in s.tensors)
@@ -210,6 +215,8 @@ class MergePlan:
                 srcs = "/".join(s.dtype if s is not None else "-" for s in tp.sources)
                 what = {"merge": "average", "copy": "copy", "rows": "rows"}[tp.action]
                 note = f"  [{tp.note}]" if tp.note else ""
+                if tp.values_text():
+                    note += f"  ({tp.values_text()})"
                 lines.append(
                     f"  {what:7s} {tp.name} {list(tp.shape)} {srcs} -> {tp.dtype}, "
                     f"{self.chunks(tp)} chunk(s){note}"
@@ -323,9 +330,40 @@ def attach_base(tensors: dict[str, TensorPlan], base: Checkpoint) -> tuple[dict[
             check_same_tensor(name, first, first.path, base[name], base.path)
             src = base[name]
         row_maps = None if tp.row_maps is None else (*tp.row_maps, None)
-        out[name] = TensorPlan(tp.name, tp.dtype, tp.shape, tp.action, (*tp.sources, src), row_maps, tp.note)
+        weights = None if tp.weights is None else (*tp.weights, 0.0)
+        out[name] = dataclasses.replace(tp, sources=(*tp.sources, src), row_maps=row_maps, weights=weights)
     unused = sorted(n for n in base if n not in out or out[n].action != "merge")
     return out, [f"{n} of {base.path} (base model, not averaged)" for n in unused]
+
+
+#: A decoder layer's tensors: `model.layers.N.` (Llama, Mistral, Qwen, Gemma, ... as mergekit's
+#: architectures name them), N the layer's index.
+LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_positions(names: Sequence[str]) -> dict[str, float]:
+    """Each layer tensor's gradient position t, as mergekit 0.1.5 computes it without slices:
+    index / (layers - 1) over the model's layers (1 for a one-layer model); the tensors outside
+    the layers (embeddings, final norm, heads) are absent (mergekit evaluates them at t = 0)."""
+    found = {name: int(m.group(1)) for name in names if (m := LAYER_PATTERN.search(name))}
+    layers = max(found.values(), default=-1) + 1
+    return {name: index / (layers - 1) if layers > 1 else 1.0 for name, index in found.items()}
+
+
+def tensor_values(tensors: dict[str, TensorPlan], parameters: TensorParameters) -> dict[str, TensorPlan]:
+    """Every merged tensor with its own weights, density and method parameters, asked of
+    `parameters` (a mergekit config's gradients and filters) at the tensor's name and layer."""
+    positions = layer_positions(list(tensors))
+    out = {}
+    for name, tp in tensors.items():
+        if tp.action == "copy":
+            out[name] = tp
+            continue
+        values = parameters.values(name, positions.get(name, 0.0))
+        out[name] = dataclasses.replace(
+            tp, weights=values.weights, density=values.density, params=values.params
+        )
+    return out
 
 
 def default_output(inputs: Sequence[str | os.PathLike[str]]) -> Path:
@@ -364,6 +402,10 @@ def plan_merge(
     recipe = _recipe(checkpoints[:n], options)
     tensors, dropped, roles = recipe.tensors, recipe.dropped, recipe.roles
     variants = options.weight_vectors(n, recipe.rm_index)
+    notes = recipe.notes
+    if options.tensor_parameters is not None:
+        tensors = tensor_values(tensors, options.tensor_parameters)
+        notes = (*notes, "weights vary per tensor (the config's gradients and filters): see each tensor")
     base_index = None
     if options.base is not None:
         tensors, unused = attach_base(tensors, checkpoints[n])
@@ -388,7 +430,7 @@ def plan_merge(
         single_file=single_file,
         dropped=dropped,
         companion_files={} if single_file else dict(recipe.extra_files),
-        notes=recipe.notes,
+        notes=notes,
         base_index=base_index,
         density=options.density,
         seed=options.seed,

@@ -29,6 +29,10 @@ class TensorPlan:
         row_maps: for "rows": per input, the source row of each output row, -1 where absent
             (None for an input that does not contribute).
         note: why, for `lazymerge plan`.
+        weights: this tensor's own weights, one per input (0 for a base model), where they vary
+            across tensors (a mergekit config's gradients and filters); None: the plan's.
+        density: this tensor's own density; None: the plan's.
+        params: further method parameters of this tensor by name (della's epsilon, lambda).
     """
 
     name: str
@@ -38,6 +42,9 @@ class TensorPlan:
     sources: tuple[TensorInfo | None, ...]
     row_maps: tuple[np.ndarray | None, ...] | None = None
     note: str = ""
+    weights: tuple[float, ...] | None = None
+    density: float | None = None
+    params: tuple[tuple[str, float], ...] = ()
 
     @property
     def numel(self) -> int:
@@ -50,6 +57,16 @@ class TensorPlan:
 
     def present(self) -> list[tuple[int, TensorInfo]]:
         return [(i, s) for i, s in enumerate(self.sources) if s is not None]
+
+    def values_text(self) -> str:
+        """This tensor's own weights, density and parameters for `lazymerge plan` ("" if none)."""
+        parts = []
+        if self.weights is not None:
+            parts.append("weights " + "/".join(f"{w:g}" for w in self.weights))
+        if self.density is not None:
+            parts.append(f"density {self.density:g}")
+        parts.extend(f"{name} {value:g}" for name, value in self.params)
+        return ", ".join(parts)
 
 
 def first_mismatches(names: Sequence[str], limit: int = 3) -> str:

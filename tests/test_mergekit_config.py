@@ -230,20 +230,45 @@ REFUSED = {
         "merge_method: linear\nmodels:\n  - model: a.safetensors\n    layer_range: [0, 2]\n",
         "models[0].layer_range: not supported",
     ),
-    "gradient": (
+    "gradient-nested": (
         "merge_method: slerp\nbase_model: a.safetensors\nmodels:\n  - model: a.safetensors\n"
-        "  - model: b.safetensors\nparameters:\n  t: [0, 0.5, 1]\n",
-        "parameters.t: gradients and filtered values are not supported",
+        "  - model: b.safetensors\nparameters:\n  t: [0, [0.5], 1]\n",
+        "parameters.t[1]: expected a number (or true/false) in a gradient, got a list of 1 item(s)",
     ),
-    "filter": (
+    "gradient-not-number": (
+        "merge_method: slerp\nbase_model: a.safetensors\nmodels:\n  - model: a.safetensors\n"
+        "  - model: b.safetensors\nparameters:\n  t: [0, half, 1]\n",
+        "parameters.t[1]: expected a number, got 'half'",
+    ),
+    "gradient-too-long": (
+        "merge_method: slerp\nbase_model: a.safetensors\nmodels:\n  - model: a.safetensors\n"
+        "  - model: b.safetensors\nparameters:\n  t: [" + ", ".join(["0.5"] * 257) + "]\n",
+        "parameters.t: a gradient of 257 values; at most 256",
+    ),
+    "filter-unmatched-required": (
         "merge_method: linear\nmodels:\n  - model: a.safetensors\n    parameters:\n"
-        "      weight: {filter: mlp, value: 0.5}\n  - model: b.safetensors\n",
-        "models[0].parameters.weight: per-tensor filters are not supported",
+        "      weight: {filter: mlp, value: 0.5}\n  - model: b.safetensors\n    parameters: {weight: 1}\n",
+        "models[0].parameters.weight: required by linear (mergekit has no default) (at tensor 's'",
     ),
-    "filter-list": (
+    "filter-no-value": (
         "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
-        "parameters:\n  weight:\n    - filter: self_attn\n      value: 0.3\n    - value: 0.5\n",
-        "parameters.weight: gradients and filtered values are not supported",
+        "parameters:\n  weight:\n    - filter: self_attn\n    - value: 0.5\n",
+        "parameters.weight[0].value: missing",
+    ),
+    "filter-unknown-key": (
+        "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
+        "parameters:\n  weight:\n    - {filter: v, value: 0.3, when: 1}\n    - value: 0.5\n",
+        "parameters.weight[0].when: unknown field; a filter holds filter and value",
+    ),
+    "filter-not-text": (
+        "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
+        "parameters:\n  weight:\n    - {filter: 3, value: 0.3}\n",
+        "parameters.weight[0].filter: expected part of a tensor name, got 3",
+    ),
+    "filter-nested": (
+        "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
+        "parameters:\n  weight:\n    - {filter: v, value: {filter: w, value: 1}}\n",
+        "parameters.weight[0].value: expected a number or a gradient (filters do not nest)",
     ),
     "other-method": (
         "merge_method: della\nmodels:\n  - model: a.safetensors\n",
