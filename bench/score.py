@@ -13,11 +13,14 @@ In one run, on one machine:
    RewardBench-like pairs (prompt 40-200 tokens, responses 60-300), GSM8K-like best-of-16
    (question 40-120, answers 60-250) and RewardBench 2-like best-of-4 (prompt 40-200, answers
    60-300).
-3. Each shape scored through `RewardModel.score_encoded` (lazymerge's seam) with the prefix cache
-   and without it (whole texts, batches by tokens), after a warm-up: seconds, tokens of the texts
-   per second, tokens computed, the prefix tree's distinct tokens, padding, effective GFLOP/s
-   (2 x non-embedding parameters x tokens computed / s) and its share of the peak, the speed-up,
-   and the largest reward difference between the two paths.
+3. Each shape scored through `RewardModel.score_encoded` (lazymerge's seam) three ways, after a
+   warm-up: `before`, the scorer as it was before the prefix cache and token batches (whole texts
+   sorted by length, `--batch-size` rows a batch whatever their length); `whole`, whole texts in
+   batches by tokens; `prefix`, the prefix cache (the default). Per path: seconds, tokens of the
+   texts per second, tokens computed, the prefix tree's distinct tokens, padding, effective
+   GFLOP/s (2 x non-embedding parameters x tokens computed / s) and its share of the peak; per
+   shape the speed-ups of `prefix` over `before` and over `whole`, and the largest reward
+   difference from `before`.
 
 Results print as a table and are saved as JSON (--save, default bench/results/score-DEVICE.json;
 checked before the run, atomic, an existing file replaced only with --force and only when a bench
@@ -163,11 +166,18 @@ def make_texts(shape: str, scale: float, vocab: int, seed: int) -> dict[str, lis
     return out
 
 
-def score(model: Any, device: str, encoded: dict[str, list[int]], prefix: bool, args: Any) -> dict[str, Any]:
+#: the scoring paths compared, in the order they run
+PATHS = ("before", "whole", "prefix")
+#: a token budget no batch reaches: `before` is bounded by rows only, as the scorer was
+UNBOUNDED_TOKENS = 1 << 40
+
+
+def score(model: Any, device: str, encoded: dict[str, list[int]], path: str, args: Any) -> dict[str, Any]:
     from lazymerge.evaluation.rewards import RewardModel
 
+    budget = UNBOUNDED_TOKENS if path == "before" else args.batch_tokens
     rm = RewardModel(
-        model, None, device, batch_size=args.batch_size, prefix_cache=prefix, batch_tokens=args.batch_tokens
+        model, None, device, batch_size=args.batch_size, prefix_cache=path == "prefix", batch_tokens=budget
     )
     sync(device)
     t0 = time.perf_counter()
@@ -222,8 +232,8 @@ def main() -> None:
         vocab = SHAPES[size][-1]
         # warm-up: kernels, allocator, the cache path's first calls
         warm = make_texts("pairs", 2 / DATA["pairs"][0], vocab, seed=99)
-        for prefix in (True, False):
-            score(model, args.device, warm, prefix, args)
+        for path in PATHS:
+            score(model, args.device, warm, path, args)
         scale = args.scale / (8 if size != "135m" else 1)  # the large shapes on fewer texts
         for shape in DATA:
             encoded = make_texts(shape, scale, vocab, seed=1)
@@ -234,12 +244,12 @@ def main() -> None:
                 "non_embedding_params": params,
             }
             done = {}
-            for prefix in (False, True):
-                out = score(model, args.device, encoded, prefix, args)
-                done[prefix] = out
+            for path in PATHS:
+                out = score(model, args.device, encoded, path, args)
+                done[path] = out
                 st = out["stats"]
                 gflops = 2 * params * st["tokens_computed"] / out["seconds"] / 1e9
-                row["prefix" if prefix else "whole"] = {
+                row[path] = {
                     "seconds": round(out["seconds"], 3),
                     "text_tokens_per_s": round(st["tokens_in_texts"] / out["seconds"], 1),
                     "computed_tokens_per_s": round(st["tokens_computed"] / out["seconds"], 1),
@@ -247,13 +257,13 @@ def main() -> None:
                     "share_of_peak": round(gflops / peak, 3),
                     **st,
                 }
-                print(
-                    f"{size} {shape} {'prefix' if prefix else 'whole'}: {out['seconds']:.1f} s",
-                    file=sys.stderr,
-                )
-            row["speedup"] = round(done[False]["seconds"] / done[True]["seconds"], 2)
+                print(f"{size} {shape} {path}: {out['seconds']:.1f} s", file=sys.stderr)
+            row["speedup_over_before"] = round(done["before"]["seconds"] / done["prefix"]["seconds"], 2)
+            row["speedup"] = round(done["whole"]["seconds"] / done["prefix"]["seconds"], 2)
             row["max_reward_difference"] = max(
-                abs(done[True]["rewards"][t] - done[False]["rewards"][t]) for t in encoded
+                abs(done[path]["rewards"][t] - done["before"]["rewards"][t])
+                for path in PATHS[1:]
+                for t in encoded
             )
             runs.append(row)
         del model
@@ -273,7 +283,7 @@ def main() -> None:
         f"{'ideal':>8s} {'in texts':>9s} {'pad':>5s} {'GFLOP/s':>8s} {'peak':>5s}"
     )
     for row in runs:
-        for path in ("whole", "prefix"):
+        for path in PATHS:
             r = row[path]
             print(
                 f"{row['size']:5s} {row['shape']:6s} {row['texts']:5d} {path:6s} {r['seconds']:7.2f} "
@@ -282,7 +292,8 @@ def main() -> None:
                 f"{100 * r['share_of_peak']:4.0f}%"
             )
         print(
-            f"{'':12s} speed-up {row['speedup']:.2f}x, max |reward difference| {row['max_reward_difference']:.3g}"
+            f"{'':12s} prefix speed-up {row['speedup_over_before']:.2f}x over before, {row['speedup']:.2f}x over"
+            f" whole; max |reward difference| from before {row['max_reward_difference']:.3g}"
         )
     write_results(results, {target: (json.dumps(result, indent=2) + "\n").encode()})
     print(f"saved {target}", file=sys.stderr)

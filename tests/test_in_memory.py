@@ -201,3 +201,19 @@ def test_in_memory_on_cuda_close_to_cpu(tmp_path: Path, quant: str | None) -> No
     got = rewards(gpu_model)
     scale = max(abs(r) for r in cpu) + 1e-3
     assert all(abs(a - b) <= 0.25 * scale for a, b in zip(got, cpu, strict=True)), (got, cpu)
+
+
+def test_misaligned_weights_are_copied_into_aligned_memory() -> None:
+    """Weights mapped from a file start where its header says; `own_aligned_memory` copies them
+    to 64-byte aligned memory (the CPU kernels round by alignment) and leaves aligned ones be."""
+    from lazymerge.evaluation.rewards import CPU_ALIGNMENT, own_aligned_memory
+
+    layer = torch.nn.Linear(16, 4)
+    buffer = torch.randn(4 * 16 + 1)
+    layer.weight.data = buffer[1:].view(4, 16)  # 4 bytes past an aligned start
+    want = layer.weight.detach().clone()
+    assert layer.weight.data_ptr() % CPU_ALIGNMENT != 0
+    aligned_bias = layer.bias.data_ptr()
+    assert own_aligned_memory(layer) == 1
+    assert layer.weight.data_ptr() % CPU_ALIGNMENT == 0 and layer.bias.data_ptr() == aligned_bias
+    assert torch.equal(layer.weight, want) and isinstance(layer.weight, torch.nn.Parameter)

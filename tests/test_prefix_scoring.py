@@ -1,7 +1,7 @@
 """Shared-prefix scoring (`evaluation.prefix_scoring`) against transformers' own forward of each
 whole text: Llama, Mistral (a sliding window shorter than the texts) and Qwen2 (byte-level BPE,
 and a model mixing sliding and full layers), fp32 within 1e-5 relative, bf16 decisions equal
-outside the dtype's noise, a `[PAD]`-grown vocabulary, and pairs, best-of-N, RewardBench 2 rows
+outside the dtype's noise, 4-bit NF4 against the quantized model's own forward, a `[PAD]`-grown vocabulary, and pairs, best-of-N, RewardBench 2 rows
 and a sweep through the public functions with the prefix cache on and off."""
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ ARCHITECTURES: dict[str, tuple[str, dict, str]] = {
 }
 
 
-def reward_folder(tmp_path: Path, name: str, dtype: torch.dtype = torch.float32) -> Path:
+def reward_folder(tmp_path: Path, name: str, dtype: torch.dtype = torch.float32, **sizes: int) -> Path:
     family, overrides, _ = ARCHITECTURES[name]
     tok = make_tokenizer(BASE_WORDS, family=family)
     tok.chat_template = CHAT_TEMPLATE
     return save_model(
-        tmp_path / name, family, True, 7, tok, dtype=dtype, max_position_embeddings=512, **overrides
+        tmp_path / name, family, True, 7, tok, dtype=dtype, max_position_embeddings=512, **overrides, **sizes
     )
 
 
@@ -190,6 +190,24 @@ def test_prefix_cache_equals_whole_text_forward_in_fp32(
     assert stats.padded_tokens >= stats.tokens_computed
 
 
+def assert_decisions_equal_outside_noise(
+    got: list[float], want: list[float], per_set: int, noise: float
+) -> None:
+    """Every pairwise decision and best-of-N pick within each set of `per_set` texts equals the
+    reference's, wherever the reference's margin is larger than `noise`."""
+    flips = 0
+    for k in range(0, len(want), per_set):
+        g, w = got[k : k + per_set], want[k : k + per_set]
+        for i in range(per_set):
+            for j in range(i + 1, per_set):
+                if abs(w[i] - w[j]) > noise:  # a pair the reference decides outside the noise
+                    flips += (g[i] > g[j]) != (w[i] > w[j])
+        top = max(range(per_set), key=lambda i: w[i])
+        if all(w[top] - w[i] > noise for i in range(per_set) if i != top):
+            assert max(range(per_set), key=lambda i: g[i]) == top  # best-of-N pick
+    assert flips == 0
+
+
 def test_bf16_decisions_equal_outside_the_dtype_noise(tmp_path: Path) -> None:
     folder = reward_folder(tmp_path, "llama", dtype=torch.bfloat16)
     rm = load_reward_model(folder, dtype="bfloat16", system_prompt=SYSTEM)
@@ -204,18 +222,34 @@ def test_bf16_decisions_equal_outside_the_dtype_noise(tmp_path: Path) -> None:
     print(f"bf16: max |reward difference| {worst:.3g} (rewards up to {scale:.3g})")
     # bf16 keeps 8 bits: a few roundings of 2^-8 through two layers, never more
     assert worst <= 0.05 * scale
-    noise = 2 * worst
-    flips = 0
-    for k in range(len(sets)):
-        g, w = got[4 * k : 4 * k + 4], want[4 * k : 4 * k + 4]
-        for i in range(4):
-            for j in range(i + 1, 4):
-                if abs(w[i] - w[j]) > noise:  # a pair the reference decides outside the noise
-                    flips += (g[i] > g[j]) != (w[i] > w[j])
-        top = max(range(4), key=lambda i: w[i])
-        if all(w[top] - w[i] > noise for i in range(4) if i != top):
-            assert max(range(4), key=lambda i: g[i]) == top  # best-of-4 pick
-    assert flips == 0
+    assert_decisions_equal_outside_noise(got, want, 4, 2 * worst)
+
+
+def test_4bit_decisions_equal_the_quantized_models_own_whole_text_forward(tmp_path: Path) -> None:
+    """NF4 through bitsandbytes' CPU backend: the cache path against the same quantized model's
+    own forward of each whole text (transformers', unpadded, one text a pass)."""
+    pytest.importorskip("bitsandbytes")
+    # bitsandbytes' CPU kernels take weights whose dimensions are multiples of its blocks
+    folder = reward_folder(tmp_path, "llama", hidden_size=64, intermediate_size=128)
+    rm = load_reward_model(folder, quant="4bit", system_prompt=SYSTEM)
+    assert cache_path_refusal(rm.model) is None
+    sets = candidate_sets(3, prompts=10)
+    texts = [rm.format_text(p, r) for p, responses in sets for r in responses]
+    got = rm.score_texts(texts)
+    stats = rm.scoring_stats
+    assert stats is not None and stats.path == "prefix tree" and stats.fallback is None
+    want = []
+    with torch.no_grad():
+        for text in texts:
+            ids = rm.tokenizer(text, return_tensors="pt").input_ids
+            want.append(float(rm.model(input_ids=ids).logits[0, 0]))
+    assert_carries_signal(rm.tokenizer, texts, want)
+    worst = max(abs(g - w) for g, w in zip(got, want, strict=True))
+    scale = max(abs(w) for w in want)
+    print(f"4-bit: max |reward difference| {worst:.3g} (rewards up to {scale:.3g})")
+    # the weights are the same quantized ones on both paths: only the compute's roundings differ
+    assert worst <= 0.05 * scale
+    assert_decisions_equal_outside_noise(got, want, 4, 2 * worst)
 
 
 def test_pad_grown_vocabulary_merged_in_memory(tmp_path: Path) -> None:
