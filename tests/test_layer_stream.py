@@ -165,7 +165,8 @@ def test_spilled_activations_give_the_same_rewards(tmp_path: Path, budget: int |
 
 def test_spill_file_and_weights_gone_after_an_interrupt(tmp_path: Path) -> None:
     rm, sft = pair_of_models(tmp_path, "llama", num_hidden_layers=3)
-    score = ScoreOptions(prefix_cache=False)
+    # the stream's batches, so the rescore below can equal the in-memory model's bit for bit
+    score = ScoreOptions(prefix_cache=False, batch_size=BATCH_SIZE, batch_tokens=BATCH_TOKENS)
     merged = load_merged_reward_model([rm, sft], MERGE, score)
     encoded = merged.encode_all(texts_of(merged))
     spill = tmp_path / "spill"
