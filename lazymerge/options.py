@@ -131,6 +131,38 @@ def parse_weights(text: str) -> tuple[float, ...]:
     return tuple(_finite(part.strip(), "weight") for part in text.split(","))
 
 
+#: Most --tensor-weights rules (a recipe holds a handful; mergekit's filters likewise).
+MAX_TENSOR_RULES = 64
+
+
+def parse_tensor_weights(text: str) -> tuple[str, tuple[float, ...]]:
+    """'embed_tokens=1,0' -> ("embed_tokens", (1.0, 0.0)): tensors whose name contains the
+    filter take these weights (one per input), as a mergekit filter gives a parameter's value.
+
+    Raises:
+        OptionError for a missing '=', an empty filter or a weight that is not a finite number.
+    """
+    name, sep, weights = text.partition("=")
+    if not sep or not name.strip() or not weights.strip():
+        raise OptionError(f"--tensor-weights {text!r}: expected FILTER=W1,W2,... (e.g. embed_tokens=1,0)")
+    return name.strip(), parse_weights(weights)
+
+
+@dataclass(frozen=True)
+class NamedTensorWeights:
+    """`TensorParameters` from `MergeOptions.tensor_weights`: the first rule whose filter is part
+    of a tensor's name gives its weights; other tensors take `default` (the merge's own)."""
+
+    rules: tuple[tuple[str, tuple[float, ...]], ...]
+    default: tuple[float, ...]
+
+    def values(self, tensor: str, t: float) -> TensorValues:
+        for name, weights in self.rules:
+            if name in tensor:
+                return TensorValues(weights, None)
+        return TensorValues(self.default, None)
+
+
 def cli_flag(help: str, **more: Any) -> dict[str, Any]:
     """A field's command-line metadata: its help, and how the CLI declares it (`flags`, `kind`,
     `choices`, `min`/`max`, `show_default`); the CLI generates its options from these."""
@@ -194,6 +226,9 @@ class MergeOptions:
             allows it, bypassing the page cache (inputs already cached are read from the cache).
         tensor_parameters: per-tensor weights, density and method parameters (a mergekit
             config's gradients and filters); None: `weights` and `density` for every tensor.
+        tensor_weights: (filter, weights) rules, first match wins: a tensor whose name contains
+            the filter takes these weights (one per input) instead of the merge's, as mergekit's
+            filters do (`embed_tokens=1,0` keeps the first input's embeddings); one output only.
 
     Raises:
         OptionError (on construction) for any value that is wrong whatever the inputs.
@@ -262,6 +297,7 @@ class MergeOptions:
         ),
     )
     tensor_parameters: TensorParameters | None = None
+    tensor_weights: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         from lazymerge.methods import METHODS as METHOD_SPECS
@@ -320,6 +356,22 @@ class MergeOptions:
             raise OptionError(f"--seed {self.seed}: must be in [0, 2^63)")
         if self.tensor_parameters is not None and self.alphas is not None:
             raise OptionError("per-tensor parameters (a mergekit config's) cannot be swept with --alpha")
+        self._check_tensor_weights()
+
+    def _check_tensor_weights(self) -> None:
+        rules = tuple((str(f), tuple(float(w) for w in ws)) for f, ws in self.tensor_weights)
+        object.__setattr__(self, "tensor_weights", rules)
+        if not rules:
+            return
+        if len(rules) > MAX_TENSOR_RULES:
+            raise OptionError(f"--tensor-weights: {len(rules)} rules; at most {MAX_TENSOR_RULES}")
+        for name, weights in rules:
+            if not name or not all(math.isfinite(w) for w in weights) or sum(map(abs, weights)) > 1e6:
+                raise OptionError(f"--tensor-weights {name}: needs a filter and finite weights")
+        if self.tensor_parameters is not None:
+            raise OptionError("--tensor-weights: a mergekit config gives per-tensor values already")
+        if self.is_sweep:
+            raise OptionError("--tensor-weights holds for one merge; sweep with lazymerge sweep")
 
     @classmethod
     def build(cls, **kwargs: Any) -> MergeOptions:
@@ -357,6 +409,18 @@ class MergeOptions:
             raise OptionError(f"--method {self.method} takes exactly {arity} inputs, got {count}")
         if self.rm is not None and self.rm >= count:
             raise OptionError(f"--rm {self.rm}: there are only {count} inputs (counted from 0)")
+        for name, weights in self.tensor_weights:
+            if len(weights) != count:
+                raise OptionError(
+                    f"--tensor-weights {name}: {len(weights)} weights for {count} inputs; give one per input"
+                )
+
+    def per_tensor(self, default: tuple[float, ...]) -> TensorParameters | None:
+        """What varies per tensor: a mergekit config's values, or the --tensor-weights rules
+        over `default` (the one output's weights); None when nothing does."""
+        if self.tensor_weights:
+            return NamedTensorWeights(self.tensor_weights, default)
+        return self.tensor_parameters
 
     def check_destination_kind(self, destination: Path) -> None:
         """A sweep writes one folder per value, so its output cannot be a .safetensors file."""

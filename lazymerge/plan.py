@@ -321,6 +321,13 @@ def attach_base(tensors: dict[str, TensorPlan], base: Checkpoint) -> tuple[dict[
     out = {}
     for name, tp in tensors.items():
         src: TensorInfo | None = None
+        if tp.action == "rows" and name in base and _same_rows(tp, base[name]):
+            # every input holds every token at the same id as the base's shape: a plain tensor,
+            # so task-vector methods apply to it as to any other (rows matched by token are
+            # averaged, with no base)
+            tp = dataclasses.replace(
+                tp, action="merge", row_maps=None, note=tp.note + "; same ids everywhere"
+            )
         if tp.action == "merge":
             if name not in base:
                 raise IncompatibleInputsError(
@@ -334,6 +341,17 @@ def attach_base(tensors: dict[str, TensorPlan], base: Checkpoint) -> tuple[dict[
         out[name] = dataclasses.replace(tp, sources=(*tp.sources, src), row_maps=row_maps, weights=weights)
     unused = sorted(n for n in base if n not in out or out[n].action != "merge")
     return out, [f"{n} of {base.path} (base model, not averaged)" for n in unused]
+
+
+def _same_rows(tp: TensorPlan, base: TensorInfo) -> bool:
+    """Whether an embedding matched by token maps every output row to the same row of every
+    input, and the base has the output's shape."""
+    import numpy as np
+
+    if tp.row_maps is None or base.shape != tp.shape:
+        return False
+    ids = np.arange(tp.shape[0])
+    return all(m is None or np.array_equal(m, ids) for m in tp.row_maps)
 
 
 #: A decoder layer's tensors: `model.layers.N.` (Llama, Mistral, Qwen, Gemma, ... as mergekit's
@@ -403,9 +421,11 @@ def plan_merge(
     tensors, dropped, roles = recipe.tensors, recipe.dropped, recipe.roles
     variants = options.weight_vectors(n, recipe.rm_index)
     notes = recipe.notes
-    if options.tensor_parameters is not None:
-        tensors = tensor_values(tensors, options.tensor_parameters)
-        notes = (*notes, "weights vary per tensor (the config's gradients and filters): see each tensor")
+    per_tensor = options.per_tensor(variants[0])
+    if per_tensor is not None:
+        tensors = tensor_values(tensors, per_tensor)
+        source = "--tensor-weights" if options.tensor_weights else "the config's gradients and filters"
+        notes = (*notes, f"weights vary per tensor ({source}): see each tensor")
     base_index = None
     if options.base is not None:
         tensors, unused = attach_base(tensors, checkpoints[n])

@@ -51,13 +51,27 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation.in_memory",
             "evaluation.resident",
             "evaluation.reports",
+            "evaluation.diagnostics",
             "evaluation.report",
             "evaluation.run",
             "evaluation.sweep",
             "evaluation.ray_sweep",
         ],
     ),
-    ("commands", ["demo", "cli.group", "cli.flags", "cli.merge", "cli.evaluate", "cli", "__main__", ""]),
+    (
+        "commands",
+        [
+            "demo",
+            "cli.group",
+            "cli.flags",
+            "cli.merge",
+            "cli.evaluate",
+            "cli.diagnose",
+            "cli",
+            "__main__",
+            "",
+        ],
+    ),
 ]
 ORDER = [m for _, modules in FLOORS for m in modules]
 

@@ -214,3 +214,84 @@ def test_variants_change_one_thing_and_set_wins():
         cfg = mini_dogerm.configure(full, name, [])
         changed = [(s, k) for s in cfg if isinstance(cfg[s], dict) for k in cfg[s] if cfg[s][k] != full[s][k]]
         assert len(changed) == len(mini_dogerm.VARIANTS[name]) <= 1
+
+
+def _row(difference: float, p: float, comparisons: int = 30) -> dict:
+    return {"val_difference": {"difference": difference}, "adjusted_p": min(1.0, p * comparisons)}
+
+
+@pytest.mark.parametrize(
+    ("rows", "picked"),
+    [
+        # the smallest adjusted p among the variants that gain, whatever the size of the gain
+        (
+            {"linear": _row(0.03, 0.39), "task-arithmetic": _row(0.05, 0.087), "ta-emb": _row(0.07, 0.009)},
+            "ta-emb",
+        ),
+        (
+            {"linear": _row(0.09, 0.2), "task-arithmetic": _row(0.02, 0.01), "ta-emb": _row(-0.05, 0.001)},
+            "task-arithmetic",
+        ),
+        # adjusted p capped at 1 ties: the larger gain, then the order listed
+        ({"linear": _row(0.01, 0.9), "task-arithmetic": _row(0.02, 0.8)}, "task-arithmetic"),
+        ({"linear": _row(0.02, 0.9), "task-arithmetic": _row(0.02, 0.8)}, "linear"),
+        # no gain anywhere: the linear baseline
+        ({"linear": _row(0.0, 1.0), "task-arithmetic": _row(-0.01, 0.5)}, "linear"),
+    ],
+)
+def test_merge_variant_rule(rows, picked):
+    assert mini_dogerm.pick_merge_variant(rows) == picked
+
+
+def test_merge_variants_are_one_change_each_and_sweep_the_same_lambdas(tmp_path):
+    assert list(mini_dogerm.MERGE_VARIANTS) == ["linear", "task-arithmetic", "task-arithmetic-rm-embeddings"]
+    base = tmp_path / "base"
+    assert mini_dogerm.merge_arguments({}, "0:1:0.5", base) == ["--alpha", "0:1:0.5"]
+    ta = mini_dogerm.merge_arguments(mini_dogerm.MERGE_VARIANTS["task-arithmetic"], "0:1:0.5", base)
+    assert ta == [
+        "--method",
+        "task_arithmetic",
+        "--base",
+        str(base),
+        "--weights",
+        "1,0",
+        "--weights",
+        "1,0.5",
+        "--weights",
+        "1,1",
+    ]
+    kept = mini_dogerm.merge_arguments(
+        mini_dogerm.MERGE_VARIANTS["task-arithmetic-rm-embeddings"], "0:1:0.5", base
+    )
+    assert kept == [*ta, "--tensor-weights", "embed_tokens=1,0"]
+
+
+@pytest.mark.slow
+def test_tiny_merge_variants_compare_on_validation_and_score_the_pick_once(tmp_path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    argv = ["--tiny", "--merge-variants", "--work", str(work), "--results", str(results)]
+    assert mini_dogerm.main(argv) == 0
+    report = json.loads((results / "merge-variants.json").read_text())
+    rows = report["variants"]
+    assert list(rows) == list(mini_dogerm.MERGE_VARIANTS)
+    assert report["comparisons"] == 3 * 2  # three variants, lambdas 0.5 and 1 (TINY's grid)
+    for r in rows.values():
+        assert r["adjusted_p"] == pytest.approx(min(1.0, 6 * r["val_difference"]["mcnemar_p"]), abs=1e-4)
+    assert report["picked"] == mini_dogerm.pick_merge_variant(rows)
+    assert f"**{report['picked']}**" in (results / "merge-variants.md").read_text()
+    # validation runs never score the test pairs; the pick's run does, once
+    sweeps = sorted(work.glob("sweep-*"))
+    assert len(sweeps) == len(rows) + 1
+    scored = [json.loads((s / "sweep" / "results.json").read_text()) for s in sweeps]
+    with_test = [d for d in scored if "maths-test" in {p["name"] for p in d["evaluations"]["pairs"]}]
+    assert len(with_test) == 1 and with_test[0]["evaluations"]["best_of_n"][0]["name"] == "maths-bon"
+    picked_method = mini_dogerm.MERGE_VARIANTS[report["picked"]].get("method", "linear")
+    assert with_test[0]["merge"]["method"] == picked_method
+    # the task-arithmetic sweeps report their task vectors against the base; every point its diagnostics
+    with_base = [d for d in scored if d["merge"]["method"] == "task_arithmetic"]
+    assert len(with_base) >= 2 and all("task_vectors" in d for d in with_base)
+    assert all("diagnostics" in p for d in scored for p in d["points"])
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["merge_variant"] == report["picked"] and not summary["val_only"]
+    assert summary["base_model"] == {"kind": "random 2-layer Llama (--tiny)"}
+    assert (results / "reliability.png").is_file()

@@ -45,6 +45,7 @@ def test_sweep_points_equal_written_checkpoints_and_report_agrees(tmp_path: Path
     assert sorted(p.name for p in out.iterdir()) == [
         "accuracy.png",
         "best_of_n.png",
+        "reliability.png",
         "report.md",
         "results.json",
         "results.jsonl",

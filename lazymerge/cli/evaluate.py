@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from lazymerge.cli.flags import (
+    TENSOR_WEIGHTS,
     field_option,
     in_memory_merge,
     in_memory_merge_options,
@@ -153,6 +154,15 @@ _PATH = click.Path(path_type=Path)
 )
 @click.option("--n", "ns", default="2,4,8,16", show_default=True, help="Best-of-N sizes.")
 @together(*merge_flags("rm", "strict", "method", "base", "density", "seed", "max_memory"))
+@click.option(
+    "--tensor-weights",
+    multiple=True,
+    type=TENSOR_WEIGHTS,
+    metavar="FILTER=W1,W2",
+    help="Tensors whose name contains FILTER take these weights (one per input) at every point, as "
+    "mergekit's filters do; first match wins (repeatable). E.g. embed_tokens=1,0 keeps the reward "
+    "model's embeddings.",
+)
 @field_option(
     MergeOptions,
     "max_points",

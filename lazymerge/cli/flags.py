@@ -19,7 +19,7 @@ import click
 from lazymerge.cli.group import one_line
 from lazymerge.errors import OptionError
 from lazymerge.methods import METHODS
-from lazymerge.options import MergeOptions, parse_alpha, parse_size, parse_weights
+from lazymerge.options import MergeOptions, parse_alpha, parse_size, parse_tensor_weights, parse_weights
 from lazymerge.score_options import ScoreOptions, system_prompt_text
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,6 +35,25 @@ class SizeType(click.ParamType):
             return parse_size(str(value))
         except OptionError as exc:
             self.fail(str(exc), param, ctx)
+
+
+class TensorWeightsType(click.ParamType):
+    """--tensor-weights FILTER=W1,W2,...: (filter, weights), parsed once here."""
+
+    name = "filter=weights"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, tuple[float, ...]]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_tensor_weights(str(value))
+        except OptionError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+TENSOR_WEIGHTS = TensorWeightsType()
 
 
 class MethodChoice(click.Choice):

@@ -91,6 +91,13 @@ COMMAND_HELP: dict[str, tuple[str, list[tuple[str, str]]]] = {
             ),
         ],
     ),
+    "diagnose": (
+        "Task vectors of models against their base: relative norms and cosines per layer group.",
+        [
+            ("lazymerge diagnose rm/ metamath/ --base llama-2-7b/", "how far and how alike they moved"),
+            ("lazymerge diagnose rm/ math/ code/ --base base/ --json", "as JSON"),
+        ],
+    ),
     "sweep": (
         "Score merged reward models over a lambda grid, lazily and resumably.",
         [

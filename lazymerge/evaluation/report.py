@@ -14,6 +14,7 @@ bootstrap difference of those scores against the reward model alone.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -24,6 +25,7 @@ import numpy as np
 
 from lazymerge._version import __version__
 from lazymerge.evaluation import rewardbench2
+from lazymerge.evaluation.diagnostics import pair_diagnostics, reward_scale
 from lazymerge.evaluation.scoring import CODE_SUBSETS, SECTIONS, best_of_n
 from lazymerge.evaluation.stats import Z95, paired_bootstrap, wilson_interval
 from lazymerge.io.writer import write_report
@@ -100,6 +102,10 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
     points = [_point_entry(spec, record, baseline) for record in records]
     chosen, how = choose_point(spec, points)
     doc = _report_doc(spec, points, chosen, how)
+    if spec.merge.base is not None:
+        from lazymerge.evaluation.diagnostics import task_vectors
+
+        doc["task_vectors"] = task_vectors(spec.inputs, spec.merge.base).to_dict()
     write_report(
         spec.out / "results.json", (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")
     )
@@ -109,6 +115,8 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
         plot_best_of_n(spec, points, chosen, spec.out / "best_of_n.png")
     if len(spec.inputs) == 3 and spec.pair_evals:
         plot_grid(spec, points, spec.out / "grid.png")
+    if chosen is not None and any(not e.rewardbench2 for e in spec.pair_evals):
+        plot_reliability(spec, points, chosen, spec.out / "reliability.png")
     return doc
 
 
@@ -144,8 +152,27 @@ def _point_entry(spec: Any, record: dict[str, Any], baseline: dict[str, Any]) ->
             k = round(r["accuracy"] * r["n_prompts"])
             r["ci_low"], r["ci_high"] = wilson_interval(k, r["n_prompts"])
         entry["best_of_n"][b.name] = result
+    entry["diagnostics"] = _diagnostics_entry(spec, record, baseline)
     entry["timing"] = {k: record.get(k) for k in TIMING_KEYS}
     return entry
+
+
+def _diagnostics_entry(spec: Any, record: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Per evaluation file: the rewards' scale; for pair files also calibration, length bias and
+    the pairs that flip against the reward model alone (`diagnostics`)."""
+    out: dict[str, Any] = {}
+    for e in spec.pair_evals:
+        if e.rewardbench2:
+            rewards = [r for row in record["rewardbench2"][e.name]["rewards"] for r in row]
+            out[e.name] = {"rewards": dataclasses.asdict(reward_scale(rewards))}
+            continue
+        s, b = record["pairs"][e.name], baseline["pairs"][e.name]
+        found = pair_diagnostics(e.pairs, (s["chosen"], s["rejected"]), (b["chosen"], b["rejected"]))
+        out[e.name] = found.to_dict()
+    for bon in spec.bon_evals:
+        rewards = [r for row in record["best_of_n"][bon.name]["rewards"] for r in row]
+        out[bon.name] = {"rewards": dataclasses.asdict(reward_scale(rewards))}
+    return out
 
 
 def _rewardbench2_entry(e: Any, record: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +285,86 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     for b in doc["evaluations"]["best_of_n"]:
         lines += _bon_markdown(doc, b)
-    return "\n".join(lines + _timing_markdown(doc)) + "\n"
+    return "\n".join(lines + _diagnostics_markdown(doc) + _timing_markdown(doc)) + "\n"
+
+
+def _diagnostics_markdown(doc: dict[str, Any]) -> list[str]:
+    """Why a point helps or not: task vectors, then per file the rewards' scale, calibration,
+    length bias and flips, then the chosen point's largest flips with their texts."""
+    from lazymerge.evaluation.diagnostics import CALIBRATION_BINS, LENGTH_MARGIN
+
+    lines = ["## Diagnostics", ""]
+    tv = doc.get("task_vectors")
+    if tv is not None:
+        from lazymerge.evaluation.diagnostics import TaskVectorReport
+
+        lines += [f"### Task vectors against {tv['base']}", ""]
+        lines += TaskVectorReport.from_dict(tv).markdown() + [""]
+    else:
+        lines += ["Task vectors: not computed (a sweep with a base model, --base, reports them).", ""]
+    lines += [
+        f"Per file: rewards' mean and standard deviation over every text scored; expected calibration error "
+        f"of sigmoid(r_chosen - r_rejected) over {CALIBRATION_BINS} confidence bins (reliability.png); "
+        f"accuracy by length difference of the responses (characters; 'about equal' within "
+        f"{100 * LENGTH_MARGIN:g}%) and how often the longer response wins; pairs fixed / broken against "
+        "the reward model alone.",
+        "",
+    ]
+    names = list(doc["points"][0].get("diagnostics", {}))
+    for name in names:
+        lines += _diagnostics_table(doc, name)
+    chosen = next((p for p in doc["points"] if p["label"] == doc["chosen"]["label"]), None)
+    if chosen is not None:
+        lines += _flips_markdown(chosen)
+    return lines
+
+
+def _diagnostics_table(doc: dict[str, Any], name: str) -> list[str]:
+    has_pairs = "calibration" in doc["points"][0]["diagnostics"][name]
+    head = "| point | reward mean (std) |"
+    if has_pairs:
+        head += " ECE | acc. chosen shorter / about equal / longer (n) | longer wins % | fixed / broken |"
+    lines = [f"### {name}", "", head, "| --- |" + " --- |" * (head.count("|") - 2)]
+    for p in doc["points"]:
+        d = p["diagnostics"][name]
+        row = f"| {p['label']} | {d['rewards']['mean']:.3f} ({d['rewards']['std']:.3f}) |"
+        if has_pairs:
+            bins = " / ".join(
+                f"{'-' if b['accuracy'] is None else _pct(b['accuracy'])} ({b['n']})"
+                for b in d["length"]["bins"]
+            )
+            longer = d["length"]["prefers_longer"]
+            row += (
+                f" {d['calibration']['ece']:.3f} | {bins} | {'-' if longer is None else _pct(longer)} | "
+                f"{d['flips']['fixed']} / {d['flips']['broken']} |"
+            )
+        lines.append(row)
+    return lines + [""]
+
+
+def _flips_markdown(point: dict[str, Any]) -> list[str]:
+    """The chosen point's largest flips on every pair file, with their texts."""
+    lines: list[str] = []
+    for name, d in point.get("diagnostics", {}).items():
+        flips = d.get("flips")
+        if not flips or not (flips["largest_fixed"] or flips["largest_broken"]):
+            continue
+        lines += [f"### Largest flips of {point['label']} on {name}", ""]
+        for kind, key in (("fixed (right now, wrong alone)", "largest_fixed"), ("broken", "largest_broken")):
+            for f in flips[key]:
+                lines.append(
+                    f"- {kind}, pair {f['index']} ({f['subset']}), margin {f['baseline_margin']:+.3f} -> "
+                    f"{f['point_margin']:+.3f}: prompt {_quote(f['prompt'])}; chosen {_quote(f['chosen'])}; "
+                    f"rejected {_quote(f['rejected'])}"
+                )
+        lines.append("")
+    return lines
+
+
+def _quote(text: str) -> str:
+    """A text on one markdown line, as code (backticks and line breaks made harmless)."""
+    flat = " ".join(text.split()).replace("`", "'")
+    return f"`{flat}`"
 
 
 def _interval_cell(a: dict[str, Any], key: str = "accuracy") -> str:
@@ -523,6 +629,35 @@ def plot_grid(spec: Any, points: Sequence[dict[str, Any]], path: Any) -> None:
     ax.set_ylabel(f"weight of {names[1] if len(names) > 1 else 'domain 2'}")
     ax.set_title(f"{e.name}: {'RewardBench 2 score' if e.rewardbench2 else 'accuracy'} (%)")
     fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_reliability(spec: Any, points: Sequence[dict[str, Any]], chosen: dict[str, Any], path: Any) -> None:
+    """Reliability of the Bradley-Terry probability: accuracy against mean confidence per bin,
+    for the reward model alone and the chosen point, one panel per pair file."""
+    plt = _pyplot()
+    evals = [e for e in spec.pair_evals if not e.rewardbench2]
+    baseline = next(p for p in points if p["baseline"])
+    fig, axes = plt.subplots(1, len(evals), figsize=(5 * len(evals), 4.5), dpi=110, squeeze=False)
+    for ax, e in zip(axes[0], evals, strict=True):
+        ax.plot([0.5, 1], [0.5, 1], color="gray", linestyle=":", label="perfect calibration")
+        for p, name in ((baseline, "reward model alone"), (chosen, f"chosen ({chosen['label']})")):
+            cal = p["diagnostics"][e.name]["calibration"]
+            used = [b for b in cal["bins"] if b["n"]]
+            ax.plot(
+                [b["confidence"] for b in used],
+                [b["accuracy"] for b in used],
+                marker="o",
+                label=f"{name}, ECE {cal['ece']:.3f}",
+            )
+        ax.set_xlabel("confidence sigmoid(|r_chosen - r_rejected|)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{e.name}{' (validation)' if e.validation else ''}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

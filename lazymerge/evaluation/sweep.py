@@ -48,7 +48,15 @@ from lazymerge.score_options import ScoreOptions
 
 RESULTS = "results.jsonl"
 #: Files a sweep writes into its folder (besides kept models under models/).
-SWEEP_FILES = (RESULTS, "results.json", "report.md", "accuracy.png", "best_of_n.png", "grid.png")
+SWEEP_FILES = (
+    RESULTS,
+    "results.json",
+    "report.md",
+    "accuracy.png",
+    "best_of_n.png",
+    "grid.png",
+    "reliability.png",
+)
 
 
 @dataclass(frozen=True)
@@ -273,7 +281,8 @@ def fingerprint(spec: SweepSpec) -> dict[str, Any]:
         "merge": {
             f.name: _json_value(getattr(m, f.name))
             for f in dataclasses.fields(m)
-            if f.name not in _MERGE_IO_OPTIONS
+            # (no --tensor-weights: left out, so sweeps made before the option resume)
+            if f.name not in _MERGE_IO_OPTIONS and not (f.name == "tensor_weights" and not m.tensor_weights)
         },
         # the device kind, not its number: a resumed sweep may run on another GPU
         "scoring": {**spec.load.record(), "device": spec.load.device.split(":")[0]},
