@@ -15,6 +15,7 @@ existing results only with --force, and only ones a bench wrote); the generated 
 a temporary folder inside OUT, removed at the end, also after a failure.
 
     python bench/stream_score.py --out bench/results/stream-score-small
+    python bench/stream_score.py --shape 1.1b --dtype bfloat16 --out bench/results/stream-score-1b
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cli import FORCE_HELP, OneLineParser, fail, reserve_results, write_results  # noqa: E402
 
 SHAPE = {"hidden": 1024, "intermediate": 2816, "layers": 8, "heads": 16, "kv_heads": 4, "vocab": 8000}
+#: Named shapes: `small` (the defaults) and TinyLlama-1.1B's, where both modes fit in RAM (the
+#: issue's 7B shape needs weights written tensor by tensor, which this bench does not do yet).
+SHAPES = {
+    "small": SHAPE,
+    "1.1b": {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4, "vocab": 32000},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
@@ -46,10 +53,16 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--repeat", type=int, default=3, help="runs per mode; medians reported (default 3)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--batch-size", type=int, default=8, help="texts per batch (default 8)")
+    parser.add_argument("--shape", choices=SHAPES, default="small", help="named shape (default small)")
     for name, value in SHAPE.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, help=f"default {value}")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=int, help=f"override the shape's (small: {value})"
+        )
     parser.add_argument("--child", nargs=2, metavar=("MODE", "MODELS"), help=argparse_hidden())
     args = parser.parse_args(argv)
+    for name, value in SHAPES[args.shape].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("texts", "tokens", "repeat", "batch_size", *SHAPE):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -153,6 +166,7 @@ def child(mode: str, models: Path, args: Any) -> dict[str, Any]:
     """One scoring run in this process: load (merge), score, and what it measured."""
     from lazymerge.evaluation.in_memory import load_merged_reward_model
     from lazymerge.evaluation.layer_stream import predict_stream
+    from lazymerge.evaluation.prefix_scoring import default_batch_tokens
     from lazymerge.options import MergeOptions
 
     encoded = texts(args)
@@ -179,12 +193,9 @@ def child(mode: str, models: Path, args: Any) -> dict[str, Any]:
     }
     if streamed:
         model, stats = scorer.model, scorer.model.stream_stats
-        prediction = predict_stream(model, encoded, scorer.batch_tokens or 4096, args.batch_size)
-        out["prediction"] = {
-            **prediction.__dict__,
-            "host_peak": prediction.host_peak,
-            "line": prediction.format(),
-        }
+        budget = scorer.batch_tokens or default_batch_tokens("cpu")
+        prediction = predict_stream(model, encoded, budget, args.batch_size)
+        out["prediction"] = {**prediction.to_dict(), "line": prediction.format()}
         out["layers"] = [t.__dict__ for t in stats.timings]
         out["peak_weight_bytes"] = stats.peak_weight_bytes
     return out
@@ -227,7 +238,12 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     ]
     out["streamed"]["prediction"] = runs["streamed"][0]["prediction"]
     out["streamed"]["peak_weight_bytes"] = runs["streamed"][0]["peak_weight_bytes"]
+    # the same texts in both: throughput is the inverse of the time (load+merge and score)
     out["throughput_ratio"] = out["in-memory"]["wall_s"] / out["streamed"]["wall_s"]
+    out["score_throughput_ratio"] = out["in-memory"]["score_s"] / out["streamed"]["score_s"]
+    out["predicted_over_measured_peak"] = (
+        out["streamed"]["prediction"]["host_peak"] / out["streamed"]["peak_rss"]["total"]
+    )
     return out
 
 
@@ -249,7 +265,15 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             f"| {mode} | {m['load_s']:.2f} | {m['score_s']:.2f} | {m['wall_s']:.2f} | {p['total'] / mib:.0f} "
             f"| {p['anonymous'] / mib:.0f} | {p['file'] / mib:.0f} |"
         )
-    lines += ["", f"Prediction: {summary['streamed']['prediction']['line']}", ""]
+    lines += [
+        "",
+        f"Streamed throughput {summary['throughput_ratio']:.0%} of in-memory (load+merge and score; "
+        f"scoring alone {summary['score_throughput_ratio']:.0%}).",
+        "",
+        f"Prediction: {summary['streamed']['prediction']['line']}; "
+        f"{summary['predicted_over_measured_peak']:.0%} of the measured peak RSS.",
+        "",
+    ]
     lines += ["| group | read s | merge s | wait s | compute s |", "|---|---|---|---|---|"]
     for g in summary["streamed"]["per_group"]:
         lines.append(

@@ -10,6 +10,7 @@ here imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field, fields
@@ -73,9 +74,12 @@ class ScoreOptions:
         prefix_cache: compute prefixes shared by several texts once (`evaluation.prefix_scoring`).
         batch_tokens: most tokens in one batch (None: a default for the device).
         stream_layers: score with the weights streamed one decoder layer at a time
-            (`evaluation.layer_stream`), whole texts (the prefix cache does not compose yet).
+            (`evaluation.layer_stream`), whole texts (the prefix cache does not compose yet),
+            quantized layer by layer with `quant`.
         max_activations: with `stream_layers`, bytes of hidden states kept in memory before
             they spill to a memory-mapped file (None: no limit).
+        device_memory: bytes the model's weights may take on the device (host RAM on the CPU);
+            a model larger than that is scored with `stream_layers` (`streaming_for`).
 
     Raises:
         OptionError (on construction) for a value that is wrong whatever the model.
@@ -169,7 +173,7 @@ class ScoreOptions:
         metadata=cli_flag(
             "Stream the weights one decoder layer at a time (merged layer by layer for a merge): every "
             "text goes through a layer before the next is read, so memory holds two layers and the "
-            "hidden states, never the model; the same rewards as in memory; whole texts, no --quant.",
+            "hidden states, never the model; the same rewards as in memory; whole texts.",
             flags=("--stream-layers",),
         ),
     )
@@ -179,6 +183,15 @@ class ScoreOptions:
             "With --stream-layers: most bytes of hidden states kept in memory; the rest go to a "
             "memory-mapped temporary file, removed at the end (default: no limit).",
             flags=("--max-activations",),
+            kind="size",
+        ),
+    )
+    device_memory: int | None = field(
+        default=None,
+        metadata=cli_flag(
+            "Most bytes the model's weights may take on the device (host RAM with --device cpu): a "
+            "model larger than that is scored with --stream-layers, said in one line (default: no limit).",
+            flags=("--device-memory",),
             kind="size",
         ),
     )
@@ -206,22 +219,14 @@ class ScoreOptions:
 
     def _check_streaming(self) -> None:
         """What --stream-layers does not combine with, refused here, once."""
-        if self.max_activations is not None and (
-            not isinstance(self.max_activations, int)
-            or isinstance(self.max_activations, bool)
-            or self.max_activations < 0
-        ):
+        for name in ("max_activations", "device_memory"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise OptionError(f"--{name.replace('_', '-')} {value!r}: must be a size of 0 bytes or more")
+        if self.max_activations is not None and not self.stream_layers and self.device_memory is None:
             raise OptionError(
-                f"--max-activations {self.max_activations!r}: must be a size of 0 bytes or more"
-            )
-        if self.max_activations is not None and not self.stream_layers:
-            raise OptionError(
-                "--max-activations limits --stream-layers' hidden states: give --stream-layers too"
-            )
-        if self.stream_layers and self.quant is not None:
-            raise OptionError(
-                f"--stream-layers with --quant {self.quant}: layer-streamed scoring does not quantize "
-                "yet; drop one of them"
+                "--max-activations limits --stream-layers' hidden states: give --stream-layers "
+                "(or --device-memory) too"
             )
 
     @classmethod
@@ -249,14 +254,32 @@ class ScoreOptions:
             return parameters + parameters // 16
         return parameters * DTYPE_BYTES[self.dtype]
 
+    def streaming_for(self, parameters: int, label: str) -> tuple[ScoreOptions, str | None]:
+        """These options for a model of `parameters` weights: with `stream_layers` switched on
+        when the model does not fit `device_memory`, and the line that says so (None when
+        nothing changes). The one place that decides it, for eval, bon and sweep.
+        """
+        need = self.model_bytes(parameters)
+        if self.stream_layers or self.device_memory is None or need <= self.device_memory:
+            return self, None
+        from lazymerge.progress import format_bytes
+
+        stored = f"--quant {self.quant}" if self.quant is not None else self.dtype
+        return dataclasses.replace(self, stream_layers=True), (
+            f"{label}: {parameters:,} weights take {format_bytes(need)} in {stored}, more than "
+            f"--device-memory {format_bytes(self.device_memory)}: scoring layer by layer (--stream-layers)"
+        )
+
     def record(self) -> dict[str, Any]:
         """The settings as JSON values (the chat template by name or file and SHA-256): what a
         report records and a sweep's resume identity compares."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if not self.stream_layers:
+        if not self.stream_layers and self.device_memory is None:
             # the same rewards either way; left out when off so that results recorded before
             # the option existed keep their identity (a sweep resumes them)
             del out["stream_layers"], out["max_activations"]
+        if self.device_memory is None:
+            del out["device_memory"]
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template.record()
         return out

@@ -55,7 +55,9 @@ def evaluate(
     from lazymerge.evaluation.run import evaluate_pairs, reported
 
     score, merge = score_value(options), in_memory_merge(model, options)
-    job = functools.partial(evaluate_pairs, _model(model, merge), pairs_file, merge=merge, score=score)
+    job = functools.partial(
+        evaluate_pairs, _model(model, merge), pairs_file, merge=merge, score=score, **_stream_io(out, quiet)
+    )
     result = reported(out, model, pairs_file, force, lambda: job(progress=None if not quiet else False))
     _show(result, quiet)
 
@@ -90,10 +92,22 @@ def bon(
 
     n_values, score, merge = parse_ns(ns), score_value(options), in_memory_merge(model, options)
     job = functools.partial(
-        evaluate_bon, _model(model, merge), candidates, n_values, merge=merge, score=score
+        evaluate_bon,
+        _model(model, merge),
+        candidates,
+        n_values,
+        merge=merge,
+        score=score,
+        **_stream_io(out, quiet),
     )
     result = reported(out, model, candidates, force, lambda: job(progress=None if not quiet else False))
     _show(result, quiet)
+
+
+def _stream_io(out: Path | None, quiet: bool) -> dict[str, Any]:
+    """A layer-streamed pass's spill folder (beside the report) and where its note goes."""
+    echo = (lambda line: None) if quiet else functools.partial(click.echo, err=True)
+    return {"spill_dir": out.absolute().parent if out is not None else None, "echo": echo}
 
 
 def _show(result: Any, quiet: bool) -> None:

@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge._optional import require
 from lazymerge.errors import IncompatibleInputsError, InputError, OptionError
-from lazymerge.evaluation.layer_stream import stream_plan
+from lazymerge.evaluation.layer_stream import (
+    is_quantized_weight,
+    quantizable,
+    quantized_parameter,
+    stream_plan,
+)
 from lazymerge.evaluation.rewards import (
     RewardModel,
     bnb_config,
@@ -48,6 +53,7 @@ def load_merged_reward_model(
     *,
     checkpoints: Sequence[Checkpoint] | None = None,
     into: RewardModel | None = None,
+    spill_dir: Path | None = None,
     **load: Any,
 ) -> RewardModel:
     """Merge `inputs` (a reward model and domain models) in memory and load the result.
@@ -60,6 +66,7 @@ def load_merged_reward_model(
         into: a model built by an earlier call for the same inputs and settings: its parameters
             are overwritten in place with this merge (no model is built), and it is returned.
             Not with `score.quant`: quantized layers are built anew from each merge.
+        spill_dir: where a layer-streamed pass spills hidden states past --max-activations.
 
     Raises:
         OptionError for a sweep of several points; InputError when no input is a reward model;
@@ -76,13 +83,20 @@ def load_merged_reward_model(
         raise OptionError("--stream-layers reads each layer from the files: not with resident inputs")
     opened = open_inputs(read_paths(inputs, options)) if checkpoints is None else list(checkpoints)
     streamed = False  # with --stream-layers the streamed model owns the checkpoints from there on
+    note = None
     try:
         plan, rm_folder = _reward_plan(inputs, options, opened)
+        if checkpoints is None:  # resident inputs: the sweep decided before reading them
+            score, note = score.streaming_for(plan.parameters, f"{rm_folder} (merged)")
         if score.stream_layers:
             quiet_transformers()
             _, tokenizer = _config_and_tokenizer(require("transformers"), plan.companion_files, rm_folder)
-            model, streamed = stream_plan(plan, opened, score, score.max_activations), True
-            return scorer(model, tokenizer, score, f"{rm_folder} (merged layer by layer)", str(rm_folder))
+            quantization = bnb_config(score.quant, score.double_quant) if score.quant is not None else None
+            model = stream_plan(plan, opened, score, score.max_activations, spill_dir, quantization)
+            streamed = True
+            rm = scorer(model, tokenizer, score, f"{rm_folder} (merged layer by layer)", str(rm_folder))
+            rm.stream_note = note
+            return rm
         if into is not None and score.quant is None:
             _fill(into.model, plan, opened, score, rm_folder)
             return into
@@ -213,30 +227,20 @@ def _config_and_tokenizer(transformers: Any, files: dict[str, bytes], rm_folder:
 
 def _quantizable(model: Any, quant: str, double_quant: bool) -> Any:
     """Swap the linear layers of an empty model for bitsandbytes ones (the reward head excepted)."""
-    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-
-    return replace_with_bnb_linear(
-        model, modules_to_not_convert=["score"], quantization_config=bnb_config(quant, double_quant)
-    )
+    return quantizable(model, bnb_config(quant, double_quant))
 
 
 def _place(model: Any, name: str, tensor: Any, device: str, quant: str | None) -> None:
-    """Put one merged tensor into the empty model: moved to the device, or quantized there."""
+    """Put one merged tensor into the empty model: moved to the device, or quantized there (as a
+    layer-streamed pass quantizes it: `layer_stream.quantized_parameter`)."""
     import torch
 
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     param: torch.nn.Parameter
-    if quant is not None and leaf == "weight" and type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-        import bitsandbytes as bnb
-
-        # the empty layer's parameter carries its quantization settings (block size, NF4, double
-        # quantization, storage), as transformers' own loader reuses them; .to() quantizes
-        settings = {k: v for k, v in module.weight.__dict__.items() if k != "SCB"}
-        if quant == "4bit":
-            param = bnb.nn.Params4bit(tensor, requires_grad=False, **settings).to(device)  # type: ignore[misc]
-        else:
-            param = bnb.nn.Int8Params(tensor, requires_grad=False, **settings).to(device)  # type: ignore[misc]
+    if is_quantized_weight(module, leaf, quant):
+        assert quant is not None
+        param = quantized_parameter(module, tensor, quant, device)
     else:
         param = torch.nn.Parameter(tensor.to(device), requires_grad=False)
     module._parameters[leaf] = param

@@ -78,6 +78,37 @@ def compute_torch_dtype(score: ScoreOptions) -> torch.dtype:
     return getattr(torch, score.compute_dtype)  # type: ignore[no-any-return]
 
 
+#: The bitsandbytes layers `replace_with_bnb_linear` puts in, by --quant.
+QUANT_LAYERS = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
+
+
+def quantizable(model: Any, quantization_config: Any) -> Any:
+    """An empty model with its linear layers swapped for bitsandbytes ones, the reward head
+    excepted (transformers' own swap, as its loader makes it)."""
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    return replace_with_bnb_linear(
+        model, modules_to_not_convert=["score"], quantization_config=quantization_config
+    )
+
+
+def quantized_parameter(module: Any, tensor: torch.Tensor, quant: str, device: str) -> torch.nn.Parameter:
+    """`tensor` (in the compute dtype) quantized on `device` as the weight of the empty
+    bitsandbytes layer `module`, whose meta weight carries the settings (block size, NF4, double
+    quantization, storage) that transformers' own loader reuses; `.to()` quantizes."""
+    import bitsandbytes as bnb
+
+    settings = {k: v for k, v in module.weight.__dict__.items() if k != "SCB"}
+    if quant == "4bit":
+        return bnb.nn.Params4bit(tensor, requires_grad=False, **settings).to(device)  # type: ignore[misc,no-any-return]
+    return bnb.nn.Int8Params(tensor, requires_grad=False, **settings).to(device)  # type: ignore[misc,no-any-return]
+
+
+def is_quantized_weight(module: Any, leaf: str, quant: str | None) -> bool:
+    """Whether `module.leaf` is quantized under `quant` (a bitsandbytes layer's weight)."""
+    return quant is not None and leaf == "weight" and type(module).__name__ == QUANT_LAYERS[quant]
+
+
 def whole_text_batches(
     encoded: Mapping[str, Sequence[int]], pad_id: int | None, batch_tokens: int, batch_size: int
 ) -> list[list[str]]:
@@ -412,6 +443,20 @@ class StreamStats:
     peak_weight_bytes: int = 0
     peak_weight_groups: int = 0
 
+    def to_dict(self) -> dict[str, Any]:
+        """The pass's bytes and its seconds summed over the groups (a sweep point's record)."""
+        return {
+            "groups": len(self.timings),
+            **{
+                key: round(sum(getattr(t, key) for t in self.timings), 3)
+                for key in ("read_s", "merge_s", "wait_s", "compute_s")
+            },
+            "resident_activation_bytes": self.resident_activation_bytes,
+            "spilled_activation_bytes": self.spilled_activation_bytes,
+            "peak_weight_bytes": self.peak_weight_bytes,
+            "peak_weight_groups": self.peak_weight_groups,
+        }
+
 
 class _Prefetcher:
     """Loads groups of weights in a thread, in order, at most `WEIGHT_SLOTS` alive at once: a
@@ -474,6 +519,9 @@ class LayerStreamedModel:
             in `spill_dir` (default: the system's temporary folder). None: no limit.
         strict: refuse source tensors the model has no place for (a merge's outputs must all
             land); a folder's extra tensors are ignored, as transformers' loader ignores them.
+        quantization: with `score.quant`, the bitsandbytes config (`rewards.bnb_config`): the
+            skeleton gets bitsandbytes layers and each layer's weights are quantized as they
+            arrive, as the in-memory model quantizes them.
 
     Raises:
         InputError for an architecture the stream does not reproduce; IncompatibleInputsError
@@ -488,6 +536,7 @@ class LayerStreamedModel:
         max_activations: int | None = None,
         spill_dir: Path | None = None,
         strict: bool = True,
+        quantization: Any = None,
     ) -> None:
         transformers = require("transformers")
         accelerate = require("accelerate")
@@ -507,6 +556,10 @@ class LayerStreamedModel:
             self.model = transformers.AutoModelForSequenceClassification.from_config(
                 config, dtype=self.compute, trust_remote_code=False
             )
+        self.quant = score.quant
+        if self.quant is not None:
+            require("bitsandbytes")
+            self.model = quantizable(self.model, quantization)
         self.model.eval()
         self.config = self.model.config
         self.base = getattr(self.model, self.model.base_model_prefix)
@@ -550,17 +603,19 @@ class LayerStreamedModel:
                 f"{self.source.label}: tensor {extra[0]!r} has no place in {type(self.model).__name__}; "
                 "the reward model's config does not describe its weights"
             )
-        itemsize = self.compute.itemsize
         return [
-            WeightGroup(
-                label,
-                self.model,
-                tuple(names),
-                tuple(names),
-                sum(self._meta[n].numel() for n in names) * itemsize,
-            )
+            WeightGroup(label, self.model, tuple(names), tuple(names), sum(self._bytes(n) for n in names))
             for label, names in zip(labels, members, strict=True)
         ]
+
+    def _bytes(self, name: str) -> int:
+        """Bytes tensor `name` takes loaded: the compute dtype's, or quantized (`model_bytes`'
+        rule for a bitsandbytes weight)."""
+        module_name, _, leaf = name.rpartition(".")
+        numel = self._meta[name].numel()
+        if is_quantized_weight(self.model.get_submodule(module_name), leaf, self.quant):
+            return self.score_options.model_bytes(numel)
+        return numel * self.compute.itemsize
 
     def _load(self, group: WeightGroup, timing: GroupTiming) -> dict[str, Any]:
         """(reader thread) The group's tensors as parameters in the compute dtype on the device."""
@@ -577,7 +632,15 @@ class LayerStreamedModel:
                     f"gives {want}"
                 )
             # the in-memory model's cast: the tensor as stored (or merged), then the compute dtype
-            param = torch.nn.Parameter(tensor.to(device=self.device, dtype=self.compute), requires_grad=False)
+            module_name, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            if is_quantized_weight(module, leaf, self.quant):
+                assert self.quant is not None
+                param = quantized_parameter(module, tensor.to(self.compute), self.quant, self.device)
+            else:
+                param = torch.nn.Parameter(
+                    tensor.to(device=self.device, dtype=self.compute), requires_grad=False
+                )
             self.ledger.track(group.label, param)
             params[name] = param
         # the source counts its reads; the rest is arithmetic (a merge's, and the casts)
@@ -591,8 +654,14 @@ class LayerStreamedModel:
             self.model.get_submodule(module_name)._parameters[leaf] = param
 
     def _release(self, group: WeightGroup) -> None:
-        """Put the meta parameters back: the group's real ones lose their last reference."""
+        """Put the meta parameters back: the group's real ones lose their last reference (an
+        8-bit layer's forward moves its int8 weights and scales into the layer's state: dropped
+        too)."""
         self._install({name: self._meta[name] for name in group.names})
+        for name in group.names:
+            state = getattr(self.model.get_submodule(name.rpartition(".")[0]), "state", None)
+            if state is not None and hasattr(state, "CB"):
+                state.CB = state.SCB = None
 
     def score_encoded(
         self,
@@ -779,6 +848,10 @@ class StreamPrediction:
         """Predicted peak device memory (None on the CPU): two groups of weights and one batch."""
         return None if self.device == "cpu" else self.weights_peak + self.batch_bytes
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field and the two predicted peaks, as JSON values."""
+        return {**dataclasses.asdict(self), "host_peak": self.host_peak, "device_peak": self.device_peak}
+
     def format(self) -> str:
         line = (
             f"layer-streamed: {self.layers} layers of {_fmt_bytes(self.layer_bytes)} (embedding "
@@ -840,7 +913,11 @@ def _check_reward_config(config: Any, label: str) -> None:
 
 
 def stream_folder(
-    folder: str | Path, score: ScoreOptions, max_activations: int | None = None, spill_dir: Path | None = None
+    folder: str | Path,
+    score: ScoreOptions,
+    max_activations: int | None = None,
+    spill_dir: Path | None = None,
+    quantization: Any = None,
 ) -> LayerStreamedModel:
     """A reward model folder scored layer by layer, its tensors read as each layer is needed.
 
@@ -867,7 +944,7 @@ def stream_folder(
                 "model, or merge one in with lazymerge run"
             )
         _check_reward_config(config, str(folder))
-        return LayerStreamedModel(config, source, score, max_activations, spill_dir, strict=False)
+        return LayerStreamedModel(config, source, score, max_activations, spill_dir, False, quantization)
     except BaseException:
         source.close()
         raise
@@ -879,9 +956,11 @@ def stream_plan(
     score: ScoreOptions,
     max_activations: int | None = None,
     spill_dir: Path | None = None,
+    quantization: Any = None,
 ) -> LayerStreamedModel:
     """The merged reward model of `plan`'s first output, scored layer by layer: each layer's
-    tensors merged from `checkpoints` (owned from here on) when that layer is needed.
+    tensors merged from `checkpoints` (owned from here on) when that layer is needed
+    (quantized as they arrive with `score.quant` and its `quantization` config).
 
     Raises:
         InputError when no input is a reward model or its config cannot be read.
@@ -897,7 +976,7 @@ def stream_plan(
             (Path(tmp) / "config.json").write_bytes(plan.companion_files["config.json"])
             config = _load_config(Path(tmp), source.label)
         _check_reward_config(config, source.label)
-        return LayerStreamedModel(config, source, score, max_activations, spill_dir, strict=True)
+        return LayerStreamedModel(config, source, score, max_activations, spill_dir, True, quantization)
     except BaseException:
         source.close()
         raise

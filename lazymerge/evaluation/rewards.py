@@ -141,6 +141,9 @@ class RewardModel:
     batch_tokens: int | None = None
     #: What the last `score_encoded` call computed (tokens, padding, the path and why).
     scoring_stats: ScoringStats | None = field(default=None, repr=False)
+    #: Why the model is scored layer by layer although --stream-layers was not given (it did
+    #: not fit --device-memory: `ScoreOptions.streaming_for`), for the command line to say.
+    stream_note: str | None = field(default=None, repr=False)
     _compiled: BoundedTemplate | None = field(default=None, repr=False)
 
     def format_text(self, prompt: str, response: str) -> str:
@@ -325,12 +328,16 @@ def scorer(model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder:
     )
 
 
-def load_reward_model(path: str | Path, score: ScoreOptions | None = None, **load: Any) -> RewardModel:
+def load_reward_model(
+    path: str | Path, score: ScoreOptions | None = None, *, spill_dir: Path | None = None, **load: Any
+) -> RewardModel:
     """Load a sequence-classification reward model from a local folder.
 
     Args:
         score: how it is loaded and scored (device, compute dtype, quantization, ...); or
         load: the same as keyword arguments (`ScoreOptions.build`).
+        spill_dir: where a layer-streamed pass spills hidden states past --max-activations
+            (beside the results; default the system's temporary folder).
 
     Raises:
         MissingDependencyError when transformers, accelerate or bitsandbytes are missing.
@@ -343,8 +350,11 @@ def load_reward_model(path: str | Path, score: ScoreOptions | None = None, **loa
         raise InputError(f"{folder}: not a model folder (no config.json)")
     refuse_remote_code(folder)
     check_device(score)
+    score, note = _fit_device(folder, score)
     if score.stream_layers:
-        return _streamed_reward_model(folder, score)
+        model = _streamed_reward_model(folder, score, spill_dir)
+        model.stream_note = note
+        return model
     kwargs: dict[str, Any] = {}
     torch_dtype = compute_dtype(score)
     if score.quant is not None:
@@ -399,11 +409,27 @@ def own_aligned_memory(model: Any) -> int:
     return copied
 
 
-def _streamed_reward_model(folder: Path, score: ScoreOptions) -> RewardModel:
+def _fit_device(folder: Path, score: ScoreOptions) -> tuple[ScoreOptions, str | None]:
+    """`score` for this folder's weights under --device-memory (`ScoreOptions.streaming_for`),
+    counted from the headers alone."""
+    if score.device_memory is None or score.stream_layers:
+        return score, None
+    from lazymerge.io.reader import Checkpoint
+
+    checkpoint = Checkpoint.open(folder)
+    try:
+        parameters = sum(info.numel for info in checkpoint.values())
+    finally:
+        checkpoint.close()
+    return score.streaming_for(parameters, str(folder))
+
+
+def _streamed_reward_model(folder: Path, score: ScoreOptions, spill_dir: Path | None = None) -> RewardModel:
     """`load_reward_model` with --stream-layers: the folder's weights read a layer at a time."""
     transformers = require("transformers")
     quiet_transformers()
-    model = stream_folder(folder, score, score.max_activations)
+    quantization = bnb_config(score.quant, score.double_quant) if score.quant is not None else None
+    model = stream_folder(folder, score, score.max_activations, spill_dir, quantization)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:

@@ -65,14 +65,35 @@ def _resolve(
     return list(request.sources), request.options
 
 
-def _load(model: str | Path | Sequence[str | Path], merge: MergeOptions | None, score: ScoreOptions) -> Any:
-    """A reward model folder, or (with `merge`) the inputs of a merge built in memory."""
+def _load(
+    model: str | Path | Sequence[str | Path],
+    merge: MergeOptions | None,
+    score: ScoreOptions,
+    spill_dir: Path | None,
+    echo: Callable[[str], None],
+) -> Any:
+    """A reward model folder, or (with `merge`) the inputs of a merge built in memory; why it
+    streams, when --device-memory chose it, said through `echo`."""
     if merge is None:
-        return load_reward_model(model if isinstance(model, (str, Path)) else model[0], score)
-    from lazymerge.evaluation.in_memory import load_merged_reward_model
+        path = model if isinstance(model, (str, Path)) else model[0]
+        rm = load_reward_model(path, score, spill_dir=spill_dir)
+    else:
+        from lazymerge.evaluation.in_memory import load_merged_reward_model
 
-    inputs = [model] if isinstance(model, (str, Path)) else list(model)
-    return load_merged_reward_model(inputs, merge, score)
+        inputs = [model] if isinstance(model, (str, Path)) else list(model)
+        rm = load_merged_reward_model(inputs, merge, score, spill_dir=spill_dir)
+    if rm.stream_note is not None:
+        echo(rm.stream_note)
+    return rm
+
+
+def _settings(score: ScoreOptions, rm: Any) -> dict[str, Any]:
+    """The settings a report records: those given, with --stream-layers on where --device-memory
+    chose it (the rewards are the same either way; the report says how they were computed)."""
+    record = score.record()
+    if getattr(rm, "stream_note", None) is not None:
+        record["stream_layers"] = True
+    return record
 
 
 def _paths(model: str | Path | Sequence[str | Path], sources: Sequence[ModelSource]) -> Path | list[Path]:
@@ -90,6 +111,8 @@ def evaluate_pairs(
     merge: MergeOptions | None = None,
     progress: bool | None = False,
     score: ScoreOptions | None = None,
+    spill_dir: Path | None = None,
+    echo: Callable[[str], None] = lambda line: None,
     **load: Any,
 ) -> PairReport:
     """Pairwise accuracy of a reward model on a pair file, or the RewardBench 2 scores of a
@@ -102,13 +125,15 @@ def evaluate_pairs(
             what was read for each.
         score: how the model is loaded and scored; or `load`, the same as keywords
             (`ScoreOptions.build`: device, dtype, quant, ...).
+        spill_dir: where a layer-streamed pass spills hidden states (the results' folder).
+        echo: where a one-line note goes (the stream chosen by --device-memory).
     """
     score = score if score is not None else ScoreOptions.build(**load)
     sources, merge = _resolve(model, merge)
     data = load_preferences(pairs_file)
     pairs, rb2_rows = data.pairs, data.rewardbench2
     with PeakRssSampler() as sampler:
-        rm = _load(_paths(model, sources), merge, score)
+        rm = _load(_paths(model, sources), merge, score, spill_dir, echo)
         if rb2_rows:
             texts = [rm.format_text(r.prompt, c) for r in rb2_rows for c in r.completions]
             origins: list[tuple[Any, str]] = [(r, which) for r in rb2_rows for _, _, which in row_texts(r)]
@@ -163,7 +188,7 @@ def _provenance(
         sources=[x.to_dict() for x in sources],
         identity=[identify_input(x.path).to_dict() for x in sources],
         data={"path": str(data_file), "sha256": sha256_file(data_file)},
-        settings=score.record(),
+        settings=_settings(score, rm),
         peak_rss=sampler.peak.total,
         peak_gpu_memory=_gpu_peak(score.device),
         merged_in_memory=merged,
@@ -179,15 +204,17 @@ def evaluate_bon(
     merge: MergeOptions | None = None,
     progress: bool | None = False,
     score: ScoreOptions | None = None,
+    spill_dir: Path | None = None,
+    echo: Callable[[str], None] = lambda line: None,
     **load: Any,
 ) -> BonReport:
-    """Best-of-N reranking accuracy with oracle pass@n and majority vote beside it (`model` and
-    `merge` as in `evaluate_pairs`)."""
+    """Best-of-N reranking accuracy with oracle pass@n and majority vote beside it (`model`,
+    `merge`, `spill_dir` and `echo` as in `evaluate_pairs`)."""
     score = score if score is not None else ScoreOptions.build(**load)
     sources, merge = _resolve(model, merge)
     sets = load_candidates(candidates_file)
     with PeakRssSampler() as sampler:
-        rm = _load(_paths(model, sources), merge, score)
+        rm = _load(_paths(model, sources), merge, score, spill_dir, echo)
         texts = [rm.format_text(s.prompt, c) for s in sets for c in s.candidates]
         bar = ProgressBar(len(set(texts)), "scoring", enabled=progress, unit="texts")
         flat = _score(rm, texts, bar, candidates_file, [(s, w) for s in sets for _, _, w in row_texts(s)])

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazymerge._version import __version__
 from lazymerge.errors import InputError, LazyMergeError, NonFiniteRewardError, OptionError, OutputError
@@ -45,6 +45,9 @@ from lazymerge.provenance import (
     identity_from_dict,
 )
 from lazymerge.score_options import ScoreOptions
+
+if TYPE_CHECKING:
+    from lazymerge.plan import MergePlan
 
 RESULTS = "results.jsonl"
 #: Files a sweep writes into its folder (besides kept models under models/).
@@ -700,7 +703,7 @@ def score_point(
 
             folder = spec.out / "models" / _slug(point.label)
             written = merge(spec.inputs, folder, options, force=folder.exists()).bytes_written
-            rm = load_reward_model(folder, spec.load)
+            rm = load_reward_model(folder, spec.load, spill_dir=spec.out)
         elif resident is not None:
             first_built = resident.model is None
             rm = load_merged_reward_model(
@@ -708,7 +711,7 @@ def score_point(
             )
             resident.model = rm
         else:
-            rm = load_merged_reward_model(spec.inputs, options, spec.load)
+            rm = load_merged_reward_model(spec.inputs, options, spec.load, spill_dir=spec.out)
         t1 = time.monotonic()
         try:
             rewards = rm.score_encoded(texts.encoded)
@@ -721,6 +724,7 @@ def score_point(
             raise exc.at(f"{where} at sweep point {point.label}") from None
         t2 = time.monotonic()
         computed = rm.scoring_stats.to_dict() if rm.scoring_stats is not None else None
+        stream = _stream_record(rm, texts)
         del rm
     peak_gpu = _gpu_peak(spec.load.device)
     _gpu_reset(spec.load.device)
@@ -757,7 +761,38 @@ def score_point(
         "peak_rss_anon": sampler.peak.anon,
         "peak_rss_file": sampler.peak.file,
         "peak_gpu_memory": peak_gpu,
+        **({"stream": stream} if stream is not None else {}),
     }
+
+
+def _stream_record(rm: Any, texts: PreparedTexts) -> dict[str, Any] | None:
+    """A layer-streamed point's pass (bytes, seconds) and its prediction, to set beside the
+    point's measured peaks; None for a model in memory."""
+    from lazymerge.evaluation.layer_stream import LayerStreamedModel, predict_stream
+    from lazymerge.evaluation.prefix_scoring import default_batch_tokens
+
+    model = rm.model
+    if not isinstance(model, LayerStreamedModel) or model.stream_stats is None:
+        return None
+    budget = rm.batch_tokens or default_batch_tokens(rm.device)
+    prediction = predict_stream(model, texts.encoded, budget, rm.batch_size)
+    return {**model.stream_stats.to_dict(), "prediction": prediction.to_dict()}
+
+
+def _stream_prediction(spec: SweepSpec, plan: MergePlan, texts: PreparedTexts) -> str:
+    """The first point's layer-streamed prediction, in one line (no weight is read)."""
+    from lazymerge.api import open_inputs
+    from lazymerge.evaluation.layer_stream import predict_stream, stream_plan
+    from lazymerge.evaluation.prefix_scoring import default_batch_tokens
+
+    score = spec.load
+    checkpoints = open_inputs(read_paths(spec.inputs, spec.merge))
+    model = stream_plan(plan, checkpoints, score, score.max_activations, spec.out)
+    try:
+        budget = score.batch_tokens or default_batch_tokens(score.device)
+        return predict_stream(model, texts.encoded, budget, score.batch_size).format()
+    finally:
+        model.close()
 
 
 #: Runs the points still to do: (spec, prepared texts, points, append a finished record, echo).
@@ -882,27 +917,28 @@ def run_sweep(
             raise InputError(
                 f"{spec.inputs[0]}: no input is a reward model; a sweep scores merged reward models"
             )
+        # the fingerprint keeps the options as given; the points run with the stream if chosen
+        load, note = spec.load.streaming_for(plan.parameters, f"{spec.inputs[spec.rm_index]} (merged)")
+        spec = dataclasses.replace(spec, load=load)
         if spec.write:
             (spec.out / "models").mkdir(exist_ok=True)
         n_pairs = sum(len(e.pairs) for e in spec.pair_evals)
         n_rb2 = sum(len(e.rewardbench2) for e in spec.pair_evals)
         n_sets = sum(len(b.sets) for b in spec.bon_evals)
-        model_bytes = spec.load.model_bytes(plan.parameters)
-        on_gpu = spec.load.on_gpu
-        host = (0 if on_gpu else model_bytes) + plan.working_memory + 500 * 10**6
         echo(
             f"sweep: {len(points)} points ({len(run.skipped)} already done), {n_pairs} pairs"
             + (f" and {n_rb2} RewardBench 2 prompts" if n_rb2 else "")
             + f" in {len(spec.pair_evals)} file(s), {n_sets} candidate sets in {len(spec.bon_evals)} file(s)"
         )
-        echo(
-            f"  per point: about {format_bytes(host)} host RAM"
-            + (f", {format_bytes(model_bytes)} GPU memory" if on_gpu else "")
-            + f"; model files written: {format_bytes(plan.output_bytes * len(todo)) if spec.write else '0 B (in memory)'}"
-        )
+        if note is not None:
+            echo(f"  {note}")
+        if not spec.load.stream_layers:
+            echo(_memory_line(spec, plan, len(todo)))
         texts = prepare_texts(spec, load_merged_tokenizer(spec.inputs, first, spec.load))
         tokens = sum(len(v) for v in texts.encoded.values())
         echo(f"  {len(texts.encoded)} distinct texts, {tokens} tokens (tokenized once)")
+        if spec.load.stream_layers and todo:
+            echo(f"  per point: {_stream_prediction(spec, plan, texts)}")
 
         def finished(record: dict[str, Any]) -> None:
             _append(spec.out / RESULTS, record)
@@ -921,6 +957,18 @@ def run_sweep(
         return run
     finally:
         lock.release()
+
+
+def _memory_line(spec: SweepSpec, plan: MergePlan, todo: int) -> str:
+    """What a point built in memory takes, and what --write writes."""
+    model_bytes = spec.load.model_bytes(plan.parameters)
+    on_gpu = spec.load.on_gpu
+    host = (0 if on_gpu else model_bytes) + plan.working_memory + 500 * 10**6
+    return (
+        f"  per point: about {format_bytes(host)} host RAM"
+        + (f", {format_bytes(model_bytes)} GPU memory" if on_gpu else "")
+        + f"; model files written: {format_bytes(plan.output_bytes * todo) if spec.write else '0 B (in memory)'}"
+    )
 
 
 def point_options(base: MergeOptions, point: SweepPoint) -> MergeOptions:
