@@ -42,7 +42,10 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation",
             "evaluation.stats",
             "evaluation.rewardbench2",
+            "evaluation.datasets",
+            "evaluation.conversations",
             "evaluation.scoring",
+            "evaluation.convert",
             "evaluation.template_sandbox",
             "evaluation.chat_templates",
             "evaluation.prefix_scoring",
@@ -57,7 +60,20 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation.ray_sweep",
         ],
     ),
-    ("commands", ["demo", "cli.group", "cli.flags", "cli.merge", "cli.evaluate", "cli", "__main__", ""]),
+    (
+        "commands",
+        [
+            "demo",
+            "cli.group",
+            "cli.flags",
+            "cli.merge",
+            "cli.evaluate",
+            "cli.data",
+            "cli",
+            "__main__",
+            "",
+        ],
+    ),
 ]
 ORDER = [m for _, modules in FLOORS for m in modules]
 

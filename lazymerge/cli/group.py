@@ -91,6 +91,14 @@ COMMAND_HELP: dict[str, tuple[str, list[tuple[str, str]]]] = {
             ),
         ],
     ),
+    "convert": (
+        "Rewrite pairs, RewardBench 2 rows or candidates as lazymerge's JSON Lines.",
+        [
+            ("lazymerge convert allenai/reward-bench:filtered -o rewardbench.jsonl", "a cached dataset"),
+            ("lazymerge convert trl-pairs.parquet -o pairs.jsonl", "TRL's preference format"),
+            ("lazymerge convert gsm8k-16.json --kind candidates -o gsm8k-16.jsonl", "best-of-N sets"),
+        ],
+    ),
     "sweep": (
         "Score merged reward models over a lambda grid, lazily and resumably.",
         [
