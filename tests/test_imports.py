@@ -64,11 +64,13 @@ FLOORS: list[tuple[str, list[str]]] = [
         "commands",
         [
             "demo",
+            "check",
             "cli.group",
             "cli.flags",
             "cli.merge",
             "cli.evaluate",
             "cli.data",
+            "cli.check",
             "cli",
             "__main__",
             "",

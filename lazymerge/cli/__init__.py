@@ -7,7 +7,7 @@ commands, each a few lines that build options, call the library and print.
 
 from __future__ import annotations
 
-from lazymerge.cli import data, evaluate, merge  # noqa: F401 (registers the commands)
+from lazymerge.cli import check, data, evaluate, merge  # noqa: F401 (registers the commands)
 from lazymerge.cli.group import COMMAND_HELP, main
 
 __all__ = ["COMMAND_HELP", "main"]

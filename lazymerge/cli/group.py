@@ -37,6 +37,14 @@ COMMAND_HELP: dict[str, tuple[str, list[tuple[str, str]]]] = {
             ("lazymerge demo --dir /tmp/lazymerge-demo", "keep the files"),
         ],
     ),
+    "check": (
+        "Find what a merge, eval or sweep would refuse, in seconds, before any work.",
+        [
+            ("lazymerge check rm/ metamath/ --alpha 0.3 -o rm-math/", "before lazymerge run"),
+            ("lazymerge check rm/ metamath/ --pairs allenai/reward-bench:filtered", "before a sweep"),
+            ("lazymerge check merge.yml --json", "a mergekit recipe"),
+        ],
+    ),
     "run": (
         "Merge two checkpoints, or a reward model with a domain model (DogeRM).",
         [
