@@ -333,7 +333,7 @@ def test_convert_rewardbench2(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 1 and f"{bad}: row 2: total_completions is 9" in proc.stderr
+    assert proc.returncode == 1 and f"{bad}:2: total_completions is 9" in proc.stderr
     assert not (tmp_path / "x.jsonl").exists()
     parquet = tmp_path / "rb2.parquet"
     try:

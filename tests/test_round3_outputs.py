@@ -449,9 +449,13 @@ BAD_SOURCES = [
     ("rewardbench", None, "cannot open"),  # no such file
     ("rewardbench", b"{not json\n", "pairs.jsonl:1"),
     ("rewardbench", b'{"prompt": "\xff"}\n', "UTF-8"),
-    ("rewardbench", b"[1, 2]", "row 1 is not an object"),
-    ("rewardbench", b"[{]", "not valid JSON"),
-    ("rewardbench", b'{"prompt": 1, "chosen": "a", "rejected": "b"}\n', "must be text"),
+    ("rewardbench", b"[1, 2]", "pairs.jsonl:1: is a JSON array, not a JSON object"),
+    ("rewardbench", b"[{]", "pairs.jsonl:1: not a JSON object"),
+    (
+        "rewardbench",
+        b'{"prompt": 1, "chosen": "a", "rejected": "b"}\n',
+        "field 'prompt' must be a string, found 1",
+    ),
     ("rewardbench2", b'{"id": 1}\n', "pairs.jsonl"),
     ("autoj", b'{"scenario": "x"}\n', "pairs.jsonl"),
     # a lone surrogate (an unpaired JSON escape) is not text: the output's UTF-8 cannot hold it
@@ -463,12 +467,12 @@ BAD_SOURCES = [
     (
         "rewardbench",
         b'[{"prompt": "p", "chosen": "a\\udfff", "rejected": "b"}]',
-        "pairs.jsonl: row 1: holds a lone surrogate (\\udfff",
+        "pairs.jsonl:1: holds a lone surrogate (\\udfff",
     ),
     (
         "rewardbench",
         b'[{"prompt": "p", "chosen": "a", "rejected": "b", "\\udabc": 1}]',
-        "row 1: holds a lone surrogate",
+        "pairs.jsonl:1: holds a lone surrogate",
     ),
     ("rewardbench2", b'{"id": "x", "prompt": "\\ud800"}\n', "pairs.jsonl:1: holds a lone surrogate"),
     ("autoj", b'{"scenario": "x", "prompt": ["\\ud800"]}\n', "pairs.jsonl:1: holds a lone surrogate"),

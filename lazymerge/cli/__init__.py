@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from lazymerge.cli import diagnose, evaluate, merge  # noqa: F401 (registers the commands)
+from lazymerge.cli import check, data, diagnose, evaluate, merge  # noqa: F401 (registers the commands)
 from lazymerge.cli.group import COMMAND_HELP, main
 
 __all__ = ["COMMAND_HELP", "main"]

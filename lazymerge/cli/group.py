@@ -37,6 +37,14 @@ COMMAND_HELP: dict[str, tuple[str, list[tuple[str, str]]]] = {
             ("lazymerge demo --dir /tmp/lazymerge-demo", "keep the files"),
         ],
     ),
+    "check": (
+        "Find what a merge, eval or sweep would refuse, in seconds, before any work.",
+        [
+            ("lazymerge check rm/ metamath/ --alpha 0.3 -o rm-math/", "before lazymerge run"),
+            ("lazymerge check rm/ metamath/ --pairs allenai/reward-bench:filtered", "before a sweep"),
+            ("lazymerge check merge.yml --json", "a mergekit recipe"),
+        ],
+    ),
     "run": (
         "Merge two checkpoints, or a reward model with a domain model (DogeRM).",
         [
@@ -96,6 +104,14 @@ COMMAND_HELP: dict[str, tuple[str, list[tuple[str, str]]]] = {
         [
             ("lazymerge diagnose rm/ metamath/ --base llama-2-7b/", "how far and how alike they moved"),
             ("lazymerge diagnose rm/ math/ code/ --base base/ --json", "as JSON"),
+        ],
+    ),
+    "convert": (
+        "Rewrite pairs, RewardBench 2 rows or candidates as lazymerge's JSON Lines.",
+        [
+            ("lazymerge convert allenai/reward-bench:filtered -o rewardbench.jsonl", "a cached dataset"),
+            ("lazymerge convert trl-pairs.parquet -o pairs.jsonl", "TRL's preference format"),
+            ("lazymerge convert gsm8k-16.json --kind candidates -o gsm8k-16.jsonl", "best-of-N sets"),
         ],
     ),
     "sweep": (

@@ -328,6 +328,18 @@ def scorer(model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder:
     )
 
 
+def foreign_head_hint(unexpected: Sequence[str], wanted: str) -> str:
+    """What to rename when the weights hold a reward head under another name (OpenRLHF saves
+    `value_head.weight` under its own class name), or "" when they hold none."""
+    found = next((k for k in unexpected if k.split(".")[0] in ("value_head", "v_head", "reward_head")), None)
+    if found is None:
+        return ""
+    return (
+        f"; they hold {found} instead (OpenRLHF's name for it): rename that tensor to {wanted} and set "
+        "config.json architectures to ...ForSequenceClassification"
+    )
+
+
 def load_reward_model(
     path: str | Path, score: ScoreOptions | None = None, *, spill_dir: Path | None = None, **load: Any
 ) -> RewardModel:
@@ -378,11 +390,12 @@ def load_reward_model(
             f"{folder}: not a reward model: "
             + (
                 f"its weights have no reward head ({missing[0]})"
+                + foreign_head_hint(info.get("unexpected_keys", ()), missing[0])
                 if missing
                 else f"num_labels is {model.config.num_labels}, not 1"
             )
             + "; scoring it would use a randomly initialised head. Give a ...ForSequenceClassification "
-            "reward model, or merge one in with lazymerge run"
+            "reward model, or merge one in with lazymerge run (--rm N names the reward model among its inputs)"
         )
     if score.quant is None:
         model = model.to(score.device)

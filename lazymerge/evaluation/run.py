@@ -169,7 +169,8 @@ def _provenance(
     """What a report was scored with: lazymerge, the model (and the in-memory merge), the
     identity of every input and of the data file (`lazymerge.provenance`), the scoring settings,
     and the peak memory it took."""
-    from lazymerge.provenance import identify_input, sha256_file
+    from lazymerge.evaluation.datasets import resolve_data
+    from lazymerge.provenance import identify_input
 
     merged = None
     if merge is not None:
@@ -187,7 +188,7 @@ def _provenance(
         model=_name(model),
         sources=[x.to_dict() for x in sources],
         identity=[identify_input(x.path).to_dict() for x in sources],
-        data={"path": str(data_file), "sha256": sha256_file(data_file)},
+        data=resolve_data(data_file).to_dict(),
         settings=_settings(score, rm),
         peak_rss=sampler.peak.total,
         peak_gpu_memory=_gpu_peak(score.device),
@@ -243,10 +244,11 @@ def reported(
     lazymerge's (and an edited copy as the user's)."""
     if out is None:
         return job()
+    from lazymerge.evaluation.datasets import data_paths
     from lazymerge.io.hub_cache import input_paths
     from lazymerge.io.outputs import OutputFiles
 
-    with OutputFiles([out], inputs=[*input_paths(models), data_file], force=force) as files:
+    with OutputFiles([out], inputs=[*input_paths(models), *data_paths(data_file)], force=force) as files:
         result = job()
         files.write({out: report_bytes(result.to_dict())})
         return result

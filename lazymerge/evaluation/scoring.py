@@ -8,8 +8,6 @@ one by one; a malformed row or a file with nothing to score raises `PairFileErro
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -18,9 +16,25 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import CandidateFileError, EvalDataError, InputError, PairFileError
+from lazymerge.evaluation.conversations import (
+    conversation_pair,
+    implicit_text_pair,
+    is_conversational,
+    is_implicit_prompt,
+)
+from lazymerge.evaluation.datasets import (  # noqa: F401 (read_jsonl and friends were defined here)
+    MAX_LINE_BYTES,
+    SURROGATE_ESCAPE,
+    DataSource,
+    Row,
+    find_lone_surrogate,
+    read_jsonl,
+    read_rows,
+    resolve_data,
+    surrogate_message,
+)
 from lazymerge.evaluation.rewardbench2 import Rb2Row, check_rows, looks_like_rewardbench2, parse_row
-from lazymerge.io.header import lone_surrogate
-from lazymerge.io.small_files import DuplicateKeyError, describe_json, open_regular, unique_keys
+from lazymerge.io.small_files import describe_json
 
 #: RewardBench subsets of each section (DogeRM reports Reasoning from math-prm and hep-*).
 SECTIONS = {
@@ -64,93 +78,6 @@ class Pair:
     line: int = field(default=0, compare=False)
 
 
-#: A JSON escape that may spell a lone surrogate: only a line holding one is searched for it.
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def find_lone_surrogate(value: Any) -> str | None:
-    """The first lone surrogate (as `\\udXXX`) in any string or key of a parsed JSON value, or
-    None. Only an unpaired escape such as `"\\ud800"` makes one; it is not text (a tokenizer, a
-    UTF-8 writer or a terminal fails on it), so a file holding one is refused where it is read."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            found = lone_surrogate(item)
-            if found is not None:
-                return found
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
-
-
-def surrogate_message(found: str) -> str:
-    return f"holds a lone surrogate ({found}, an unpaired JSON escape), not text"
-
-
-#: Longest line read from a JSON Lines file, in bytes (one RewardBench row is a few KB).
-MAX_LINE_BYTES = 16 << 20
-
-
-def read_jsonl(path: Path, error: type[EvalDataError]) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) of every non-blank line, each a JSON object.
-
-    Lines are read one at a time and at most `MAX_LINE_BYTES` long, so a hostile file costs
-    memory for its rows, never for one giant line.
-
-    Raises:
-        `error` (naming the file and line) for a line that is too long, not UTF-8, not JSON, nests
-        too deeply, repeats a key, is not an object or holds a lone surrogate (an unpaired
-        `\\ud800` escape: not text); InputError when the file cannot be read.
-    """
-    rows = []
-    try:
-        with os.fdopen(open_regular(Path(path)), "rb") as fh:  # a FIFO must not hang the run
-            number = 0
-            while True:
-                raw = fh.readline(MAX_LINE_BYTES + 1)
-                if not raw:
-                    break
-                number += 1
-                where = f"{path}:{number}"
-                if len(raw) > MAX_LINE_BYTES:
-                    raise error(
-                        f"{where}: line is longer than the {MAX_LINE_BYTES // (1 << 20)} MiB limit per line; "
-                        "JSON Lines rows are one object per line"
-                    )
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise error(f"{where}: not valid UTF-8 (byte {exc.start} of the line)") from None
-                if number == 1:
-                    line = line.removeprefix("\ufeff")
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line, object_pairs_hook=unique_keys)
-                except DuplicateKeyError as exc:
-                    raise error(
-                        f"{where}: key {describe_json(exc.args[0])} appears twice; the row is ambiguous"
-                    ) from None
-                except RecursionError:
-                    raise error(f"{where}: JSON nests too deeply") from None
-                except ValueError as exc:
-                    raise error(f"{where}: not a JSON object ({exc})") from None
-                if not isinstance(row, dict):
-                    raise error(f"{where}: is {describe_json(row)}, not a JSON object")
-                if SURROGATE_ESCAPE.search(line) is not None:
-                    found = find_lone_surrogate(row)
-                    if found is not None:
-                        raise error(f"{where}: {surrogate_message(found)}")
-                rows.append((number, row))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return rows
-
-
 def _string(row: dict[str, Any], field: str, where: str, error: type[EvalDataError]) -> str:
     value = row[field]
     if not isinstance(value, str):
@@ -165,12 +92,16 @@ def _row_id(row: dict[str, Any], default: int, where: str, error: type[EvalDataE
     return str(value)
 
 
-def load_pairs(path: str | Path) -> tuple[list[Pair], int]:
+def load_pairs(path: str | Path | DataSource) -> tuple[list[Pair], int]:
     """Read a pair file; returns (pairs, Auto-J ties dropped).
 
-    Formats (JSON Lines, detected per line):
-    - RewardBench: prompt, chosen, rejected (strings), optional subset (string) and id (string or
-      integer);
+    `path` is a local file (JSON Lines, a JSON list or parquet) or a dataset id in the local
+    Hugging Face cache (`datasets.resolve_data`). Formats (detected per row):
+    - RewardBench (and TRL's standard explicit-prompt form): prompt, chosen, rejected (strings),
+      optional subset (string) and id (string or integer);
+    - TRL's implicit-prompt form: chosen and rejected strings, split at their common prefix,
+      and TRL's (and the RewardBench CLI's) conversational forms, chosen/rejected as message
+      lists (`conversations`);
     - Auto-J pairwise: scenario, label (the integer 0: response 1 better, 1: response 2 better,
       2: tie), prompt, "response 1", "response 2" (strings); ties are dropped and scenarios grouped
       into Math / Code / Other as DogeRM does.
@@ -179,37 +110,40 @@ def load_pairs(path: str | Path) -> tuple[list[Pair], int]:
         PairFileError naming the file and line for a malformed row, and for a file with no pair
         to score.
     """
-    path = Path(path)
-    return _pairs_from_rows(path, read_jsonl(path, PairFileError))
+    source = resolve_data(path)
+    return _pairs_from_rows(source.given, read_rows(source, PairFileError))
 
 
-def _pairs_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> tuple[list[Pair], int]:
+def _pair_texts(row: dict[str, Any], where: str) -> tuple[str, str, str] | None:
+    """(prompt, chosen, rejected) of a RewardBench or TRL row, or None for another format."""
+    if is_conversational(row) and {"chosen", "rejected"} <= row.keys():
+        return conversation_pair(row, where)
+    if {"prompt", "chosen", "rejected"} <= row.keys():
+        return tuple(_string(row, f, where, PairFileError) for f in ("prompt", "chosen", "rejected"))  # type: ignore[return-value]
+    if is_implicit_prompt(row):
+        return implicit_text_pair(row, where)
+    return None
+
+
+def _pairs_from_rows(path: str, rows: list[Row]) -> tuple[list[Pair], int]:
     pairs, ties = [], 0
-    for ordinal, (number, row) in enumerate(rows, start=1):
-        where = f"{path}:{number}"
+    for ordinal, (number, where, row) in enumerate(rows, start=1):
         if "num_correct" in row or "total_completions" in row:
             raise PairFileError(
                 f"{where}: a RewardBench 2 row (chosen/rejected lists, num_correct) among RewardBench pairs; "
                 "a file holds one format"
             )
-        if {"prompt", "chosen", "rejected"} <= row.keys():
-            pairs.append(
-                Pair(
-                    _row_id(row, ordinal, where, PairFileError),
-                    _string(row, "subset", where, PairFileError) if "subset" in row else "all",
-                    _string(row, "prompt", where, PairFileError),
-                    _string(row, "chosen", where, PairFileError),
-                    _string(row, "rejected", where, PairFileError),
-                    number,
-                )
-            )
+        texts = _pair_texts(row, where)
+        if texts is not None:
+            subset = _string(row, "subset", where, PairFileError) if "subset" in row else "all"
+            pairs.append(Pair(_row_id(row, ordinal, where, PairFileError), subset, *texts, number))
         elif {"scenario", "label", "prompt", "response 1", "response 2"} <= row.keys():
             label = row["label"]
             if isinstance(label, bool) or not isinstance(label, int) or label not in (0, 1, 2):
                 raise PairFileError(
                     f"{where}: Auto-J label must be the integer 0, 1 or 2, found {describe_json(label)}"
                 )
-            texts = [
+            fields = [
                 _string(row, f, where, PairFileError)
                 for f in ("scenario", "prompt", "response 1", "response 2")
             ]
@@ -217,13 +151,13 @@ def _pairs_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> tupl
             if label == 2:
                 ties += 1
                 continue
-            scenario, prompt, first, second = texts
+            scenario, prompt, first, second = fields
             better, worse = (first, second) if label == 0 else (second, first)
             pairs.append(Pair(row_id, AUTOJ_GROUPS.get(scenario, "Other"), prompt, better, worse, number))
         else:
             raise PairFileError(
-                f"{where}: expected prompt/chosen/rejected (RewardBench) or scenario/label/prompt/"
-                "response 1/response 2 (Auto-J) fields"
+                f"{where}: expected prompt/chosen/rejected (RewardBench, TRL), chosen/rejected (TRL's "
+                "implicit prompt or conversations) or scenario/label/prompt/response 1/response 2 (Auto-J) fields"
             )
     if not pairs:
         found = f"only {ties} Auto-J ties (label 2), which are dropped" if ties else "no rows"
@@ -233,40 +167,48 @@ def _pairs_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> tupl
 
 @dataclass(frozen=True)
 class PreferenceFile:
-    """What a pair file holds: RewardBench / Auto-J pairs, or RewardBench 2 rows."""
+    """What a pair file holds: RewardBench / Auto-J / TRL pairs, or RewardBench 2 rows."""
 
     pairs: tuple[Pair, ...] = ()
     autoj_ties: int = 0
     rewardbench2: tuple[Rb2Row, ...] = ()
 
 
-def load_preferences(path: str | Path) -> PreferenceFile:
-    """Read a pair file of either kind, told apart by its first row.
+def is_rewardbench2(row: dict[str, Any]) -> bool:
+    """A RewardBench 2 row: list-valued chosen/rejected of strings, or its count fields; TRL's
+    conversations (lists of messages) are pairs."""
+    return looks_like_rewardbench2(row) and not (
+        is_conversational(row) and "num_correct" not in row and "total_completions" not in row
+    )
 
-    RewardBench 2 rows (`rewardbench2.parse_row`): id, prompt, chosen (a list), rejected (a list),
-    num_correct, total_completions, subset. Anything else is read as by `load_pairs`. A file
-    mixing the two is refused.
+
+def load_preferences(path: str | Path | DataSource) -> PreferenceFile:
+    """Read a pair file (or cached dataset, as `load_pairs`) of either kind, told apart by its
+    first row.
+
+    RewardBench 2 rows (`rewardbench2.parse_row`): id, prompt, chosen (a list of strings),
+    rejected (a list of strings), num_correct, total_completions, subset. Anything else is read as
+    by `load_pairs`. A file mixing the two is refused.
 
     Raises:
         PairFileError naming the file and line for a malformed row, a mixed file, and a file with
         nothing to score.
     """
-    path = Path(path)
-    rows = read_jsonl(path, PairFileError)
-    if not rows or not looks_like_rewardbench2(rows[0][1]):
-        pairs, ties = _pairs_from_rows(path, rows)
+    source = resolve_data(path)
+    rows = read_rows(source, PairFileError)
+    if not rows or not is_rewardbench2(rows[0][2]):
+        pairs, ties = _pairs_from_rows(source.given, rows)
         return PreferenceFile(tuple(pairs), ties)
-    first = rows[0][0]
+    first = f"line {rows[0][0]}" if rows[0][1].endswith(f":{rows[0][0]}") else rows[0][1]
     parsed = []
-    for number, row in rows:
-        where = f"{path}:{number}"
-        if not looks_like_rewardbench2(row):
+    for number, where, row in rows:
+        if not is_rewardbench2(row):
             raise PairFileError(
-                f"{where}: not a RewardBench 2 row (line {first} is one: chosen/rejected lists, num_correct); "
+                f"{where}: not a RewardBench 2 row ({first} is one: chosen/rejected lists, num_correct); "
                 "a file holds one format"
             )
         parsed.append((number, parse_row(row, where, number)))
-    check_rows(path, parsed)
+    check_rows(Path(source.given), parsed)
     return PreferenceFile(rewardbench2=tuple(r for _, r in parsed))
 
 
@@ -389,18 +331,17 @@ class CandidateSet:
     line: int = field(default=0, compare=False)
 
 
-def load_candidates(path: str | Path) -> list[CandidateSet]:
-    """Read a best-of-N file: prompt (string), candidates (a non-empty list of strings), and either
+def load_candidates(path: str | Path | DataSource) -> list[CandidateSet]:
+    """Read a best-of-N file (a local file or cached dataset, as `load_pairs`): prompt (string), candidates (a non-empty list of strings), and either
     `correct` (a list of true/false, one per candidate) or a gold `answer` (string or number)
     graded the GSM8K way; optional id (string or integer).
 
     Raises:
         CandidateFileError naming the file and line for a malformed row, and for a file with no row.
     """
-    path = Path(path)
+    source = resolve_data(path)
     out = []
-    for ordinal, (number, row) in enumerate(read_jsonl(path, CandidateFileError), start=1):
-        where = f"{path}:{number}"
+    for ordinal, (number, where, row) in enumerate(read_rows(source, CandidateFileError), start=1):
         if "prompt" not in row or not isinstance(row.get("candidates"), list) or not row["candidates"]:
             raise CandidateFileError(f"{where}: needs prompt and a non-empty candidates list")
         prompt = _string(row, "prompt", where, CandidateFileError)
@@ -449,7 +390,7 @@ def load_candidates(path: str | Path) -> list[CandidateSet]:
             )
         )
     if not out:
-        raise CandidateFileError(f"{path}: holds no rows; there is no prompt to score")
+        raise CandidateFileError(f"{source.given}: holds no rows; there is no prompt to score")
     return out
 
 

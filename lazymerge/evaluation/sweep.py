@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge._version import __version__
 from lazymerge.errors import InputError, LazyMergeError, NonFiniteRewardError, OptionError, OutputError
+from lazymerge.evaluation.datasets import absolute_data
 from lazymerge.evaluation.prefix_scoring import ScoringStats
 from lazymerge.evaluation.resident import RESIDENT_CHOICES
 from lazymerge.evaluation.rewardbench2 import Rb2Row
@@ -236,9 +237,10 @@ def load_evaluations(
 
 
 def _sha256_file(path: Path) -> str:
-    from lazymerge.provenance import sha256_file
+    """A data file's SHA-256, or a cached dataset's identity (`datasets.DataSource.sha256`)."""
+    from lazymerge.evaluation.datasets import resolve_data
 
-    return sha256_file(path)
+    return resolve_data(path).sha256()
 
 
 def _input_paths(spec: SweepSpec) -> list[Path]:
@@ -586,7 +588,10 @@ def _refuse_linked(path: Path) -> None:
 def _prepare_folder(spec: SweepSpec, fp: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Create or reuse the sweep folder; return the points already finished."""
     out = spec.out
-    sources = [*spec.inputs, *(e.path for e in spec.pair_evals), *(e.path for e in spec.bon_evals)]
+    from lazymerge.evaluation.datasets import data_paths
+
+    data = [*(e.path for e in spec.pair_evals), *(e.path for e in spec.bon_evals)]
+    sources = [*spec.inputs, *(f for d in data for f in data_paths(d))]
     if spec.merge.base is not None:
         sources.append(spec.merge.base)
     check_against_inputs(out, sources)
@@ -1075,9 +1080,9 @@ def build_spec(
         base = dataclasses.replace(base, path=absolute(base.path))
         options = dataclasses.replace(options, base=base.path)
         sources.append(base)
-    pair_files = [absolute(p) for p in pair_files]
-    val_pairs = absolute(val_pairs) if val_pairs is not None else None
-    candidate_files = [absolute(p) for p in candidate_files]
+    pair_files = [absolute_data(p) for p in pair_files]
+    val_pairs = absolute_data(val_pairs) if val_pairs is not None else None
+    candidate_files = [absolute_data(p) for p in candidate_files]
     inputs = [s.path for s in sources[: len(inputs)]]
     checkpoints = open_inputs(list(inputs))
     try:

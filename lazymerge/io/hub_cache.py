@@ -107,9 +107,11 @@ def hub_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def download_hint(repo_id: str, revision: str | None) -> str:
-    """The command that puts a model in the cache."""
+def download_hint(repo_id: str, revision: str | None, repo_type: str = "model") -> str:
+    """The command that puts a model (or, with `repo_type="dataset"`, a dataset) in the cache."""
     args = ["hf", "download", repo_id]
+    if repo_type != "model":
+        args += ["--repo-type", repo_type]
     if revision is not None and revision != DEFAULT_REVISION:
         args += ["--revision", revision]
     return shlex.join(args)
@@ -135,7 +137,7 @@ def resolve_input(given: str | os.PathLike[str]) -> ModelSource:
     return _from_cache(text, repo_id, revision or DEFAULT_REVISION)
 
 
-def _from_cache(text: str, repo_id: str, revision: str) -> ModelSource:
+def _from_cache(text: str, repo_id: str, revision: str, repo_type: str = "model") -> ModelSource:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
@@ -147,23 +149,36 @@ def _from_cache(text: str, repo_id: str, revision: str) -> ModelSource:
     cache = hub_cache_dir()
     try:
         folder = snapshot_download(
-            repo_id, revision=revision, cache_dir=cache, local_files_only=True, repo_type="model"
+            repo_id, revision=revision, cache_dir=cache, local_files_only=True, repo_type=repo_type
         )
     except HFValidationError:
         return ModelSource(text, Path(text))
     except IncompleteSnapshotError:
         raise InputError(
             f"{text}: the Hugging Face cache ({cache}) holds only part of {repo_id} at {revision}; "
-            f"lazymerge never downloads: run `{download_hint(repo_id, revision)}` to finish it"
+            f"lazymerge never downloads: run `{download_hint(repo_id, revision, repo_type)}` to finish it"
         ) from None
     except LocalEntryNotFoundError:
         raise InputError(
             f"{text}: no such file or folder, and the Hugging Face cache ({cache}) holds no snapshot of "
-            f"{repo_id} at revision {revision}; lazymerge never downloads: run "
-            f"`{download_hint(repo_id, revision)}` first"
+            f"{'the dataset ' if repo_type == 'dataset' else ''}{repo_id} at revision {revision}; "
+            f"lazymerge never downloads: run `{download_hint(repo_id, revision, repo_type)}` first"
         ) from None
     snapshot = Path(folder)
     return ModelSource(text, snapshot, repo_id, revision, snapshot.name)
+
+
+def resolve_dataset(text: str, repo_id: str, revision: str | None) -> ModelSource:
+    """The snapshot of the dataset `repo_id` (at `revision`, else `main`) in the Hugging Face
+    cache, looked up as `resolve_input` looks up models (huggingface_hub's own lookup,
+    `repo_type="dataset"`, never a download); `text` is the name as given, for messages.
+
+    Raises:
+        InputError when the cache holds no (or only part of a) snapshot, naming the
+        `hf download REPO --repo-type dataset` command; MissingDependencyError without
+        huggingface_hub.
+    """
+    return _from_cache(text, repo_id, revision or DEFAULT_REVISION, "dataset")
 
 
 def resolve_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[ModelSource]:

@@ -17,11 +17,17 @@ C2 = "2" * 40
 
 
 def cache_model(
-    cache: Path, repo_id: str, files: dict[str, bytes], commit: str, refs: tuple[str, ...] = ()
+    cache: Path,
+    repo_id: str,
+    files: dict[str, bytes],
+    commit: str,
+    refs: tuple[str, ...] = (),
+    kind: str = "models",
 ) -> Path:
     """One snapshot of `repo_id` in a Hugging Face cache: blobs named by content hash, the
-    snapshot's files as relative symlinks to them, `refs/NAME` holding the commit."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot's files as relative symlinks to them, `refs/NAME` holding the commit. `kind` is
+    the cache's folder prefix: `models`, or `datasets` for a dataset."""
+    repo = cache / f"{kind}--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
     for name, data in files.items():
         digest = hashlib.sha256(data).hexdigest()

@@ -1,0 +1,378 @@
+"""`lazymerge check`: everything a merge, eval or sweep would refuse later, found in seconds.
+
+Headers, configs, tokenizer files and data files only; no tensor data is read, nothing from a
+model folder is executed (chat templates are compared as text, tokenizers read as JSON). The
+check is a list of named sections (`SECTIONS`), each a function of the `CheckContext` returning
+its findings; a section that needs the opened inputs is skipped when they failed to open. A
+finding is `ok` (a fact for the table), `warning` (merges, but may surprise) or `error` (the
+merge, eval or sweep would be refused). Another section (say, task-vector diagnostics against
+`--base`) is one more entry in `SECTIONS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lazymerge.errors import LazyMergeError
+from lazymerge.options import MergeOptions
+
+Level = Literal["ok", "warning", "error"]
+#: Reward-head tensor names lazymerge does not read, and the rename each needs.
+FOREIGN_HEADS = {"value_head.weight": "OpenRLHF's reward head"}
+_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class Finding:
+    section: str
+    subject: str
+    level: Level
+    message: str
+
+    def line(self) -> str:
+        return f"{self.level:<7}  {self.section:<14}  {self.subject}: {self.message}"
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """What to check: the merge's inputs and options (as `run`/`plan` take them), its output, and
+    the data files an eval or sweep would read."""
+
+    inputs: tuple[str, ...]
+    options: MergeOptions
+    output: Path | None = None
+    force: bool = False
+    pairs: tuple[str, ...] = ()
+    candidates: tuple[str, ...] = ()
+
+
+@dataclass
+class CheckContext:
+    """The request, and what earlier sections opened for later ones."""
+
+    request: CheckRequest
+    models: list[Any] = field(default_factory=list)  # recipe.ModelInput, one per input
+    rm_index: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    findings: tuple[Finding, ...]
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    def format(self) -> str:
+        return "\n".join(f.line() for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": not self.errors,
+            "findings": [f.__dict__ for f in self.findings],
+        }
+
+
+Section = Callable[[CheckContext], list[Finding]]
+
+
+def _error(section: str, subject: str, exc: LazyMergeError) -> Finding:
+    text = " ".join(str(exc).splitlines())
+    prefix = f"{subject}: "
+    return Finding(section, subject, "error", text.removeprefix(prefix))
+
+
+def check_inputs(ctx: CheckContext) -> list[Finding]:
+    """Each input's headers (validated as `inspect` validates them), config and tokenizer."""
+    from lazymerge.api import open_inputs
+    from lazymerge.io.hub_cache import resolve_input
+    from lazymerge.recipe import ModelInput
+
+    out = []
+    for given in ctx.request.inputs:
+        try:
+            (ckpt,) = open_inputs([resolve_input(given).path])
+            model = ModelInput.open(ckpt)
+        except LazyMergeError as exc:
+            out.append(_error("inputs", given, exc))
+            continue
+        ctx.models.append(model)
+        out.append(Finding("inputs", given, "ok", _describe(model)))
+    if len(ctx.models) != len(ctx.request.inputs):
+        for model in ctx.models:
+            model.checkpoint.close()
+        ctx.models.clear()
+    return out
+
+
+def _describe(model: Any) -> str:
+    config = model.config or {}
+    dtypes = sorted({t.dtype for t in model.checkpoint.values()})
+    facts = [
+        f"{', '.join(map(str, config.get('architectures') or ['no architectures']))}",
+        f"{config.get('num_hidden_layers', '?')} layers",
+        f"hidden {config.get('hidden_size', '?')}",
+        f"vocab {config.get('vocab_size', '?')}"
+        + (f" ({len(model.vocab)} tokens)" if model.vocab is not None else " (no tokenizer)"),
+        f"tied {bool(config.get('tie_word_embeddings', False))}",
+        f"pad {config.get('pad_token_id')}",
+        f"{len(model.checkpoint)} tensors {'/'.join(dtypes)}",
+    ]
+    return "; ".join(facts)
+
+
+def check_heads(ctx: CheckContext) -> list[Finding]:
+    """Which input is the reward model, its head, and heads lazymerge would not read."""
+    from lazymerge.recipe import LM_HEADS, REWARD_HEADS, find_reward_model
+
+    out = []
+    for i, model in enumerate(ctx.models):
+        names = list(model.checkpoint)
+        for name, what in FOREIGN_HEADS.items():
+            if name in names:
+                out.append(
+                    Finding(
+                        "heads",
+                        str(model.path),
+                        "error",
+                        f"holds {name} ({what}), a reward head lazymerge does not read: rename it to "
+                        "score.weight and set config.json architectures to ...ForSequenceClassification; "
+                        f"pass --rm {i} to name this input the reward model",
+                    )
+                )
+        heads = [n for n in names if n.startswith(REWARD_HEADS)]
+        lm = [n for n in names if n.startswith(LM_HEADS)]
+        role = "reward model" if model.is_reward_model else "model"
+        out.append(
+            Finding(
+                "heads", str(model.path), "ok", f"{role}; reward head {heads or 'none'}; lm_head {bool(lm)}"
+            )
+        )
+    try:
+        ctx.rm_index = find_reward_model(ctx.models, ctx.request.options.rm)
+    except LazyMergeError as exc:
+        out.append(_error("heads", "inputs", exc))
+    if ctx.rm_index is None and len(ctx.models) > 1:
+        out.append(
+            Finding(
+                "heads",
+                "inputs",
+                "warning",
+                "no input is a reward model (config.json architectures ending in ForSequenceClassification): "
+                "a plain merge; eval and sweep need one (or --rm N)",
+            )
+        )
+    return out
+
+
+def check_tokenizers(ctx: CheckContext) -> list[Finding]:
+    """Vocabularies and special tokens against the reward model's (or the first input's)."""
+    if len(ctx.models) < 2:
+        return []
+    ref_index = ctx.rm_index if ctx.rm_index is not None else 0
+    ref = ctx.models[ref_index]
+    out = []
+    for model in ctx.models:
+        if model is ref:
+            continue
+        if ref.vocab is None or model.vocab is None:
+            out.append(
+                Finding(
+                    "tokenizers",
+                    str(model.path),
+                    "warning",
+                    "no tokenizer here or in the reference: rows matched by id",
+                )
+            )
+            continue
+        only = [t for t in model.vocab if t not in ref.vocab]
+        moved = [t for t in model.vocab if t in ref.vocab and ref.vocab[t] != model.vocab[t]]
+        if only:
+            out.append(
+                Finding(
+                    "tokenizers",
+                    str(model.path),
+                    "warning",
+                    f"{len(only)} tokens not in {ref.path} (first {only[0]!r}, id {model.vocab[only[0]]}); "
+                    "a reward-model merge appends them, growing the vocabulary",
+                )
+            )
+        if moved:
+            t = moved[0]
+            out.append(
+                Finding(
+                    "tokenizers",
+                    str(model.path),
+                    "warning",
+                    f"{len(moved)} tokens have other ids than in {ref.path} (first {t!r}: {model.vocab[t]} vs "
+                    f"{ref.vocab[t]}); rows are matched by token",
+                )
+            )
+        out.extend(_special_tokens(ref, model))
+        if not only and not moved:
+            out.append(
+                Finding("tokenizers", str(model.path), "ok", f"same {len(model.vocab)} tokens as {ref.path}")
+            )
+    return out
+
+
+def _special_tokens(ref: Any, model: Any) -> list[Finding]:
+    out = []
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        a, b = (ref.config or {}).get(key), (model.config or {}).get(key)
+        if a != b:
+            out.append(
+                Finding(
+                    "tokenizers",
+                    str(model.path),
+                    "warning",
+                    f"{key} is {b!r} here, {a!r} in {ref.path} (the output keeps the reward model's)",
+                )
+            )
+    return out
+
+
+def check_templates(ctx: CheckContext) -> list[Finding]:
+    """Chat templates compared as text (never rendered here)."""
+    texts = {str(m.path): _template_text(m.folder) for m in ctx.models}
+    if len(set(texts.values())) <= 1:
+        return [
+            Finding("chat templates", "inputs", "ok", "same chat template" if ctx.models else "no inputs")
+        ]
+    ref = str(ctx.models[ctx.rm_index or 0].path)
+    return [
+        Finding(
+            "chat templates",
+            path,
+            "warning",
+            ("no chat template" if text is None else "a different chat template")
+            + f" than {ref}; the output keeps the reward model's",
+        )
+        for path, text in texts.items()
+        if path != ref and text != texts[ref]
+    ]
+
+
+def _template_text(folder: Path | None) -> str | None:
+    """The folder's chat template as text (JSON read, nothing executed), or None."""
+    import json
+
+    from lazymerge.io.small_files import read_small_file
+
+    if folder is None:
+        return None
+    for name in _TEMPLATE_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        raw = read_small_file(path).decode("utf-8", "replace")
+        if name.endswith(".jinja"):
+            return raw
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return None
+        if isinstance(doc, dict) and doc.get("chat_template") is not None:
+            return json.dumps(doc["chat_template"], sort_keys=True)
+    return None
+
+
+def check_plan(ctx: CheckContext) -> list[Finding]:
+    """Every check `plan` and `run` apply (shapes, dtypes, vocabularies, the output rule), and
+    the plan's predicted memory against this machine's."""
+    import psutil
+
+    from lazymerge.api import prepare
+
+    request = ctx.request
+    try:
+        checkpoints, plan = prepare(
+            list(request.inputs), request.output, request.options, force=request.force
+        )
+    except LazyMergeError as exc:
+        return [_error("plan", "merge", exc)]
+    for ckpt in checkpoints:
+        ckpt.close()
+    out = [
+        Finding(
+            "plan", str(plan.destination), "ok", f"{len(plan.tensors)} tensors, {plan.output_bytes:,} bytes"
+        )
+    ]
+    out += [Finding("plan", "merge", "warning", note) for note in plan.notes]
+    predicted, memory = plan.predicted_peak_rss, psutil.virtual_memory()
+    level: Level = "ok"
+    if predicted > memory.total:
+        level = "error"
+    elif predicted > memory.available:
+        level = "warning"
+    out.append(
+        Finding(
+            "memory",
+            "merge",
+            level,
+            f"predicted peak {predicted / 2**30:.2f} GiB; this machine has {memory.total / 2**30:.1f} GiB, "
+            f"{memory.available / 2**30:.1f} GiB available"
+            + ("; lower --max-memory" if level != "ok" else ""),
+        )
+    )
+    return out
+
+
+def check_data(ctx: CheckContext) -> list[Finding]:
+    """Every pair and candidate file parsed, as eval, bon and sweep parse them."""
+    from lazymerge.evaluation.scoring import load_candidates, load_preferences
+
+    out = []
+    for given in ctx.request.pairs:
+        try:
+            data = load_preferences(given)
+        except LazyMergeError as exc:
+            out.append(_error("data", given, exc))
+            continue
+        what = (
+            f"{len(data.rewardbench2)} RewardBench 2 rows"
+            if data.rewardbench2
+            else f"{len(data.pairs)} pairs"
+        )
+        out.append(Finding("data", given, "ok", what))
+    for given in ctx.request.candidates:
+        try:
+            sets = load_candidates(given)
+        except LazyMergeError as exc:
+            out.append(_error("data", given, exc))
+            continue
+        out.append(Finding("data", given, "ok", f"{len(sets)} candidate sets"))
+    return out
+
+
+#: The check's sections, in order: (name, function, needs the opened inputs).
+SECTIONS: tuple[tuple[str, Section, bool], ...] = (
+    ("inputs", check_inputs, False),
+    ("heads", check_heads, True),
+    ("tokenizers", check_tokenizers, True),
+    ("chat templates", check_templates, True),
+    ("plan", check_plan, True),
+    ("data", check_data, False),
+)
+
+
+def run_check(request: CheckRequest, sections: Sequence[tuple[str, Section, bool]] = SECTIONS) -> CheckReport:
+    """Run every section; a section needing the inputs is skipped when one failed to open."""
+    ctx = CheckContext(request)
+    findings: list[Finding] = []
+    try:
+        for _name, section, needs_inputs in sections:
+            if needs_inputs and not ctx.models:
+                continue
+            findings.extend(section(ctx))
+    finally:
+        for model in ctx.models:
+            model.checkpoint.close()
+    return CheckReport(tuple(findings))
