@@ -25,7 +25,17 @@ import yaml
 
 from lazymerge.errors import InputError, MergekitConfigError
 from lazymerge.io.small_files import read_small_file
-from lazymerge.methods import BREADCRUMBS_GAMMA, KARCHER_MAX_ITER, KARCHER_TOL, RAM_EPSILON
+from lazymerge.methods import (
+    BREADCRUMBS_GAMMA,
+    DELLA_EPSILON,
+    KARCHER_MAX_ITER,
+    KARCHER_TOL,
+    RAM_EPSILON,
+    RAMPLUS_ALPHA,
+    RAMPLUS_R,
+    RESCALE_L1,
+    RESCALE_NONE,
+)
 from lazymerge.options import MIN_DENSITY, MergeOptions, TensorValues
 
 #: Largest config file read: real mergekit configs are well under a kilobyte.
@@ -58,12 +68,12 @@ SUPPORTED_METHODS = (
     "nuslerp",
     "multislerp",
     "karcher",
+    "della",
+    "della_linear",
+    "arcee_fusion",
+    "ramplus_tl",
 )
 NEAREST_METHOD = {
-    "della": "dare_ties",
-    "della_linear": "dare_linear",
-    "arcee_fusion": "slerp",
-    "ramplus_tl": "ram",
     "passthrough": "none: lazymerge does not stack or copy layers",
 }
 
@@ -85,6 +95,10 @@ _GLOBAL_PARAMETERS: dict[str, dict[str, Any]] = {
     "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
     "multislerp": {"normalize_weights": True, "eps": 1e-8},
     "karcher": {"max_iter": KARCHER_MAX_ITER, "tol": KARCHER_TOL},
+    "della": {"int8_mask": False, "normalize": True, "rescale": True, "lambda": 1.0},
+    "della_linear": {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0},
+    "arcee_fusion": {},
+    "ramplus_tl": {"r": RAMPLUS_R, "alpha": RAMPLUS_ALPHA, "epsilon": RAM_EPSILON},
 }
 _MODEL_PARAMETERS: dict[str, dict[str, Any]] = {
     "linear": {"weight": REQUIRED},
@@ -98,12 +112,13 @@ _MODEL_PARAMETERS: dict[str, dict[str, Any]] = {
         m: {"weight": REQUIRED, "density": 1.0, "gamma": BREADCRUMBS_GAMMA}
         for m in ("breadcrumbs", "breadcrumbs_ties")
     },
-    **{m: {} for m in ("sce", "model_stock", "ram", "karcher")},
+    **{m: {"weight": REQUIRED, "density": 1.0, "epsilon": DELLA_EPSILON} for m in ("della", "della_linear")},
+    **{m: {} for m in ("sce", "model_stock", "ram", "karcher", "arcee_fusion", "ramplus_tl")},
     "nuslerp": {"weight": REQUIRED},
     "multislerp": {"weight": REQUIRED},
 }
 #: The methods that weigh nothing: lazymerge gives their inputs equal weights, which they ignore.
-_UNWEIGHTED = ("sce", "model_stock", "ram")
+_UNWEIGHTED = ("sce", "model_stock", "ram", "ramplus_tl")
 _BOOL_PARAMETERS = (
     "normalize",
     "rescale",
@@ -414,19 +429,60 @@ class _ConfigReader:
             )
         params: tuple[tuple[str, float], ...] = ()
         density: float | None = None
-        if method in ("slerp", "nearswap"):
-            inputs, weights, base_path = self.slerp(paths, base, shared["t"], method)
+        if method in ("slerp", "nearswap", "arcee_fusion"):
+            inputs, weights, base_path = self.slerp(paths, base, shared.get("t", 0.5), method)
         elif method in ("nuslerp", "multislerp", "karcher"):
             inputs, weights, base_path = self.spherical(method, paths, base, models, global_params, shared)
         elif method in _UNWEIGHTED:
             inputs, weights, base_path, density = self.unweighted(method, paths, base, models, shared)
+            if method == "ramplus_tl":
+                params = tuple(
+                    (name, self.number(shared[name], f"parameters.{name}")) for name in ("r", "alpha")
+                )
         elif method == "linear":
             inputs, weights, base_path = self.linear(paths, base, models, global_params, shared)
         else:
             inputs, weights, base_path, density = self.task_vectors(
                 method, paths, base, models, global_params, shared
             )
+            if method.startswith("della"):
+                spec = (paths, base, density)
+                params = self.della_parameters(method, spec, models, global_params, shared)
         return _Resolved(tuple(inputs), weights, base_path, density, params)
+
+    def della_parameters(
+        self,
+        method: str,
+        spec: tuple[list[Path], Path | None, float | None],
+        models: list[tuple[str, dict[str, Any]]],
+        global_params: dict[str, Any],
+        shared: dict[str, Any],
+    ) -> tuple[tuple[str, float], ...]:
+        """della's epsilon (one for every model), mergekit's rescale (to the L1 norm, or none)
+        and, for della, lambda (della_linear folds it into the weights); `spec`: the config's
+        model paths, its base and the density already resolved."""
+        paths, base, density = spec
+        epsilons = {
+            self.per_model("epsilon", method, params, global_params, f"models[{i}]")
+            for i, (path, (_, params)) in enumerate(zip(paths, models, strict=True))
+            if base is None or not _same(path, base)
+        }
+        if len(epsilons) > 1:
+            raise self.fail(
+                "epsilon", "the models' epsilons differ; lazymerge uses one epsilon for all: give one"
+            )
+        epsilon = epsilons.pop() if epsilons else DELLA_EPSILON
+        if density is not None and density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            raise self.fail(
+                "epsilon",
+                f"density {density:g} +/- epsilon {epsilon:g} leaves (0, 1) (mergekit refuses it too): "
+                "choose a smaller epsilon",
+            )
+        rescale = RESCALE_L1 if self.flag(shared["rescale"], "parameters.rescale") else RESCALE_NONE
+        params = [("epsilon", epsilon), ("rescale", rescale)]
+        if method == "della":
+            params.append(("scale", self.number(shared["lambda"], "parameters.lambda")))
+        return tuple(params)
 
     # fields
 
@@ -643,7 +699,9 @@ class _ConfigReader:
     ) -> tuple[list[Path], tuple[float, ...], None]:
         """slerp and nearswap: base_model first, the other model second, t as its weight."""
         if base is None:
-            goes = "interpolates from" if method == "slerp" else "swaps in values near"
+            goes = {"slerp": "interpolates from", "nearswap": "swaps in values near"}.get(
+                method, "fuses into"
+            )
             raise self.fail("base_model", f"{method} {goes} base_model and the other model: give it")
         others = [p for p in paths if not _same(p, base)]
         if len(others) != 1:
@@ -746,7 +804,8 @@ class _ConfigReader:
         elif self.number(shared["epsilon"], "parameters.epsilon") != RAM_EPSILON:
             raise self.fail(
                 "parameters.epsilon",
-                f"lazymerge's ram counts deltas above {RAM_EPSILON:g} (mergekit's default) only; remove epsilon",
+                f"lazymerge's {method} counts deltas above {RAM_EPSILON:g} (mergekit's default) only; "
+                "remove epsilon",
             )
         return inputs, tuple(1.0 / len(inputs) for _ in inputs), base, density
 
@@ -801,12 +860,12 @@ class _ConfigReader:
             density = 1.0
         elif not MIN_DENSITY <= density <= 1:
             raise self.fail("density", f"{density:g} is outside [{MIN_DENSITY:g}, 1]")
-        if method in ("task_arithmetic", "dare_linear", "breadcrumbs"):
+        if method in ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"):
             # base + lambda * sum_i w_i d_i / (sum_i w_i if normalize): the same weights, rescaled
             total = sum(weights)
             divisor = total if normalize and abs(total) >= 1e-8 else 1.0
             weights = [scale * w / divisor for w in weights]
-        elif scale != 1:
+        elif scale != 1 and method != "della":  # della takes lambda as its `scale`
             raise self.fail(
                 "parameters.lambda",
                 f"lazymerge's {method} has no lambda (its result is base + the merged task vector); remove it",
@@ -824,7 +883,10 @@ class _ConfigReader:
             differences.append("draws its drop masks from torch's generator")
         if method in ("ties", "breadcrumbs", "breadcrumbs_ties") and rescale:
             differences.append("rescales the trimmed deltas to their L1 norm")
-        if method in ("ties", "dare_ties", "breadcrumbs_ties"):
+        if method.startswith("della"):
+            differences.append("draws its keep masks from torch's generator")
+            differences.append("ranks equal magnitudes in no set order")
+        if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
             if not normalize:
                 differences.append("does not divide by the agreeing weights (normalize: false)")
             differences.append("keeps positive deltas where the weighted sum is exactly 0")
@@ -842,6 +904,9 @@ class _ConfigReader:
             "breadcrumbs": "trims outliers and small deltas and adds the weighted deltas (Model Breadcrumbs)",
             "breadcrumbs_ties": "trims outliers and small deltas (Model Breadcrumbs), elects signs on the "
             "weighted sum and divides by the agreeing weights (TIES)",
+            "della": "MagPrune masks from --seed, rescaled as the config says (mergekit's rescale), "
+            "then signs elected on the weighted sum and the agreeing weights divided out (TIES)",
+            "della_linear": "MagPrune masks from --seed, rescaled as the config says (mergekit's rescale)",
         }[method]
         self.notes.append(
             f"{method}: lazymerge keeps the papers' definition ({ours}); mergekit 0.1.5 "

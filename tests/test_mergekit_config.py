@@ -271,11 +271,11 @@ REFUSED = {
         "parameters.weight[0].value: expected a number or a gradient (filters do not nest)",
     ),
     "other-method": (
-        "merge_method: della\nmodels:\n  - model: a.safetensors\n",
-        "merge_method: 'della' is not supported; lazymerge runs linear, task_arithmetic, ties, "
+        "merge_method: passthrough\nmodels:\n  - model: a.safetensors\n",
+        "merge_method: 'passthrough' is not supported; lazymerge runs linear, task_arithmetic, ties, "
         "dare_linear, dare_ties, slerp, nearswap, breadcrumbs, breadcrumbs_ties, sce, model_stock, ram, "
-        "nuslerp, multislerp, karcher; "
-        "nearest: dare_ties",
+        "nuslerp, multislerp, karcher, della, della_linear, arcee_fusion, ramplus_tl; "
+        "nearest: none: lazymerge does not stack or copy layers",
     ),
     "no-method": ("models:\n  - model: a.safetensors\n", "merge_method: missing"),
     "lora": (
