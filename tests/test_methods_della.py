@@ -352,8 +352,10 @@ def parity_yaml(method: str, m: dict[str, Path]) -> str:
 @pytest.mark.mergekit
 @pytest.mark.parametrize("method", ["della", "della_linear", "arcee_fusion", "ramplus_tl"])
 def test_matches_mergekit(tmp_path: Path, llama_family, method: str, monkeypatch) -> None:
-    """lazymerge against mergekit 0.1.5 on the same fp32 config; della's draws fixed on both
-    sides (see FIXED_DRAWS). Every difference within a few fp32 steps, every mask the same."""
+    """lazymerge against mergekit 0.1.5 on the same fp32 config (21,152 elements); della's draws
+    fixed on both sides (see FIXED_DRAWS). Measured: della, arcee_fusion and ramplus_tl identical;
+    della_linear 4,643 elements differ in the last bits (lambda and the weights folded into one
+    factor here). Every difference within a few fp32 steps, every mask the same."""
     config = tmp_path / "merge.yml"
     config.write_text(parity_yaml(method, llama_family))
     python = str(Path(MERGEKIT).parent / "python")
@@ -383,5 +385,5 @@ def test_matches_mergekit(tmp_path: Path, llama_family, method: str, monkeypatch
         differing += int((diff > 0).sum())
         total += diff.numel()
     print(f"{method}: {differing} of {total} elements differ", file=sys.stderr)
-    if method in ("arcee_fusion", "ramplus_tl"):
+    if method != "della_linear":
         assert differing == 0
