@@ -1,15 +1,16 @@
 """mergekit YAML configs read into lazymerge's inputs and `MergeOptions`.
 
 `read_mergekit_config` turns a mergekit 0.1.5 config (`merge_method`, `models` with `model` and
-`parameters`, `base_model`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`) into the
-inputs and options `lazymerge run A B --weights ...` would take, applying mergekit's per-method
-defaults (`normalize: true` for linear and ties, `density: 1` for the task-vector methods, ...)
-and its rules (a per-model parameter falls back to the global one; the base model takes no weight).
-It reads the file and nothing else: the merge itself is lazymerge's.
+`parameters` (scalars, gradients, filters), `base_model`, `parameters`, `dtype`, `out_dtype`,
+`tokenizer_source` or `tokenizer`) into the inputs and options `lazymerge run A B --weights ...`
+would take, applying mergekit's per-method defaults (`normalize: true` for linear and ties,
+`density: 1` for the task-vector methods, ...) and its rules (a per-model parameter falls back to
+the global one; the base model takes no weight). It reads the config (and, for a tokenizer
+source, compares the models' tokenizer files) and nothing else: the merge itself is lazymerge's.
 
 Everything lazymerge cannot do the same way is refused with one line naming the field and the
-nearest thing it can do (slices, layer ranges, gradients, filters, LoRA references, other
-methods, unknown keys); where lazymerge's TIES and DARE keep the papers' definitions and
+nearest thing it can do (slices, layer ranges, passthrough, LoRA references, chat templates,
+unknown keys); where lazymerge's TIES, DARE and DELLA keep the papers' definitions and
 mergekit's depart from them, the recipe carries one note saying so.
 """
 
@@ -129,13 +130,20 @@ _BOOL_PARAMETERS = (
     "normalize_weights",
 )
 
-_TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source")
+_TOP_KEYS = (
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+)
 _REFUSED_KEYS = {
     "slices": "lazymerge merges whole models with one weight each: list them under models "
     "(layer ranges and per-slice recipes are not supported)",
     "modules": "lazymerge merges whole models: list them under models",
-    "tokenizer": "lazymerge keeps the first model's tokenizer (plain merges) or matches embedding "
-    "rows by token (reward-model merges); remove it",
     "chat_template": "the output keeps the first model's tokenizer files and chat template; remove it",
 }
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -394,7 +402,7 @@ class _ConfigReader:
             if any(_same(p, q) for q in paths[:i]):
                 raise self.fail(f"models[{i}].model", f"{p} is listed twice")
         dtype = self.dtype()
-        self.tokenizer_source(paths)
+        self.tokenizer_source(paths, base)
         layout = _Layout(method, tuple(paths), base, global_params, tuple(models))
         resolved = self.resolve(layout, *evaluate_all(self, layout, "", 0.0, nominal=True))
         kwargs: dict[str, Any] = {
@@ -618,22 +626,61 @@ class _ConfigReader:
             chosen = _DTYPES[name]
         return chosen
 
-    def tokenizer_source(self, paths: list[Path]) -> None:
-        source = self.doc.get("tokenizer_source")
+    def tokenizer_source(self, paths: list[Path], base: Path | None) -> None:
+        """`tokenizer_source` or `tokenizer: {source: ...}`: `union` with a reward model (its
+        merge matches rows by token), or `base` or a model when every model shares that one's
+        tokenizer files (the output keeps them, the embeddings merge by position)."""
+        field, source = self.tokenizer_setting()
         if source is None:
             return
         if source == "union" and _has_reward_model(paths):
             self.notes.append(
-                "tokenizer_source: union: lazymerge matches embedding rows by token; the output "
+                f"{field}: union: lazymerge matches embedding rows by token; the output "
                 "vocabulary is the reward model's plus the tokens only a domain model has"
             )
             return
+        if source != "union" and isinstance(source, str):
+            if source != "base":
+                origin = self.model_path(source, field)
+            elif base is not None:
+                origin = base
+            else:
+                raise self.fail(field, "'base' needs base_model: give it, or name a model")
+            difference = _tokenizer_difference(origin, [*paths, *([base] if base is not None else [])])
+            if difference is None:
+                self.notes.append(
+                    f"{field}: {describe(source)}: every model has its tokenizer files; the output keeps them"
+                )
+                return
+            raise self.fail(
+                field,
+                f"{describe(source)}: {difference}; lazymerge merges embeddings by position only when the "
+                "models share one tokenizer (by token only with a reward model: tokenizer_source: union)",
+            )
         raise self.fail(
-            "tokenizer_source",
+            field,
             f"{describe(source)} is not supported here; lazymerge merges embeddings by position when the models "
             "share one vocabulary (remove tokenizer_source) and by token only when a reward model is "
             "among them (tokenizer_source: union, or leave it out)",
         )
+
+    def tokenizer_setting(self) -> tuple[str, Any]:
+        """(the field that names the tokenizer's source, its value): `tokenizer_source`, or the
+        `source` of a `tokenizer` section (whose `tokens` and `pad_to_multiple_of` are refused)."""
+        section = self.doc.get("tokenizer")
+        if section is None:
+            return "tokenizer_source", self.doc.get("tokenizer_source")
+        if "tokenizer_source" in self.doc:
+            raise self.fail("tokenizer", "give tokenizer or tokenizer_source, not both")
+        if not isinstance(section, dict):
+            raise self.fail("tokenizer", "expected a mapping such as {source: base}")
+        for key in section:
+            if key != "source":
+                raise self.fail(
+                    f"tokenizer.{field_name(key)}",
+                    "not supported; lazymerge keeps a tokenizer as it is (no tokens added or padded): remove it",
+                )
+        return "tokenizer.source", section.get("source")
 
     # parameter values
 
@@ -1036,6 +1083,50 @@ def _same(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
     except OSError:
         return a == b
+
+
+#: The tokenizer files a tokenizer source must share with every model (what mergekit copies).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _tokenizer_difference(origin: Path, paths: list[Path]) -> str | None:
+    """None when every path's model folder holds the same tokenizer files, byte for byte, as
+    `origin`'s; else what differs, for a message.
+
+    Raises:
+        InputError for a file that cannot be read or is over the size limit.
+    """
+    from lazymerge.io.hf_folder import MAX_JSON_BYTES, model_folder
+
+    source = model_folder(origin)
+    present = [n for n in TOKENIZER_FILES if source is not None and (source / n).is_file()]
+    if source is None or not {"tokenizer.json", "tokenizer.model"} & set(present):
+        return f"{origin} has no tokenizer files (tokenizer.json or tokenizer.model)"
+    wanted = {n: read_small_file(source / n, MAX_JSON_BYTES) for n in present}
+    for path in paths:
+        folder = model_folder(path)
+        if folder is None:
+            return f"{path} has no tokenizer files"
+        if _same(folder, source):
+            continue
+        for name in TOKENIZER_FILES:
+            there = folder / name
+            if (name in wanted) != there.is_file():
+                missing = there if name in wanted else source / name
+                return f"{missing} is missing (the other model folder has {name})"
+            if name in wanted and read_small_file(there, MAX_JSON_BYTES) != wanted[name]:
+                return f"{there} differs from {source / name}"
+    return None
 
 
 def _has_reward_model(paths: list[Path]) -> bool:

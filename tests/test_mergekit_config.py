@@ -306,11 +306,20 @@ REFUSED = {
         "  - model: b.safetensors\n",
         "parameters.t: required by slerp",
     ),
-    "tokenizer": ("merge_method: linear\ntokenizer: {source: union}\n", "tokenizer: not supported"),
+    "tokenizer": (
+        "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
+        "parameters: {weight: 1}\ntokenizer: {source: base, pad_to_multiple_of: 8}\n",
+        "tokenizer.pad_to_multiple_of: not supported",
+    ),
     "tokenizer_source": (
         "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
         "parameters: {weight: 1}\ntokenizer_source: base\n",
-        "tokenizer_source: 'base' is not supported here",
+        "tokenizer_source: 'base' needs base_model",
+    ),
+    "tokenizer_source-files": (
+        "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
+        "parameters: {weight: 1}\ntokenizer_source: a.safetensors\n",
+        "has no tokenizer files",
     ),
     "dtype": (
         "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
