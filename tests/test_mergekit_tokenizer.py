@@ -5,6 +5,8 @@ model's tokenizer differs (a position merge would mix different tokens' rows).""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from lazymerge.cli import main
 from tests.conftest import load_any
 
 models = pytest.importorskip("tests.models")
+tokenizers = models.tokenizers
 
 
 def cli(*args: str) -> object:
@@ -86,3 +89,41 @@ def test_both_tokenizer_fields_refused(folders: Path) -> None:
     assert (
         result.exit_code == 1 and "tokenizer: give tokenizer or tokenizer_source, not both" in result.stderr
     )
+
+
+MERGEKIT = os.environ.get("LAZYMERGE_MERGEKIT", "")
+
+
+@pytest.mark.mergekit
+@pytest.mark.skipif(
+    not (MERGEKIT and os.access(MERGEKIT, os.X_OK)),
+    reason="set LAZYMERGE_MERGEKIT=/path/to/mergekit-yaml (bash bench/setup_mergekit.sh makes one)",
+)
+def test_tokenizer_source_base_matches_mergekit(folders: Path) -> None:
+    """mergekit 0.1.5 with tokenizer_source: base over models sharing one tokenizer: the same
+    vocabulary, and weights within a few fp32 steps (its embeddings go through its vocabulary
+    permutation, here the identity)."""
+    text = config("base").replace("merge_method: linear\n", "merge_method: linear\ndtype: float32\n")
+    for name in ("base", "a", "b"):  # absolute paths: mergekit asks the Hub about relative names
+        text = text.replace(f"model: {name}\n", f"model: {folders / name}\n")
+    (folders / "m.yml").write_text(text)
+    done = subprocess.run(
+        [MERGEKIT, str(folders / "m.yml"), str(folders / "mk"), "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = cli("run", "m.yml", "-o", "lz", "-q")
+    assert result.exit_code == 0, result.output
+    mk, lz = load_any(folders / "mk"), load_any(folders / "lz")
+    assert sorted(mk) == sorted(lz)
+    for name in mk:
+        scale = float(lz[name].abs().max()) + 1.0
+        assert float((mk[name].double() - lz[name].double()).abs().max()) <= 8 * 2.0**-24 * scale, name
+    vocab = [
+        tokenizers.Tokenizer.from_file(str(folders / out / "tokenizer.json")).get_vocab()
+        for out in ("mk", "lz")
+    ]
+    assert vocab[0] == vocab[1]
