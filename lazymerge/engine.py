@@ -234,7 +234,8 @@ def _apply_method(
     tp = chunk.tensor
     weighted = [i for i, _ in tp.present() if i != plan.base_index]
     density = plan.density if tp.density is None else tp.density
-    kwargs: dict[str, Any] = {"density": density, **dict(tp.params)}
+    # the shape: row-wise methods (della's ranks, arcee_fusion's softmaxes) get whole tensors
+    kwargs: dict[str, Any] = {"density": density, "shape": tp.shape, **dict(tp.params)}
     if plan.base_index is not None:
         kwargs["base"] = work[plan.base_index]
     kwargs["rand"] = lambda k: position_uniform(

@@ -1,15 +1,16 @@
 """mergekit YAML configs read into lazymerge's inputs and `MergeOptions`.
 
 `read_mergekit_config` turns a mergekit 0.1.5 config (`merge_method`, `models` with `model` and
-`parameters`, `base_model`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`) into the
-inputs and options `lazymerge run A B --weights ...` would take, applying mergekit's per-method
-defaults (`normalize: true` for linear and ties, `density: 1` for the task-vector methods, ...)
-and its rules (a per-model parameter falls back to the global one; the base model takes no weight).
-It reads the file and nothing else: the merge itself is lazymerge's.
+`parameters` (scalars, gradients, filters), `base_model`, `parameters`, `dtype`, `out_dtype`,
+`tokenizer_source` or `tokenizer`) into the inputs and options `lazymerge run A B --weights ...`
+would take, applying mergekit's per-method defaults (`normalize: true` for linear and ties,
+`density: 1` for the task-vector methods, ...) and its rules (a per-model parameter falls back to
+the global one; the base model takes no weight). It reads the config (and, for a tokenizer
+source, compares the models' tokenizer files) and nothing else: the merge itself is lazymerge's.
 
 Everything lazymerge cannot do the same way is refused with one line naming the field and the
-nearest thing it can do (slices, layer ranges, gradients, filters, LoRA references, other
-methods, unknown keys); where lazymerge's TIES and DARE keep the papers' definitions and
+nearest thing it can do (slices, layer ranges, passthrough, LoRA references, chat templates,
+unknown keys); where lazymerge's TIES, DARE and DELLA keep the papers' definitions and
 mergekit's depart from them, the recipe carries one note saying so.
 """
 
@@ -25,7 +26,17 @@ import yaml
 
 from lazymerge.errors import InputError, MergekitConfigError
 from lazymerge.io.small_files import read_small_file
-from lazymerge.methods import BREADCRUMBS_GAMMA, KARCHER_MAX_ITER, KARCHER_TOL, RAM_EPSILON
+from lazymerge.methods import (
+    BREADCRUMBS_GAMMA,
+    DELLA_EPSILON,
+    KARCHER_MAX_ITER,
+    KARCHER_TOL,
+    RAM_EPSILON,
+    RAMPLUS_ALPHA,
+    RAMPLUS_R,
+    RESCALE_L1,
+    RESCALE_NONE,
+)
 from lazymerge.options import MIN_DENSITY, MergeOptions, TensorValues
 
 #: Largest config file read: real mergekit configs are well under a kilobyte.
@@ -58,12 +69,12 @@ SUPPORTED_METHODS = (
     "nuslerp",
     "multislerp",
     "karcher",
+    "della",
+    "della_linear",
+    "arcee_fusion",
+    "ramplus_tl",
 )
 NEAREST_METHOD = {
-    "della": "dare_ties",
-    "della_linear": "dare_linear",
-    "arcee_fusion": "slerp",
-    "ramplus_tl": "ram",
     "passthrough": "none: lazymerge does not stack or copy layers",
 }
 
@@ -85,6 +96,10 @@ _GLOBAL_PARAMETERS: dict[str, dict[str, Any]] = {
     "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
     "multislerp": {"normalize_weights": True, "eps": 1e-8},
     "karcher": {"max_iter": KARCHER_MAX_ITER, "tol": KARCHER_TOL},
+    "della": {"int8_mask": False, "normalize": True, "rescale": True, "lambda": 1.0},
+    "della_linear": {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0},
+    "arcee_fusion": {},
+    "ramplus_tl": {"r": RAMPLUS_R, "alpha": RAMPLUS_ALPHA, "epsilon": RAM_EPSILON},
 }
 _MODEL_PARAMETERS: dict[str, dict[str, Any]] = {
     "linear": {"weight": REQUIRED},
@@ -98,12 +113,13 @@ _MODEL_PARAMETERS: dict[str, dict[str, Any]] = {
         m: {"weight": REQUIRED, "density": 1.0, "gamma": BREADCRUMBS_GAMMA}
         for m in ("breadcrumbs", "breadcrumbs_ties")
     },
-    **{m: {} for m in ("sce", "model_stock", "ram", "karcher")},
+    **{m: {"weight": REQUIRED, "density": 1.0, "epsilon": DELLA_EPSILON} for m in ("della", "della_linear")},
+    **{m: {} for m in ("sce", "model_stock", "ram", "karcher", "arcee_fusion", "ramplus_tl")},
     "nuslerp": {"weight": REQUIRED},
     "multislerp": {"weight": REQUIRED},
 }
 #: The methods that weigh nothing: lazymerge gives their inputs equal weights, which they ignore.
-_UNWEIGHTED = ("sce", "model_stock", "ram")
+_UNWEIGHTED = ("sce", "model_stock", "ram", "ramplus_tl")
 _BOOL_PARAMETERS = (
     "normalize",
     "rescale",
@@ -114,13 +130,20 @@ _BOOL_PARAMETERS = (
     "normalize_weights",
 )
 
-_TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source")
+_TOP_KEYS = (
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+)
 _REFUSED_KEYS = {
     "slices": "lazymerge merges whole models with one weight each: list them under models "
     "(layer ranges and per-slice recipes are not supported)",
     "modules": "lazymerge merges whole models: list them under models",
-    "tokenizer": "lazymerge keeps the first model's tokenizer (plain merges) or matches embedding "
-    "rows by token (reward-model merges); remove it",
     "chat_template": "the output keeps the first model's tokenizer files and chat template; remove it",
 }
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -379,7 +402,7 @@ class _ConfigReader:
             if any(_same(p, q) for q in paths[:i]):
                 raise self.fail(f"models[{i}].model", f"{p} is listed twice")
         dtype = self.dtype()
-        self.tokenizer_source(paths)
+        self.tokenizer_source(paths, base)
         layout = _Layout(method, tuple(paths), base, global_params, tuple(models))
         resolved = self.resolve(layout, *evaluate_all(self, layout, "", 0.0, nominal=True))
         kwargs: dict[str, Any] = {
@@ -414,19 +437,60 @@ class _ConfigReader:
             )
         params: tuple[tuple[str, float], ...] = ()
         density: float | None = None
-        if method in ("slerp", "nearswap"):
-            inputs, weights, base_path = self.slerp(paths, base, shared["t"], method)
+        if method in ("slerp", "nearswap", "arcee_fusion"):
+            inputs, weights, base_path = self.slerp(paths, base, shared.get("t", 0.5), method)
         elif method in ("nuslerp", "multislerp", "karcher"):
             inputs, weights, base_path = self.spherical(method, paths, base, models, global_params, shared)
         elif method in _UNWEIGHTED:
             inputs, weights, base_path, density = self.unweighted(method, paths, base, models, shared)
+            if method == "ramplus_tl":
+                params = tuple(
+                    (name, self.number(shared[name], f"parameters.{name}")) for name in ("r", "alpha")
+                )
         elif method == "linear":
             inputs, weights, base_path = self.linear(paths, base, models, global_params, shared)
         else:
             inputs, weights, base_path, density = self.task_vectors(
                 method, paths, base, models, global_params, shared
             )
+            if method.startswith("della"):
+                spec = (paths, base, density)
+                params = self.della_parameters(method, spec, models, global_params, shared)
         return _Resolved(tuple(inputs), weights, base_path, density, params)
+
+    def della_parameters(
+        self,
+        method: str,
+        spec: tuple[list[Path], Path | None, float | None],
+        models: list[tuple[str, dict[str, Any]]],
+        global_params: dict[str, Any],
+        shared: dict[str, Any],
+    ) -> tuple[tuple[str, float], ...]:
+        """della's epsilon (one for every model), mergekit's rescale (to the L1 norm, or none)
+        and, for della, lambda (della_linear folds it into the weights); `spec`: the config's
+        model paths, its base and the density already resolved."""
+        paths, base, density = spec
+        epsilons = {
+            self.per_model("epsilon", method, params, global_params, f"models[{i}]")
+            for i, (path, (_, params)) in enumerate(zip(paths, models, strict=True))
+            if base is None or not _same(path, base)
+        }
+        if len(epsilons) > 1:
+            raise self.fail(
+                "epsilon", "the models' epsilons differ; lazymerge uses one epsilon for all: give one"
+            )
+        epsilon = epsilons.pop() if epsilons else DELLA_EPSILON
+        if density is not None and density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            raise self.fail(
+                "epsilon",
+                f"density {density:g} +/- epsilon {epsilon:g} leaves (0, 1) (mergekit refuses it too): "
+                "choose a smaller epsilon",
+            )
+        rescale = RESCALE_L1 if self.flag(shared["rescale"], "parameters.rescale") else RESCALE_NONE
+        params = [("epsilon", epsilon), ("rescale", rescale)]
+        if method == "della":
+            params.append(("scale", self.number(shared["lambda"], "parameters.lambda")))
+        return tuple(params)
 
     # fields
 
@@ -562,22 +626,61 @@ class _ConfigReader:
             chosen = _DTYPES[name]
         return chosen
 
-    def tokenizer_source(self, paths: list[Path]) -> None:
-        source = self.doc.get("tokenizer_source")
+    def tokenizer_source(self, paths: list[Path], base: Path | None) -> None:
+        """`tokenizer_source` or `tokenizer: {source: ...}`: `union` with a reward model (its
+        merge matches rows by token), or `base` or a model when every model shares that one's
+        tokenizer files (the output keeps them, the embeddings merge by position)."""
+        field, source = self.tokenizer_setting()
         if source is None:
             return
         if source == "union" and _has_reward_model(paths):
             self.notes.append(
-                "tokenizer_source: union: lazymerge matches embedding rows by token; the output "
+                f"{field}: union: lazymerge matches embedding rows by token; the output "
                 "vocabulary is the reward model's plus the tokens only a domain model has"
             )
             return
+        if source != "union" and isinstance(source, str):
+            if source != "base":
+                origin = self.model_path(source, field)
+            elif base is not None:
+                origin = base
+            else:
+                raise self.fail(field, "'base' needs base_model: give it, or name a model")
+            difference = _tokenizer_difference(origin, [*paths, *([base] if base is not None else [])])
+            if difference is None:
+                self.notes.append(
+                    f"{field}: {describe(source)}: every model has its tokenizer files; the output keeps them"
+                )
+                return
+            raise self.fail(
+                field,
+                f"{describe(source)}: {difference}; lazymerge merges embeddings by position only when the "
+                "models share one tokenizer (by token only with a reward model: tokenizer_source: union)",
+            )
         raise self.fail(
-            "tokenizer_source",
+            field,
             f"{describe(source)} is not supported here; lazymerge merges embeddings by position when the models "
             "share one vocabulary (remove tokenizer_source) and by token only when a reward model is "
             "among them (tokenizer_source: union, or leave it out)",
         )
+
+    def tokenizer_setting(self) -> tuple[str, Any]:
+        """(the field that names the tokenizer's source, its value): `tokenizer_source`, or the
+        `source` of a `tokenizer` section (whose `tokens` and `pad_to_multiple_of` are refused)."""
+        section = self.doc.get("tokenizer")
+        if section is None:
+            return "tokenizer_source", self.doc.get("tokenizer_source")
+        if "tokenizer_source" in self.doc:
+            raise self.fail("tokenizer", "give tokenizer or tokenizer_source, not both")
+        if not isinstance(section, dict):
+            raise self.fail("tokenizer", "expected a mapping such as {source: base}")
+        for key in section:
+            if key != "source":
+                raise self.fail(
+                    f"tokenizer.{field_name(key)}",
+                    "not supported; lazymerge keeps a tokenizer as it is (no tokens added or padded): remove it",
+                )
+        return "tokenizer.source", section.get("source")
 
     # parameter values
 
@@ -643,7 +746,9 @@ class _ConfigReader:
     ) -> tuple[list[Path], tuple[float, ...], None]:
         """slerp and nearswap: base_model first, the other model second, t as its weight."""
         if base is None:
-            goes = "interpolates from" if method == "slerp" else "swaps in values near"
+            goes = {"slerp": "interpolates from", "nearswap": "swaps in values near"}.get(
+                method, "fuses into"
+            )
             raise self.fail("base_model", f"{method} {goes} base_model and the other model: give it")
         others = [p for p in paths if not _same(p, base)]
         if len(others) != 1:
@@ -746,7 +851,8 @@ class _ConfigReader:
         elif self.number(shared["epsilon"], "parameters.epsilon") != RAM_EPSILON:
             raise self.fail(
                 "parameters.epsilon",
-                f"lazymerge's ram counts deltas above {RAM_EPSILON:g} (mergekit's default) only; remove epsilon",
+                f"lazymerge's {method} counts deltas above {RAM_EPSILON:g} (mergekit's default) only; "
+                "remove epsilon",
             )
         return inputs, tuple(1.0 / len(inputs) for _ in inputs), base, density
 
@@ -801,12 +907,12 @@ class _ConfigReader:
             density = 1.0
         elif not MIN_DENSITY <= density <= 1:
             raise self.fail("density", f"{density:g} is outside [{MIN_DENSITY:g}, 1]")
-        if method in ("task_arithmetic", "dare_linear", "breadcrumbs"):
+        if method in ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"):
             # base + lambda * sum_i w_i d_i / (sum_i w_i if normalize): the same weights, rescaled
             total = sum(weights)
             divisor = total if normalize and abs(total) >= 1e-8 else 1.0
             weights = [scale * w / divisor for w in weights]
-        elif scale != 1:
+        elif scale != 1 and method != "della":  # della takes lambda as its `scale`
             raise self.fail(
                 "parameters.lambda",
                 f"lazymerge's {method} has no lambda (its result is base + the merged task vector); remove it",
@@ -824,7 +930,10 @@ class _ConfigReader:
             differences.append("draws its drop masks from torch's generator")
         if method in ("ties", "breadcrumbs", "breadcrumbs_ties") and rescale:
             differences.append("rescales the trimmed deltas to their L1 norm")
-        if method in ("ties", "dare_ties", "breadcrumbs_ties"):
+        if method.startswith("della"):
+            differences.append("draws its keep masks from torch's generator")
+            differences.append("ranks equal magnitudes in no set order")
+        if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
             if not normalize:
                 differences.append("does not divide by the agreeing weights (normalize: false)")
             differences.append("keeps positive deltas where the weighted sum is exactly 0")
@@ -842,6 +951,9 @@ class _ConfigReader:
             "breadcrumbs": "trims outliers and small deltas and adds the weighted deltas (Model Breadcrumbs)",
             "breadcrumbs_ties": "trims outliers and small deltas (Model Breadcrumbs), elects signs on the "
             "weighted sum and divides by the agreeing weights (TIES)",
+            "della": "MagPrune masks from --seed, rescaled as the config says (mergekit's rescale), "
+            "then signs elected on the weighted sum and the agreeing weights divided out (TIES)",
+            "della_linear": "MagPrune masks from --seed, rescaled as the config says (mergekit's rescale)",
         }[method]
         self.notes.append(
             f"{method}: lazymerge keeps the papers' definition ({ours}); mergekit 0.1.5 "
@@ -971,6 +1083,50 @@ def _same(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
     except OSError:
         return a == b
+
+
+#: The tokenizer files a tokenizer source must share with every model (what mergekit copies).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _tokenizer_difference(origin: Path, paths: list[Path]) -> str | None:
+    """None when every path's model folder holds the same tokenizer files, byte for byte, as
+    `origin`'s; else what differs, for a message.
+
+    Raises:
+        InputError for a file that cannot be read or is over the size limit.
+    """
+    from lazymerge.io.hf_folder import MAX_JSON_BYTES, model_folder
+
+    source = model_folder(origin)
+    present = [n for n in TOKENIZER_FILES if source is not None and (source / n).is_file()]
+    if source is None or not {"tokenizer.json", "tokenizer.model"} & set(present):
+        return f"{origin} has no tokenizer files (tokenizer.json or tokenizer.model)"
+    wanted = {n: read_small_file(source / n, MAX_JSON_BYTES) for n in present}
+    for path in paths:
+        folder = model_folder(path)
+        if folder is None:
+            return f"{path} has no tokenizer files"
+        if _same(folder, source):
+            continue
+        for name in TOKENIZER_FILES:
+            there = folder / name
+            if (name in wanted) != there.is_file():
+                missing = there if name in wanted else source / name
+                return f"{missing} is missing (the other model folder has {name})"
+            if name in wanted and read_small_file(there, MAX_JSON_BYTES) != wanted[name]:
+                return f"{there} differs from {source / name}"
+    return None
 
 
 def _has_reward_model(paths: list[Path]) -> bool:

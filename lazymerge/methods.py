@@ -23,6 +23,11 @@ decisions: the engine reads, upcasts, chunks and casts.
 | nuslerp | spherical interpolation of two inputs at t = w_2 / (w_1 + w_2), linear only when colinear | no: as slerp |
 | multislerp | barycentre of the inputs on the unit sphere (tangent-space mean), times the mean norm | no: norms and dot products of whole tensors |
 | karcher | Karcher mean of the inputs' directions (iterated), times the mean norm | no: every iteration needs whole-tensor dot products |
+| passthrough | w_1 x_1 (one input, scaled) | yes |
+| della | base + TIES-sign-merge(MagPrune(x_i - base)) | no: MagPrune ranks each row's magnitudes |
+| della_linear | base + sum_i w_i MagPrune(x_i - base) | no: as della |
+| arcee_fusion | base + (x - base) [importance >= median + 1.5 IQR] | no: row softmaxes and whole-tensor quantiles |
+| ramplus_tl | ram with each input's unique deltas scaled by its overlap ratio | no: the ratio counts the whole tensor |
 
 Non-elementwise methods receive the whole tensor, flattened, and its `shape`.
 """
@@ -505,6 +510,205 @@ def karcher(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: obje
         if unit_norm > KARCHER_TOL:
             mean.div_(unit_norm)
     return mean.mul_(scale)
+
+
+#: DELLA's half-width of the keep probabilities around the density (mergekit 0.1.5's default
+#: `epsilon`): the smallest delta of a row is kept with probability density - epsilon, the largest
+#: with density + epsilon.
+DELLA_EPSILON = 0.15
+#: How della rescales the deltas MagPrune keeps (its `rescale` parameter): not at all, by 1 / p
+#: for a delta kept with probability p (the paper), or so that the delta keeps its L1 norm
+#: (mergekit 0.1.5's `rescale: true`).
+RESCALE_NONE, RESCALE_INVERSE, RESCALE_L1 = 0.0, 1.0, 2.0
+#: Magnitudes below which mergekit 0.1.5 skips its L1 rescale (a zero or vanishing delta).
+RESCALE_EPS = 1e-7
+
+
+def _row_view(delta: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """(numel,) -> (shape[0], shape[1], rest): the rows MagPrune ranks along dim 1, as mergekit
+    ranks dim 1 of the tensor (a vector or scalar is one row)."""
+    if len(shape) < 2:
+        return delta.view(1, -1, 1)
+    return delta.view(shape[0], shape[1], -1)
+
+
+def magprune(
+    delta: torch.Tensor,
+    shape: Sequence[int],
+    density: float,
+    epsilon: float,
+    uniform: torch.Tensor,
+    rescale: float = RESCALE_INVERSE,
+) -> None:
+    """DELLA's MagPrune (Deep et al., arXiv 2406.11617), in place on a (numel,) fp32 delta: in
+    each row the deltas are ranked by magnitude, rank 0 (smallest) to n - 1, and each is kept
+    with probability p = density - epsilon + 2 epsilon rank / (n - 1) (p = density in rows of one
+    element), i.e. when its uniform draw is below p; then rescaled per `rescale`.
+
+    Equal magnitudes rank by position; a probability beyond [0, 1] (density within epsilon of
+    0 or 1, which mergekit refuses) never or always keeps. `uniform`: (numel,) fp32 draws in [0, 1).
+    """
+    import torch
+
+    if density >= 1 or delta.numel() == 0:
+        return
+    rows = _row_view(delta, shape)
+    n = rows.shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices  # (r, n, rest) int64, ascending
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n).view(1, n, 1).expand_as(order))
+    del order
+    if n > 1:
+        probs = ranks.to(torch.float32).mul_(2 * epsilon / (n - 1)).add_(density - epsilon)
+    else:
+        probs = torch.full_like(rows, density)
+    del ranks
+    keep = uniform.view_as(rows) < probs  # a kept delta has p > 0
+    if rescale == RESCALE_L1:
+        before = float(delta.abs().sum())
+        rows.mul_(keep)
+        after = float(delta.abs().sum())
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            delta.mul_(before / after)
+    elif rescale == RESCALE_INVERSE:
+        # p beyond 1 (density + epsilon > 1) keeps the delta whole
+        rows.copy_(torch.where(keep, rows / probs.clamp_(max=1.0), 0.0))
+    else:
+        rows.mul_(keep)
+
+
+def _della_deltas(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    shape: Sequence[int],
+    density: float,
+    epsilon: float,
+    rand: RandomFn,
+    rescale: float,
+) -> list[torch.Tensor]:
+    deltas = _deltas(tensors, base)
+    for i, delta in enumerate(deltas):
+        magprune(delta, shape, density, epsilon, rand(i), rescale)
+    return deltas
+
+
+@merge_method("della", elementwise=False, needs_base=True, scratch_bytes=40, uses_density=True)
+def della(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    shape: Sequence[int],
+    density: float,
+    rand: RandomFn,
+    epsilon: float = DELLA_EPSILON,
+    rescale: float = RESCALE_INVERSE,
+    scale: float = 1.0,
+    **_: object,
+) -> torch.Tensor:
+    """DELLA-Merging (Deep, Bhardwaj, Majumder and Poria, arXiv 2406.11617): MagPrune each delta
+    x_i - base (drop by magnitude-ranked probability, rescale the survivors), elect signs on the
+    weighted sum and take the weighted mean of the agreeing deltas (TIES' elect and disjoint
+    merge), times `scale` (mergekit's `lambda`): base + scale * merge(MagPrune(x_i - base)).
+    """
+    deltas = _della_deltas(tensors, base, shape, density, epsilon, rand, rescale)
+    return base.add_(_sign_consensus_merge(deltas, weights).mul_(scale))
+
+
+@merge_method("della_linear", elementwise=False, needs_base=True, scratch_bytes=32, uses_density=True)
+def della_linear(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    shape: Sequence[int],
+    density: float,
+    rand: RandomFn,
+    epsilon: float = DELLA_EPSILON,
+    rescale: float = RESCALE_INVERSE,
+    **_: object,
+) -> torch.Tensor:
+    """DELLA's MagPrune (arXiv 2406.11617) without sign election: base + sum_i w_i MagPrune(x_i - base)."""
+    deltas = _della_deltas(tensors, base, shape, density, epsilon, rand, rescale)
+    for delta, weight in zip(deltas, weights, strict=True):
+        base.add_(delta.mul_(weight))
+    return base
+
+
+#: arcee_fusion's quartiles: the threshold is the median plus 1.5 times the interquartile range.
+FUSION_QUANTILES = (0.25, 0.5, 0.75)
+
+
+@merge_method("arcee_fusion", elementwise=False, arity=2, scratch_bytes=24)
+def arcee_fusion(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, shape: Sequence[int], **_: object
+) -> torch.Tensor:
+    """Arcee Fusion (Arcee AI, 2025, arcee.ai; mergekit 0.1.5, no paper): take the second input's
+    value where it changed the first (mergekit's base) most, keep the first's elsewhere.
+
+    With a the first input and b the second, per row (the last dimension; a vector is one row):
+    importance = |b - a| * KL(softmax(b) || softmax(a)) (softmaxes plus 1e-8); the threshold is
+    q2 + 1.5 (q3 - q1) over the whole tensor's importances, quantile q taken as the sorted
+    value at floor(q (n - 1)); out = a + (b - a) [importance >= threshold]. mergekit estimates
+    the quantiles from a million random samples when a tensor is larger; lazymerge takes them
+    exactly. The weights are not used.
+    """
+    import torch
+
+    a, b = tensors
+    rows = (1, -1) if len(shape) < 2 else (-1, shape[-1])
+    a2, b2 = a.view(rows), b.view(rows)
+    p = torch.softmax(b2, dim=-1).add_(1e-8)
+    q = torch.softmax(a2, dim=-1).add_(1e-8)
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)  # (rows, 1) fp32
+    del p, q
+    diff = b.sub_(a)  # b - a, in place: (numel,) fp32
+    importance = diff.view(rows).abs().mul_(kl).reshape(-1)
+    ordered = torch.sort(importance).values
+    last = ordered.numel() - 1
+    q1, q2, q3 = (ordered[int(torch.tensor(f) * last)] for f in FUSION_QUANTILES)
+    del ordered
+    threshold = q2 + 1.5 * (q3 - q1)
+    return a.add_(diff.mul_(importance >= threshold))
+
+
+#: RAM+'s defaults in mergekit 0.1.5 (`r`, `alpha`): unique deltas are scaled by
+#: 1 + r * min(alpha, shared / unique), the counts of an input's overlapping and unique deltas.
+RAMPLUS_R, RAMPLUS_ALPHA = 0.1, 0.2
+
+
+@merge_method("ramplus_tl", elementwise=False, needs_base=True, scratch_bytes=16)
+def ramplus_tl(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    r: float = RAMPLUS_R,
+    alpha: float = RAMPLUS_ALPHA,
+    **_: object,
+) -> torch.Tensor:
+    """RAM+ tensor-local (Reinforced Agent Merging Plus, arXiv 2601.13572, as mergekit 0.1.5
+    computes it): RAM's mean of the deltas above 1e-5 where several inputs changed an element,
+    and, where one input alone did, its delta times 1 + r * clamp(rho, 0, alpha), rho that input's
+    count of overlapping changed elements over its count of unique ones in this tensor. The
+    weights are not used.
+    """
+    import torch
+
+    deltas = _deltas(tensors, base)
+    count = torch.zeros_like(deltas[0])  # (n,) fp32: inputs whose delta counts
+    for delta in deltas:
+        count.add_(delta.abs() > RAM_EPSILON)
+    overlap, unique = count > 1, count == 1
+    count.clamp_(min=1.0)
+    total = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        kept = delta.abs() > RAM_EPSILON
+        rho = int((kept & overlap).sum()) / max(int((kept & unique).sum()), RAM_EPSILON)
+        lam = 1 + r * min(max(rho, 0.0), alpha)
+        delta.mul_(kept)
+        total.add_(delta * unique * lam + delta * overlap / count)
+    return base.add_(total)
 
 
 def position_uniform(key: int, start: int, count: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from lazymerge.io.hf_folder import output_companion_files
 from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
-from lazymerge.methods import METHODS, MergeMethod
+from lazymerge.methods import DELLA_EPSILON, METHODS, MergeMethod
 from lazymerge.options import MergeOptions, TensorParameters
 from lazymerge.provenance import InputIdentity, identify_checkpoint
 from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
@@ -424,8 +424,17 @@ def plan_merge(
     per_tensor = options.per_tensor(variants[0])
     if per_tensor is not None:
         tensors = tensor_values(tensors, per_tensor)
-        source = "--tensor-weights" if options.tensor_weights else "the config's gradients and filters"
-        notes = (*notes, f"weights vary per tensor ({source}): see each tensor")
+        source = (
+            "--tensor-weights" if options.tensor_weights else "the config's parameters, gradients and filters"
+        )
+        notes = (*notes, f"values per tensor ({source}): see each tensor")
+    elif options.method.startswith("della"):
+        notes = (
+            *notes,
+            f"{options.method}: each row's deltas kept with probability density -/+ {DELLA_EPSILON:g} by "
+            "magnitude rank (MagPrune), the kept ones rescaled by 1/p (the paper; a mergekit config's "
+            "rescale gives mergekit's L1 rescale)",
+        )
     base_index = None
     if options.base is not None:
         tensors, unused = attach_base(tensors, checkpoints[n])

@@ -65,8 +65,15 @@ class TensorPlan:
             parts.append("weights " + "/".join(f"{w:g}" for w in self.weights))
         if self.density is not None:
             parts.append(f"density {self.density:g}")
-        parts.extend(f"{name} {value:g}" for name, value in self.params)
+        parts.extend(
+            f"rescale {RESCALE_NAMES.get(value, value)}" if name == "rescale" else f"{name} {value:g}"
+            for name, value in self.params
+        )
         return ", ".join(parts)
+
+
+#: How `lazymerge plan` names della's rescale modes (`lazymerge.methods.RESCALE_*`).
+RESCALE_NAMES = {0.0: "none", 1.0: "1/p (the paper)", 2.0: "to the L1 norm (mergekit)"}
 
 
 def first_mismatches(names: Sequence[str], limit: int = 3) -> str:

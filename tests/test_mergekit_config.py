@@ -271,11 +271,11 @@ REFUSED = {
         "parameters.weight[0].value: expected a number or a gradient (filters do not nest)",
     ),
     "other-method": (
-        "merge_method: della\nmodels:\n  - model: a.safetensors\n",
-        "merge_method: 'della' is not supported; lazymerge runs linear, task_arithmetic, ties, "
+        "merge_method: passthrough\nmodels:\n  - model: a.safetensors\n",
+        "merge_method: 'passthrough' is not supported; lazymerge runs linear, task_arithmetic, ties, "
         "dare_linear, dare_ties, slerp, nearswap, breadcrumbs, breadcrumbs_ties, sce, model_stock, ram, "
-        "nuslerp, multislerp, karcher; "
-        "nearest: dare_ties",
+        "nuslerp, multislerp, karcher, della, della_linear, arcee_fusion, ramplus_tl; "
+        "nearest: none: lazymerge does not stack or copy layers",
     ),
     "no-method": ("models:\n  - model: a.safetensors\n", "merge_method: missing"),
     "lora": (
@@ -306,11 +306,20 @@ REFUSED = {
         "  - model: b.safetensors\n",
         "parameters.t: required by slerp",
     ),
-    "tokenizer": ("merge_method: linear\ntokenizer: {source: union}\n", "tokenizer: not supported"),
+    "tokenizer": (
+        "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
+        "parameters: {weight: 1}\ntokenizer: {source: base, pad_to_multiple_of: 8}\n",
+        "tokenizer.pad_to_multiple_of: not supported",
+    ),
     "tokenizer_source": (
         "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
         "parameters: {weight: 1}\ntokenizer_source: base\n",
-        "tokenizer_source: 'base' is not supported here",
+        "tokenizer_source: 'base' needs base_model",
+    ),
+    "tokenizer_source-files": (
+        "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
+        "parameters: {weight: 1}\ntokenizer_source: a.safetensors\n",
+        "has no tokenizer files",
     ),
     "dtype": (
         "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"

@@ -390,7 +390,7 @@ REFUSED = {
         YAML["breadcrumbs_ties"].replace("{normalize: true}", "{lambda: 2}"),
         "lambda",
     ),
-    "della": (YAML["ram"].replace("ram", "della"), "nearest: dare_ties"),
+    "passthrough": (YAML["ram"].replace("ram", "passthrough"), "nearest: none"),
     "nuslerp-base": (
         YAML["nuslerp"].replace("models:", "base_model: base.safetensors\nmodels:"),
         "base_model",
