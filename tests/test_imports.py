@@ -41,10 +41,13 @@ FLOORS: list[tuple[str, list[str]]] = [
         [
             "evaluation",
             "evaluation.stats",
+            "evaluation.sections",
             "evaluation.rewardbench2",
             "evaluation.scoring",
             "evaluation.template_sandbox",
             "evaluation.chat_templates",
+            "evaluation.fastchat_templates",
+            "evaluation.token_rules",
             "evaluation.prefix_scoring",
             "evaluation.layer_stream",
             "evaluation.rewards",
