@@ -270,27 +270,55 @@ def rewardbench_reference(folder: Path, texts: list[str], max_length: int) -> li
         return model(**inputs).logits[:, 0].tolist()
 
 
-@pytest.mark.parametrize("prefix_cache", [True, False])
-def test_rewardbench_flag_set_reproduces_its_rewards(tmp_path: Path, prefix_cache: bool) -> None:
-    folder = rm_folder(tmp_path, pad=False)
-    data = pairs_file(tmp_path)
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    texts = [
+#: A template that does not write bos_token (ChatML-like): RewardBench's tokenizer adds the only BOS.
+NO_BOS_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}w1 {{ m['content'] }} w2 "
+    "{% else %}{{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def rewardbench_texts(case: str, tok: transformers.PreTrainedTokenizerBase) -> list[str]:
+    """The texts RewardBench scores: apply_chat_template(tokenize=False) with a template, else
+    FastChat's tulu text (get_prompt's add_new_line_single style, written out here)."""
+    if case == "tulu":
+        return [
+            f"<|user|>\n{r['prompt']}\n<|assistant|>\n{r[k]}\n" for k in ("chosen", "rejected") for r in ROWS
+        ]
+    return [
         tok.apply_chat_template(messages(r["prompt"], r[k]), tokenize=False)
         for k in ("chosen", "rejected")
         for r in ROWS
     ]
+
+
+CASES = {"bos-template": BOS_TEMPLATE, "no-bos-template": NO_BOS_TEMPLATE, "tulu": None}
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize("case", list(CASES))
+def test_rewardbench_flag_set_reproduces_its_rewards(tmp_path: Path, case: str, prefix_cache: bool) -> None:
+    folder = rm_folder(tmp_path, template=CASES[case], pad=False)
+    data = pairs_file(tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    texts = rewardbench_texts(case, tok)
     lengths = [len(tok(t)["input_ids"]) for t in texts]
     max_length = sorted(lengths)[len(lengths) // 2]  # about half the texts are truncated
     assert min(lengths) < max_length < max(lengths)
     want = rewardbench_reference(folder, texts, max_length)
-    score = ScoreOptions(bos="single", pad_as_eos=True, max_length=max_length, prefix_cache=prefix_cache)
+    conversation = "tulu" if case == "tulu" else None
+    score = ScoreOptions(
+        bos="single",
+        pad_as_eos=True,
+        max_length=max_length,
+        prefix_cache=prefix_cache,
+        conversation=conversation,
+    )
     report = evaluate_pairs(folder, data, score=score)
     got = [p["chosen_reward"] for p in report["pairs"]] + [p["rejected_reward"] for p in report["pairs"]]
     assert len(set(round(x, 4) for x in want)) > 3  # the rewards differ: the comparison can fail
     assert got == pytest.approx(want, abs=1e-4)
     assert "pad id 2 (--pad-as-eos" in report["conventions"]["pad"]
-    # without the flags lazymerge scores as TRL tokenizes (one BOS) and reads the last token: other rewards
+    # without the flags lazymerge scores as TRL tokenizes and reads the last token: other rewards
     default = evaluate_pairs(folder, data, score=ScoreOptions(max_length=max_length))
     other = [p["chosen_reward"] for p in default["pairs"]] + [p["rejected_reward"] for p in default["pairs"]]
     assert other != pytest.approx(want, abs=1e-4)
