@@ -325,6 +325,18 @@ def test_rewardbench_flag_set_reproduces_its_rewards(tmp_path: Path, case: str, 
     assert default["conventions"]["pad"].startswith("no pad id")
 
 
+def test_layer_streamed_scoring_follows_the_pad_rule(tmp_path: Path) -> None:
+    folder = rm_folder(tmp_path, pad=False)
+    data = pairs_file(tmp_path)
+    score = ScoreOptions(bos="single", pad_as_eos=True, max_length=9)
+    whole = evaluate_pairs(folder, data, score=score)
+    streamed = evaluate_pairs(folder, data, score=ScoreOptions(**{**score.record(), "stream_layers": True}))
+    for a, b in zip(whole["pairs"], streamed["pairs"], strict=True):
+        assert b["chosen_reward"] == pytest.approx(a["chosen_reward"], abs=1e-5)
+        assert b["rejected_reward"] == pytest.approx(a["rejected_reward"], abs=1e-5)
+    assert streamed["conventions"]["pad"] == whole["conventions"]["pad"]
+
+
 def test_default_rewards_are_a_forward_pass_on_trl_ids(tmp_path: Path) -> None:
     folder = rm_folder(tmp_path, pad=False)
     data = pairs_file(tmp_path)
