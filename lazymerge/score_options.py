@@ -205,8 +205,8 @@ class ScoreOptions:
         default=None,
         metadata=cli_flag(
             "A FastChat conversation for a reward model whose tokenizer has no chat template, as "
-            "RewardBench formats one (its default: tulu); the tokenizer's EOS is appended, as "
-            "RewardBench does.",
+            "RewardBench formats one (its default: tulu); a Llama or Gemma tokenizer's EOS is "
+            "appended, as RewardBench's add_eos_token does.",
             flags=("--conversation",),
             choices=FASTCHAT_NAMES,
         ),
