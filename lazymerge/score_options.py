@@ -19,7 +19,25 @@ from typing import Any
 from lazymerge.errors import OptionError
 from lazymerge.options import cli_flag
 
+#: FastChat conversations `--conversation` offers (`evaluation.fastchat_templates.CONVERSATIONS`,
+#: whose names a test holds equal to these).
+FASTCHAT_NAMES = (
+    "tulu",
+    "llama-2",
+    "mistral",
+    "zephyr",
+    "vicuna_v1.1",
+    "oasst_pythia",
+    "openbmb",
+    "Ziya",
+    "pku-align",
+    "raw",
+)
+
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+BOS_CHOICES = ("auto", "single", "double")
+TRUNCATION_SIDES = ("left", "right")
+SECTION_WEIGHTS = ("file", "dataset")
 QUANT_CHOICES = ("4bit", "8bit")
 #: Bytes per parameter of each compute dtype (the sweep's memory estimate).
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -66,7 +84,7 @@ class ScoreOptions:
         quant: None, "4bit" (bitsandbytes NF4, bf16 compute) or "8bit"; the reward head stays
             full precision.
         double_quant: 4-bit double quantization.
-        max_length: longest input in tokens; longer inputs lose tokens from the left.
+        max_length: longest input in tokens (see `truncation`).
         system_prompt: the system prompt's text, or None (`system_prompt_text` resolves the
             command line's none / llama2 / text).
         batch_size: texts per forward pass.
@@ -116,7 +134,7 @@ class ScoreOptions:
     max_length: int = field(
         default=2048,
         metadata=cli_flag(
-            "Longest input in tokens; longer inputs lose tokens from the left.",
+            "Longest input in tokens; see --truncation for which end is cut.",
             flags=("--max-length",),
             min=1,
             show_default=True,
@@ -196,6 +214,58 @@ class ScoreOptions:
         ),
     )
 
+    conversation: str | None = field(
+        default=None,
+        metadata=cli_flag(
+            "A FastChat conversation for a reward model whose tokenizer has no chat template, as "
+            "RewardBench formats one (its default: tulu); a Llama or Gemma tokenizer's EOS is "
+            "appended, as RewardBench's add_eos_token does.",
+            flags=("--conversation",),
+            choices=FASTCHAT_NAMES,
+        ),
+    )
+    bos: str = field(
+        default="auto",
+        metadata=cli_flag(
+            "auto: a chat template's text tokenized as apply_chat_template(tokenize=True) gives it "
+            "(one BOS, as TRL trains); single: the tokenizer's special tokens, the first of two "
+            "leading BOS dropped (RewardBench); double: the tokenizer's BOS before the template's "
+            "(DogeRM's LLaMA-2 reward model).",
+            flags=("--bos",),
+            choices=BOS_CHOICES,
+            show_default=True,
+        ),
+    )
+    pad_as_eos: bool = field(
+        default=False,
+        metadata=cli_flag(
+            "RewardBench's pad rule: a tokenizer without a pad token pads with EOS (so the reward is "
+            "read at the last token that is not EOS); without it, a model without a pad id reads "
+            "the last token.",
+            flags=("--pad-as-eos",),
+        ),
+    )
+    truncation: str = field(
+        default="left",
+        metadata=cli_flag(
+            "Which end of a text longer than --max-length is cut: left keeps the response (and "
+            "the leading BOS), right keeps the start (RewardBench 2).",
+            flags=("--truncation",),
+            choices=TRUNCATION_SIDES,
+            show_default=True,
+        ),
+    )
+    section_weights: str = field(
+        default="file",
+        metadata=cli_flag(
+            "RewardBench section scores weighted by each subset's pairs in the file, or by "
+            "RewardBench's fixed full-dataset counts (its leaderboard's sections).",
+            flags=("--section-weights",),
+            choices=SECTION_WEIGHTS,
+            show_default=True,
+        ),
+    )
+
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device):
             raise OptionError(f"--device {self.device!r}: choose cpu, cuda or cuda:N")
@@ -214,6 +284,7 @@ class ScoreOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OptionError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer")
         self._check_streaming()
+        self._check_conventions()
         if self.chat_template is not None and not isinstance(self.chat_template, ChatTemplate):
             raise OptionError("chat_template: give a ChatTemplate (see evaluation.chat_templates)")
 
@@ -227,6 +298,24 @@ class ScoreOptions:
             raise OptionError(
                 "--max-activations limits --stream-layers' hidden states: give --stream-layers "
                 "(or --device-memory) too"
+            )
+
+    def _check_conventions(self) -> None:
+        """The RewardBench / TRL convention options, checked once."""
+        for name, choices in (
+            ("bos", BOS_CHOICES),
+            ("truncation", TRUNCATION_SIDES),
+            ("section_weights", SECTION_WEIGHTS),
+        ):
+            if getattr(self, name) not in choices:
+                flag = "--" + name.replace("_", "-")
+                raise OptionError(f"{flag} {getattr(self, name)!r}: choose {', '.join(choices)}")
+        if self.conversation is not None and self.conversation not in FASTCHAT_NAMES:
+            raise OptionError(f"--conversation {self.conversation!r}: choose {', '.join(FASTCHAT_NAMES)}")
+        if self.conversation is not None and self.chat_template is not None:
+            raise OptionError(
+                f"--conversation {self.conversation} formats models without a chat template; "
+                "--chat-template replaces every template: give one of them"
             )
 
     @classmethod

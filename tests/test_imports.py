@@ -41,6 +41,7 @@ FLOORS: list[tuple[str, list[str]]] = [
         [
             "evaluation",
             "evaluation.stats",
+            "evaluation.sections",
             "evaluation.rewardbench2",
             "evaluation.datasets",
             "evaluation.conversations",
@@ -48,6 +49,8 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation.convert",
             "evaluation.template_sandbox",
             "evaluation.chat_templates",
+            "evaluation.fastchat_templates",
+            "evaluation.token_rules",
             "evaluation.prefix_scoring",
             "evaluation.layer_stream",
             "evaluation.rewards",

@@ -114,9 +114,9 @@ def _show(result: Any, quiet: bool) -> None:
     """The report's table on stdout, and what the scorer computed on stderr (as progress is)."""
     if quiet:
         return
-    line = result.scored_with.computed_line()
-    if line is not None:
-        click.echo(line, err=True)
+    for line in (result.scored_with.conventions_line(), result.scored_with.computed_line()):
+        if line is not None:
+            click.echo(line, err=True)
     click.echo(result.format())
 
 

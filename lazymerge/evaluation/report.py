@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +25,8 @@ import numpy as np
 from lazymerge._version import __version__
 from lazymerge.evaluation import rewardbench2
 from lazymerge.evaluation.diagnostics import pair_diagnostics, reward_scale
-from lazymerge.evaluation.scoring import CODE_SUBSETS, SECTIONS, best_of_n
+from lazymerge.evaluation.scoring import best_of_n
+from lazymerge.evaluation.sections import section_parts, weighted_interval, weights_note
 from lazymerge.evaluation.stats import Z95, paired_bootstrap, wilson_interval
 from lazymerge.io.writer import write_report
 from lazymerge.progress import format_bytes
@@ -45,9 +45,10 @@ def _interval(k: int, n: int) -> dict[str, float]:
 
 
 def pair_statistics(
-    pairs: Sequence[Any], chosen: Sequence[float], rejected: Sequence[float]
+    pairs: Sequence[Any], chosen: Sequence[float], rejected: Sequence[float], section_weights: str = "file"
 ) -> dict[str, Any]:
-    """Overall, per-subset and per-section accuracy with 95% intervals; `correct` per pair."""
+    """Overall, per-subset and per-section accuracy with 95% intervals (sections weighted as
+    `section_weights` says, `sections`); `correct` per pair."""
     correct = [c > r for c, r in zip(chosen, rejected, strict=True)]
     subsets: dict[str, list[bool]] = {}
     for pair, right in zip(pairs, correct, strict=True):
@@ -58,26 +59,16 @@ def pair_statistics(
         "ties": sum(c == r for c, r in zip(chosen, rejected, strict=True)),
     }
     sections = {}
-    for section, names in SECTIONS.items():
-        present = [subsets[n] for n in names if n in subsets]
-        if present:
-            sections[section] = _interval(sum(sum(v) for v in present), sum(len(v) for v in present))
-    code = [subsets[n] for n in CODE_SUBSETS if n in subsets]
-    if "math-prm" in subsets and code:
-        math_acc = sum(subsets["math-prm"]) / len(subsets["math-prm"])
-        code_accs = [sum(v) / len(v) for v in code]
-        value = 0.5 * math_acc + 0.5 * sum(code_accs) / len(code_accs)
-        var = (
-            0.25 * math_acc * (1 - math_acc) / len(subsets["math-prm"])
-            + 0.25 * sum(a * (1 - a) / len(v) for a, v in zip(code_accs, code, strict=True)) / len(code) ** 2
+    for section, parts in section_parts({k: len(v) for k, v in subsets.items()}, section_weights).items():
+        if section != "Reasoning" and section_weights == "file":  # pooled counts: Wilson
+            pooled = [x for name, _ in parts for x in subsets[name]]
+            sections[section] = _interval(sum(pooled), len(pooled))
+            continue
+        value, low, high = weighted_interval(
+            [(sum(subsets[n]) / len(subsets[n]), len(subsets[n]), w) for n, w in parts], Z95
         )
-        half = Z95 * math.sqrt(var)
-        sections["Reasoning"] = {
-            "accuracy": value,
-            "ci_low": max(0.0, value - half),
-            "ci_high": min(1.0, value + half),
-            "n": len(subsets["math-prm"]) + sum(len(v) for v in code),
-        }
+        n = sum(len(subsets[name]) for name, _ in parts)
+        sections[section] = {"accuracy": value, "ci_low": low, "ci_high": high, "n": n}
     if sections:
         out["sections"] = sections
     out["correct"] = correct
@@ -144,7 +135,7 @@ def _point_entry(spec: Any, record: dict[str, Any], baseline: dict[str, Any]) ->
         if e.rewardbench2:
             entry.setdefault("rewardbench2", {})[e.name] = _rewardbench2_entry(e, record, baseline)
         else:
-            entry["pairs"][e.name] = _pair_entry(e, record, baseline)
+            entry["pairs"][e.name] = _pair_entry(e, record, baseline, spec.load.section_weights)
     entry["best_of_n"] = {}
     for b in spec.bon_evals:
         result = best_of_n(b.sets, record["best_of_n"][b.name]["rewards"], b.ns)
@@ -185,11 +176,11 @@ def _rewardbench2_entry(e: Any, record: dict[str, Any], baseline: dict[str, Any]
     return rb2
 
 
-def _pair_entry(e: Any, record: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+def _pair_entry(e: Any, record: dict[str, Any], baseline: dict[str, Any], weights: str) -> dict[str, Any]:
     scores = record["pairs"][e.name]
-    stats = pair_statistics(e.pairs, scores["chosen"], scores["rejected"])
+    stats = pair_statistics(e.pairs, scores["chosen"], scores["rejected"], weights)
     base = pair_statistics(
-        e.pairs, baseline["pairs"][e.name]["chosen"], baseline["pairs"][e.name]["rejected"]
+        e.pairs, baseline["pairs"][e.name]["chosen"], baseline["pairs"][e.name]["rejected"], weights
     )
     stats["versus_baseline"] = _versus(base["correct"], stats["correct"])
     by_subset = {}
@@ -395,6 +386,8 @@ def _pairs_markdown(doc: dict[str, Any], e: dict[str, Any]) -> list[str]:
         lines += _table(doc, subsets, lambda p, sub: _interval_cell(p["pairs"][name]["subsets"][sub]))
         sections = first.get("sections")
         if sections:
+            weights = (doc.get("scoring") or {}).get("section_weights", "file")
+            lines += ["", f"Sections weighted by {weights_note(weights)}."]
             lines += _table(doc, list(sections), lambda p, k: _interval_cell(p["pairs"][name]["sections"][k]))
     return lines + _dogerm_reference(doc, subsets) + [""]
 

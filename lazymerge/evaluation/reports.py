@@ -32,6 +32,15 @@ class ScoredWith:
     #: what the scorer computed (`prefix_scoring.ScoringStats.to_dict`: tokens in the texts,
     #: computed, the prefix tree's ideal, padding, and why the prefix cache was not used)
     computed: dict[str, Any] | None = None
+    #: which conventions applied (`rewards.RewardModel.conventions`: format, BOS, pad,
+    #: truncation, and the section weights), in words
+    conventions: dict[str, str] | None = None
+
+    def conventions_line(self) -> str | None:
+        """`conventions` in one line."""
+        if not self.conventions:
+            return None
+        return "conventions: " + "; ".join(f"{k} {v}" for k, v in self.conventions.items())
 
     def computed_line(self) -> str | None:
         """`computed` in one line, as `ScoringStats.format` says it."""
@@ -54,6 +63,8 @@ class ScoredWith:
         out.update(settings=self.settings, peak_rss=self.peak_rss, peak_gpu_memory=self.peak_gpu_memory)
         if self.computed is not None:
             out["computed"] = self.computed
+        if self.conventions is not None:
+            out["conventions"] = self.conventions
         return out
 
 

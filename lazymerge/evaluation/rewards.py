@@ -1,14 +1,21 @@
 """Load a reward model with transformers and score texts, one reward per text.
 
 Input formatting (`format_text`):
-- with a chat template chosen with `--chat-template` (`chat_templates`), or else one in the tokenizer: messages [system (optional), user = prompt,
-  assistant = response] rendered by the template, no generation prompt;
-- without one, a documented plain format: "{system}\\n\\n" (when given), then
+- with a chat template chosen with `--chat-template` (`chat_templates`), or else one in the
+  tokenizer: messages [system (optional), user = prompt, assistant = response] rendered by the
+  template, no generation prompt;
+- without one and with `--conversation NAME`: the FastChat conversation RewardBench would use
+  (`fastchat_templates`), with its default system message unless `--system-prompt` gives one;
+- else a documented plain format: "{system}\\n\\n" (when given), then
   "User: {prompt}\\n\\nAssistant: {response}", then the tokenizer's EOS token.
-The text is tokenized with the tokenizer's own special tokens (`add_special_tokens=True`, as a
-transformers pipeline does), so a template that writes its own BOS gets a second one, which is
-what DogeRM's LLaMA-2 reward model saw in training. Sequences longer than `max_length` lose
-tokens from the left, so the response and its end are kept.
+The text becomes token ids by `token_rules.TokenRule` (`--bos`, `--truncation`, `--max-length`):
+by default a template's text is tokenized as `apply_chat_template(tokenize=True)` does (one BOS,
+as TRL trains), `--bos double` adds the tokenizer's BOS before the template's (what DogeRM's
+LLaMA-2 reward model saw in training), and a text longer than `max_length` loses tokens from
+the left after its BOS, so the response and its end are kept.
+
+Padding: `--pad-as-eos` applies RewardBench's rule (`rewardbench_pad_id`); a model left without a
+pad id reads the last token of every text, and its whole texts are scored one at a time.
 
 Rewards: each distinct text is scored once. With `prefix_cache` (the default) texts sharing token
 prefixes (a system prompt, a prompt shared by a pair or by N candidates) compute each shared
@@ -17,7 +24,8 @@ exactly, and `prefix_cache=False`, score whole texts in batches sorted by length
 right with the model's pad token, so real tokens keep positions 0..n-1 and the classification
 head reads the same last non-padding token as an unpadded forward pass. Either way batches hold
 at most `batch_tokens` tokens and `batch_size` sequences, and the reward is the model's own
-sequence-classification logit. What a run computed is in `RewardModel.scoring_stats`.
+sequence-classification logit. What a run computed is in `RewardModel.scoring_stats`; which
+conventions applied, in `RewardModel.conventions()`.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from lazymerge.evaluation.prefix_scoring import (
     score_with_prefix_tree,
 )
 from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget
+from lazymerge.evaluation.token_rules import TokenRule
 from lazymerge.score_options import LLAMA2_SYSTEM_PROMPT, ChatTemplate, ScoreOptions, system_prompt_text
 
 __all__ = ["LLAMA2_SYSTEM_PROMPT", "RewardModel", "load_reward_model", "system_prompt_text"]
@@ -144,7 +153,69 @@ class RewardModel:
     #: Why the model is scored layer by layer although --stream-layers was not given (it did
     #: not fit --device-memory: `ScoreOptions.streaming_for`), for the command line to say.
     stream_note: str | None = field(default=None, repr=False)
+    #: How texts become token ids and which conventions apply (`ScoreOptions` defaults).
+    bos: str = "auto"
+    truncation: str = "left"
+    conversation: str | None = None
+    #: What `apply_pad_rule` did, for `conventions()`.
+    pad_note: str = ""
     _compiled: BoundedTemplate | None = field(default=None, repr=False)
+    _rule: TokenRule | None = field(default=None, repr=False)
+
+    @property
+    def templated(self) -> bool:
+        """Whether texts are rendered from a chat template (chosen, or the tokenizer's)."""
+        return self.chat_template is not None or bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def fastchat(self) -> Any:
+        """The FastChat conversation formatting this model's texts, or None."""
+        if self.conversation is None or self.templated:
+            return None
+        from lazymerge.evaluation.fastchat_templates import CONVERSATIONS
+
+        return CONVERSATIONS[self.conversation]
+
+    def token_rule(self) -> TokenRule:
+        if self._rule is None:
+            self._rule = TokenRule(
+                self.tokenizer,
+                self.bos,
+                self.truncation,
+                self.max_length,
+                self.templated,
+                append_eos=self.fastchat is not None and honours_add_eos(self.tokenizer),
+            )
+        return self._rule
+
+    def conventions(self) -> dict[str, str]:
+        """Which formatting, BOS, pad and truncation conventions applied, in words."""
+        if self.chat_template is not None:
+            fmt = f"chat template {self.chat_template.name}"
+        elif self.templated:
+            fmt = "the tokenizer's chat template"
+        elif self.fastchat is not None:
+            eos = "EOS appended" if honours_add_eos(self.tokenizer) else "no EOS appended"
+            fmt = f"FastChat conversation {self.conversation} ({eos}, as RewardBench)"
+        else:
+            fmt = "plain format (no chat template)"
+        bos = {
+            "auto": "auto: "
+            + (
+                "template text tokenized as apply_chat_template(tokenize=True)"
+                if self.templated
+                else "the tokenizer's special tokens"
+            ),
+            "single": "single: the tokenizer's special tokens, the first of two leading BOS dropped",
+            "double": "double: the tokenizer's special tokens before the text's own",
+        }[self.bos]
+        side = "left, keeping the leading BOS" if self.truncation == "left" else "right"
+        return {
+            "format": fmt,
+            "bos": bos,
+            "pad": self.pad_note,
+            "truncation": f"{side} (at most {self.max_length} tokens)",
+        }
 
     def format_text(self, prompt: str, response: str) -> str:
         tok = self.tokenizer
@@ -176,6 +247,11 @@ class RewardModel:
                     + ("" if chosen is not None else f"; fix the chat template of {self.source}")
                 ) from None
             return text
+        conversation = self.fastchat
+        if conversation is not None:
+            from lazymerge.evaluation.fastchat_templates import render
+
+            return render(conversation, [prompt, response], self.system_prompt)
         head = f"{self.system_prompt}\n\n" if self.system_prompt is not None else ""
         return f"{head}User: {prompt}\n\nAssistant: {response}{tok.eos_token or ''}"
 
@@ -204,8 +280,8 @@ class RewardModel:
         return self._compiled
 
     def encode(self, text: str) -> list[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        return ids[-self.max_length :]
+        """`text`'s token ids under `--bos` and `--truncation` (`token_rules`)."""
+        return self.token_rule().encode(text)
 
     def encode_all(self, texts: Sequence[str]) -> dict[str, list[int]]:
         """Token ids of each distinct text (a sweep encodes once and scores many models)."""
@@ -294,6 +370,48 @@ class RewardModel:
         return [rewards[t] for t in texts]
 
 
+#: Tokenizer classes for which RewardBench's `tokenizer.add_eos_token = True` appends the EOS under
+#: the transformers it pins (4.51: Llama, Code Llama and Gemma tokenizers, slow and fast); other
+#: tokenizers ignore the attribute there.
+ADD_EOS_TOKENIZERS = ("LlamaTokenizer", "CodeLlamaTokenizer", "GemmaTokenizer")
+
+
+def honours_add_eos(tokenizer: Any) -> bool:
+    """Whether RewardBench's FastChat path gives this tokenizer's texts a final EOS."""
+    return type(tokenizer).__name__.removesuffix("Fast") in ADD_EOS_TOKENIZERS
+
+
+def rewardbench_pad_id(model_pad: int | None, tokenizer: Any) -> int | None:
+    """RewardBench's pad id (`run_rm.py`, `run_v2.py`): a tokenizer without a pad token pads with
+    its EOS, which becomes the model's pad id; a model config without a pad id takes the
+    tokenizer's."""
+    if tokenizer.pad_token_id is None:
+        return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_pad
+    return model_pad if model_pad is not None else tokenizer.pad_token_id
+
+
+def apply_pad_rule(model: Any, tokenizer: Any, pad_as_eos: bool) -> str:
+    """Set the pad id the scorers read (`--pad-as-eos`); what applies, in words."""
+    if model is None:
+        return "not scored here"
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    own = config.pad_token_id
+    pad = rewardbench_pad_id(own, tokenizer) if pad_as_eos else own
+    if pad != own:
+        config.pad_token_id = model.config.pad_token_id = pad
+        if isinstance(model, LayerStreamedModel):
+            model.pad_id = pad
+        why = "the tokenizer has no pad token" if tokenizer.pad_token_id is None else "the model has none"
+        return (
+            f"pad id {pad} (--pad-as-eos, RewardBench's rule: {why}); rewards read at the last non-pad token"
+        )
+    if pad is None:
+        return "no pad id: rewards read at each text's last token (whole texts go one per batch)"
+    return f"pad id {pad}" + (
+        " (the model's own; --pad-as-eos keeps it)" if pad_as_eos else " (the model's own)"
+    )
+
+
 def compute_dtype(score: ScoreOptions) -> Any:
     """The torch dtype `score` computes in (its `compute_dtype`)."""
     from lazymerge.io.dtypes import OUTPUT_DTYPE_CHOICES, torch_dtype
@@ -313,6 +431,7 @@ def check_device(score: ScoreOptions) -> None:
 
 def scorer(model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder: str) -> RewardModel:
     """The `RewardModel` of a loaded model and tokenizer, scoring as `score` says."""
+    pad_note = apply_pad_rule(model, tokenizer, score.pad_as_eos)
     return RewardModel(
         model,
         tokenizer,
@@ -325,6 +444,10 @@ def scorer(model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder:
         folder,
         prefix_cache=score.prefix_cache,
         batch_tokens=score.batch_tokens,
+        bos=score.bos,
+        truncation=score.truncation,
+        conversation=score.conversation,
+        pad_note=pad_note,
     )
 
 

@@ -153,7 +153,9 @@ def evaluate_pairs(
     if rb2_rows:
         result = rewardbench2.score_rows(rb2_rows, rewardbench2.split_rewards(rb2_rows, rewards))
     else:
-        result = pair_results(pairs, rewards[: len(pairs)], rewards[len(pairs) :], data.autoj_ties)
+        result = pair_results(
+            pairs, rewards[: len(pairs)], rewards[len(pairs) :], data.autoj_ties, score.section_weights
+        )
     return PairReport(_provenance(model, sources, merge, score, sampler, Path(pairs_file), rm), result)
 
 
@@ -165,6 +167,7 @@ def _provenance(
     sampler: PeakRssSampler,
     data_file: Path,
     rm: Any = None,
+    sections: bool = True,
 ) -> ScoredWith:
     """What a report was scored with: lazymerge, the model (and the in-memory merge), the
     identity of every input and of the data file (`lazymerge.provenance`), the scoring settings,
@@ -194,7 +197,19 @@ def _provenance(
         peak_gpu_memory=_gpu_peak(score.device),
         merged_in_memory=merged,
         computed=rm.scoring_stats.to_dict() if getattr(rm, "scoring_stats", None) is not None else None,
+        conventions=_conventions(rm, score, sections),
     )
+
+
+def _conventions(rm: Any, score: ScoreOptions, sections: bool) -> dict[str, str] | None:
+    """What `rm` applied (`RewardModel.conventions`) and, for pairs, how section scores are
+    weighted."""
+    if rm is None or not hasattr(rm, "conventions"):
+        return None
+    from lazymerge.evaluation.sections import weights_note
+
+    weights = {"section weights": weights_note(score.section_weights)} if sections else {}
+    return {**rm.conventions(), **weights}
 
 
 def evaluate_bon(
@@ -224,7 +239,7 @@ def evaluate_bon(
         rewards.append(flat[pos : pos + len(s.candidates)])
         pos += len(s.candidates)
     return BonReport(
-        _provenance(model, sources, merge, score, sampler, Path(candidates_file), rm),
+        _provenance(model, sources, merge, score, sampler, Path(candidates_file), rm, sections=False),
         n_prompts=len(sets),
         best_of_n=best_of_n(sets, rewards, ns),
         rewards=[{"id": s.id, "rewards": r} for s, r in zip(sets, rewards, strict=True)],

@@ -34,28 +34,11 @@ from lazymerge.evaluation.datasets import (  # noqa: F401 (read_jsonl and friend
     surrogate_message,
 )
 from lazymerge.evaluation.rewardbench2 import Rb2Row, check_rows, looks_like_rewardbench2, parse_row
+from lazymerge.evaluation.sections import CODE_SUBSETS as CODE_SUBSETS  # re-exported
+from lazymerge.evaluation.sections import SECTIONS as SECTIONS  # re-exported
+from lazymerge.evaluation.sections import rewardbench_sections
 from lazymerge.io.small_files import describe_json
 
-#: RewardBench subsets of each section (DogeRM reports Reasoning from math-prm and hep-*).
-SECTIONS = {
-    "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
-    "Chat Hard": [
-        "mt-bench-hard",
-        "llmbar-natural",
-        "llmbar-adver-neighbor",
-        "llmbar-adver-GPTInst",
-        "llmbar-adver-GPTOut",
-        "llmbar-adver-manual",
-    ],
-    "Safety": [
-        "refusals-dangerous",
-        "refusals-offensive",
-        "xstest-should-refuse",
-        "xstest-should-respond",
-        "donotanswer",
-    ],
-}
-CODE_SUBSETS = ["hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"]
 AUTOJ_GROUPS = {
     "math_reasoning": "Math",
     "solving_exam_question_with_math": "Math",
@@ -250,9 +233,14 @@ def text_source(
 
 
 def pair_results(
-    pairs: Sequence[Pair], chosen: Sequence[float], rejected: Sequence[float], autoj_ties: int = 0
+    pairs: Sequence[Pair],
+    chosen: Sequence[float],
+    rejected: Sequence[float],
+    autoj_ties: int = 0,
+    section_weights: str = "file",
 ) -> dict[str, Any]:
-    """Accuracy overall and per subset; a pair is right only when chosen > rejected (ties wrong)."""
+    """Accuracy overall and per subset; a pair is right only when chosen > rejected (ties wrong);
+    RewardBench sections weighted as `section_weights` says (`sections`)."""
     per_subset: dict[str, list[int]] = {}
     entries = []
     correct = ties = 0
@@ -276,27 +264,10 @@ def pair_results(
     }
     if autoj_ties:
         result["autoj_ties_dropped"] = autoj_ties
-    sections = rewardbench_sections(result["subsets"])
+    sections = rewardbench_sections(result["subsets"], section_weights)
     if sections:
         result["sections"] = sections
     return result
-
-
-def rewardbench_sections(subsets: dict[str, dict[str, Any]]) -> dict[str, float] | None:
-    """Chat, Chat Hard, Safety (count-weighted over their subsets) and Reasoning
-    (0.5 x math-prm + 0.5 x mean of the hep-* subsets), plus their mean, for the sections present."""
-    sections: dict[str, float] = {}
-    for section, names in SECTIONS.items():
-        present = [subsets[n] for n in names if n in subsets]
-        if present:
-            sections[section] = sum(s["accuracy"] * s["n"] for s in present) / sum(s["n"] for s in present)
-    code = [subsets[n]["accuracy"] for n in CODE_SUBSETS if n in subsets]
-    if "math-prm" in subsets and code:
-        sections["Reasoning"] = 0.5 * subsets["math-prm"]["accuracy"] + 0.5 * sum(code) / len(code)
-    if not sections:
-        return None
-    sections["mean"] = sum(sections.values()) / len(sections)
-    return sections
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
