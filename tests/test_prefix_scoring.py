@@ -416,3 +416,24 @@ def test_sweep_points_equal_with_and_without_prefix_cache(tmp_path: Path) -> Non
         on["rewardbench2"]["rb2"]["rewards"], off["rewardbench2"]["rb2"]["rewards"], strict=True
     ):
         assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_whole_texts_batch_without_a_pad_id(tmp_path: Path) -> None:
+    """A model with no pad id: whole texts still go in padded batches (the filler masked, the
+    reward read at each row's last real token), equal to transformers' unpadded forward."""
+    folder = reward_folder(tmp_path, "llama")
+    config = json.loads((folder / "config.json").read_text())
+    config["pad_token_id"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    rm = load_reward_model(folder, prefix_cache=False, system_prompt=SYSTEM, batch_size=8)
+    assert rm.model.config.pad_token_id is None
+    texts = [rm.format_text(p, r) for p, responses in candidate_sets(4) for r in responses]
+    got = rm.score_texts(texts)
+    want = whole_text_rewards(folder, texts)
+    assert_carries_signal(rm.tokenizer, texts, want)
+    scale = max(abs(w) for w in want)
+    bad = [(t, g, w) for t, g, w in zip(texts, got, want, strict=True) if not close(g, w, scale)]
+    assert not bad, f"{len(bad)} of {len(texts)} rewards differ, first: {bad[0]}"
+    stats = rm.scoring_stats
+    assert stats is not None and stats.path == "whole texts" and stats.batch_size == 8
+    assert stats.batches < len(set(texts)) and stats.padded_tokens > stats.tokens_computed  # batched, padded

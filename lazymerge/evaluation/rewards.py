@@ -331,7 +331,12 @@ class RewardModel:
         import torch
 
         pad = self.model.config.pad_token_id
-        rows = self.batch_size if pad is not None else 1  # without a pad id only unpadded passes are exact
+        # without a pad id transformers' head cannot find each row's last token in a padded batch;
+        # a model whose head lazymerge can apply itself is batched anyway, the last real token read
+        # from the lengths (the filler id is masked out, so it is never attended to)
+        own_head = pad is None and reads_own_head(self.model)
+        batch_pad = pad if pad is not None or not own_head else 0
+        rows = self.batch_size if batch_pad is not None else 1  # else only unpadded passes are exact
         stats = ScoringStats("whole texts", batch_tokens=budget, batch_size=rows)
         stats.texts = len(encoded)
         stats.tokens_in_texts = sum(len(ids) for ids in encoded.values())
@@ -339,16 +344,26 @@ class RewardModel:
             [ids[: reward_length(ids, pad)] for ids in encoded.values()]
         )
         # the batches a layer-streamed pass makes too (`layer_stream`), so the two agree
-        for group in whole_text_batches(encoded, pad, budget, self.batch_size):
+        for group in whole_text_batches(encoded, batch_pad, budget, self.batch_size):
             width = max(len(encoded[t]) for t in group)
-            ids = torch.full((len(group), width), pad if pad is not None else 0, dtype=torch.long)
+            ids = torch.full((len(group), width), batch_pad if batch_pad is not None else 0, dtype=torch.long)
             mask = torch.zeros((len(group), width), dtype=torch.long)
             for row, text in enumerate(group):
                 seq = encoded[text]
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
             with torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                if own_head:
+                    base = getattr(self.model, self.model.base_model_prefix)
+                    hidden = base(
+                        input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                    ).last_hidden_state
+                    last = torch.tensor([len(encoded[t]) - 1 for t in group], device=hidden.device)
+                    logits = self.model.score(hidden[torch.arange(len(group), device=hidden.device), last])
+                else:
+                    logits = self.model(
+                        input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                    ).logits
             stats.batches += 1
             stats.tokens_computed += sum(len(encoded[t]) for t in group)
             stats.padded_tokens += len(group) * width
@@ -406,7 +421,8 @@ def apply_pad_rule(model: Any, tokenizer: Any, pad_as_eos: bool) -> str:
             f"pad id {pad} (--pad-as-eos, RewardBench's rule: {why}); rewards read at the last non-pad token"
         )
     if pad is None:
-        return "no pad id: rewards read at each text's last token (whole texts go one per batch)"
+        batches = "batched, the padding masked" if reads_own_head(model) else "one per batch"
+        return f"no pad id: rewards read at each text's last token (whole texts {batches})"
     return f"pad id {pad}" + (
         " (the model's own; --pad-as-eos keeps it)" if pad_as_eos else " (the model's own)"
     )
@@ -525,6 +541,17 @@ def load_reward_model(
         own_aligned_memory(model)
     model.eval()
     return scorer(model, tokenizer, score, str(folder), str(folder))
+
+
+def reads_own_head(model: Any) -> bool:
+    """Whether `model` is transformers' generic sequence classifier (a base model under
+    `base_model_prefix` and a `score` head on its last hidden states), whose reward lazymerge
+    can read at any token itself."""
+    try:
+        from transformers.modeling_layers import GenericForSequenceClassification
+    except ImportError:  # transformers before 5
+        return False
+    return isinstance(model, GenericForSequenceClassification) and hasattr(model, "score")
 
 
 def own_aligned_memory(model: Any) -> int:
