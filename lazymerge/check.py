@@ -252,8 +252,9 @@ def check_templates(ctx: CheckContext) -> list[Finding]:
             "chat templates",
             path,
             "warning",
-            ("no chat template" if text is None else "a different chat template")
-            + f" than {ref}; the output keeps the reward model's",
+            f"chat template differs from {ref}'s"
+            + (" (none here)" if text is None else "")
+            + "; the output keeps the reward model's",
         )
         for path, text in texts.items()
         if path != ref and text != texts[ref]
@@ -305,7 +306,7 @@ def check_plan(ctx: CheckContext) -> list[Finding]:
             "plan", str(plan.destination), "ok", f"{len(plan.tensors)} tensors, {plan.output_bytes:,} bytes"
         )
     ]
-    out += [Finding("plan", "merge", "warning", note) for note in plan.notes]
+    out += [Finding("plan", "merge", "ok", note) for note in plan.notes]  # facts; surprises warned above
     predicted, memory = plan.predicted_peak_rss, psutil.virtual_memory()
     level: Level = "ok"
     if predicted > memory.total:

@@ -123,7 +123,7 @@ def test_a_compatible_pair_passes_with_its_warnings(tmp_path: Path) -> None:
     warnings = " | ".join(f.message for f in report.warnings)
     assert "tokens not in" in warnings and "'[PAD]'" in warnings
     assert "other ids than in" in warnings
-    assert "no chat template than" in warnings
+    assert "chat template differs from" in warnings and "(none here)" in warnings
     assert plan_error([rm, sft], tmp_path / "merged") is None
     memory = [f for f in report.findings if f.section == "memory"]
     assert len(memory) == 1 and "predicted peak" in memory[0].message

@@ -408,3 +408,48 @@ def test_convert_candidates_and_rewardbench2_kind(tmp_path: Path) -> None:
     pairs = write_jsonl(tmp_path / "p.jsonl", IMPLICIT_TEXT)
     refused = convert_cli(str(pairs), "--kind", "rewardbench2", "-o", str(tmp_path / "rb2.jsonl"))
     assert refused.exit_code == 1 and "holds preference pairs, not RewardBench 2 rows" in refused.output
+
+
+# --- a dataset's identity where results are kept and reused --------------------------------
+
+
+def _scorable_dataset(hub: Path) -> None:
+    from tests.helpers.evaluation import words
+
+    rows = [
+        {"prompt": words(1, 2), "chosen": words(3, i + 4), "rejected": words(5, i + 6), "id": i}
+        for i in range(3)
+    ]
+    files = {"data/test-00000-of-00001.parquet": parquet_bytes(rows)}
+    cache_model(hub, "org/scored", files, C1, ("main",), kind="datasets")
+    other = {"data/test-00000-of-00001.parquet": parquet_bytes(rows[:2])}
+    cache_model(hub, "org/scored", other, C2, ("dev",), kind="datasets")
+
+
+def test_eval_records_the_dataset_and_matches_its_local_copy(hub: Path, tmp_path: Path) -> None:
+    from lazymerge.evaluation.run import evaluate_pairs
+    from tests.helpers.evaluation import reward_model
+
+    _scorable_dataset(hub)
+    rm = reward_model(tmp_path)
+    cached = evaluate_pairs(rm, "org/scored:test").to_dict()
+    data = cached["data"]
+    assert data["hub_id"] == "org/scored" and data["commit"] == C1 and data["split"] == "test"
+    local = tmp_path / "local.jsonl"
+    pairs, _ = load_pairs("org/scored:test")
+    write_jsonl(
+        local, [{"id": p.id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    )
+    assert evaluate_pairs(rm, local)["pairs"] == cached["pairs"]
+
+
+def test_the_sweep_identity_follows_the_dataset_revision(hub: Path, tmp_path: Path) -> None:
+    from lazymerge.evaluation.sweep import build_spec, fingerprint
+    from tests.helpers.evaluation import models
+
+    _scorable_dataset(hub)
+    rm, sft = models(tmp_path)
+    main = fingerprint(build_spec([rm, sft], tmp_path / "s", alpha="0.5", pair_files=["org/scored:test"]))
+    dev = fingerprint(build_spec([rm, sft], tmp_path / "s", alpha="0.5", pair_files=["org/scored@dev:test"]))
+    assert main["pairs"] != dev["pairs"]
+    assert main["pairs"][0].endswith(resolve_data("org/scored:test").sha256()[:32])
