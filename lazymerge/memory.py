@@ -10,8 +10,23 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 _STATUS = "/proc/self/status"
+
+#: Bytes a CPU tensor's data must start on for the CPU's kernels to round as they do for torch's
+#: own allocations (64: an AVX-512 vector; torch aligns its CPU memory to it).
+CPU_ALIGNMENT = 64
+
+
+def aligned(tensor: Any) -> Any:
+    """`tensor`, or a copy of it in torch's own memory when it is a CPU tensor whose data starts
+    off a `CPU_ALIGNMENT` boundary (mapped from a file at a header's offset, or read into a
+    Python buffer): the CPU's matmul kernels round by alignment, and a reward must depend on the
+    weights only, not on how they reached memory."""
+    if tensor.device.type == "cpu" and tensor.data_ptr() % CPU_ALIGNMENT:
+        return tensor.clone()
+    return tensor
 
 
 @dataclass(frozen=True)

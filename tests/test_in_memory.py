@@ -206,7 +206,8 @@ def test_in_memory_on_cuda_close_to_cpu(tmp_path: Path, quant: str | None) -> No
 def test_misaligned_weights_are_copied_into_aligned_memory() -> None:
     """Weights mapped from a file start where its header says; `own_aligned_memory` copies them
     to 64-byte aligned memory (the CPU kernels round by alignment) and leaves aligned ones be."""
-    from lazymerge.evaluation.rewards import CPU_ALIGNMENT, own_aligned_memory
+    from lazymerge.evaluation.rewards import own_aligned_memory
+    from lazymerge.memory import CPU_ALIGNMENT
 
     layer = torch.nn.Linear(16, 4)
     buffer = torch.randn(4 * 16 + 1)

@@ -39,6 +39,7 @@ from lazymerge.evaluation.rewards import (
     scorer,
 )
 from lazymerge.io.reader import Checkpoint
+from lazymerge.memory import aligned
 from lazymerge.options import MergeOptions, read_paths
 from lazymerge.score_options import ScoreOptions
 
@@ -242,7 +243,7 @@ def _place(model: Any, name: str, tensor: Any, device: str, quant: str | None) -
         assert quant is not None
         param = quantized_parameter(module, tensor, quant, device)
     else:
-        param = torch.nn.Parameter(tensor.to(device), requires_grad=False)
+        param = torch.nn.Parameter(aligned(tensor.to(device)), requires_grad=False)
     module._parameters[leaf] = param
 
 

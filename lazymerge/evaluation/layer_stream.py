@@ -51,6 +51,7 @@ from lazymerge.evaluation.prefix_scoring import (
     reward_length,
     token_batches,
 )
+from lazymerge.memory import aligned
 from lazymerge.score_options import ScoreOptions
 
 if TYPE_CHECKING:
@@ -639,7 +640,7 @@ class LayerStreamedModel:
                 param = quantized_parameter(module, tensor.to(self.compute), self.quant, self.device)
             else:
                 param = torch.nn.Parameter(
-                    tensor.to(device=self.device, dtype=self.compute), requires_grad=False
+                    aligned(tensor.to(device=self.device, dtype=self.compute)), requires_grad=False
                 )
             self.ledger.track(group.label, param)
             params[name] = param

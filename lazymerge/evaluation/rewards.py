@@ -55,6 +55,7 @@ from lazymerge.evaluation.prefix_scoring import (
 )
 from lazymerge.evaluation.template_sandbox import BoundedTemplate, RenderBudget
 from lazymerge.evaluation.token_rules import TokenRule
+from lazymerge.memory import aligned
 from lazymerge.score_options import LLAMA2_SYSTEM_PROMPT, ChatTemplate, ScoreOptions, system_prompt_text
 
 __all__ = ["LLAMA2_SYSTEM_PROMPT", "RewardModel", "load_reward_model", "system_prompt_text"]
@@ -63,10 +64,6 @@ __all__ = ["LLAMA2_SYSTEM_PROMPT", "RewardModel", "load_reward_model", "system_p
 STREAM_FALLBACK = (
     "--stream-layers streams the weights layer by layer, which the prefix cache does not compose with yet"
 )
-
-#: Bytes a CPU tensor's data must start on for kernels to round as they do for torch's own
-#: allocations (64: an AVX-512 vector; torch aligns its CPU memory to it).
-CPU_ALIGNMENT = 64
 
 REMOTE_CODE_FILES = (
     "config.json",
@@ -566,8 +563,8 @@ def own_aligned_memory(model: Any) -> int:
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for tensor in table.values():
-                if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % CPU_ALIGNMENT:
-                    tensor.data = tensor.data.clone()
+                if tensor is not None and aligned(tensor) is not tensor:
+                    tensor.data = aligned(tensor.data)
                     copied += 1
     return copied
 
