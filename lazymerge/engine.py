@@ -187,7 +187,7 @@ def _nonfinite_message(
     """Name the input whose NaN or Inf reached the output, else say how finite inputs did."""
     tp = chunk.tensor
     for i, src in tp.present():
-        values = torch.frombuffer(inputs[i], dtype=torch_dtype(src.dtype)).float()  # type: ignore[arg-type]
+        values = torch.frombuffer(inputs[i], dtype=torch_dtype(src.dtype)).float()
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             at = f" (element {chunk.start + int(bad[0])})" if tp.row_maps is None else ""
@@ -274,7 +274,7 @@ def merge_chunk(
             out[:] = first
         return
     method = plan.method_spec
-    raw = {i: torch.frombuffer(inputs[i], dtype=torch_dtype(src.dtype)) for i, src in present}  # type: ignore[arg-type]
+    raw = {i: torch.frombuffer(inputs[i], dtype=torch_dtype(src.dtype)) for i, src in present}
     # elementwise work goes in cache-sized blocks: the several passes of the arithmetic then
     # stay in cache instead of streaming the whole chunk through memory for each pass
     # (rows: blocks of whole rows)

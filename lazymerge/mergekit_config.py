@@ -310,7 +310,7 @@ def check_node_count(root: yaml.Node) -> None:
                 stack.append((value, depth + 1))
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no types
     """PyYAML's SafeLoader (what `yaml.safe_load` uses: standard tags only, no Python objects),
     refusing a mapping that repeats a key, which `safe_load` would silently collapse to the last."""
 
@@ -334,7 +334,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"the key {describe(key)} appears twice", key_node.start_mark
                 )
             seen.add(key)
-        return self.construct_mapping(node, deep=True)
+        mapping: dict[Any, Any] = self.construct_mapping(node, deep=True)
+        return mapping
 
     def construct_short_int(self, node: yaml.ScalarNode) -> Any:
         check_number_length(node)

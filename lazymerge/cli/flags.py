@@ -25,7 +25,7 @@ from lazymerge.score_options import ScoreOptions, system_prompt_text
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.2
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
@@ -37,7 +37,7 @@ class SizeType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class TensorWeightsType(click.ParamType):
+class TensorWeightsType(click.ParamType):  # type: ignore[type-arg]
     """--tensor-weights FILTER=W1,W2,...: (filter, weights), parsed once here."""
 
     name = "filter=weights"
@@ -56,7 +56,7 @@ class TensorWeightsType(click.ParamType):
 TENSOR_WEIGHTS = TensorWeightsType()
 
 
-class MethodChoice(click.Choice):
+class MethodChoice(click.Choice):  # type: ignore[type-arg]
     """The registered merge methods; a wrong name says so, listing them."""
 
     def __init__(self) -> None:

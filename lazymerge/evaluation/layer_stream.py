@@ -101,8 +101,8 @@ def quantized_parameter(module: Any, tensor: torch.Tensor, quant: str, device: s
 
     settings = {k: v for k, v in module.weight.__dict__.items() if k != "SCB"}
     if quant == "4bit":
-        return bnb.nn.Params4bit(tensor, requires_grad=False, **settings).to(device)  # type: ignore[misc,no-any-return]
-    return bnb.nn.Int8Params(tensor, requires_grad=False, **settings).to(device)  # type: ignore[misc,no-any-return]
+        return bnb.nn.Params4bit(tensor, requires_grad=False, **settings).to(device)  # type: ignore[attr-defined,misc]
+    return bnb.nn.Int8Params(tensor, requires_grad=False, **settings).to(device)  # type: ignore[attr-defined,misc]
 
 
 def is_quantized_weight(module: Any, leaf: str, quant: str | None) -> bool:
@@ -616,7 +616,7 @@ class LayerStreamedModel:
         numel = self._meta[name].numel()
         if is_quantized_weight(self.model.get_submodule(module_name), leaf, self.quant):
             return self.score_options.model_bytes(numel)
-        return numel * self.compute.itemsize
+        return int(numel * self.compute.itemsize)
 
     def _load(self, group: WeightGroup, timing: GroupTiming) -> dict[str, Any]:
         """(reader thread) The group's tensors as parameters in the compute dtype on the device."""

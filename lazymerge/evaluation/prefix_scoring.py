@@ -289,7 +289,7 @@ def kv_bytes_per_token(model: Any) -> int:
 
     dtype = getattr(model, "dtype", None)  # transformers: the first floating parameter's dtype
     itemsize = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
-    return max(1, 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize)
+    return max(1, int(2 * config.num_hidden_layers * kv_heads * head_dim * itemsize))
 
 
 class PrefixTreeScorer:

@@ -63,7 +63,8 @@ def score_task(spec: SweepSpec, texts: PreparedTexts, point: SweepPoint) -> tupl
     """What each Ray task runs: one point's record, and the node that scored it."""
     import ray
 
-    return score_point(spec, texts, point), ray.util.get_node_ip_address()
+    node: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+    return score_point(spec, texts, point), node
 
 
 #: What a task runs, and what each node runs to show the driver what it sees.

@@ -244,7 +244,7 @@ def choose_point(spec: Any, points: Sequence[dict[str, Any]]) -> tuple[dict[str,
         return None, "no pair evaluation"
 
     def domain_weight(p: dict[str, Any]) -> float:
-        return sum(w for i, w in enumerate(p["weights"]) if i != spec.rm_index)
+        return float(sum(w for i, w in enumerate(p["weights"]) if i != spec.rm_index))
 
     def metric(p: dict[str, Any]) -> float:
         if source.rewardbench2:
