@@ -187,7 +187,37 @@ def plan_reward_merge(
 def _embedding_plan(
     name: str, models: Sequence[ModelInput], rm: int, dtype: str, strict: bool
 ) -> tuple[TensorPlan, list[tuple[str, int, dict[str, Any] | None]], str]:
+    """The plan of embedding `name`: rows matched by token (tokens only the domain models have
+    appended after the reward model's rows), or by position when a model has no tokenizer."""
     infos = [m.checkpoint[name] for m in models]
+    _check_embedding_shapes(name, models, infos, rm)
+    missing_vocab = [str(m.folder or m.path) for m in models if m.vocab is None]
+    appended: list[tuple[str, int, dict[str, Any] | None]] = []
+    if missing_vocab:
+        if strict:
+            raise IncompatibleInputsError(
+                f"{missing_vocab[0]}: no tokenizer files (tokenizer.json or tokenizer.model), so embedding rows "
+                "cannot be matched by token; add them, or drop --strict to average rows by position"
+            )
+        maps, note = _rows_by_position(name, infos, rm, missing_vocab)
+    else:
+        maps, appended, note = _rows_by_token(name, models, infos, rm)
+    action, out_dtype = output_dtype(infos, dtype)
+    plan = TensorPlan(
+        name,
+        out_dtype,
+        (len(maps[0]), *infos[rm].shape[1:]),
+        "rows",
+        tuple(infos),
+        row_maps=tuple(maps),
+        note=note,
+    )
+    return plan, appended, note
+
+
+def _check_embedding_shapes(name: str, models: Sequence[ModelInput], infos: Sequence[Any], rm: int) -> None:
+    """Every input's embedding is (rows, the reward model's hidden size), with as many rows as
+    its config's vocab_size."""
     rm_info = infos[rm]
     hidden = rm_info.shape[1:]
     for model, info in zip(models, infos, strict=True):
@@ -196,7 +226,6 @@ def _embedding_plan(
                 f"{model.path}: embedding {name!r} has shape {list(info.shape)}; expected [rows, {hidden[0]}] "
                 f"as in the reward model {rm_info.path}"
             )
-    rm_rows = rm_info.shape[0]
     for model, info in zip(models, infos, strict=True):
         vocab_size = (model.config or {}).get("vocab_size")
         if model.folder is not None and isinstance(vocab_size, int) and vocab_size != info.shape[0]:
@@ -204,78 +233,78 @@ def _embedding_plan(
                 f"{model.folder / 'config.json'}: vocab_size is {vocab_size} but embedding {name!r} in "
                 f"{info.path} has {info.shape[0]} rows; the config does not belong to these weights"
             )
-    appended: list[tuple[str, int, dict[str, Any] | None]] = []
-    missing_vocab = [str(m.folder or m.path) for m in models if m.vocab is None]
-    if missing_vocab:
-        if strict:
-            raise IncompatibleInputsError(
-                f"{missing_vocab[0]}: no tokenizer files (tokenizer.json or tokenizer.model), so embedding rows "
-                "cannot be matched by token; add them, or drop --strict to average rows by position"
-            )
-        maps = []
-        for info in infos:
-            row_map = np.full(rm_rows, -1, dtype=np.int64)
-            common = min(rm_rows, info.shape[0])
-            row_map[:common] = np.arange(common)
-            maps.append(row_map)
-        note = (
-            f"{name}: no tokenizer in {', '.join(missing_vocab)}; rows 0..{min(i.shape[0] for i in infos) - 1} "
-            "averaged by position, rows beyond them kept from the reward model"
-        )
-    else:
-        vocabs = [m.vocab or {} for m in models]
-        for model, vocab, info in zip(models, vocabs, infos, strict=True):
-            too_big = [t for t, i in vocab.items() if i >= info.shape[0]]
-            if too_big:
-                raise VocabularyMismatchError(
-                    f"{tokenizer_files(model.folder)}: tokenizer has token {too_big[0]!r} at id "
-                    f"{vocab[too_big[0]]} but embedding {name!r} in {info.path} has only {info.shape[0]} rows; "
-                    "the tokenizer does not belong to these weights"
-                )
-        rm_vocab = vocabs[rm]
-        rm_tokens = {i: t for t, i in rm_vocab.items()}
-        new_tokens: list[str] = []
-        seen = set(rm_vocab)
-        for i in range(len(models)):
-            if i == rm:
-                continue
-            for token, _ in sorted(vocabs[i].items(), key=lambda kv: kv[1]):
-                if token not in seen:
-                    seen.add(token)
-                    new_tokens.append(token)
-        rows = rm_rows + len(new_tokens)
-        row_tokens: list[str | None] = [rm_tokens.get(r) for r in range(rm_rows)]
-        row_tokens.extend(new_tokens)
-        maps = []
-        for i, vocab in enumerate(vocabs):
-            if i == rm:
-                row_map = np.full(rows, -1, dtype=np.int64)
-                row_map[:rm_rows] = np.arange(rm_rows)
-            else:
-                row_map = np.array(
-                    [vocab.get(t, -1) if t is not None else -1 for t in row_tokens], dtype=np.int64
-                )
-            maps.append(row_map)
-        for k, token in enumerate(new_tokens):
-            donor = next(i for i in range(len(models)) if i != rm and token in vocabs[i])
-            appended.append((token, rm_rows + k, added_token_entries(models[donor].folder).get(token)))
-        present = np.stack([m >= 0 for m in maps])
-        shared = int(present.all(axis=0).sum())
-        rm_only = int((present[rm] & (present.sum(axis=0) == 1)).sum())
-        note = (
-            f"{name}: matched by token: {shared} rows in every model, {rm_only} only in the reward model, "
-            f"{rows - rm_rows} appended from domain models"
-            + (f" ({first_mismatches(new_tokens)})" if new_tokens else "")
-            + f"; output vocabulary {rows}"
-        )
-    action, out_dtype = output_dtype(infos, dtype)
-    plan = TensorPlan(
-        name,
-        out_dtype,
-        (len(maps[0]), *hidden),
-        "rows",
-        tuple(infos),
-        row_maps=tuple(maps),
-        note=note,
+
+
+def _rows_by_position(
+    name: str, infos: Sequence[Any], rm: int, missing_vocab: Sequence[str]
+) -> tuple[list[Any], str]:
+    """Row maps without tokenizers: the rows all inputs have averaged by position, the rest the
+    reward model's."""
+    rm_rows = infos[rm].shape[0]
+    maps = []
+    for info in infos:
+        row_map = np.full(rm_rows, -1, dtype=np.int64)
+        common = min(rm_rows, info.shape[0])
+        row_map[:common] = np.arange(common)
+        maps.append(row_map)
+    note = (
+        f"{name}: no tokenizer in {', '.join(missing_vocab)}; rows 0..{min(i.shape[0] for i in infos) - 1} "
+        "averaged by position, rows beyond them kept from the reward model"
     )
-    return plan, appended, note
+    return maps, note
+
+
+def _rows_by_token(
+    name: str, models: Sequence[ModelInput], infos: Sequence[Any], rm: int
+) -> tuple[list[Any], list[tuple[str, int, dict[str, Any] | None]], str]:
+    """Row maps by token: the reward model's rows, then the domain models' new tokens appended
+    (each with its added-token entry); every input's row for each output row, -1 where it has
+    none."""
+    rm_rows = infos[rm].shape[0]
+    vocabs = [m.vocab or {} for m in models]
+    for model, vocab, info in zip(models, vocabs, infos, strict=True):
+        too_big = [t for t, i in vocab.items() if i >= info.shape[0]]
+        if too_big:
+            raise VocabularyMismatchError(
+                f"{tokenizer_files(model.folder)}: tokenizer has token {too_big[0]!r} at id "
+                f"{vocab[too_big[0]]} but embedding {name!r} in {info.path} has only {info.shape[0]} rows; "
+                "the tokenizer does not belong to these weights"
+            )
+    rm_vocab = vocabs[rm]
+    rm_tokens = {i: t for t, i in rm_vocab.items()}
+    new_tokens: list[str] = []
+    seen = set(rm_vocab)
+    for i in range(len(models)):
+        if i == rm:
+            continue
+        for token, _ in sorted(vocabs[i].items(), key=lambda kv: kv[1]):
+            if token not in seen:
+                seen.add(token)
+                new_tokens.append(token)
+    rows = rm_rows + len(new_tokens)
+    row_tokens: list[str | None] = [rm_tokens.get(r) for r in range(rm_rows)]
+    row_tokens.extend(new_tokens)
+    maps = []
+    for i, vocab in enumerate(vocabs):
+        if i == rm:
+            row_map = np.full(rows, -1, dtype=np.int64)
+            row_map[:rm_rows] = np.arange(rm_rows)
+        else:
+            row_map = np.array(
+                [vocab.get(t, -1) if t is not None else -1 for t in row_tokens], dtype=np.int64
+            )
+        maps.append(row_map)
+    appended: list[tuple[str, int, dict[str, Any] | None]] = []
+    for k, token in enumerate(new_tokens):
+        donor = next(i for i in range(len(models)) if i != rm and token in vocabs[i])
+        appended.append((token, rm_rows + k, added_token_entries(models[donor].folder).get(token)))
+    present = np.stack([m >= 0 for m in maps])
+    shared = int(present.all(axis=0).sum())
+    rm_only = int((present[rm] & (present.sum(axis=0) == 1)).sum())
+    note = (
+        f"{name}: matched by token: {shared} rows in every model, {rm_only} only in the reward model, "
+        f"{rows - rm_rows} appended from domain models"
+        + (f" ({first_mismatches(new_tokens)})" if new_tokens else "")
+        + f"; output vocabulary {rows}"
+    )
+    return maps, appended, note
