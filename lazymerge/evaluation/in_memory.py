@@ -90,12 +90,8 @@ def load_merged_reward_model(
         if checkpoints is None:  # resident inputs: the sweep decided before reading them
             score, note = score.streaming_for(plan.parameters, f"{rm_folder} (merged)")
         if score.stream_layers:
-            quiet_transformers()
-            _, tokenizer = _config_and_tokenizer(require("transformers"), plan.companion_files, rm_folder)
-            quantization = bnb_config(score.quant, score.double_quant) if score.quant is not None else None
-            model = stream_plan(plan, opened, score, score.max_activations, spill_dir, quantization)
+            rm = _streamed_merge(plan, opened, score, rm_folder, spill_dir)
             streamed = True
-            rm = scorer(model, tokenizer, score, f"{rm_folder} (merged layer by layer)", str(rm_folder))
             rm.stream_note = note
             return rm
         if into is not None and score.quant is None:
@@ -109,6 +105,22 @@ def load_merged_reward_model(
                 ckpt.close()
     model.eval()
     return scorer(model, tokenizer, score, f"{rm_folder} (merged in memory)", str(rm_folder))
+
+
+def _streamed_merge(
+    plan: MergePlan,
+    opened: Sequence[Checkpoint],
+    score: ScoreOptions,
+    rm_folder: Path,
+    spill_dir: Path | None,
+) -> RewardModel:
+    """The merged reward model scored layer by layer (`layer_stream.stream_plan`): it owns the
+    checkpoints from here on."""
+    quiet_transformers()
+    _, tokenizer = _config_and_tokenizer(require("transformers"), plan.companion_files, rm_folder)
+    quantization = bnb_config(score.quant, score.double_quant) if score.quant is not None else None
+    model = stream_plan(plan, opened, score, score.max_activations, spill_dir, quantization)
+    return scorer(model, tokenizer, score, f"{rm_folder} (merged layer by layer)", str(rm_folder))
 
 
 def _reward_plan(

@@ -503,36 +503,7 @@ def load_reward_model(
         model = _streamed_reward_model(folder, score, spill_dir)
         model.stream_note = note
         return model
-    kwargs: dict[str, Any] = {}
-    torch_dtype = compute_dtype(score)
-    if score.quant is not None:
-        require("accelerate")
-        kwargs.update(
-            quantization_config=bnb_config(score.quant, score.double_quant), device_map={"": score.device}
-        )
-    quiet_transformers()
-    # trust_remote_code=False: transformers never imports a folder's .py files nor asks on stdin
-    try:
-        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-            folder, dtype=torch_dtype, trust_remote_code=False, output_loading_info=True, **kwargs
-        )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{folder}: transformers cannot load this model: {first}") from None
-    missing = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
-    if missing or getattr(model.config, "num_labels", 1) != 1:
-        raise InputError(
-            f"{folder}: not a reward model: "
-            + (
-                f"its weights have no reward head ({missing[0]})"
-                + foreign_head_hint(info.get("unexpected_keys", ()), missing[0])
-                if missing
-                else f"num_labels is {model.config.num_labels}, not 1"
-            )
-            + "; scoring it would use a randomly initialised head. Give a ...ForSequenceClassification "
-            "reward model, or merge one in with lazymerge run (--rm N names the reward model among its inputs)"
-        )
+    model, tokenizer = _from_pretrained(transformers, folder, score)
     if score.quant is None:
         model = model.to(score.device)
         own_aligned_memory(model)
@@ -567,6 +538,41 @@ def own_aligned_memory(model: Any) -> int:
                     tensor.data = aligned(tensor.data)
                     copied += 1
     return copied
+
+
+def _from_pretrained(transformers: Any, folder: Path, score: ScoreOptions) -> tuple[Any, Any]:
+    """transformers' model and tokenizer from `folder` (quantized as `score` says), checked to
+    hold a trained reward head."""
+    kwargs: dict[str, Any] = {}
+    if score.quant is not None:
+        require("accelerate")
+        kwargs.update(
+            quantization_config=bnb_config(score.quant, score.double_quant), device_map={"": score.device}
+        )
+    quiet_transformers()
+    # trust_remote_code=False: transformers never imports a folder's .py files nor asks on stdin
+    try:
+        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=compute_dtype(score), trust_remote_code=False, output_loading_info=True, **kwargs
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{folder}: transformers cannot load this model: {first}") from None
+    missing = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
+    if missing or getattr(model.config, "num_labels", 1) != 1:
+        raise InputError(
+            f"{folder}: not a reward model: "
+            + (
+                f"its weights have no reward head ({missing[0]})"
+                + foreign_head_hint(info.get("unexpected_keys", ()), missing[0])
+                if missing
+                else f"num_labels is {model.config.num_labels}, not 1"
+            )
+            + "; scoring it would use a randomly initialised head. Give a ...ForSequenceClassification "
+            "reward model, or merge one in with lazymerge run (--rm N names the reward model among its inputs)"
+        )
+    return model, tokenizer
 
 
 def _fit_device(folder: Path, score: ScoreOptions) -> tuple[ScoreOptions, str | None]:
