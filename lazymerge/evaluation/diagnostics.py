@@ -475,7 +475,8 @@ def mean_log_likelihoods(
 ) -> tuple[list[float], list[float]]:
     """Per pair of token ids (chosen, rejected): the mean log-likelihood of each response's
     tokens (from `response_start`) under the backbone read through the tied input embeddings,
-    one unpadded forward pass per text (exact; log-softmax in float32).
+    one unpadded forward pass per text (exact; logits and log-softmax in float32, for the
+    response's tokens only: memory holds (response tokens, vocab) floats at a time).
 
     Raises:
         IncompatibleInputsError for a model whose embeddings are not its LM head.
@@ -483,11 +484,12 @@ def mean_log_likelihoods(
     import torch
 
     backbone, embeddings = _backbone_and_embeddings(model, where)
+    weight = embeddings.float()  # (vocab, hidden) fp32, once: the logits of a bf16 model in fp32
 
     def mean_ll(ids: Sequence[int], start: int) -> float:
         x = torch.tensor([list(ids)], dtype=torch.long, device=device)
         hidden = backbone(input_ids=x).last_hidden_state[0, start - 1 : -1]  # (tokens, hidden)
-        logp = torch.log_softmax((hidden @ embeddings.T).float(), dim=-1)  # (tokens, vocab) fp32
+        logp = torch.log_softmax(hidden.float() @ weight.T, dim=-1)  # (response tokens, vocab) fp32
         return float(logp.gather(1, x[0, start:, None]).mean())
 
     chosen, rejected = [], []
