@@ -71,6 +71,7 @@ def test_lm_check_equals_transformers_causal_lm_on_each_written_point(tmp_path: 
         assert (lm["n"], lm["right"]) == (len(pairs), right)
         assert lm["accuracy"] == pytest.approx(right / len(pairs))
         assert lm["ci_low"] <= lm["accuracy"] <= lm["ci_high"]
+        assert record["lm_check_s"] >= 0
     # the backbone moves with lambda: the points do not all read the same likelihoods
     assert records["alpha=0"]["lm_check"] != records["alpha=1"]["lm_check"]
     assert doc["scoring"]["lm_check"] is True

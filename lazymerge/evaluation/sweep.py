@@ -756,6 +756,7 @@ def score_point(
         computed = rm.scoring_stats.to_dict() if rm.scoring_stats is not None else None
         stream = _stream_record(rm, texts)
         lm = _lm_record(rm, texts, point.label) if spec.load.lm_check else None
+        t3 = time.monotonic()
         del rm
     peak_gpu = _gpu_peak(spec.load.device)
     _gpu_reset(spec.load.device)
@@ -793,7 +794,7 @@ def score_point(
         "peak_rss_file": sampler.peak.file,
         "peak_gpu_memory": peak_gpu,
         **({"stream": stream} if stream is not None else {}),
-        **({"lm_check": lm} if lm is not None else {}),
+        **({"lm_check": lm, "lm_check_s": round(t3 - t2, 3)} if lm is not None else {}),
     }
 
 
