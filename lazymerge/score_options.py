@@ -91,6 +91,8 @@ class ScoreOptions:
         chat_template: a template to format with instead of the tokenizer's.
         prefix_cache: compute prefixes shared by several texts once (`evaluation.prefix_scoring`).
         batch_tokens: most tokens in one batch (None: a default for the device).
+        lm_check: with a sweep, each point's backbone read as a language model on the pair
+            files (`diagnostics.lm_preferences`); not with `stream_layers`.
         stream_layers: score with the weights streamed one decoder layer at a time
             (`evaluation.layer_stream`), whole texts (the prefix cache does not compose yet),
             quantized layer by layer with `quant`.
@@ -265,6 +267,15 @@ class ScoreOptions:
             show_default=True,
         ),
     )
+    lm_check: bool = field(
+        default=False,
+        metadata=cli_flag(
+            "sweep only: also read each point's merged backbone as a language model through its tied "
+            "input embeddings and record, per pair file, how often the chosen response's mean token "
+            "log-likelihood beats the rejected one's (whole texts, one forward pass per text).",
+            flags=("--lm-check",),
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device):
@@ -294,6 +305,10 @@ class ScoreOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise OptionError(f"--{name.replace('_', '-')} {value!r}: must be a size of 0 bytes or more")
+        if self.lm_check and self.stream_layers:
+            raise OptionError(
+                "--lm-check reads the backbone of a model in memory: it does not combine with --stream-layers"
+            )
         if self.max_activations is not None and not self.stream_layers and self.device_memory is None:
             raise OptionError(
                 "--max-activations limits --stream-layers' hidden states: give --stream-layers "
@@ -369,6 +384,8 @@ class ScoreOptions:
             del out["stream_layers"], out["max_activations"]
         if self.device_memory is None:
             del out["device_memory"]
+        if not self.lm_check:
+            del out["lm_check"]  # off: the identity sweeps had before the option existed
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template.record()
         return out

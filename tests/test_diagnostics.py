@@ -227,3 +227,47 @@ def test_sweep_report_diagnostics_agree_with_results_jsonl(tmp_path: Path) -> No
         )
     assert "Task vectors: not computed" in report  # a linear sweep has no base
     assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_with_a_base_reports_task_vectors_equal_to_numpy(tmp_path: Path) -> None:
+    """`lazymerge check --base` adds the task-vector section; its figures against numpy on the
+    tensors safetensors reads, over the tensors all three share with one shape."""
+    import re
+
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file
+
+    from lazymerge.cli import main
+    from tests.helpers.evaluation import models
+    from tests.models import BASE_WORDS, make_tokenizer, save_model
+
+    rm, sft = models(tmp_path)
+    base = save_model(tmp_path / "base", "llama", False, 9, make_tokenizer(BASE_WORDS))
+    loaded = [load_file(str(f / "model.safetensors")) for f in (rm, sft, base)]
+    shared = [n for n, t in loaded[2].items() if all(n in m and m[n].shape == t.shape for m in loaded[:2])]
+    b = np.concatenate([loaded[2][n].astype(np.float64).ravel() for n in shared])
+    d = [np.concatenate([m[n].astype(np.float64).ravel() for n in shared]) - b for m in loaded[:2]]
+    rel = [np.linalg.norm(x) / np.linalg.norm(b) for x in d]
+    cos = float(d[0] @ d[1] / (np.linalg.norm(d[0]) * np.linalg.norm(d[1])))
+
+    args = ["check", str(rm), str(sft), "--method", "task_arithmetic", "--alpha", "0.5"]
+    result = CliRunner().invoke(main, [*args, "--base", str(base), "--json"])
+    assert result.exit_code == 0, result.output
+    found = [f for f in json.loads(result.output)["findings"] if f["section"] == "task vectors"]
+    total = next(f for f in found if f["subject"] == str(base) and f["level"] == "ok")
+    assert total["message"].startswith(f"{len(shared)} tensors: ")
+    got = [float(x) / 100 for x in re.findall(r"delta \w+ ([0-9.e+-]+)%", total["message"])]
+    assert got == pytest.approx(rel, rel=2e-3)
+    assert float(re.search(r"cos\(rm, sft0\) (-?[0-9.]+)", total["message"]).group(1)) == pytest.approx(
+        cos, abs=6e-4
+    )
+    assert {f["subject"] for f in found} >= {"layer 0", "layer 1"}
+    # the embeddings (the SFT vocabulary grew), the reward head and lm_head: left out, one warning
+    left_out = {n for m in loaded for n in m} - set(shared)
+    assert "model.embed_tokens.weight" in left_out and "score.weight" in left_out
+    (warning,) = [f for f in found if f["level"] == "warning"]
+    assert warning["message"].startswith(f"{len(left_out)} tensor(s) left out")
+    # without a base, no such section
+    plain = CliRunner().invoke(main, ["check", str(rm), str(sft), "--alpha", "0.5", "--json"])
+    assert plain.exit_code == 0, plain.output
+    assert not [f for f in json.loads(plain.output)["findings"] if f["section"] == "task vectors"]

@@ -38,7 +38,9 @@ def check(
 ) -> None:
     """Find in seconds what run, plan, eval or sweep would refuse: headers, shapes, heads,
     tokenizers, chat templates, the output, predicted memory and data files (no tensor data
-    read, nothing executed). One line per finding; exit 1 when any is an error."""
+    read, nothing executed). With --base, one more section: the task vectors of the inputs
+    against the base per layer group (one streaming pass over the tensors). One line per
+    finding; exit 1 when any is an error."""
     from lazymerge.check import CheckRequest, run_check
 
     inputs, value = merge_request(inputs, options)

@@ -55,6 +55,7 @@ def evaluate(
     from lazymerge.evaluation.run import evaluate_pairs, reported
 
     score, merge = score_value(options), in_memory_merge(model, options)
+    _sweep_only(score)
     job = functools.partial(
         evaluate_pairs, _model(model, merge), pairs_file, merge=merge, score=score, **_stream_io(out, quiet)
     )
@@ -91,6 +92,7 @@ def bon(
     from lazymerge.evaluation.run import evaluate_bon, reported
 
     n_values, score, merge = parse_ns(ns), score_value(options), in_memory_merge(model, options)
+    _sweep_only(score)
     job = functools.partial(
         evaluate_bon,
         _model(model, merge),
@@ -102,6 +104,13 @@ def bon(
     )
     result = reported(out, model, candidates, force, lambda: job(progress=None if not quiet else False))
     _show(result, quiet)
+
+
+def _sweep_only(score: Any) -> None:
+    if score.lm_check:
+        raise click.UsageError(
+            "--lm-check is a sweep diagnostic (per point, on pair files): give it to sweep"
+        )
 
 
 def _stream_io(out: Path | None, quiet: bool) -> dict[str, Any]:

@@ -438,3 +438,87 @@ def pair_diagnostics(
         length=length_bias([(len(p.chosen), len(p.rejected)) for p in pairs], chosen, rejected),
         flips=flips(pairs, baseline, rewards),
     )
+
+
+# --- the backbone as a language model (--lm-check) --------------------------------------------
+
+#: What reads the backbone's final hidden states as next-token logits.
+LM_HEAD = "tied input embeddings (logits = h @ E^T)"
+
+
+def response_start(chosen: Sequence[int], rejected: Sequence[int]) -> int:
+    """Where a pair's responses start in tokens: after the two texts' longest common prefix
+    (the formatted prompt, and any first response tokens they share, which cannot tell them
+    apart), kept >= 1 (the first token has no prediction) and < the shorter text's length (each
+    response scores at least its last token)."""
+    common = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        common += 1
+    return max(1, min(common, len(chosen) - 1, len(rejected) - 1))
+
+
+def _backbone_and_embeddings(model: Any, where: str) -> tuple[Any, Any]:
+    """The model's backbone and its (vocab, hidden) input embedding matrix, refused where
+    the embeddings are not the LM head (untied)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        raise IncompatibleInputsError(
+            f"{where}: --lm-check reads the backbone through its tied input embeddings, but the "
+            "config has tie_word_embeddings false (an untied domain lm_head is not read): leave out --lm-check"
+        )
+    return getattr(model, model.base_model_prefix), model.get_input_embeddings().weight
+
+
+def mean_log_likelihoods(
+    model: Any, device: str, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], where: str
+) -> tuple[list[float], list[float]]:
+    """Per pair of token ids (chosen, rejected): the mean log-likelihood of each response's
+    tokens (from `response_start`) under the backbone read through the tied input embeddings,
+    one unpadded forward pass per text (exact; logits and log-softmax in float32, for the
+    response's tokens only: memory holds (response tokens, vocab) floats at a time).
+
+    Raises:
+        IncompatibleInputsError for a model whose embeddings are not its LM head.
+    """
+    import torch
+
+    backbone, embeddings = _backbone_and_embeddings(model, where)
+    weight = embeddings.float()  # (vocab, hidden) fp32, once: the logits of a bf16 model in fp32
+
+    def mean_ll(ids: Sequence[int], start: int) -> float:
+        x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        hidden = backbone(input_ids=x).last_hidden_state[0, start - 1 : -1]  # (tokens, hidden)
+        logp = torch.log_softmax(hidden.float() @ weight.T, dim=-1)  # (response tokens, vocab) fp32
+        return float(logp.gather(1, x[0, start:, None]).mean())
+
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for c, r in pairs:
+            start = response_start(c, r)
+            chosen.append(mean_ll(c, start))
+            rejected.append(mean_ll(r, start))
+    return chosen, rejected
+
+
+@dataclass(frozen=True)
+class LmPreference:
+    """How often the backbone's likelihood prefers the chosen response, on one pair file."""
+
+    n: int
+    right: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    head: str = LM_HEAD
+
+
+def lm_preference(chosen: Sequence[float], rejected: Sequence[float]) -> LmPreference:
+    """The share of pairs whose chosen response's mean token log-likelihood is higher (a tie
+    is wrong, as in the accuracy), with its 95% Wilson interval."""
+    from lazymerge.evaluation.stats import wilson_interval
+
+    right = int((np.asarray(chosen, dtype=np.float64) > np.asarray(rejected, dtype=np.float64)).sum())
+    n = len(chosen)
+    low, high = wilson_interval(right, n)
+    return LmPreference(n, right, right / n if n else 0.0, low, high)

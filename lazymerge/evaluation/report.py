@@ -24,7 +24,7 @@ import numpy as np
 
 from lazymerge._version import __version__
 from lazymerge.evaluation import rewardbench2
-from lazymerge.evaluation.diagnostics import pair_diagnostics, reward_scale
+from lazymerge.evaluation.diagnostics import lm_preference, pair_diagnostics, reward_scale
 from lazymerge.evaluation.scoring import best_of_n
 from lazymerge.evaluation.sections import section_parts, weighted_interval, weights_note
 from lazymerge.evaluation.stats import Z95, paired_bootstrap, wilson_interval
@@ -160,6 +160,9 @@ def _diagnostics_entry(spec: Any, record: dict[str, Any], baseline: dict[str, An
         s, b = record["pairs"][e.name], baseline["pairs"][e.name]
         found = pair_diagnostics(e.pairs, (s["chosen"], s["rejected"]), (b["chosen"], b["rejected"]))
         out[e.name] = found.to_dict()
+        if "lm_check" in record:
+            lm = record["lm_check"][e.name]
+            out[e.name]["lm_check"] = dataclasses.asdict(lm_preference(lm["chosen"], lm["rejected"]))
     for bon in spec.bon_evals:
         rewards = [r for row in record["best_of_n"][bon.name]["rewards"] for r in row]
         out[bon.name] = {"rewards": dataclasses.asdict(reward_scale(rewards))}
@@ -301,6 +304,16 @@ def _diagnostics_markdown(doc: dict[str, Any]) -> list[str]:
         "the reward model alone.",
         "",
     ]
+    if "lm_check" in doc["scoring"]:
+        from lazymerge.evaluation.diagnostics import LM_HEAD
+
+        lines += [
+            "LM check (--lm-check): each point's merged backbone read as a language model through its "
+            f"{LM_HEAD}; the share of pairs whose chosen response has the higher mean token "
+            "log-likelihood (tokens after the pair's common prefix). Set beside the reward's accuracy, "
+            "it separates the knowledge reaching the backbone from the reward head reading it.",
+            "",
+        ]
     names = list(doc["points"][0].get("diagnostics", {}))
     for name in names:
         lines += _diagnostics_table(doc, name)
@@ -312,9 +325,12 @@ def _diagnostics_markdown(doc: dict[str, Any]) -> list[str]:
 
 def _diagnostics_table(doc: dict[str, Any], name: str) -> list[str]:
     has_pairs = "calibration" in doc["points"][0]["diagnostics"][name]
+    has_lm = "lm_check" in doc["points"][0]["diagnostics"][name]
     head = "| point | reward mean (std) |"
     if has_pairs:
         head += " ECE | acc. chosen shorter / about equal / longer (n) | longer wins % | fixed / broken |"
+    if has_lm:
+        head += " LM prefers chosen % (95% CI) |"
     lines = [f"### {name}", "", head, "| --- |" + " --- |" * (head.count("|") - 2)]
     for p in doc["points"]:
         d = p["diagnostics"][name]
@@ -329,6 +345,9 @@ def _diagnostics_table(doc: dict[str, Any], name: str) -> list[str]:
                 f" {d['calibration']['ece']:.3f} | {bins} | {'-' if longer is None else _pct(longer)} | "
                 f"{d['flips']['fixed']} / {d['flips']['broken']} |"
             )
+        if has_lm:
+            lm = d["lm_check"]
+            row += f" {_pct(lm['accuracy'])} ({_pct(lm['ci_low'])}-{_pct(lm['ci_high'])}) |"
         lines.append(row)
     return lines + [""]
 

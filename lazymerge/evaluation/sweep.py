@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lazymerge._version import __version__
-from lazymerge.errors import InputError, LazyMergeError, NonFiniteRewardError, OptionError, OutputError
+from lazymerge.errors import (
+    IncompatibleInputsError,
+    InputError,
+    LazyMergeError,
+    NonFiniteRewardError,
+    OptionError,
+    OutputError,
+)
 from lazymerge.evaluation.datasets import absolute_data
 from lazymerge.evaluation.prefix_scoring import ScoringStats
 from lazymerge.evaluation.resident import RESIDENT_CHOICES
@@ -126,10 +133,19 @@ class SweepRun:
     def format(self, out: Path) -> str:
         """What `lazymerge sweep` prints at the end: the points done, the report, the choice."""
         chosen = self.report["chosen"]
-        return (
-            f"{len(self.scored)} point(s) scored, {len(self.skipped)} already done; report in {out / 'report.md'}\n"
-            f"chosen point: {chosen['label']} (on {chosen['chosen_on']})"
-        )
+        lines = [
+            f"{len(self.scored)} point(s) scored, {len(self.skipped)} already done; report in {out / 'report.md'}",
+            f"chosen point: {chosen['label']} (on {chosen['chosen_on']})",
+        ]
+        point = next((p for p in self.report.get("points", []) if p["label"] == chosen["label"]), None)
+        for name, d in (point or {}).get("diagnostics", {}).items():
+            if point is not None and "lm_check" in d:
+                lines.append(
+                    f"  {name}: the backbone's likelihood prefers the chosen response in "
+                    f"{100 * d['lm_check']['accuracy']:.1f}% of {d['lm_check']['n']} pairs, the reward in "
+                    f"{100 * point['pairs'][name]['overall']['accuracy']:.1f}% (--lm-check)"
+                )
+        return "\n".join(lines)
 
 
 # --- the grid -----------------------------------------------------------------------------
@@ -456,6 +472,15 @@ def _point_problem(spec: SweepSpec, record: dict[str, Any]) -> str | None:
                 and all(_finite_list(r, n) for r, n in zip(rows, lengths, strict=True))
             ):
                 return f"{key} {name[:100]}: rewards must be {len(lengths)} lists of finite rewards, one per prompt"
+    if spec.load.lm_check:
+        lm = record.get("lm_check")
+        if not isinstance(lm, dict) or set(lm) != set(pairs):
+            return f"lm_check must hold {', '.join(sorted(pairs)) or 'nothing'}"
+        for name, n in pairs.items():
+            if not isinstance(lm[name], dict) or not all(
+                _finite_list(lm[name].get(k), n) for k in ("chosen", "rejected")
+            ):
+                return f"lm_check {name[:100]}: chosen and rejected must be {n} finite log-likelihoods each"
     for key in ("build_s", "score_s"):
         if not _finite_list([record.get(key)], 1):
             return f"{key} must be a finite number"
@@ -730,6 +755,8 @@ def score_point(
         t2 = time.monotonic()
         computed = rm.scoring_stats.to_dict() if rm.scoring_stats is not None else None
         stream = _stream_record(rm, texts)
+        lm = _lm_record(rm, texts, point.label) if spec.load.lm_check else None
+        t3 = time.monotonic()
         del rm
     peak_gpu = _gpu_peak(spec.load.device)
     _gpu_reset(spec.load.device)
@@ -767,7 +794,27 @@ def score_point(
         "peak_rss_file": sampler.peak.file,
         "peak_gpu_memory": peak_gpu,
         **({"stream": stream} if stream is not None else {}),
+        **({"lm_check": lm, "lm_check_s": round(t3 - t2, 3)} if lm is not None else {}),
     }
+
+
+def _lm_record(rm: Any, texts: PreparedTexts, label: str) -> dict[str, Any]:
+    """--lm-check: per pair file, the mean token log-likelihood of each chosen and rejected
+    response under the point's backbone (`diagnostics.mean_log_likelihoods`)."""
+    from lazymerge.evaluation.diagnostics import mean_log_likelihoods
+    from lazymerge.evaluation.layer_stream import LayerStreamedModel
+
+    if isinstance(rm.model, LayerStreamedModel):
+        raise IncompatibleInputsError(
+            f"sweep point {label}: --lm-check reads a model in memory; this one is scored layer by "
+            "layer (it did not fit --device-memory): leave out --lm-check or raise --device-memory"
+        )
+    out = {}
+    for name, (chosen, rejected) in texts.pair_texts.items():
+        pairs = [(texts.encoded[c], texts.encoded[r]) for c, r in zip(chosen, rejected, strict=True)]
+        c_ll, r_ll = mean_log_likelihoods(rm.model, rm.device, pairs, f"sweep point {label}")
+        out[name] = {"chosen": c_ll, "rejected": r_ll}
+    return out
 
 
 def _stream_record(rm: Any, texts: PreparedTexts) -> dict[str, Any] | None:
