@@ -12,7 +12,7 @@ decisions: the engine reads, upcasts, chunks and casts.
 | task_arithmetic | base + sum_i w_i (x_i - base) | yes |
 | dare_linear | base + sum_i w_i DARE(x_i - base) | yes (the drop mask depends on position only) |
 | dare_ties | base + TIES-sign-merge(DARE(x_i - base)) | yes |
-| ties | base + TIES-sign-merge(top-density trim(x_i - base)) | no: the trim threshold needs the whole tensor |
+| ties | base + TIES-sign-merge(top-density trim(x_i - base)) | in 3 passes (`TiesStats`): two magnitude-histogram passes for the trim threshold, then the apply pass |
 | slerp | spherical interpolation of two inputs, t = w_2 | no: the angle needs whole-tensor norms |
 | nearswap | a + clamp(t / abs(a - b), 0, 1) (b - a), t = w_2 | yes |
 | ram | base + sum_i (x_i - base) [abs > eps] / (inputs whose delta is above eps) | yes |
@@ -29,7 +29,9 @@ decisions: the engine reads, upcasts, chunks and casts.
 | arcee_fusion | base + (x - base) [importance >= median + 1.5 IQR] | no: row softmaxes and whole-tensor quantiles |
 | ramplus_tl | ram with each input's unique deltas scaled by its overlap ratio | no: the ratio counts the whole tensor |
 
-Non-elementwise methods receive the whole tensor, flattened, and its `shape`.
+Non-elementwise methods receive the whole tensor, flattened, and its `shape`, unless they have a
+bounded form (`MergeMethod.bounded`) and the tensor is larger than a chunk: then the engine feeds
+the deltas of every chunk to the form's statistics passes and merges each chunk in an apply pass.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where the arithmetic runs: the CLI's option checks stay light
     import torch
+
+from lazymerge.magnitude_select import HISTOGRAM_BYTES
 
 MethodFn = Callable[..., "torch.Tensor"]
 #: Gives the uniform [0, 1) draws of one input for the current chunk, keyed by element position.
@@ -59,6 +63,38 @@ class MergeMethod:
     #: Exact number of weighted inputs the method takes (None: any).
     arity: int | None = None
     uses_density: bool = False
+    #: The exact chunked form of a whole-tensor method (statistics passes, then an apply pass),
+    #: None when the method has none yet and holds whole tensors.
+    bounded: BoundedForm | None = None
+
+
+@dataclass(frozen=True)
+class BoundedForm:
+    """How a whole-tensor method runs over chunks: `passes` statistics passes over each input's
+    delta x_i - base, chunk by chunk in order, then an apply pass merging each chunk."""
+
+    #: Statistics passes before the apply pass.
+    passes: int
+    #: (tensor elements, weighted inputs, density) -> the statistics of one tensor.
+    start: Callable[[int, int, float], TensorStats]
+    #: Bytes the statistics of one tensor hold, per weighted input.
+    bytes_per_input: int
+
+
+class TensorStats:
+    """One tensor's statistics (`BoundedForm.start`): observed pass by pass, then applied."""
+
+    def observe(self, pass_no: int, deltas: Sequence[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def end_pass(self, pass_no: int) -> None:
+        raise NotImplementedError
+
+    def apply(
+        self, variant: int, deltas: Sequence[torch.Tensor], weights: Sequence[float], base: torch.Tensor
+    ) -> torch.Tensor:
+        """The merged block from one block of deltas, blocks in order (per output `variant`)."""
+        raise NotImplementedError
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -72,9 +108,12 @@ def merge_method(
     scratch_bytes: int = 0,
     arity: int | None = None,
     uses_density: bool = False,
+    bounded: BoundedForm | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     def register(fn: MethodFn) -> MethodFn:
-        METHODS[name] = MergeMethod(name, fn, elementwise, needs_base, scratch_bytes, arity, uses_density)
+        METHODS[name] = MergeMethod(
+            name, fn, elementwise, needs_base, scratch_bytes, arity, uses_density, bounded
+        )
         return fn
 
     return register
@@ -161,7 +200,63 @@ def dare_ties(
     return base.add_(_sign_consensus_merge(deltas, weights))
 
 
-@merge_method("ties", elementwise=False, needs_base=True, scratch_bytes=32, uses_density=True)
+def ties_keep(density: float, numel: int) -> int:
+    """Elements of each delta TIES keeps: the top round(density x numel) by magnitude."""
+    return int(round(density * numel))
+
+
+class TiesStats(TensorStats):
+    """TIES over chunks: the exact k-th largest |delta| of each input (two histogram passes,
+    `magnitude_select`), then per block each delta masked to its top k (equal magnitudes at the
+    threshold taken by position) and the sign-consensus merge, which is elementwise."""
+
+    def __init__(self, numel: int, inputs: int, density: float):
+        from lazymerge.magnitude_select import MagnitudeHistogram
+
+        self.keep = ties_keep(density, numel)
+        self.numel = numel
+        trims = 0 < self.keep < numel
+        self.histograms = [MagnitudeHistogram(self.keep) for _ in range(inputs)] if trims else []
+        self.masks: dict[int, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
+
+    def observe(self, pass_no: int, deltas: Sequence[torch.Tensor]) -> None:
+        for histogram, delta in zip(self.histograms, deltas if self.histograms else (), strict=True):
+            histogram.add(pass_no, delta)
+
+    def end_pass(self, pass_no: int) -> None:
+        for histogram in self.histograms:
+            histogram.end_pass(pass_no)
+
+    def _masks(self, variant: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        from lazymerge.magnitude_select import TopKMask
+
+        if variant not in self.masks:
+            self.masks[variant] = [TopKMask(h.threshold()) for h in self.histograms]
+        return self.masks[variant]
+
+    def apply(
+        self, variant: int, deltas: Sequence[torch.Tensor], weights: Sequence[float], base: torch.Tensor
+    ) -> torch.Tensor:
+        if self.keep <= 0:
+            for delta in deltas:
+                delta.zero_()
+        for mask, delta in zip(self._masks(variant), deltas if self.histograms else (), strict=True):
+            delta.mul_(mask(delta))
+        return base.add_(_sign_consensus_merge(deltas, weights))
+
+
+def _ties_stats(numel: int, inputs: int, density: float) -> TensorStats:
+    return TiesStats(numel, inputs, density)
+
+
+@merge_method(
+    "ties",
+    elementwise=False,
+    needs_base=True,
+    scratch_bytes=32,
+    uses_density=True,
+    bounded=BoundedForm(2, _ties_stats, HISTOGRAM_BYTES),
+)
 def ties(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -170,19 +265,27 @@ def ties(
     density: float,
     **_: object,
 ) -> torch.Tensor:
-    """base + TIES: keep each delta's top `density` fraction by magnitude, then sign-consensus merge."""
-    import torch
+    """base + TIES: keep each delta's top `density` fraction by magnitude, then sign-consensus merge.
 
+    The top k is `magnitude_select`'s exact threshold, equal magnitudes at it taken by position
+    (a stable sort's choice), as the chunked form (`TiesStats`) takes them: the two agree bit for
+    bit however a tensor is chunked. (`torch.topk` would pick among equal magnitudes in no
+    documented order.)
+    """
     deltas = _deltas(tensors, base)
     for delta in deltas:
-        k = int(round(density * delta.numel()))
-        if k <= 0:
-            delta.zero_()
-        elif k < delta.numel():
-            mask = torch.zeros(delta.numel(), dtype=torch.bool)
-            mask[torch.topk(delta.reshape(-1).abs(), k, sorted=False).indices] = True
-            delta.mul_(mask.reshape(delta.shape))
+        trim_top_k(delta.reshape(-1), ties_keep(density, delta.numel()))
     return base.add_(_sign_consensus_merge(deltas, weights))
+
+
+def trim_top_k(delta: torch.Tensor, k: int) -> None:
+    """Zero all but the top k of a (n,) fp32 delta by magnitude, in place (ties by position)."""
+    from lazymerge.magnitude_select import TopKMask, kth_largest_magnitude
+
+    if k <= 0:
+        delta.zero_()
+    elif k < delta.numel():
+        delta.mul_(TopKMask(kth_largest_magnitude(lambda: (delta,), k))(delta))
 
 
 @merge_method("slerp", elementwise=False, arity=2, scratch_bytes=16)

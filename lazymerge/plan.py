@@ -149,10 +149,23 @@ class MergePlan:
         """Elements per reusable buffer: the longest chunk of any tensor."""
         return max([1, *(min(self.chunk_len(t), max(t.numel, 1)) for t in self.tensors.values())])
 
+    def passes(self, tensor: TensorPlan) -> int:
+        """Passes over this tensor's chunks: a bounded method's statistics passes and its apply
+        pass for a merged tensor larger than a chunk, else one."""
+        bounded = self.method_spec.bounded
+        if tensor.action == "merge" and bounded is not None and tensor.numel > self.chunk_elems:
+            return bounded.passes + 1
+        return 1
+
+    def whole(self, tensor: TensorPlan) -> bool:
+        """Whether this tensor is merged whole: a merged tensor of a method that is not
+        elementwise and runs in one pass (a bounded method's tensor that fits one chunk)."""
+        return tensor.action == "merge" and not self.method_spec.elementwise and self.passes(tensor) == 1
+
     def chunk_len(self, tensor: TensorPlan) -> int:
         """Elements per chunk of this tensor: whole rows for "rows" tensors, the whole tensor
-        for methods that are not elementwise."""
-        if tensor.action == "merge" and not self.method_spec.elementwise:
+        for methods that are not elementwise and have no bounded form."""
+        if self.whole(tensor):
             return max(1, tensor.numel)
         unit = tensor.row_elems
         return max(unit, self.chunk_elems // unit * unit)
@@ -256,12 +269,14 @@ def buffer_sizes(plan: MergePlan) -> BufferSizes:
         max(
             [1]
             + [
-                block_len(t, method.elementwise, plan.chunk_len(t), plan.block_elems)
+                block_len(t, not plan.whole(t), plan.chunk_len(t), plan.block_elems)
                 for t in plan.tensors.values()
                 if t.action != "copy"
             ]
         ),
     )
+    multipass = any(plan.passes(t) > 1 for t in plan.tensors.values())
+    stats = stats_bytes(method, len(plan.inputs)) if multipass else 0
     return BufferSizes(
         buffer_elems=elems,
         input_itemsizes=plan.input_itemsizes,
@@ -271,7 +286,14 @@ def buffer_sizes(plan: MergePlan) -> BufferSizes:
         scratch_per_elem=method.scratch_bytes,
         staging_per_output=plan.staging_bytes,
         span_slack=SPAN_SLACK if plan.direct_io else 0,
+        stats_bytes=stats,
     )
+
+
+def stats_bytes(method: MergeMethod, inputs: int) -> int:
+    """Bytes of one tensor's statistics for a bounded method (0 without a bounded form), with
+    one more input's worth for the temporaries of an update (a histogram's bincount)."""
+    return 0 if method.bounded is None else method.bounded.bytes_per_input * (inputs + 1)
 
 
 def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
@@ -515,7 +537,8 @@ def _memory(
         variants,
         METHODS[options.method].scratch_bytes,
         options.block_elems,
-        direct_io_bytes(inputs, variants, staging) if direct_io else 0,
+        (direct_io_bytes(inputs, variants, staging) if direct_io else 0)
+        + stats_bytes(METHODS[options.method], inputs),
     )
     return {
         "chunk_elems": options.chunk_elems if options.chunk_elems is not None else chunk_elems,
