@@ -99,6 +99,22 @@ class TensorStats:
 
 METHODS: dict[str, MergeMethod] = {}
 
+#: Why each whole-tensor method with no bounded form yet holds whole tensors (`plan` says it).
+WHOLE_TENSOR_REASONS: dict[str, str] = {
+    "slerp": "the angle needs whole-tensor norms and a dot product first",
+    "nuslerp": "the angle needs whole-tensor norms and a dot product first",
+    "multislerp": "norms and dot products with the mean of the whole tensors",
+    "karcher": "every iteration needs whole-tensor dot products",
+    "model_stock": "the cosines need whole-tensor norms and dot products first",
+    "breadcrumbs": "the outlier and small-delta trim ranks the whole tensor",
+    "breadcrumbs_ties": "the outlier and small-delta trim ranks the whole tensor",
+    "sce": "the variance ranking and the weights need the whole tensor",
+    "della": "MagPrune ranks each row's magnitudes (chunks of whole rows would bound it: not built yet)",
+    "della_linear": "MagPrune ranks each row's magnitudes (chunks of whole rows would bound it: not built yet)",
+    "arcee_fusion": "row softmaxes and whole-tensor quantiles of the importances",
+    "ramplus_tl": "each input's overlap ratio counts the whole tensor",
+}
+
 
 def merge_method(
     name: str,

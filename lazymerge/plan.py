@@ -27,7 +27,7 @@ from lazymerge.io.hf_folder import output_companion_files
 from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
-from lazymerge.methods import DELLA_EPSILON, METHODS, MergeMethod
+from lazymerge.methods import DELLA_EPSILON, METHODS, WHOLE_TENSOR_REASONS, MergeMethod
 from lazymerge.options import MergeOptions, TensorParameters
 from lazymerge.provenance import InputIdentity, identify_checkpoint
 from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
@@ -162,6 +162,29 @@ class MergePlan:
         elementwise and runs in one pass (a bounded method's tensor that fits one chunk)."""
         return tensor.action == "merge" and not self.method_spec.elementwise and self.passes(tensor) == 1
 
+    def held_whole(self, tensor: TensorPlan) -> bool:
+        """Whether this tensor is held whole though larger than a chunk: the one case where the
+        working memory is not bounded by the budget (a method with no bounded form)."""
+        return self.whole(tensor) and tensor.numel > self.chunk_elems
+
+    def _passes_text(self, tensor: TensorPlan) -> str:
+        if self.passes(tensor) > 1:
+            return f" in {self.passes(tensor)} passes"
+        return ", held whole" if self.held_whole(tensor) else ""
+
+    def memory_notes(self) -> list[str]:
+        """Where this plan's working memory is not bounded by the budget, and why."""
+        whole = [t for t in self.tensors.values() if self.held_whole(t)]
+        if not whole:
+            return []
+        reason = unbounded_reason(self.method_spec)
+        largest = max(whole, key=lambda t: t.numel)
+        return [
+            f"{len(whole)} tensor(s) larger than a chunk are held whole ({largest.name} "
+            f"{list(largest.shape)} the largest): {self.method} has no bounded form yet ({reason}); "
+            "the working memory below includes them"
+        ]
+
     def chunk_len(self, tensor: TensorPlan) -> int:
         """Elements per chunk of this tensor: whole rows for "rows" tensors, the whole tensor
         for methods that are not elementwise and have no bounded form."""
@@ -195,6 +218,8 @@ class MergePlan:
                     "dtype": t.dtype,
                     "shape": list(t.shape),
                     "chunks": self.chunks(t),
+                    "passes": self.passes(t),
+                    "held_whole": self.held_whole(t),
                     "note": t.note,
                     **({"weights": list(t.weights)} if t.weights is not None else {}),
                     **({"density": t.density} if t.density is not None else {}),
@@ -209,6 +234,7 @@ class MergePlan:
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
             "working_memory": self.working_memory,
+            "memory_notes": self.memory_notes(),
             "predicted_peak_rss": self.predicted_peak_rss,
             "io": "direct" if self.direct_io else "buffered",
         }
@@ -232,7 +258,7 @@ class MergePlan:
                     note += f"  ({tp.values_text()})"
                 lines.append(
                     f"  {what:7s} {tp.name} {list(tp.shape)} {srcs} -> {tp.dtype}, "
-                    f"{self.chunks(tp)} chunk(s){note}"
+                    f"{self.chunks(tp)} chunk(s){self._passes_text(tp)}{note}"
                 )
         lines.extend(f"  dropped {d}" for d in self.dropped)
         if layout.index is not None:
@@ -244,7 +270,7 @@ class MergePlan:
             lines.append(
                 f"  the same files in each of {len(self.variant_names)} folders: {', '.join(self.variant_names)}"
             )
-        lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(f"note: {n}" for n in (*self.notes, *self.memory_notes()))
         lines.append(
             f"{len(self.tensors)} tensors, {self.parameters} parameters; reads {self.input_bytes} bytes, "
             f"writes {self.output_bytes} bytes in {len(self.output_files())} file(s); "
@@ -288,6 +314,11 @@ def buffer_sizes(plan: MergePlan) -> BufferSizes:
         span_slack=SPAN_SLACK if plan.direct_io else 0,
         stats_bytes=stats,
     )
+
+
+def unbounded_reason(method: MergeMethod) -> str:
+    """Why `method` holds whole tensors."""
+    return WHOLE_TENSOR_REASONS.get(method.name, "it needs whole-tensor statistics")
 
 
 def stats_bytes(method: MergeMethod, inputs: int) -> int:

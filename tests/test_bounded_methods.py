@@ -200,3 +200,22 @@ def test_ties_resident_memory_within_budget(tmp_path: Path) -> None:
     growth = {k: stats["peak"][k] - stats["base"][k] for k in stats["base"]}
     assert growth["anon"] <= budget + slack, f"anonymous RSS grew by {growth['anon'] / 2**20:.1f} MiB"
     assert growth["file"] + growth["shmem"] <= 4 * 2**20, growth
+
+
+def test_plan_shows_passes_and_what_is_held_whole(tmp_path: Path) -> None:
+    pbase, pa, pb, *_ = _inputs(tmp_path, quantised=True)
+    _, ties = _plan(tmp_path, [pa, pb], method="ties", base=str(pbase), density=0.3, max_memory=TINY)
+    text = ties.describe()
+    assert "big [256, 512] F32/F32/F32 -> F32, " in text and " chunk(s) in 3 passes" in text
+    rows = {t["name"]: t for t in ties.to_dict()["tensors"]}
+    assert rows["big"]["passes"] == 3 and not rows["big"]["held_whole"]
+    assert ties.memory_notes() == [] and ties.working_memory <= TINY
+    # slerp has no bounded form: its larger tensors are held whole, and the plan says so and why
+    _, slerp = _plan(tmp_path, [pa, pb], method="slerp", max_memory=TINY)
+    rows = {t["name"]: t for t in slerp.to_dict()["tensors"]}
+    assert rows["big"] == {**rows["big"], "passes": 1, "held_whole": True, "chunks": 1}
+    assert rows["small"]["held_whole"] is False
+    (note,) = slerp.memory_notes()
+    assert note.startswith("2 tensor(s) larger than a chunk are held whole (big [256, 512] the largest)")
+    assert "norms and a dot product" in note and f"note: {note}" in slerp.describe()
+    assert slerp.working_memory > TINY
