@@ -113,8 +113,11 @@ class TensorStatistics:
         """Feed one chunk of a statistics pass, block by block."""
         stats = self.for_chunk(chunk)
         raw = _raw_inputs(chunk, inputs)
-        for begin in range(0, chunk.count, self.plan.block_elems):
-            end = min(chunk.count, begin + self.plan.block_elems)
+        bounded = self.plan.method_spec.bounded
+        assert bounded is not None
+        step = self.plan.block_elems // bounded.align * bounded.align
+        for begin in range(0, chunk.count, step):
+            end = min(chunk.count, begin + step)
             stats.observe(chunk.pass_no, _block_deltas(self.plan, chunk, raw, fp32, begin, end)[0])
         if chunk.ends_pass:
             stats.end_pass(chunk.pass_no)

@@ -19,7 +19,7 @@ decisions: the engine reads, upcasts, chunks and casts.
 | breadcrumbs | base + sum_i w_i outlier-and-small-trim(x_i - base) | no: the trim needs a whole-tensor sort |
 | breadcrumbs_ties | base + TIES-sign-merge(outlier-and-small-trim(x_i - base)) | no: as breadcrumbs |
 | sce | base + select (variance top-k), calculate (mean-square weights), erase (sign election) | no: the variance ranking and the weights need the whole tensor |
-| model_stock | base + t (mean_i x_i - base), t from the mean cosine of the deltas | no: the cosines need whole-tensor norms and dot products |
+| model_stock | base + t (mean_i x_i - base), t from the mean cosine of the deltas | in 2 passes (`ModelStockStats`): the deltas' dot products, then the apply pass |
 | nuslerp | spherical interpolation of two inputs at t = w_2 / (w_1 + w_2), linear only when colinear | no: as slerp |
 | multislerp | barycentre of the inputs on the unit sphere (tangent-space mean), times the mean norm | no: norms and dot products of whole tensors |
 | karcher | Karcher mean of the inputs' directions (iterated), times the mean norm | no: every iteration needs whole-tensor dot products |
@@ -79,6 +79,9 @@ class BoundedForm:
     start: Callable[[int, int, float], TensorStats]
     #: Bytes the statistics of one tensor hold, per weighted input.
     bytes_per_input: int
+    #: Chunks and blocks of the statistics passes are multiples of this many elements (float64
+    #: sums taken block by block, in the whole-tensor order).
+    align: int = 1
 
 
 class TensorStats:
@@ -105,7 +108,6 @@ WHOLE_TENSOR_REASONS: dict[str, str] = {
     "nuslerp": "the angle needs whole-tensor norms and a dot product first",
     "multislerp": "norms and dot products with the mean of the whole tensors",
     "karcher": "every iteration needs whole-tensor dot products",
-    "model_stock": "the cosines need whole-tensor norms and dot products first",
     "breadcrumbs": "the outlier and small-delta trim ranks the whole tensor",
     "breadcrumbs_ties": "the outlier and small-delta trim ranks the whole tensor",
     "sce": "the variance ranking and the weights need the whole tensor",
@@ -494,7 +496,13 @@ def sce(
     return base.add_(merged.div_(divisor.clamp_(min=1e-6)))
 
 
-@merge_method("model_stock", elementwise=False, needs_base=True, scratch_bytes=0)
+@merge_method(
+    "model_stock",
+    elementwise=False,
+    needs_base=True,
+    scratch_bytes=0,
+    bounded=BoundedForm(1, lambda numel, inputs, density: ModelStockStats(inputs), 0, STATS_BLOCK),
+)
 def model_stock(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base: torch.Tensor, **_: object
 ) -> torch.Tensor:
@@ -505,20 +513,50 @@ def model_stock(
     1e-6). The weights are not used.
     """
     deltas = _deltas(tensors, base)
-    k = len(deltas)
-    norms = [math.sqrt(_dot64(d, d)) for d in deltas]
-    cosines = [
-        max(-1.0, min(1.0, _dot64(deltas[i], deltas[j]) / max(norms[i] * norms[j], 1e-6)))
-        for i in range(k)
-        for j in range(i + 1, k)
-    ]
-    cos = sum(cosines) / len(cosines)
-    denominator = 1 + (k - 1) * cos
-    t = 0.0 if abs(denominator) < 1e-6 else k * cos / denominator
-    total = deltas[0]
-    for delta in deltas[1:]:
-        total.add_(delta)
-    return base.add_(total.mul_(t / k))
+    stats = ModelStockStats(len(deltas))
+    stats.observe(0, deltas)
+    return stats.apply(0, deltas, weights, base)
+
+
+class ModelStockStats(TensorStats):
+    """model_stock's cosines from one statistics pass: every pairwise float64 dot product of the
+    deltas, summed block by block of `STATS_BLOCK` elements in order (as `_dot64` sums them, so
+    chunks that are whole blocks give the whole tensor's sums bit for bit), then the elementwise
+    apply base + t / k sum_i (x_i - base)."""
+
+    def __init__(self, inputs: int):
+        self.dots = [[0.0] * inputs for _ in range(inputs)]
+
+    def observe(self, pass_no: int, deltas: Sequence[torch.Tensor]) -> None:
+        k = len(deltas)
+        for start in range(0, deltas[0].numel(), STATS_BLOCK):
+            blocks = [d[start : start + STATS_BLOCK].double() for d in deltas]
+            for i in range(k):
+                for j in range(i, k):
+                    self.dots[i][j] += float(blocks[i].dot(blocks[j]))
+
+    def end_pass(self, pass_no: int) -> None:
+        pass
+
+    def factor(self) -> float:
+        k = len(self.dots)
+        norms = [math.sqrt(self.dots[i][i]) for i in range(k)]
+        cosines = [
+            max(-1.0, min(1.0, self.dots[i][j] / max(norms[i] * norms[j], 1e-6)))
+            for i in range(k)
+            for j in range(i + 1, k)
+        ]
+        cos = sum(cosines) / len(cosines)
+        denominator = 1 + (k - 1) * cos
+        return 0.0 if abs(denominator) < 1e-6 else k * cos / denominator
+
+    def apply(
+        self, variant: int, deltas: Sequence[torch.Tensor], weights: Sequence[float], base: torch.Tensor
+    ) -> torch.Tensor:
+        total = deltas[0]
+        for delta in deltas[1:]:
+            total.add_(delta)
+        return base.add_(total.mul_(self.factor() / len(deltas)))
 
 
 def _norm64(a: torch.Tensor) -> float:

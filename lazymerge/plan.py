@@ -153,9 +153,11 @@ class MergePlan:
         """Passes over this tensor's chunks: a bounded method's statistics passes and its apply
         pass for a merged tensor larger than a chunk, else one."""
         bounded = self.method_spec.bounded
-        if tensor.action == "merge" and bounded is not None and tensor.numel > self.chunk_elems:
-            return bounded.passes + 1
-        return 1
+        if tensor.action != "merge" or bounded is None or tensor.numel <= self.chunk_elems:
+            return 1
+        if min(self.chunk_elems, self.block_elems) < bounded.align:
+            return 1  # chunks too small to hold whole statistics blocks: the tensor is held whole
+        return bounded.passes + 1
 
     def whole(self, tensor: TensorPlan) -> bool:
         """Whether this tensor is merged whole: a merged tensor of a method that is not
@@ -177,11 +179,16 @@ class MergePlan:
         whole = [t for t in self.tensors.values() if self.held_whole(t)]
         if not whole:
             return []
-        reason = unbounded_reason(self.method_spec)
+        bounded = self.method_spec.bounded
+        reason = (
+            unbounded_reason(self.method_spec)
+            if bounded is None
+            else f"its chunks are smaller than the {bounded.align}-element blocks its statistics sum"
+        )
         largest = max(whole, key=lambda t: t.numel)
         return [
             f"{len(whole)} tensor(s) larger than a chunk are held whole ({largest.name} "
-            f"{list(largest.shape)} the largest): {self.method} has no bounded form yet ({reason}); "
+            f"{list(largest.shape)} the largest): {self.method} cannot bound them ({reason}); "
             "the working memory below includes them"
         ]
 
@@ -190,6 +197,9 @@ class MergePlan:
         for methods that are not elementwise and have no bounded form."""
         if self.whole(tensor):
             return max(1, tensor.numel)
+        if self.passes(tensor) > 1:
+            align = self.method_spec.bounded.align  # type: ignore[union-attr]
+            return self.chunk_elems // align * align
         unit = tensor.row_elems
         return max(unit, self.chunk_elems // unit * unit)
 

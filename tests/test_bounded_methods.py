@@ -217,5 +217,36 @@ def test_plan_shows_passes_and_what_is_held_whole(tmp_path: Path) -> None:
     assert rows["small"]["held_whole"] is False
     (note,) = slerp.memory_notes()
     assert note.startswith("2 tensor(s) larger than a chunk are held whole (big [256, 512] the largest)")
-    assert "norms and a dot product" in note and f"note: {note}" in slerp.describe()
+    assert (
+        "slerp cannot bound them (the angle needs whole-tensor norms and a dot product" in note
+        and f"note: {note}" in slerp.describe()
+    )
     assert slerp.working_memory > TINY
+
+
+def test_model_stock_chunked_equals_whole_tensor_bit_for_bit(tmp_path: Path) -> None:
+    """One statistics pass of float64 dot products, summed in the whole tensor's blocks."""
+    g = torch.Generator().manual_seed(9)
+    base = {"big": torch.randn(640, 512, generator=g), "small": torch.randn(9, generator=g)}
+    paths = [tmp_path / "base.safetensors"]
+    save_file(base, str(paths[0]))
+    for i in range(3):
+        paths.append(tmp_path / f"x{i}.safetensors")
+        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(paths[-1]))
+    budget = 8 * 2**20
+    _, plan = _plan(tmp_path, paths[1:], method="model_stock", base=str(paths[0]), max_memory=budget)
+    big = plan.tensors["big"]
+    assert plan.passes(big) == 2 and plan.chunks(big) > 2 and plan.chunk_len(big) % (1 << 16) == 0
+    assert plan.working_memory <= budget and plan.memory_notes() == []
+    runs = {}
+    for memory in (1 << 30, budget):
+        out = tmp_path / f"out-{memory}.safetensors"
+        merge(paths[1:], out, method="model_stock", base=paths[0], max_memory=memory)
+        runs[memory] = load_any(out)
+    for name in base:
+        assert torch.equal(runs[budget][name], runs[1 << 30][name]), name
+    # chunks too small for whole statistics blocks: held whole, and the plan says why
+    _, small = _plan(tmp_path, paths[1:], method="model_stock", base=str(paths[0]), max_memory=2**20)
+    assert small.passes(small.tensors["big"]) == 1
+    (note,) = small.memory_notes()
+    assert "smaller than the 65536-element blocks" in note
