@@ -74,12 +74,14 @@ def _block_deltas(
     fp32: Sequence[torch.Tensor],
     begin: int,
     end: int,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(fp32 deltas x_i - base of the weighted inputs, fp32 base) over elements begin..end of a chunk."""
-    assert plan.base_index is not None
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(fp32 deltas x_i - base of the weighted inputs, fp32 base) over elements begin..end of a
+    chunk; without a base model, (the fp32 inputs, None)."""
     work = {i: fp32[i][: end - begin].copy_(raw[i][begin:end]) for i in raw}  # (n,) fp32
-    base = work[plan.base_index]
     weighted = [i for i, _ in chunk.tensor.present() if i != plan.base_index]
+    if plan.base_index is None:
+        return [work[i] for i in weighted], None
+    base = work[plan.base_index]
     return [work[i].sub_(base) for i in weighted], base
 
 

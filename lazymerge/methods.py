@@ -20,7 +20,7 @@ decisions: the engine reads, upcasts, chunks and casts.
 | breadcrumbs_ties | base + TIES-sign-merge(outlier-and-small-trim(x_i - base)) | no: as breadcrumbs |
 | sce | base + select (variance top-k), calculate (mean-square weights), erase (sign election) | no: the variance ranking and the weights need the whole tensor |
 | model_stock | base + t (mean_i x_i - base), t from the mean cosine of the deltas | in 2 passes (`ModelStockStats`): the deltas' dot products, then the apply pass |
-| nuslerp | spherical interpolation of two inputs at t = w_2 / (w_1 + w_2), linear only when colinear | no: as slerp |
+| nuslerp | spherical interpolation of two inputs at t = w_2 / (w_1 + w_2), linear only when colinear | in 2 passes (`NuslerpStats`): norms and the dot product, then the apply pass |
 | multislerp | barycentre of the inputs on the unit sphere (tangent-space mean), times the mean norm | no: norms and dot products of whole tensors |
 | karcher | Karcher mean of the inputs' directions (iterated), times the mean norm | no: every iteration needs whole-tensor dot products |
 | passthrough | w_1 x_1 (one input, scaled) | yes |
@@ -94,7 +94,11 @@ class TensorStats:
         raise NotImplementedError
 
     def apply(
-        self, variant: int, deltas: Sequence[torch.Tensor], weights: Sequence[float], base: torch.Tensor
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
     ) -> torch.Tensor:
         """The merged block from one block of deltas, blocks in order (per output `variant`)."""
         raise NotImplementedError
@@ -105,7 +109,6 @@ METHODS: dict[str, MergeMethod] = {}
 #: Why each whole-tensor method with no bounded form yet holds whole tensors (`plan` says it).
 WHOLE_TENSOR_REASONS: dict[str, str] = {
     "slerp": "the angle needs whole-tensor norms and a dot product first",
-    "nuslerp": "the angle needs whole-tensor norms and a dot product first",
     "multislerp": "norms and dot products with the mean of the whole tensors",
     "karcher": "every iteration needs whole-tensor dot products",
     "breadcrumbs": "the outlier and small-delta trim ranks the whole tensor",
@@ -253,8 +256,13 @@ class TiesStats(TensorStats):
         return self.masks[variant]
 
     def apply(
-        self, variant: int, deltas: Sequence[torch.Tensor], weights: Sequence[float], base: torch.Tensor
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
     ) -> torch.Tensor:
+        assert base is not None
         if self.keep <= 0:
             for delta in deltas:
                 delta.zero_()
@@ -518,11 +526,10 @@ def model_stock(
     return stats.apply(0, deltas, weights, base)
 
 
-class ModelStockStats(TensorStats):
-    """model_stock's cosines from one statistics pass: every pairwise float64 dot product of the
-    deltas, summed block by block of `STATS_BLOCK` elements in order (as `_dot64` sums them, so
-    chunks that are whole blocks give the whole tensor's sums bit for bit), then the elementwise
-    apply base + t / k sum_i (x_i - base)."""
+class GramStats(TensorStats):
+    """One statistics pass: every pairwise float64 dot product of the inputs (or deltas), summed
+    block by block of `STATS_BLOCK` elements in order (as `_dot64` sums them, so chunks that are
+    whole blocks give the whole tensor's sums bit for bit)."""
 
     def __init__(self, inputs: int):
         self.dots = [[0.0] * inputs for _ in range(inputs)]
@@ -538,6 +545,10 @@ class ModelStockStats(TensorStats):
     def end_pass(self, pass_no: int) -> None:
         pass
 
+
+class ModelStockStats(GramStats):
+    """model_stock from the deltas' dot products: base + t / k sum_i (x_i - base), elementwise."""
+
     def factor(self) -> float:
         k = len(self.dots)
         norms = [math.sqrt(self.dots[i][i]) for i in range(k)]
@@ -551,8 +562,13 @@ class ModelStockStats(TensorStats):
         return 0.0 if abs(denominator) < 1e-6 else k * cos / denominator
 
     def apply(
-        self, variant: int, deltas: Sequence[torch.Tensor], weights: Sequence[float], base: torch.Tensor
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
     ) -> torch.Tensor:
+        assert base is not None
         total = deltas[0]
         for delta in deltas[1:]:
             total.add_(delta)
@@ -563,21 +579,42 @@ def _norm64(a: torch.Tensor) -> float:
     return math.sqrt(_dot64(a, a))
 
 
-@merge_method("nuslerp", elementwise=False, arity=2, scratch_bytes=0)
+class NuslerpStats(GramStats):
+    """nuslerp from the inputs' norms and dot product: an elementwise combination of the two."""
+
+    def apply(
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        v0, v1 = deltas
+        total = float(weights[0]) + float(weights[1])
+        t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+        n0, n1 = max(math.sqrt(self.dots[0][0]), 1e-7), max(math.sqrt(self.dots[1][1]), 1e-7)
+        cos = max(-1.0, min(1.0, self.dots[0][1] / (n0 * n1)))
+        if 1 - cos * cos <= 1e-16:
+            return v0.mul_(1 - t).add_(v1.mul_(t))
+        theta = math.acos(cos)
+        sin_theta = math.sin(theta)
+        return v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1.mul_(math.sin(t * theta) / sin_theta))
+
+
+@merge_method(
+    "nuslerp",
+    elementwise=False,
+    arity=2,
+    scratch_bytes=0,
+    bounded=BoundedForm(1, lambda numel, inputs, density: NuslerpStats(inputs), 0, STATS_BLOCK),
+)
 def nuslerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
     """mergekit's NuSLERP (flattened, no base): Shoemake's spherical interpolation (SIGGRAPH 1985)
     of the two inputs at t = w_2 / (w_1 + w_2) (0.5 when the weights sum to 0), linear only
     when they are exactly colinear (1 - cos^2 <= 1e-16), unlike slerp's 0.9995 threshold."""
-    v0, v1 = tensors
-    total = float(weights[0]) + float(weights[1])
-    t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
-    n0, n1 = max(_norm64(v0), 1e-7), max(_norm64(v1), 1e-7)
-    cos = max(-1.0, min(1.0, _dot64(v0, v1) / (n0 * n1)))
-    if 1 - cos * cos <= 1e-16:
-        return v0.mul_(1 - t).add_(v1.mul_(t))
-    theta = math.acos(cos)
-    sin_theta = math.sin(theta)
-    return v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1.mul_(math.sin(t * theta) / sin_theta))
+    stats = NuslerpStats(2)
+    stats.observe(0, tensors)
+    return stats.apply(0, tensors, weights, None)
 
 
 @merge_method("multislerp", elementwise=False, scratch_bytes=8)

@@ -250,3 +250,29 @@ def test_model_stock_chunked_equals_whole_tensor_bit_for_bit(tmp_path: Path) -> 
     assert small.passes(small.tensors["big"]) == 1
     (note,) = small.memory_notes()
     assert "smaller than the 65536-element blocks" in note
+
+
+def test_nuslerp_sweep_chunked_equals_whole_tensor_bit_for_bit(tmp_path: Path) -> None:
+    """nuslerp (no base): the inputs' norms and dot product in one statistics pass; per output
+    its own interpolation from the same statistics."""
+    g = torch.Generator().manual_seed(4)
+    paths = []
+    first = {"big": torch.randn(640, 512, generator=g), "small": torch.randn(9, generator=g)}
+    for i in range(2):
+        paths.append(tmp_path / f"x{i}.safetensors")
+        save_file(
+            {k: v + 0.5 * i * torch.randn(v.shape, generator=g) for k, v in first.items()}, str(paths[-1])
+        )
+    budget = 8 * 2**20
+    _, plan = prepare(paths, tmp_path / "planned", method="nuslerp", max_memory=budget, alpha=[0.3, 0.8])
+    assert plan.passes(plan.tensors["big"]) == 2 and plan.chunks(plan.tensors["big"]) > 2
+    assert plan.working_memory <= budget
+    runs = {}
+    for memory in (1 << 30, budget):
+        out = tmp_path / f"out-{memory}"
+        merge(paths, out, method="nuslerp", alpha=[0.3, 0.8], max_memory=memory)
+        runs[memory] = {d.name: load_any(d) for d in sorted(out.iterdir()) if d.is_dir()}
+    assert len(runs[budget]) == 2
+    for folder, tensors in runs[budget].items():
+        for name, value in tensors.items():
+            assert torch.equal(value, runs[1 << 30][folder][name]), (folder, name)
