@@ -592,6 +592,36 @@ class MergePipeline:
         return self.written
 
 
+def merge_tensor(
+    plan: MergePlan,
+    checkpoints: Sequence[Checkpoint],
+    tp: TensorPlan,
+    buffers: Sequence[mmap.mmap],
+    fp32: Sequence[torch.Tensor],
+    raw: memoryview,
+    warn: Callable[[str, str], None],
+    statistics: TensorStatistics | None = None,
+) -> None:
+    """Merge one whole tensor of a one-output plan into `raw` (its bytes in the output dtype),
+    chunk by chunk through one input buffer set: its statistics passes first where it has any
+    (`MergePlan.passes`), then the apply pass."""
+    statistics = statistics if statistics is not None else TensorStatistics(plan)
+    size = itemsize(tp.dtype)
+    step = plan.chunk_len(tp)
+    passes = plan.passes(tp)
+    for pass_no in range(passes):
+        for start in range(0, tp.numel, step):
+            count = min(step, tp.numel - start)
+            chunk = _Chunk(tp, start, count, 0, False, pass_no)
+            views = read_chunk(checkpoints, chunk, buffers)
+            if pass_no < passes - 1:
+                statistics.observe(chunk, views, fp32)
+                continue
+            merge_chunk(
+                plan, chunk, views, [raw[start * size : (start + count) * size]], fp32, warn, statistics
+            )
+
+
 def iter_merged_tensors(
     plan: MergePlan,
     checkpoints: Sequence[Checkpoint],
@@ -637,18 +667,7 @@ def iter_merged_tensors(
             given = destination(tp.name, tp.numel * size) if destination is not None and tp.numel else None
             data = given if given is not None else bytearray(tp.numel * size)
             raw = memoryview(data)
-            step = one.chunk_len(tp)
-            passes = one.passes(tp)
-            for pass_no in range(passes):
-                for start in range(0, tp.numel, step):
-                    count = min(step, tp.numel - start)
-                    chunk = _Chunk(tp, start, count, 0, False, pass_no)
-                    views = read_chunk(checkpoints, chunk, buffers)
-                    if pass_no < passes - 1:
-                        statistics.observe(chunk, views, workspace.fp32)
-                        continue
-                    out = [raw[start * size : (start + count) * size]]
-                    merge_chunk(one, chunk, views, out, workspace.fp32, warn, statistics)
+            merge_tensor(one, checkpoints, tp, buffers, workspace.fp32, raw, warn, statistics)
             if tp.numel:
                 yield tp.name, torch.frombuffer(data, dtype=torch_dtype(tp.dtype)).view(tp.shape)
             else:
