@@ -29,7 +29,7 @@ from lazymerge.errors import IncompatibleInputsError, NonFiniteError
 from lazymerge.io.dtypes import TensorInfo, itemsize, torch_dtype
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputTransaction, StreamingShardWriter
-from lazymerge.methods import METHODS, position_uniform
+from lazymerge.methods import METHODS, TensorStats, position_uniform
 from lazymerge.plan import MergePlan, buffer_sizes
 from lazymerge.tensor_plan import TensorPlan
 from lazymerge.workspace import Stopped, Workspace, block_len
@@ -44,20 +44,85 @@ class _Chunk:
     count: int  # elements
     shard: int  # index of the output shard
     last_in_shard: bool
+    #: Which pass over the tensor (`MergePlan.passes`): statistics passes first, the apply pass last.
+    pass_no: int = 0
+
+    @property
+    def ends_pass(self) -> bool:
+        return self.start + self.count >= self.tensor.numel
 
 
 def _chunks(plan: MergePlan) -> Iterator[_Chunk]:
     """Every chunk in output file order; an empty tensor is one chunk of 0 elements."""
     for shard_no, shard in enumerate(plan.layouts[0].shards):
         jobs = [
-            (tp, start, min(step, tp.numel - start))
+            (tp, start, min(step, tp.numel - start), pass_no)
             for tp, step in (
                 (plan.tensors[t.name], plan.chunk_len(plan.tensors[t.name])) for t in shard.tensors
             )
+            for pass_no in range(plan.passes(tp))
             for start in (range(0, tp.numel, step) if tp.numel else (0,))
         ]
-        for i, (tp, start, count) in enumerate(jobs):
-            yield _Chunk(tp, start, count, shard_no, i == len(jobs) - 1)
+        for i, (tp, start, count, pass_no) in enumerate(jobs):
+            yield _Chunk(tp, start, count, shard_no, i == len(jobs) - 1, pass_no)
+
+
+def _block_deltas(
+    plan: MergePlan,
+    chunk: _Chunk,
+    raw: dict[int, torch.Tensor],
+    fp32: Sequence[torch.Tensor],
+    begin: int,
+    end: int,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(fp32 deltas x_i - base of the weighted inputs, fp32 base) over elements begin..end of a
+    chunk; without a base model, (the fp32 inputs, None)."""
+    work = {i: fp32[i][: end - begin].copy_(raw[i][begin:end]) for i in raw}  # (n,) fp32
+    weighted = [i for i, _ in chunk.tensor.present() if i != plan.base_index]
+    if plan.base_index is None:
+        return [work[i] for i in weighted], None
+    base = work[plan.base_index]
+    return [work[i].sub_(base) for i in weighted], base
+
+
+def _raw_inputs(chunk: _Chunk, inputs: Sequence[memoryview | None]) -> dict[int, torch.Tensor]:
+    return {i: torch.frombuffer(inputs[i], dtype=torch_dtype(src.dtype)) for i, src in chunk.tensor.present()}
+
+
+class TensorStatistics:
+    """The statistics of the tensor being merged in several passes (`MergePlan.passes`): started
+    at its first chunk, fed every chunk of its statistics passes, used by its apply pass."""
+
+    def __init__(self, plan: MergePlan):
+        self.plan = plan
+        self.name = ""
+        self.stats: TensorStats | None = None
+
+    def for_chunk(self, chunk: _Chunk) -> TensorStats:
+        """The statistics of `chunk`'s tensor, started afresh at its first pass's first chunk."""
+        tp = chunk.tensor
+        bounded = self.plan.method_spec.bounded
+        assert bounded is not None
+        if self.stats is None or self.name != tp.name or (chunk.pass_no == 0 and chunk.start == 0):
+            density = self.plan.density if tp.density is None else tp.density
+            inputs = sum(1 for i, _ in tp.present() if i != self.plan.base_index)
+            self.name, self.stats = tp.name, bounded.start(tp.numel, inputs, density)
+        return self.stats
+
+    def observe(
+        self, chunk: _Chunk, inputs: Sequence[memoryview | None], fp32: Sequence[torch.Tensor]
+    ) -> None:
+        """Feed one chunk of a statistics pass, block by block."""
+        stats = self.for_chunk(chunk)
+        raw = _raw_inputs(chunk, inputs)
+        bounded = self.plan.method_spec.bounded
+        assert bounded is not None
+        step = self.plan.block_elems // bounded.align * bounded.align
+        for begin in range(0, chunk.count, step):
+            end = min(chunk.count, begin + step)
+            stats.observe(chunk.pass_no, _block_deltas(self.plan, chunk, raw, fp32, begin, end)[0])
+        if chunk.ends_pass:
+            stats.end_pass(chunk.pass_no)
 
 
 class _Stage(threading.Thread):
@@ -244,6 +309,23 @@ def _apply_method(
     return plan.method_spec.fn([work[i] for i in weighted], [weights[i] for i in weighted], **kwargs)
 
 
+def _copy_chunk(tp: TensorPlan, inputs: Sequence[memoryview | None], outs: Sequence[memoryview]) -> None:
+    """Copy a non-float tensor's chunk, which every input must hold alike."""
+    present = tp.present()
+    i0, src0 = present[0]
+    first = inputs[i0]
+    assert first is not None
+    for i, src in present[1:]:
+        if inputs[i] != first:
+            raise IncompatibleInputsError(
+                f"{src.path}: non-float tensor {tp.name!r} ({tp.dtype}) differs from "
+                f"{src0.path}; {tp.dtype} tensors are copied, not merged (integers, bool, complex "
+                "and F8_E8M0 scales alike), so the inputs must agree"
+            )
+    for out in outs:
+        out[:] = first
+
+
 def merge_chunk(
     plan: MergePlan,
     chunk: _Chunk,
@@ -251,41 +333,44 @@ def merge_chunk(
     outs: Sequence[memoryview],
     fp32: Sequence[torch.Tensor],
     warn: Callable[[str, str], None] = lambda tensor, message: None,
+    stats: TensorStatistics | None = None,
 ) -> None:
     """Merge one chunk of raw input bytes into `outs`, one raw output chunk per weight variant.
 
-    Non-finite output values (checked after the cast to the output dtype) raise NonFiniteError
-    under `plan.check_finite`, else go to `warn(tensor name, message)`.
+    A chunk of a tensor merged in several passes is merged by the apply pass of `stats`, which
+    must have observed the tensor's statistics passes. Non-finite output values (checked after
+    the cast to the output dtype) raise NonFiniteError under `plan.check_finite`, else go to
+    `warn(tensor name, message)`.
     """
     tp = chunk.tensor
     present = tp.present()
     if tp.action == "copy":
-        i0, src0 = present[0]
-        first = inputs[i0]
-        assert first is not None
-        for i, src in present[1:]:
-            if inputs[i] != first:
-                raise IncompatibleInputsError(
-                    f"{src.path}: non-float tensor {tp.name!r} ({tp.dtype}) differs from "
-                    f"{src0.path}; {tp.dtype} tensors are copied, not merged (integers, bool, complex "
-                    "and F8_E8M0 scales alike), so the inputs must agree"
-                )
-        for out in outs:
-            out[:] = first
+        _copy_chunk(tp, inputs, outs)
         return
-    method = plan.method_spec
-    raw = {i: torch.frombuffer(inputs[i], dtype=torch_dtype(src.dtype)) for i, src in present}
+    raw = _raw_inputs(chunk, inputs)
     # elementwise work goes in cache-sized blocks: the several passes of the arithmetic then
     # stay in cache instead of streaming the whole chunk through memory for each pass
     # (rows: blocks of whole rows)
-    step = block_len(tp, method.elementwise, chunk.count, plan.block_elems)
+    multipass = plan.passes(tp) > 1
+    if multipass and (stats is None or stats.stats is None or stats.name != tp.name):
+        raise ValueError(
+            f"tensor {tp.name!r} is merged in {plan.passes(tp)} passes: its statistics come first"
+        )
+    step = block_len(tp, not plan.whole(tp), chunk.count, plan.block_elems)
     # a tensor's own weights (a mergekit config's gradients and filters) hold for a one-output plan
     variants = plan.variants if tp.weights is None else (tp.weights,)
-    for weights, out in zip(variants, outs, strict=True):
+    for variant, (weights, out) in enumerate(zip(variants, outs, strict=True)):
         out_values = torch.frombuffer(out, dtype=torch_dtype(tp.dtype))
         row_weights = _row_weights(tp, chunk, weights) if tp.action == "rows" else []
         for begin in range(0, chunk.count, step):
             end = min(chunk.count, begin + step)
+            if multipass:
+                assert stats is not None and stats.stats is not None
+                deltas, base = _block_deltas(plan, chunk, raw, fp32, begin, end)
+                weighted = [weights[i] for i, _ in present if i != plan.base_index]
+                merged = stats.stats.apply(variant, deltas, weighted, base)
+                _store(plan, chunk, inputs, merged, out_values[begin:end], warn)
+                continue
             work = {i: fp32[i][: end - begin].copy_(raw[i][begin:end]) for i, _ in present}  # (n,) fp32
             if tp.action == "rows":
                 row0, row1 = begin // tp.row_elems, end // tp.row_elems
@@ -295,13 +380,24 @@ def merge_chunk(
                 )
             else:
                 merged = _apply_method(plan, chunk, work, weights, begin, end)
-            target = out_values[begin:end]
-            target.copy_(merged.reshape(-1))
-            if not _block_finite(merged, target):
-                message = _nonfinite_message(plan, chunk, inputs, bool(torch.isfinite(merged).all()))
-                if plan.check_finite:
-                    raise NonFiniteError(message + "; stopped because of --check-finite")
-                warn(tp.name, message)
+            _store(plan, chunk, inputs, merged, out_values[begin:end], warn)
+
+
+def _store(
+    plan: MergePlan,
+    chunk: _Chunk,
+    inputs: Sequence[memoryview | None],
+    merged: torch.Tensor,
+    target: torch.Tensor,
+    warn: Callable[[str, str], None],
+) -> None:
+    """Cast a merged fp32 block into its output values, checking they are finite."""
+    target.copy_(merged.reshape(-1))
+    if not _block_finite(merged, target):
+        message = _nonfinite_message(plan, chunk, inputs, bool(torch.isfinite(merged).all()))
+        if plan.check_finite:
+            raise NonFiniteError(message + "; stopped because of --check-finite")
+        warn(chunk.tensor.name, message)
 
 
 class MergePipeline:
@@ -330,6 +426,7 @@ class MergePipeline:
         self.write_q: queue.Queue[object] = queue.Queue(maxsize=1)
         self.hash_q: queue.Queue[object] = queue.Queue(maxsize=1)
         self.workspace = Workspace(buffer_sizes(plan), self.stop)
+        self.statistics = TensorStatistics(plan)
         if plan.direct_io:
             for checkpoint in checkpoints:
                 checkpoint.enable_direct_io()
@@ -366,6 +463,10 @@ class MergePipeline:
             if item is _DONE:
                 break
             chunk, buffers, views = cast(tuple[_Chunk, list[mmap.mmap], list[memoryview | None]], item)
+            if chunk.pass_no < self.plan.passes(chunk.tensor) - 1:  # a statistics pass: no output
+                self.statistics.observe(chunk, views, self.workspace.fp32)
+                self.workspace.free_inputs.put(buffers)
+                continue
             outs = self.workspace.take(self.workspace.free_outputs)
             nbytes = chunk.count * itemsize(chunk.tensor.dtype)
             if nbytes:
@@ -376,6 +477,7 @@ class MergePipeline:
                     [memoryview(o)[:nbytes] for o in outs],
                     self.workspace.fp32,
                     self.warn,
+                    self.statistics,
                 )
             self.workspace.free_inputs.put(buffers)
             _put(self.write_q, (chunk.shard, outs, nbytes, chunk.last_in_shard), self.stop)
@@ -490,6 +592,36 @@ class MergePipeline:
         return self.written
 
 
+def merge_tensor(
+    plan: MergePlan,
+    checkpoints: Sequence[Checkpoint],
+    tp: TensorPlan,
+    buffers: Sequence[mmap.mmap],
+    fp32: Sequence[torch.Tensor],
+    raw: memoryview,
+    warn: Callable[[str, str], None],
+    statistics: TensorStatistics | None = None,
+) -> None:
+    """Merge one whole tensor of a one-output plan into `raw` (its bytes in the output dtype),
+    chunk by chunk through one input buffer set: its statistics passes first where it has any
+    (`MergePlan.passes`), then the apply pass."""
+    statistics = statistics if statistics is not None else TensorStatistics(plan)
+    size = itemsize(tp.dtype)
+    step = plan.chunk_len(tp)
+    passes = plan.passes(tp)
+    for pass_no in range(passes):
+        for start in range(0, tp.numel, step):
+            count = min(step, tp.numel - start)
+            chunk = _Chunk(tp, start, count, 0, False, pass_no)
+            views = read_chunk(checkpoints, chunk, buffers)
+            if pass_no < passes - 1:
+                statistics.observe(chunk, views, fp32)
+                continue
+            merge_chunk(
+                plan, chunk, views, [raw[start * size : (start + count) * size]], fp32, warn, statistics
+            )
+
+
 def iter_merged_tensors(
     plan: MergePlan,
     checkpoints: Sequence[Checkpoint],
@@ -516,6 +648,7 @@ def iter_merged_tensors(
     # one input set and no output buffers: chunks are merged straight into the tensor's memory
     workspace = Workspace(buffer_sizes(one), threading.Event(), input_sets=1, output_sets=0)
     buffers = workspace.take(workspace.free_inputs)
+    statistics = TensorStatistics(one)
     warned: set[str] = set()
 
     def warn(tensor: str, message: str) -> None:
@@ -534,14 +667,7 @@ def iter_merged_tensors(
             given = destination(tp.name, tp.numel * size) if destination is not None and tp.numel else None
             data = given if given is not None else bytearray(tp.numel * size)
             raw = memoryview(data)
-            step = one.chunk_len(tp)
-            for start in range(0, tp.numel, step):
-                count = min(step, tp.numel - start)
-                chunk = _Chunk(tp, start, count, 0, False)
-                views = read_chunk(checkpoints, chunk, buffers)
-                merge_chunk(
-                    one, chunk, views, [raw[start * size : (start + count) * size]], workspace.fp32, warn
-                )
+            merge_tensor(one, checkpoints, tp, buffers, workspace.fp32, raw, warn, statistics)
             if tp.numel:
                 yield tp.name, torch.frombuffer(data, dtype=torch_dtype(tp.dtype)).view(tp.shape)
             else:

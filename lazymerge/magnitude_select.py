@@ -10,8 +10,8 @@ two passes and 1 MiB of counts whatever the tensor's size. An apply pass keeps e
 above the threshold and, of those equal to it, the first ones by position (`TopKMask`), which is
 the stable sort's choice.
 
-Not yet wired into the engine: the plan would need a pass count per tensor and the engine a
-statistics pass before the merge pass (see the report on issue 23).
+`MagnitudeHistogram` is the same two passes fed one chunk at a time, as the engine's statistics
+passes read them (`methods.TiesStats`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,47 @@ class Threshold:
     take_equal: int
 
 
+#: Bytes one `MagnitudeHistogram` holds at most (one 65,536-bin int64 histogram at a time).
+HISTOGRAM_BYTES = _BINS * 8
+
+
+class MagnitudeHistogram:
+    """The k-th largest |x| over a tensor's chunks, fed incrementally: every chunk in pass 0,
+    `end_pass(0)`, every chunk again in pass 1, then `threshold()`."""
+
+    def __init__(self, k: int):
+        import torch
+
+        self.k = k
+        self._counts = torch.zeros(_BINS, dtype=torch.int64)
+        self._top = -1
+        self._above = 0
+
+    def add(self, pass_no: int, chunk: torch.Tensor) -> None:
+        import torch
+
+        bits = _magnitude_bits(chunk)
+        if pass_no == 0:
+            self._counts += torch.bincount(bits >> 16, minlength=_BINS)
+        else:
+            self._counts += torch.bincount(bits[(bits >> 16) == self._top] & 0xFFFF, minlength=_BINS)
+
+    def end_pass(self, pass_no: int) -> None:
+        if pass_no == 0:
+            total = int(self._counts.sum())
+            if not 1 <= self.k <= total:
+                raise ValueError(f"k = {self.k} is not between 1 and the {total} elements")
+            self._top, self._above = _pick(self._counts, self.k)
+            self._counts.zero_()
+
+    def threshold(self) -> Threshold:
+        import torch
+
+        bottom, above_low = _pick(self._counts, self.k - self._above)
+        pattern = torch.tensor([(self._top << 16) | bottom], dtype=torch.int32)
+        return Threshold(float(pattern.view(torch.float32)), self.k - self._above - above_low)
+
+
 def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> Threshold:
     """The k-th largest |x| over every element the chunks yield, exactly, in two passes.
 
@@ -57,21 +98,12 @@ def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int) 
         chunks: called once per pass; yields the tensor's (n_i,) fp32 chunks in order.
         k: 1 <= k <= the number of elements.
     """
-    import torch
-
-    high = torch.zeros(_BINS, dtype=torch.int64)
-    for chunk in chunks():
-        high += torch.bincount(_magnitude_bits(chunk) >> 16, minlength=_BINS)
-    if not 1 <= k <= int(high.sum()):
-        raise ValueError(f"k = {k} is not between 1 and the {int(high.sum())} elements")
-    top, above = _pick(high, k)
-    low = torch.zeros(_BINS, dtype=torch.int64)
-    for chunk in chunks():
-        bits = _magnitude_bits(chunk)
-        low += torch.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=_BINS)
-    bottom, above_low = _pick(low, k - above)
-    pattern = torch.tensor([(top << 16) | bottom], dtype=torch.int32)
-    return Threshold(float(pattern.view(torch.float32)), k - above - above_low)
+    histogram = MagnitudeHistogram(k)
+    for pass_no in (0, 1):
+        for chunk in chunks():
+            histogram.add(pass_no, chunk)
+        histogram.end_pass(pass_no)
+    return histogram.threshold()
 
 
 class TopKMask:

@@ -12,15 +12,15 @@ decisions: the engine reads, upcasts, chunks and casts.
 | task_arithmetic | base + sum_i w_i (x_i - base) | yes |
 | dare_linear | base + sum_i w_i DARE(x_i - base) | yes (the drop mask depends on position only) |
 | dare_ties | base + TIES-sign-merge(DARE(x_i - base)) | yes |
-| ties | base + TIES-sign-merge(top-density trim(x_i - base)) | no: the trim threshold needs the whole tensor |
+| ties | base + TIES-sign-merge(top-density trim(x_i - base)) | in 3 passes (`TiesStats`): two magnitude-histogram passes for the trim threshold, then the apply pass |
 | slerp | spherical interpolation of two inputs, t = w_2 | no: the angle needs whole-tensor norms |
 | nearswap | a + clamp(t / abs(a - b), 0, 1) (b - a), t = w_2 | yes |
 | ram | base + sum_i (x_i - base) [abs > eps] / (inputs whose delta is above eps) | yes |
 | breadcrumbs | base + sum_i w_i outlier-and-small-trim(x_i - base) | no: the trim needs a whole-tensor sort |
 | breadcrumbs_ties | base + TIES-sign-merge(outlier-and-small-trim(x_i - base)) | no: as breadcrumbs |
 | sce | base + select (variance top-k), calculate (mean-square weights), erase (sign election) | no: the variance ranking and the weights need the whole tensor |
-| model_stock | base + t (mean_i x_i - base), t from the mean cosine of the deltas | no: the cosines need whole-tensor norms and dot products |
-| nuslerp | spherical interpolation of two inputs at t = w_2 / (w_1 + w_2), linear only when colinear | no: as slerp |
+| model_stock | base + t (mean_i x_i - base), t from the mean cosine of the deltas | in 2 passes (`ModelStockStats`): the deltas' dot products, then the apply pass |
+| nuslerp | spherical interpolation of two inputs at t = w_2 / (w_1 + w_2), linear only when colinear | in 2 passes (`NuslerpStats`): norms and the dot product, then the apply pass |
 | multislerp | barycentre of the inputs on the unit sphere (tangent-space mean), times the mean norm | no: norms and dot products of whole tensors |
 | karcher | Karcher mean of the inputs' directions (iterated), times the mean norm | no: every iteration needs whole-tensor dot products |
 | passthrough | w_1 x_1 (one input, scaled) | yes |
@@ -29,7 +29,9 @@ decisions: the engine reads, upcasts, chunks and casts.
 | arcee_fusion | base + (x - base) [importance >= median + 1.5 IQR] | no: row softmaxes and whole-tensor quantiles |
 | ramplus_tl | ram with each input's unique deltas scaled by its overlap ratio | no: the ratio counts the whole tensor |
 
-Non-elementwise methods receive the whole tensor, flattened, and its `shape`.
+Non-elementwise methods receive the whole tensor, flattened, and its `shape`, unless they have a
+bounded form (`MergeMethod.bounded`) and the tensor is larger than a chunk: then the engine feeds
+the deltas of every chunk to the form's statistics passes and merges each chunk in an apply pass.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where the arithmetic runs: the CLI's option checks stay light
     import torch
+
+from lazymerge.magnitude_select import HISTOGRAM_BYTES
 
 MethodFn = Callable[..., "torch.Tensor"]
 #: Gives the uniform [0, 1) draws of one input for the current chunk, keyed by element position.
@@ -59,9 +63,62 @@ class MergeMethod:
     #: Exact number of weighted inputs the method takes (None: any).
     arity: int | None = None
     uses_density: bool = False
+    #: The exact chunked form of a whole-tensor method (statistics passes, then an apply pass),
+    #: None when the method has none yet and holds whole tensors.
+    bounded: BoundedForm | None = None
+
+
+@dataclass(frozen=True)
+class BoundedForm:
+    """How a whole-tensor method runs over chunks: `passes` statistics passes over each input's
+    delta x_i - base, chunk by chunk in order, then an apply pass merging each chunk."""
+
+    #: Statistics passes before the apply pass.
+    passes: int
+    #: (tensor elements, weighted inputs, density) -> the statistics of one tensor.
+    start: Callable[[int, int, float], TensorStats]
+    #: Bytes the statistics of one tensor hold, per weighted input.
+    bytes_per_input: int
+    #: Chunks and blocks of the statistics passes are multiples of this many elements (float64
+    #: sums taken block by block, in the whole-tensor order).
+    align: int = 1
+
+
+class TensorStats:
+    """One tensor's statistics (`BoundedForm.start`): observed pass by pass, then applied."""
+
+    def observe(self, pass_no: int, deltas: Sequence[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def end_pass(self, pass_no: int) -> None:
+        raise NotImplementedError
+
+    def apply(
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The merged block from one block of deltas, blocks in order (per output `variant`)."""
+        raise NotImplementedError
 
 
 METHODS: dict[str, MergeMethod] = {}
+
+#: Why each whole-tensor method with no bounded form yet holds whole tensors (`plan` says it).
+WHOLE_TENSOR_REASONS: dict[str, str] = {
+    "slerp": "the angle needs whole-tensor norms and a dot product first",
+    "multislerp": "norms and dot products with the mean of the whole tensors",
+    "karcher": "every iteration needs whole-tensor dot products",
+    "breadcrumbs": "the outlier and small-delta trim ranks the whole tensor",
+    "breadcrumbs_ties": "the outlier and small-delta trim ranks the whole tensor",
+    "sce": "the variance ranking and the weights need the whole tensor",
+    "della": "MagPrune ranks each row's magnitudes (chunks of whole rows would bound it: not built yet)",
+    "della_linear": "MagPrune ranks each row's magnitudes (chunks of whole rows would bound it: not built yet)",
+    "arcee_fusion": "row softmaxes and whole-tensor quantiles of the importances",
+    "ramplus_tl": "each input's overlap ratio counts the whole tensor",
+}
 
 
 def merge_method(
@@ -72,9 +129,12 @@ def merge_method(
     scratch_bytes: int = 0,
     arity: int | None = None,
     uses_density: bool = False,
+    bounded: BoundedForm | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     def register(fn: MethodFn) -> MethodFn:
-        METHODS[name] = MergeMethod(name, fn, elementwise, needs_base, scratch_bytes, arity, uses_density)
+        METHODS[name] = MergeMethod(
+            name, fn, elementwise, needs_base, scratch_bytes, arity, uses_density, bounded
+        )
         return fn
 
     return register
@@ -161,7 +221,68 @@ def dare_ties(
     return base.add_(_sign_consensus_merge(deltas, weights))
 
 
-@merge_method("ties", elementwise=False, needs_base=True, scratch_bytes=32, uses_density=True)
+def ties_keep(density: float, numel: int) -> int:
+    """Elements of each delta TIES keeps: the top round(density x numel) by magnitude."""
+    return int(round(density * numel))
+
+
+class TiesStats(TensorStats):
+    """TIES over chunks: the exact k-th largest |delta| of each input (two histogram passes,
+    `magnitude_select`), then per block each delta masked to its top k (equal magnitudes at the
+    threshold taken by position) and the sign-consensus merge, which is elementwise."""
+
+    def __init__(self, numel: int, inputs: int, density: float):
+        from lazymerge.magnitude_select import MagnitudeHistogram
+
+        self.keep = ties_keep(density, numel)
+        self.numel = numel
+        trims = 0 < self.keep < numel
+        self.histograms = [MagnitudeHistogram(self.keep) for _ in range(inputs)] if trims else []
+        self.masks: dict[int, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
+
+    def observe(self, pass_no: int, deltas: Sequence[torch.Tensor]) -> None:
+        for histogram, delta in zip(self.histograms, deltas if self.histograms else (), strict=True):
+            histogram.add(pass_no, delta)
+
+    def end_pass(self, pass_no: int) -> None:
+        for histogram in self.histograms:
+            histogram.end_pass(pass_no)
+
+    def _masks(self, variant: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        from lazymerge.magnitude_select import TopKMask
+
+        if variant not in self.masks:
+            self.masks[variant] = [TopKMask(h.threshold()) for h in self.histograms]
+        return self.masks[variant]
+
+    def apply(
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        assert base is not None
+        if self.keep <= 0:
+            for delta in deltas:
+                delta.zero_()
+        for mask, delta in zip(self._masks(variant), deltas if self.histograms else (), strict=True):
+            delta.mul_(mask(delta))
+        return base.add_(_sign_consensus_merge(deltas, weights))
+
+
+def _ties_stats(numel: int, inputs: int, density: float) -> TensorStats:
+    return TiesStats(numel, inputs, density)
+
+
+@merge_method(
+    "ties",
+    elementwise=False,
+    needs_base=True,
+    scratch_bytes=32,
+    uses_density=True,
+    bounded=BoundedForm(2, _ties_stats, HISTOGRAM_BYTES),
+)
 def ties(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -170,19 +291,27 @@ def ties(
     density: float,
     **_: object,
 ) -> torch.Tensor:
-    """base + TIES: keep each delta's top `density` fraction by magnitude, then sign-consensus merge."""
-    import torch
+    """base + TIES: keep each delta's top `density` fraction by magnitude, then sign-consensus merge.
 
+    The top k is `magnitude_select`'s exact threshold, equal magnitudes at it taken by position
+    (a stable sort's choice), as the chunked form (`TiesStats`) takes them: the two agree bit for
+    bit however a tensor is chunked. (`torch.topk` would pick among equal magnitudes in no
+    documented order.)
+    """
     deltas = _deltas(tensors, base)
     for delta in deltas:
-        k = int(round(density * delta.numel()))
-        if k <= 0:
-            delta.zero_()
-        elif k < delta.numel():
-            mask = torch.zeros(delta.numel(), dtype=torch.bool)
-            mask[torch.topk(delta.reshape(-1).abs(), k, sorted=False).indices] = True
-            delta.mul_(mask.reshape(delta.shape))
+        trim_top_k(delta.reshape(-1), ties_keep(density, delta.numel()))
     return base.add_(_sign_consensus_merge(deltas, weights))
+
+
+def trim_top_k(delta: torch.Tensor, k: int) -> None:
+    """Zero all but the top k of a (n,) fp32 delta by magnitude, in place (ties by position)."""
+    from lazymerge.magnitude_select import TopKMask, kth_largest_magnitude
+
+    if k <= 0:
+        delta.zero_()
+    elif k < delta.numel():
+        delta.mul_(TopKMask(kth_largest_magnitude(lambda: (delta,), k))(delta))
 
 
 @merge_method("slerp", elementwise=False, arity=2, scratch_bytes=16)
@@ -375,7 +504,13 @@ def sce(
     return base.add_(merged.div_(divisor.clamp_(min=1e-6)))
 
 
-@merge_method("model_stock", elementwise=False, needs_base=True, scratch_bytes=0)
+@merge_method(
+    "model_stock",
+    elementwise=False,
+    needs_base=True,
+    scratch_bytes=0,
+    bounded=BoundedForm(1, lambda numel, inputs, density: ModelStockStats(inputs), 0, STATS_BLOCK),
+)
 def model_stock(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base: torch.Tensor, **_: object
 ) -> torch.Tensor:
@@ -386,41 +521,100 @@ def model_stock(
     1e-6). The weights are not used.
     """
     deltas = _deltas(tensors, base)
-    k = len(deltas)
-    norms = [math.sqrt(_dot64(d, d)) for d in deltas]
-    cosines = [
-        max(-1.0, min(1.0, _dot64(deltas[i], deltas[j]) / max(norms[i] * norms[j], 1e-6)))
-        for i in range(k)
-        for j in range(i + 1, k)
-    ]
-    cos = sum(cosines) / len(cosines)
-    denominator = 1 + (k - 1) * cos
-    t = 0.0 if abs(denominator) < 1e-6 else k * cos / denominator
-    total = deltas[0]
-    for delta in deltas[1:]:
-        total.add_(delta)
-    return base.add_(total.mul_(t / k))
+    stats = ModelStockStats(len(deltas))
+    stats.observe(0, deltas)
+    return stats.apply(0, deltas, weights, base)
+
+
+class GramStats(TensorStats):
+    """One statistics pass: every pairwise float64 dot product of the inputs (or deltas), summed
+    block by block of `STATS_BLOCK` elements in order (as `_dot64` sums them, so chunks that are
+    whole blocks give the whole tensor's sums bit for bit)."""
+
+    def __init__(self, inputs: int):
+        self.dots = [[0.0] * inputs for _ in range(inputs)]
+
+    def observe(self, pass_no: int, deltas: Sequence[torch.Tensor]) -> None:
+        k = len(deltas)
+        for start in range(0, deltas[0].numel(), STATS_BLOCK):
+            blocks = [d[start : start + STATS_BLOCK].double() for d in deltas]
+            for i in range(k):
+                for j in range(i, k):
+                    self.dots[i][j] += float(blocks[i].dot(blocks[j]))
+
+    def end_pass(self, pass_no: int) -> None:
+        pass
+
+
+class ModelStockStats(GramStats):
+    """model_stock from the deltas' dot products: base + t / k sum_i (x_i - base), elementwise."""
+
+    def factor(self) -> float:
+        k = len(self.dots)
+        norms = [math.sqrt(self.dots[i][i]) for i in range(k)]
+        cosines = [
+            max(-1.0, min(1.0, self.dots[i][j] / max(norms[i] * norms[j], 1e-6)))
+            for i in range(k)
+            for j in range(i + 1, k)
+        ]
+        cos = sum(cosines) / len(cosines)
+        denominator = 1 + (k - 1) * cos
+        return 0.0 if abs(denominator) < 1e-6 else k * cos / denominator
+
+    def apply(
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        assert base is not None
+        total = deltas[0]
+        for delta in deltas[1:]:
+            total.add_(delta)
+        return base.add_(total.mul_(self.factor() / len(deltas)))
 
 
 def _norm64(a: torch.Tensor) -> float:
     return math.sqrt(_dot64(a, a))
 
 
-@merge_method("nuslerp", elementwise=False, arity=2, scratch_bytes=0)
+class NuslerpStats(GramStats):
+    """nuslerp from the inputs' norms and dot product: an elementwise combination of the two."""
+
+    def apply(
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        v0, v1 = deltas
+        total = float(weights[0]) + float(weights[1])
+        t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+        n0, n1 = max(math.sqrt(self.dots[0][0]), 1e-7), max(math.sqrt(self.dots[1][1]), 1e-7)
+        cos = max(-1.0, min(1.0, self.dots[0][1] / (n0 * n1)))
+        if 1 - cos * cos <= 1e-16:
+            return v0.mul_(1 - t).add_(v1.mul_(t))
+        theta = math.acos(cos)
+        sin_theta = math.sin(theta)
+        return v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1.mul_(math.sin(t * theta) / sin_theta))
+
+
+@merge_method(
+    "nuslerp",
+    elementwise=False,
+    arity=2,
+    scratch_bytes=0,
+    bounded=BoundedForm(1, lambda numel, inputs, density: NuslerpStats(inputs), 0, STATS_BLOCK),
+)
 def nuslerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
     """mergekit's NuSLERP (flattened, no base): Shoemake's spherical interpolation (SIGGRAPH 1985)
     of the two inputs at t = w_2 / (w_1 + w_2) (0.5 when the weights sum to 0), linear only
     when they are exactly colinear (1 - cos^2 <= 1e-16), unlike slerp's 0.9995 threshold."""
-    v0, v1 = tensors
-    total = float(weights[0]) + float(weights[1])
-    t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
-    n0, n1 = max(_norm64(v0), 1e-7), max(_norm64(v1), 1e-7)
-    cos = max(-1.0, min(1.0, _dot64(v0, v1) / (n0 * n1)))
-    if 1 - cos * cos <= 1e-16:
-        return v0.mul_(1 - t).add_(v1.mul_(t))
-    theta = math.acos(cos)
-    sin_theta = math.sin(theta)
-    return v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1.mul_(math.sin(t * theta) / sin_theta))
+    stats = NuslerpStats(2)
+    stats.observe(0, tensors)
+    return stats.apply(0, tensors, weights, None)
 
 
 @merge_method("multislerp", elementwise=False, scratch_bytes=8)

@@ -27,7 +27,7 @@ from lazymerge.io.hf_folder import output_companion_files
 from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
-from lazymerge.methods import DELLA_EPSILON, METHODS, MergeMethod
+from lazymerge.methods import DELLA_EPSILON, METHODS, WHOLE_TENSOR_REASONS, MergeMethod
 from lazymerge.options import MergeOptions, TensorParameters
 from lazymerge.provenance import InputIdentity, identify_checkpoint
 from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
@@ -149,11 +149,57 @@ class MergePlan:
         """Elements per reusable buffer: the longest chunk of any tensor."""
         return max([1, *(min(self.chunk_len(t), max(t.numel, 1)) for t in self.tensors.values())])
 
+    def passes(self, tensor: TensorPlan) -> int:
+        """Passes over this tensor's chunks: a bounded method's statistics passes and its apply
+        pass for a merged tensor larger than a chunk, else one."""
+        bounded = self.method_spec.bounded
+        if tensor.action != "merge" or bounded is None or tensor.numel <= self.chunk_elems:
+            return 1
+        if min(self.chunk_elems, self.block_elems) < bounded.align:
+            return 1  # chunks too small to hold whole statistics blocks: the tensor is held whole
+        return bounded.passes + 1
+
+    def whole(self, tensor: TensorPlan) -> bool:
+        """Whether this tensor is merged whole: a merged tensor of a method that is not
+        elementwise and runs in one pass (a bounded method's tensor that fits one chunk)."""
+        return tensor.action == "merge" and not self.method_spec.elementwise and self.passes(tensor) == 1
+
+    def held_whole(self, tensor: TensorPlan) -> bool:
+        """Whether this tensor is held whole though larger than a chunk: the one case where the
+        working memory is not bounded by the budget (a method with no bounded form)."""
+        return self.whole(tensor) and tensor.numel > self.chunk_elems
+
+    def _passes_text(self, tensor: TensorPlan) -> str:
+        if self.passes(tensor) > 1:
+            return f" in {self.passes(tensor)} passes"
+        return ", held whole" if self.held_whole(tensor) else ""
+
+    def memory_notes(self) -> list[str]:
+        """Where this plan's working memory is not bounded by the budget, and why."""
+        whole = [t for t in self.tensors.values() if self.held_whole(t)]
+        if not whole:
+            return []
+        bounded = self.method_spec.bounded
+        reason = (
+            unbounded_reason(self.method_spec)
+            if bounded is None
+            else f"its chunks are smaller than the {bounded.align}-element blocks its statistics sum"
+        )
+        largest = max(whole, key=lambda t: t.numel)
+        return [
+            f"{len(whole)} tensor(s) larger than a chunk are held whole ({largest.name} "
+            f"{list(largest.shape)} the largest): {self.method} cannot bound them ({reason}); "
+            "the working memory below includes them"
+        ]
+
     def chunk_len(self, tensor: TensorPlan) -> int:
         """Elements per chunk of this tensor: whole rows for "rows" tensors, the whole tensor
-        for methods that are not elementwise."""
-        if tensor.action == "merge" and not self.method_spec.elementwise:
+        for methods that are not elementwise and have no bounded form."""
+        if self.whole(tensor):
             return max(1, tensor.numel)
+        if self.passes(tensor) > 1:
+            align = self.method_spec.bounded.align  # type: ignore[union-attr]
+            return self.chunk_elems // align * align
         unit = tensor.row_elems
         return max(unit, self.chunk_elems // unit * unit)
 
@@ -182,6 +228,8 @@ class MergePlan:
                     "dtype": t.dtype,
                     "shape": list(t.shape),
                     "chunks": self.chunks(t),
+                    "passes": self.passes(t),
+                    "held_whole": self.held_whole(t),
                     "note": t.note,
                     **({"weights": list(t.weights)} if t.weights is not None else {}),
                     **({"density": t.density} if t.density is not None else {}),
@@ -196,6 +244,7 @@ class MergePlan:
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
             "working_memory": self.working_memory,
+            "memory_notes": self.memory_notes(),
             "predicted_peak_rss": self.predicted_peak_rss,
             "io": "direct" if self.direct_io else "buffered",
         }
@@ -219,7 +268,7 @@ class MergePlan:
                     note += f"  ({tp.values_text()})"
                 lines.append(
                     f"  {what:7s} {tp.name} {list(tp.shape)} {srcs} -> {tp.dtype}, "
-                    f"{self.chunks(tp)} chunk(s){note}"
+                    f"{self.chunks(tp)} chunk(s){self._passes_text(tp)}{note}"
                 )
         lines.extend(f"  dropped {d}" for d in self.dropped)
         if layout.index is not None:
@@ -231,7 +280,7 @@ class MergePlan:
             lines.append(
                 f"  the same files in each of {len(self.variant_names)} folders: {', '.join(self.variant_names)}"
             )
-        lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(f"note: {n}" for n in (*self.notes, *self.memory_notes()))
         lines.append(
             f"{len(self.tensors)} tensors, {self.parameters} parameters; reads {self.input_bytes} bytes, "
             f"writes {self.output_bytes} bytes in {len(self.output_files())} file(s); "
@@ -256,12 +305,14 @@ def buffer_sizes(plan: MergePlan) -> BufferSizes:
         max(
             [1]
             + [
-                block_len(t, method.elementwise, plan.chunk_len(t), plan.block_elems)
+                block_len(t, not plan.whole(t), plan.chunk_len(t), plan.block_elems)
                 for t in plan.tensors.values()
                 if t.action != "copy"
             ]
         ),
     )
+    multipass = any(plan.passes(t) > 1 for t in plan.tensors.values())
+    stats = stats_bytes(method, len(plan.inputs)) if multipass else 0
     return BufferSizes(
         buffer_elems=elems,
         input_itemsizes=plan.input_itemsizes,
@@ -271,7 +322,19 @@ def buffer_sizes(plan: MergePlan) -> BufferSizes:
         scratch_per_elem=method.scratch_bytes,
         staging_per_output=plan.staging_bytes,
         span_slack=SPAN_SLACK if plan.direct_io else 0,
+        stats_bytes=stats,
     )
+
+
+def unbounded_reason(method: MergeMethod) -> str:
+    """Why `method` holds whole tensors."""
+    return WHOLE_TENSOR_REASONS.get(method.name, "it needs whole-tensor statistics")
+
+
+def stats_bytes(method: MergeMethod, inputs: int) -> int:
+    """Bytes of one tensor's statistics for a bounded method (0 without a bounded form), with
+    one more input's worth for the temporaries of an update (a histogram's bincount)."""
+    return 0 if method.bounded is None else method.bounded.bytes_per_input * (inputs + 1)
 
 
 def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
@@ -515,7 +578,8 @@ def _memory(
         variants,
         METHODS[options.method].scratch_bytes,
         options.block_elems,
-        direct_io_bytes(inputs, variants, staging) if direct_io else 0,
+        (direct_io_bytes(inputs, variants, staging) if direct_io else 0)
+        + stats_bytes(METHODS[options.method], inputs),
     )
     return {
         "chunk_elems": options.chunk_elems if options.chunk_elems is not None else chunk_elems,

@@ -9,6 +9,7 @@ A merge keeps a fixed set of reusable buffers alive, sized once from the plan:
   buffer per output of a sweep, in the widest output dtype;
 - one fp32 block per input for the arithmetic (cache-sized for elementwise work, a whole tensor
   for methods that need one), plus the method's own temporaries per block element;
+- for a tensor merged in several passes (`MergePlan.passes`), its statistics (`stats_bytes`);
 - with direct I/O, one staging buffer per output, where the writer gathers bytes into the
   aligned blocks that O_DIRECT writes.
 
@@ -91,6 +92,8 @@ class BufferSizes:
     staging_per_output: int = 0
     #: Bytes after each input buffer for a direct read's aligned span (0: read buffered).
     span_slack: int = 0
+    #: Bytes of a bounded method's statistics of one tensor (histograms; 0: no multi-pass tensor).
+    stats_bytes: int = 0
 
     @property
     def input_buffer_bytes(self) -> tuple[int, ...]:
@@ -128,6 +131,7 @@ class BufferSizes:
             + self.fp32_bytes
             + self.scratch_bytes
             + self.staging_bytes
+            + self.stats_bytes
         )
 
 
@@ -171,7 +175,8 @@ def size_chunks(
 
 def block_len(tp: TensorPlan, elementwise: bool, count: int, block_elems: int) -> int:
     """Elements per arithmetic block of a chunk of `count` elements: `block_elems` for
-    elementwise work (whole rows for row-matched tensors), the whole chunk otherwise."""
+    elementwise work (a bounded method's passes included; whole rows for row-matched tensors),
+    the whole chunk otherwise."""
     if tp.action == "rows":
         return max(tp.row_elems, block_elems // tp.row_elems * tp.row_elems)
     if tp.action == "merge" and elementwise:

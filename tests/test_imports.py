@@ -16,7 +16,7 @@ PACKAGE = Path(lazymerge.__file__).parent
 
 #: Each floor's modules, lowest first, in the order they may import each other.
 FLOORS: list[tuple[str, list[str]]] = [
-    ("ground", ["_version", "errors", "_optional", "progress", "memory", "methods", "magnitude_select"]),
+    ("ground", ["_version", "errors", "_optional", "progress", "memory", "magnitude_select", "methods"]),
     (
         "io",
         [

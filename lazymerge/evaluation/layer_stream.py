@@ -215,7 +215,7 @@ class MergedWeights:
         """Each tensor merged whole, in the plan's output dtype."""
         import torch
 
-        from lazymerge.engine import _Chunk, merge_chunk, read_chunk
+        from lazymerge.engine import _Chunk, merge_chunk, merge_tensor, read_chunk
         from lazymerge.io.dtypes import itemsize, torch_dtype
 
         for name in names:
@@ -224,14 +224,21 @@ class MergedWeights:
             data = bytearray(tp.numel * size)  # (numel,) in the output dtype, as iter_merged_tensors
             raw = memoryview(data)
             step = self.plan.chunk_len(tp)
-            for start in range(0, tp.numel, step):
-                count = min(step, tp.numel - start)
-                chunk = _Chunk(tp, start, count, 0, False)
-                started = time.perf_counter()
-                views = read_chunk(self.checkpoints, chunk, self.buffers)
-                self.read_seconds += time.perf_counter() - started
-                out = [raw[start * size : (start + count) * size]]
-                merge_chunk(self.plan, chunk, views, out, self.workspace.fp32, self._warn)
+            if self.plan.passes(tp) > 1:
+                # statistics passes first (ties, model_stock, nuslerp): the engine's own loop; their
+                # reads count as the merge's time
+                merge_tensor(
+                    self.plan, self.checkpoints, tp, self.buffers, self.workspace.fp32, raw, self._warn
+                )
+            else:
+                for start in range(0, tp.numel, step):
+                    count = min(step, tp.numel - start)
+                    chunk = _Chunk(tp, start, count, 0, False)
+                    started = time.perf_counter()
+                    views = read_chunk(self.checkpoints, chunk, self.buffers)
+                    self.read_seconds += time.perf_counter() - started
+                    out = [raw[start * size : (start + count) * size]]
+                    merge_chunk(self.plan, chunk, views, out, self.workspace.fp32, self._warn)
             if tp.numel:
                 yield name, torch.frombuffer(data, dtype=torch_dtype(tp.dtype)).view(tp.shape)
             else:
