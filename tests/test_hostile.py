@@ -385,6 +385,7 @@ def test_sweep_folder_follows_the_output_rule(tmp_path: Path) -> None:
     assert cli(*base, "-o", str(out)).returncode == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "accuracy.png",
+        "reliability.png",
         "report.md",
         "results.json",
         "results.jsonl",
