@@ -43,7 +43,7 @@ from bench_cli import FORCE_HELP, OneLineParser, reserve_results, write_results 
 
 from lazymerge.demo import llama_shapes  # noqa: E402
 from lazymerge.io.writer import OutputTensor, StreamingShardWriter, plan_layout  # noqa: E402
-from lazymerge.workspace import anonymous_buffer  # noqa: E402
+from lazymerge.merge.workspace import anonymous_buffer  # noqa: E402
 
 SIZES = {
     "1b": {"hidden": 2048, "intermediate": 5632, "layers": 22, "vocab": 32000, "kv_hidden": 256},

@@ -1,9 +1,9 @@
 """lazymerge: memory-lean streaming merges of safetensors checkpoints."""
 
 from lazymerge._version import __version__
-from lazymerge.api import MergeReport, merge
 from lazymerge.errors import LazyMergeError
 from lazymerge.io.reader import Checkpoint, TensorInfo
+from lazymerge.merge.api import MergeReport, merge
 from lazymerge.options import MergeOptions
 
 __all__ = [

@@ -91,9 +91,9 @@ def _error(section: str, subject: str, exc: LazyMergeError) -> Finding:
 
 def check_inputs(ctx: CheckContext) -> list[Finding]:
     """Each input's headers (validated as `inspect` validates them), config and tokenizer."""
-    from lazymerge.api import open_inputs
     from lazymerge.io.hub_cache import resolve_input
-    from lazymerge.recipe import ModelInput
+    from lazymerge.merge.api import open_inputs
+    from lazymerge.merge.recipe import ModelInput
 
     out = []
     for given in ctx.request.inputs:
@@ -130,7 +130,7 @@ def _describe(model: Any) -> str:
 
 def check_heads(ctx: CheckContext) -> list[Finding]:
     """Which input is the reward model, its head, and heads lazymerge would not read."""
-    from lazymerge.recipe import LM_HEADS, REWARD_HEADS, find_reward_model
+    from lazymerge.merge.recipe import LM_HEADS, REWARD_HEADS, find_reward_model
 
     out = []
     for i, model in enumerate(ctx.models):
@@ -290,7 +290,7 @@ def check_plan(ctx: CheckContext) -> list[Finding]:
     the plan's predicted memory against this machine's."""
     import psutil
 
-    from lazymerge.api import prepare
+    from lazymerge.merge.api import prepare
 
     request = ctx.request
     try:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from lazymerge.api import MergeReport
+    from lazymerge.merge.api import MergeReport
 
 #: Small Llama-like shapes: about 21M parameters, 42 MB per bf16 checkpoint.
 DEMO_SHAPES = {"hidden": 512, "intermediate": 1376, "layers": 4, "vocab": 8000}
@@ -131,8 +131,8 @@ def _streaming_merge(
 ) -> tuple[MergeReport, int, list[str]]:
     """Part 1: two generated checkpoints merged under a small memory budget, checked against an
     in-memory merge. Returns the report, the tensors compared and those that differ (none)."""
-    from lazymerge.api import merge
     from lazymerge.errors import LazyMergeError
+    from lazymerge.merge.api import merge
 
     reward = build_checkpoint(root / "reward-model", seed=1)
     domain = build_checkpoint(root / "domain-sft", seed=2, shards=3)

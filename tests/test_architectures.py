@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lazymerge.api import merge
+from lazymerge.merge.api import merge
 
 models = pytest.importorskip("tests.models")
 transformers = models.transformers

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from lazymerge import merge
-from lazymerge.api import prepare
+from lazymerge.merge.api import prepare
 from tests.conftest import load_any
 from tests.helpers.references import np64, reference
 
@@ -127,7 +127,7 @@ def test_ties_sweep_chunked_equals_whole(tmp_path: Path) -> None:
 
 def test_in_memory_merge_runs_the_statistics_passes(tmp_path: Path) -> None:
     """`iter_merged_tensors` (the evaluation's in-memory build) gives the written output's bits."""
-    from lazymerge.engine import iter_merged_tensors
+    from lazymerge.merge.engine import iter_merged_tensors
 
     pbase, pa, pb, *_ = _inputs(tmp_path, quantised=True)
     options = dict(method="ties", base=str(pbase), density=0.4, max_memory=TINY, weights=(0.5, 0.5))

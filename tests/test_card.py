@@ -14,10 +14,10 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from lazymerge.api import merge
 from lazymerge.cli import main
 from lazymerge.errors import OutputError
 from lazymerge.io.writer import CARD_MARK, is_lazymerge_output
+from lazymerge.merge.api import merge
 from tests.conftest import load_any
 from tests.models import BASE_WORDS, make_tokenizer, save_model
 

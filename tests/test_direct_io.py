@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from lazymerge import merge
 from lazymerge.io import writer
 from lazymerge.io.reader import SPAN_SLACK, Checkpoint
-from lazymerge.workspace import direct_io_fits, staging_bytes
+from lazymerge.merge.workspace import direct_io_fits, staging_bytes
 
 
 def direct_supported(folder: Path) -> bool:

@@ -17,10 +17,10 @@ from safetensors import deserialize, safe_open
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load_file, save_file
 
-from lazymerge.api import merge
 from lazymerge.errors import IncompatibleInputsError, NonFiniteError, SubByteDtypeError
 from lazymerge.io.dtypes import DTYPES, SUB_BYTE_DTYPES
 from lazymerge.io.reader import Checkpoint
+from lazymerge.merge.api import merge
 
 #: Copied when identical: safetensors name -> torch dtype.
 COPIED = {

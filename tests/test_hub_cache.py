@@ -16,10 +16,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from lazymerge.api import merge
 from lazymerge.cli import main
 from lazymerge.errors import InputError, OutputError
 from lazymerge.io.hub_cache import hub_repo_folder, parse_hub_id, resolve_input
+from lazymerge.merge.api import merge
 from tests.conftest import load_any
 from tests.helpers.hub_cache import C1, C2, cache_model, model_files, weights
 

@@ -35,7 +35,19 @@ FLOORS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("options and provenance", ["options", "score_options", "provenance", "mergekit_config"]),
-    ("merge", ["tensor_plan", "workspace", "recipe", "plan", "card", "engine", "api"]),
+    (
+        "merge",
+        [
+            "merge",
+            "merge.tensor_plan",
+            "merge.workspace",
+            "merge.recipe",
+            "merge.plan",
+            "merge.card",
+            "merge.engine",
+            "merge.api",
+        ],
+    ),
     (
         "evaluation",
         [
@@ -162,12 +174,12 @@ def test_nothing_imports_the_package_root() -> None:
 def test_the_check_sees_every_kind_of_import() -> None:
     """Imports inside a function, under TYPE_CHECKING, relative, and of the root are all seen."""
     text = (
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from lazymerge.plan import MergePlan\n"
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from lazymerge.merge.plan import MergePlan\n"
         "def f():\n    from lazymerge import cli, __version__\n    import lazymerge.evaluation.sweep\n"
         "    from .reader import Checkpoint\n"
     )
     found = [t for t, _ in imports_of(PACKAGE / "io" / "writer.py", text)]
-    assert found == ["plan", "cli", "", "evaluation.sweep", "io.reader"]
+    assert found == ["merge.plan", "cli", "", "evaluation.sweep", "io.reader"]
 
 
 def test_help_loads_no_torch() -> None:

@@ -170,7 +170,7 @@ def test_matches_mergekit(tmp_path: Path, family: dict[str, Path], method: str, 
     )
     assert done.returncode == 0, done.stderr[-2000:]
     monkeypatch.setattr(
-        "lazymerge.engine.position_uniform", lambda key, start, count: torch.full((count,), 0.5)
+        "lazymerge.merge.engine.position_uniform", lambda key, start, count: torch.full((count,), 0.5)
     )
     result = CliRunner().invoke(main, ["run", str(config), "-o", str(tmp_path / "lz"), "-q"])
     assert result.exit_code == 0, result.output

@@ -18,8 +18,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lazymerge.api import merge
 from lazymerge.cli import main
+from lazymerge.merge.api import merge
 from lazymerge.methods import METHODS
 from lazymerge.options import MergeOptions
 from tests.conftest import load_any
@@ -368,7 +368,7 @@ def test_matches_mergekit(tmp_path: Path, llama_family, method: str, monkeypatch
     )
     assert done.returncode == 0, done.stderr[-2000:]
     monkeypatch.setattr(
-        "lazymerge.engine.position_uniform", lambda key, start, count: torch.full((count,), 0.5)
+        "lazymerge.merge.engine.position_uniform", lambda key, start, count: torch.full((count,), 0.5)
     )
     result = cli("run", str(config), "-o", str(tmp_path / "lz"), "-q")
     assert result.exit_code == 0, result.output

@@ -16,8 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lazymerge.api import merge
 from lazymerge.cli import main
+from lazymerge.merge.api import merge
 from lazymerge.methods import METHODS
 from lazymerge.options import MergeOptions
 from tests.conftest import load_any

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lazymerge.api import prepare
 from lazymerge.errors import OptionError
+from lazymerge.merge.api import prepare
+from lazymerge.merge.plan import buffer_sizes
+from lazymerge.merge.workspace import Workspace
 from lazymerge.options import MergeOptions, parse_alpha
-from lazymerge.plan import buffer_sizes
-from lazymerge.workspace import Workspace
 from tests.models import BASE_WORDS, make_tokenizer, save_model
 
 

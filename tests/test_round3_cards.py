@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import save, save_file
 
-from lazymerge.api import prepare
+from lazymerge.merge.api import prepare
 
 RM_CONFIG = {"architectures": ["LlamaForSequenceClassification"], "model_type": "llama", "hidden_size": 2}
 LM_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2}
@@ -326,7 +326,7 @@ ESCAPES = [
 
 @pytest.mark.parametrize("text,as_text,as_code", ESCAPES, ids=[repr(e[0]) for e in ESCAPES])
 def test_escapes(text: str, as_text: str, as_code: str) -> None:
-    from lazymerge.card import md_code, md_text  # (imported here: each case fails alone without them)
+    from lazymerge.merge.card import md_code, md_text  # (imported here: each case fails alone without them)
 
     assert md_text(text) == as_text
     assert md_code(text) == as_code

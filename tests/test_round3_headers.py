@@ -23,9 +23,9 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import lazymerge.errors as errors
-from lazymerge.api import prepare
 from lazymerge.cli import main
 from lazymerge.io.reader import Checkpoint, read_header_file
+from lazymerge.merge.api import prepare
 
 
 def header_file(path: Path, entries: dict, data: int | None = None) -> Path:

@@ -431,9 +431,9 @@ def test_merged_output_records_its_inputs_identity(tmp_path: Path, monkeypatch) 
     records that output's data SHA-256; the card shows the same digests and no local path."""
     from safetensors import safe_open
 
-    from lazymerge.api import merge
+    from lazymerge.merge.api import merge
+    from lazymerge.merge.plan import PROVENANCE_KEY
     from lazymerge.options import MergeOptions
-    from lazymerge.plan import PROVENANCE_KEY
 
     monkeypatch.chdir(tmp_path)
     rm, sft, _ = make_inputs(tmp_path)
@@ -460,7 +460,7 @@ def test_merged_output_records_its_inputs_identity(tmp_path: Path, monkeypatch) 
 
 
 def test_card_provenance_changes_with_a_companion_file(tmp_path: Path, monkeypatch) -> None:
-    from lazymerge.api import merge
+    from lazymerge.merge.api import merge
     from lazymerge.options import MergeOptions
 
     monkeypatch.chdir(tmp_path)

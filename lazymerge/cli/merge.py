@@ -44,7 +44,7 @@ def run(
     ForSequenceClassification), follows DogeRM: backbone averaged, reward head kept, lm_head
     dropped, embeddings matched by token; the output is the reward model.
     """
-    from lazymerge.api import merge
+    from lazymerge.merge.api import merge
 
     inputs, value = merge_request(inputs, options)
     report = merge(inputs, output, value, force=force, progress=None if not quiet else False)
@@ -65,7 +65,7 @@ def plan(inputs: tuple[Path, ...], output: Path | None, force: bool, as_json: bo
 
     It applies every check `run` applies, so a plan is refused exactly when the run would be.
     """
-    from lazymerge.api import prepare
+    from lazymerge.merge.api import prepare
 
     inputs, value = merge_request(inputs, options)
     checkpoints, merge_plan = prepare(inputs, output, value, force=force)

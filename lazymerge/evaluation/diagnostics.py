@@ -208,7 +208,7 @@ def task_vectors(
     """
     import torch
 
-    from lazymerge.api import open_inputs
+    from lazymerge.merge.api import open_inputs
 
     if chunk_elems < 1:
         raise ValueError("chunk_elems must be positive")

@@ -44,7 +44,7 @@ from lazymerge.options import MergeOptions, read_paths
 from lazymerge.score_options import ScoreOptions
 
 if TYPE_CHECKING:
-    from lazymerge.plan import MergePlan
+    from lazymerge.merge.plan import MergePlan
 
 
 def load_merged_reward_model(
@@ -73,7 +73,7 @@ def load_merged_reward_model(
         OptionError for a sweep of several points; InputError when no input is a reward model;
         the merge's own errors (HeaderError, IncompatibleInputsError, ...).
     """
-    from lazymerge.api import open_inputs
+    from lazymerge.merge.api import open_inputs
 
     score = score if score is not None else ScoreOptions.build(**load)
     if options.alphas is not None and len(options.alphas) != 1:
@@ -127,7 +127,7 @@ def _reward_plan(
     inputs: Sequence[str | Path], options: MergeOptions, checkpoints: Sequence[Checkpoint]
 ) -> tuple[MergePlan, Path]:
     """The merge's plan and the reward model's folder (its config and tokenizer files)."""
-    from lazymerge.plan import plan_merge
+    from lazymerge.merge.plan import plan_merge
 
     plan = plan_merge(checkpoints, options, Path("in-memory"))
     if "reward model" not in plan.roles:
@@ -164,7 +164,7 @@ def _fill(
     or over the parameters of one already filled (copied in place, cast as `.to` casts)."""
     import torch
 
-    from lazymerge.engine import iter_merged_tensors
+    from lazymerge.merge.engine import iter_merged_tensors
 
     compute, device, quant = compute_dtype(score), score.device, score.quant
     expected = dict(model.named_parameters())
@@ -267,8 +267,8 @@ def load_merged_tokenizer(
 ) -> RewardModel:
     """The merged reward model's tokenizer and text format, without its weights (`model` is
     None): what a sweep needs to format and tokenize every text once, before any point."""
-    from lazymerge.api import open_inputs
-    from lazymerge.plan import plan_merge
+    from lazymerge.merge.api import open_inputs
+    from lazymerge.merge.plan import plan_merge
 
     score = score if score is not None else ScoreOptions.build(**load)
     transformers = require("transformers")

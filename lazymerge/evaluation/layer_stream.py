@@ -58,8 +58,8 @@ if TYPE_CHECKING:
     import torch
 
     from lazymerge.io.reader import Checkpoint
+    from lazymerge.merge.plan import MergePlan
     from lazymerge.options import MergeOptions
-    from lazymerge.plan import MergePlan
 
 #: Families whose base model's forward `LayerStreamedModel` reproduces layer by layer (the tests
 #: compare each with transformers' own forward), and the mask each layer takes: "full" (causal),
@@ -178,8 +178,8 @@ class MergedWeights:
     any subset of the tensors, in any order."""
 
     def __init__(self, plan: MergePlan, checkpoints: Sequence[Checkpoint], variant: int = 0) -> None:
-        from lazymerge.plan import buffer_sizes
-        from lazymerge.workspace import Workspace
+        from lazymerge.merge.plan import buffer_sizes
+        from lazymerge.merge.workspace import Workspace
 
         if not 0 <= variant < len(plan.variants):
             raise IndexError(f"plan has {len(plan.variants)} outputs, not {variant + 1}")
@@ -215,8 +215,8 @@ class MergedWeights:
         """Each tensor merged whole, in the plan's output dtype."""
         import torch
 
-        from lazymerge.engine import _Chunk, merge_chunk, merge_tensor, read_chunk
         from lazymerge.io.dtypes import itemsize, torch_dtype
+        from lazymerge.merge.engine import _Chunk, merge_chunk, merge_tensor, read_chunk
 
         for name in names:
             tp = self.plan.tensors[name]
@@ -1003,9 +1003,9 @@ def stream_merge(
     Raises:
         OptionError for several points; the merge's own errors.
     """
-    from lazymerge.api import open_inputs
+    from lazymerge.merge.api import open_inputs
+    from lazymerge.merge.plan import plan_merge
     from lazymerge.options import read_paths
-    from lazymerge.plan import plan_merge
 
     if options.alphas is not None and len(options.alphas) != 1:
         raise OptionError("a layer-streamed merge scores one model: give one --alpha or one --weights vector")

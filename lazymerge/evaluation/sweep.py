@@ -55,7 +55,7 @@ from lazymerge.provenance import (
 from lazymerge.score_options import ScoreOptions
 
 if TYPE_CHECKING:
-    from lazymerge.plan import MergePlan
+    from lazymerge.merge.plan import MergePlan
 
 RESULTS = "results.jsonl"
 #: Files a sweep writes into its folder (besides kept models under models/).
@@ -729,7 +729,7 @@ def score_point(
     with PeakRssSampler() as sampler:
         written, first_built = 0, False
         if spec.write:
-            from lazymerge.api import merge
+            from lazymerge.merge.api import merge
 
             folder = spec.out / "models" / _slug(point.label)
             written = merge(spec.inputs, folder, options, force=folder.exists()).bytes_written
@@ -833,9 +833,9 @@ def _stream_record(rm: Any, texts: PreparedTexts) -> dict[str, Any] | None:
 
 def _stream_prediction(spec: SweepSpec, plan: MergePlan, texts: PreparedTexts) -> str:
     """The first point's layer-streamed prediction, in one line (no weight is read)."""
-    from lazymerge.api import open_inputs
     from lazymerge.evaluation.layer_stream import predict_stream, stream_plan
     from lazymerge.evaluation.prefix_scoring import default_batch_tokens
+    from lazymerge.merge.api import open_inputs
 
     score = spec.load
     checkpoints = open_inputs(read_paths(spec.inputs, spec.merge))
@@ -889,9 +889,9 @@ def _resident_state(
     """Read the tensors every point to do merges into memory, when `spec.resident` says so."""
     import psutil
 
-    from lazymerge.api import open_inputs
     from lazymerge.evaluation import resident
-    from lazymerge.plan import plan_merge
+    from lazymerge.merge.api import open_inputs
+    from lazymerge.merge.plan import plan_merge
 
     if spec.resident == "off":
         echo(resident.decide("off", 0, 0, 0).line)
@@ -942,10 +942,10 @@ def run_sweep(
         OptionError when the results file belongs to another sweep; the merge's and the
         evaluation's own errors.
     """
-    from lazymerge.api import open_inputs
     from lazymerge.evaluation.in_memory import load_merged_tokenizer
     from lazymerge.evaluation.report import sweep_report
-    from lazymerge.plan import plan_merge
+    from lazymerge.merge.api import open_inputs
+    from lazymerge.merge.plan import plan_merge
 
     if not spec.pair_evals and not spec.bon_evals:
         raise OptionError("a sweep needs something to score: --pairs, --val-pairs or --candidates")
@@ -1078,9 +1078,9 @@ def build_spec(
     Raises:
         OptionError for option mistakes (found before any model is loaded).
     """
-    from lazymerge.api import open_inputs
+    from lazymerge.merge.api import open_inputs
+    from lazymerge.merge.recipe import ModelInput, find_reward_model
     from lazymerge.options import parse_alpha, parse_weights
-    from lazymerge.recipe import ModelInput, find_reward_model
 
     max_points = merge.get("max_points", 101)
     chosen = [

@@ -10,13 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lazymerge.card import with_model_cards
 from lazymerge.errors import LazyMergeError, OutputError
 from lazymerge.io.reader import Checkpoint, resolve_checkpoint_files
 from lazymerge.io.writer import OutputTransaction, check_against_inputs, check_destination
 from lazymerge.memory import PeakRssSampler
+from lazymerge.merge.card import with_model_cards
+from lazymerge.merge.plan import MergePlan, default_output, is_single_file, plan_merge
 from lazymerge.options import MergeOptions, MergeRequest
-from lazymerge.plan import MergePlan, default_output, is_single_file, plan_merge
 from lazymerge.progress import ProgressBar, format_bytes
 
 PathLike = str | os.PathLike[str]
@@ -222,7 +222,7 @@ def _execute(
 ) -> tuple[int, list[str], Any]:
     """Run `plan` into its output transaction, committed only when every file is complete:
     (bytes written, warnings, peak resident memory)."""
-    from lazymerge.engine import MergePipeline
+    from lazymerge.merge.engine import MergePipeline
 
     transaction = OutputTransaction(plan.destination, single_file=plan.single_file, force=force)
     try:

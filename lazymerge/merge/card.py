@@ -32,8 +32,8 @@ from pathlib import Path
 from lazymerge._version import __version__
 from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.writer import CARD_MARK, CARD_NAME
+from lazymerge.merge.plan import MergePlan
 from lazymerge.options import DEFAULT_SHARD_SIZE, MergeOptions
-from lazymerge.plan import MergePlan
 
 __all__ = ["CARD_NAME", "model_cards", "with_model_cards"]
 

@@ -35,7 +35,7 @@ from lazymerge.io.hf_folder import (
     tokenizer_files,
 )
 from lazymerge.io.reader import Checkpoint
-from lazymerge.tensor_plan import TensorPlan, check_same_tensor, first_mismatches, output_dtype
+from lazymerge.merge.tensor_plan import TensorPlan, check_same_tensor, first_mismatches, output_dtype
 
 REWARD_HEADS = ("score.", "v_head.", "reward_head.")
 LM_HEADS = ("lm_head.",)

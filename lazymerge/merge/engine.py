@@ -29,10 +29,10 @@ from lazymerge.errors import IncompatibleInputsError, NonFiniteError
 from lazymerge.io.dtypes import TensorInfo, itemsize, torch_dtype
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputTransaction, StreamingShardWriter
+from lazymerge.merge.plan import MergePlan, buffer_sizes
+from lazymerge.merge.tensor_plan import TensorPlan
+from lazymerge.merge.workspace import Stopped, Workspace, block_len
 from lazymerge.methods import METHODS, TensorStats, position_uniform
-from lazymerge.plan import MergePlan, buffer_sizes
-from lazymerge.tensor_plan import TensorPlan
-from lazymerge.workspace import Stopped, Workspace, block_len
 
 _DONE = object()
 
@@ -407,7 +407,7 @@ class MergePipeline:
     output buffers; `write` (a thread) appends those to the current shard of every output;
     `hash` (a thread) feeds the same bytes to each shard's SHA-256 and finishes the shard. The
     stages hand buffers on through queues of one item; the buffers come from a `Workspace`
-    sized by `lazymerge.plan.buffer_sizes(plan)`.
+    sized by `lazymerge.merge.plan.buffer_sizes(plan)`.
     """
 
     def __init__(
@@ -633,7 +633,7 @@ def iter_merged_tensors(
     The same reads and arithmetic as `MergePipeline` (so the same bytes as a written output),
     with no file written: each tensor is made whole in its output dtype and handed over, and
     nothing else of the model is held here. Working memory: one input set of chunk buffers and
-    the fp32 blocks (see `lazymerge.workspace`), a third of a pipeline's or less.
+    the fp32 blocks (see `lazymerge.merge.workspace`), a third of a pipeline's or less.
 
     Args:
         destination: `(name, nbytes)` -> writable memory of that size to merge the tensor into

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lazymerge.tensor_plan import TensorPlan
+    from lazymerge.merge.tensor_plan import TensorPlan
 
 #: Input buffer sets alive at once: one being read, one queued, one being merged.
 INPUT_SLOTS = 3

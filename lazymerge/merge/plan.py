@@ -4,7 +4,7 @@ The plan is a plain value: it can be printed (`lazymerge plan`), tested without 
 handed to the engine, which only follows it. Two kinds of merge are planned here:
 
 - plain: every input holds the same tensors; each is merged across all inputs;
-- reward model + domain models (DogeRM): decided in `lazymerge.recipe`, which says per tensor
+- reward model + domain models (DogeRM): decided in `lazymerge.merge.recipe`, which says per tensor
   which inputs contribute (heads kept or dropped) and how embedding rows line up by token.
 """
 
@@ -27,12 +27,9 @@ from lazymerge.io.hf_folder import output_companion_files
 from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
-from lazymerge.methods import DELLA_EPSILON, METHODS, WHOLE_TENSOR_REASONS, MergeMethod
-from lazymerge.options import MergeOptions, TensorParameters
-from lazymerge.provenance import InputIdentity, identify_checkpoint
-from lazymerge.recipe import ModelInput, find_reward_model, plan_reward_merge
-from lazymerge.tensor_plan import TensorPlan, check_same_tensor, first_mismatches, output_dtype
-from lazymerge.workspace import (
+from lazymerge.merge.recipe import ModelInput, find_reward_model, plan_reward_merge
+from lazymerge.merge.tensor_plan import TensorPlan, check_same_tensor, first_mismatches, output_dtype
+from lazymerge.merge.workspace import (
     BASELINE_RSS,
     SPAN_SLACK,
     BufferSizes,
@@ -42,6 +39,9 @@ from lazymerge.workspace import (
     size_chunks,
     staging_bytes,
 )
+from lazymerge.methods import DELLA_EPSILON, METHODS, WHOLE_TENSOR_REASONS, MergeMethod
+from lazymerge.options import MergeOptions, TensorParameters
+from lazymerge.provenance import InputIdentity, identify_checkpoint
 
 #: Header metadata key of the inputs' identities (JSON: `InputIdentity.published` of each input).
 PROVENANCE_KEY = "lazymerge_provenance"
@@ -88,7 +88,7 @@ class MergePlan:
     seed: int = 0
     #: Stop on NaN or Inf in a merged tensor instead of warning.
     check_finite: bool = False
-    #: Read and write with direct I/O where the filesystem allows it (see `lazymerge.workspace`),
+    #: Read and write with direct I/O where the filesystem allows it (see `lazymerge.merge.workspace`),
     #: through a staging buffer of this many bytes per output.
     direct_io: bool = False
     staging_bytes: int = 0
@@ -140,7 +140,7 @@ class MergePlan:
 
     @property
     def working_memory(self) -> int:
-        """Bytes of the engine's buffers (see `lazymerge.workspace`): at most the budget, unless
+        """Bytes of the engine's buffers (see `lazymerge.merge.workspace`): at most the budget, unless
         a method needs whole tensors larger than the budget allows."""
         return buffer_sizes(self).total
 
