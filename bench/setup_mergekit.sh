@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make a separate virtual environment holding mergekit 0.1.5, for the optional parity test
-# (tests/test_mergekit_config.py, marker `mergekit`) and for memory/time comparisons.
+# (tests/merge/test_mergekit_config.py, marker `mergekit`) and for memory/time comparisons.
 #
 #   bash bench/setup_mergekit.sh [VENV_DIR]     # default: ~/.cache/lazymerge/mergekit-venv
 #

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tests.models import (
+from tests.helpers.models import (
     BASE_WORDS,
     make_tokenizer,
     save_model,
