@@ -271,7 +271,8 @@ class MergeOptions:
         default=None, metadata=cli_flag("Base model of the task-vector methods ({base_methods}).")
     )
     density: float = field(
-        default=0.5, metadata=cli_flag("Fraction of each task vector kept (ties, dare_*).", show_default=True)
+        default=0.5,
+        metadata=cli_flag("Fraction of each task vector kept ({density_methods}).", show_default=True),
     )
     seed: int = field(default=0, metadata=cli_flag("Seed of the DARE drop masks.", show_default=True))
     check_finite: bool = field(
@@ -297,7 +298,16 @@ class MergeOptions:
         ),
     )
     tensor_parameters: TensorParameters | None = None
-    tensor_weights: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    tensor_weights: tuple[tuple[str, tuple[float, ...]], ...] = field(
+        default=(),
+        metadata=cli_flag(
+            "Tensors whose name contains FILTER take these weights (one per input) at every point, as "
+            "mergekit's filters do; first match wins (repeatable). E.g. embed_tokens=1,0 keeps the reward "
+            "model's embeddings.",
+            kind="tensor_weights",
+            metavar="FILTER=W1,W2",
+        ),
+    )
 
     def __post_init__(self) -> None:
         from lazymerge.methods import METHODS as METHOD_SPECS

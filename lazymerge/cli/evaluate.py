@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from typing import Any
 
 import click
 
 from lazymerge.cli.flags import (
-    TENSOR_WEIGHTS,
     field_option,
     in_memory_merge,
     in_memory_merge_options,
@@ -22,8 +20,8 @@ from lazymerge.cli.flags import (
     together,
 )
 from lazymerge.cli.group import command
-from lazymerge.errors import OptionError
 from lazymerge.options import MergeOptions
+from lazymerge.sweep_options import SWEEP_FIELDS, SweepOptions
 
 _OUT = click.option("--out", type=click.Path(path_type=Path), help="Write the results as JSON.")
 _FORCE = click.option("--force", is_flag=True, help="Replace an existing --out report that lazymerge wrote.")
@@ -147,84 +145,12 @@ _PATH = click.Path(path_type=Path)
     show_default=True,
     help="Folder for results.jsonl, report.md, results.json and the plots.",
 )
-@click.option("--alpha", help="One domain model: its weights, START:STOP:STEP or A,B,C (default 0:1:0.1).")
-@click.option(
-    "--grid",
-    "grid_step",
-    type=float,
-    help="Several domain models: every weight vector on the simplex with this step.",
-)
-@click.option(
-    "--weights",
-    "weight_vectors",
-    multiple=True,
-    help="An explicit weight vector, one weight per input (repeatable).",
-)
-@click.option(
-    "--pairs",
-    "pair_files",
-    multiple=True,
-    type=_PATH,
-    help="Test pairs (RewardBench, Auto-J or RewardBench 2 JSONL; repeatable).",
-)
-@click.option("--val-pairs", type=_PATH, help="Validation pairs: the point is chosen on them.")
-@click.option(
-    "--candidates",
-    "candidate_files",
-    multiple=True,
-    type=_PATH,
-    help="Best-of-N candidates (JSONL; repeatable).",
-)
+@together(*(field_option(SweepOptions, n) for n in SWEEP_FIELDS[:6]))
 @click.option("--n", "ns", default="2,4,8,16", show_default=True, help="Best-of-N sizes.")
-@together(*merge_flags("rm", "strict", "method", "base", "density", "seed", "max_memory"))
-@click.option(
-    "--tensor-weights",
-    multiple=True,
-    type=TENSOR_WEIGHTS,
-    metavar="FILTER=W1,W2",
-    help="Tensors whose name contains FILTER take these weights (one per input) at every point, as "
-    "mergekit's filters do; first match wins (repeatable). E.g. embed_tokens=1,0 keeps the reward "
-    "model's embeddings.",
-)
-@field_option(
-    MergeOptions,
-    "max_points",
-    help="Most points the grid may have (a larger grid is a usage error, before any work).",
-)
-@click.option(
-    "--write",
-    is_flag=True,
-    help="Also write each merged checkpoint under OUT/models/ and score it from disk.",
-)
-@click.option(
-    "--restart", is_flag=True, help="Discard the results in OUT made with other inputs or settings."
-)
-@click.option(
-    "--rehash",
-    is_flag=True,
-    help="Hash every weights file: record their SHA-256, or prove on resume that moved or touched weights hold the same data (reads all weights once).",
-)
-@click.option(
-    "--resident",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
-    help="Read the inputs into RAM once and rewrite one model per point (auto: when they fit); same rewards.",
-)
+@together(*merge_flags("rm", "strict", "method", "base", "density", "seed", "max_memory", "tensor_weights"))
+@field_option(MergeOptions, "max_points", help="Most points the grid may have (more is a usage error).")
+@together(*(field_option(SweepOptions, n) for n in SWEEP_FIELDS[6:]))
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout at the end.")
-@click.option(
-    "--ray",
-    "ray_address",
-    is_flag=False,
-    flag_value="auto",
-    help="Run each point as a task on a Ray cluster: auto (this machine's cluster) or ADDRESS (host:port).",
-)
-@click.option(
-    "--ray-gpus",
-    type=click.FloatRange(min=0, max=1024),
-    help="GPUs per point on Ray (default: 1 with --device cuda, else 0).",
-)
-@click.option("--ray-cpus", type=click.FloatRange(min=0, max=1024), help="CPUs per point on Ray (default 1).")
 @score_options
 def sweep(
     inputs: tuple[Path, ...], output: Path, ns: str, as_json: bool, quiet: bool, **options: Any
@@ -238,32 +164,16 @@ def sweep(
     from lazymerge.evaluation.sweep import build_spec, run_sweep
 
     n_values, score = parse_ns(ns), score_value(options)
-    ray = _ray_flags(options.pop("ray_address"), options.pop("ray_gpus"), options.pop("ray_cpus"))
-    if ray is not None and options["resident"] == "on":
-        raise OptionError("--resident on: each Ray task builds its own point; use --resident auto or off")
-    spec = build_spec(inputs, output, ns=n_values, load=score, **options)
+    chosen = SweepOptions(**{name: options.pop(name) for name in SWEEP_FIELDS})
+    spec = build_spec(inputs, output, ns=n_values, load=score, **chosen.spec_keywords(), **options)
     executor = None
-    if ray is not None:
+    if chosen.ray is not None:
         from lazymerge.evaluation.ray_sweep import ray_executor
 
-        executor = ray_executor(*ray)
+        executor = ray_executor(*chosen.ray)
     echo = (lambda line: None) if quiet or as_json else functools.partial(click.echo, err=True)
     run = run_sweep(spec, echo=echo, executor=executor)
     if as_json:
         print_json(run.report)
     elif not quiet:
         click.echo(run.format(output))
-
-
-def _ray_flags(
-    address: str | None, gpus: float | None, cpus: float | None
-) -> tuple[str, float | None, float] | None:
-    """(address, GPUs, CPUs per point) of `--ray`, or None; checked before any work."""
-    for name, value in (("--ray-gpus", gpus), ("--ray-cpus", cpus)):
-        if value is not None and not math.isfinite(value):
-            raise OptionError(f"{name} {value}: not a finite number")
-    if address is None:
-        if gpus is not None or cpus is not None:
-            raise OptionError("--ray-gpus and --ray-cpus need --ray")
-        return None
-    return address, gpus, 1.0 if cpus is None else cpus

@@ -25,35 +25,25 @@ from lazymerge.score_options import ScoreOptions, system_prompt_text
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.2
-    name = "size"
+class ParsedType(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.2
+    """A flag's text parsed once, here, by the library's own parser (`OptionError` -> a usage
+    error naming the flag)."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
+    def __init__(self, name: str, parse: Callable[[str], Any]):
+        self.name, self._parse = name, parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
             return value
         try:
-            return parse_size(str(value))
+            return self._parse(value)
         except OptionError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class TensorWeightsType(click.ParamType):  # type: ignore[type-arg]
-    """--tensor-weights FILTER=W1,W2,...: (filter, weights), parsed once here."""
-
-    name = "filter=weights"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[str, tuple[float, ...]]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            return parse_tensor_weights(str(value))
-        except OptionError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-TENSOR_WEIGHTS = TensorWeightsType()
+SIZE = ParsedType("size", parse_size)
+#: --tensor-weights FILTER=W1,W2,...: (filter, weights).
+TENSOR_WEIGHTS = ParsedType("filter=weights", parse_tensor_weights)
 
 
 class MethodChoice(click.Choice):  # type: ignore[type-arg]
@@ -91,7 +81,15 @@ _CALLBACKS: dict[str, Callable[..., Any]] = {"device": _check_device, "chat_temp
 def _click_type(f: dataclasses.Field[Any], meta: dict[str, Any]) -> dict[str, Any]:
     kind = str(f.type)
     if meta.get("kind") == "size":
-        return {"type": SizeType()}
+        return {"type": SIZE}
+    if meta.get("kind") == "tensor_weights":
+        return {"type": TENSOR_WEIGHTS, "multiple": True, "metavar": meta["metavar"]}
+    if kind.startswith("tuple[Path"):
+        return {"type": click.Path(path_type=Path), "multiple": True}
+    if kind.startswith("tuple[str"):
+        return {"multiple": True}
+    if "flag_value" in meta:
+        return {"is_flag": False, "flag_value": meta["flag_value"]}
     if f.name == "method":
         return {"type": MethodChoice()}
     if "choices" in meta:
@@ -102,7 +100,8 @@ def _click_type(f: dataclasses.Field[Any], meta: dict[str, Any]) -> dict[str, An
         bounded = "min" in meta or "max" in meta
         return {"type": click.IntRange(min=meta.get("min"), max=meta.get("max")) if bounded else int}
     if kind.startswith("float"):
-        return {"type": float}
+        bounded = "min" in meta or "max" in meta
+        return {"type": click.FloatRange(min=meta.get("min"), max=meta.get("max")) if bounded else float}
     if kind.startswith("Path"):
         return {"type": click.Path(path_type=Path)}
     return {}
@@ -117,6 +116,7 @@ def field_option(cls: type, name: str, **overrides: Any) -> Callable[[F], F]:
         "help": meta["help"].format(
             methods=", ".join(METHODS),
             base_methods=", ".join(m for m, spec in METHODS.items() if spec.needs_base),
+            density_methods=", ".join(m for m, spec in METHODS.items() if spec.uses_density),
         ),
         "default": meta.get("cli_default", f.default),
         **_click_type(f, meta),

@@ -30,7 +30,6 @@ ALIGN = 64
 #: The share of the RAM available when the sweep starts that `--resident auto` may take for the
 #: inputs and the model together; the rest stays for the merge's buffers, the scorer and others.
 AUTO_SHARE = 0.6
-RESIDENT_CHOICES = ("auto", "on", "off")
 
 
 def _aligned(n: int) -> int:

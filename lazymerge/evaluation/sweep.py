@@ -38,7 +38,6 @@ from lazymerge.errors import (
 )
 from lazymerge.evaluation.datasets import absolute_data
 from lazymerge.evaluation.prefix_scoring import ScoringStats
-from lazymerge.evaluation.resident import RESIDENT_CHOICES
 from lazymerge.evaluation.rewardbench2 import Rb2Row
 from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences, text_source
 from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
@@ -53,6 +52,7 @@ from lazymerge.provenance import (
     identity_from_dict,
 )
 from lazymerge.score_options import ScoreOptions
+from lazymerge.sweep_options import SweepOptions
 
 if TYPE_CHECKING:
     from lazymerge.merge.plan import MergePlan
@@ -311,6 +311,10 @@ def fingerprint(spec: SweepSpec) -> dict[str, Any]:
 
 
 def _json_value(value: Any) -> Any:
+    """A setting as its results file holds it (tuples as lists, paths as text), so that the
+    fingerprint of a resumed sweep compares equal to the one read back."""
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
     return str(value) if isinstance(value, Path) else value
 
 
@@ -357,6 +361,57 @@ class ResultsFile:
     identity_line: int = 1
 
 
+def _complete_lines(path: Path) -> bytes:
+    """The file's complete lines (a last line without its newline is a run killed while
+    appending), within the size limit."""
+    try:
+        if path.stat().st_size > MAX_RESULTS_BYTES:
+            raise InputError(
+                f"{path}: over {format_bytes(MAX_RESULTS_BYTES)}; not a results file of this sweep"
+            )
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return raw[: raw.rfind(b"\n") + 1]
+
+
+def _parse_record(path: Path, line: bytes, number: int) -> tuple[dict[str, Any], str]:
+    """One line as a sweep record and its kind; the header first and only first."""
+    where = f"{path}: line {number}"
+    # (a line of empty lists parses to about 28 times its size: count containers first)
+    if line.count(b"[") + line.count(b"{") > _MAX_CONTAINERS:
+        raise InputError(
+            f"{where}: holds more than {_MAX_CONTAINERS:,} lists and objects; not a sweep record"
+        )
+    record = _strict_json(line, where)
+    kind = record.get("record") if isinstance(record, dict) else None
+    if not isinstance(record, dict) or kind not in _RECORDS:
+        raise InputError(
+            f"{where}: not a lazymerge sweep record (an object whose record is {', '.join(_RECORDS)})"
+        )
+    if (number == 1) != (kind == "sweep"):
+        raise InputError(
+            f"{path}: not a lazymerge sweep results file (no header line)"
+            if number == 1
+            else f"{where}: a second header line"
+        )
+    if kind == "sweep" and not isinstance(record.get("fingerprint"), dict):
+        raise InputError(f"{where}: the header has no fingerprint object")
+    return record, kind
+
+
+def _add_point(out: ResultsFile, record: dict[str, Any], where: str, number: int) -> None:
+    label = record.get("label")
+    if not isinstance(label, str) or not 0 < len(label) <= _MAX_LABEL:
+        raise InputError(f"{where}: a point's label must be a string of 1 to {_MAX_LABEL} characters")
+    if label in out.points:
+        raise InputError(
+            f"{where}: point {label[:100]} is recorded twice (first on line {out.lines[label]}); "
+            "results must not be mixed: use --restart"
+        )
+    out.points[label], out.lines[label] = record, number
+
+
 def read_results_file(path: Path) -> ResultsFile:
     """Read a results file (untrusted: every line checked for what it is and how it nests; the
     points' shapes are checked against a sweep by `check_points`).
@@ -369,55 +424,18 @@ def read_results_file(path: Path) -> ResultsFile:
     """
     if not path.exists():
         return ResultsFile(None, None, {}, {}, 0)
-    try:
-        if path.stat().st_size > MAX_RESULTS_BYTES:
-            raise InputError(
-                f"{path}: over {format_bytes(MAX_RESULTS_BYTES)}; not a results file of this sweep"
-            )
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    complete = raw[: raw.rfind(b"\n") + 1]
+    complete = _complete_lines(path)
     out = ResultsFile(None, None, {}, {}, len(complete))
     for number, line in enumerate(complete.splitlines(), start=1):
-        where = f"{path}: line {number}"
-        # (a line of empty lists parses to about 28 times its size: count containers first)
-        if line.count(b"[") + line.count(b"{") > _MAX_CONTAINERS:
-            raise InputError(
-                f"{where}: holds more than {_MAX_CONTAINERS:,} lists and objects; not a sweep record"
-            )
-        record = _strict_json(line, where)
-        kind = record.get("record") if isinstance(record, dict) else None
-        if not isinstance(record, dict) or kind not in _RECORDS:
-            raise InputError(
-                f"{where}: not a lazymerge sweep record (an object whose record is {', '.join(_RECORDS)})"
-            )
-        if (number == 1) != (kind == "sweep"):
-            raise InputError(
-                f"{path}: not a lazymerge sweep results file (no header line)"
-                if number == 1
-                else f"{where}: a second header line"
-            )
-        if kind == "sweep":
-            if not isinstance(record.get("fingerprint"), dict):
-                raise InputError(f"{where}: the header has no fingerprint object")
-            out.header = record
-            identity = record.get("identity")
-        elif kind == "identity":
-            identity = record.get("identity")
-        else:
-            label = record.get("label")
-            if not isinstance(label, str) or not 0 < len(label) <= _MAX_LABEL:
-                raise InputError(f"{where}: a point's label must be a string of 1 to {_MAX_LABEL} characters")
-            if label in out.points:
-                raise InputError(
-                    f"{where}: point {label[:100]} is recorded twice (first on line {out.lines[label]}); "
-                    "results must not be mixed: use --restart"
-                )
-            out.points[label], out.lines[label] = record, number
+        record, kind = _parse_record(path, line, number)
+        if kind not in ("sweep", "identity"):
+            _add_point(out, record, f"{path}: line {number}", number)
             continue
+        if kind == "sweep":
+            out.header = record
+        identity = record.get("identity")
         if identity is not None and not isinstance(identity, list):
-            raise InputError(f"{where}: identity must be a list")
+            raise InputError(f"{path}: line {number}: identity must be a list")
         out.identity, out.identity_line = identity, number
     return out
 
@@ -713,45 +731,78 @@ class ResidentState:
     read_s: float = 0.0
 
 
+def _build_point_model(
+    spec: SweepSpec, point: SweepPoint, resident: ResidentState | None
+) -> tuple[Any, int, bool]:
+    """The point's merged reward model: written and loaded (`--write`), formed in place from the
+    resident inputs, or built in memory from the files; with the bytes written and whether this
+    was the resident model's first build."""
+    from lazymerge.evaluation.in_memory import load_merged_reward_model
+    from lazymerge.evaluation.rewards import load_reward_model
+
+    options = point_options(spec.merge, point)
+    if spec.write:
+        from lazymerge.merge.api import merge
+
+        folder = spec.out / "models" / _slug(point.label)
+        written = merge(spec.inputs, folder, options, force=folder.exists()).bytes_written
+        return load_reward_model(folder, spec.load, spill_dir=spec.out), written, False
+    if resident is not None:
+        first_built = resident.model is None
+        resident.model = load_merged_reward_model(
+            spec.inputs, options, spec.load, checkpoints=resident.checkpoints, into=resident.model
+        )
+        return resident.model, 0, first_built
+    return load_merged_reward_model(spec.inputs, options, spec.load, spill_dir=spec.out), 0, False
+
+
+def _score_point_texts(spec: SweepSpec, rm: Any, texts: PreparedTexts, point: SweepPoint) -> dict[str, float]:
+    try:
+        rewards: dict[str, float] = rm.score_encoded(texts.encoded)
+        return rewards
+    except NonFiniteRewardError as exc:
+        # named by the data file and line it came from, and the point that scored it
+        rows: list[tuple[Path, Sequence[Pair | Rb2Row | CandidateSet]]]
+        rows = [(e.path, e.pairs or e.rewardbench2) for e in spec.pair_evals]
+        rows += [(b.path, b.sets) for b in spec.bon_evals]
+        where = text_source(rows, exc.text, rm.format_text) or "a text"
+        raise exc.at(f"{where} at sweep point {point.label}") from None
+
+
+def _rewards_by_file(texts: PreparedTexts, rewards: dict[str, float]) -> dict[str, Any]:
+    """A point's rewards laid out as results.jsonl records them, per evaluation file."""
+    out: dict[str, Any] = {
+        "pairs": {
+            name: {"chosen": [rewards[t] for t in chosen], "rejected": [rewards[t] for t in rejected]}
+            for name, (chosen, rejected) in texts.pair_texts.items()
+        },
+        "best_of_n": {
+            name: {"rewards": [[rewards[t] for t in candidates] for candidates in sets]}
+            for name, sets in texts.bon_texts.items()
+        },
+    }
+    if texts.rb2_texts:
+        out["rewardbench2"] = {
+            name: {"rewards": [[rewards[t] for t in completions] for completions in rows]}
+            for name, rows in texts.rb2_texts.items()
+        }
+    return out
+
+
 def score_point(
     spec: SweepSpec, texts: PreparedTexts, point: SweepPoint, resident: ResidentState | None = None
 ) -> dict[str, Any]:
     """Build one point's merged reward model (in memory, from `resident` inputs when given, or
     written and loaded with `--write`), score every prepared text, and return the point's record
     for results.jsonl. Runs in the sweep's own process, or in a Ray worker (`ray_sweep`)."""
-    from lazymerge.evaluation.in_memory import load_merged_reward_model
-    from lazymerge.evaluation.rewards import load_reward_model
     from lazymerge.memory import PeakRssSampler
 
     _gpu_reset(spec.load.device)
     t0 = time.monotonic()
-    options = point_options(spec.merge, point)
     with PeakRssSampler() as sampler:
-        written, first_built = 0, False
-        if spec.write:
-            from lazymerge.merge.api import merge
-
-            folder = spec.out / "models" / _slug(point.label)
-            written = merge(spec.inputs, folder, options, force=folder.exists()).bytes_written
-            rm = load_reward_model(folder, spec.load, spill_dir=spec.out)
-        elif resident is not None:
-            first_built = resident.model is None
-            rm = load_merged_reward_model(
-                spec.inputs, options, spec.load, checkpoints=resident.checkpoints, into=resident.model
-            )
-            resident.model = rm
-        else:
-            rm = load_merged_reward_model(spec.inputs, options, spec.load, spill_dir=spec.out)
+        rm, written, first_built = _build_point_model(spec, point, resident)
         t1 = time.monotonic()
-        try:
-            rewards = rm.score_encoded(texts.encoded)
-        except NonFiniteRewardError as exc:
-            # named by the data file and line it came from, and the point that scored it
-            rows: list[tuple[Path, Sequence[Pair | Rb2Row | CandidateSet]]]
-            rows = [(e.path, e.pairs or e.rewardbench2) for e in spec.pair_evals]
-            rows += [(b.path, b.sets) for b in spec.bon_evals]
-            where = text_source(rows, exc.text, rm.format_text) or "a text"
-            raise exc.at(f"{where} at sweep point {point.label}") from None
+        rewards = _score_point_texts(spec, rm, texts, point)
         t2 = time.monotonic()
         computed = rm.scoring_stats.to_dict() if rm.scoring_stats is not None else None
         stream = _stream_record(rm, texts)
@@ -765,24 +816,7 @@ def score_point(
         "label": point.label,
         "weights": list(point.weights),
         "baseline": point.baseline,
-        "pairs": {
-            name: {"chosen": [rewards[t] for t in chosen], "rejected": [rewards[t] for t in rejected]}
-            for name, (chosen, rejected) in texts.pair_texts.items()
-        },
-        "best_of_n": {
-            name: {"rewards": [[rewards[t] for t in candidates] for candidates in sets]}
-            for name, sets in texts.bon_texts.items()
-        },
-        **(
-            {
-                "rewardbench2": {
-                    name: {"rewards": [[rewards[t] for t in completions] for completions in rows]}
-                    for name, rows in texts.rb2_texts.items()
-                }
-            }
-            if texts.rb2_texts
-            else {}
-        ),
+        **_rewards_by_file(texts, rewards),
         "resident": resident is not None,
         **({"resident_read_s": round(resident.read_s, 3)} if resident is not None and first_built else {}),
         "computed": computed,
@@ -928,6 +962,55 @@ def _resident_state(
             ckpt.close()
 
 
+def _plan_point(spec: SweepSpec, options: MergeOptions) -> MergePlan:
+    """The merge plan of one point, from headers alone; refused unless it merges a reward model."""
+    from lazymerge.merge.api import open_inputs
+    from lazymerge.merge.plan import plan_merge
+
+    checkpoints = open_inputs(read_paths(spec.inputs, options))
+    try:
+        plan = plan_merge(checkpoints, options, Path("in-memory"))
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
+    if "reward model" not in plan.roles:
+        raise InputError(f"{spec.inputs[0]}: no input is a reward model; a sweep scores merged reward models")
+    return plan
+
+
+def _data_line(spec: SweepSpec, points: int, skipped: int) -> str:
+    n_pairs = sum(len(e.pairs) for e in spec.pair_evals)
+    n_rb2 = sum(len(e.rewardbench2) for e in spec.pair_evals)
+    n_sets = sum(len(b.sets) for b in spec.bon_evals)
+    return (
+        f"sweep: {points} points ({skipped} already done), {n_pairs} pairs"
+        + (f" and {n_rb2} RewardBench 2 prompts" if n_rb2 else "")
+        + f" in {len(spec.pair_evals)} file(s), {n_sets} candidate sets in {len(spec.bon_evals)} file(s)"
+    )
+
+
+def _run_todo(
+    spec: SweepSpec,
+    texts: PreparedTexts,
+    todo: list[SweepPoint],
+    run: SweepRun,
+    echo: Callable[[str], None],
+    executor: Executor | None,
+) -> LazyMergeError | None:
+    """Run the points still to do, each finished record appended as it comes; the failure, if
+    some points failed (the finished ones are kept and reported)."""
+
+    def finished(record: dict[str, Any]) -> None:
+        _append(spec.out / RESULTS, record)
+        run.scored.append(record["label"])
+
+    try:
+        (executor or local_executor)(spec, texts, todo, finished, echo)
+    except LazyMergeError as exc:
+        return exc
+    return None
+
+
 def run_sweep(
     spec: SweepSpec, echo: Callable[[str], None] = lambda line: None, executor: Executor | None = None
 ) -> SweepRun:
@@ -944,44 +1027,25 @@ def run_sweep(
     """
     from lazymerge.evaluation.in_memory import load_merged_tokenizer
     from lazymerge.evaluation.report import sweep_report
-    from lazymerge.merge.api import open_inputs
-    from lazymerge.merge.plan import plan_merge
 
     if not spec.pair_evals and not spec.bon_evals:
         raise OptionError("a sweep needs something to score: --pairs, --val-pairs or --candidates")
     lock = DestinationLock(spec.out)
     try:
-        fp = fingerprint(spec)
-        done = _prepare_folder(spec, fp)
+        done = _prepare_folder(spec, fingerprint(spec))
         points = list(spec.points)
         if not any(p.baseline for p in points):
             points.insert(0, baseline_point(len(spec.inputs), spec.rm_index, len(spec.inputs) == 2))
         todo = [p for p in points if p.label not in done]
         run = SweepRun(skipped=[p.label for p in points if p.label in done])
         first = point_options(spec.merge, points[0])
-        checkpoints = open_inputs(read_paths(spec.inputs, first))
-        try:
-            plan = plan_merge(checkpoints, first, Path("in-memory"))
-        finally:
-            for ckpt in checkpoints:
-                ckpt.close()
-        if "reward model" not in plan.roles:
-            raise InputError(
-                f"{spec.inputs[0]}: no input is a reward model; a sweep scores merged reward models"
-            )
+        plan = _plan_point(spec, first)
         # the fingerprint keeps the options as given; the points run with the stream if chosen
         load, note = spec.load.streaming_for(plan.parameters, f"{spec.inputs[spec.rm_index]} (merged)")
         spec = dataclasses.replace(spec, load=load)
         if spec.write:
             (spec.out / "models").mkdir(exist_ok=True)
-        n_pairs = sum(len(e.pairs) for e in spec.pair_evals)
-        n_rb2 = sum(len(e.rewardbench2) for e in spec.pair_evals)
-        n_sets = sum(len(b.sets) for b in spec.bon_evals)
-        echo(
-            f"sweep: {len(points)} points ({len(run.skipped)} already done), {n_pairs} pairs"
-            + (f" and {n_rb2} RewardBench 2 prompts" if n_rb2 else "")
-            + f" in {len(spec.pair_evals)} file(s), {n_sets} candidate sets in {len(spec.bon_evals)} file(s)"
-        )
+        echo(_data_line(spec, len(points), len(run.skipped)))
         if note is not None:
             echo(f"  {note}")
         if not spec.load.stream_layers:
@@ -991,16 +1055,7 @@ def run_sweep(
         echo(f"  {len(texts.encoded)} distinct texts, {tokens} tokens (tokenized once)")
         if spec.load.stream_layers and todo:
             echo(f"  per point: {_stream_prediction(spec, plan, texts)}")
-
-        def finished(record: dict[str, Any]) -> None:
-            _append(spec.out / RESULTS, record)
-            run.scored.append(record["label"])
-
-        failure: LazyMergeError | None = None
-        try:
-            (executor or local_executor)(spec, texts, todo, finished, echo)
-        except LazyMergeError as exc:  # some points failed: report the finished ones, then fail
-            failure = exc
+        failure = _run_todo(spec, texts, todo, run, echo, executor)
         _, records, _ = read_results(spec.out / RESULTS)
         if any(r["baseline"] for r in records.values()):
             run.report = sweep_report(spec, [records[p.label] for p in points if p.label in records])
@@ -1055,6 +1110,74 @@ def _gpu_peak(device: str) -> int | None:
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
 
 
+def _check_sweep_flags(
+    n_inputs: int, alpha: str | None, grid_step: float | None, weight_vectors: Sequence[str], has_data: bool
+) -> None:
+    """The sweep's own option rules, before anything is read (OptionError, exit 2)."""
+    chosen = [
+        name
+        for name, given in (("--alpha", alpha), ("--grid", grid_step), ("--weights", weight_vectors))
+        if given
+    ]
+    if len(chosen) > 1:
+        raise OptionError(f"give one of --alpha, --grid and --weights, not {' and '.join(chosen)}")
+    if n_inputs < 2:
+        raise OptionError("a sweep needs a reward model and at least one domain model")
+    if alpha is not None and n_inputs != 2:
+        raise OptionError(f"--alpha is for one domain model; with {n_inputs - 1} use --grid or --weights")
+    if not chosen and n_inputs != 2:
+        raise OptionError(f"{n_inputs - 1} domain models: give --grid STEP or --weights")
+    if not has_data:
+        raise OptionError("a sweep needs something to score: --pairs, --val-pairs or --candidates")
+
+
+def _parse_weight_vectors(
+    weight_vectors: Sequence[str], n_inputs: int, max_points: int
+) -> list[tuple[float, ...]]:
+    from lazymerge.options import parse_weights
+
+    vectors = [parse_weights(v) for v in weight_vectors]
+    for v in vectors:
+        if len(v) != n_inputs:
+            raise OptionError(f"--weights {','.join(map(_fmt, v))}: {len(v)} weights for {n_inputs} inputs")
+    if len(vectors) > max_points:
+        raise OptionError(
+            f"{len(vectors)} --weights vectors; at most {max_points} (raise it with --max-points)"
+        )
+    return vectors
+
+
+def _resolve_sources(inputs: Sequence[Path], options: MergeOptions) -> tuple[list[Any], MergeOptions]:
+    """Hugging Face ids as their snapshots in the local cache, local paths made absolute here,
+    once, so Ray workers, reports and the results file's identity all see the paths checked
+    here; the base model (when given) appended last."""
+    sources = [dataclasses.replace(s, path=absolute(s.path)) for s in resolve_inputs(inputs)]
+    if options.base is not None:
+        base = resolve_input(options.base)
+        base = dataclasses.replace(base, path=absolute(base.path))
+        options = dataclasses.replace(options, base=base.path)
+        sources.append(base)
+    return sources, options
+
+
+def _reward_model_index(inputs: Sequence[Path], rm: int | None) -> int:
+    from lazymerge.merge.api import open_inputs
+    from lazymerge.merge.recipe import ModelInput, find_reward_model
+
+    checkpoints = open_inputs(list(inputs))
+    try:
+        rm_index = find_reward_model([ModelInput.open(c) for c in checkpoints], rm)
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
+    if rm_index is None:
+        raise InputError(
+            f"{inputs[0]}: no input is a reward model (config.json architectures ending in "
+            "ForSequenceClassification; or give --rm N)"
+        )
+    return rm_index
+
+
 def build_spec(
     inputs: Sequence[Path],
     out: Path,
@@ -1078,80 +1201,36 @@ def build_spec(
     Raises:
         OptionError for option mistakes (found before any model is loaded).
     """
-    from lazymerge.merge.api import open_inputs
-    from lazymerge.merge.recipe import ModelInput, find_reward_model
-    from lazymerge.options import parse_alpha, parse_weights
+    from lazymerge.options import parse_alpha
 
     max_points = merge.get("max_points", 101)
-    chosen = [
-        name
-        for name, given in (("--alpha", alpha), ("--grid", grid_step), ("--weights", weight_vectors))
-        if given
-    ]
-    if len(chosen) > 1:
-        raise OptionError(f"give one of --alpha, --grid and --weights, not {' and '.join(chosen)}")
-    if len(inputs) < 2:
-        raise OptionError("a sweep needs a reward model and at least one domain model")
-    if alpha is not None and len(inputs) != 2:
-        raise OptionError(f"--alpha is for one domain model; with {len(inputs) - 1} use --grid or --weights")
-    if not chosen and len(inputs) != 2:
-        raise OptionError(f"{len(inputs) - 1} domain models: give --grid STEP or --weights")
-    if not pair_files and not candidate_files and val_pairs is None:
-        raise OptionError("a sweep needs something to score: --pairs, --val-pairs or --candidates")
-    if resident not in RESIDENT_CHOICES:
-        raise OptionError(f"--resident {resident}: choose one of {', '.join(RESIDENT_CHOICES)}")
-    if resident == "on" and write:
-        raise OptionError("--resident on: --write scores each point from its written folder; use one of them")
-    alphas = (
-        parse_alpha(alpha or "0:1:0.1", max_points)
-        if len(inputs) == 2 and not (grid_step or weight_vectors)
-        else None
-    )
-    vectors = [parse_weights(v) for v in weight_vectors]
-    for v in vectors:
-        if len(v) != len(inputs):
-            raise OptionError(
-                f"--weights {','.join(map(_fmt, v))}: {len(v)} weights for {len(inputs)} inputs"
-            )
-    if len(vectors) > max_points:
-        raise OptionError(
-            f"{len(vectors)} --weights vectors; at most {max_points} (raise it with --max-points)"
-        )
+    has_data = bool(pair_files or candidate_files or val_pairs is not None)
+    _check_sweep_flags(len(inputs), alpha, grid_step, weight_vectors, has_data)
+    SweepOptions(resident=resident, write=write)  # the sweep's own rules on these two
+    one_domain = len(inputs) == 2 and not (grid_step or weight_vectors)
+    alphas = parse_alpha(alpha or "0:1:0.1", max_points) if one_domain else None
+    vectors = _parse_weight_vectors(weight_vectors, len(inputs), max_points)
     options = MergeOptions(**merge)  # checks method, density, memory, ...
     options.check_inputs(len(inputs))
-    # Hugging Face ids: their snapshots in the local cache; local paths made absolute here, once,
-    # so Ray workers, reports and the results file's identity all see the paths checked here
-    sources = [dataclasses.replace(s, path=absolute(s.path)) for s in resolve_inputs(inputs)]
-    if options.base is not None:
-        base = resolve_input(options.base)
-        base = dataclasses.replace(base, path=absolute(base.path))
-        options = dataclasses.replace(options, base=base.path)
-        sources.append(base)
+    sources, options = _resolve_sources(inputs, options)
     pair_files = [absolute_data(p) for p in pair_files]
-    val_pairs = absolute_data(val_pairs) if val_pairs is not None else None
+    val = absolute_data(val_pairs) if val_pairs is not None else None
     candidate_files = [absolute_data(p) for p in candidate_files]
     inputs = [s.path for s in sources[: len(inputs)]]
-    checkpoints = open_inputs(list(inputs))
-    try:
-        rm_index = find_reward_model([ModelInput.open(c) for c in checkpoints], options.rm)
-    finally:
-        for ckpt in checkpoints:
-            ckpt.close()
-    if rm_index is None:
-        raise InputError(
-            f"{inputs[0]}: no input is a reward model (config.json architectures ending in "
-            "ForSequenceClassification; or give --rm N)"
-        )
+    rm_index = _reward_model_index(inputs, options.rm)
     if alphas is not None:
         points = alpha_points(alphas, rm_index)
     elif grid_step is not None:
         points = simplex_points(grid_step, len(inputs), rm_index, max_points)
     else:
         points = weight_points(vectors, rm_index)
-    pair_evals, bon_evals = load_evaluations(pair_files, val_pairs, candidate_files, ns)
+    pair_evals, bon_evals = load_evaluations(pair_files, val, candidate_files, ns)
     score = load if isinstance(load, ScoreOptions) else ScoreOptions.build(**(load or {}))
     if resident == "on" and score.stream_layers:
         raise OptionError("--resident on: --stream-layers reads each layer from the files; use one of them")
+    names = tuple(
+        s.repo_id or Path(s.given).name for i, s in enumerate(sources[: len(inputs)]) if i != rm_index
+    )
     return SweepSpec(
         inputs=tuple(Path(p) for p in inputs),
         out=absolute(out),
@@ -1164,9 +1243,7 @@ def build_spec(
         restart=restart,
         rehash=rehash,
         resident=resident,
-        domain_names=tuple(
-            s.repo_id or Path(s.given).name for i, s in enumerate(sources[: len(inputs)]) if i != rm_index
-        ),
+        domain_names=names,
         rm_index=rm_index,
         sources=tuple(sources),
     )

@@ -34,7 +34,10 @@ FLOORS: list[tuple[str, list[str]]] = [
             "inspect",
         ],
     ),
-    ("options and provenance", ["options", "score_options", "provenance", "mergekit_config"]),
+    (
+        "options and provenance",
+        ["options", "score_options", "sweep_options", "provenance", "mergekit_config"],
+    ),
     (
         "merge",
         [
