@@ -129,6 +129,10 @@ def test_sweep_with_tensor_weights_scores_the_written_merge(tmp_path: Path) -> N
     assert point["chosen"] == pytest.approx([p["chosen_reward"] for p in written["pairs"]], rel=1e-5)
     assert point["rejected"] == pytest.approx([p["rejected_reward"] for p in written["pairs"]], rel=1e-5)
     assert header["fingerprint"]["merge"]["tensor_weights"] == [["embed_tokens", [1.0, 0.0]]]
+    # the same rule is the same sweep: it resumes with nothing left to score
+    same = sweep("--tensor-weights", "embed_tokens=1,0")
+    assert same.exit_code == 0, same.output
+    assert read_results(out / "results.jsonl")[1] == records
     # another rule is another sweep: refused on resume, not mixed in
     again = sweep("--tensor-weights", "embed=1,0")
     assert again.exit_code != 0 and "tensor_weights" in again.output
