@@ -328,8 +328,14 @@ class Pipeline:
         )
 
     def run(
-        self, val_only: bool = False, variant: str | None = None, merge_variant: str | None = None
+        self,
+        val_only: bool = False,
+        variant: str | None = None,
+        merge_variant: str | None = None,
+        point: str | None = None,
     ) -> dict:
+        """The stages, then the summary; `point`: the label of the point fixed beforehand (the
+        headline's), else the one the sweep chooses on validation."""
         start = time.perf_counter()
         data_dir, _ = self.data()
 
@@ -369,7 +375,7 @@ class Pipeline:
             "this_run_seconds": round(time.perf_counter() - start, 1),
             "peak_rss_this_run": peak_rss_mib(),
             "likelihood_check": {k: check[k] for k in ("base", "sft")},
-            "headline": headline(results),
+            "headline": headline(results, point),
             "sweep_peak_rss_mib": {  # the sweep process, over its points
                 part: round(max(p["timing"].get(key) or 0 for p in results["points"]) / 2**20, 1)
                 for part, key in (
@@ -384,12 +390,14 @@ class Pipeline:
         return summary
 
 
-def headline(results: dict) -> dict:
-    """Accuracy of the reward model alone and of the chosen point on every evaluation."""
+def headline(results: dict, point: str | None = None) -> dict:
+    """Accuracy of the reward model alone and of the chosen point (`point` when it was fixed
+    beforehand, else the sweep's choice on validation) on every evaluation."""
     points = {p["label"]: p for p in results["points"]}
-    chosen = results["chosen"]["label"]
+    chosen = point or results["chosen"]["label"]
+    chosen_on = "fixed before the test pairs were scored" if point else results["chosen"]["chosen_on"]
     base = next(p for p in results["points"] if p["baseline"])
-    out: dict = {"chosen": chosen, "chosen_on": results["chosen"]["chosen_on"], "pairs": {}, "best_of_n": {}}
+    out: dict = {"chosen": chosen, "chosen_on": chosen_on, "pairs": {}, "best_of_n": {}}
     for name in base["pairs"]:
         out["pairs"][name] = {}
         for label, p in (("reward model alone", base), ("chosen", points[chosen])):
@@ -542,8 +550,14 @@ def run_merge_variants(
         summaries[name] = Pipeline(work, cfg, tiny).run(True, MERGE_MODELS_VARIANT, name)
     rows = {n: merge_variant_row(summaries[n], comparisons) for n in MERGE_VARIANTS}
     picked = pick_merge_variant(rows)
-    print(f"== picked on validation: {picked}; scoring its test pairs and best-of-N once")
-    summary = Pipeline(work, cfg, tiny).run(False, MERGE_MODELS_VARIANT, picked)
+    point = rows[picked]["chosen"]
+    print(f"== picked on validation: {picked} at {point}; scoring its test pairs and best-of-N once")
+    # only the point chosen above (and the reward model alone, which every sweep holds): a sweep
+    # over the whole grid would choose again, and in bf16 its validation scores move with the
+    # texts batched beside them
+    lam = point.removeprefix("alpha=").removeprefix("w=")
+    test_cfg = {**cfg, "sweep": {**cfg["sweep"], "alpha": lam}}
+    summary = Pipeline(work, test_cfg, tiny).run(False, MERGE_MODELS_VARIANT, picked, point)
     report = {
         "models": MERGE_MODELS_VARIANT,
         "rule": SELECTION_RULE,

@@ -285,6 +285,15 @@ def test_tiny_merge_variants_compare_on_validation_and_score_the_pick_once(tmp_p
     scored = [json.loads((s / "sweep" / "results.json").read_text()) for s in sweeps]
     with_test = [d for d in scored if "maths-test" in {p["name"] for p in d["evaluations"]["pairs"]}]
     assert len(with_test) == 1 and with_test[0]["evaluations"]["best_of_n"][0]["name"] == "maths-bon"
+    # ... for the point chosen on validation (and the reward model alone) only, not the grid again
+    chosen = rows[report["picked"]]["chosen"]
+    assert {p["label"] for p in with_test[0]["points"]} <= {
+        chosen,
+        *(p["label"] for p in with_test[0]["points"] if p["baseline"]),
+    }
+    assert any(p["label"] == chosen for p in with_test[0]["points"])
+    assert report["test"]["chosen"] == chosen
+    assert report["test"]["chosen_on"] == "fixed before the test pairs were scored"
     picked_method = mini_dogerm.MERGE_VARIANTS[report["picked"]].get("method", "linear")
     assert with_test[0]["merge"]["method"] == picked_method
     # the task-arithmetic sweeps report their task vectors against the base; every point its diagnostics
