@@ -1,5 +1,5 @@
 """Exact top-k by magnitude over a tensor's chunks, in bounded memory: the statistics pass that
-TIES, breadcrumbs, DELLA and SCE need before their apply pass (issue 23, part 2).
+TIES, breadcrumbs and SCE need before their apply pass (issue 23, part 2).
 
 Non-negative fp32 values order like their bit patterns read as integers, so the k-th largest
 magnitude is found digit by digit: one pass over the chunks counts the high 16 bits of every
@@ -8,7 +8,8 @@ the low 16 bits inside that bin, which names the value itself. The threshold is 
 value a sort would put at position k (NaN ranking above infinity, as `torch.topk` ranks it), in
 two passes and 1 MiB of counts whatever the tensor's size. An apply pass keeps every element
 above the threshold and, of those equal to it, the first ones by position (`TopKMask`), which is
-the stable sort's choice.
+the stable sort's choice; or, for the top of an ascending stable sort (breadcrumbs' trim), the
+last ones by position (`TopKMask(..., from_last=True)`).
 
 `MagnitudeHistogram` is the same two passes fed one chunk at a time, as the engine's statistics
 passes read them (`methods.TiesStats`).
@@ -30,7 +31,7 @@ def _magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
     """(n,) fp32 -> (n,) int64 bit patterns of |x| (sign bit cleared)."""
     import torch
 
-    return chunk.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    return chunk.contiguous().view(torch.int32).to(torch.int64).bitwise_and_(0x7FFFFFFF)
 
 
 def _pick(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -44,10 +45,12 @@ def _pick(counts: torch.Tensor, k: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Threshold:
-    """The k-th largest magnitude and how many elements equal to it the top k takes."""
+    """The k-th largest magnitude, how many elements equal to it the top k takes, and how many
+    elements equal it in all."""
 
     value: float
     take_equal: int
+    equal: int
 
 
 #: Bytes one `MagnitudeHistogram` holds at most (one 65,536-bin int64 histogram at a time).
@@ -56,7 +59,8 @@ HISTOGRAM_BYTES = _BINS * 8
 
 class MagnitudeHistogram:
     """The k-th largest |x| over a tensor's chunks, fed incrementally: every chunk in pass 0,
-    `end_pass(0)`, every chunk again in pass 1, then `threshold()`."""
+    `end_pass(0)`, every chunk again in pass 1, then `threshold()`. `k` may be set until
+    `end_pass(0)` (SCE's k counts the nonzero variances the first pass sees)."""
 
     def __init__(self, k: int):
         import torch
@@ -88,7 +92,8 @@ class MagnitudeHistogram:
 
         bottom, above_low = _pick(self._counts, self.k - self._above)
         pattern = torch.tensor([(self._top << 16) | bottom], dtype=torch.int32)
-        return Threshold(float(pattern.view(torch.float32)), self.k - self._above - above_low)
+        equal = int(self._counts[bottom])
+        return Threshold(float(pattern.view(torch.float32)), self.k - self._above - above_low, equal)
 
 
 def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> Threshold:
@@ -107,20 +112,32 @@ def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int) 
 
 
 class TopKMask:
-    """The apply pass: the top-k mask of each chunk in order, from a `Threshold`."""
+    """The apply pass: the top-k mask of each chunk in order, from a `Threshold`.
 
-    def __init__(self, threshold: Threshold):
+    Of the elements equal to the threshold, the first `take_equal` by position are taken (a
+    descending stable sort's top k), or with `from_last` the last ones (an ascending stable
+    sort's top k: the first `equal - take_equal` of them are skipped).
+    """
+
+    def __init__(self, threshold: Threshold, from_last: bool = False):
         self.threshold = threshold
         self._equal_left = threshold.take_equal
+        self._skip_left = threshold.equal - threshold.take_equal if from_last else 0
+        self._from_last = from_last
 
     def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
-        """(n,) fp32 -> (n,) bool: above the threshold, or equal to it among the first taken."""
+        """(n,) fp32 -> (n,) bool: above the threshold, or equal to it and taken."""
         import torch
 
         bits = _magnitude_bits(chunk)
         limit = int(torch.tensor([self.threshold.value], dtype=torch.float32).view(torch.int32))
         mask = bits > limit
         equal = (bits == limit).nonzero().reshape(-1)
+        if self._from_last:
+            skipped = min(len(equal), self._skip_left)
+            self._skip_left -= skipped
+            mask[equal[skipped:]] = True
+            return mask
         taken = equal[: self._equal_left]
         self._equal_left -= len(taken)
         mask[taken] = True

@@ -13,31 +13,33 @@ decisions: the engine reads, upcasts, chunks and casts.
 | dare_linear | base + sum_i w_i DARE(x_i - base) | yes (the drop mask depends on position only) |
 | dare_ties | base + TIES-sign-merge(DARE(x_i - base)) | yes |
 | ties | base + TIES-sign-merge(top-density trim(x_i - base)) | in 3 passes (`TiesStats`): two magnitude-histogram passes for the trim threshold, then the apply pass |
-| slerp | spherical interpolation of two inputs, t = w_2 | no: the angle needs whole-tensor norms |
+| slerp | spherical interpolation of two inputs, t = w_2 | in 2 passes (`SphericalStats`): the inputs' Gram matrix, then the apply pass |
 | nearswap | a + clamp(t / abs(a - b), 0, 1) (b - a), t = w_2 | yes |
 | ram | base + sum_i (x_i - base) [abs > eps] / (inputs whose delta is above eps) | yes |
-| breadcrumbs | base + sum_i w_i outlier-and-small-trim(x_i - base) | no: the trim needs a whole-tensor sort |
-| breadcrumbs_ties | base + TIES-sign-merge(outlier-and-small-trim(x_i - base)) | no: as breadcrumbs |
-| sce | base + select (variance top-k), calculate (mean-square weights), erase (sign election) | no: the variance ranking and the weights need the whole tensor |
+| breadcrumbs | base + sum_i w_i outlier-and-small-trim(x_i - base) | in 3 passes (`BreadcrumbsStats`): two histogram passes for both cuts, then the apply pass |
+| breadcrumbs_ties | base + TIES-sign-merge(outlier-and-small-trim(x_i - base)) | in 3 passes, as breadcrumbs |
+| sce | base + select (variance top-k), calculate (mean-square weights), erase (sign election) | in 4 passes (`SceStats`): two histogram passes over the variances, the mean squares, then the apply pass |
 | model_stock | base + t (mean_i x_i - base), t from the mean cosine of the deltas | in 2 passes (`ModelStockStats`): the deltas' dot products, then the apply pass |
 | nuslerp | spherical interpolation of two inputs at t = w_2 / (w_1 + w_2), linear only when colinear | in 2 passes (`NuslerpStats`): norms and the dot product, then the apply pass |
-| multislerp | barycentre of the inputs on the unit sphere (tangent-space mean), times the mean norm | no: norms and dot products of whole tensors |
-| karcher | Karcher mean of the inputs' directions (iterated), times the mean norm | no: every iteration needs whole-tensor dot products |
+| multislerp | barycentre of the inputs on the unit sphere (tangent-space mean), times the mean norm | in 2 passes, as slerp |
+| karcher | Karcher mean of the inputs' directions (iterated), times the mean norm | in 2 passes, as slerp: every iterate is a combination of the inputs |
 | passthrough | w_1 x_1 (one input, scaled) | yes |
-| della | base + TIES-sign-merge(MagPrune(x_i - base)) | no: MagPrune ranks each row's magnitudes |
-| della_linear | base + sum_i w_i MagPrune(x_i - base) | no: as della |
+| della | base + TIES-sign-merge(MagPrune(x_i - base)) | in chunks of whole slabs (`DELLA_FORM`), no statistics pass; not with the L1 rescale |
+| della_linear | base + sum_i w_i MagPrune(x_i - base) | as della |
 | arcee_fusion | base + (x - base) [importance >= median + 1.5 IQR] | no: row softmaxes and whole-tensor quantiles |
-| ramplus_tl | ram with each input's unique deltas scaled by its overlap ratio | no: the ratio counts the whole tensor |
+| ramplus_tl | ram with each input's unique deltas scaled by its overlap ratio | in 2 passes (`RamPlusStats`): the overlap counts, then the apply pass |
 
 Non-elementwise methods receive the whole tensor, flattened, and its `shape`, unless they have a
 bounded form (`MergeMethod.bounded`) and the tensor is larger than a chunk: then the engine feeds
-the deltas of every chunk to the form's statistics passes and merges each chunk in an apply pass.
+the deltas of every chunk to the form's statistics passes and merges each chunk in an apply pass
+(`TensorStats.apply`); a form with no statistics pass (della's) calls the method itself on blocks
+of whole units, with the block's own `shape`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,13 +77,18 @@ class BoundedForm:
 
     #: Statistics passes before the apply pass.
     passes: int
-    #: (tensor elements, weighted inputs, density) -> the statistics of one tensor.
-    start: Callable[[int, int, float], TensorStats]
+    #: (tensor elements, weighted inputs, density, the tensor's params) -> its statistics.
+    start: Callable[[int, int, float, Mapping[str, float]], TensorStats]
     #: Bytes the statistics of one tensor hold, per weighted input.
     bytes_per_input: int
     #: Chunks and blocks of the statistics passes are multiples of this many elements (float64
     #: sums taken block by block, in the whole-tensor order).
     align: int = 1
+    #: shape -> elements that every chunk and block must hold whole (della's slabs along
+    #: dimension 0); None: any multiple of `align`.
+    unit: Callable[[Sequence[int]], int] | None = None
+    #: params -> whether the form bounds a tensor merged with these parameters (`TensorPlan.params`).
+    applies: Callable[[Mapping[str, float]], bool] = lambda params: True
 
 
 class TensorStats:
@@ -108,16 +115,9 @@ METHODS: dict[str, MergeMethod] = {}
 
 #: Why each whole-tensor method with no bounded form yet holds whole tensors (`plan` says it).
 WHOLE_TENSOR_REASONS: dict[str, str] = {
-    "slerp": "the angle needs whole-tensor norms and a dot product first",
-    "multislerp": "norms and dot products with the mean of the whole tensors",
-    "karcher": "every iteration needs whole-tensor dot products",
-    "breadcrumbs": "the outlier and small-delta trim ranks the whole tensor",
-    "breadcrumbs_ties": "the outlier and small-delta trim ranks the whole tensor",
-    "sce": "the variance ranking and the weights need the whole tensor",
-    "della": "MagPrune ranks each row's magnitudes (chunks of whole rows would bound it: not built yet)",
-    "della_linear": "MagPrune ranks each row's magnitudes (chunks of whole rows would bound it: not built yet)",
+    "della": "mergekit's rescale to each delta's L1 norm sums the whole tensor, or a vector's one row is larger than a chunk",
+    "della_linear": "mergekit's rescale to each delta's L1 norm sums the whole tensor, or a vector's one row is larger than a chunk",
     "arcee_fusion": "row softmaxes and whole-tensor quantiles of the importances",
-    "ramplus_tl": "each input's overlap ratio counts the whole tensor",
 }
 
 
@@ -271,7 +271,7 @@ class TiesStats(TensorStats):
         return base.add_(_sign_consensus_merge(deltas, weights))
 
 
-def _ties_stats(numel: int, inputs: int, density: float) -> TensorStats:
+def _ties_stats(numel: int, inputs: int, density: float, params: Mapping[str, float]) -> TensorStats:
     return TiesStats(numel, inputs, density)
 
 
@@ -314,34 +314,11 @@ def trim_top_k(delta: torch.Tensor, k: int) -> None:
         delta.mul_(TopKMask(kth_largest_magnitude(lambda: (delta,), k))(delta))
 
 
-@merge_method("slerp", elementwise=False, arity=2, scratch_bytes=16)
-def slerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
-    """Spherical interpolation from the first input to the second at t = weights[1].
-
-    The angle comes from the normalised tensors; nearly parallel tensors (|cos| > 0.9995) and
-    zero tensors fall back to linear interpolation.
-    """
-    import torch
-
-    v0, v1 = tensors
-    t = float(weights[1])
-    a, b = v0.reshape(-1).double(), v1.reshape(-1).double()
-    n0, n1 = float(a.norm()), float(b.norm())
-    if n0 == 0 or n1 == 0:
-        return v0.mul_(1 - t).add_(v1.mul_(t))
-    dot = max(-1.0, min(1.0, float(torch.dot(a, b)) / (n0 * n1)))
-    del a, b
-    if abs(dot) > 0.9995:
-        return v0.mul_(1 - t).add_(v1.mul_(t))
-    omega = math.acos(dot)
-    s0 = math.sin((1 - t) * omega) / math.sin(omega)
-    s1 = math.sin(t * omega) / math.sin(omega)
-    return v0.mul_(s0).add_(v1.mul_(s1))
-
-
 #: Elements per block of the float64 statistics (norms, dot products) over a whole tensor: the
 #: temporaries stay cache-sized whatever the tensor.
 STATS_BLOCK = 1 << 16
+#: Bytes of the float64 copy of one block per input that a Gram statistics pass holds.
+GRAM_BYTES = STATS_BLOCK * 8
 
 
 def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -407,15 +384,120 @@ def breadcrumbs_trim(delta: torch.Tensor, density: float, gamma: float = BREADCR
     n = delta.numel()
     if density >= 1 or n == 0:
         return
-    keep = int(density * n)
-    bottom = max(0, n - keep - int(gamma * n))
+    bottom, top = breadcrumbs_cuts(n, density, gamma)
     order = torch.sort(delta.abs(), stable=True).indices  # (n,) int64, ascending magnitude
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[bottom : bottom + keep]] = True
+    mask[order[bottom:top]] = True
     delta.mul_(mask)
 
 
-@merge_method("breadcrumbs", elementwise=False, needs_base=True, scratch_bytes=17, uses_density=True)
+def breadcrumbs_cuts(numel: int, density: float, gamma: float = BREADCRUMBS_GAMMA) -> tuple[int, int]:
+    """The ascending ranks [bottom, top) breadcrumbs keeps of a delta of `numel` elements."""
+    keep = int(density * numel)
+    bottom = max(0, numel - keep - int(gamma * numel))
+    return bottom, bottom + keep
+
+
+class AscendingTop:
+    """The elements of ascending stable rank at least `rank` (the top numel - rank by magnitude,
+    equal magnitudes at the cut taken from the last by position) over a tensor's chunks: two
+    histogram passes (`MagnitudeHistogram`), then one mask per apply pass (`masker`)."""
+
+    def __init__(self, numel: int, rank: int):
+        from lazymerge.magnitude_select import MagnitudeHistogram
+
+        self.size, self.numel = numel - rank, numel
+        self.histogram = MagnitudeHistogram(self.size) if 0 < self.size < numel else None
+
+    def observe(self, pass_no: int, delta: torch.Tensor) -> None:
+        if self.histogram is not None:
+            self.histogram.add(pass_no, delta)
+
+    def end_pass(self, pass_no: int) -> None:
+        if self.histogram is not None:
+            self.histogram.end_pass(pass_no)
+
+    def masker(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A fresh mask over the chunks in order: (n,) fp32 -> (n,) bool."""
+        import torch
+
+        from lazymerge.magnitude_select import TopKMask
+
+        if self.histogram is not None:
+            return TopKMask(self.histogram.threshold(), from_last=True)
+        every = self.size > 0
+        return lambda chunk: torch.full(chunk.shape, every, dtype=torch.bool)
+
+
+class BreadcrumbsStats(TensorStats):
+    """breadcrumbs over chunks: per input, the two cuts of its ascending stable ranking (the
+    outliers' and the smallest deltas'), each exact from two histogram passes; the apply pass
+    keeps the deltas between them (`AscendingTop`), which is elementwise once they are known."""
+
+    def __init__(self, numel: int, inputs: int, density: float):
+        self.trims = density < 1 and numel > 0
+        bottom, top = breadcrumbs_cuts(numel, density)
+        self.cuts = [(AscendingTop(numel, bottom), AscendingTop(numel, top)) for _ in range(inputs)]
+        self.masks: dict[int, list[tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]]] = {}
+
+    def observe(self, pass_no: int, deltas: Sequence[torch.Tensor]) -> None:
+        for (low, high), delta in zip(self.cuts, deltas if self.trims else (), strict=True):
+            low.observe(pass_no, delta)
+            high.observe(pass_no, delta)
+
+    def end_pass(self, pass_no: int) -> None:
+        for low, high in self.cuts if self.trims else ():
+            low.end_pass(pass_no)
+            high.end_pass(pass_no)
+
+    def trim(self, variant: int, deltas: Sequence[torch.Tensor]) -> None:
+        """Mask one block of each delta in place (blocks in order, per output `variant`)."""
+        if not self.trims:
+            return
+        if variant not in self.masks:
+            self.masks[variant] = [(low.masker(), high.masker()) for low, high in self.cuts]
+        for (low, high), delta in zip(self.masks[variant], deltas, strict=True):
+            delta.mul_(low(delta) & ~high(delta))
+
+    def apply(
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        assert base is not None
+        self.trim(variant, deltas)
+        for delta, weight in zip(deltas, weights, strict=True):
+            base.add_(delta.mul_(weight))
+        return base
+
+
+class BreadcrumbsTiesStats(BreadcrumbsStats):
+    """breadcrumbs_ties over chunks: the breadcrumbs trim, then the elementwise sign-consensus merge."""
+
+    def apply(
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        assert base is not None
+        self.trim(variant, deltas)
+        return base.add_(_sign_consensus_merge(deltas, weights))
+
+
+@merge_method(
+    "breadcrumbs",
+    elementwise=False,
+    needs_base=True,
+    scratch_bytes=32,
+    uses_density=True,
+    bounded=BoundedForm(
+        2, lambda n, k, density, params: BreadcrumbsStats(n, k, density), 2 * HISTOGRAM_BYTES
+    ),
+)
 def breadcrumbs(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -426,14 +508,23 @@ def breadcrumbs(
 ) -> torch.Tensor:
     """Model Breadcrumbs (Davari and Belilovsky, arXiv 2312.06795): task arithmetic over deltas
     with their largest 1% (outliers) and their smallest elements masked out, `density` of each
-    kept: base + sum_i w_i trim(x_i - base)."""
+    kept: base + sum_i w_i trim(x_i - base). Over chunks: `BreadcrumbsStats`, the same bits."""
     for delta, weight in zip(_deltas(tensors, base), weights, strict=True):
         breadcrumbs_trim(delta, density)
         base.add_(delta.mul_(weight))
     return base
 
 
-@merge_method("breadcrumbs_ties", elementwise=False, needs_base=True, scratch_bytes=32, uses_density=True)
+@merge_method(
+    "breadcrumbs_ties",
+    elementwise=False,
+    needs_base=True,
+    scratch_bytes=32,
+    uses_density=True,
+    bounded=BoundedForm(
+        2, lambda n, k, density, params: BreadcrumbsTiesStats(n, k, density), 2 * HISTOGRAM_BYTES
+    ),
+)
 def breadcrumbs_ties(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -443,53 +534,49 @@ def breadcrumbs_ties(
     **_: object,
 ) -> torch.Tensor:
     """Model Breadcrumbs' mask (arXiv 2312.06795) followed by TIES' sign election and disjoint
-    mean (Yadav et al., arXiv 2306.01708), as mergekit combines them."""
+    mean (Yadav et al., arXiv 2306.01708), as mergekit combines them. Over chunks:
+    `BreadcrumbsTiesStats`, the same bits."""
     deltas = _deltas(tensors, base)
     for delta in deltas:
         breadcrumbs_trim(delta, density)
     return base.add_(_sign_consensus_merge(deltas, weights))
 
 
-@merge_method("sce", elementwise=False, needs_base=True, scratch_bytes=32, uses_density=True)
-def sce(
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    *,
-    base: torch.Tensor,
-    density: float,
-    **_: object,
-) -> torch.Tensor:
-    """SCE, from FuseChat (Wan et al., arXiv 2408.07990): Select the `density` fraction of
-    elements whose deltas vary most across the inputs (of those that vary at all), Calculate
-    each input's weight as its mean squared (selected) delta over the tensor, normalised to sum
-    to 1, Erase the deltas whose sign disagrees with the sign of the deltas' sum; the result is
-    base + the weighted mean of the surviving deltas. The given weights are not used.
-    """
+def _sce_variance(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per element, the population variance of the deltas across the inputs: (n,) fp32."""
     import torch
 
-    deltas = _deltas(tensors, base)
     n = len(deltas)
-    if density < 1:
-        mean = torch.zeros_like(deltas[0])
-        for delta in deltas:
-            mean.add_(delta)
-        mean.div_(n)
-        var = torch.zeros_like(deltas[0])  # population variance across the inputs, (numel,) fp32
-        for delta in deltas:
-            var.add_((delta - mean).square_())
-        del mean
-        var.div_(n)
-        k = int(int(torch.count_nonzero(var)) * density)
-        mask = torch.zeros(var.numel(), dtype=torch.bool)
-        if k:
-            mask[torch.sort(var, descending=True, stable=True).indices[:k]] = True
-        del var
-        for delta in deltas:
-            delta.mul_(mask)
-        del mask
-    means = torch.stack([d.square().mean() for d in deltas])  # (inputs,) fp32
+    mean = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        mean.add_(delta)
+    mean.div_(n)
+    var = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        var.add_((delta - mean).square_())
+    return var.div_(n)
+
+
+def _sce_keep(nonzero: int, density: float) -> int:
+    """Elements SCE selects: the `density` fraction of those whose deltas vary at all."""
+    return int(nonzero * density)
+
+
+def _sce_shares(square_sums: Sequence[float], numel: int) -> list[float]:
+    """Each input's weight: its mean squared (selected) delta (float64 sums, block by block, then
+    fp32 as mergekit's mean), normalised to sum to 1 (equal shares when the sum is below 1e-6)."""
+    import torch
+
+    means = torch.tensor([s / max(numel, 1) for s in square_sums], dtype=torch.float32)  # (inputs,)
     total = float(means.sum())
-    shares = [float(w) for w in (means / total if abs(total) >= 1e-6 else torch.full((n,), 1.0 / n))]
+    n = len(square_sums)
+    return [float(w) for w in (means / total if abs(total) >= 1e-6 else torch.full((n,), 1.0 / n))]
+
+
+def _sce_erase(deltas: Sequence[torch.Tensor], shares: Sequence[float], base: torch.Tensor) -> torch.Tensor:
+    """SCE's Erase: drop deltas whose sign disagrees with the sum's, weighted mean of the rest."""
+    import torch
+
     summed = torch.zeros_like(deltas[0])
     for delta in deltas:
         summed.add_(delta)
@@ -504,12 +591,128 @@ def sce(
     return base.add_(merged.div_(divisor.clamp_(min=1e-6)))
 
 
+class SceStats(TensorStats):
+    """SCE over chunks, in 3 statistics passes: the exact k-th largest variance (two histogram
+    passes, k counted from the nonzero variances of the first), then each input's float64 sum of
+    squared selected deltas (blocks in the whole tensor's order); the apply pass selects, weighs
+    and erases elementwise."""
+
+    def __init__(self, numel: int, inputs: int, density: float):
+        from lazymerge.magnitude_select import MagnitudeHistogram
+
+        self.numel, self.density, self.selects = numel, density, density < 1
+        self.nonzero = 0
+        self.histogram: MagnitudeHistogram | None = MagnitudeHistogram(1) if self.selects else None
+        self.square_sums = [0.0] * inputs
+        self.shares: list[float] = []
+        self.masks: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def select(self, key: int, deltas: Sequence[torch.Tensor]) -> None:
+        """Zero the deltas of one block outside the selection, in place (blocks in order per `key`)."""
+        import torch
+
+        from lazymerge.magnitude_select import TopKMask
+
+        if not self.selects:
+            return
+        if key not in self.masks:
+            histogram = self.histogram
+            self.masks[key] = (
+                TopKMask(histogram.threshold())
+                if histogram is not None
+                else lambda var: torch.zeros(var.shape, dtype=torch.bool)
+            )
+        mask = self.masks[key](_sce_variance(deltas))
+        for delta in deltas:
+            delta.mul_(mask)
+
+    def observe(self, pass_no: int, deltas: Sequence[torch.Tensor]) -> None:
+        import torch
+
+        if pass_no == 2:
+            self.select(-1, deltas)
+            for i, delta in enumerate(deltas):
+                self.square_sums[i] += _dot64(delta, delta)
+            return
+        if self.histogram is None:
+            return
+        var = _sce_variance(deltas)
+        if pass_no == 0:
+            self.nonzero += int(torch.count_nonzero(var))
+        self.histogram.add(pass_no, var)
+
+    def end_pass(self, pass_no: int) -> None:
+        if pass_no == 0 and self.histogram is not None:
+            self.histogram.k = _sce_keep(self.nonzero, self.density)
+            if self.histogram.k == 0:
+                self.histogram = None  # nothing selected
+            else:
+                self.histogram.end_pass(0)
+        if pass_no == 2:
+            self.shares = _sce_shares(self.square_sums, self.numel)
+
+    def apply(
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        assert base is not None
+        self.select(variant, deltas)
+        return _sce_erase(deltas, self.shares, base)
+
+
+@merge_method(
+    "sce",
+    elementwise=False,
+    needs_base=True,
+    scratch_bytes=32,
+    uses_density=True,
+    bounded=BoundedForm(
+        3, lambda n, k, density, params: SceStats(n, k, density), HISTOGRAM_BYTES, STATS_BLOCK
+    ),
+)
+def sce(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    density: float,
+    **_: object,
+) -> torch.Tensor:
+    """SCE, from FuseChat (Wan et al., arXiv 2408.07990): Select the `density` fraction of
+    elements whose deltas vary most across the inputs (of those that vary at all; equal
+    variances taken by position), Calculate each input's weight as its mean squared (selected)
+    delta over the tensor, normalised to sum to 1, Erase the deltas whose sign disagrees with the
+    sign of the deltas' sum; the result is base + the weighted mean of the surviving deltas. The
+    given weights are not used. Over chunks: `SceStats`, the same bits.
+    """
+    import torch
+
+    deltas = _deltas(tensors, base)
+    if density < 1:
+        var = _sce_variance(deltas)
+        k = _sce_keep(int(torch.count_nonzero(var)), density)
+        mask = torch.zeros(var.numel(), dtype=torch.bool)
+        if k:
+            mask[torch.sort(var, descending=True, stable=True).indices[:k]] = True
+        del var
+        for delta in deltas:
+            delta.mul_(mask)
+        del mask
+    shares = _sce_shares([_dot64(d, d) for d in deltas], deltas[0].numel())
+    return _sce_erase(deltas, shares, base)
+
+
 @merge_method(
     "model_stock",
     elementwise=False,
     needs_base=True,
     scratch_bytes=0,
-    bounded=BoundedForm(1, lambda numel, inputs, density: ModelStockStats(inputs), 0, STATS_BLOCK),
+    bounded=BoundedForm(
+        1, lambda numel, inputs, density, params: ModelStockStats(inputs), GRAM_BYTES, STATS_BLOCK
+    ),
 )
 def model_stock(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base: torch.Tensor, **_: object
@@ -606,7 +809,9 @@ class NuslerpStats(GramStats):
     elementwise=False,
     arity=2,
     scratch_bytes=0,
-    bounded=BoundedForm(1, lambda numel, inputs, density: NuslerpStats(inputs), 0, STATS_BLOCK),
+    bounded=BoundedForm(
+        1, lambda numel, inputs, density, params: NuslerpStats(inputs), GRAM_BYTES, STATS_BLOCK
+    ),
 )
 def nuslerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
     """mergekit's NuSLERP (flattened, no base): Shoemake's spherical interpolation (SIGGRAPH 1985)
@@ -617,93 +822,202 @@ def nuslerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: obje
     return stats.apply(0, tensors, weights, None)
 
 
-@merge_method("multislerp", elementwise=False, scratch_bytes=8)
-def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
-    """Multi-SLERP (Goddard, "multislerp", 2025; mergekit 0.1.5, no base): a barycentre of the
-    inputs on the unit sphere, each input scaled to unit norm, the weighted mean m of those
-    projected back to the sphere, the weighted mean of their tangent components at m mapped
-    back by the exponential map, and the result scaled by the weighted mean norm. Weights
-    normalised to sum to 1; when the weighted mean of the unit inputs vanishes, the weighted sum.
-    """
-    import torch
+def _gram(stats: GramStats) -> list[list[float]]:
+    """The full symmetric matrix of `GramStats.dots` (which fills its upper triangle)."""
+    k = len(stats.dots)
+    return [[stats.dots[min(i, j)][max(i, j)] for j in range(k)] for i in range(k)]
 
-    total = sum(float(w) for w in weights)
-    shares = [float(w) / total for w in weights]
-    norms = [_norm64(x) for x in tensors]
-    for x, norm in zip(tensors, norms, strict=True):
-        x.div_(norm + 1e-8)  # unit inputs, in place
-    mean = torch.zeros_like(tensors[0])
-    for x, share in zip(tensors, shares, strict=True):
-        mean.add_(x, alpha=share)
-    mean_norm = _norm64(mean)
+
+def _quad(g: Sequence[Sequence[float]], a: Sequence[float], b: Sequence[float]) -> float:
+    """a^T g b: the dot product of two combinations of the vectors whose Gram matrix is g."""
+    return sum(a[i] * g[i][j] * b[j] for i in range(len(a)) for j in range(len(b)))
+
+
+def _length(g: Sequence[Sequence[float]], a: Sequence[float]) -> float:
+    return math.sqrt(max(_quad(g, a, a), 0.0))
+
+
+def _combine(tensors: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
+    """sum_i c_i x_i, elementwise in fp32, in place (one product, then added in input order)."""
+    out = tensors[0].mul_(coefficients[0])
+    for tensor, c in zip(tensors[1:], coefficients[1:], strict=True):
+        out.add_(tensor.mul_(c))
+    return out
+
+
+class SphericalStats(GramStats):
+    """The SLERP family over chunks: every vector slerp, multislerp and karcher build (a mean,
+    a tangent, each Karcher step) is a combination of the inputs, so the inputs' Gram matrix
+    (one statistics pass of float64 dot products) gives every norm and angle they use; the apply
+    pass forms the output as sum_i c_i x_i, coefficients per output `variant`."""
+
+    def __init__(self, inputs: int, coefficients: Callable[[list[list[float]], list[float]], list[float]]):
+        super().__init__(inputs)
+        self.coefficients = coefficients
+        self.cached: dict[int, list[float]] = {}
+
+    def apply(
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if variant not in self.cached:
+            self.cached[variant] = self.coefficients(_gram(self), [float(w) for w in weights])
+        if not any(self.cached[variant]):
+            return deltas[0].zero_()  # karcher: no input has a direction
+        return _combine(deltas, self.cached[variant])
+
+
+def _spherical(tensors: Sequence[torch.Tensor], weights: Sequence[float], method: str) -> torch.Tensor:
+    """A SLERP-family method over whole tensors: the same statistics and apply as its chunks."""
+    stats = SphericalStats(len(tensors), SPHERICAL[method])
+    stats.observe(0, tensors)
+    return stats.apply(0, tensors, weights, None)
+
+
+def slerp_coefficients(g: list[list[float]], weights: list[float]) -> list[float]:
+    """slerp's (s0, s1) from the Gram matrix of its two inputs: linear (1 - t, t) when an input
+    is zero or the two are nearly parallel (|cos| > 0.9995)."""
+    t = weights[1]
+    n0, n1 = math.sqrt(g[0][0]), math.sqrt(g[1][1])
+    if n0 == 0 or n1 == 0:
+        return [1 - t, t]
+    dot = max(-1.0, min(1.0, g[0][1] / (n0 * n1)))
+    if abs(dot) > 0.9995:
+        return [1 - t, t]
+    omega = math.acos(dot)
+    return [math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)]
+
+
+def multislerp_coefficients(g: list[list[float]], weights: list[float]) -> list[float]:
+    """multislerp's output as sum_i c_i x_i, from the inputs' Gram matrix (see `multislerp`)."""
+    total = sum(weights)
+    shares = [w / total for w in weights]
+    k = len(shares)
+    norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(k)]
+    scaled = [n + 1e-8 for n in norms]  # each input divided by its own: a unit input
+    units = [[g[i][j] / (scaled[i] * scaled[j]) for j in range(k)] for i in range(k)]
+    mean_norm = _length(units, shares)
     if mean_norm < 1e-8:
-        for x, norm, share in zip(tensors, norms, shares, strict=True):
-            x.mul_((norm + 1e-8) * share)
-        out = tensors[0]
-        for x in tensors[1:]:
-            out.add_(x)
-        return out
-    mean.div_(mean_norm)
-    dots = [_dot64(x, mean) for x in tensors]
-    tangent = torch.zeros_like(mean)
-    for x, dot, share in zip(tensors, dots, shares, strict=True):
-        tangent.add_(x.sub_(mean, alpha=dot), alpha=share)
-    angle = _norm64(tangent) + 1e-8
+        return shares
+    mean = [s / mean_norm for s in shares]  # the unit mean, over the unit inputs
+    dots = [_quad(units, [1.0 if j == i else 0.0 for j in range(k)], mean) for i in range(k)]
+    along = sum(s * d for s, d in zip(shares, dots, strict=True))
+    tangent = [s - along * m for s, m in zip(shares, mean, strict=True)]
+    angle = _length(units, tangent) + 1e-8
     scale = sum(n * s for n, s in zip(norms, shares, strict=True))
-    return mean.mul_(math.cos(angle) * scale).add_(tangent, alpha=math.sin(angle) / angle * scale)
+    out = [
+        math.cos(angle) * scale * m + math.sin(angle) / angle * scale * t
+        for m, t in zip(mean, tangent, strict=True)
+    ]
+    return [c / n for c, n in zip(out, scaled, strict=True)]
 
 
 #: Karcher iterations and tolerance (mergekit 0.1.5's defaults `max_iter` and `tol`).
 KARCHER_MAX_ITER, KARCHER_TOL = 10, 1e-5
 
 
-@merge_method("karcher", elementwise=False, scratch_bytes=12)
+def karcher_coefficients(g: list[list[float]], weights: list[float]) -> list[float]:
+    """karcher's output as sum_i c_i x_i, from the inputs' Gram matrix (see `karcher`): the mean
+    and each tangent are kept as coefficients over the unit inputs, every step's dot products
+    and norms taken through the Gram matrix."""
+    total = sum(weights)
+    alphas = [w / total for w in weights]
+    norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(len(weights))]
+    scale = sum(a * n for a, n in zip(alphas, norms, strict=True))
+    valid = [i for i, n in enumerate(norms) if n > KARCHER_TOL]
+    if not valid:
+        return [0.0] * len(weights)
+    units = [[g[i][j] / (norms[i] * norms[j]) for j in valid] for i in valid]
+    valid_sum = sum(alphas[i] for i in valid)
+    shares = [alphas[i] / valid_sum for i in valid]
+    mean = _karcher_mean(units, shares)
+    out = [0.0] * len(weights)
+    for m, i in zip(mean, valid, strict=True):
+        out[i] = scale * m / norms[i]
+    return out
+
+
+def _karcher_mean(units: list[list[float]], shares: list[float]) -> list[float]:
+    """The weighted Karcher mean of unit vectors (Gram matrix `units`), as their coefficients."""
+    k = len(shares)
+    mean_norm = _length(units, shares)
+    mean = [1.0] + [0.0] * (k - 1) if mean_norm < KARCHER_TOL else [s / mean_norm for s in shares]
+    for _step in range(KARCHER_MAX_ITER):
+        tangent = [0.0] * k
+        for i, share in enumerate(shares):
+            dot = max(-1.0, min(1.0, sum(units[i][j] * mean[j] for j in range(k))))
+            theta = math.acos(dot)
+            if theta < KARCHER_TOL:
+                continue
+            factor = share * theta / math.sin(theta)  # share * theta / sin(theta) * (unit - dot * mean)
+            tangent[i] += factor
+            tangent = [t - factor * dot * m for t, m in zip(tangent, mean, strict=True)]
+        step = _length(units, tangent)
+        if step < KARCHER_TOL:
+            break
+        mean = [math.cos(step) * m + math.sin(step) / step * t for m, t in zip(mean, tangent, strict=True)]
+        unit_norm = _length(units, mean)
+        if unit_norm > KARCHER_TOL:
+            mean = [m / unit_norm for m in mean]
+    return mean
+
+
+SPHERICAL: dict[str, Callable[[list[list[float]], list[float]], list[float]]] = {
+    "slerp": slerp_coefficients,
+    "multislerp": multislerp_coefficients,
+    "karcher": karcher_coefficients,
+}
+
+
+def _spherical_form(method: str) -> BoundedForm:
+    return BoundedForm(
+        1,
+        lambda numel, inputs, density, params: SphericalStats(inputs, SPHERICAL[method]),
+        GRAM_BYTES,
+        STATS_BLOCK,
+    )
+
+
+@merge_method("slerp", elementwise=False, arity=2, bounded=_spherical_form("slerp"))
+def slerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """Spherical interpolation (Shoemake, SIGGRAPH 1985) from the first input to the second at
+    t = weights[1].
+
+    The angle comes from the inputs' float64 norms and dot product; nearly parallel tensors
+    (|cos| > 0.9995) and zero tensors fall back to linear interpolation.
+    """
+    return _spherical(tensors, weights, "slerp")
+
+
+@merge_method("multislerp", elementwise=False, bounded=_spherical_form("multislerp"))
+def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """Multi-SLERP (Goddard, "multislerp", 2025; mergekit 0.1.5, no base): a barycentre of the
+    inputs on the unit sphere, each input scaled to unit norm (over norm + 1e-8), the weighted
+    mean m of those projected back to the sphere, the weighted mean of their tangent components
+    at m mapped back by the exponential map (angle its norm + 1e-8), and the result scaled by
+    the weighted mean norm. Weights normalised to sum to 1; when the weighted mean of the unit
+    inputs vanishes (below 1e-8), the weighted sum. Computed as a combination of the inputs
+    from their float64 Gram matrix (`multislerp_coefficients`).
+    """
+    return _spherical(tensors, weights, "multislerp")
+
+
+@merge_method("karcher", elementwise=False, bounded=_spherical_form("karcher"))
 def karcher(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
     """Weighted Karcher (Riemannian) mean on the unit sphere (Karcher, 1977; as a model merge,
     arXiv 2603.04972, mergekit 0.1.5): each input's direction, their intrinsic mean by up to 10
     gradient steps of the log/exp maps (stopping when the step is below 1e-5), scaled by the
     weighted mean norm. Inputs of norm at most 1e-5 give no direction. Weights normalised to sum
     to 1 (mergekit weighs its inputs equally: the same as lazymerge's default weights).
-    """
-    import torch
 
-    total = sum(float(w) for w in weights)
-    alphas = [float(w) / total for w in weights]
-    norms = [_norm64(x) for x in tensors]
-    scale = sum(a * n for a, n in zip(alphas, norms, strict=True))
-    valid = [i for i, n in enumerate(norms) if n > KARCHER_TOL]
-    if not valid:
-        return tensors[0].zero_()
-    units = [tensors[i].div_(norms[i]) for i in valid]  # in place
-    valid_sum = sum(alphas[i] for i in valid)
-    shares = [alphas[i] / valid_sum for i in valid]
-    mean = torch.zeros_like(units[0])
-    for unit, share in zip(units, shares, strict=True):
-        mean.add_(unit, alpha=share)
-    mean_norm = _norm64(mean)
-    if mean_norm < KARCHER_TOL:
-        mean.copy_(units[0])
-    else:
-        mean.div_(mean_norm)
-    tangent = torch.zeros_like(mean)
-    for _step in range(KARCHER_MAX_ITER):
-        tangent.zero_()
-        for unit, share in zip(units, shares, strict=True):
-            dot = max(-1.0, min(1.0, _dot64(mean, unit)))
-            theta = math.acos(dot)
-            if theta < KARCHER_TOL:
-                continue
-            # share * theta / sin(theta) * (unit - dot * mean), without a temporary
-            factor = share * theta / math.sin(theta)
-            tangent.add_(unit, alpha=factor).add_(mean, alpha=-factor * dot)
-        step = _norm64(tangent)
-        if step < KARCHER_TOL:
-            break
-        mean.mul_(math.cos(step)).add_(tangent, alpha=math.sin(step) / step)
-        unit_norm = _norm64(mean)
-        if unit_norm > KARCHER_TOL:
-            mean.div_(unit_norm)
-    return mean.mul_(scale)
+    Every step stays a combination of the inputs, so the iteration runs on coefficients through
+    the inputs' float64 Gram matrix (`karcher_coefficients`): one statistics pass, whatever the
+    number of steps.
+    """
+    return _spherical(tensors, weights, "karcher")
 
 
 #: DELLA's half-width of the keep probabilities around the density (mergekit 0.1.5's default
@@ -786,7 +1100,25 @@ def _della_deltas(
     return deltas
 
 
-@merge_method("della", elementwise=False, needs_base=True, scratch_bytes=40, uses_density=True)
+def della_slab(shape: Sequence[int]) -> int:
+    """Elements of one slab along dimension 0, within which MagPrune ranks (`_row_view`): a
+    chunk of whole slabs is merged as the whole tensor is (a vector is one slab)."""
+    return math.prod(shape[1:]) if len(shape) >= 2 else max(1, math.prod(shape))
+
+
+def _della_bounds(params: Mapping[str, float]) -> bool:
+    return params.get("rescale", RESCALE_INVERSE) != RESCALE_L1
+
+
+#: della in chunks of whole slabs: no statistics pass, unless rescaled to the L1 norm.
+DELLA_FORM = BoundedForm(
+    0, lambda numel, inputs, density, params: TensorStats(), 0, unit=della_slab, applies=_della_bounds
+)
+
+
+@merge_method(
+    "della", elementwise=False, needs_base=True, scratch_bytes=40, uses_density=True, bounded=DELLA_FORM
+)
 def della(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -809,7 +1141,14 @@ def della(
     return base.add_(_sign_consensus_merge(deltas, weights).mul_(scale))
 
 
-@merge_method("della_linear", elementwise=False, needs_base=True, scratch_bytes=32, uses_density=True)
+@merge_method(
+    "della_linear",
+    elementwise=False,
+    needs_base=True,
+    scratch_bytes=32,
+    uses_density=True,
+    bounded=DELLA_FORM,
+)
 def della_linear(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -871,7 +1210,74 @@ def arcee_fusion(
 RAMPLUS_R, RAMPLUS_ALPHA = 0.1, 0.2
 
 
-@merge_method("ramplus_tl", elementwise=False, needs_base=True, scratch_bytes=16)
+def _ramplus_changed(deltas: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs whose delta is above 1e-5, at least 1: (n,) fp32; where several are; where one is)."""
+    import torch
+
+    count = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        count.add_(delta.abs() > RAM_EPSILON)
+    overlap, unique = count > 1, count == 1
+    return count.clamp_(min=1.0), overlap, unique
+
+
+def _ramplus_scale(shared: int, alone: int, r: float, alpha: float) -> float:
+    """1 + r * clamp(rho, 0, alpha), rho an input's overlapping over its unique changed elements."""
+    rho = shared / max(alone, RAM_EPSILON)
+    return 1 + r * min(max(rho, 0.0), alpha)
+
+
+def _ramplus_merge(
+    deltas: Sequence[torch.Tensor], scales: Sequence[float], base: torch.Tensor
+) -> torch.Tensor:
+    count, overlap, unique = _ramplus_changed(deltas)
+    import torch
+
+    total = torch.zeros_like(deltas[0])
+    for delta, lam in zip(deltas, scales, strict=True):
+        delta.mul_(delta.abs() > RAM_EPSILON)
+        total.add_(delta * unique * lam + delta * overlap / count)
+    return base.add_(total)
+
+
+class RamPlusStats(TensorStats):
+    """ramplus_tl over chunks: one statistics pass counting, per input, its changed elements that
+    another input changed too and those it alone changed (exact integers, in any order); the
+    apply pass is then elementwise."""
+
+    def __init__(self, inputs: int, params: Mapping[str, float]):
+        self.counts = [[0, 0] for _ in range(inputs)]  # (shared, alone) per input
+        self.r, self.alpha = params.get("r", RAMPLUS_R), params.get("alpha", RAMPLUS_ALPHA)
+
+    def observe(self, pass_no: int, deltas: Sequence[torch.Tensor]) -> None:
+        _, overlap, unique = _ramplus_changed(deltas)
+        for counts, delta in zip(self.counts, deltas, strict=True):
+            kept = delta.abs() > RAM_EPSILON
+            counts[0] += int((kept & overlap).sum())
+            counts[1] += int((kept & unique).sum())
+
+    def end_pass(self, pass_no: int) -> None:
+        pass
+
+    def apply(
+        self,
+        variant: int,
+        deltas: Sequence[torch.Tensor],
+        weights: Sequence[float],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        assert base is not None
+        scales = [_ramplus_scale(shared, alone, self.r, self.alpha) for shared, alone in self.counts]
+        return _ramplus_merge(deltas, scales, base)
+
+
+@merge_method(
+    "ramplus_tl",
+    elementwise=False,
+    needs_base=True,
+    scratch_bytes=16,
+    bounded=BoundedForm(1, lambda n, k, density, params: RamPlusStats(k, params), 0),
+)
 def ramplus_tl(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -885,24 +1291,12 @@ def ramplus_tl(
     computes it): RAM's mean of the deltas above 1e-5 where several inputs changed an element,
     and, where one input alone did, its delta times 1 + r * clamp(rho, 0, alpha), rho that input's
     count of overlapping changed elements over its count of unique ones in this tensor. The
-    weights are not used.
+    weights are not used. Over chunks: `RamPlusStats`, the same bits.
     """
-    import torch
-
     deltas = _deltas(tensors, base)
-    count = torch.zeros_like(deltas[0])  # (n,) fp32: inputs whose delta counts
-    for delta in deltas:
-        count.add_(delta.abs() > RAM_EPSILON)
-    overlap, unique = count > 1, count == 1
-    count.clamp_(min=1.0)
-    total = torch.zeros_like(deltas[0])
-    for delta in deltas:
-        kept = delta.abs() > RAM_EPSILON
-        rho = int((kept & overlap).sum()) / max(int((kept & unique).sum()), RAM_EPSILON)
-        lam = 1 + r * min(max(rho, 0.0), alpha)
-        delta.mul_(kept)
-        total.add_(delta * unique * lam + delta * overlap / count)
-    return base.add_(total)
+    stats = RamPlusStats(len(deltas), {"r": r, "alpha": alpha})
+    stats.observe(0, deltas)
+    return stats.apply(0, deltas, weights, base)
 
 
 def position_uniform(key: int, start: int, count: int) -> torch.Tensor:

@@ -106,7 +106,7 @@ class TensorStatistics:
         if self.stats is None or self.name != tp.name or (chunk.pass_no == 0 and chunk.start == 0):
             density = self.plan.density if tp.density is None else tp.density
             inputs = sum(1 for i, _ in tp.present() if i != self.plan.base_index)
-            self.name, self.stats = tp.name, bounded.start(tp.numel, inputs, density)
+            self.name, self.stats = tp.name, bounded.start(tp.numel, inputs, density, dict(tp.params))
         return self.stats
 
     def observe(
@@ -299,8 +299,11 @@ def _apply_method(
     tp = chunk.tensor
     weighted = [i for i, _ in tp.present() if i != plan.base_index]
     density = plan.density if tp.density is None else tp.density
-    # the shape: row-wise methods (della's ranks, arcee_fusion's softmaxes) get whole tensors
-    kwargs: dict[str, Any] = {"density": density, "shape": tp.shape, **dict(tp.params)}
+    # the shape: row-wise methods (della's ranks, arcee_fusion's softmaxes) get whole tensors, or
+    # whole slabs along dimension 0 (della in chunks: `MergePlan.block_unit`)
+    unit = plan.block_unit(tp)
+    shape = tp.shape if not plan.bounded(tp) or len(tp.shape) < 2 else ((end - begin) // unit, *tp.shape[1:])
+    kwargs: dict[str, Any] = {"density": density, "shape": shape, **dict(tp.params)}
     if plan.base_index is not None:
         kwargs["base"] = work[plan.base_index]
     kwargs["rand"] = lambda k: position_uniform(
@@ -356,7 +359,7 @@ def merge_chunk(
         raise ValueError(
             f"tensor {tp.name!r} is merged in {plan.passes(tp)} passes: its statistics come first"
         )
-    step = block_len(tp, not plan.whole(tp), chunk.count, plan.block_elems)
+    step = block_len(tp, not plan.whole(tp), chunk.count, plan.block_elems, plan.block_unit(tp))
     # a tensor's own weights (a mergekit config's gradients and filters) hold for a one-output plan
     variants = plan.variants if tp.weights is None else (tp.weights,)
     for variant, (weights, out) in enumerate(zip(variants, outs, strict=True)):

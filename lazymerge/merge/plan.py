@@ -149,20 +149,36 @@ class MergePlan:
         """Elements per reusable buffer: the longest chunk of any tensor."""
         return max([1, *(min(self.chunk_len(t), max(t.numel, 1)) for t in self.tensors.values())])
 
+    def bounded(self, tensor: TensorPlan) -> bool:
+        """Whether this tensor is merged by its method's bounded form (`MergeMethod.bounded`): a
+        merged tensor larger than a chunk, with parameters the form bounds, and chunks and blocks
+        that hold the form's whole units (statistics blocks, della's slabs)."""
+        form = self.method_spec.bounded
+        if tensor.action != "merge" or form is None or tensor.numel <= self.chunk_elems:
+            return False
+        if not form.applies(dict(tensor.params)):
+            return False
+        if form.unit is not None:
+            return form.unit(tensor.shape) <= self.chunk_elems
+        return min(self.chunk_elems, self.block_elems) >= form.align
+
+    def block_unit(self, tensor: TensorPlan) -> int:
+        """Elements that every chunk and arithmetic block of this tensor holds whole (1: any)."""
+        form = self.method_spec.bounded
+        if form is None or not self.bounded(tensor):
+            return 1
+        return form.unit(tensor.shape) if form.unit is not None else form.align
+
     def passes(self, tensor: TensorPlan) -> int:
         """Passes over this tensor's chunks: a bounded method's statistics passes and its apply
         pass for a merged tensor larger than a chunk, else one."""
         bounded = self.method_spec.bounded
-        if tensor.action != "merge" or bounded is None or tensor.numel <= self.chunk_elems:
-            return 1
-        if min(self.chunk_elems, self.block_elems) < bounded.align:
-            return 1  # chunks too small to hold whole statistics blocks: the tensor is held whole
-        return bounded.passes + 1
+        return bounded.passes + 1 if bounded is not None and self.bounded(tensor) else 1
 
     def whole(self, tensor: TensorPlan) -> bool:
         """Whether this tensor is merged whole: a merged tensor of a method that is not
-        elementwise and runs in one pass (a bounded method's tensor that fits one chunk)."""
-        return tensor.action == "merge" and not self.method_spec.elementwise and self.passes(tensor) == 1
+        elementwise and not bounded for it (a bounded method's tensor that fits one chunk)."""
+        return tensor.action == "merge" and not self.method_spec.elementwise and not self.bounded(tensor)
 
     def held_whole(self, tensor: TensorPlan) -> bool:
         """Whether this tensor is held whole though larger than a chunk: the one case where the
@@ -172,6 +188,8 @@ class MergePlan:
     def _passes_text(self, tensor: TensorPlan) -> str:
         if self.passes(tensor) > 1:
             return f" in {self.passes(tensor)} passes"
+        if self.bounded(tensor):
+            return f" in 1 pass, of whole {self.block_unit(tensor)}-element slabs"
         return ", held whole" if self.held_whole(tensor) else ""
 
     def memory_notes(self) -> list[str]:
@@ -180,12 +198,12 @@ class MergePlan:
         if not whole:
             return []
         bounded = self.method_spec.bounded
+        largest = max(whole, key=lambda t: t.numel)
         reason = (
             unbounded_reason(self.method_spec)
-            if bounded is None
+            if bounded is None or bounded.unit is not None or not bounded.applies(dict(largest.params))
             else f"its chunks are smaller than the {bounded.align}-element blocks its statistics sum"
         )
-        largest = max(whole, key=lambda t: t.numel)
         return [
             f"{len(whole)} tensor(s) larger than a chunk are held whole ({largest.name} "
             f"{list(largest.shape)} the largest): {self.method} cannot bound them ({reason}); "
@@ -197,9 +215,8 @@ class MergePlan:
         for methods that are not elementwise and have no bounded form."""
         if self.whole(tensor):
             return max(1, tensor.numel)
-        if self.passes(tensor) > 1:
-            align = self.method_spec.bounded.align  # type: ignore[union-attr]
-            return self.chunk_elems // align * align
+        if self.bounded(tensor):
+            return self.chunk_elems // self.block_unit(tensor) * self.block_unit(tensor)
         unit = tensor.row_elems
         return max(unit, self.chunk_elems // unit * unit)
 
@@ -305,7 +322,7 @@ def buffer_sizes(plan: MergePlan) -> BufferSizes:
         max(
             [1]
             + [
-                block_len(t, not plan.whole(t), plan.chunk_len(t), plan.block_elems)
+                block_len(t, not plan.whole(t), plan.chunk_len(t), plan.block_elems, plan.block_unit(t))
                 for t in plan.tensors.values()
                 if t.action != "copy"
             ]

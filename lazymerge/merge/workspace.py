@@ -173,14 +173,14 @@ def size_chunks(
     return max(1, min(largest, chunk)), max(1, block)
 
 
-def block_len(tp: TensorPlan, elementwise: bool, count: int, block_elems: int) -> int:
+def block_len(tp: TensorPlan, elementwise: bool, count: int, block_elems: int, unit: int = 1) -> int:
     """Elements per arithmetic block of a chunk of `count` elements: `block_elems` for
-    elementwise work (a bounded method's passes included; whole rows for row-matched tensors),
-    the whole chunk otherwise."""
+    elementwise work (a bounded method's passes included, in whole `unit`s of it: della's slabs;
+    whole rows for row-matched tensors), the whole chunk otherwise."""
     if tp.action == "rows":
         return max(tp.row_elems, block_elems // tp.row_elems * tp.row_elems)
     if tp.action == "merge" and elementwise:
-        return block_elems
+        return max(unit, block_elems // unit * unit)
     return max(count, 1)
 
 

@@ -8,6 +8,7 @@ masks are comparable).
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -367,9 +368,9 @@ def test_matches_mergekit(tmp_path: Path, llama_family, method: str, monkeypatch
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    monkeypatch.setattr(
-        "lazymerge.merge.engine.position_uniform", lambda key, start, count: torch.full((count,), 0.5)
-    )
+    # the module itself: as a dotted path, `lazymerge.merge` is the package's `merge` function
+    engine = importlib.import_module("lazymerge.merge.engine")
+    monkeypatch.setattr(engine, "position_uniform", lambda key, start, count: torch.full((count,), 0.5))
     result = cli("run", str(config), "-o", str(tmp_path / "lz"), "-q")
     assert result.exit_code == 0, result.output
     mk, lz = load_any(tmp_path / "mk"), load_any(tmp_path / "lz")
