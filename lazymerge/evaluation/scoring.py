@@ -302,6 +302,37 @@ class CandidateSet:
     line: int = field(default=0, compare=False)
 
 
+def _correct_flags(row: dict[str, Any], count: int, answers: list[float | None], where: str) -> list[bool]:
+    """Each candidate's correctness: the row's `correct` list, or its gold `answer` graded the
+    GSM8K way against the numbers extracted from the candidates."""
+    if "correct" in row:
+        correct = row["correct"]
+        if not isinstance(correct, list) or not all(isinstance(x, bool) for x in correct):
+            raise CandidateFileError(
+                f"{where}: correct must be a list of true/false (JSON booleans), found "
+                + (
+                    f"{describe_json(next(x for x in correct if not isinstance(x, bool)))} in the list"
+                    if isinstance(correct, list)
+                    else describe_json(correct)
+                )
+            )
+        if len(correct) != count:
+            raise CandidateFileError(f"{where}: correct has {len(correct)} entries for {count} candidates")
+    elif "answer" in row:
+        answer = row["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise CandidateFileError(
+                f"{where}: answer must be a string or a number, found {describe_json(answer)}"
+            )
+        gold = extract_answer(str(answer))
+        if gold is None:
+            raise CandidateFileError(f"{where}: gold answer {describe_json(answer)} holds no number")
+        correct = [a is not None and abs(a - gold) < 1e-6 for a in answers]
+    else:
+        raise CandidateFileError(f"{where}: needs a correct list or a gold answer")
+    return correct
+
+
 def load_candidates(path: str | Path | DataSource) -> list[CandidateSet]:
     """Read a best-of-N file (a local file or cached dataset, as `load_pairs`): prompt (string), candidates (a non-empty list of strings), and either
     `correct` (a list of true/false, one per candidate) or a gold `answer` (string or number)
@@ -323,33 +354,7 @@ def load_candidates(path: str | Path | DataSource) -> list[CandidateSet]:
                 f"{where}: candidates[{bad}] must be a string, found {describe_json(candidates[bad])}"
             )
         answers = [extract_answer(c) for c in candidates]
-        if "correct" in row:
-            correct = row["correct"]
-            if not isinstance(correct, list) or not all(isinstance(x, bool) for x in correct):
-                raise CandidateFileError(
-                    f"{where}: correct must be a list of true/false (JSON booleans), found "
-                    + (
-                        f"{describe_json(next(x for x in correct if not isinstance(x, bool)))} in the list"
-                        if isinstance(correct, list)
-                        else describe_json(correct)
-                    )
-                )
-            if len(correct) != len(candidates):
-                raise CandidateFileError(
-                    f"{where}: correct has {len(correct)} entries for {len(candidates)} candidates"
-                )
-        elif "answer" in row:
-            answer = row["answer"]
-            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-                raise CandidateFileError(
-                    f"{where}: answer must be a string or a number, found {describe_json(answer)}"
-                )
-            gold = extract_answer(str(answer))
-            if gold is None:
-                raise CandidateFileError(f"{where}: gold answer {describe_json(answer)} holds no number")
-            correct = [a is not None and abs(a - gold) < 1e-6 for a in answers]
-        else:
-            raise CandidateFileError(f"{where}: needs a correct list or a gold answer")
+        correct = _correct_flags(row, len(candidates), answers, where)
         out.append(
             CandidateSet(
                 _row_id(row, ordinal, where, CandidateFileError),
