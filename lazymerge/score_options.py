@@ -92,7 +92,7 @@ class ScoreOptions:
         prefix_cache: compute prefixes shared by several texts once (`evaluation.prefix_scoring`).
         batch_tokens: most tokens in one batch (None: a default for the device).
         lm_check: with a sweep, each point's backbone read as a language model on the pair
-            files (`diagnostics.lm_preferences`); not with `stream_layers`.
+            files (`evaluation.lm_check`); not with `stream_layers`.
         stream_layers: score with the weights streamed one decoder layer at a time
             (`evaluation.layer_stream`), whole texts (the prefix cache does not compose yet),
             quantized layer by layer with `quant`.
@@ -270,9 +270,10 @@ class ScoreOptions:
     lm_check: bool = field(
         default=False,
         metadata=cli_flag(
-            "sweep only: also read each point's merged backbone as a language model through its tied "
-            "input embeddings and record, per pair file, how often the chosen response's mean token "
-            "log-likelihood beats the rejected one's (whole texts, one forward pass per text).",
+            "sweep only: also read each point's merged backbone as a language model (through the domain "
+            "models' own lm_head, matched by token, or the tied input embeddings) and record, per pair "
+            "file, how often the chosen response's mean token log-likelihood beats the rejected one's "
+            "(whole texts, one forward pass per text).",
             flags=("--lm-check",),
         ),
     )

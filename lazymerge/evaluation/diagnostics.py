@@ -25,9 +25,10 @@ Definitions (the tests recompute each independently):
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -440,85 +441,99 @@ def pair_diagnostics(
     )
 
 
-# --- the backbone as a language model (--lm-check) --------------------------------------------
+# --- task vectors of a sweep, computed once -------------------------------------------------
 
-#: What reads the backbone's final hidden states as next-token logits.
-LM_HEAD = "tied input embeddings (logits = h @ E^T)"
-
-
-def response_start(chosen: Sequence[int], rejected: Sequence[int]) -> int:
-    """Where a pair's responses start in tokens: after the two texts' longest common prefix
-    (the formatted prompt, and any first response tokens they share, which cannot tell them
-    apart), kept >= 1 (the first token has no prediction) and < the shorter text's length (each
-    response scores at least its last token)."""
-    common = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        common += 1
-    return max(1, min(common, len(chosen) - 1, len(rejected) - 1))
+#: The file in a sweep folder that keeps its task vectors with the identity of the inputs they
+#: were computed from (`sweep_task_vectors`).
+TASK_VECTORS_FILE = "task_vectors.json"
+#: Largest such file read back (a 7B model's table is a few kB).
+_TASK_VECTORS_LIMIT = 16 << 20
 
 
-def _backbone_and_embeddings(model: Any, where: str) -> tuple[Any, Any]:
-    """The model's backbone and its (vocab, hidden) input embedding matrix, refused where
-    the embeddings are not the LM head (untied)."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        raise IncompatibleInputsError(
-            f"{where}: --lm-check reads the backbone through its tied input embeddings, but the "
-            "config has tie_word_embeddings false (an untied domain lm_head is not read): leave out --lm-check"
-        )
-    return getattr(model, model.base_model_prefix), model.get_input_embeddings().weight
+def sweep_task_vectors(
+    folder: Path,
+    models: Sequence[Path],
+    base: Path,
+    compute: Callable[[Sequence[Path], Path], TaskVectorReport] | None = None,
+) -> TaskVectorReport:
+    """The task vectors of a sweep's `models` against `base`: those kept in
+    `folder / TASK_VECTORS_FILE` when they were computed from these very inputs (the same
+    `provenance` identity: weights files' stat, tensors, companion files), else computed by
+    `compute` (default `task_vectors`) and kept there with the inputs' identity now.
 
-
-def mean_log_likelihoods(
-    model: Any, device: str, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], where: str
-) -> tuple[list[float], list[float]]:
-    """Per pair of token ids (chosen, rejected): the mean log-likelihood of each response's
-    tokens (from `response_start`) under the backbone read through the tied input embeddings,
-    one unpadded forward pass per text (exact; logits and log-softmax in float32, for the
-    response's tokens only: memory holds (response tokens, vocab) floats at a time).
-
-    Raises:
-        IncompatibleInputsError for a model whose embeddings are not its LM head.
+    The identity is taken before computing, so an input that changes meanwhile makes the next
+    call compute again. A kept file that cannot be read, is not valid, or names other inputs is
+    computed over (it is the sweep's own file).
     """
-    import torch
+    from lazymerge.io.outputs import write_report
+    from lazymerge.provenance import identify_inputs
 
-    backbone, embeddings = _backbone_and_embeddings(model, where)
-    weight = embeddings.float()  # (vocab, hidden) fp32, once: the logits of a bf16 model in fp32
-
-    def mean_ll(ids: Sequence[int], start: int) -> float:
-        x = torch.tensor([list(ids)], dtype=torch.long, device=device)
-        hidden = backbone(input_ids=x).last_hidden_state[0, start - 1 : -1]  # (tokens, hidden)
-        logp = torch.log_softmax(hidden.float() @ weight.T, dim=-1)  # (response tokens, vocab) fp32
-        return float(logp.gather(1, x[0, start:, None]).mean())
-
-    chosen, rejected = [], []
-    with torch.no_grad():
-        for c, r in pairs:
-            start = response_start(c, r)
-            chosen.append(mean_ll(c, start))
-            rejected.append(mean_ll(r, start))
-    return chosen, rejected
+    path = folder / TASK_VECTORS_FILE
+    now = identify_inputs([*models, base])
+    kept = _kept_task_vectors(path, now)
+    if kept is not None and kept.models == tuple(str(m) for m in models) and kept.base == str(base):
+        return kept
+    report = (compute or task_vectors)(models, base)
+    doc = {
+        "record": "task_vectors",
+        "identity": [i.to_dict() for i in now],
+        "task_vectors": report.to_dict(),
+    }
+    write_report(path, (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("utf-8"))
+    return report
 
 
-@dataclass(frozen=True)
-class LmPreference:
-    """How often the backbone's likelihood prefers the chosen response, on one pair file."""
+def _kept_task_vectors(path: Path, now: Sequence[Any]) -> TaskVectorReport | None:
+    """The task vectors kept in `path` if it is a valid record of inputs identical to `now`."""
+    from lazymerge.errors import LazyMergeError
+    from lazymerge.io.small_files import read_small_file
+    from lazymerge.provenance import compare_inputs, identity_from_dict
 
-    n: int
-    right: int
-    accuracy: float
-    ci_low: float
-    ci_high: float
-    head: str = LM_HEAD
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(read_small_file(path, _TASK_VECTORS_LIMIT), parse_constant=_no_constant)
+        if not isinstance(doc, dict) or doc.get("record") != "task_vectors":
+            return None
+        recorded = doc.get("identity")
+        if not isinstance(recorded, list):
+            return None
+        old = [identity_from_dict(d, str(path)) for d in recorded]
+        diffs, _ = compare_inputs(old, list(now), rehash=False)
+        return None if diffs else _valid_report(doc.get("task_vectors"))
+    except (LazyMergeError, ValueError, RecursionError):
+        return None
 
 
-def lm_preference(chosen: Sequence[float], rejected: Sequence[float]) -> LmPreference:
-    """The share of pairs whose chosen response's mean token log-likelihood is higher (a tie
-    is wrong, as in the accuracy), with its 95% Wilson interval."""
-    from lazymerge.evaluation.stats import wilson_interval
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
-    right = int((np.asarray(chosen, dtype=np.float64) > np.asarray(rejected, dtype=np.float64)).sum())
-    n = len(chosen)
-    low, high = wilson_interval(right, n)
-    return LmPreference(n, right, right / n if n else 0.0, low, high)
+
+def _valid_report(doc: Any) -> TaskVectorReport | None:
+    """`TaskVectorReport.from_dict` of an untrusted value, None unless every field has its type
+    (and the report turns back into the same value)."""
+    try:
+        report = TaskVectorReport.from_dict(doc)
+        groups = (*report.groups, report.total)
+        ok = all(_valid_group(g, len(report.models)) for g in groups) and all(
+            isinstance(x, str) for x in (report.base, *report.models, *report.skipped)
+        )
+        return report if ok and json.loads(json.dumps(report.to_dict())) == doc else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _valid_group(g: GroupVectors, models: int) -> bool:
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    pairs = [(i, j) for i in range(models) for j in range(i + 1, models)]
+    return (
+        isinstance(g.group, str)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (g.tensors, g.elements))
+        and number(g.base_norm)
+        and len(g.relative_norms) == models
+        and all(r is None or number(r) for r in g.relative_norms)
+        and [(i, j) for i, j, _ in g.cosines] == pairs
+        and all(c is None or number(c) for _, _, c in g.cosines)
+    )

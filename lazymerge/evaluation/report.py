@@ -24,7 +24,8 @@ import numpy as np
 
 from lazymerge._version import __version__
 from lazymerge.evaluation import rewardbench2
-from lazymerge.evaluation.diagnostics import lm_preference, pair_diagnostics, reward_scale
+from lazymerge.evaluation.diagnostics import pair_diagnostics, reward_scale
+from lazymerge.evaluation.lm_check import TIED_HEAD, lm_preference
 from lazymerge.evaluation.scoring import best_of_n
 from lazymerge.evaluation.sections import section_parts, weighted_interval, weights_note
 from lazymerge.evaluation.stats import Z95, paired_bootstrap, wilson_interval
@@ -93,10 +94,10 @@ def sweep_report(spec: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any]
     points = [_point_entry(spec, record, baseline) for record in records]
     chosen, how = choose_point(spec, points)
     doc = _report_doc(spec, points, chosen, how)
-    if spec.merge.base is not None:
-        from lazymerge.evaluation.diagnostics import task_vectors
+    if spec.merge.base is not None:  # once per sweep: kept in the folder with the inputs' identity
+        from lazymerge.evaluation.diagnostics import sweep_task_vectors
 
-        doc["task_vectors"] = task_vectors(spec.inputs, spec.merge.base).to_dict()
+        doc["task_vectors"] = sweep_task_vectors(spec.out, spec.inputs, spec.merge.base).to_dict()
     write_report(
         spec.out / "results.json", (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")
     )
@@ -162,7 +163,8 @@ def _diagnostics_entry(spec: Any, record: dict[str, Any], baseline: dict[str, An
         out[e.name] = found.to_dict()
         if "lm_check" in record:
             lm = record["lm_check"][e.name]
-            out[e.name]["lm_check"] = dataclasses.asdict(lm_preference(lm["chosen"], lm["rejected"]))
+            found_lm = lm_preference(lm["chosen"], lm["rejected"], lm.get("unscored", 0))
+            out[e.name]["lm_check"] = dataclasses.asdict(found_lm)
     for bon in spec.bon_evals:
         rewards = [r for row in record["best_of_n"][bon.name]["rewards"] for r in row]
         out[bon.name] = {"rewards": dataclasses.asdict(reward_scale(rewards))}
@@ -220,6 +222,7 @@ def _report_doc(
         "domain_models": list(spec.domain_names),
         "merge": {"method": spec.merge.method, "density": spec.merge.density, "seed": spec.merge.seed},
         "scoring": spec.load.record(),
+        **({"lm_head": {**spec.lm_head.record(), "text": spec.lm_head.describe()}} if spec.lm_head else {}),
         "evaluations": {"pairs": pair_files, "best_of_n": bon_files},
         "statistics": "95% Wilson intervals; paired bootstrap (2000 resamples, seed 0) and exact McNemar against the reward model alone",
         "points": points,
@@ -305,11 +308,10 @@ def _diagnostics_markdown(doc: dict[str, Any]) -> list[str]:
         "",
     ]
     if "lm_check" in doc["scoring"]:
-        from lazymerge.evaluation.diagnostics import LM_HEAD
-
+        head = doc.get("lm_head", {}).get("text", TIED_HEAD)  # (reports before untied heads: tied)
         lines += [
-            "LM check (--lm-check): each point's merged backbone read as a language model through its "
-            f"{LM_HEAD}; the share of pairs whose chosen response has the higher mean token "
+            "LM check (--lm-check): each point's merged backbone read as a language model through "
+            f"{head}; the share of pairs whose chosen response has the higher mean token "
             "log-likelihood (tokens after the pair's common prefix). Set beside the reward's accuracy, "
             "it separates the knowledge reaching the backbone from the reward head reading it.",
             "",
@@ -347,7 +349,8 @@ def _diagnostics_table(doc: dict[str, Any], name: str) -> list[str]:
             )
         if has_lm:
             lm = d["lm_check"]
-            row += f" {_pct(lm['accuracy'])} ({_pct(lm['ci_low'])}-{_pct(lm['ci_high'])}) |"
+            unscored = f"; {lm['unscored']} response tokens unscored" if lm.get("unscored") else ""
+            row += f" {_pct(lm['accuracy'])} ({_pct(lm['ci_low'])}-{_pct(lm['ci_high'])}){unscored} |"
         lines.append(row)
     return lines + [""]
 

@@ -37,6 +37,8 @@ from lazymerge.errors import (
     OutputError,
 )
 from lazymerge.evaluation.datasets import absolute_data
+from lazymerge.evaluation.diagnostics import TASK_VECTORS_FILE
+from lazymerge.evaluation.lm_check import LmHead, choose_lm_head, lm_record_problem, point_likelihoods
 from lazymerge.evaluation.prefix_scoring import ScoringStats
 from lazymerge.evaluation.rewardbench2 import Rb2Row
 from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences, text_source
@@ -67,6 +69,7 @@ SWEEP_FILES = (
     "best_of_n.png",
     "grid.png",
     "reliability.png",
+    TASK_VECTORS_FILE,
 )
 
 
@@ -120,6 +123,8 @@ class SweepSpec:
     sources: tuple[ModelSource, ...] = ()
     #: `--resident`: auto, on or off (`resident.decide`); the rewards are the same either way
     resident: str = "auto"
+    #: with `--lm-check`: the head that reads each point's backbone (`lm_check.choose_lm_head`)
+    lm_head: LmHead | None = None
 
 
 @dataclass
@@ -305,8 +310,13 @@ def fingerprint(spec: SweepSpec) -> dict[str, Any]:
             # (no --tensor-weights: left out, so sweeps made before the option resume)
             if f.name not in _MERGE_IO_OPTIONS and not (f.name == "tensor_weights" and not m.tensor_weights)
         },
-        # the device kind, not its number: a resumed sweep may run on another GPU
-        "scoring": {**spec.load.record(), "device": spec.load.device.split(":")[0]},
+        # the device kind, not its number: a resumed sweep may run on another GPU; an untied
+        # --lm-check head (tied: the identity sweeps had before untied heads)
+        "scoring": {
+            **spec.load.record(),
+            "device": spec.load.device.split(":")[0],
+            **({"lm_head": spec.lm_head.record()} if spec.lm_head and spec.lm_head.kind != "tied" else {}),
+        },
     }
 
 
@@ -490,15 +500,8 @@ def _point_problem(spec: SweepSpec, record: dict[str, Any]) -> str | None:
                 and all(_finite_list(r, n) for r, n in zip(rows, lengths, strict=True))
             ):
                 return f"{key} {name[:100]}: rewards must be {len(lengths)} lists of finite rewards, one per prompt"
-    if spec.load.lm_check:
-        lm = record.get("lm_check")
-        if not isinstance(lm, dict) or set(lm) != set(pairs):
-            return f"lm_check must hold {', '.join(sorted(pairs)) or 'nothing'}"
-        for name, n in pairs.items():
-            if not isinstance(lm[name], dict) or not all(
-                _finite_list(lm[name].get(k), n) for k in ("chosen", "rejected")
-            ):
-                return f"lm_check {name[:100]}: chosen and rejected must be {n} finite log-likelihoods each"
+    if spec.load.lm_check and (problem := lm_record_problem(record.get("lm_check"), pairs)):
+        return problem
     for key in ("build_s", "score_s"):
         if not _finite_list([record.get(key)], 1):
             return f"{key} must be a finite number"
@@ -806,7 +809,7 @@ def score_point(
         t2 = time.monotonic()
         computed = rm.scoring_stats.to_dict() if rm.scoring_stats is not None else None
         stream = _stream_record(rm, texts)
-        lm = _lm_record(rm, texts, point.label) if spec.load.lm_check else None
+        lm = _lm_record(spec, rm, texts, point) if spec.lm_head is not None else None
         t3 = time.monotonic()
         del rm
     peak_gpu = _gpu_peak(spec.load.device)
@@ -832,23 +835,34 @@ def score_point(
     }
 
 
-def _lm_record(rm: Any, texts: PreparedTexts, label: str) -> dict[str, Any]:
+def _lm_record(spec: SweepSpec, rm: Any, texts: PreparedTexts, point: SweepPoint) -> dict[str, Any]:
     """--lm-check: per pair file, the mean token log-likelihood of each chosen and rejected
-    response under the point's backbone (`diagnostics.mean_log_likelihoods`)."""
-    from lazymerge.evaluation.diagnostics import mean_log_likelihoods
+    response under the point's backbone and `spec.lm_head` (`lm_check.point_likelihoods`)."""
     from lazymerge.evaluation.layer_stream import LayerStreamedModel
+    from lazymerge.merge.api import open_inputs
+    from lazymerge.merge.plan import plan_merge
 
+    assert spec.lm_head is not None
     if isinstance(rm.model, LayerStreamedModel):
         raise IncompatibleInputsError(
-            f"sweep point {label}: --lm-check reads a model in memory; this one is scored layer by "
+            f"sweep point {point.label}: --lm-check reads a model in memory; this one is scored layer by "
             "layer (it did not fit --device-memory): leave out --lm-check or raise --device-memory"
         )
-    out = {}
-    for name, (chosen, rejected) in texts.pair_texts.items():
-        pairs = [(texts.encoded[c], texts.encoded[r]) for c, r in zip(chosen, rejected, strict=True)]
-        c_ll, r_ll = mean_log_likelihoods(rm.model, rm.device, pairs, f"sweep point {label}")
-        out[name] = {"chosen": c_ll, "rejected": r_ll}
-    return out
+    pairs = {
+        name: [(texts.encoded[c], texts.encoded[r]) for c, r in zip(chosen, rejected, strict=True)]
+        for name, (chosen, rejected) in texts.pair_texts.items()
+    }
+    options = point_options(spec.merge, point)
+    # an untied head is read from the files (a resident sweep holds the merged tensors only)
+    checkpoints = open_inputs(read_paths(spec.inputs, options)) if spec.lm_head.kind == "untied" else []
+    try:
+        plan = plan_merge(checkpoints, options, Path("in-memory")) if checkpoints else None
+        return point_likelihoods(
+            spec.lm_head, rm.model, rm.device, plan, checkpoints, pairs, f"sweep point {point.label}"
+        )
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
 
 
 def _stream_record(rm: Any, texts: PreparedTexts) -> dict[str, Any] | None:
@@ -1160,13 +1174,19 @@ def _resolve_sources(inputs: Sequence[Path], options: MergeOptions) -> tuple[lis
     return sources, options
 
 
-def _reward_model_index(inputs: Sequence[Path], rm: int | None) -> int:
+def _reward_model_and_lm_head(
+    inputs: Sequence[Path], rm: int | None, lm_check: bool
+) -> tuple[int, LmHead | None]:
+    """The reward model's index among the inputs, and (with `--lm-check`) the LM head its
+    backbone is read through, both from headers and configs."""
     from lazymerge.merge.api import open_inputs
     from lazymerge.merge.recipe import ModelInput, find_reward_model
 
     checkpoints = open_inputs(list(inputs))
     try:
-        rm_index = find_reward_model([ModelInput.open(c) for c in checkpoints], rm)
+        opened = [ModelInput.open(c) for c in checkpoints]
+        rm_index = find_reward_model(opened, rm)
+        lm_head = choose_lm_head(opened, rm_index) if lm_check and rm_index is not None else None
     finally:
         for ckpt in checkpoints:
             ckpt.close()
@@ -1175,7 +1195,7 @@ def _reward_model_index(inputs: Sequence[Path], rm: int | None) -> int:
             f"{inputs[0]}: no input is a reward model (config.json architectures ending in "
             "ForSequenceClassification; or give --rm N)"
         )
-    return rm_index
+    return rm_index, lm_head
 
 
 def build_spec(
@@ -1217,7 +1237,8 @@ def build_spec(
     val = absolute_data(val_pairs) if val_pairs is not None else None
     candidate_files = [absolute_data(p) for p in candidate_files]
     inputs = [s.path for s in sources[: len(inputs)]]
-    rm_index = _reward_model_index(inputs, options.rm)
+    score = load if isinstance(load, ScoreOptions) else ScoreOptions.build(**(load or {}))
+    rm_index, lm_head = _reward_model_and_lm_head(inputs, options.rm, score.lm_check)
     if alphas is not None:
         points = alpha_points(alphas, rm_index)
     elif grid_step is not None:
@@ -1225,7 +1246,6 @@ def build_spec(
     else:
         points = weight_points(vectors, rm_index)
     pair_evals, bon_evals = load_evaluations(pair_files, val, candidate_files, ns)
-    score = load if isinstance(load, ScoreOptions) else ScoreOptions.build(**(load or {}))
     if resident == "on" and score.stream_layers:
         raise OptionError("--resident on: --stream-layers reads each layer from the files; use one of them")
     names = tuple(
@@ -1246,4 +1266,5 @@ def build_spec(
         domain_names=names,
         rm_index=rm_index,
         sources=tuple(sources),
+        lm_head=lm_head,
     )

@@ -271,3 +271,93 @@ def test_check_with_a_base_reports_task_vectors_equal_to_numpy(tmp_path: Path) -
     plain = CliRunner().invoke(main, ["check", str(rm), str(sft), "--alpha", "0.5", "--json"])
     assert plain.exit_code == 0, plain.output
     assert not [f for f in json.loads(plain.output)["findings"] if f["section"] == "task vectors"]
+
+
+_TASK_VECTORS = dx.task_vectors  # the real one, whatever a test patches in its place
+
+
+def _counting(calls: list[tuple]):
+    """A `compute` hook: `task_vectors` itself, each call recorded in `calls`."""
+
+    def compute(models, base):
+        calls.append((tuple(models), base))
+        return _TASK_VECTORS(models, base)
+
+    return compute
+
+
+def test_sweep_task_vectors_are_computed_once_and_again_when_an_input_changes(tmp_path: Path) -> None:
+    base, rm, sft = _models(0)
+    paths = []
+    for name, tensors in (("base", base), ("rm", rm), ("sft", sft)):
+        paths.append(tmp_path / f"{name}.safetensors")
+        save_file(tensors, str(paths[-1]))
+    base_path, models = paths[0], paths[1:]
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    calls: list[tuple] = []
+    first = dx.sweep_task_vectors(folder, models, base_path, compute=_counting(calls))
+    assert len(calls) == 1 and first == dx.task_vectors(models, base_path)
+    kept = json.loads((folder / dx.TASK_VECTORS_FILE).read_text())
+    assert [i["path"] for i in kept["identity"]] == [str(p) for p in (*models, base_path)]
+    assert dx.sweep_task_vectors(folder, models, base_path, compute=_counting(calls)) == first
+    assert len(calls) == 1  # the same inputs: read back, not computed
+    # an input changes: computed again, and the new figures kept
+    sft["model.layers.0.mlp.up_proj.weight"] += 1.0
+    save_file(sft, str(models[1]))
+    changed = dx.sweep_task_vectors(folder, models, base_path, compute=_counting(calls))
+    assert len(calls) == 2 and changed == dx.task_vectors(models, base_path) and changed != first
+    assert dx.sweep_task_vectors(folder, models, base_path, compute=_counting(calls)) == changed
+    assert len(calls) == 2
+    # other inputs (the models swapped) and a kept file that is not valid: computed again
+    dx.sweep_task_vectors(folder, models[::-1], base_path, compute=_counting(calls))
+    assert len(calls) == 3
+    for bad in (
+        "{",
+        '{"record": "task_vectors", "identity": 3}',
+        json.dumps({**kept, "task_vectors": {"x": 1}}),
+    ):
+        (folder / dx.TASK_VECTORS_FILE).write_text(bad)
+        assert dx.sweep_task_vectors(folder, models, base_path, compute=_counting(calls)) == changed
+    assert len(calls) == 6
+    doc = json.loads((folder / dx.TASK_VECTORS_FILE).read_text())
+    doc["task_vectors"]["total"]["relative_norms"][0] = "big"  # valid JSON, wrong type
+    (folder / dx.TASK_VECTORS_FILE).write_text(json.dumps(doc))
+    assert dx.sweep_task_vectors(folder, models, base_path, compute=_counting(calls)) == changed
+    assert len(calls) == 7
+
+
+def test_a_sweep_computes_its_task_vectors_once_across_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lazymerge.evaluation.sweep import build_spec, run_sweep
+    from tests.helpers.evaluation import data, models
+    from tests.helpers.models import BASE_WORDS, make_tokenizer, save_model
+
+    rm, sft = models(tmp_path)
+    base = save_model(tmp_path / "base", "llama", False, 9, make_tokenizer(BASE_WORDS))
+    files = data(tmp_path)
+    out = tmp_path / "sweep"
+    calls: list[tuple] = []
+    monkeypatch.setattr(dx, "task_vectors", _counting(calls))  # what a sweep's report computes with
+
+    def sweep(alpha: str, **more: bool) -> dict:
+        spec = build_spec(
+            [rm, sft],
+            out,
+            alpha=alpha,
+            pair_files=[files["test"]],
+            method="task_arithmetic",
+            base=base,
+            **more,
+        )
+        run_sweep(spec)
+        return json.loads((out / "results.json").read_text())
+
+    first = sweep("0,1")
+    assert len(calls) == 1
+    resumed = sweep("0,0.5,1")  # one more point, the report written again
+    assert len(calls) == 1 and resumed["task_vectors"] == first["task_vectors"]
+    assert "Task vectors against" in (out / "report.md").read_text()
+    restarted = sweep("0,1", restart=True)
+    assert len(calls) == 2 and restarted["task_vectors"] == first["task_vectors"]

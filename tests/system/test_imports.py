@@ -73,6 +73,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation.resident",
             "evaluation.reports",
             "evaluation.diagnostics",
+            "evaluation.lm_check",
             "evaluation.report",
             "evaluation.run",
             "evaluation.sweep",
