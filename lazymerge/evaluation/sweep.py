@@ -44,7 +44,7 @@ from lazymerge.evaluation.rewardbench2 import Rb2Row
 from lazymerge.evaluation.scoring import CandidateSet, Pair, load_candidates, load_preferences, text_source
 from lazymerge.io.hub_cache import ModelSource, resolve_input, resolve_inputs
 from lazymerge.io.writer import DestinationLock, check_against_inputs
-from lazymerge.options import MergeOptions, read_paths
+from lazymerge.options import MergeOptions, parse_alpha, read_paths
 from lazymerge.progress import format_bytes, format_duration
 from lazymerge.provenance import (
     InputIdentity,
@@ -1198,6 +1198,30 @@ def _reward_model_and_lm_head(
     return rm_index, lm_head
 
 
+def _absolute_files(
+    pair_files: Sequence[Path], val_pairs: Path | None, candidate_files: Sequence[Path]
+) -> tuple[list[Path], Path | None, list[Path]]:
+    """The data files made absolute (dataset ids resolved in the cache), once, as the inputs are."""
+    val = absolute_data(val_pairs) if val_pairs is not None else None
+    return [absolute_data(p) for p in pair_files], val, [absolute_data(p) for p in candidate_files]
+
+
+def _grid_points(
+    alphas: Sequence[float] | None,
+    step: float | None,
+    vectors: list[tuple[float, ...]],
+    n: int,
+    rm_index: int,
+    max_points: int,
+) -> list[SweepPoint]:
+    """The sweep's points: alphas of one domain model, the simplex grid, or explicit vectors."""
+    if alphas is not None:
+        return alpha_points(alphas, rm_index)
+    if step is not None:
+        return simplex_points(step, n, rm_index, max_points)
+    return weight_points(vectors, rm_index)
+
+
 def build_spec(
     inputs: Sequence[Path],
     out: Path,
@@ -1216,13 +1240,8 @@ def build_spec(
     resident: str = "auto",
     **merge: Any,
 ) -> SweepSpec:
-    """Check the sweep's options, find the reward model, build the grid and read the data.
-
-    Raises:
-        OptionError for option mistakes (found before any model is loaded).
-    """
-    from lazymerge.options import parse_alpha
-
+    """Check the sweep's options, find the reward model, build the grid and read the data;
+    OptionError for option mistakes, found before any model is loaded."""
     max_points = merge.get("max_points", 101)
     has_data = bool(pair_files or candidate_files or val_pairs is not None)
     _check_sweep_flags(len(inputs), alpha, grid_step, weight_vectors, has_data)
@@ -1233,24 +1252,15 @@ def build_spec(
     options = MergeOptions(**merge)  # checks method, density, memory, ...
     options.check_inputs(len(inputs))
     sources, options = _resolve_sources(inputs, options)
-    pair_files = [absolute_data(p) for p in pair_files]
-    val = absolute_data(val_pairs) if val_pairs is not None else None
-    candidate_files = [absolute_data(p) for p in candidate_files]
+    pairs, val, candidates = _absolute_files(pair_files, val_pairs, candidate_files)
     inputs = [s.path for s in sources[: len(inputs)]]
     score = load if isinstance(load, ScoreOptions) else ScoreOptions.build(**(load or {}))
     rm_index, lm_head = _reward_model_and_lm_head(inputs, options.rm, score.lm_check)
-    if alphas is not None:
-        points = alpha_points(alphas, rm_index)
-    elif grid_step is not None:
-        points = simplex_points(grid_step, len(inputs), rm_index, max_points)
-    else:
-        points = weight_points(vectors, rm_index)
-    pair_evals, bon_evals = load_evaluations(pair_files, val, candidate_files, ns)
+    rm_source = sources[rm_index]
+    points = _grid_points(alphas, grid_step, vectors, len(inputs), rm_index, max_points)
+    pair_evals, bon_evals = load_evaluations(pairs, val, candidates, ns)
     if resident == "on" and score.stream_layers:
         raise OptionError("--resident on: --stream-layers reads each layer from the files; use one of them")
-    names = tuple(
-        s.repo_id or Path(s.given).name for i, s in enumerate(sources[: len(inputs)]) if i != rm_index
-    )
     return SweepSpec(
         inputs=tuple(Path(p) for p in inputs),
         out=absolute(out),
@@ -1263,7 +1273,9 @@ def build_spec(
         restart=restart,
         rehash=rehash,
         resident=resident,
-        domain_names=names,
+        domain_names=tuple(
+            s.repo_id or Path(s.given).name for s in sources[: len(inputs)] if s is not rm_source
+        ),
         rm_index=rm_index,
         sources=tuple(sources),
         lm_head=lm_head,
