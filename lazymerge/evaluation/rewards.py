@@ -44,6 +44,7 @@ from lazymerge.errors import (
     OptionError,
     TemplateLimitError,
 )
+from lazymerge.evaluation.conversations import Prompt, prompt_turns
 from lazymerge.evaluation.layer_stream import LayerStreamedModel, stream_folder, whole_text_batches
 from lazymerge.evaluation.prefix_scoring import (
     ScoringStats,
@@ -214,43 +215,49 @@ class RewardModel:
             "truncation": f"{side} (at most {self.max_length} tokens)",
         }
 
-    def format_text(self, prompt: str, response: str) -> str:
-        tok = self.tokenizer
-        chosen = self.chat_template
-        if chosen is not None or getattr(tok, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            if self.system_prompt is not None:
-                messages.insert(0, {"role": "system", "content": self.system_prompt})
-            # what apply_chat_template gives a template: the messages, no tools or documents,
-            # no generation prompt, and the tokenizer's named special tokens as strings
-            variables: dict[str, Any] = {
-                **dict(getattr(tok, "special_tokens_map", None) or {}),
-                "messages": messages,
-                "tools": None,
-                "documents": None,
-                "add_generation_prompt": False,
-            }
-            template = self.bounded_template()
-            try:
-                text = template.render(self.template_budget, variables)
-            except TemplateLimitError:
-                raise
-            except (
-                Exception
-            ) as exc:  # jinja2's TemplateError and SecurityError, and whatever the template raises
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise InputError(
-                    f"{template.name}: the chat template failed ({type(exc).__name__}: {first})"
-                    + ("" if chosen is not None else f"; fix the chat template of {self.source}")
-                ) from None
-            return text
+    def format_text(self, prompt: Prompt, response: str) -> str:
+        """The text scored for `response` to `prompt` (one user message, or a conversation's
+        turns: `conversations.Prompt`), in the model's format (see the module's docstring)."""
+        turns = prompt_turns(prompt)
+        if self.templated:
+            return self._render_template(turns, response)
         conversation = self.fastchat
         if conversation is not None:
             from lazymerge.evaluation.fastchat_templates import render
 
-            return render(conversation, [prompt, response], self.system_prompt)
+            return render(conversation, [c for _, c in turns] + [response], self.system_prompt)
         head = f"{self.system_prompt}\n\n" if self.system_prompt is not None else ""
-        return f"{head}User: {prompt}\n\nAssistant: {response}{tok.eos_token or ''}"
+        said = "".join(f"{'User' if r == 'user' else 'Assistant'}: {c}\n\n" for r, c in turns)
+        return f"{head}{said}Assistant: {response}{self.tokenizer.eos_token or ''}"
+
+    def _render_template(self, turns: list[tuple[str, str]], response: str) -> str:
+        """The chat template's text for the turns and the answer, as apply_chat_template renders
+        it (metered: `template_sandbox`)."""
+        messages = [{"role": r, "content": c} for r, c in turns] + [
+            {"role": "assistant", "content": response}
+        ]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        # what apply_chat_template gives a template: the messages, no tools or documents,
+        # no generation prompt, and the tokenizer's named special tokens as strings
+        variables: dict[str, Any] = {
+            **dict(getattr(self.tokenizer, "special_tokens_map", None) or {}),
+            "messages": messages,
+            "tools": None,
+            "documents": None,
+            "add_generation_prompt": False,
+        }
+        template = self.bounded_template()
+        try:
+            return template.render(self.template_budget, variables)
+        except TemplateLimitError:
+            raise
+        except Exception as exc:  # jinja2's TemplateError and SecurityError, and whatever the template raises
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(
+                f"{template.name}: the chat template failed ({type(exc).__name__}: {first})"
+                + ("" if self.chat_template is not None else f"; fix the chat template of {self.source}")
+            ) from None
 
     def bounded_template(self) -> BoundedTemplate:
         """The chat template in use (the chosen one, else the tokenizer's), compiled once for

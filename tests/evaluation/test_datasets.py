@@ -121,12 +121,12 @@ def test_rewardbench2_rows_are_still_rewardbench2(tmp_path: Path) -> None:
 
 BAD_CONVERSATIONS: list[tuple[str, dict[str, Any], str]] = [
     (
-        "multi-turn",
+        "prompt-ends-with-assistant",
         {
-            "chosen": [user("a"), assistant("b"), user("c"), assistant("d")],
-            "rejected": [user("a"), assistant("b"), user("c"), assistant("e")],
+            "chosen": [user("a"), assistant("b"), assistant("d")],
+            "rejected": [user("a"), assistant("b"), assistant("e")],
         },
-        "the prompt is 3 message(s) with roles ['user', 'assistant', 'user']",
+        'the prompt is 2 message(s) with roles ["user", "assistant"]',
     ),
     (
         "system",
