@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,11 +409,19 @@ def rewardbench_pad_id(model_pad: int | None, tokenizer: Any) -> int | None:
     return model_pad if model_pad is not None else tokenizer.pad_token_id
 
 
-def apply_pad_rule(model: Any, tokenizer: Any, pad_as_eos: bool) -> str:
-    """Set the pad id the scorers read (`--pad-as-eos`); what applies, in words."""
+def apply_pad_rule(model: Any, tokenizer: Any, pad_as_eos: bool, last_token: bool = False) -> str:
+    """Set the pad id the scorers read (`--pad-as-eos`; none with `last_token`, OpenRLHF's rule:
+    each reward at its text's last token whatever its id); what applies, in words."""
     if model is None:
         return "not scored here"
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if last_token:
+        config.pad_token_id = model.config.pad_token_id = None
+        if isinstance(model, LayerStreamedModel):
+            model.pad_id = None
+        return "OpenRLHF's rule: each reward read at its text's last token, whatever its id" + (
+            " (--pad-as-eos does not apply)" if pad_as_eos else ""
+        )
     own = config.pad_token_id
     pad = rewardbench_pad_id(own, tokenizer) if pad_as_eos else own
     if pad != own:
@@ -449,9 +457,12 @@ def check_device(score: ScoreOptions) -> None:
         )
 
 
-def scorer(model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder: str) -> RewardModel:
-    """The `RewardModel` of a loaded model and tokenizer, scoring as `score` says."""
-    pad_note = apply_pad_rule(model, tokenizer, score.pad_as_eos)
+def scorer(
+    model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder: str, *, last_token: bool = False
+) -> RewardModel:
+    """The `RewardModel` of a loaded model and tokenizer, scoring as `score` says (`last_token`:
+    OpenRLHF's reading rule, `apply_pad_rule`)."""
+    pad_note = apply_pad_rule(model, tokenizer, score.pad_as_eos, last_token)
     return RewardModel(
         model,
         tokenizer,
@@ -471,16 +482,58 @@ def scorer(model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder:
     )
 
 
-def foreign_head_hint(unexpected: Sequence[str], wanted: str) -> str:
-    """What to rename when the weights hold a reward head under another name (OpenRLHF saves
-    `value_head.weight` under its own class name), or "" when they hold none."""
-    found = next((k for k in unexpected if k.split(".")[0] in ("value_head", "v_head", "reward_head")), None)
-    if found is None:
-        return ""
-    return (
-        f"; they hold {found} instead (OpenRLHF's name for it): rename that tensor to {wanted} and set "
-        "config.json architectures to ...ForSequenceClassification"
-    )
+@dataclass(frozen=True)
+class HeadLayout:
+    """How a folder's reward head is stored and read: transformers' `score` at the last non-pad
+    token, or OpenRLHF's (`recipe.openrlhf_head`): a one-output head, under `value_head` or
+    `score`, read at each text's last token (`openrlhf/models/model.py`: the last position of the
+    attention mask)."""
+
+    openrlhf: bool = False
+    #: The head's tensor name in the weights.
+    tensor: str = "score.weight"
+
+    def rename(self, name: str) -> str:
+        """The transformers parameter a tensor of these weights fills."""
+        return "score" + name.removeprefix("value_head") if name.startswith("value_head.") else name
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """What `from_pretrained` needs for these weights: one label, the head renamed."""
+        if not self.openrlhf:
+            return {}
+        mapping = {r"^value_head\.": "score."} if self.tensor.startswith("value_head.") else None
+        return {"num_labels": 1, **({"key_mapping": mapping} if mapping else {})}
+
+
+def head_layout(config: dict[str, Any] | None, names: Collection[str], label: str) -> HeadLayout:
+    """The reward head's layout for a model's config.json and tensor names.
+
+    Raises:
+        InputError for an OpenRLHF critic (a value per token, not a reward).
+    """
+    from lazymerge.merge.recipe import openrlhf_head
+
+    head = openrlhf_head(config, names)
+    if head is None:
+        return HeadLayout()
+    if head.kind == "critic":
+        raise InputError(
+            f"{label}: holds {head.tensor} of an OpenRLHF critic (CriticModel): a value per token, not a "
+            "reward; give OpenRLHF's reward model (RewardModel) instead"
+        )
+    return HeadLayout(True, head.tensor)
+
+
+def folder_head_layout(folder: Path) -> HeadLayout:
+    """`head_layout` of a model folder, from its config.json and its headers (no tensor read)."""
+    from lazymerge.io.hf_folder import read_config
+    from lazymerge.io.reader import Checkpoint
+
+    checkpoint = Checkpoint.open(folder)
+    try:
+        return head_layout(read_config(folder), checkpoint.keys(), str(folder))
+    finally:
+        checkpoint.close()
 
 
 def load_reward_model(
@@ -510,12 +563,13 @@ def load_reward_model(
         model = _streamed_reward_model(folder, score, spill_dir)
         model.stream_note = note
         return model
-    model, tokenizer = _from_pretrained(transformers, folder, score)
+    layout = folder_head_layout(folder)
+    model, tokenizer = _from_pretrained(transformers, folder, score, layout)
     if score.quant is None:
         model = model.to(score.device)
         own_aligned_memory(model)
     model.eval()
-    return scorer(model, tokenizer, score, str(folder), str(folder))
+    return scorer(model, tokenizer, score, str(folder), str(folder), last_token=layout.openrlhf)
 
 
 def reads_own_head(model: Any) -> bool:
@@ -547,10 +601,12 @@ def own_aligned_memory(model: Any) -> int:
     return copied
 
 
-def _from_pretrained(transformers: Any, folder: Path, score: ScoreOptions) -> tuple[Any, Any]:
-    """transformers' model and tokenizer from `folder` (quantized as `score` says), checked to
-    hold a trained reward head."""
-    kwargs: dict[str, Any] = {}
+def _from_pretrained(
+    transformers: Any, folder: Path, score: ScoreOptions, layout: HeadLayout
+) -> tuple[Any, Any]:
+    """transformers' model and tokenizer from `folder` (quantized as `score` says, its head as
+    `layout` stores it), checked to hold a trained reward head."""
+    kwargs: dict[str, Any] = layout.load_kwargs()
     if score.quant is not None:
         require("accelerate")
         kwargs.update(
@@ -572,7 +628,6 @@ def _from_pretrained(transformers: Any, folder: Path, score: ScoreOptions) -> tu
             f"{folder}: not a reward model: "
             + (
                 f"its weights have no reward head ({missing[0]})"
-                + foreign_head_hint(info.get("unexpected_keys", ()), missing[0])
                 if missing
                 else f"num_labels is {model.config.num_labels}, not 1"
             )

@@ -1079,7 +1079,8 @@ def build_spec(
         OptionError for option mistakes (found before any model is loaded).
     """
     from lazymerge.merge.api import open_inputs
-    from lazymerge.merge.recipe import ModelInput, find_reward_model
+    from lazymerge.merge.preflight import preflight
+    from lazymerge.merge.recipe import ModelInput
     from lazymerge.options import parse_alpha, parse_weights
 
     max_points = merge.get("max_points", 101)
@@ -1133,7 +1134,8 @@ def build_spec(
     inputs = [s.path for s in sources[: len(inputs)]]
     checkpoints = open_inputs(list(inputs))
     try:
-        rm_index = find_reward_model([ModelInput.open(c) for c in checkpoints], options.rm)
+        # `lazymerge check`'s refusals, in its words, before any data is read or model built
+        rm_index, _ = preflight([ModelInput.open(c) for c in checkpoints], options.rm)
     finally:
         for ckpt in checkpoints:
             ckpt.close()
