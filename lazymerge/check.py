@@ -14,26 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lazymerge.errors import LazyMergeError
+from lazymerge.merge import preflight
+from lazymerge.merge.preflight import Finding, Level, from_error
 from lazymerge.options import MergeOptions
-
-Level = Literal["ok", "warning", "error"]
-#: Reward-head tensor names lazymerge does not read, and the rename each needs.
-FOREIGN_HEADS = {"value_head.weight": "OpenRLHF's reward head"}
-_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
-
-
-@dataclass(frozen=True)
-class Finding:
-    section: str
-    subject: str
-    level: Level
-    message: str
-
-    def line(self) -> str:
-        return f"{self.level:<7}  {self.section:<14}  {self.subject}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -76,17 +62,11 @@ class CheckReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": not self.errors,
-            "findings": [f.__dict__ for f in self.findings],
+            "findings": [f.to_dict() for f in self.findings],
         }
 
 
 Section = Callable[[CheckContext], list[Finding]]
-
-
-def _error(section: str, subject: str, exc: LazyMergeError) -> Finding:
-    text = " ".join(str(exc).splitlines())
-    prefix = f"{subject}: "
-    return Finding(section, subject, "error", text.removeprefix(prefix))
 
 
 def check_inputs(ctx: CheckContext) -> list[Finding]:
@@ -101,7 +81,7 @@ def check_inputs(ctx: CheckContext) -> list[Finding]:
             (ckpt,) = open_inputs([resolve_input(given).path])
             model = ModelInput.open(ckpt)
         except LazyMergeError as exc:
-            out.append(_error("inputs", given, exc))
+            out.append(from_error("inputs", given, exc))
             continue
         ctx.models.append(model)
         out.append(Finding("inputs", given, "ok", _describe(model)))
@@ -129,160 +109,20 @@ def _describe(model: Any) -> str:
 
 
 def check_heads(ctx: CheckContext) -> list[Finding]:
-    """Which input is the reward model, its head, and heads lazymerge would not read."""
-    from lazymerge.merge.recipe import LM_HEADS, REWARD_HEADS, find_reward_model
-
-    out = []
-    for i, model in enumerate(ctx.models):
-        names = list(model.checkpoint)
-        for name, what in FOREIGN_HEADS.items():
-            if name in names:
-                out.append(
-                    Finding(
-                        "heads",
-                        str(model.path),
-                        "error",
-                        f"holds {name} ({what}), a reward head lazymerge does not read: rename it to "
-                        "score.weight and set config.json architectures to ...ForSequenceClassification; "
-                        f"pass --rm {i} to name this input the reward model",
-                    )
-                )
-        heads = [n for n in names if n.startswith(REWARD_HEADS)]
-        lm = [n for n in names if n.startswith(LM_HEADS)]
-        role = "reward model" if model.is_reward_model else "model"
-        out.append(
-            Finding(
-                "heads", str(model.path), "ok", f"{role}; reward head {heads or 'none'}; lm_head {bool(lm)}"
-            )
-        )
-    try:
-        ctx.rm_index = find_reward_model(ctx.models, ctx.request.options.rm)
-    except LazyMergeError as exc:
-        out.append(_error("heads", "inputs", exc))
-    if ctx.rm_index is None and len(ctx.models) > 1:
-        out.append(
-            Finding(
-                "heads",
-                "inputs",
-                "warning",
-                "no input is a reward model (config.json architectures ending in ForSequenceClassification): "
-                "a plain merge; eval and sweep need one (or --rm N)",
-            )
-        )
-    return out
+    """Which input is the reward model, its head, and heads lazymerge reads otherwise
+    (`preflight.check_heads`)."""
+    findings, ctx.rm_index = preflight.check_heads(ctx.models, ctx.request.options.rm)
+    return findings
 
 
 def check_tokenizers(ctx: CheckContext) -> list[Finding]:
     """Vocabularies and special tokens against the reward model's (or the first input's)."""
-    if len(ctx.models) < 2:
-        return []
-    ref_index = ctx.rm_index if ctx.rm_index is not None else 0
-    ref = ctx.models[ref_index]
-    out = []
-    for model in ctx.models:
-        if model is ref:
-            continue
-        if ref.vocab is None or model.vocab is None:
-            out.append(
-                Finding(
-                    "tokenizers",
-                    str(model.path),
-                    "warning",
-                    "no tokenizer here or in the reference: rows matched by id",
-                )
-            )
-            continue
-        only = [t for t in model.vocab if t not in ref.vocab]
-        moved = [t for t in model.vocab if t in ref.vocab and ref.vocab[t] != model.vocab[t]]
-        if only:
-            out.append(
-                Finding(
-                    "tokenizers",
-                    str(model.path),
-                    "warning",
-                    f"{len(only)} tokens not in {ref.path} (first {only[0]!r}, id {model.vocab[only[0]]}); "
-                    "a reward-model merge appends them, growing the vocabulary",
-                )
-            )
-        if moved:
-            t = moved[0]
-            out.append(
-                Finding(
-                    "tokenizers",
-                    str(model.path),
-                    "warning",
-                    f"{len(moved)} tokens have other ids than in {ref.path} (first {t!r}: {model.vocab[t]} vs "
-                    f"{ref.vocab[t]}); rows are matched by token",
-                )
-            )
-        out.extend(_special_tokens(ref, model))
-        if not only and not moved:
-            out.append(
-                Finding("tokenizers", str(model.path), "ok", f"same {len(model.vocab)} tokens as {ref.path}")
-            )
-    return out
-
-
-def _special_tokens(ref: Any, model: Any) -> list[Finding]:
-    out = []
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        a, b = (ref.config or {}).get(key), (model.config or {}).get(key)
-        if a != b:
-            out.append(
-                Finding(
-                    "tokenizers",
-                    str(model.path),
-                    "warning",
-                    f"{key} is {b!r} here, {a!r} in {ref.path} (the output keeps the reward model's)",
-                )
-            )
-    return out
+    return preflight.check_tokenizers(ctx.models, ctx.rm_index)
 
 
 def check_templates(ctx: CheckContext) -> list[Finding]:
     """Chat templates compared as text (never rendered here)."""
-    texts = {str(m.path): _template_text(m.folder) for m in ctx.models}
-    if len(set(texts.values())) <= 1:
-        return [
-            Finding("chat templates", "inputs", "ok", "same chat template" if ctx.models else "no inputs")
-        ]
-    ref = str(ctx.models[ctx.rm_index or 0].path)
-    return [
-        Finding(
-            "chat templates",
-            path,
-            "warning",
-            f"chat template differs from {ref}'s"
-            + (" (none here)" if text is None else "")
-            + "; the output keeps the reward model's",
-        )
-        for path, text in texts.items()
-        if path != ref and text != texts[ref]
-    ]
-
-
-def _template_text(folder: Path | None) -> str | None:
-    """The folder's chat template as text (JSON read, nothing executed), or None."""
-    import json
-
-    from lazymerge.io.small_files import read_small_file
-
-    if folder is None:
-        return None
-    for name in _TEMPLATE_FILES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        raw = read_small_file(path).decode("utf-8", "replace")
-        if name.endswith(".jinja"):
-            return raw
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            return None
-        if isinstance(doc, dict) and doc.get("chat_template") is not None:
-            return json.dumps(doc["chat_template"], sort_keys=True)
-    return None
+    return preflight.check_templates(ctx.models, ctx.rm_index)
 
 
 def check_plan(ctx: CheckContext) -> list[Finding]:
@@ -295,10 +135,10 @@ def check_plan(ctx: CheckContext) -> list[Finding]:
     request = ctx.request
     try:
         checkpoints, plan = prepare(
-            list(request.inputs), request.output, request.options, force=request.force
+            list(request.inputs), request.output, request.options, force=request.force, preflight=False
         )
     except LazyMergeError as exc:
-        return [_error("plan", "merge", exc)]
+        return [from_error("plan", "merge", exc)]
     for ckpt in checkpoints:
         ckpt.close()
     out = [
@@ -335,7 +175,7 @@ def check_data(ctx: CheckContext) -> list[Finding]:
         try:
             data = load_preferences(given)
         except LazyMergeError as exc:
-            out.append(_error("data", given, exc))
+            out.append(from_error("data", given, exc))
             continue
         what = (
             f"{len(data.rewardbench2)} RewardBench 2 rows"
@@ -347,7 +187,7 @@ def check_data(ctx: CheckContext) -> list[Finding]:
         try:
             sets = load_candidates(given)
         except LazyMergeError as exc:
-            out.append(_error("data", given, exc))
+            out.append(from_error("data", given, exc))
             continue
         out.append(Finding("data", given, "ok", f"{len(sets)} candidate sets"))
     return out
@@ -366,7 +206,7 @@ def check_task_vectors(ctx: CheckContext) -> list[Finding]:
     try:
         report = task_vectors(paths, base)
     except LazyMergeError as exc:
-        return [_error("task vectors", str(base), exc)]
+        return [from_error("task vectors", str(base), exc)]
     out = [Finding("task vectors", str(base), "ok", _vectors_line(report.total, report.models))]
     out += [Finding("task vectors", g.group, "ok", _vectors_line(g, report.models)) for g in report.groups]
     if report.skipped:

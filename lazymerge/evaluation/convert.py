@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import PairFileError
+from lazymerge.evaluation.conversations import prompt_json
 from lazymerge.evaluation.datasets import data_paths, resolve_data
 from lazymerge.evaluation.scoring import load_candidates, load_preferences
 
@@ -88,10 +89,7 @@ def converted_rows(
         )
     if kind == "rewardbench2":
         raise PairFileError(f"{data_source.given}: holds preference pairs, not RewardBench 2 rows")
-    rows = [
-        {"id": p.id, "subset": p.subset, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
-        for p in data.pairs
-    ]
+    rows = [_pair_row(p) for p in data.pairs]
     return rows, "pairs", data.autoj_ties
 
 
@@ -115,3 +113,23 @@ def convert(
         body = b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in rows)
         files.write({output: body})
     return Conversion(os.fspath(source), output, len(rows), what, ties)
+
+
+def _pair_row(pair: Any) -> dict[str, Any]:
+    """A pair as a row: RewardBench's strings, or TRL's explicit-prompt conversation for a
+    multi-turn prompt (read back as the same pair)."""
+    if isinstance(pair.prompt, str):
+        return {
+            "id": pair.id,
+            "subset": pair.subset,
+            "prompt": pair.prompt,
+            "chosen": pair.chosen,
+            "rejected": pair.rejected,
+        }
+    return {
+        "id": pair.id,
+        "subset": pair.subset,
+        "prompt": prompt_json(pair.prompt),
+        "chosen": [{"role": "assistant", "content": pair.chosen}],
+        "rejected": [{"role": "assistant", "content": pair.rejected}],
+    }

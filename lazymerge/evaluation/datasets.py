@@ -23,7 +23,6 @@ footer, before any row is read) and only the columns lazymerge reads are decoded
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -33,13 +32,7 @@ from typing import Any
 
 from lazymerge.errors import EvalDataError, InputError, MissingDependencyError
 from lazymerge.io.header import lone_surrogate
-from lazymerge.io.small_files import (
-    DuplicateKeyError,
-    describe_json,
-    open_regular,
-    read_small_file,
-    unique_keys,
-)
+from lazymerge.io.small_files import describe_json, open_regular, parse_json, read_small_file
 
 #: Longest line read from a JSON Lines file, in bytes (one RewardBench row is a few KB).
 MAX_LINE_BYTES = 16 << 20
@@ -271,26 +264,15 @@ def _starts_json_list(path: Path) -> bool:
 
 
 def _json_list_rows(path: Path, error: type[EvalDataError]) -> Iterator[Row]:
-    try:
-        text = read_small_file(path, MAX_JSON_LIST_BYTES).decode("utf-8-sig")
-        doc = json.loads(text, object_pairs_hook=unique_keys)
-    except UnicodeDecodeError as exc:
-        raise error(f"{path}: not valid UTF-8 (byte {exc.start})") from None
-    except DuplicateKeyError as exc:
-        raise error(
-            f"{path}: key {describe_json(exc.args[0])} appears twice in a row; the row is ambiguous"
-        ) from None
-    except RecursionError:
-        raise error(f"{path}: JSON nests too deeply") from None
-    except ValueError as exc:
-        raise error(f"{path}: not valid JSON ({exc})") from None
+    raw = read_small_file(path, MAX_JSON_LIST_BYTES)
+    doc = parse_json(raw, str(path), error, limit=MAX_JSON_LIST_BYTES, bom=True)
     if not isinstance(doc, list):
         raise error(f"{path}: starts like a JSON list but is not one")
     for n, row in enumerate(doc, start=1):
         where = f"{path}: item {n}"
         if not isinstance(row, dict):
             raise error(f"{where}: is {describe_json(row)}, not a JSON object")
-        if "\\u" in text:
+        if b"\\u" in raw:
             found = find_lone_surrogate(row)
             if found is not None:
                 raise error(f"{where}: {surrogate_message(found)}")
@@ -363,25 +345,11 @@ def _jsonl_row(raw: bytes, where: str, first: bool, error: type[EvalDataError]) 
             f"{where}: line is longer than the {MAX_LINE_BYTES // (1 << 20)} MiB limit per line; "
             "JSON Lines rows are one object per line"
         )
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise error(f"{where}: not valid UTF-8 (byte {exc.start} of the line)") from None
-    if first:
-        line = line.removeprefix("\ufeff")
-    if not line.strip():
+    body = raw.removeprefix(b"\xef\xbb\xbf") if first else raw
+    if not body.strip():
         return None
-    try:
-        row = json.loads(line, object_pairs_hook=unique_keys)
-    except DuplicateKeyError as exc:
-        raise error(
-            f"{where}: key {describe_json(exc.args[0])} appears twice; the row is ambiguous"
-        ) from None
-    except RecursionError:
-        raise error(f"{where}: JSON nests too deeply") from None
-    except ValueError as exc:
-        raise error(f"{where}: not a JSON object ({exc})") from None
-    if SURROGATE_ESCAPE.search(line) is not None:  # first: not text is worse than a wrong shape
+    row = parse_json(body, where, error, limit=MAX_LINE_BYTES, unit="row")
+    if SURROGATE_ESCAPE.search(body) is not None:  # first: not text is worse than a wrong shape
         found = find_lone_surrogate(row)
         if found is not None:
             raise error(f"{where}: {surrogate_message(found)}")
@@ -391,7 +359,7 @@ def _jsonl_row(raw: bytes, where: str, first: bool, error: type[EvalDataError]) 
 
 
 #: A JSON escape that may spell a lone surrogate: only a line holding one is searched for it.
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def find_lone_surrogate(value: Any) -> str | None:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from lazymerge.errors import IncompatibleInputsError
+from lazymerge.evaluation.conversations import prompt_text
 
 #: Elements of one tensor read at a time per model (float64 work: 8 MiB per model).
 CHUNK_ELEMS = 1 << 20
@@ -396,7 +397,7 @@ def flips(
             Flip(
                 i,
                 pairs[i].subset,
-                _clip(pairs[i].prompt),
+                _clip(prompt_text(pairs[i].prompt)),
                 _clip(pairs[i].chosen),
                 _clip(pairs[i].rejected),
                 float(base_margin[i]),

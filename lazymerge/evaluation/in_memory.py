@@ -30,14 +30,17 @@ from lazymerge.evaluation.layer_stream import (
     stream_plan,
 )
 from lazymerge.evaluation.rewards import (
+    HeadLayout,
     RewardModel,
     bnb_config,
     check_device,
     compute_dtype,
+    head_layout,
     quiet_transformers,
     refuse_remote_code,
     scorer,
 )
+from lazymerge.io.hf_folder import read_config
 from lazymerge.io.reader import Checkpoint
 from lazymerge.memory import aligned
 from lazymerge.options import MergeOptions, read_paths
@@ -94,17 +97,19 @@ def load_merged_reward_model(
             streamed = True
             rm.stream_note = note
             return rm
+        layout = head_layout(read_config(rm_folder), plan.tensors.keys(), str(rm_folder))
         if into is not None and score.quant is None:
-            _fill(into.model, plan, opened, score, rm_folder)
+            _fill(into.model, plan, opened, score, rm_folder, layout)
             return into
-        model, tokenizer = _empty_model(plan, rm_folder, score)
-        _fill(model, plan, opened, score, rm_folder)
+        model, tokenizer = _empty_model(plan, rm_folder, score, layout)
+        _fill(model, plan, opened, score, rm_folder, layout)
     finally:
         if checkpoints is None and not streamed:
             for ckpt in opened:
                 ckpt.close()
     model.eval()
-    return scorer(model, tokenizer, score, f"{rm_folder} (merged in memory)", str(rm_folder))
+    source = f"{rm_folder} (merged in memory)"
+    return scorer(model, tokenizer, score, source, str(rm_folder), last_token=layout.openrlhf)
 
 
 def _streamed_merge(
@@ -141,13 +146,17 @@ def _reward_plan(
     return plan, rm_folder
 
 
-def _empty_model(plan: MergePlan, rm_folder: Path, score: ScoreOptions) -> tuple[Any, Any]:
+def _empty_model(
+    plan: MergePlan, rm_folder: Path, score: ScoreOptions, layout: HeadLayout
+) -> tuple[Any, Any]:
     """The reward model with no weights yet (on the meta device; quantizable layers swapped in
-    with `score.quant`) and its tokenizer."""
+    with `score.quant`; one label for OpenRLHF's head) and its tokenizer."""
     transformers = require("transformers")
     accelerate = require("accelerate")
     quiet_transformers()
     config, tokenizer = _config_and_tokenizer(transformers, plan.companion_files, rm_folder)
+    if layout.openrlhf:
+        config.num_labels = 1  # OpenRLHF's config names no labels; its head has one output
     with accelerate.init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForSequenceClassification.from_config(
             config, dtype=compute_dtype(score), trust_remote_code=False
@@ -158,17 +167,24 @@ def _empty_model(plan: MergePlan, rm_folder: Path, score: ScoreOptions) -> tuple
 
 
 def _fill(
-    model: Any, plan: MergePlan, checkpoints: Sequence[Checkpoint], score: ScoreOptions, rm_folder: Path
+    model: Any,
+    plan: MergePlan,
+    checkpoints: Sequence[Checkpoint],
+    score: ScoreOptions,
+    rm_folder: Path,
+    layout: HeadLayout,
 ) -> None:
     """Stream every merged tensor of `plan` into `model`: into the empty places of a new model,
-    or over the parameters of one already filled (copied in place, cast as `.to` casts)."""
+    or over the parameters of one already filled (copied in place, cast as `.to` casts); an
+    OpenRLHF head into `score` (`HeadLayout.rename`)."""
     import torch
 
     from lazymerge.merge.engine import iter_merged_tensors
 
     compute, device, quant = compute_dtype(score), score.device, score.quant
     expected = dict(model.named_parameters())
-    for name, tensor in iter_merged_tensors(plan, checkpoints, destination=_in_place(expected, plan)):
+    for merged, tensor in iter_merged_tensors(plan, checkpoints, destination=_in_place(expected, plan)):
+        name = layout.rename(merged)
         if name not in expected:
             raise IncompatibleInputsError(
                 f"{rm_folder}: merged tensor {name!r} has no place in {type(model).__name__}; "

@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -912,7 +912,18 @@ def _load_config(folder: Path, label: str) -> Any:
         raise InputError(f"{label}: transformers cannot load its config: {first}") from None
 
 
-def _check_reward_config(config: Any, label: str) -> None:
+#: Why an OpenRLHF reward model is not layer-streamed.
+STREAM_OPENRLHF = (
+    "is an OpenRLHF reward model, whose head --stream-layers does not read yet; score it without "
+    "--stream-layers"
+)
+
+
+def _check_reward_config(config: Any, label: str, names: Collection[str]) -> None:
+    from lazymerge.merge.recipe import openrlhf_head
+
+    if openrlhf_head({"architectures": getattr(config, "architectures", None)}, names) is not None:
+        raise InputError(f"{label}: {STREAM_OPENRLHF}")
     if getattr(config, "num_labels", 1) != 1:
         raise InputError(
             f"{label}: not a reward model: num_labels is {config.num_labels}, not 1; give a "
@@ -945,13 +956,13 @@ def stream_folder(
     source = FolderWeights(checkpoint)
     try:
         # the weights first, as `rewards.load_reward_model` checks: a causal LM is named as one
-        if "score.weight" not in checkpoint:
+        if "score.weight" not in checkpoint and "value_head.weight" not in checkpoint:
             raise InputError(
                 f"{folder}: not a reward model: its weights have no reward head (score.weight); scoring "
                 "it would use a randomly initialised head. Give a ...ForSequenceClassification reward "
                 "model, or merge one in with lazymerge run"
             )
-        _check_reward_config(config, str(folder))
+        _check_reward_config(config, str(folder), checkpoint.keys())
         return LayerStreamedModel(config, source, score, max_activations, spill_dir, False, quantization)
     except BaseException:
         source.close()
@@ -983,7 +994,7 @@ def stream_plan(
         with tempfile.TemporaryDirectory(prefix="lazymerge-stream-") as tmp:
             (Path(tmp) / "config.json").write_bytes(plan.companion_files["config.json"])
             config = _load_config(Path(tmp), source.label)
-        _check_reward_config(config, source.label)
+        _check_reward_config(config, source.label, plan.tensors.keys())
         return LayerStreamedModel(config, source, score, max_activations, spill_dir, True, quantization)
     except BaseException:
         source.close()

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from lazymerge.errors import (
     OptionError,
     TemplateLimitError,
 )
+from lazymerge.evaluation.conversations import Prompt, prompt_turns
 from lazymerge.evaluation.layer_stream import LayerStreamedModel, stream_folder, whole_text_batches
 from lazymerge.evaluation.prefix_scoring import (
     ScoringStats,
@@ -214,43 +215,49 @@ class RewardModel:
             "truncation": f"{side} (at most {self.max_length} tokens)",
         }
 
-    def format_text(self, prompt: str, response: str) -> str:
-        tok = self.tokenizer
-        chosen = self.chat_template
-        if chosen is not None or getattr(tok, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            if self.system_prompt is not None:
-                messages.insert(0, {"role": "system", "content": self.system_prompt})
-            # what apply_chat_template gives a template: the messages, no tools or documents,
-            # no generation prompt, and the tokenizer's named special tokens as strings
-            variables: dict[str, Any] = {
-                **dict(getattr(tok, "special_tokens_map", None) or {}),
-                "messages": messages,
-                "tools": None,
-                "documents": None,
-                "add_generation_prompt": False,
-            }
-            template = self.bounded_template()
-            try:
-                text = template.render(self.template_budget, variables)
-            except TemplateLimitError:
-                raise
-            except (
-                Exception
-            ) as exc:  # jinja2's TemplateError and SecurityError, and whatever the template raises
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise InputError(
-                    f"{template.name}: the chat template failed ({type(exc).__name__}: {first})"
-                    + ("" if chosen is not None else f"; fix the chat template of {self.source}")
-                ) from None
-            return text
+    def format_text(self, prompt: Prompt, response: str) -> str:
+        """The text scored for `response` to `prompt` (one user message, or a conversation's
+        turns: `conversations.Prompt`), in the model's format (see the module's docstring)."""
+        turns = prompt_turns(prompt)
+        if self.templated:
+            return self._render_template(turns, response)
         conversation = self.fastchat
         if conversation is not None:
             from lazymerge.evaluation.fastchat_templates import render
 
-            return render(conversation, [prompt, response], self.system_prompt)
+            return render(conversation, [c for _, c in turns] + [response], self.system_prompt)
         head = f"{self.system_prompt}\n\n" if self.system_prompt is not None else ""
-        return f"{head}User: {prompt}\n\nAssistant: {response}{tok.eos_token or ''}"
+        said = "".join(f"{'User' if r == 'user' else 'Assistant'}: {c}\n\n" for r, c in turns)
+        return f"{head}{said}Assistant: {response}{self.tokenizer.eos_token or ''}"
+
+    def _render_template(self, turns: list[tuple[str, str]], response: str) -> str:
+        """The chat template's text for the turns and the answer, as apply_chat_template renders
+        it (metered: `template_sandbox`)."""
+        messages = [{"role": r, "content": c} for r, c in turns] + [
+            {"role": "assistant", "content": response}
+        ]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        # what apply_chat_template gives a template: the messages, no tools or documents,
+        # no generation prompt, and the tokenizer's named special tokens as strings
+        variables: dict[str, Any] = {
+            **dict(getattr(self.tokenizer, "special_tokens_map", None) or {}),
+            "messages": messages,
+            "tools": None,
+            "documents": None,
+            "add_generation_prompt": False,
+        }
+        template = self.bounded_template()
+        try:
+            return template.render(self.template_budget, variables)
+        except TemplateLimitError:
+            raise
+        except Exception as exc:  # jinja2's TemplateError and SecurityError, and whatever the template raises
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(
+                f"{template.name}: the chat template failed ({type(exc).__name__}: {first})"
+                + ("" if self.chat_template is not None else f"; fix the chat template of {self.source}")
+            ) from None
 
     def bounded_template(self) -> BoundedTemplate:
         """The chat template in use (the chosen one, else the tokenizer's), compiled once for
@@ -402,11 +409,19 @@ def rewardbench_pad_id(model_pad: int | None, tokenizer: Any) -> int | None:
     return model_pad if model_pad is not None else tokenizer.pad_token_id
 
 
-def apply_pad_rule(model: Any, tokenizer: Any, pad_as_eos: bool) -> str:
-    """Set the pad id the scorers read (`--pad-as-eos`); what applies, in words."""
+def apply_pad_rule(model: Any, tokenizer: Any, pad_as_eos: bool, last_token: bool = False) -> str:
+    """Set the pad id the scorers read (`--pad-as-eos`; none with `last_token`, OpenRLHF's rule:
+    each reward at its text's last token whatever its id); what applies, in words."""
     if model is None:
         return "not scored here"
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if last_token:
+        config.pad_token_id = model.config.pad_token_id = None
+        if isinstance(model, LayerStreamedModel):
+            model.pad_id = None
+        return "OpenRLHF's rule: each reward read at its text's last token, whatever its id" + (
+            " (--pad-as-eos does not apply)" if pad_as_eos else ""
+        )
     own = config.pad_token_id
     pad = rewardbench_pad_id(own, tokenizer) if pad_as_eos else own
     if pad != own:
@@ -442,9 +457,12 @@ def check_device(score: ScoreOptions) -> None:
         )
 
 
-def scorer(model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder: str) -> RewardModel:
-    """The `RewardModel` of a loaded model and tokenizer, scoring as `score` says."""
-    pad_note = apply_pad_rule(model, tokenizer, score.pad_as_eos)
+def scorer(
+    model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder: str, *, last_token: bool = False
+) -> RewardModel:
+    """The `RewardModel` of a loaded model and tokenizer, scoring as `score` says (`last_token`:
+    OpenRLHF's reading rule, `apply_pad_rule`)."""
+    pad_note = apply_pad_rule(model, tokenizer, score.pad_as_eos, last_token)
     return RewardModel(
         model,
         tokenizer,
@@ -464,16 +482,58 @@ def scorer(model: Any, tokenizer: Any, score: ScoreOptions, source: str, folder:
     )
 
 
-def foreign_head_hint(unexpected: Sequence[str], wanted: str) -> str:
-    """What to rename when the weights hold a reward head under another name (OpenRLHF saves
-    `value_head.weight` under its own class name), or "" when they hold none."""
-    found = next((k for k in unexpected if k.split(".")[0] in ("value_head", "v_head", "reward_head")), None)
-    if found is None:
-        return ""
-    return (
-        f"; they hold {found} instead (OpenRLHF's name for it): rename that tensor to {wanted} and set "
-        "config.json architectures to ...ForSequenceClassification"
-    )
+@dataclass(frozen=True)
+class HeadLayout:
+    """How a folder's reward head is stored and read: transformers' `score` at the last non-pad
+    token, or OpenRLHF's (`recipe.openrlhf_head`): a one-output head, under `value_head` or
+    `score`, read at each text's last token (`openrlhf/models/model.py`: the last position of the
+    attention mask)."""
+
+    openrlhf: bool = False
+    #: The head's tensor name in the weights.
+    tensor: str = "score.weight"
+
+    def rename(self, name: str) -> str:
+        """The transformers parameter a tensor of these weights fills."""
+        return "score" + name.removeprefix("value_head") if name.startswith("value_head.") else name
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """What `from_pretrained` needs for these weights: one label, the head renamed."""
+        if not self.openrlhf:
+            return {}
+        mapping = {r"^value_head\.": "score."} if self.tensor.startswith("value_head.") else None
+        return {"num_labels": 1, **({"key_mapping": mapping} if mapping else {})}
+
+
+def head_layout(config: dict[str, Any] | None, names: Collection[str], label: str) -> HeadLayout:
+    """The reward head's layout for a model's config.json and tensor names.
+
+    Raises:
+        InputError for an OpenRLHF critic (a value per token, not a reward).
+    """
+    from lazymerge.merge.recipe import openrlhf_head
+
+    head = openrlhf_head(config, names)
+    if head is None:
+        return HeadLayout()
+    if head.kind == "critic":
+        raise InputError(
+            f"{label}: holds {head.tensor} of an OpenRLHF critic (CriticModel): a value per token, not a "
+            "reward; give OpenRLHF's reward model (RewardModel) instead"
+        )
+    return HeadLayout(True, head.tensor)
+
+
+def folder_head_layout(folder: Path) -> HeadLayout:
+    """`head_layout` of a model folder, from its config.json and its headers (no tensor read)."""
+    from lazymerge.io.hf_folder import read_config
+    from lazymerge.io.reader import Checkpoint
+
+    checkpoint = Checkpoint.open(folder)
+    try:
+        return head_layout(read_config(folder), checkpoint.keys(), str(folder))
+    finally:
+        checkpoint.close()
 
 
 def load_reward_model(
@@ -503,12 +563,13 @@ def load_reward_model(
         model = _streamed_reward_model(folder, score, spill_dir)
         model.stream_note = note
         return model
-    model, tokenizer = _from_pretrained(transformers, folder, score)
+    layout = folder_head_layout(folder)
+    model, tokenizer = _from_pretrained(transformers, folder, score, layout)
     if score.quant is None:
         model = model.to(score.device)
         own_aligned_memory(model)
     model.eval()
-    return scorer(model, tokenizer, score, str(folder), str(folder))
+    return scorer(model, tokenizer, score, str(folder), str(folder), last_token=layout.openrlhf)
 
 
 def reads_own_head(model: Any) -> bool:
@@ -540,10 +601,12 @@ def own_aligned_memory(model: Any) -> int:
     return copied
 
 
-def _from_pretrained(transformers: Any, folder: Path, score: ScoreOptions) -> tuple[Any, Any]:
-    """transformers' model and tokenizer from `folder` (quantized as `score` says), checked to
-    hold a trained reward head."""
-    kwargs: dict[str, Any] = {}
+def _from_pretrained(
+    transformers: Any, folder: Path, score: ScoreOptions, layout: HeadLayout
+) -> tuple[Any, Any]:
+    """transformers' model and tokenizer from `folder` (quantized as `score` says, its head as
+    `layout` stores it), checked to hold a trained reward head."""
+    kwargs: dict[str, Any] = layout.load_kwargs()
     if score.quant is not None:
         require("accelerate")
         kwargs.update(
@@ -565,7 +628,6 @@ def _from_pretrained(transformers: Any, folder: Path, score: ScoreOptions) -> tu
             f"{folder}: not a reward model: "
             + (
                 f"its weights have no reward head ({missing[0]})"
-                + foreign_head_hint(info.get("unexpected_keys", ()), missing[0])
                 if missing
                 else f"num_labels is {model.config.num_labels}, not 1"
             )

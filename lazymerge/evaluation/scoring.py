@@ -17,6 +17,7 @@ from typing import Any
 
 from lazymerge.errors import CandidateFileError, EvalDataError, InputError, PairFileError
 from lazymerge.evaluation.conversations import (
+    Prompt,
     conversation_pair,
     implicit_text_pair,
     is_conversational,
@@ -54,7 +55,8 @@ AUTOJ_GROUPS = {
 class Pair:
     id: str
     subset: str
-    prompt: str
+    #: The text of one user message, or a multi-turn conversation's turns (`conversations.Prompt`).
+    prompt: Prompt
     chosen: str
     rejected: str
     #: The row's line in its file (0 when not read from one), named when its text fails.
@@ -97,7 +99,7 @@ def load_pairs(path: str | Path | DataSource) -> tuple[list[Pair], int]:
     return _pairs_from_rows(source.given, read_rows(source, PairFileError))
 
 
-def _pair_texts(row: dict[str, Any], where: str) -> tuple[str, str, str] | None:
+def _pair_texts(row: dict[str, Any], where: str) -> tuple[Prompt, str, str] | None:
     """(prompt, chosen, rejected) of a RewardBench or TRL row, or None for another format."""
     if is_conversational(row) and {"chosen", "rejected"} <= row.keys():
         return conversation_pair(row, where)
@@ -195,7 +197,7 @@ def load_preferences(path: str | Path | DataSource) -> PreferenceFile:
     return PreferenceFile(rewardbench2=tuple(r for _, r in parsed))
 
 
-def row_texts(row: Pair | Rb2Row | CandidateSet) -> list[tuple[str, str, str]]:
+def row_texts(row: Pair | Rb2Row | CandidateSet) -> list[tuple[Prompt, str, str]]:
     """(prompt, response, which) for every text a row is scored on, in the order eval, bon and
     the sweep format them: a pair's chosen then rejected, a RewardBench 2 row's completions
     (chosen first), a candidate set's candidates."""
@@ -218,7 +220,7 @@ def row_source(path: Path | str, row: Pair | Rb2Row | CandidateSet, which: str) 
 def text_source(
     evaluations: Iterable[tuple[Path | str, Iterable[Pair | Rb2Row | CandidateSet]]],
     text: str,
-    format_text: Callable[[str, str], str],
+    format_text: Callable[[Prompt, str], str],
 ) -> str | None:
     """Where a formatted text comes from, `FILE:LINE (id ID, WHICH)`, or None when no row of
     `evaluations` (each a data file and its rows) formats to `text` with `format_text` (the

@@ -1180,12 +1180,14 @@ def _reward_model_and_lm_head(
     """The reward model's index among the inputs, and (with `--lm-check`) the LM head its
     backbone is read through, both from headers and configs."""
     from lazymerge.merge.api import open_inputs
-    from lazymerge.merge.recipe import ModelInput, find_reward_model
+    from lazymerge.merge.preflight import preflight
+    from lazymerge.merge.recipe import ModelInput
 
     checkpoints = open_inputs(list(inputs))
     try:
         opened = [ModelInput.open(c) for c in checkpoints]
-        rm_index = find_reward_model(opened, rm)
+        # `lazymerge check`'s refusals, in its words, before any data is read or model built
+        rm_index, _ = preflight(opened, rm)
         lm_head = choose_lm_head(opened, rm_index) if lm_check and rm_index is not None else None
     finally:
         for ckpt in checkpoints:

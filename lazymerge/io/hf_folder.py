@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import ConfigFileError, InputError, TokenizerFileError
-from lazymerge.io.small_files import DuplicateKeyError, describe_json, read_small_file, unique_keys
+from lazymerge.io.small_files import describe_json, parse_json, read_small_file
 
 #: Non-weight files of a model folder copied from the reward model (or first input) to the output.
 COMPANION_FILES = (
@@ -86,24 +86,6 @@ def _config_value_ok(field: str, value: Any) -> bool:
     return value is None or (_is_int(value) and value > 0)
 
 
-def _parse_json(raw: bytes, path: Path, error: type[InputError]) -> Any:
-    """Parse untrusted JSON bytes: UTF-8, valid, bounded nesting, no repeated key."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise error(f"{path}: not valid UTF-8 (byte {exc.start}); the file is corrupt") from None
-    try:
-        return json.loads(text, object_pairs_hook=unique_keys)
-    except DuplicateKeyError as exc:
-        raise error(
-            f"{path}: key {describe_json(exc.args[0])} appears twice in one object; the file is ambiguous"
-        ) from None
-    except RecursionError:
-        raise error(f"{path}: JSON nests too deeply") from None
-    except ValueError as exc:
-        raise error(f"{path}: not valid JSON ({exc})") from None
-
-
 def _load_json(path: Path, error: type[InputError]) -> Any:
     try:
         size = path.stat().st_size
@@ -112,7 +94,7 @@ def _load_json(path: Path, error: type[InputError]) -> Any:
         raw = read_small_file(path, MAX_JSON_BYTES)
     except OSError as exc:
         raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return _parse_json(raw, path, error)
+    return parse_json(raw, str(path), error, limit=MAX_JSON_BYTES)
 
 
 def check_config(config: Any, path: Path) -> dict[str, Any]:
@@ -428,7 +410,10 @@ def output_companion_files(
     files = _read_companion_files(folder)
     if vocab_size is not None and "config.json" in files:
         config = check_config(
-            _parse_json(files["config.json"], folder / "config.json", ConfigFileError), folder / "config.json"
+            parse_json(
+                files["config.json"], str(folder / "config.json"), ConfigFileError, limit=MAX_JSON_BYTES
+            ),
+            folder / "config.json",
         )
         if config.get("vocab_size") != vocab_size:
             config["vocab_size"] = vocab_size
@@ -470,13 +455,16 @@ def _add_tokens(files: dict[str, bytes], folder: Path, entries: list[dict[str, A
     added_tokens.json, which is written too when there is no tokenizer.json)."""
     if "tokenizer.json" in files:
         path = folder / "tokenizer.json"
-        doc = _check_tokenizer_json(_parse_json(files["tokenizer.json"], path, TokenizerFileError), path)[0]
+        doc = _check_tokenizer_json(
+            parse_json(files["tokenizer.json"], str(path), TokenizerFileError, limit=MAX_JSON_BYTES), path
+        )[0]
         doc.setdefault("added_tokens", []).extend(entries)
         files["tokenizer.json"] = json.dumps(doc, ensure_ascii=False, indent=2).encode()
     if "tokenizer_config.json" in files:
         path = folder / "tokenizer_config.json"
         doc = _check_tokenizer_config(
-            _parse_json(files["tokenizer_config.json"], path, TokenizerFileError), path
+            parse_json(files["tokenizer_config.json"], str(path), TokenizerFileError, limit=MAX_JSON_BYTES),
+            path,
         )
         decoder = doc.setdefault("added_tokens_decoder", {})
         for e in entries:

@@ -85,3 +85,35 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise DuplicateKeyError(key)
         out[key] = value
     return out
+
+
+def parse_json(
+    raw: bytes, where: str, error: type[InputError], *, limit: int, unit: str = "file", bom: bool = False
+) -> Any:
+    """Untrusted JSON bytes parsed, for every reader of small files and data rows: at most
+    `limit` bytes, UTF-8 (a leading byte-order mark dropped with `bom`), valid JSON, nesting
+    bounded by the interpreter's recursion limit, no key repeated in an object.
+
+    Args:
+        where: what the message names: a file, or `FILE:LINE` for one line of a file.
+        unit: what `where` is, for the message (`file`, `row`).
+
+    Raises:
+        `error`, in one line naming `where`.
+    """
+    if len(raw) > limit:
+        raise error(f"{where}: {len(raw):,} bytes, more than the {limit:,}-byte limit for one {unit}")
+    try:
+        text = raw.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKeyError as exc:
+        raise error(
+            f"{where}: key {describe_json(exc.args[0])} appears twice in one object; the {unit} is ambiguous"
+        ) from None
+    except RecursionError:
+        raise error(f"{where}: JSON nests too deeply") from None
+    except ValueError as exc:
+        raise error(f"{where}: not valid JSON ({exc})") from None

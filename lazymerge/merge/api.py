@@ -16,6 +16,8 @@ from lazymerge.io.writer import OutputTransaction, check_against_inputs, check_d
 from lazymerge.memory import PeakRssSampler
 from lazymerge.merge.card import with_model_cards
 from lazymerge.merge.plan import MergePlan, default_output, is_single_file, plan_merge
+from lazymerge.merge.preflight import preflight as run_preflight
+from lazymerge.merge.recipe import ModelInput
 from lazymerge.options import MergeOptions, MergeRequest
 from lazymerge.progress import ProgressBar, format_bytes
 
@@ -120,9 +122,11 @@ def prepare(
     options: MergeOptions | None = None,
     *,
     force: bool = False,
+    preflight: bool = True,
     **kwargs: Any,
 ) -> tuple[list[Checkpoint], MergePlan]:
-    """Open the inputs (headers, configs, tokenizers), plan the merge and check its output.
+    """Open the inputs (headers, configs, tokenizers), check them as `lazymerge check` does
+    (`merge.preflight`), plan the merge and check its output.
 
     `plan` and `run` share this, so a plan is refused exactly when the run would be.
 
@@ -134,6 +138,10 @@ def prepare(
 
     Returns:
         (checkpoints, plan); the base model, if any, is the last checkpoint.
+
+    Raises:
+        The first blocking problem `lazymerge check` names, in its words, before any tensor is
+        planned; with `preflight=False` (the check itself) only the plan's own refusals.
     """
     options = options if options is not None else MergeOptions.build(**kwargs)
     options.check_inputs(len(inputs))
@@ -152,6 +160,8 @@ def prepare(
     check_destination(destination, is_single_file(destination), force)
     checkpoints = open_inputs(paths)
     try:
+        if preflight:
+            run_preflight([ModelInput.open(c) for c in checkpoints[: len(request.inputs)]], options.rm)
         plan = with_model_cards(plan_merge(checkpoints, options, destination, sources=sources), options)
         ensure_open_files(sum(len(c.files) for c in checkpoints) + 2 * len(plan.variants))
     except BaseException:

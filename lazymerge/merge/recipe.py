@@ -18,7 +18,7 @@ appended tokens added, its chat template.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,13 @@ from lazymerge.io.hf_folder import (
 from lazymerge.io.reader import Checkpoint
 from lazymerge.merge.tensor_plan import TensorPlan, check_same_tensor, first_mismatches, output_dtype
 
-REWARD_HEADS = ("score.", "v_head.", "reward_head.")
+REWARD_HEADS = ("score.", "v_head.", "reward_head.", "value_head.")
+#: OpenRLHF's models (`openrlhf/models/model.py`): a transformers backbone under OpenRLHF's own
+#: class name in config.json `architectures`, with a bias-free linear head of one output named
+#: `value_head` (`value_head_prefix`; later versions default to `score`). A reward model reads it
+#: at each text's last token (the last position of its attention mask); a critic at every token.
+OPENRLHF_ARCHITECTURES = {"RewardModel": "reward", "CriticModel": "critic"}
+OPENRLHF_HEAD = "value_head.weight"
 LM_HEADS = ("lm_head.",)
 EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
 ARCHITECTURE_KEYS = (
@@ -70,9 +76,35 @@ class ModelInput:
         return self.checkpoint.path
 
     @property
+    def openrlhf(self) -> OpenRlhfHead | None:
+        """OpenRLHF's head, when this is one of its models (`openrlhf_head`)."""
+        return openrlhf_head(self.config, self.checkpoint.keys())
+
+    @property
     def is_reward_model(self) -> bool:
         archs = (self.config or {}).get("architectures") or []
         return any(str(a).endswith("ForSequenceClassification") for a in archs)
+
+
+@dataclass(frozen=True)
+class OpenRlhfHead:
+    """An OpenRLHF model's head: its tensor and what the model is (`reward` or `critic`)."""
+
+    tensor: str
+    kind: str
+
+
+def openrlhf_head(config: dict[str, Any] | None, names: Collection[str]) -> OpenRlhfHead | None:
+    """The OpenRLHF head of a model (its config.json and tensor names), or None for another
+    model: a `value_head.weight` (that name is OpenRLHF's), or a `score.weight` under OpenRLHF's
+    class names."""
+    archs = [str(a) for a in (config or {}).get("architectures") or []]
+    kind = next((OPENRLHF_ARCHITECTURES[a] for a in archs if a in OPENRLHF_ARCHITECTURES), None)
+    if OPENRLHF_HEAD in names and "score.weight" not in names:
+        return OpenRlhfHead(OPENRLHF_HEAD, kind or "reward")
+    if kind is not None and "score.weight" in names:
+        return OpenRlhfHead("score.weight", kind)
+    return None
 
 
 def find_reward_model(models: Sequence[ModelInput], rm: int | None = None) -> int | None:

@@ -76,7 +76,13 @@ def broken_header(tmp: Path, rm: Path, sft: Path) -> list[Path]:
 CASES: list[tuple[str, Callable[[Path, Path, Path], list[Path]], str, str, str]] = [
     ("hidden-size", wider_domain, "plan", "error", "hidden_size 48 (reward model: 32)"),
     ("layer-count", deeper_domain, "plan", "error", "num_hidden_layers 3 (reward model: 2)"),
-    ("openrlhf-value-head", openrlhf_reward_model, "heads", "error", "value_head.weight (OpenRLHF"),
+    (
+        "openrlhf-value-head",
+        openrlhf_reward_model,
+        "heads",
+        "error",
+        "value_head.weight, OpenRLHF's reward head",
+    ),
     ("two-reward-models", two_reward_models, "heads", "error", "pass --rm N"),
     ("truncated-header", broken_header, "inputs", "error", "model.safetensors"),
 ]
@@ -112,8 +118,7 @@ def test_the_check_refuses_what_plan_refuses(tmp_path: Path) -> None:
         errors = run_check(request(inputs, root / "merged")).errors
         refused = plan_error(inputs, root / "merged")
         assert errors, name
-        if name != "openrlhf-value-head":  # plan sees two plain models there: check says why
-            assert refused is not None, name
+        assert refused is not None, name
 
 
 def test_a_compatible_pair_passes_with_its_warnings(tmp_path: Path) -> None:
@@ -167,16 +172,39 @@ def test_cli_exit_status_and_one_line_error(tmp_path: Path) -> None:
     assert as_json.exit_code == 1 and '"ok": false' in as_json.output
 
 
-def test_eval_refuses_an_openrlhf_reward_model_naming_the_rename(tmp_path: Path) -> None:
-    from lazymerge.errors import InputError
-    from lazymerge.evaluation.rewards import load_reward_model
-
+def test_plan_run_and_sweep_refuse_first_with_the_checks_line(tmp_path: Path) -> None:
+    """The check's blocking finding stops plan, run and sweep before any work, in the same
+    words: nothing is planned, written or created."""
     rm, sft = models(tmp_path)
     openrlhf_reward_model(tmp_path, rm, sft)
-    with pytest.raises(InputError) as info:
-        load_reward_model(rm)
-    message = str(info.value)
-    assert (
-        "they hold value_head.weight instead" in message and "rename that tensor to score.weight" in message
+    first = run_check(request([rm, sft], tmp_path / "m")).errors[0]
+    line = f"Error: {first.subject}: {first.message}"
+    assert "value_head.weight" in line and "--rm 0" in line
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w3", "chosen": "w5", "rejected": "w6"}])
+    commands = {
+        "plan": ["plan", str(rm), str(sft), "--alpha", "0.5", "-o", str(tmp_path / "m")],
+        "run": ["run", str(rm), str(sft), "--alpha", "0.5", "-o", str(tmp_path / "m")],
+        "sweep": [
+            "sweep",
+            str(rm),
+            str(sft),
+            "--alpha",
+            "0,0.5",
+            "--pairs",
+            str(pairs),
+            "-o",
+            str(tmp_path / "s"),
+        ],
+    }
+    for name, args in commands.items():
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, (name, result.output)
+        assert result.output.strip().splitlines() == [line], name
+    assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()
+    fresh, fresh_sft = models(tmp_path / "fresh")
+    two = two_reward_models(tmp_path / "fresh", fresh, fresh_sft)  # the merge's own refusal: the same words
+    (finding,) = [f for f in run_check(request(two, tmp_path / "m")).errors if f.section == "heads"]
+    refused = CliRunner().invoke(
+        main, ["sweep", *map(str, two), "--pairs", str(pairs), "-o", str(tmp_path / "s")]
     )
-    assert "--rm N" in message and "\n" not in message
+    assert refused.exit_code == 1 and finding.message in refused.output

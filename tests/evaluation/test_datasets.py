@@ -121,12 +121,12 @@ def test_rewardbench2_rows_are_still_rewardbench2(tmp_path: Path) -> None:
 
 BAD_CONVERSATIONS: list[tuple[str, dict[str, Any], str]] = [
     (
-        "multi-turn",
+        "prompt-ends-with-assistant",
         {
-            "chosen": [user("a"), assistant("b"), user("c"), assistant("d")],
-            "rejected": [user("a"), assistant("b"), user("c"), assistant("e")],
+            "chosen": [user("a"), assistant("b"), assistant("d")],
+            "rejected": [user("a"), assistant("b"), assistant("e")],
         },
-        "the prompt is 3 message(s) with roles ['user', 'assistant', 'user']",
+        'the prompt is 2 message(s) with roles ["user", "assistant"]',
     ),
     (
         "system",
@@ -453,3 +453,41 @@ def test_the_sweep_identity_follows_the_dataset_revision(hub: Path, tmp_path: Pa
     dev = fingerprint(build_spec([rm, sft], tmp_path / "s", alpha="0.5", pair_files=["org/scored@dev:test"]))
     assert main["pairs"] != dev["pairs"]
     assert main["pairs"][0].endswith(resolve_data("org/scored:test").sha256()[:32])
+
+
+# --- one JSON parser for data rows, JSON lists and model-folder files ------------------------
+
+#: (id, one malformed JSON value as bytes, the message every reader gives after the place it names)
+MALFORMED_JSON: list[tuple[str, bytes, str]] = [
+    ("not-utf8", b'{"prompt": "\xff"}', "not valid UTF-8 (byte "),
+    ("not-json", b"{prompt", "not valid JSON (Expecting property name enclosed in double quotes"),
+    ("deep", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nests too deeply"),
+    ("repeated-key", b'{"prompt": "a", "prompt": "b"}', 'key "prompt" appears twice in one object'),
+]
+
+
+@pytest.mark.parametrize("name,raw,fragment", MALFORMED_JSON, ids=[m[0] for m in MALFORMED_JSON])
+def test_rows_lists_and_configs_refuse_bad_json_alike(
+    tmp_path: Path, name: str, raw: bytes, fragment: str
+) -> None:
+    from lazymerge.errors import ConfigFileError
+    from lazymerge.io.hf_folder import read_config
+
+    lines = tmp_path / "pairs.jsonl"
+    lines.write_bytes(json.dumps(IMPLICIT_TEXT[0]).encode() + b"\n" + raw + b"\n")
+    listed = tmp_path / "pairs.json"
+    listed.write_bytes(b"[" + raw + b"]")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(raw)
+    refusals: list[tuple[str, Any]] = [
+        (f"{lines}:2: ", lambda: load_pairs(lines)),
+        (f"{listed}: ", lambda: load_pairs(listed)),
+        (f"{folder / 'config.json'}: ", lambda: read_config(folder)),
+    ]
+    for where, read in refusals:
+        with pytest.raises((PairFileError, ConfigFileError)) as info:
+            read()
+        message = str(info.value)
+        assert message.startswith(where + fragment), message
+        assert "\n" not in message and len(message) < 400

@@ -45,6 +45,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "merge.tensor_plan",
             "merge.workspace",
             "merge.recipe",
+            "merge.preflight",
             "merge.plan",
             "merge.card",
             "merge.engine",

@@ -1249,7 +1249,7 @@ def line(row: Any) -> bytes:
 #: is about the whole file.
 MALFORMED_PAIRS: list[tuple[str, list[Any], str]] = [
     ("not-utf8", [RB, b'{"prompt": "\xff"}'], ":2: not valid UTF-8"),
-    ("not-json", [RB, b"{prompt"], ":2: not a JSON object"),
+    ("not-json", [RB, b"{prompt"], ":2: not valid JSON"),
     ("array-row", [RB, [RB]], ":2: is a JSON array, not a JSON object"),
     ("deep", [RB, b'{"prompt": ' + deep() + b"}"], ":2: JSON nests too deeply"),
     (
