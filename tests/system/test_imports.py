@@ -42,6 +42,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "merge.tensor_plan",
             "merge.workspace",
             "merge.recipe",
+            "merge.layer_stack",
             "merge.plan",
             "merge.card",
             "merge.engine",
