@@ -1,26 +1,29 @@
 """mergekit YAML configs read into lazymerge's inputs and `MergeOptions`.
 
 `read_mergekit_config` turns a mergekit 0.1.5 config (`merge_method`, `models` with `model` and
-`parameters` (scalars, gradients, filters), `base_model`, `parameters`, `dtype`, `out_dtype`,
-`tokenizer_source` or `tokenizer`) into the inputs and options `lazymerge run A B --weights ...`
-would take, applying mergekit's per-method defaults (`normalize: true` for linear and ties,
-`density: 1` for the task-vector methods, ...) and its rules (a per-model parameter falls back to
-the global one; the base model takes no weight). It reads the config (and, for a tokenizer
-source, compares the models' tokenizer files) and nothing else: the merge itself is lazymerge's.
+`parameters` (scalars, gradients, filters), or `slices` of `sources` with `layer_range`,
+`base_model`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source` or `tokenizer`,
+`chat_template`) into the inputs and options `lazymerge run A B --weights ...` would take,
+applying mergekit's per-method defaults (`normalize: true` for linear and ties, `density: 1` for
+the task-vector methods, ...) and its rules (a per-model parameter falls back to the slice's,
+then the global one; the base model takes no weight). Slices become a `LayerStack` whose values
+per tensor this module gives. It reads the config (and, for a tokenizer source or `chat_template:
+auto`, the models' tokenizer files) and nothing else: the merge itself is lazymerge's.
 
 Everything lazymerge cannot do the same way is refused with one line naming the field and the
-nearest thing it can do (slices, layer ranges, passthrough, LoRA references, chat templates,
-unknown keys); where lazymerge's TIES, DARE and DELLA keep the papers' definitions and
-mergekit's depart from them, the recipe carries one note saying so.
+nearest thing it can do (modules, LoRA references, mergekit's named chat templates, unknown
+keys); where lazymerge's TIES, DARE and DELLA keep the papers' definitions and mergekit's depart
+from them, the recipe carries one note saying so.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -31,13 +34,16 @@ from lazymerge.methods import (
     DELLA_EPSILON,
     KARCHER_MAX_ITER,
     KARCHER_TOL,
+    METHODS,
     RAM_EPSILON,
     RAMPLUS_ALPHA,
     RAMPLUS_R,
     RESCALE_L1,
     RESCALE_NONE,
 )
-from lazymerge.options import MIN_DENSITY, MergeOptions, TensorValues
+from lazymerge.options import MIN_DENSITY, LayerSlice, LayerStack, MergeOptions, TensorValues
+
+_T = TypeVar("_T")
 
 #: Largest config file read: real mergekit configs are well under a kilobyte.
 CONFIG_LIMIT = 1 << 20
@@ -73,10 +79,9 @@ SUPPORTED_METHODS = (
     "della_linear",
     "arcee_fusion",
     "ramplus_tl",
+    "passthrough",
 )
-NEAREST_METHOD = {
-    "passthrough": "none: lazymerge does not stack or copy layers",
-}
+NEAREST_METHOD: dict[str, str] = {}
 
 REQUIRED = object()
 #: mergekit 0.1.5's parameters per method: (global-only ones with defaults, per-model ones).
@@ -100,6 +105,7 @@ _GLOBAL_PARAMETERS: dict[str, dict[str, Any]] = {
     "della_linear": {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0},
     "arcee_fusion": {},
     "ramplus_tl": {"r": RAMPLUS_R, "alpha": RAMPLUS_ALPHA, "epsilon": RAM_EPSILON},
+    "passthrough": {},
 }
 _MODEL_PARAMETERS: dict[str, dict[str, Any]] = {
     "linear": {"weight": REQUIRED},
@@ -117,6 +123,7 @@ _MODEL_PARAMETERS: dict[str, dict[str, Any]] = {
     **{m: {} for m in ("sce", "model_stock", "ram", "karcher", "arcee_fusion", "ramplus_tl")},
     "nuslerp": {"weight": REQUIRED},
     "multislerp": {"weight": REQUIRED},
+    "passthrough": {"scale": 1.0},  # mergekit's is optional (None): the tensor unscaled
 }
 #: The methods that weigh nothing: lazymerge gives their inputs equal weights, which they ignore.
 _UNWEIGHTED = ("sce", "model_stock", "ram", "ramplus_tl")
@@ -139,13 +146,16 @@ _TOP_KEYS = (
     "out_dtype",
     "tokenizer_source",
     "tokenizer",
+    "slices",
+    "chat_template",
 )
 _REFUSED_KEYS = {
-    "slices": "lazymerge merges whole models with one weight each: list them under models "
-    "(layer ranges and per-slice recipes are not supported)",
-    "modules": "lazymerge merges whole models: list them under models",
-    "chat_template": "the output keeps the first model's tokenizer files and chat template; remove it",
+    "modules": "lazymerge reads one module (a decoder's layers): give models, or slices",
 }
+#: Longest `layer_range` end read: real models have at most a few hundred layers.
+MAX_LAYER = 100_000
+#: Most slices, and most sources in one slice (real frankenmerges hold a few dozen slices).
+MAX_SLICES = 1024
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
@@ -390,6 +400,8 @@ class _ConfigReader:
                 raise self.fail(
                     field_name(key), f"unknown field; a mergekit config here holds {', '.join(_TOP_KEYS)}"
                 )
+        if "slices" in doc:
+            return self.stacked_recipe(options)
         method = self.method()
         models = self.models()
         base_ref = doc.get("base_model")
@@ -416,8 +428,9 @@ class _ConfigReader:
             kwargs["density"] = resolved.density
         if layout.varies() or resolved.params:
             kwargs["tensor_parameters"] = ConfigTensorParameters(self.path, self.doc, layout, resolved.inputs)
+        kwargs["chat_template"] = self.chat_template([*([base] if base is not None else []), *paths])
         return MergekitRecipe(
-            self.path, resolved.inputs, MergeOptions(**kwargs, **options), tuple(self.notes)
+            self.path, resolved.inputs, MergeOptions(**kwargs, **options), tuple(dict.fromkeys(self.notes))
         )
 
     def resolve(
@@ -450,6 +463,8 @@ class _ConfigReader:
                 )
         elif method == "linear":
             inputs, weights, base_path = self.linear(paths, base, models, global_params, shared)
+        elif method == "passthrough":
+            inputs, weights, base_path = self.passthrough(paths, base, models, global_params)
         else:
             inputs, weights, base_path, density = self.task_vectors(
                 method, paths, base, models, global_params, shared
@@ -521,7 +536,11 @@ class _ConfigReader:
                 raise self.fail(field, "expected a mapping with model: PATH (and parameters:)")
             for key in entry:
                 if key == "layer_range":
-                    raise self.fail(f"{field}.layer_range", f"not supported; {_REFUSED_KEYS['slices']}")
+                    raise self.fail(
+                        f"{field}.layer_range",
+                        "a layer range belongs to a slice's sources (slices: - sources: - model: PATH, "
+                        "layer_range: [FIRST, END]); under models, each model is merged whole",
+                    )
                 if key not in ("model", "parameters"):
                     raise self.fail(
                         f"{field}.{field_name(key)}",
@@ -682,6 +701,49 @@ class _ConfigReader:
                     "not supported; lazymerge keeps a tokenizer as it is (no tokens added or padded): remove it",
                 )
         return "tokenizer.source", section.get("source")
+
+    def chat_template(self, models: list[Path]) -> str | None:
+        """`chat_template` as mergekit 0.1.5 resolves it: `auto` for the template most of the
+        models (base model first) have, stripped (None when none has one), or a Jinja template
+        (20 characters or more, with a `{`). Its named templates are refused: lazymerge does not
+        ship mergekit's template files."""
+        value = self.doc.get("chat_template")
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail("chat_template", f"expected auto or a Jinja template, got {describe(value)}")
+        if value == "auto":
+            return self.plurality_template(models)
+        if "{" not in value or len(value) < 20:
+            if len(value) < 256 and "\n" not in value and "{" not in value:
+                raise self.fail(
+                    "chat_template",
+                    f"{describe(value)} names one of mergekit's own template files (alpaca, chatml, exaone, "
+                    "llama3, mistral in 0.1.5), which lazymerge does not ship: give the template's Jinja "
+                    "text, or auto",
+                )
+            raise self.fail(
+                "chat_template",
+                f"{describe(value)} is not a chat template (mergekit wants Jinja of 20 characters or more, with a {{)",
+            )
+        return value
+
+    def plurality_template(self, models: list[Path]) -> str | None:
+        """The chat template most `models` have (stripped; a tie goes to the first in `models`)."""
+        from collections import Counter
+
+        found = [t for t in (model_chat_template(m) for m in models) if t]
+        if not found:
+            self.notes.append(
+                "chat_template: auto: no model has a chat template; the output keeps its files' own"
+            )
+            return None
+        chosen = Counter(found).most_common(1)[0][0]
+        self.notes.append(
+            f"chat_template: auto: the template of {found.count(chosen)} of the {len(models)} models "
+            "(a tie goes to the first listed, base model first; mergekit's order there is a set's)"
+        )
+        return chosen
 
     # parameter values
 
@@ -866,8 +928,45 @@ class _ConfigReader:
         global_params: dict[str, Any],
         shared: dict[str, Any],
     ) -> tuple[list[Path], tuple[float, ...], Path, float]:
+        """The task-vector methods: the models besides the base, their weights (lambda and
+        normalisation folded in where the method is linear in them) and the one density."""
         if base is None:
             raise self.fail("base_model", f"{method} merges task vectors (model - base): give base_model")
+        inputs, weights, densities = self.task_vector_models(method, paths, base, models, global_params)
+        if len(inputs) < 2:
+            raise self.fail(
+                "models",
+                f"{method} with {len(inputs)} model(s) besides the base: lazymerge needs two; for one "
+                "model, linear over base_model and the model with weights 1-w, w gives base + w (model - base)",
+            )
+        density = self.task_vector_density(method, densities, models, global_params)
+        normalize = self.flag(shared["normalize"], "parameters.normalize")
+        rescale = self.flag(shared["rescale"], "parameters.rescale")
+        self.flag(shared["int8_mask"], "parameters.int8_mask")
+        scale = self.number(shared["lambda"], "parameters.lambda")
+        if method in ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"):
+            # base + lambda * sum_i w_i d_i / (sum_i w_i if normalize): the same weights, rescaled
+            total = sum(weights)
+            divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+            weights = [scale * w / divisor for w in weights]
+        elif scale != 1 and method != "della":  # della takes lambda as its `scale`
+            raise self.fail(
+                "parameters.lambda",
+                f"lazymerge's {method} has no lambda (its result is base + the merged task vector); remove it",
+            )
+        self.paper_note(method, normalize, rescale)
+        return inputs, tuple(weights), base, density
+
+    def task_vector_models(
+        self,
+        method: str,
+        paths: list[Path],
+        base: Path,
+        models: list[tuple[str, dict[str, Any]]],
+        global_params: dict[str, Any],
+    ) -> tuple[list[Path], list[float], list[float]]:
+        """(the models besides the base, each one's weight, each one's density); a base model
+        listed among the models is skipped, with a note when it was given parameters."""
         inputs, weights, densities = [], [], []
         for i, (path, (_, params)) in enumerate(zip(paths, models, strict=True)):
             if _same(path, base):
@@ -887,16 +986,16 @@ class _ConfigReader:
                         f"lazymerge's breadcrumbs drops the top {BREADCRUMBS_GAMMA:g} (mergekit's default) "
                         "only; remove gamma",
                     )
-        if len(inputs) < 2:
-            raise self.fail(
-                "models",
-                f"{method} with {len(inputs)} model(s) besides the base: lazymerge needs two; for one "
-                "model, linear over base_model and the model with weights 1-w, w gives base + w (model - base)",
-            )
-        normalize = self.flag(shared["normalize"], "parameters.normalize")
-        rescale = self.flag(shared["rescale"], "parameters.rescale")
-        self.flag(shared["int8_mask"], "parameters.int8_mask")
-        scale = self.number(shared["lambda"], "parameters.lambda")
+        return inputs, weights, densities
+
+    def task_vector_density(
+        self,
+        method: str,
+        densities: list[float],
+        models: list[tuple[str, dict[str, Any]]],
+        global_params: dict[str, Any],
+    ) -> float:
+        """The one density of every model (1 for task_arithmetic, which has none)."""
         density = densities[0]
         if any(d != density for d in densities):
             raise self.fail(
@@ -905,21 +1004,10 @@ class _ConfigReader:
         if method == "task_arithmetic":
             if any(("density" in p) for _, p in models) or "density" in global_params:
                 self.notes.append("density has no effect on task_arithmetic (nor in mergekit)")
-            density = 1.0
-        elif not MIN_DENSITY <= density <= 1:
+            return 1.0
+        if not MIN_DENSITY <= density <= 1:
             raise self.fail("density", f"{density:g} is outside [{MIN_DENSITY:g}, 1]")
-        if method in ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"):
-            # base + lambda * sum_i w_i d_i / (sum_i w_i if normalize): the same weights, rescaled
-            total = sum(weights)
-            divisor = total if normalize and abs(total) >= 1e-8 else 1.0
-            weights = [scale * w / divisor for w in weights]
-        elif scale != 1 and method != "della":  # della takes lambda as its `scale`
-            raise self.fail(
-                "parameters.lambda",
-                f"lazymerge's {method} has no lambda (its result is base + the merged task vector); remove it",
-            )
-        self.paper_note(method, normalize, rescale)
-        return inputs, tuple(weights), base, density
+        return density
 
     def paper_note(self, method: str, normalize: bool, rescale: bool) -> None:
         """One line on where mergekit 0.1.5 computes this method differently from lazymerge."""
@@ -965,6 +1053,207 @@ class _ConfigReader:
         if len(paths) < 2:
             raise self.fail("models", f"{method} needs at least two models, got {len(paths)}")
 
+    def passthrough(
+        self,
+        paths: list[Path],
+        base: Path | None,
+        models: list[tuple[str, dict[str, Any]]],
+        global_params: dict[str, Any],
+    ) -> tuple[list[Path], tuple[float, ...], None]:
+        """passthrough: one model (one source per slice), its tensors times `scale` (default 1)."""
+        if base is not None:
+            raise self.fail(
+                "base_model", "passthrough copies one model's tensors and has no base model: remove it"
+            )
+        if len(paths) != 1:
+            raise self.fail(
+                "models",
+                f"passthrough takes exactly one model, got {len(paths)} (to stack layers of several, "
+                "give each its own slice)",
+            )
+        scale = self.per_model("scale", "passthrough", models[0][1], global_params, "models[0]")
+        return paths, (scale,), None
+
+    # slices
+
+    def stacked_recipe(self, options: dict[str, Any]) -> MergekitRecipe:
+        """A config with `slices`: a layer stack over the slices' sources (`options.LayerStack`)."""
+        if "models" in self.doc:
+            raise self.fail("slices", "give models or slices, not both (mergekit refuses both too)")
+        method = self.method()
+        global_params = self.parameters(self.doc.get("parameters"), "parameters")
+        base_ref = self.doc.get("base_model")
+        if base_ref is not None and not isinstance(base_ref, str):
+            raise self.fail("base_model", "give the model as a path string")
+        base = self.model_path(base_ref, "base_model") if base_ref is not None else None
+        parts = self.slices(method, base, global_params)
+        if len(parts[-1].paths) > len(parts[0].paths):
+            raise self.fail(
+                f"slices[{len(parts) - 1}].sources",
+                "the last slice has more sources than the first; the tensors after the layers (final "
+                "norm, heads) come from the last slice's sources paired with the first's (mergekit "
+                "drops the extra ones): give the two slices the same sources",
+            )
+        dtype = self.dtype()
+        field, source = self.tokenizer_setting()
+        if source == "union":
+            raise self.fail(field, "union is not supported with slices: the models must share one tokenizer")
+        needs_base = METHODS[method].needs_base
+        weighted: list[Path] = []
+        resolved_inputs = []
+        for s, layout in enumerate(parts):
+            found, models = evaluate_all(self, layout, "", 0.0, nominal=True)
+            resolved = self.in_slice(s, self.resolve, layout, found, models)
+            resolved_inputs.append(resolved.inputs)
+            weighted.extend(p for p in resolved.inputs if not any(_same(p, q) for q in weighted))
+        self.tokenizer_source([*weighted, *([base] if base is not None else [])], base)
+        checkpoints = (*weighted, *([base] if needs_base and base is not None else []))
+        stack = LayerStack(
+            tuple(self.layer_slice(s, part, checkpoints, resolved_inputs[s]) for s, part in enumerate(parts)),
+            ConfigSliceParameters(self.path, self.doc, tuple(parts), checkpoints),
+        )
+        kwargs: dict[str, Any] = {"method": method, "dtype": dtype, "layer_stack": stack}
+        if needs_base:
+            kwargs["base"] = base
+        kwargs["chat_template"] = self.chat_template([*([base] if base is not None else []), *weighted])
+        return MergekitRecipe(
+            self.path, tuple(weighted), MergeOptions(**kwargs, **options), tuple(dict.fromkeys(self.notes))
+        )
+
+    def in_slice(self, s: int, call: Callable[..., _T], *args: Any) -> _T:
+        """`call(*args)`, its errors saying that their `models[i]` are slice `s`'s sources."""
+        try:
+            return call(*args)
+        except MergekitConfigError as exc:
+            raise MergekitConfigError(
+                f"{exc} (in slices[{s}]: models[i] is slices[{s}].sources[i])"
+            ) from None
+
+    def slices(self, method: str, base: Path | None, global_params: dict[str, Any]) -> list[_Layout]:
+        """Each slice of `slices` as the layout of a merge of its sources (their layer ranges
+        kept in `_Layout.ranges`), the config's parameters as the outer scope."""
+        value = self.doc.get("slices")
+        if not isinstance(value, list) or not value:
+            raise self.fail(
+                "slices", "expected a list of slices, each `- sources: [{model: PATH, layer_range: [A, B]}]`"
+            )
+        if len(value) > MAX_SLICES:
+            raise self.fail("slices", f"{len(value)} slices; at most {MAX_SLICES}")
+        return [self.one_slice(i, entry, method, base, global_params) for i, entry in enumerate(value)]
+
+    def one_slice(
+        self, i: int, entry: Any, method: str, base: Path | None, global_params: dict[str, Any]
+    ) -> _Layout:
+        field = f"slices[{i}]"
+        if not isinstance(entry, dict):
+            raise self.fail(field, "expected a mapping with sources: (and parameters:)")
+        for key in entry:
+            if key in ("residual_weight",):
+                raise self.fail(
+                    f"{field}.{key}", "not supported (mergekit 0.1.5 reads it and never uses it): remove it"
+                )
+            if key not in ("sources", "parameters", "base_model"):
+                raise self.fail(
+                    f"{field}.{field_name(key)}", "unknown field; a slice holds sources and parameters"
+                )
+        if "base_model" in entry:
+            own = entry["base_model"]
+            if (
+                not isinstance(own, str)
+                or base is None
+                or not _same(self.model_path(own, f"{field}.base_model"), base)
+            ):
+                raise self.fail(
+                    f"{field}.base_model",
+                    "a base model per slice is not supported: give the one base_model at the top",
+                )
+        params = self.parameters(entry.get("parameters"), f"{field}.parameters")
+        sources = self.slice_sources(field, entry.get("sources"))
+        models = [(ref, p) for ref, _, p in sources]
+        self.in_slice(i, self.check_parameter_names, method, {**global_params, **params}, models)
+        paths = [self.model_path(ref, f"{field}.sources[{k}].model") for k, (ref, _, _) in enumerate(sources)]
+        for k, p in enumerate(paths):
+            if any(_same(p, q) for q in paths[:k]):
+                raise self.fail(f"{field}.sources[{k}].model", f"{p} is listed twice in one slice")
+        if base is not None and method != "passthrough" and not any(_same(p, base) for p in paths):
+            raise self.fail(
+                f"{field}.sources",
+                "base_model is not among them: mergekit takes a slice's tensors from its sources only; "
+                "list base_model there with the same number of layers",
+            )
+        lengths = {end - first for _, (first, end), _ in sources}
+        if len(lengths) > 1:
+            raise self.fail(
+                f"{field}.sources", "the layer ranges differ in length (mergekit requires one length)"
+            )
+        ranges = tuple(r for _, r, _ in sources)
+        return _Layout(
+            method, tuple(paths), base, params, tuple(models), outer_params=global_params, ranges=ranges
+        )
+
+    def slice_sources(self, field: str, value: Any) -> list[tuple[str, tuple[int, int], dict[str, Any]]]:
+        """A slice's sources: (model reference, (first layer, end), parameters) each."""
+        if not isinstance(value, list) or not value:
+            raise self.fail(f"{field}.sources", "expected a list of {model: PATH, layer_range: [A, B]}")
+        if len(value) > MAX_SLICES:
+            raise self.fail(f"{field}.sources", f"{len(value)} sources; at most {MAX_SLICES}")
+        out = []
+        for k, source in enumerate(value):
+            where = f"{field}.sources[{k}]"
+            if not isinstance(source, dict):
+                raise self.fail(where, "expected a mapping with model: PATH and layer_range: [A, B]")
+            for key in source:
+                if key not in ("model", "layer_range", "parameters"):
+                    raise self.fail(
+                        f"{where}.{field_name(key)}",
+                        "unknown field; a source holds model, layer_range and parameters",
+                    )
+            ref = source.get("model")
+            if not isinstance(ref, str) or not ref:
+                raise self.fail(f"{where}.model", "give the model as a path string")
+            out.append(
+                (
+                    ref,
+                    self.layer_range(source.get("layer_range"), f"{where}.layer_range"),
+                    self.parameters(source.get("parameters"), f"{where}.parameters"),
+                )
+            )
+        return out
+
+    def layer_range(self, value: Any, field: str) -> tuple[int, int]:
+        """[FIRST, END]: layers FIRST to END - 1 (mergekit's half-open range)."""
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            raise self.fail(field, f"expected [FIRST, END], two whole numbers, got {describe(value)}")
+        first, end = value
+        if not 0 <= first < end <= MAX_LAYER:
+            raise self.fail(field, f"[{first}, {end}] is not a range of layers (0 <= FIRST < END)")
+        return first, end
+
+    def layer_slice(
+        self, s: int, layout: _Layout, checkpoints: tuple[Path, ...], inputs: tuple[Path, ...]
+    ) -> LayerSlice:
+        """Slice `s` as the plan takes it: each source's checkpoint index and first layer; the
+        slice's weighted inputs must keep the merge's order (slerp's base first)."""
+        where = [next(i for i, c in enumerate(checkpoints) if _same(c, p)) for p in inputs]
+        if where != sorted(where):
+            raise self.fail(
+                f"slices[{s}].sources",
+                "lists the models in another order than the slices before it; lazymerge merges each "
+                "tensor's inputs in one order: list them in the same order in every slice",
+            )
+        sources = []
+        for k, (path, (first, _)) in enumerate(zip(layout.paths, layout.ranges, strict=True)):
+            index = next((i for i, c in enumerate(checkpoints) if _same(c, path)), None)
+            if index is None:  # defensive: every source is a weighted input or the base
+                raise self.fail(f"slices[{s}].sources[{k}]", f"{layout.method} takes no tensor from it")
+            sources.append((index, first))
+        first, end = layout.ranges[0]
+        return LayerSlice(tuple(sources), end - first)
+
 
 @dataclass(frozen=True)
 class _Layout:
@@ -976,6 +1265,10 @@ class _Layout:
     base: Path | None
     global_params: dict[str, Any]
     models: tuple[tuple[str, dict[str, Any]], ...]
+    #: For a slice: the config's own parameters, the scope below the slice's (`global_params`).
+    outer_params: dict[str, Any] = dataclass_field(default_factory=dict)
+    #: For a slice: each source's layer range (first, end).
+    ranges: tuple[tuple[int, int], ...] = ()
 
     def varies(self) -> bool:
         """True when some parameter is a gradient or filtered (its value depends on the tensor)."""
@@ -1028,21 +1321,31 @@ def evaluate_setting(
 
 
 def evaluate_all(
-    reader: _ConfigReader, layout: _Layout, tensor: str, t: float, nominal: bool = False
+    reader: _ConfigReader,
+    layout: _Layout,
+    tensor: str,
+    t: float,
+    nominal: bool = False,
+    names: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
     """Every parameter evaluated at one tensor: (global values, per model (reference, values)),
-    a parameter left out where its setting gives no value there."""
+    a parameter left out where its setting gives no value there. A slice's own parameters come
+    before the config's (`outer_params`), each scope's filters tried in turn as mergekit does;
+    a model's parameters are evaluated at its own tensor's name (`names`, one per model: a
+    slice's sources take other layers), the shared ones at the output's."""
     found = {}
-    for name, setting in layout.global_params.items():
-        value = evaluate_setting(reader, setting, name, f"parameters.{name}", tensor, t, nominal)
-        if value is not None:
-            found[name] = value
+    for scope in (layout.outer_params, layout.global_params):
+        for name, setting in scope.items():
+            value = evaluate_setting(reader, setting, name, f"parameters.{name}", tensor, t, nominal)
+            if value is not None:
+                found[name] = value
     models = []
     for i, (ref, params) in enumerate(layout.models):
         values = {}
+        own = tensor if names is None else names[i]
         for name, setting in params.items():
             field = f"models[{i}].parameters.{name}"
-            value = evaluate_setting(reader, setting, name, field, tensor, t, nominal)
+            value = evaluate_setting(reader, setting, name, field, own, t, nominal)
             if value is not None:
                 values[name] = value
         models.append((ref, values))
@@ -1071,6 +1374,43 @@ class ConfigTensorParameters:
             if cached is None:
                 resolved = reader.resolve(self.layout, found, models)
                 cached = TensorValues(resolved.weights, resolved.density, resolved.params)
+                self.cache[key] = cached
+        except MergekitConfigError as exc:
+            raise MergekitConfigError(
+                f"{exc} (at tensor {describe(tensor)}, gradient position t = {t:g})"
+            ) from None
+        return cached
+
+
+@dataclass(frozen=True, eq=False)
+class ConfigSliceParameters:
+    """A config's per-tensor values for a layer stack (`options.SliceParameters`): each slice's
+    recipe (`_Layout` over its sources), evaluated at each output tensor and its sources' names,
+    the weights placed at the merge's checkpoints (`checkpoints`: weighted inputs, then the base)."""
+
+    path: Path
+    doc: Any
+    layouts: tuple[_Layout, ...]
+    checkpoints: tuple[Path, ...]
+    cache: dict[Any, TensorValues] = dataclass_field(default_factory=dict, repr=False)
+
+    def values(self, slice_index: int, tensor: str, source_names: tuple[str, ...], t: float) -> TensorValues:
+        reader = _ConfigReader(self.path, self.doc)
+        layout = self.layouts[slice_index]
+        try:
+            found, models = evaluate_all(reader, layout, tensor, t, names=source_names)
+            key = (
+                slice_index,
+                tuple(sorted(found.items())),
+                tuple(tuple(sorted(p.items())) for _, p in models),
+            )
+            cached = self.cache.get(key)
+            if cached is None:
+                resolved = reader.in_slice(slice_index, reader.resolve, layout, found, models)
+                weights = [0.0] * len(self.checkpoints)
+                for path, weight in zip(resolved.inputs, resolved.weights, strict=True):
+                    weights[next(i for i, c in enumerate(self.checkpoints) if _same(c, path))] = weight
+                cached = TensorValues(tuple(weights), resolved.density, resolved.params)
                 self.cache[key] = cached
         except MergekitConfigError as exc:
             raise MergekitConfigError(
@@ -1128,6 +1468,41 @@ def _tokenizer_difference(origin: Path, paths: list[Path]) -> str | None:
             if name in wanted and read_small_file(there, MAX_JSON_BYTES) != wanted[name]:
                 return f"{there} differs from {source / name}"
     return None
+
+
+def model_chat_template(path: Path) -> str | None:
+    """A model folder's chat template as transformers loads it (chat_template.jinja before the
+    `chat_template` of tokenizer_config.json; of a list of named ones, the one named default),
+    stripped as mergekit compares them; None when it has none.
+
+    Raises:
+        InputError for a file that cannot be read, is over the size limit or is not JSON.
+    """
+    import json
+
+    from lazymerge.io.hf_folder import MAX_JSON_BYTES, model_folder
+
+    folder = model_folder(path)
+    if folder is None:
+        return None
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return read_small_file(jinja, MAX_JSON_BYTES).decode("utf-8").strip() or None
+        except UnicodeDecodeError:
+            raise InputError(f"{jinja}: not UTF-8 text") from None
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        doc = json.loads(read_small_file(config, MAX_JSON_BYTES))
+    except (ValueError, RecursionError):
+        raise InputError(f"{config}: not valid JSON") from None
+    template = doc.get("chat_template") if isinstance(doc, dict) else None
+    if isinstance(template, list):
+        named = {e.get("name"): e.get("template") for e in template if isinstance(e, dict)}
+        template = named.get("default")
+    return template.strip() or None if isinstance(template, str) else None
 
 
 def _has_reward_model(paths: list[Path]) -> bool:

@@ -1321,3 +1321,13 @@ def position_uniform(key: int, start: int, count: int) -> torch.Tensor:
 def _signed(value: int) -> int:
     value &= (1 << 64) - 1
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@merge_method("passthrough", elementwise=True, arity=1)
+def passthrough(tensors: Sequence[torch.Tensor], weights: Sequence[float], **_: object) -> torch.Tensor:
+    """Passthrough (mergekit's; no paper: the frankenmerges of stacked layers): the one input's
+    tensor, times its weight (mergekit's optional `scale`, 1 when absent). A layer stack
+    (`options.LayerStack`) gives each output tensor its one source."""
+    if len(tensors) != 1:
+        raise ValueError(f"passthrough takes one input per tensor, got {len(tensors)}")
+    return tensors[0] if weights[0] == 1 else tensors[0].mul_(weights[0])

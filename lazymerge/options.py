@@ -201,6 +201,51 @@ class TensorParameters(Protocol):
 
 
 @dataclass(frozen=True)
+class LayerSlice:
+    """One slice of a layer stack (a mergekit config's `slices`): `layers` consecutive output
+    layers, the k-th made from layer `first + k` of each source.
+
+    Attributes:
+        sources: (index of the source among the merge's checkpoints, the base model last; the
+            first layer it gives), in the config's order.
+        layers: how many layers the slice gives.
+    """
+
+    sources: tuple[tuple[int, int], ...]
+    layers: int
+
+
+class SliceParameters(Protocol):
+    """Per-tensor merge values of a layer stack, asked once per output tensor by the plan."""
+
+    def values(self, slice_index: int, tensor: str, source_names: tuple[str, ...], t: float) -> TensorValues:
+        """The values of output `tensor`, made in slice `slice_index` from the sources' tensors
+        `source_names` (one per slice source) at gradient position `t`; the weights are one per
+        checkpoint of the merge (the base model included), 0 for the base and for checkpoints
+        outside the slice.
+
+        Raises:
+            LazyMergeError naming the config, its field and the tensor.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """Output layers taken slice by slice from the inputs' layers (mergekit's `slices`): a
+    passthrough stack (one source per slice) or a merge per slice; the tensors outside the
+    layers come from the first slice's sources (embeddings) and the last slice's (the rest)."""
+
+    slices: tuple[LayerSlice, ...]
+    parameters: SliceParameters
+
+    @property
+    def layers(self) -> int:
+        """The output's number of layers."""
+        return sum(s.layers for s in self.slices)
+
+
+@dataclass(frozen=True)
 class MergeOptions:
     """Everything a merge can be asked to do besides its inputs and output.
 
@@ -229,6 +274,10 @@ class MergeOptions:
         tensor_weights: (filter, weights) rules, first match wins: a tensor whose name contains
             the filter takes these weights (one per input) instead of the merge's, as mergekit's
             filters do (`embed_tokens=1,0` keeps the first input's embeddings); one output only.
+        layer_stack: the output's layers taken from the inputs' layers slice by slice (a
+            mergekit config's `slices`); None: every input's tensors merged name by name.
+        chat_template: the Jinja chat template written into the output's tokenizer files (a
+            mergekit config's `chat_template`, resolved); None: the copied files' own.
 
     Raises:
         OptionError (on construction) for any value that is wrong whatever the inputs.
@@ -308,6 +357,8 @@ class MergeOptions:
             metavar="FILTER=W1,W2",
         ),
     )
+    layer_stack: LayerStack | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         from lazymerge.methods import METHODS as METHOD_SPECS
@@ -367,6 +418,13 @@ class MergeOptions:
         if self.tensor_parameters is not None and self.alphas is not None:
             raise OptionError("per-tensor parameters (a mergekit config's) cannot be swept with --alpha")
         self._check_tensor_weights()
+        self._check_layer_stack()
+
+    def _check_layer_stack(self) -> None:
+        if self.layer_stack is not None and (
+            self.alphas is not None or self.tensor_weights or self.tensor_parameters is not None
+        ):
+            raise OptionError("a layer stack (a mergekit config's slices) gives its own values: no --alpha")
 
     def _check_tensor_weights(self) -> None:
         rules = tuple((str(f), tuple(float(w) for w in ws)) for f, ws in self.tensor_weights)
@@ -406,7 +464,8 @@ class MergeOptions:
         """
         from lazymerge.methods import METHODS as METHOD_SPECS
 
-        if count < 2:
+        arity = METHOD_SPECS[self.method].arity
+        if count < (1 if self.layer_stack is not None or arity == 1 else 2):
             raise OptionError("a merge needs at least two inputs")
         if self.weights is not None and len(self.weights) != count:
             raise OptionError(
@@ -414,8 +473,7 @@ class MergeOptions:
             )
         if self.alphas is not None and count != 2:
             raise OptionError(f"--alpha needs exactly two inputs, got {count}; use --weights")
-        arity = METHOD_SPECS[self.method].arity
-        if arity is not None and count != arity:
+        if arity is not None and count != arity and self.layer_stack is None:  # a stack's: per slice
             raise OptionError(f"--method {self.method} takes exactly {arity} inputs, got {count}")
         if self.rm is not None and self.rm >= count:
             raise OptionError(f"--rm {self.rm}: there are only {count} inputs (counted from 0)")

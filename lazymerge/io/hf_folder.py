@@ -423,6 +423,28 @@ def output_companion_files(
     return files
 
 
+def with_chat_template(files: dict[str, bytes], template: str) -> dict[str, bytes]:
+    """Companion files (`output_companion_files`) with `template` as the chat template, where
+    transformers' `save_pretrained` puts a single template (what mergekit writes): the file
+    chat_template.jinja, no `chat_template` key in tokenizer_config.json, no chat_template.json.
+
+    Raises:
+        TokenizerFileError when tokenizer_config.json is not a JSON object.
+    """
+    out = dict(files)
+    out.pop("chat_template.json", None)
+    if "tokenizer_config.json" in out:
+        name = Path("tokenizer_config.json")
+        doc = _check_tokenizer_config(
+            parse_json(out[name.name], str(name), TokenizerFileError, limit=MAX_JSON_BYTES), name
+        )
+        if "chat_template" in doc:
+            del doc["chat_template"]
+            out[name.name] = (json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    out["chat_template.jinja"] = template.encode("utf-8")
+    return out
+
+
 def _read_companion_files(folder: Path) -> dict[str, bytes]:
     """name -> bytes of each of `COMPANION_FILES` present in `folder`, each within the size limit."""
     files: dict[str, bytes] = {}

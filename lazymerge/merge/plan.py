@@ -14,19 +14,19 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lazymerge._version import __version__
-from lazymerge.errors import IncompatibleInputsError
+from lazymerge.errors import IncompatibleInputsError, OptionError
 from lazymerge.io.dtypes import TensorInfo, itemsize
-from lazymerge.io.hf_folder import output_companion_files
+from lazymerge.io.hf_folder import output_companion_files, with_chat_template
 from lazymerge.io.hub_cache import ModelSource
 from lazymerge.io.reader import Checkpoint
 from lazymerge.io.writer import OutputLayout, OutputTensor, plan_layout
+from lazymerge.merge.layer_stack import LAYER_PATTERN, stacked_companion_files, stacked_tensor_plans
 from lazymerge.merge.recipe import ModelInput, find_reward_model, plan_reward_merge
 from lazymerge.merge.tensor_plan import TensorPlan, check_same_tensor, first_mismatches, output_dtype
 from lazymerge.merge.workspace import (
@@ -40,7 +40,7 @@ from lazymerge.merge.workspace import (
     staging_bytes,
 )
 from lazymerge.methods import DELLA_EPSILON, METHODS, WHOLE_TENSOR_REASONS, MergeMethod
-from lazymerge.options import MergeOptions, TensorParameters
+from lazymerge.options import LayerStack, MergeOptions, TensorParameters
 from lazymerge.provenance import InputIdentity, identify_checkpoint
 
 #: Header metadata key of the inputs' identities (JSON: `InputIdentity.published` of each input).
@@ -434,11 +434,6 @@ def _same_rows(tp: TensorPlan, base: TensorInfo) -> bool:
     return all(m is None or np.array_equal(m, ids) for m in tp.row_maps)
 
 
-#: A decoder layer's tensors: `model.layers.N.` (Llama, Mistral, Qwen, Gemma, ... as mergekit's
-#: architectures name them), N the layer's index.
-LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
 def layer_positions(names: Sequence[str]) -> dict[str, float]:
     """Each layer tensor's gradient position t, as mergekit 0.1.5 computes it without slices:
     index / (layers - 1) over the model's layers (1 for a one-layer model); the tensors outside
@@ -497,10 +492,79 @@ def plan_merge(
     options.check_inputs(n)
     options.check_destination_kind(destination)
     single_file = is_single_file(destination)
-    recipe = _recipe(checkpoints[:n], options)
-    tensors, dropped, roles = recipe.tensors, recipe.dropped, recipe.roles
-    variants = options.weight_vectors(n, recipe.rm_index)
+    if options.layer_stack is not None:
+        recipe = _stacked_recipe(checkpoints, options, options.layer_stack)
+    else:
+        recipe = _weighted_recipe(checkpoints, n, options)
+    companions = {} if single_file else dict(recipe.extra_files)
     notes = recipe.notes
+    if options.chat_template is not None:
+        companions, note = _chat_template_files(companions, options.chat_template, destination, single_file)
+        notes = (*notes, note)
+    tensors, variants = recipe.tensors, recipe.variants
+    memory = _memory(tensors, options, len(checkpoints), len(variants))
+    identities = tuple(identify_checkpoint(c) for c in checkpoints)
+    layouts = _layouts(tensors, checkpoints, identities, variants, options, destination, single_file)
+    if sources is None:
+        sources = [ModelSource(str(c.path), c.path) for c in checkpoints]
+    return MergePlan(
+        inputs=tuple(str(c.path) for c in checkpoints),
+        roles=recipe.roles,
+        method=options.method,
+        tensors=tensors,
+        variants=tuple(tuple(float(w) for w in v) for v in variants),
+        variant_names=options.variant_names(),
+        layouts=tuple(layouts),
+        destination=destination,
+        single_file=single_file,
+        dropped=recipe.dropped,
+        companion_files=companions,
+        notes=notes,
+        base_index=recipe.base_index,
+        density=options.density,
+        seed=options.seed,
+        check_finite=options.check_finite,
+        sources=tuple(sources),
+        identities=identities,
+        **memory,
+    )
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """What the recipe decides: each output tensor's plan, the companion files, the dropped
+    tensors, the notes, each input's role, the reward model's index (None: a plain merge), the
+    weights of each output and the base model's index."""
+
+    tensors: dict[str, TensorPlan]
+    extra_files: Any
+    dropped: tuple[str, ...]
+    notes: tuple[str, ...]
+    roles: tuple[str, ...]
+    rm_index: int | None
+    variants: list[tuple[float, ...]] = field(default_factory=list)
+    base_index: int | None = None
+
+
+def _recipe(checkpoints: Sequence[Checkpoint], options: MergeOptions) -> _Recipe:
+    """A plain merge, or DogeRM's when an input is a reward model (`recipe.plan_reward_merge`)."""
+    models = [ModelInput.open(c) for c in checkpoints]
+    rm_index = find_reward_model(models, options.rm)
+    if rm_index is None:
+        tensors = plain_tensor_plans(checkpoints, options.dtype)
+        companions = output_companion_files(models[0].folder, [], None)
+        return _Recipe(tensors, companions, (), (), ("input",) * len(checkpoints), None)
+    recipe = plan_reward_merge(models, rm_index, dtype=options.dtype, strict=options.strict)
+    return _Recipe(recipe.tensors, recipe.extra_files, recipe.dropped, recipe.notes, recipe.roles, rm_index)
+
+
+def _weighted_recipe(checkpoints: Sequence[Checkpoint], n: int, options: MergeOptions) -> _Recipe:
+    """The recipe of `n` inputs merged name by name: the weights of each output, each tensor's
+    own values where they vary (`tensor_values`), and the base model (the last checkpoint, after
+    the `n` inputs) attached with weight 0."""
+    recipe = _recipe(checkpoints[:n], options)
+    tensors, dropped, roles, notes = recipe.tensors, recipe.dropped, recipe.roles, recipe.notes
+    variants = options.weight_vectors(n, recipe.rm_index)
     per_tensor = options.per_tensor(variants[0])
     if per_tensor is not None:
         tensors = tensor_values(tensors, per_tensor)
@@ -522,57 +586,68 @@ def plan_merge(
         roles = (*roles, "base model")
         variants = [(*v, 0.0) for v in variants]
         base_index = n
-    memory = _memory(tensors, options, len(checkpoints), len(variants))
-    identities = tuple(identify_checkpoint(c) for c in checkpoints)
-    layouts = _layouts(tensors, checkpoints, identities, variants, options, destination, single_file)
-    if sources is None:
-        sources = [ModelSource(str(c.path), c.path) for c in checkpoints]
-    return MergePlan(
-        inputs=tuple(str(c.path) for c in checkpoints),
-        roles=roles,
-        method=options.method,
+    return dataclasses.replace(
+        recipe,
         tensors=tensors,
-        variants=tuple(tuple(float(w) for w in v) for v in variants),
-        variant_names=options.variant_names(),
-        layouts=tuple(layouts),
-        destination=destination,
-        single_file=single_file,
         dropped=dropped,
-        companion_files={} if single_file else dict(recipe.extra_files),
         notes=notes,
+        roles=roles,
+        variants=variants,
         base_index=base_index,
-        density=options.density,
-        seed=options.seed,
-        check_finite=options.check_finite,
-        sources=tuple(sources),
-        identities=identities,
-        **memory,
     )
 
 
-@dataclass(frozen=True)
-class _Recipe:
-    """What the recipe decides: each output tensor's plan, the companion files, the dropped
-    tensors, the notes, each input's role and the reward model's index (None: a plain merge)."""
+def _stacked_recipe(checkpoints: Sequence[Checkpoint], options: MergeOptions, stack: LayerStack) -> _Recipe:
+    """The recipe of a layer stack (`layer_stack`): each output tensor from its slice's sources,
+    with its own values; the config and tokenizer files of the base model, else of the first
+    slice's first source, config.json holding the stack's layer count."""
+    tensors = stacked_tensor_plans(checkpoints, stack, options.dtype)
+    base_index = len(checkpoints) - 1 if options.base is not None else None
+    donor = base_index if base_index is not None else stack.slices[0].sources[0][0]
+    companions = stacked_companion_files(checkpoints, donor, stack)
+    roles = tuple("base model" if i == base_index else "input" for i in range(len(checkpoints)))
+    used = [
+        {s.name for t in tensors.values() if (s := t.sources[i]) is not None} for i in range(len(checkpoints))
+    ]
+    dropped = tuple(
+        f"{len(c) - len(names)} tensor(s) of {c.path} (layers outside the slices)"
+        for c, names in zip(checkpoints, used, strict=True)
+        if len(c) > len(names)
+    )
+    nominal = next((t.weights for t in tensors.values() if t.weights is not None), None)
+    variants = [nominal if nominal is not None else tuple(0.0 for _ in checkpoints)]
+    layers = [f"{p.layers} from input(s) {'/'.join(str(i) for i, _ in p.sources)}" for p in stack.slices]
+    notes = (
+        f"layer stack of {stack.layers} layers: {', '.join(layers)}; values per tensor (the config's "
+        "slices and parameters): see each tensor",
+    )
+    return _Recipe(tensors, companions, dropped, notes, roles, None, variants, base_index)
 
-    tensors: dict[str, TensorPlan]
-    extra_files: Any
-    dropped: tuple[str, ...]
-    notes: tuple[str, ...]
-    roles: tuple[str, ...]
-    rm_index: int | None
 
+def _chat_template_files(
+    companions: dict[str, bytes], template: str, destination: Path, single_file: bool
+) -> tuple[dict[str, bytes], str]:
+    """The companion files with `template` as the output's chat template (mergekit's
+    `chat_template`), and a note saying where it went.
 
-def _recipe(checkpoints: Sequence[Checkpoint], options: MergeOptions) -> _Recipe:
-    """A plain merge, or DogeRM's when an input is a reward model (`recipe.plan_reward_merge`)."""
-    models = [ModelInput.open(c) for c in checkpoints]
-    rm_index = find_reward_model(models, options.rm)
-    if rm_index is None:
-        tensors = plain_tensor_plans(checkpoints, options.dtype)
-        companions = output_companion_files(models[0].folder, [], None)
-        return _Recipe(tensors, companions, (), (), ("input",) * len(checkpoints), None)
-    recipe = plan_reward_merge(models, rm_index, dtype=options.dtype, strict=options.strict)
-    return _Recipe(recipe.tensors, recipe.extra_files, recipe.dropped, recipe.notes, recipe.roles, rm_index)
+    Raises:
+        OptionError for a single-file output, which has no tokenizer files to hold it.
+    """
+    if single_file:
+        raise OptionError(
+            f"{destination}: chat_template: a single .safetensors file holds no tokenizer files; "
+            "give a folder as output"
+        )
+    if not {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} & set(companions):
+        return (
+            companions,
+            "chat_template: the output has no tokenizer files, so no chat template is written (as mergekit)",
+        )
+    files = with_chat_template(companions, template)
+    return (
+        files,
+        "chat_template: written to chat_template.jinja (tokenizer_config.json keeps none), as mergekit's save does",
+    )
 
 
 def _memory(

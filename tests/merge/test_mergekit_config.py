@@ -224,11 +224,11 @@ def test_folder_models_default_to_merged_folder(tmp_path: Path, monkeypatch) -> 
 
 
 REFUSED = {
-    "slices": ("slices:\n  - sources: []\nmerge_method: linear\n", "slices: not supported"),
+    "slices": ("slices:\n  - sources: []\nmerge_method: linear\n", "slices[0].sources: expected a list"),
     "modules": ("modules: {}\nmerge_method: linear\n", "modules: not supported"),
     "layer_range": (
         "merge_method: linear\nmodels:\n  - model: a.safetensors\n    layer_range: [0, 2]\n",
-        "models[0].layer_range: not supported",
+        "models[0].layer_range: a layer range belongs to a slice's sources",
     ),
     "gradient-nested": (
         "merge_method: slerp\nbase_model: a.safetensors\nmodels:\n  - model: a.safetensors\n"
@@ -271,11 +271,10 @@ REFUSED = {
         "parameters.weight[0].value: expected a number or a gradient (filters do not nest)",
     ),
     "other-method": (
-        "merge_method: passthrough\nmodels:\n  - model: a.safetensors\n",
-        "merge_method: 'passthrough' is not supported; lazymerge runs linear, task_arithmetic, ties, "
+        "merge_method: frankenmerge\nmodels:\n  - model: a.safetensors\n",
+        "merge_method: 'frankenmerge' is not supported; lazymerge runs linear, task_arithmetic, ties, "
         "dare_linear, dare_ties, slerp, nearswap, breadcrumbs, breadcrumbs_ties, sce, model_stock, ram, "
-        "nuslerp, multislerp, karcher, della, della_linear, arcee_fusion, ramplus_tl; "
-        "nearest: none: lazymerge does not stack or copy layers",
+        "nuslerp, multislerp, karcher, della, della_linear, arcee_fusion, ramplus_tl, passthrough",
     ),
     "no-method": ("models:\n  - model: a.safetensors\n", "merge_method: missing"),
     "lora": (

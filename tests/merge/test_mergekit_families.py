@@ -17,8 +17,6 @@ Gram matrix), della_linear 2,707 / 2,659, model_stock 7,357 / 8,503.
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,25 +26,12 @@ from click.testing import CliRunner
 
 from lazymerge.cli import main
 from tests.helpers.checkpoints import load_any
+from tests.helpers.mergekit import compare_outputs, needs_mergekit, run_mergekit
 
 models = pytest.importorskip("tests.helpers.models")
 transformers = models.transformers
 
-MERGEKIT = os.environ.get("LAZYMERGE_MERGEKIT", "")
-pytestmark = [
-    pytest.mark.mergekit,
-    pytest.mark.skipif(
-        not (MERGEKIT and os.access(MERGEKIT, os.X_OK)),
-        reason="set LAZYMERGE_MERGEKIT=/path/to/mergekit-yaml (bash bench/setup_mergekit.sh makes one)",
-    ),
-]
-FIXED_DRAWS = (
-    "import sys, torch\n"
-    "torch.bernoulli = lambda p, *a, **k: (p > 0.5).to(p.dtype)\n"
-    "from mergekit.scripts.run_yaml import main\n"
-    "sys.argv[0] = 'mergekit-yaml'\n"
-    "sys.exit(main())\n"
-)
+pytestmark = [pytest.mark.mergekit, needs_mergekit]
 FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}),
@@ -157,39 +142,14 @@ MASKING = (
 def test_matches_mergekit(tmp_path: Path, family: dict[str, Path], method: str, monkeypatch) -> None:
     config = tmp_path / "merge.yml"
     config.write_text(recipe(method, family))
-    done = subprocess.run(
-        [
-            str(Path(MERGEKIT).parent / "python"),
-            "-c",
-            FIXED_DRAWS,
-            str(config),
-            str(tmp_path / "mk"),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_mergekit(config, tmp_path / "mk", fixed_draws=True)
     # the module itself: as a dotted path, `lazymerge.merge` is the package's `merge` function
     engine = importlib.import_module("lazymerge.merge.engine")
     monkeypatch.setattr(engine, "position_uniform", lambda key, start, count: torch.full((count,), 0.5))
     result = CliRunner().invoke(main, ["run", str(config), "-o", str(tmp_path / "lz"), "-q"])
     assert result.exit_code == 0, result.output
-    mk, lz = load_any(tmp_path / "mk"), load_any(tmp_path / "lz")
-    base = load_any(family["base"])
-    assert sorted(mk) == sorted(lz)
-    differing = total = 0
-    for name in mk:
-        assert mk[name].dtype == lz[name].dtype == torch.float32
-        diff = (mk[name].double() - lz[name].double()).abs()
-        scale = float(base[name].abs().max()) + 1.0
-        assert float(diff.max()) <= 8 * 2.0**-24 * scale, f"{method} {name}: {float(diff.max()):.3g}"
-        if method in MASKING:  # where mergekit's mask drops a delta, lazymerge's drops it too
-            assert torch.equal(mk[name] == base[name], lz[name] == base[name]), (
-                f"{method} {name}: masks differ"
-            )
-        differing += int((diff > 0).sum())
-        total += diff.numel()
+    # where mergekit's mask drops a delta, lazymerge's drops it too
+    differing, total = compare_outputs(
+        tmp_path / "mk", tmp_path / "lz", family["base"], method, method in MASKING
+    )
     print(f"{family['base'].parent.name} {method}: {differing} of {total} elements differ", file=sys.stderr)

@@ -9,8 +9,6 @@ masks are comparable).
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,8 @@ from lazymerge.merge.api import merge
 from lazymerge.methods import METHODS
 from lazymerge.options import MergeOptions
 from tests.helpers.checkpoints import load_any
+from tests.helpers.mergekit import compare_outputs, needs_mergekit, run_mergekit
+from tests.helpers.mergekit import llama_family as mergekit_family
 from tests.helpers.references import key, np64, sign_merge, splitmix_uniform
 
 EPSILON = 1e-5
@@ -300,39 +300,11 @@ def test_wrong_parameters_refused_in_one_line(tmp_path: Path, quartet, case: str
 
 # --- parity with the real mergekit 0.1.5 (optional) ---
 
-MERGEKIT = os.environ.get("LAZYMERGE_MERGEKIT", "")
-needs_mergekit = pytest.mark.skipif(
-    not (MERGEKIT and os.access(MERGEKIT, os.X_OK)),
-    reason="set LAZYMERGE_MERGEKIT=/path/to/mergekit-yaml (bash bench/setup_mergekit.sh makes one)",
-)
-#: Runs mergekit-yaml with torch.bernoulli(p) replaced by p > 0.5: lazymerge's draws replaced by
-#: 0.5 then keep the same elements (u < p).
-FIXED_DRAWS = (
-    "import sys, torch\n"
-    "torch.bernoulli = lambda p, *a, **k: (p > 0.5).to(p.dtype)\n"
-    "from mergekit.scripts.run_yaml import main\n"
-    "sys.argv[0] = 'mergekit-yaml'\n"
-    "sys.exit(main())\n"
-)
-
 
 @pytest.fixture(scope="module")
 def llama_family(tmp_path_factory) -> dict[str, Path]:
-    """Tiny fp32 Llama folders: a base and two fine-tunes (base + 0.01 noise)."""
-    models = pytest.importorskip("tests.helpers.models")
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("della-family")
-    tok = models.make_tokenizer(models.BASE_WORDS)
-    out = {"base": models.save_model(root / "base", "llama", False, 0, tok)}
-    base = load_any(out["base"])
-    for seed, name in enumerate(["a", "b", "c"], start=1):
-        g = torch.Generator().manual_seed(seed)
-        folder = models.save_model(root / name, "llama", False, seed, tok)
-        tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-        save_file(tuned, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        out[name] = folder
-    return out
+    """Tiny fp32 Llama folders: a base and fine-tunes (`tests.helpers.mergekit.llama_family`)."""
+    return mergekit_family(tmp_path_factory.mktemp("della-family"))
 
 
 def parity_yaml(method: str, m: dict[str, Path]) -> str:
@@ -359,32 +331,13 @@ def test_matches_mergekit(tmp_path: Path, llama_family, method: str, monkeypatch
     factor here). Every difference within a few fp32 steps, every mask the same."""
     config = tmp_path / "merge.yml"
     config.write_text(parity_yaml(method, llama_family))
-    python = str(Path(MERGEKIT).parent / "python")
-    done = subprocess.run(
-        [python, "-c", FIXED_DRAWS, str(config), str(tmp_path / "mk"), "--quiet"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_mergekit(config, tmp_path / "mk", fixed_draws=True)
     # the module itself: as a dotted path, `lazymerge.merge` is the package's `merge` function
     engine = importlib.import_module("lazymerge.merge.engine")
     monkeypatch.setattr(engine, "position_uniform", lambda key, start, count: torch.full((count,), 0.5))
     result = cli("run", str(config), "-o", str(tmp_path / "lz"), "-q")
     assert result.exit_code == 0, result.output
-    mk, lz = load_any(tmp_path / "mk"), load_any(tmp_path / "lz")
-    base = load_any(llama_family["base"])
-    assert sorted(mk) == sorted(lz)
-    differing = total = 0
-    for name in mk:
-        assert mk[name].dtype == lz[name].dtype == torch.float32
-        diff = (mk[name].double() - lz[name].double()).abs()
-        scale = float(base[name].abs().max()) + 1.0
-        assert float(diff.max()) <= 8 * 2.0**-24 * scale, f"{method} {name}: {float(diff.max()):.3g}"
-        assert torch.equal(mk[name] == base[name], lz[name] == base[name]), f"{method} {name}: masks differ"
-        differing += int((diff > 0).sum())
-        total += diff.numel()
+    differing, total = compare_outputs(tmp_path / "mk", tmp_path / "lz", llama_family["base"], method, True)
     print(f"{method}: {differing} of {total} elements differ", file=sys.stderr)
     if method != "della_linear":
         assert differing == 0

@@ -7,8 +7,6 @@ ones under any chunking; and, when LAZYMERGE_MERGEKIT names a mergekit 0.1.5 `me
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,8 @@ from lazymerge.merge.api import merge
 from lazymerge.methods import METHODS
 from lazymerge.options import MergeOptions
 from tests.helpers.checkpoints import load_any
+from tests.helpers.mergekit import compare_outputs, needs_mergekit, run_mergekit
+from tests.helpers.mergekit import llama_family as mergekit_family
 from tests.helpers.references import np64
 
 GAMMA, EPSILON = 0.01, 1e-5
@@ -390,7 +390,7 @@ REFUSED = {
         YAML["breadcrumbs_ties"].replace("{normalize: true}", "{lambda: 2}"),
         "lambda",
     ),
-    "passthrough": (YAML["ram"].replace("ram", "passthrough"), "nearest: none"),
+    "passthrough": (YAML["ram"].replace("ram", "passthrough"), "base_model: passthrough copies one model's"),
     "nuslerp-base": (
         YAML["nuslerp"].replace("models:", "base_model: base.safetensors\nmodels:"),
         "base_model",
@@ -442,31 +442,11 @@ def test_tiny_llama_merge_from_flags_and_yaml(tmp_path: Path, monkeypatch) -> No
 
 # --- parity with the real mergekit 0.1.5 (optional) ---
 
-MERGEKIT = os.environ.get("LAZYMERGE_MERGEKIT", "")
-needs_mergekit = pytest.mark.skipif(
-    not (MERGEKIT and os.access(MERGEKIT, os.X_OK)),
-    reason="set LAZYMERGE_MERGEKIT=/path/to/mergekit-yaml (bash bench/setup_mergekit.sh makes one)",
-)
-
 
 @pytest.fixture(scope="module")
 def llama_family(tmp_path_factory) -> dict[str, Path]:
-    """Tiny fp32 Llama folders: a base and three fine-tunes (base + 0.01 noise, so the deltas
-    are small against the weights, as fine-tunes' are)."""
-    models = pytest.importorskip("tests.helpers.models")
-    root = tmp_path_factory.mktemp("llama-family")
-    tok = models.make_tokenizer(models.BASE_WORDS)
-    out = {"base": models.save_model(root / "base", "llama", False, 0, tok)}
-    base = load_any(out["base"])
-    from safetensors.torch import save_file
-
-    for seed, name in enumerate(["a", "b", "c"], start=1):
-        g = torch.Generator().manual_seed(seed)
-        folder = models.save_model(root / name, "llama", False, seed, tok)
-        tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-        save_file(tuned, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        out[name] = folder
-    return out
+    """Tiny fp32 Llama folders: a base and three fine-tunes (`tests.helpers.mergekit.llama_family`)."""
+    return mergekit_family(tmp_path_factory.mktemp("llama-family"))
 
 
 def parity_yaml(method: str, m: dict[str, Path]) -> str:
@@ -520,29 +500,11 @@ def test_matches_mergekit(tmp_path: Path, llama_family, method: str) -> None:
     of the inputs' magnitude, and every mask keeps the same elements."""
     config = tmp_path / "merge.yml"
     config.write_text(parity_yaml(method, llama_family))
-    done = subprocess.run(
-        [MERGEKIT, str(config), str(tmp_path / "mk"), "--quiet"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_mergekit(config, tmp_path / "mk")
     result = cli("run", str(config), "-o", str(tmp_path / "lz"), "-q")
     assert result.exit_code == 0, result.output
-    mk, lz = load_any(tmp_path / "mk"), load_any(tmp_path / "lz")
-    base = load_any(llama_family["base"])
-    assert sorted(mk) == sorted(lz)
-    differing = total = 0
-    for name in mk:
-        assert mk[name].dtype == lz[name].dtype == torch.float32
-        diff = (mk[name].double() - lz[name].double()).abs()
-        scale = float(base[name].abs().max()) + 1.0
-        assert float(diff.max()) <= 8 * 2.0**-24 * scale, f"{method} {name}: {float(diff.max()):.3g}"
-        # the masks agree: an element mergekit left at the base, lazymerge left at the base too
-        assert torch.equal(mk[name] == base[name], lz[name] == base[name]), f"{method} {name}: masks differ"
-        differing += int((diff > 0).sum())
-        total += diff.numel()
+    # the masks agree: an element mergekit left at the base, lazymerge left at the base too
+    differing, total = compare_outputs(tmp_path / "mk", tmp_path / "lz", llama_family["base"], method, True)
     if method in ("nearswap", "ram", "breadcrumbs_ties"):
         assert differing == 0
     print(f"{method}: {differing} of {total} elements differ")

@@ -45,6 +45,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "merge.tensor_plan",
             "merge.workspace",
             "merge.recipe",
+            "merge.layer_stack",
             "merge.preflight",
             "merge.plan",
             "merge.card",
