@@ -2,6 +2,7 @@
 
     python bench/score.py                       # SmolLM2-135M shape, bf16, CPU
     python bench/score.py --sizes 135m,1b --device cuda
+    python bench/score.py --sizes 1b --shapes pairs,rb2     # a narrower run: some data shapes
 
 In one run, on one machine:
 1. The measured matmul peak (GFLOP/s) of square bf16 and fp32 matmuls on the device (the best of
@@ -210,6 +211,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="135m", help="comma-separated: 135m, 1b, 7b")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--shapes", default=",".join(DATA), help=f"comma-separated data shapes to score: {', '.join(DATA)}"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the prompts per data shape")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-tokens", type=int, default=None)
@@ -222,6 +226,12 @@ def main() -> None:
     for s in sizes:
         if s not in SHAPES:
             parser.error(f"argument --sizes: {s!r} is not one of {', '.join(SHAPES)}")
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    for s in shapes:
+        if s not in DATA:
+            parser.error(f"argument --shapes: {s!r} is not one of {', '.join(DATA)}")
+    if not shapes:
+        parser.error("argument --shapes: name at least one data shape")
     if not 0 < args.scale <= 100:
         parser.error("argument --scale: give a number in (0, 100]")
     if args.batch_size < 1 or (args.batch_tokens is not None and args.batch_tokens < 1):
@@ -246,7 +256,7 @@ def main() -> None:
         for path in PATHS:
             score(model, args.device, warm, path, args)
         scale = args.scale / (8 if size != "135m" else 1)  # the large shapes on fewer texts
-        for shape in DATA:
+        for shape in shapes:
             encoded = make_texts(shape, scale, vocab, seed=1)
             row: dict[str, Any] = {
                 "size": size,
