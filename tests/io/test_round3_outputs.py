@@ -450,7 +450,7 @@ BAD_SOURCES = [
     ("rewardbench", b"{not json\n", "pairs.jsonl:1"),
     ("rewardbench", b'{"prompt": "\xff"}\n', "UTF-8"),
     ("rewardbench", b"[1, 2]", "pairs.jsonl:1: is a JSON array, not a JSON object"),
-    ("rewardbench", b"[{]", "pairs.jsonl:1: not a JSON object"),
+    ("rewardbench", b"[{]", "pairs.jsonl:1: not valid JSON"),
     (
         "rewardbench",
         b'{"prompt": 1, "chosen": "a", "rejected": "b"}\n',

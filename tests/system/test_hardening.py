@@ -161,7 +161,7 @@ def test_disk_full_on_a_small_filesystem(tmp_path: Path, pair, monkeypatch) -> N
         before = digest_tree(pa, pb)
         with pytest.raises(OutputError, match="needs .* free"):  # the free-space check, before any write
             merge([pa, pb], small / "o.safetensors")
-        import lazymerge.merge.api as api
+        from lazymerge.merge import api
 
         monkeypatch.setattr(api, "check_free_space", lambda *a: None)
         with pytest.raises(OutputError, match="disk full"):  # the kernel's own ENOSPC
