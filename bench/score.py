@@ -2,7 +2,6 @@
 
     python bench/score.py                       # SmolLM2-135M shape, bf16, CPU
     python bench/score.py --sizes 135m,1b --device cuda
-    python bench/score.py --sizes 1b --shapes pairs,rb2     # a narrower run: some data shapes
 
 In one run, on one machine:
 1. The measured matmul peak (GFLOP/s) of square bf16 and fp32 matmuls on the device (the best of
@@ -21,8 +20,7 @@ In one run, on one machine:
    sorted by length, `--batch-size` rows a batch whatever their length); `whole`, whole texts in
    batches by tokens; `prefix`, the prefix cache (the default). Per path: seconds, tokens of the
    texts per second, tokens computed, the prefix tree's distinct tokens, padding, effective
-   GFLOP/s (2 x non-embedding parameters x tokens computed / s) and its share of the peak (with
-   `--repeat N`, the paths run N times in turn and the median seconds count); per
+   GFLOP/s (2 x non-embedding parameters x tokens computed / s) and its share of the peak; per
    shape the speed-ups of `prefix` over `before` and over `whole`, and the largest reward
    difference from `before`.
 
@@ -37,7 +35,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -213,13 +210,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="135m", help="comma-separated: 135m, 1b, 7b")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--shapes", default=",".join(DATA), help=f"comma-separated data shapes to score: {', '.join(DATA)}"
-    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the prompts per data shape")
-    parser.add_argument(
-        "--repeat", type=int, default=1, help="score each shape this many times per path (median seconds)"
-    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-tokens", type=int, default=None)
     parser.add_argument(
@@ -231,16 +222,8 @@ def main() -> None:
     for s in sizes:
         if s not in SHAPES:
             parser.error(f"argument --sizes: {s!r} is not one of {', '.join(SHAPES)}")
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    for s in shapes:
-        if s not in DATA:
-            parser.error(f"argument --shapes: {s!r} is not one of {', '.join(DATA)}")
-    if not shapes:
-        parser.error("argument --shapes: name at least one data shape")
     if not 0 < args.scale <= 100:
         parser.error("argument --scale: give a number in (0, 100]")
-    if not 1 <= args.repeat <= 20:
-        parser.error("argument --repeat: give 1 to 20")
     if args.batch_size < 1 or (args.batch_tokens is not None and args.batch_tokens < 1):
         parser.error("--batch-size and --batch-tokens must be at least 1")
     import torch
@@ -263,7 +246,7 @@ def main() -> None:
         for path in PATHS:
             score(model, args.device, warm, path, args)
         scale = args.scale / (8 if size != "135m" else 1)  # the large shapes on fewer texts
-        for shape in shapes:
+        for shape in DATA:
             encoded = make_texts(shape, scale, vocab, seed=1)
             row: dict[str, Any] = {
                 "size": size,
@@ -271,26 +254,20 @@ def main() -> None:
                 "texts": len(encoded),
                 "non_embedding_params": params,
             }
-            done: dict[str, dict[str, Any]] = {}
-            times: dict[str, list[float]] = {path: [] for path in PATHS}
-            for _ in range(args.repeat):  # the paths in turn, so a drift of the machine hits all
-                for path in PATHS:
-                    out = score(model, args.device, encoded, path, args)
-                    done.setdefault(path, out)
-                    times[path].append(out["seconds"])
-                    print(f"{size} {shape} {path}: {out['seconds']:.1f} s", file=sys.stderr)
+            done = {}
             for path in PATHS:
-                done[path]["seconds"] = statistics.median(times[path])
-                st, seconds = done[path]["stats"], done[path]["seconds"]
-                gflops = 2 * params * st["tokens_computed"] / seconds / 1e9
+                out = score(model, args.device, encoded, path, args)
+                done[path] = out
+                st = out["stats"]
+                gflops = 2 * params * st["tokens_computed"] / out["seconds"] / 1e9
                 row[path] = {
-                    "seconds": round(seconds, 3),
-                    **({"runs_seconds": [round(t, 3) for t in times[path]]} if args.repeat > 1 else {}),
-                    "text_tokens_per_s": round(st["tokens_in_texts"] / seconds, 1),
-                    "computed_tokens_per_s": round(st["tokens_computed"] / seconds, 1),
+                    "seconds": round(out["seconds"], 3),
+                    "text_tokens_per_s": round(st["tokens_in_texts"] / out["seconds"], 1),
+                    "computed_tokens_per_s": round(st["tokens_computed"] / out["seconds"], 1),
                     "effective_gflops": round(gflops, 1),
                     **st,
                 }
+                print(f"{size} {shape} {path}: {out['seconds']:.1f} s", file=sys.stderr)
             row["speedup_over_before"] = round(done["before"]["seconds"] / done["prefix"]["seconds"], 2)
             row["speedup"] = round(done["whole"]["seconds"] / done["prefix"]["seconds"], 2)
             row["max_reward_difference"] = max(

@@ -28,23 +28,11 @@ model is scored whole text by whole text (`rewards.RewardModel`), said once in t
 Batches are sized in tokens (`token_batches`): sorted by length, a batch holds at most
 `batch_tokens` new tokens (rows x longest new), at most `CONTEXT_PER_TOKEN` times that of
 attention context (rows x (longest past + longest new)) and at most `batch_size` rows.
-
-Rows are packed (`packed_rows`) where the model's attention masks can say so exactly (no sliding
-window, or one window for every layer): a row holds several nodes one after another, each with its
-own position ids and a 4D mask that lets each token see its own node's earlier tokens and its own
-ancestors' keys (the row's past holds the ancestors of all its nodes, each once), nothing else.
-Padding is then what the rows' loads leave of the widest row, not what each node leaves of the
-longest node, and the few nodes of one level make one batch instead of several. How many rows the
-nodes are packed into is chosen by a cost model (`batch_cost`): the positions run through the
-weight matrices plus the keys every position attends to (which packing rows of different prompts
-adds), per batch.
 """
 
 from __future__ import annotations
 
-import heapq
 import inspect
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -72,16 +60,6 @@ CONTEXT_BYTES = 2 * 2**30
 HELD_BYTES = 2**30
 #: Tokens per batch when none is given, by device type: enough to keep the device's matmuls busy.
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
-#: What one more batch costs, in positions run through the weight matrices (`batch_cost`): a
-#: forward pass's fixed work (per-layer kernel launches, the head, the cache's bookkeeping).
-BATCH_OVERHEAD_POSITIONS = 64
-#: The row widths `packed_rows` tries grow by this factor, from the longest node to the budget.
-WIDTH_STEP = 1.15
-#: How much dearer a multiply-add of attention is than one of the weight matrices: measured on a
-#: 2-core AMD EPYC (avx512_bf16), bf16, two 1.1B-shaped layers: 300 more cached keys made 8 rows
-#: of 256 tokens 9.6% slower, 800 made a row of 2048 33% slower, 3.4 and 4.5 times what their
-#: multiply-adds alone would cost (`attention_key_cost`).
-ATTENTION_SLOWDOWN = 4.0
 
 
 def default_batch_tokens(device: str) -> int:
@@ -194,77 +172,6 @@ def token_batches(
     if current:
         batches.append(current)
     return batches
-
-
-def lpt_rows(lengths: Sequence[int], rows: int) -> list[list[int]]:
-    """Indices of `lengths` spread over at most `rows` rows, longest first, each into the row
-    holding the fewest tokens so far (Graham's longest-processing-time rule: the fullest row holds
-    at most 4/3 of the best possible); rows left empty are dropped."""
-    loads = [(0, r) for r in range(max(1, rows))]
-    out: list[list[int]] = [[] for _ in loads]
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        load, r = heapq.heappop(loads)
-        out[r].append(i)
-        heapq.heappush(loads, (load + lengths[i], r))
-    return [row for row in out if row]
-
-
-def batch_cost(rows: int, width: int, past: int, key_cost: float) -> float:
-    """What one batch of `rows` x `width` new positions after `past` cached ones costs, in
-    positions through the weight matrices: each position also attends to `past + width` keys
-    (`key_cost` each: `attention_key_cost`), and the pass has a fixed part."""
-    return rows * width * (1 + key_cost * (past + width)) + BATCH_OVERHEAD_POSITIONS
-
-
-def packed_rows(
-    lengths: Sequence[int],
-    row_past: Callable[[list[int]], int],
-    budget: tuple[int, int, int],
-    key_cost: float,
-    pack: bool = True,
-) -> list[list[list[int]]]:
-    """Indices of `lengths` (nodes' new tokens) in batches of rows, each row a list of nodes, the
-    cheapest by `batch_cost` of the packings tried: one node per row (as unpacked), and the nodes
-    spread over fewer rows (`lpt_rows`) so the rows come out about as wide as each width tried,
-    from the longest node up to the token budget. `row_past(row)` is the cached past a row's
-    nodes need (their ancestors, each once); `budget` is (batch tokens, rows, attention context)
-    as `token_batches` takes it, and a packed row never holds more than the context itself.
-    `pack=False` keeps one node per row."""
-    batch_tokens, batch_size, context = budget
-    total, longest = sum(lengths), max(lengths)
-    counts = {len(lengths)}
-    width = longest
-    while pack and width < batch_tokens:
-        counts.add(math.ceil(total / width))
-        width = int(width * WIDTH_STEP) + 1
-    if pack:
-        counts.add(math.ceil(total / max(batch_tokens, longest)))
-    best: tuple[float, list[list[list[int]]]] | None = None
-    for count in sorted(counts, reverse=True):
-        rows = lpt_rows(lengths, count)
-        loads = [sum(lengths[i] for i in row) for row in rows]
-        pasts = [row_past(row) for row in rows]
-        if count < len(lengths) and any(
-            len(row) > 1 and (load > batch_tokens or load + p > context)
-            for row, load, p in zip(rows, loads, pasts, strict=True)
-        ):
-            continue  # a packed row over the budget: never wider than one node alone would be
-        order = sorted(range(len(rows)), key=lambda k: (-loads[k], -pasts[k], k))
-        groups = token_batches([(loads[k], pasts[k]) for k in order], batch_tokens, batch_size, context)
-        batches = [[rows[order[j]] for j in group] for group in groups]
-        cost = sum(
-            batch_cost(
-                len(group),
-                max(loads[order[j]] for j in group),
-                max(pasts[order[j]] for j in group),
-                key_cost,
-            )
-            for group in groups
-        )
-        if best is None or cost < best[0]:
-            best = (cost, batches)
-    assert best is not None  # one node per row always fits
-    return best[1]
 
 
 @dataclass(eq=False)
@@ -385,61 +292,6 @@ def kv_bytes_per_token(model: Any) -> int:
     return max(1, int(2 * config.num_hidden_layers * kv_heads * head_dim * itemsize))
 
 
-def attention_key_cost(model: Any) -> float:
-    """What attending to one more key costs a position, as a share of what the weight matrices
-    cost it (`batch_cost`): 4 x query heads x head dim multiply-adds against 2 x a layer's
-    parameters (at a 1.1B Llama shape about 1% per 100 keys, at 135M about 3%), times
-    `ATTENTION_SLOWDOWN`."""
-    config = model.config.get_text_config()
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config.intermediate_size
-    return float(ATTENTION_SLOWDOWN * 2 * heads * head_dim / max(1, layer))
-
-
-def packing_window(model: Any) -> tuple[bool, int | None]:
-    """Whether rows of several nodes can be scored exactly (`PrefixTreeScorer`'s 4D masks), and
-    the sliding window those masks apply: none configured, or one window every layer applies
-    (Mistral's); a model mixing sliding and full layers keeps one node per row."""
-    config = model.config.get_text_config()
-    window = getattr(config, "sliding_window", None)
-    if window is None:
-        return True, None
-    return getattr(config, "model_type", None) == "mistral", int(window)
-
-
-@dataclass
-class RowLayout:
-    """One row of a batch: `nodes` one after another (node k's tokens from column `offsets[k]`),
-    after `past`, the ancestors of all of them, each once (ancestor a's keys from column
-    `past_at[a]` of the row's past, which is left-padded to the batch's longest)."""
-
-    nodes: list[PrefixNode]
-    offsets: list[int]
-    past: list[PrefixNode]
-    past_at: dict[PrefixNode, int]
-    width: int
-    past_tokens: int
-
-    @classmethod
-    def of(cls, row: Sequence[PrefixNode]) -> RowLayout:
-        offsets, column = [], 0
-        for node in row:
-            offsets.append(column)
-            column += node.end - node.start
-        past: list[PrefixNode] = []
-        past_at: dict[PrefixNode, int] = {}
-        at = 0
-        for node in row:
-            for ancestor in node.ancestors():
-                if ancestor not in past_at:
-                    past_at[ancestor] = at
-                    past.append(ancestor)
-                    at += ancestor.end - ancestor.start
-        return cls(list(row), offsets, past, past_at, column, at)
-
-
 class PrefixTreeScorer:
     """Rewards of encoded texts through the prefix tree (see the module's docstring).
 
@@ -463,8 +315,6 @@ class PrefixTreeScorer:
         self.context_tokens = max(
             batch_tokens, min(CONTEXT_PER_TOKEN * batch_tokens, CONTEXT_BYTES // self.kv_token_bytes)
         )
-        self.packs, self.window = packing_window(model)
-        self.key_cost = attention_key_cost(model)
 
     def score(self, encoded: dict[str, list[int]]) -> Iterator[list[tuple[str, float]]]:
         """Each batch's finished (text, reward) pairs, as they come; `stats` is filled in as it goes."""
@@ -491,9 +341,8 @@ class PrefixTreeScorer:
             held = 0
             while i < len(batches) and (not wave or held < HELD_BYTES):
                 yield self._run(batches[i])
-                done = [node for row in batches[i] for node in row]
-                wave += done
-                held += sum(n.end - n.start for n in done if n.children) * self.kv_token_bytes
+                wave += batches[i]
+                held += sum(n.end - n.start for n in batches[i] if n.children) * self.kv_token_bytes
                 i += 1
             children = [child for node in wave for child in node.children]
             if children:
@@ -501,132 +350,80 @@ class PrefixTreeScorer:
             for node in wave:
                 node.kv = None
 
-    def _batches(self, nodes: list[PrefixNode]) -> list[list[list[PrefixNode]]]:
-        """`nodes` in batches of rows (`packed_rows`; one node per row where masks cannot pack)."""
-        chains = [set(node.ancestors()) for node in nodes]
+    def _batches(self, nodes: list[PrefixNode]) -> list[list[PrefixNode]]:
+        nodes = sorted(nodes, key=lambda n: (-(n.end - n.start), -n.start))
+        items = [(n.end - n.start, n.start) for n in nodes]
+        batches = token_batches(items, self.batch_tokens, self.batch_size, self.context_tokens)
+        return [[nodes[i] for i in indices] for indices in batches]
 
-        def row_past(row: list[int]) -> int:
-            return sum(a.end - a.start for a in set().union(*(chains[i] for i in row)))
-
-        budget = (self.batch_tokens, self.batch_size, self.context_tokens)
-        lengths = [n.end - n.start for n in nodes]
-        batches = packed_rows(lengths, row_past, budget, self.key_cost, pack=self.packs)
-        return [[[nodes[i] for i in row] for row in batch] for batch in batches]
-
-    def _run(self, batch: list[list[PrefixNode]]) -> list[tuple[str, float]]:
-        """One forward pass over `batch`'s rows, each node after its ancestors' cached keys and values."""
+    def _run(self, batch: list[PrefixNode]) -> list[tuple[str, float]]:
+        """One forward pass over `batch`'s nodes, each after its ancestors' cached keys and values."""
         import torch
         from transformers import DynamicCache
 
-        rows = [RowLayout.of(row) for row in batch]
-        past = max(row.past_tokens for row in rows)
-        width = max(row.width for row in rows)
+        rows = len(batch)
+        past = max(n.start for n in batch)
+        lengths = [n.end - n.start for n in batch]
+        width = max(lengths)
         filler = self.pad_id if self.pad_id is not None else 0
-        ids = torch.full((len(rows), width), filler, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            for node, at in zip(row.nodes, row.offsets, strict=True):
-                ids[r, at : at + node.end - node.start] = torch.tensor(list(node.ids[node.start : node.end]))
-                positions[r, at : at + node.end - node.start] = torch.arange(node.start, node.end)
-        cache = DynamicCache(self._past(rows, past)) if past else DynamicCache()
+        ids = torch.full((rows, width), filler, dtype=torch.long)
+        mask = torch.zeros((rows, past + width), dtype=torch.long)
+        positions = torch.zeros((rows, width), dtype=torch.long)
+        for r, node in enumerate(batch):
+            ids[r, : lengths[r]] = torch.tensor(list(node.ids[node.start : node.end]), dtype=torch.long)
+            mask[r, past - node.start : past + lengths[r]] = 1
+            positions[r] = torch.arange(node.start, node.start + width)
+        cache = DynamicCache()
+        if past:
+            cache = DynamicCache(self._past(batch, past))
         with torch.no_grad():
             out = self.base(
                 input_ids=ids.to(self.device),
-                attention_mask=self._mask(rows, past, width, positions).to(self.device),
+                attention_mask=mask.to(self.device),
                 position_ids=positions.to(self.device),
                 use_cache=True,
                 **{self.cache_kwarg: cache},
             )
-            self._keep(rows, list(cache.layers), past)
-            read = [
-                (r, node, at)
-                for r, row in enumerate(rows)
-                for node, at in zip(row.nodes, row.offsets, strict=True)
-                if node.texts
-            ]
+            layers: list[Any] = list(cache.layers)
+            for r, node in enumerate(batch):
+                if node.children:  # (layers, 2, kv heads, tokens, head dim)
+                    node.kv = torch.stack(
+                        [
+                            torch.stack(
+                                (
+                                    layer.keys[r, :, past : past + lengths[r]],
+                                    layer.values[r, :, past : past + lengths[r]],
+                                )
+                            )
+                            for layer in layers
+                        ]
+                    )
+            read = [(r, node) for r, node in enumerate(batch) if node.texts]
             rewards: list[float] = []
             if read:
                 hidden = out.last_hidden_state
-                last = hidden[[r for r, _, _ in read], [at + n.end - n.start - 1 for _, n, at in read]]
+                last = hidden[[r for r, _ in read], [lengths[r] - 1 for r, _ in read]]
                 rewards = self.model.score(last)[:, 0].float().cpu().tolist()
         del out, cache
         self.stats.batches += 1
-        self.stats.tokens_computed += sum(row.width for row in rows)
-        self.stats.padded_tokens += len(rows) * width
-        return [
-            (text, value) for (_, node, _), value in zip(read, rewards, strict=True) for text in node.texts
-        ]
+        self.stats.tokens_computed += sum(lengths)
+        self.stats.padded_tokens += rows * width
+        return [(text, value) for (_, node), value in zip(read, rewards, strict=True) for text in node.texts]
 
-    def _keep(self, rows: list[RowLayout], layers: list[Any], past: int) -> None:
-        """Each node with children keeps its own keys and values: (layers, 2, kv heads, tokens, head dim)."""
+    def _past(self, batch: list[PrefixNode], past: int) -> list[tuple[Any, Any]]:
+        """Each layer's (keys, values) for `batch`: each row's ancestors' tokens, left-padded to `past`."""
         import torch
 
-        for r, row in enumerate(rows):
-            for node, at in zip(row.nodes, row.offsets, strict=True):
-                if node.children:
-                    span = slice(past + at, past + at + node.end - node.start)
-                    node.kv = torch.stack(
-                        [torch.stack((layer.keys[r, :, span], layer.values[r, :, span])) for layer in layers]
-                    )
-
-    def _mask(self, rows: list[RowLayout], past: int, width: int, positions: Any) -> Any:
-        """The attention mask: 2D over past + new where every row is one node (its past a chain,
-        contiguous, so transformers builds causal and sliding masks from it); else 4D, each token
-        seeing its own ancestors' keys and its own node's earlier tokens (`_row_mask`)."""
-        import torch
-
-        if not self.packs or all(len(row.nodes) == 1 for row in rows):
-            mask = torch.zeros((len(rows), past + width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                mask[r, past - row.past_tokens : past + row.width] = 1
-            return mask
-        allowed = torch.stack([self._row_mask(row, past, width, positions[r]) for r, row in enumerate(rows)])
-        if self.model.config._attn_implementation == "sdpa":
-            return allowed[:, None]
-        dtype = self.base.get_input_embeddings().weight.dtype  # what transformers' eager mask takes
-        return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-    def _row_mask(self, row: RowLayout, past: int, width: int, positions: Any) -> Any:
-        """(width, past + width) bool: which keys each of `row`'s positions attends to; padding
-        positions see only themselves (so no softmax is empty)."""
-        import torch
-
-        allowed = torch.zeros((width, past + width), dtype=torch.bool)
-        key_positions = torch.zeros(past + width, dtype=torch.long)
-        key_positions[past:] = positions
-        pad = past - row.past_tokens
-        for ancestor in row.past:
-            at = pad + row.past_at[ancestor]
-            key_positions[at : at + ancestor.end - ancestor.start] = torch.arange(
-                ancestor.start, ancestor.end
-            )
-        for node, at in zip(row.nodes, row.offsets, strict=True):
-            size = node.end - node.start
-            for ancestor in node.ancestors():
-                column = pad + row.past_at[ancestor]
-                allowed[at : at + size, column : column + ancestor.end - ancestor.start] = True
-            allowed[at : at + size, past + at : past + at + size] = torch.ones(
-                (size, size), dtype=torch.bool
-            ).tril()
-        if self.window is not None:  # transformers' sliding window: q - k < window, in positions
-            allowed &= positions[:, None] - key_positions[None, :] < self.window
-        idle = torch.arange(row.width, width)
-        allowed[idle, past + idle] = True
-        return allowed
-
-    def _past(self, rows: list[RowLayout], past: int) -> list[tuple[Any, Any]]:
-        """Each layer's (keys, values) for `rows`: each row's ancestors, each once, left-padded to `past`."""
-        import torch
-
-        sample = next(a.kv for row in rows for a in row.past)
+        sample = next(a.kv for n in batch for a in n.ancestors())
         layers, _, heads, _, dim = sample.shape
         # (layers, 2, rows, kv heads, past, head dim), zeros where a row's past is padding (masked)
-        kv = torch.zeros((layers, 2, len(rows), heads, past, dim), dtype=sample.dtype, device=sample.device)
-        for r, row in enumerate(rows):
-            pad = past - row.past_tokens
-            for ancestor in row.past:
-                at = pad + row.past_at[ancestor]
-                kv[:, :, r, :, at : at + ancestor.end - ancestor.start] = ancestor.kv
+        kv = torch.zeros((layers, 2, len(batch), heads, past, dim), dtype=sample.dtype, device=sample.device)
+        for r, node in enumerate(batch):
+            offset = past - node.start
+            for ancestor in node.ancestors():
+                size = ancestor.end - ancestor.start
+                kv[:, :, r, :, offset : offset + size] = ancestor.kv
+                offset += size
         return [(kv[i, 0], kv[i, 1]) for i in range(layers)]
 
 

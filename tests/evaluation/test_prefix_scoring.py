@@ -6,29 +6,23 @@ and a sweep through the public functions with the prefix cache on and off."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import random
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lazymerge.evaluation import prefix_scoring  # noqa: E402
 from lazymerge.evaluation.in_memory import load_merged_reward_model  # noqa: E402
 from lazymerge.evaluation.prefix_scoring import (  # noqa: E402
     CONTEXT_PER_TOKEN,
     ScoringStats,
-    batch_cost,
     build_prefix_tree,
     cache_path_refusal,
     distinct_prefix_tokens,
-    lpt_rows,
-    packed_rows,
     reward_length,
     token_batches,
     tree_tokens,
@@ -127,58 +121,6 @@ def test_token_batches_hold_at_most_the_budget_and_the_rows() -> None:
     assert token_batches(long_past, batch_tokens=100, batch_size=8) == [[0, 1], [2, 3], [4, 5, 6, 7]]
 
 
-def test_packed_rows_hold_every_node_once_within_the_budget() -> None:
-    # one level of the bench's pairs at 1.1B: ten responses after five prompts (two per prompt)
-    lengths = [294, 288, 286, 241, 201, 197, 184, 119, 100, 66]
-    pasts = [342, 342, 278, 278, 310, 310, 290, 290, 190, 190]
-    parents = [i // 2 for i in range(len(lengths))]
-
-    def row_past(row: list[int]) -> int:  # siblings share their whole past, cousins nothing
-        return sum(pasts[i] for i in {parents[i]: i for i in row}.values())
-
-    budget = (4096, 8, 16384)  # the bench's on the CPU
-    batches = packed_rows(lengths, row_past, budget, key_cost=1e-4)
-    assert sorted(i for b in batches for row in b for i in row) == list(range(len(lengths)))
-    for batch in batches:
-        widths = [sum(lengths[i] for i in row) for row in batch]
-        assert len(batch) <= 8 and len(batch) * max(widths) <= 4096
-        assert all(w + row_past(row) <= 16384 for w, row in zip(widths, batch, strict=True))
-    positions = sum(len(b) * max(sum(lengths[i] for i in row) for row in b) for b in batches)
-    # one node per row (as `token_batches` makes them): 8 rows of 294, then 2 of 100
-    unpacked = 8 * 294 + 2 * 100
-    assert sum(lengths) <= positions < 0.85 * unpacked
-    # never packed: exactly the unpacked batches; packing never costs more than not packing
-    alone = packed_rows(lengths, row_past, budget, key_cost=1e-4, pack=False)
-    assert [[len(row) for row in b] for b in alone] == [[1] * 8, [1] * 2]
-
-    def cost(bs: list[list[list[int]]]) -> float:
-        return sum(
-            batch_cost(len(b), max(sum(lengths[i] for i in r) for r in b), max(row_past(r) for r in b), 1e-4)
-            for b in bs
-        )
-
-    assert cost(batches) <= cost(alone)
-    # attention dear enough, packing rows of different prompts stops paying
-    assert all(len(row) == 1 for b in packed_rows(lengths, row_past, budget, key_cost=1.0) for row in b)
-
-
-def test_lpt_rows_balance_the_loads() -> None:
-    rng = random.Random(5)
-    for _ in range(20):
-        lengths = [rng.randrange(1, 30) for _ in range(rng.randrange(1, 8))]
-        rows = lpt_rows(lengths, 3)
-        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-        fullest = max(sum(lengths[i] for i in row) for row in rows)
-        # Graham's bound against the best of every assignment to 3 rows (brute force)
-        best = min(
-            max(sum(n for n, r in zip(lengths, pick, strict=True) if r == k) for k in range(3))
-            for pick in itertools.product(range(3), repeat=len(lengths))
-        )
-        assert fullest <= (4 / 3 - 1 / 9) * best
-    lengths = [7, 5, 4, 3, 3, 2]
-    assert lpt_rows(lengths, 10) == [[i] for i in range(6)]  # more rows than nodes: one each
-
-
 def test_prefix_tree_gives_every_text_one_node_and_counts_distinct_tokens() -> None:
     sequences = {
         "a": [1, 2, 3, 4, 5],
@@ -225,23 +167,9 @@ def test_score_head_on_the_base_model_equals_the_models_own_logits(tmp_path: Pat
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 @pytest.mark.parametrize("batch", [(None, 8), (48, 3)], ids=["default-batches", "small-batches"])
-@pytest.mark.parametrize("packing", ["cost-model", "forced"])
 def test_prefix_cache_equals_whole_text_forward_in_fp32(
-    tmp_path: Path, name: str, batch: tuple[int | None, int], packing: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, name: str, batch: tuple[int | None, int]
 ) -> None:
-    """`forced`: attention costs nothing to the cost model, so rows hold as many nodes as fit
-    (several prompts in one row, each token masked to its own ancestors)."""
-    packed: list[int] = []
-    if packing == "forced":
-        monkeypatch.setattr(prefix_scoring, "attention_key_cost", lambda model: 0.0)
-        choose = prefix_scoring.packed_rows
-
-        def spy(*args: Any, **kwargs: Any) -> list[list[list[int]]]:
-            batches = choose(*args, **kwargs)
-            packed.extend(len(row) for b in batches for row in b)
-            return batches
-
-        monkeypatch.setattr(prefix_scoring, "packed_rows", spy)
     folder = reward_folder(tmp_path, name)
     rm = scorer(folder, name, system_prompt=SYSTEM, batch_tokens=batch[0], batch_size=batch[1])
     assert cache_path_refusal(rm.model) is None
@@ -260,9 +188,6 @@ def test_prefix_cache_equals_whole_text_forward_in_fp32(
     assert stats.ideal_tokens <= stats.tokens_computed <= 1.25 * stats.ideal_tokens
     assert stats.tokens_computed < 0.5 * stats.tokens_in_texts
     assert stats.padded_tokens >= stats.tokens_computed
-    if packing == "forced":  # rows of several nodes wherever the masks can say so exactly
-        assert (max(packed) > 1) == prefix_scoring.packing_window(rm.model)[0]
-        assert prefix_scoring.packing_window(rm.model)[0] == (name != "qwen2-mixed-window")
 
 
 def assert_decisions_equal_outside_noise(
