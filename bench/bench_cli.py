@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,17 @@ if TYPE_CHECKING:
 # lazymerge is imported where it is used: compare.py's disk probes are bare processes
 
 FORCE_HELP = "replace results files that a bench (lazymerge) wrote before; never anybody else's"
+
+
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo), for the machine line beside every figure."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 class OneLineParser(argparse.ArgumentParser):

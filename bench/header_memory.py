@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_cli import OneLineParser, fail  # noqa: E402
+from bench_cli import OneLineParser, cpu_name, fail  # noqa: E402
 
 
 def build(path: Path, tensors: int, seed: int) -> None:
@@ -79,16 +79,6 @@ def median_run(args: list[str], runs: int) -> tuple[float, tuple[int, int, int]]
     wall = statistics.median(r[0] for r in results)
     peaks = sorted((r[1] for r in results), key=lambda p: p[0])
     return wall, peaks[len(peaks) // 2]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def gb(n: float) -> str:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_cli import cpu_name  # noqa: E402
+
 from lazymerge.provenance import identify_input  # noqa: E402
 
 LAYERS, HIDDEN, FFN = 32, 4096, 11008
@@ -64,16 +66,6 @@ def build(folder: Path, total: int) -> None:
             fh.write(block[: min(left, len(block))])
             left -= min(left, len(block))
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def timed(fn, runs: int) -> float:

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_cli import FORCE_HELP, OneLineParser, reserve_results, write_results  # noqa: E402
+from bench_cli import FORCE_HELP, OneLineParser, cpu_name, reserve_results, write_results  # noqa: E402
 
 #: (layers, hidden, heads, kv heads, ffn, vocab) of each model shape
 SHAPES = {
@@ -62,16 +62,6 @@ DATA = {
     "rb2": (20, 4, (40, 200), (60, 300)),
 }
 PAD = 2  # </s>, the pad id of DogeRM's reward model
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def cpu_flags() -> list[str]:
