@@ -159,13 +159,16 @@ def test_streamed_prefix_fp32_equals_transformers_whole_text_forward(tmp_path: P
     assert all(abs(g - w) <= 1e-5 * max(abs(w), 1e-2 * scale) for g, w in zip(got, want, strict=True))
 
 
-def test_4bit_streamed_prefix_equals_the_in_memory_4bit_prefix_path(tmp_path: Path) -> None:
-    """NF4 through bitsandbytes' CPU backend: each layer quantized as it arrives, the rewards
-    those of the model quantized in memory and scored through the prefix cache, to the bit."""
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_quantized_streamed_prefix_equals_the_in_memory_quantized_prefix_path(
+    tmp_path: Path, quant: str
+) -> None:
+    """NF4 (and int8) through bitsandbytes' CPU backend: each layer quantized as it arrives, the
+    rewards those of the model quantized in memory and scored through the prefix cache, to the bit."""
     pytest.importorskip("bitsandbytes")
     # bitsandbytes' CPU kernels take rows of at least one 64-element block
     rm, _ = pair_of_models(tmp_path, "llama", hidden_size=64, intermediate_size=128)
-    load = {"quant": "4bit", "system_prompt": SYSTEM, "batch_size": BATCH_SIZE, "batch_tokens": BATCH_TOKENS}
+    load = {"quant": quant, "system_prompt": SYSTEM, "batch_size": BATCH_SIZE, "batch_tokens": BATCH_TOKENS}
     whole = load_reward_model(rm, **load)
     texts = texts_of(whole, seed=3)
     want = whole.score_texts(texts)
