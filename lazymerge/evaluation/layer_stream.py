@@ -31,6 +31,7 @@ folder (remote code, reward head) and wrap a `LayerStreamedModel` into their `Re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import mmap
 import os
 import queue
@@ -47,10 +48,12 @@ from lazymerge._optional import require
 from lazymerge.errors import IncompatibleInputsError, InputError, OptionError
 from lazymerge.evaluation.prefix_scoring import (
     ScoringStats,
+    cache_path_refusal,
     distinct_prefix_tokens,
     reward_length,
     token_batches,
 )
+from lazymerge.evaluation.stream_prefix import StreamedPrefixWalk
 from lazymerge.memory import aligned
 from lazymerge.score_options import ScoreOptions
 
@@ -450,6 +453,8 @@ class StreamStats:
     spilled_activation_bytes: int = 0
     peak_weight_bytes: int = 0
     peak_weight_groups: int = 0
+    #: Most bytes of prefix nodes' keys and values held at once within a layer (the prefix path).
+    peak_prefix_kv_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The pass's bytes and its seconds summed over the groups (a sweep point's record)."""
@@ -463,6 +468,7 @@ class StreamStats:
             "spilled_activation_bytes": self.spilled_activation_bytes,
             "peak_weight_bytes": self.peak_weight_bytes,
             "peak_weight_groups": self.peak_weight_groups,
+            "peak_prefix_kv_bytes": self.peak_prefix_kv_bytes,
         }
 
 
@@ -677,20 +683,26 @@ class LayerStreamedModel:
         batch_tokens: int,
         batch_size: int,
         on_batch: Callable[[list[tuple[str, float]]], None] = lambda finished: None,
+        prefix_cache: bool | None = None,
     ) -> dict[str, float]:
-        """One reward per distinct text from its token ids, in the whole-text path's batches;
-        each batch's (text, reward) pairs go to `on_batch` as the head computes them, and what
-        was done is left in `scoring_stats` and `stream_stats`.
+        """One reward per distinct text from its token ids: through the prefix tree's batches
+        (`stream_prefix`) when `prefix_cache` (default: the score options') is on and
+        `prefix_scoring.cache_path_refusal` accepts the model, else in the whole-text path's
+        batches; each batch's (text, reward) pairs go to `on_batch` as the head computes them,
+        and what was done is left in `scoring_stats` and `stream_stats`.
 
         Raises:
             InputError for a text of no tokens, or a spill file that cannot be made.
         """
         import torch
 
-        batches, stats = self._batches(encoded, batch_tokens, batch_size)
-        hidden = self.config.get_text_config().hidden_size
-        shapes = [(*b.ids.shape, hidden) for b in batches]
+        walk, shapes, stats, run = self._pass(encoded, batch_tokens, batch_size, prefix_cache)
         rewards: dict[str, float] = {}
+
+        def take(finished: list[tuple[str, float]]) -> None:
+            rewards.update(finished)
+            on_batch(finished)
+
         self.ledger = WeightLedger()  # this pass's peak
         stream = StreamStats()
         with (
@@ -708,15 +720,53 @@ class LayerStreamedModel:
                 del params  # the model holds them now, and only the model
                 started = time.perf_counter()
                 try:
-                    self._run_group(index, batches, store, rewards, on_batch)
+                    if self.on_layer is not None and 0 < index < len(self.groups) - 1:
+                        self.on_layer(index - 1, self.model)
+                    run(index, store=store, take=take)
                 finally:
                     self._release(group)
                     weights.release()
                 timing.compute_s = time.perf_counter() - started
         stream.timings = weights.timings
         stream.peak_weight_bytes, stream.peak_weight_groups = self.ledger.peak_bytes, self.ledger.peak_groups
+        stream.peak_prefix_kv_bytes = walk.peak_held_bytes if walk is not None else 0
         self.scoring_stats, self.stream_stats = stats, stream
         return rewards
+
+    def prefix_walk(
+        self,
+        encoded: Mapping[str, Sequence[int]],
+        batch_tokens: int,
+        batch_size: int,
+        prefix_cache: bool | None = None,
+    ) -> tuple[StreamedPrefixWalk | None, str | None]:
+        """The prefix-tree walk of `encoded` when the prefix cache (`prefix_cache`, default: the
+        score options') is on and the in-memory cache path would serve this model; else None and
+        why not (`cache_path_refusal`'s reason, None when the cache was not asked for)."""
+        if not (self.score_options.prefix_cache if prefix_cache is None else prefix_cache):
+            return None, None
+        refusal = cache_path_refusal(self.model)
+        if refusal is not None:
+            return None, refusal
+        return StreamedPrefixWalk(self, encoded, batch_tokens, batch_size), None
+
+    def _pass(
+        self,
+        encoded: Mapping[str, Sequence[int]],
+        batch_tokens: int,
+        batch_size: int,
+        prefix_cache: bool | None,
+    ) -> tuple[StreamedPrefixWalk | None, list[tuple[int, int, int]], ScoringStats, Callable[..., None]]:
+        """The pass's prefix walk (None: whole texts), each batch's hidden-state shape, its
+        stats, and what runs a group over every batch (`run(index, store=, take=)`)."""
+        walk, fallback = self.prefix_walk(encoded, batch_tokens, batch_size, prefix_cache)
+        if walk is not None:
+            return walk, walk.shapes(), walk.stats, functools.partial(walk.run_group, groups=len(self.groups))
+        batches, stats = self._batches(encoded, batch_tokens, batch_size)
+        stats.fallback = fallback
+        hidden = self.config.get_text_config().hidden_size
+        shapes = [(*b.ids.shape, hidden) for b in batches]
+        return None, shapes, stats, functools.partial(self._run_group, batches=batches)
 
     def _batches(
         self, encoded: Mapping[str, Sequence[int]], batch_tokens: int, batch_size: int
@@ -744,8 +794,7 @@ class LayerStreamedModel:
         index: int,
         batches: Sequence[_Batch],
         store: ActivationStore,
-        rewards: dict[str, float],
-        on_batch: Callable[[list[tuple[str, float]]], None],
+        take: Callable[[list[tuple[str, float]]], None],
     ) -> None:
         """Every batch through group `index` (embedding, a decoder layer, or the head)."""
         if index == 0:
@@ -754,12 +803,8 @@ class LayerStreamedModel:
                 store.put(k, embed(batch.ids.to(self.device)).to("cpu"))
         elif index == len(self.groups) - 1:
             for k, batch in enumerate(batches):
-                finished = self._head(batch, store.get(k))
-                rewards.update(finished)
-                on_batch(finished)
+                take(self._head(batch, store.get(k)))
         else:
-            if self.on_layer is not None:
-                self.on_layer(index - 1, self.model)
             for k, batch in enumerate(batches):
                 out = self._layer(index - 1, batch, store.get(k))
                 store.put(k, out.to("cpu"))
@@ -772,7 +817,7 @@ class LayerStreamedModel:
         hidden = hidden.to(self.device)
         positions = batch.positions.to(self.device)
         cache = DynamicCache(config=self.config) if self.use_cache else None
-        mask = self._mask_function(i)(
+        mask = self.mask_function(i)(
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=batch.mask.to(self.device),
@@ -790,7 +835,7 @@ class LayerStreamedModel:
         )
         return out
 
-    def _mask_function(self, i: int) -> Callable[..., Any]:
+    def mask_function(self, i: int) -> Callable[..., Any]:
         """The mask function the family's base model uses for layer `i`."""
         from transformers import masking_utils
 
@@ -843,18 +888,24 @@ class StreamPrediction:
     spill_bytes: int
     batch_bytes: int
     merge_bytes: int
+    #: Keys and values one layer holds through the prefix tree (`StreamedPrefixWalk.held_kv_bytes`).
+    prefix_kv_bytes: int = 0
 
     @property
     def host_peak(self) -> int:
         """Predicted peak host RAM: the interpreter, the activations kept in memory, the merge's
         buffers, and on the CPU the weights and one batch's working memory too."""
-        on_host = self.weights_peak + self.batch_bytes if self.device == "cpu" else self.layer_bytes
+        on_host = (
+            self.weights_peak + self.batch_bytes + self.prefix_kv_bytes
+            if self.device == "cpu"
+            else self.layer_bytes
+        )
         return STREAM_BASELINE_RSS + self.resident_activation_bytes + self.merge_bytes + on_host
 
     @property
     def device_peak(self) -> int | None:
         """Predicted peak device memory (None on the CPU): two groups of weights and one batch."""
-        return None if self.device == "cpu" else self.weights_peak + self.batch_bytes
+        return None if self.device == "cpu" else self.weights_peak + self.batch_bytes + self.prefix_kv_bytes
 
     def to_dict(self) -> dict[str, Any]:
         """Every field and the two predicted peaks, as JSON values."""
@@ -872,12 +923,21 @@ class StreamPrediction:
 
 
 def predict_stream(
-    model: LayerStreamedModel, encoded: Mapping[str, Sequence[int]], batch_tokens: int, batch_size: int
+    model: LayerStreamedModel,
+    encoded: Mapping[str, Sequence[int]],
+    batch_tokens: int,
+    batch_size: int,
+    prefix_cache: bool | None = None,
 ) -> StreamPrediction:
-    """What `model.score_encoded(encoded, batch_tokens, batch_size)` will hold (no weight read)."""
+    """What `model.score_encoded(encoded, batch_tokens, batch_size, prefix_cache=prefix_cache)`
+    will hold (no weight read)."""
     config = model.config.get_text_config()
-    batches = whole_text_batches(encoded, model.pad_id, batch_tokens, batch_size)
-    shapes = [(len(b), max(len(encoded[t]) for t in b), config.hidden_size) for b in batches]
+    walk, _ = model.prefix_walk(encoded, batch_tokens, batch_size, prefix_cache)
+    if walk is not None:
+        shapes = walk.shapes()
+    else:
+        batches = whole_text_batches(encoded, model.pad_id, batch_tokens, batch_size)
+        shapes = [(len(b), max(len(encoded[t]) for t in b), config.hidden_size) for b in batches]
     store = ActivationStore(shapes, model.compute, model.max_activations, Path(os.devnull), plan_only=True)
     sizes = [g.nbytes for g in model.groups]
     itemsize = model.compute.itemsize
@@ -899,6 +959,7 @@ def predict_stream(
         spill_bytes=store.spilled_bytes,
         batch_bytes=batch,
         merge_bytes=merge,
+        prefix_kv_bytes=walk.held_kv_bytes() if walk is not None else 0,
     )
 
 

@@ -292,6 +292,161 @@ def kv_bytes_per_token(model: Any) -> int:
     return max(1, int(2 * config.num_hidden_layers * kv_heads * head_dim * itemsize))
 
 
+@dataclass(frozen=True)
+class Release:
+    """A step of `NodeBatcher.schedule`: the children of `nodes` are all scored, so their keys
+    and values may go."""
+
+    nodes: list[PrefixNode]
+
+
+class NodeBatcher:
+    """Which nodes of a prefix tree run together, in which order, and when their keys and values
+    may go: the one decision both the in-memory `PrefixTreeScorer` and the layer-streamed walk
+    (`stream_prefix`) follow, so the two run the same batches and give the same rewards.
+
+    Args:
+        batch_tokens, batch_size: the batch budget (`token_batches`).
+        kv_token_bytes: keys and values of one token over all layers (`kv_bytes_per_token`).
+    """
+
+    def __init__(self, batch_tokens: int, batch_size: int, kv_token_bytes: int) -> None:
+        self.batch_tokens = batch_tokens
+        self.batch_size = batch_size
+        self.kv_token_bytes = kv_token_bytes
+        self.context_tokens = max(
+            batch_tokens, min(CONTEXT_PER_TOKEN * batch_tokens, CONTEXT_BYTES // kv_token_bytes)
+        )
+
+    @classmethod
+    def for_model(cls, model: Any, batch_tokens: int, batch_size: int) -> NodeBatcher:
+        return cls(batch_tokens, batch_size, kv_bytes_per_token(model))
+
+    def batches(self, nodes: list[PrefixNode]) -> list[list[PrefixNode]]:
+        """`nodes` in batches: longest first (ties: the longest past first), `token_batches`."""
+        nodes = sorted(nodes, key=lambda n: (-(n.end - n.start), -n.start))
+        items = [(n.end - n.start, n.start) for n in nodes]
+        batches = token_batches(items, self.batch_tokens, self.batch_size, self.context_tokens)
+        return [[nodes[i] for i in indices] for indices in batches]
+
+    def schedule(self, nodes: list[PrefixNode]) -> Iterator[list[PrefixNode] | Release]:
+        """Batches of `nodes` (their ancestors computed before), then their children: the
+        children of as many batches as hold `HELD_BYTES` of keys and values together, so siblings
+        of different parents share batches; a `Release` of each wave once its children are
+        scored. Structural only (no result is needed), so a layer-streamed pass can replay it
+        per layer."""
+        batches = self.batches(nodes)
+        i = 0
+        while i < len(batches):
+            wave: list[PrefixNode] = []
+            held = 0
+            while i < len(batches) and (not wave or held < HELD_BYTES):
+                yield batches[i]
+                wave += batches[i]
+                held += sum(n.end - n.start for n in batches[i] if n.children) * self.kv_token_bytes
+                i += 1
+            children = [child for node in wave for child in node.children]
+            if children:
+                yield from self.schedule(children)
+            yield Release(wave)
+
+
+def prefix_tree(encoded: Mapping[str, Sequence[int]], pad_id: int | None, stats: ScoringStats) -> PrefixNode:
+    """The prefix tree of `encoded` up to each text's reward position (`reward_length`), with
+    `stats`' text and token counts filled in.
+
+    Raises:
+        InputError for a text of no tokens.
+    """
+    needed = {}
+    for text, ids in encoded.items():
+        if not ids:
+            raise InputError(f"a text tokenizes to no tokens, which no reward model can score: {text!r}")
+        needed[text] = ids[: reward_length(ids, pad_id)]
+    stats.texts = len(encoded)
+    stats.tokens_in_texts = sum(len(ids) for ids in encoded.values())
+    stats.ideal_tokens = distinct_prefix_tokens(list(needed.values()))
+    return build_prefix_tree(needed)
+
+
+@dataclass
+class NodeInputs:
+    """One batch of nodes as a forward pass takes it: each row's tokens right-padded to `width`,
+    its past left-padded to `past` (so cache distances equal real distances and a sliding window
+    masks what it masks for the whole text), positions continuing from each row's prefix."""
+
+    past: int
+    lengths: list[int]
+    ids: Any  # (rows, width) int64
+    mask: Any  # (rows, past + width) int64
+    positions: Any  # (rows, width) int64
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths)
+
+    def count(self, stats: ScoringStats) -> None:
+        """Add this batch to `stats`."""
+        stats.batches += 1
+        stats.tokens_computed += sum(self.lengths)
+        stats.padded_tokens += len(self.lengths) * self.width
+
+
+def node_inputs(batch: list[PrefixNode], pad_id: int | None) -> NodeInputs:
+    import torch
+
+    rows = len(batch)
+    past = max(n.start for n in batch)
+    lengths = [n.end - n.start for n in batch]
+    width = max(lengths)
+    ids = torch.full((rows, width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    mask = torch.zeros((rows, past + width), dtype=torch.long)
+    positions = torch.zeros((rows, width), dtype=torch.long)
+    for r, node in enumerate(batch):
+        ids[r, : lengths[r]] = torch.tensor(list(node.ids[node.start : node.end]), dtype=torch.long)
+        mask[r, past - node.start : past + lengths[r]] = 1
+        positions[r] = torch.arange(node.start, node.start + width)
+    return NodeInputs(past, lengths, ids, mask, positions)
+
+
+def gather_past(batch: list[PrefixNode], past: int, kv_of: Callable[[PrefixNode], Any]) -> Any:
+    """Each row's ancestors' keys and values (`kv_of(node)`: (..., kv heads, tokens, head dim))
+    in one tensor (..., rows, kv heads, past, head dim), left-padded with zeros (masked)."""
+    import torch
+
+    sample = next(kv_of(a) for n in batch for a in n.ancestors())
+    *lead, heads, _, dim = sample.shape
+    kv = torch.zeros((*lead, len(batch), heads, past, dim), dtype=sample.dtype, device=sample.device)
+    for r, node in enumerate(batch):
+        offset = past - node.start
+        for ancestor in node.ancestors():
+            size = ancestor.end - ancestor.start
+            kv[..., r, :, offset : offset + size, :] = kv_of(ancestor)
+            offset += size
+    return kv
+
+
+def node_kv(layer: Any, row: int, inputs: NodeInputs) -> Any:
+    """A row's own keys and values in one cache layer after its pass: (2, kv heads, tokens, head dim)."""
+    import torch
+
+    span = slice(inputs.past, inputs.past + inputs.lengths[row])
+    return torch.stack((layer.keys[row, :, span], layer.values[row, :, span]))
+
+
+def read_rewards(
+    model: Any, batch: list[PrefixNode], inputs: NodeInputs, hidden: Any
+) -> list[tuple[str, float]]:
+    """(text, reward) for the texts ending in `batch`'s nodes: the reward head on the final
+    hidden state (normed: (rows, width, hidden)) of each such node's last token."""
+    read = [(r, node) for r, node in enumerate(batch) if node.texts]
+    if not read:
+        return []
+    last = hidden[[r for r, _ in read], [inputs.lengths[r] - 1 for r, _ in read]]
+    rewards = model.score(last)[:, 0].float().cpu().tolist()
+    return [(text, value) for (_, node), value in zip(read, rewards, strict=True) for text in node.texts]
+
+
 class PrefixTreeScorer:
     """Rewards of encoded texts through the prefix tree (see the module's docstring).
 
@@ -304,127 +459,51 @@ class PrefixTreeScorer:
     def __init__(self, model: Any, device: str, batch_tokens: int, batch_size: int) -> None:
         self.model = model
         self.device = device
-        self.batch_tokens = batch_tokens
-        self.batch_size = batch_size
         self.base = getattr(model, model.base_model_prefix)
         self.pad_id = model.config.get_text_config().pad_token_id
         params = inspect.signature(self.base.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.stats = ScoringStats("prefix tree", batch_tokens=batch_tokens, batch_size=batch_size)
-        self.kv_token_bytes = kv_bytes_per_token(model)
-        self.context_tokens = max(
-            batch_tokens, min(CONTEXT_PER_TOKEN * batch_tokens, CONTEXT_BYTES // self.kv_token_bytes)
-        )
+        self.batcher = NodeBatcher.for_model(model, batch_tokens, batch_size)
 
     def score(self, encoded: dict[str, list[int]]) -> Iterator[list[tuple[str, float]]]:
         """Each batch's finished (text, reward) pairs, as they come; `stats` is filled in as it goes."""
-        needed = {}
-        for text, ids in encoded.items():
-            if not ids:
-                raise InputError(f"a text tokenizes to no tokens, which no reward model can score: {text!r}")
-            needed[text] = ids[: reward_length(ids, self.pad_id)]
-        self.stats.texts = len(encoded)
-        self.stats.tokens_in_texts = sum(len(ids) for ids in encoded.values())
-        self.stats.ideal_tokens = distinct_prefix_tokens(list(needed.values()))
-        root = build_prefix_tree(needed)
-        yield from self._walk(root.children)
-
-    def _walk(self, nodes: list[PrefixNode]) -> Iterator[list[tuple[str, float]]]:
-        """Score `nodes` (their ancestors' keys and values held) in batches, then their children:
-        the children of as many batches as hold `HELD_BYTES` of keys and values together, so
-        siblings of different parents share batches; each node's keys and values are freed once
-        its children are scored."""
-        batches = self._batches(nodes)
-        i = 0
-        while i < len(batches):
-            wave: list[PrefixNode] = []
-            held = 0
-            while i < len(batches) and (not wave or held < HELD_BYTES):
-                yield self._run(batches[i])
-                wave += batches[i]
-                held += sum(n.end - n.start for n in batches[i] if n.children) * self.kv_token_bytes
-                i += 1
-            children = [child for node in wave for child in node.children]
-            if children:
-                yield from self._walk(children)
-            for node in wave:
-                node.kv = None
-
-    def _batches(self, nodes: list[PrefixNode]) -> list[list[PrefixNode]]:
-        nodes = sorted(nodes, key=lambda n: (-(n.end - n.start), -n.start))
-        items = [(n.end - n.start, n.start) for n in nodes]
-        batches = token_batches(items, self.batch_tokens, self.batch_size, self.context_tokens)
-        return [[nodes[i] for i in indices] for indices in batches]
+        root = prefix_tree(encoded, self.pad_id, self.stats)
+        for step in self.batcher.schedule(root.children):
+            if isinstance(step, Release):
+                for node in step.nodes:
+                    node.kv = None
+            else:
+                yield self._run(step)
 
     def _run(self, batch: list[PrefixNode]) -> list[tuple[str, float]]:
         """One forward pass over `batch`'s nodes, each after its ancestors' cached keys and values."""
         import torch
         from transformers import DynamicCache
 
-        rows = len(batch)
-        past = max(n.start for n in batch)
-        lengths = [n.end - n.start for n in batch]
-        width = max(lengths)
-        filler = self.pad_id if self.pad_id is not None else 0
-        ids = torch.full((rows, width), filler, dtype=torch.long)
-        mask = torch.zeros((rows, past + width), dtype=torch.long)
-        positions = torch.zeros((rows, width), dtype=torch.long)
-        for r, node in enumerate(batch):
-            ids[r, : lengths[r]] = torch.tensor(list(node.ids[node.start : node.end]), dtype=torch.long)
-            mask[r, past - node.start : past + lengths[r]] = 1
-            positions[r] = torch.arange(node.start, node.start + width)
+        inputs = node_inputs(batch, self.pad_id)
         cache = DynamicCache()
-        if past:
-            cache = DynamicCache(self._past(batch, past))
+        if inputs.past:
+            # (layers, 2, rows, kv heads, past, head dim)
+            kv = gather_past(batch, inputs.past, lambda node: node.kv)
+            cache = DynamicCache([(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])])
+            del kv
         with torch.no_grad():
             out = self.base(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device),
+                input_ids=inputs.ids.to(self.device),
+                attention_mask=inputs.mask.to(self.device),
+                position_ids=inputs.positions.to(self.device),
                 use_cache=True,
                 **{self.cache_kwarg: cache},
             )
             layers: list[Any] = list(cache.layers)
             for r, node in enumerate(batch):
                 if node.children:  # (layers, 2, kv heads, tokens, head dim)
-                    node.kv = torch.stack(
-                        [
-                            torch.stack(
-                                (
-                                    layer.keys[r, :, past : past + lengths[r]],
-                                    layer.values[r, :, past : past + lengths[r]],
-                                )
-                            )
-                            for layer in layers
-                        ]
-                    )
-            read = [(r, node) for r, node in enumerate(batch) if node.texts]
-            rewards: list[float] = []
-            if read:
-                hidden = out.last_hidden_state
-                last = hidden[[r for r, _ in read], [lengths[r] - 1 for r, _ in read]]
-                rewards = self.model.score(last)[:, 0].float().cpu().tolist()
+                    node.kv = torch.stack([node_kv(layer, r, inputs) for layer in layers])
+            finished = read_rewards(self.model, batch, inputs, out.last_hidden_state)
         del out, cache
-        self.stats.batches += 1
-        self.stats.tokens_computed += sum(lengths)
-        self.stats.padded_tokens += rows * width
-        return [(text, value) for (_, node), value in zip(read, rewards, strict=True) for text in node.texts]
-
-    def _past(self, batch: list[PrefixNode], past: int) -> list[tuple[Any, Any]]:
-        """Each layer's (keys, values) for `batch`: each row's ancestors' tokens, left-padded to `past`."""
-        import torch
-
-        sample = next(a.kv for n in batch for a in n.ancestors())
-        layers, _, heads, _, dim = sample.shape
-        # (layers, 2, rows, kv heads, past, head dim), zeros where a row's past is padding (masked)
-        kv = torch.zeros((layers, 2, len(batch), heads, past, dim), dtype=sample.dtype, device=sample.device)
-        for r, node in enumerate(batch):
-            offset = past - node.start
-            for ancestor in node.ancestors():
-                size = ancestor.end - ancestor.start
-                kv[:, :, r, :, offset : offset + size] = ancestor.kv
-                offset += size
-        return [(kv[i, 0], kv[i, 1]) for i in range(layers)]
+        inputs.count(self.stats)
+        return finished
 
 
 def score_with_prefix_tree(

@@ -22,7 +22,8 @@ prefixes (a system prompt, a prompt shared by a pair or by N candidates) compute
 prefix once with the model's KV cache (`prefix_scoring`); models the cache path cannot serve
 exactly, and `prefix_cache=False`, score whole texts in batches sorted by length and padded on the
 right with the model's pad token, so real tokens keep positions 0..n-1 and the classification
-head reads the same last non-padding token as an unpadded forward pass. Either way batches hold
+head reads the same last non-padding token as an unpadded forward pass. A layer-streamed model
+(`layer_stream`) takes the same two paths in the same batches, layer by layer (`stream_prefix`). Either way batches hold
 at most `batch_tokens` tokens and `batch_size` sequences, and the reward is the model's own
 sequence-classification logit. What a run computed is in `RewardModel.scoring_stats`; which
 conventions applied, in `RewardModel.conventions()`.
@@ -60,11 +61,6 @@ from lazymerge.memory import aligned
 from lazymerge.score_options import LLAMA2_SYSTEM_PROMPT, ChatTemplate, ScoreOptions, system_prompt_text
 
 __all__ = ["LLAMA2_SYSTEM_PROMPT", "RewardModel", "load_reward_model", "system_prompt_text"]
-
-#: Why a layer-streamed model scores whole texts although the prefix cache is on.
-STREAM_FALLBACK = (
-    "--stream-layers streams the weights layer by layer, which the prefix cache does not compose with yet"
-)
 
 REMOTE_CODE_FILES = (
     "config.json",
@@ -313,10 +309,9 @@ class RewardModel:
             progress(len(finished))
 
         if isinstance(self.model, LayerStreamedModel):
-            self.model.score_encoded(encoded, budget, self.batch_size, take)
+            # the stream walks the same prefix tree layer by layer, or falls back as below
+            self.model.score_encoded(encoded, budget, self.batch_size, take, self.prefix_cache)
             self.scoring_stats = self.model.scoring_stats
-            if self.prefix_cache and self.scoring_stats is not None:
-                self.scoring_stats.fallback = STREAM_FALLBACK
             return rewards
         refusal = cache_path_refusal(self.model) if self.prefix_cache else None
         if self.prefix_cache and refusal is None:

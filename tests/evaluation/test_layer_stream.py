@@ -236,24 +236,25 @@ def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path: Path) -> 
 
 def test_stream_layers_option_scores_through_the_stream(tmp_path: Path) -> None:
     """`stream_layers` in ScoreOptions: `load_reward_model` and `load_merged_reward_model` give
-    a streamed model with the whole-text rewards; the prefix cache left on falls back, saying why."""
-    from lazymerge.evaluation.rewards import STREAM_FALLBACK
+    a streamed model with the in-memory model's rewards, whole texts without the prefix cache and
+    through the prefix tree with it (`test_stream_prefix` holds the latter in depth)."""
+    from lazymerge.evaluation.stream_prefix import STREAM_PREFIX_PATH
 
     rm, sft = pair_of_models(tmp_path, "llama")
     spill = Path(__import__("tempfile").gettempdir())
     before = set(spill.glob(".lazymerge-activations-*"))
     for load, args in ((load_reward_model, (rm,)), (load_merged_reward_model, ([rm, sft], MERGE))):
-        whole = load(*args, prefix_cache=False)
-        texts = texts_of(whole, "[PAD]" if load is load_merged_reward_model else "")
-        want = whole.score_texts(texts)
-        assert_carries_signal(whole.tokenizer, texts, want)
         for cache in (False, True):
+            in_memory = load(*args, prefix_cache=cache)
+            texts = texts_of(in_memory, "[PAD]" if load is load_merged_reward_model else "")
+            want = in_memory.score_texts(texts)
+            assert_carries_signal(in_memory.tokenizer, texts, want)
             scorer = load(*args, stream_layers=True, max_activations=512, prefix_cache=cache)
             assert isinstance(scorer.model, LayerStreamedModel)
             assert scorer.score_texts(texts) == want
             stats = scorer.scoring_stats
-            assert stats is not None and stats.path == "layer-streamed whole texts"
-            assert stats.fallback == (STREAM_FALLBACK if cache else None)
+            assert stats is not None and stats.fallback is None
+            assert stats.path == (STREAM_PREFIX_PATH if cache else "layer-streamed whole texts")
             assert (
                 scorer.model.stream_stats is not None
                 and scorer.model.stream_stats.spilled_activation_bytes > 0
@@ -300,7 +301,11 @@ def test_eval_stream_layers_flags(tmp_path: Path) -> None:
         help_text = CliRunner().invoke(main, [command, "--help"]).output
         assert "--stream-layers" in help_text and "--max-activations" in help_text, command
     docs = []
-    for extra in (["--no-prefix-cache"], ["--stream-layers", "--max-activations", "1KB"]):
+    # whole texts both ways (`test_stream_prefix` runs eval --stream-layers through the prefix tree)
+    for extra in (
+        ["--no-prefix-cache"],
+        ["--no-prefix-cache", "--stream-layers", "--max-activations", "1KB"],
+    ):
         out = tmp_path / f"r{len(docs)}.json"
         args = ["eval", str(rm), str(sft), "--alpha", "0.35", "--pairs", str(pairs), "--out", str(out), "-q"]
         result = CliRunner().invoke(main, [*args, *extra])

@@ -69,6 +69,7 @@ FLOORS: list[tuple[str, list[str]]] = [
             "evaluation.fastchat_templates",
             "evaluation.token_rules",
             "evaluation.prefix_scoring",
+            "evaluation.stream_prefix",
             "evaluation.layer_stream",
             "evaluation.rewards",
             "evaluation.in_memory",
